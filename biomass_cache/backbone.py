@@ -1,0 +1,203 @@
+"""The frozen DINOv3 ViT (timm's Eva-based definitions), built offline from a local weights file or a seeded
+random initialisation, and its multi-layer patch tokens.
+
+Nothing here can reach a hub: models are always created with `pretrained=False`, and a weights file is read by this
+module (safetensors, or torch.load with weights_only=True), converted from Meta's official key names with timm's own
+`checkpoint_filter_fn`, and loaded strictly. Any mismatch is an error naming the file, never a random fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import safetensors.torch
+import timm
+import torch
+from timm.models.eva import checkpoint_filter_fn
+from torch import nn
+from tqdm import tqdm
+
+BACKBONES = (
+    "vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
+    "vit_small_plus_patch16_dinov3", "vit_small_plus_patch16_dinov3_qkvb",
+    "vit_base_patch16_dinov3", "vit_base_patch16_dinov3_qkvb",
+    "vit_large_patch16_dinov3", "vit_large_patch16_dinov3_qkvb",
+    "vit_huge_plus_patch16_dinov3", "vit_huge_plus_patch16_dinov3_qkvb",
+    "vit_7b_patch16_dinov3",  # timm has no _qkvb twin of the 7B
+)
+RANDOM = "random"
+# Model kwargs that would change how weights are obtained: set only by this module.
+_RESERVED_OVERRIDES = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+_HASH_BLOCK = 8 << 20
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the chosen backbone."""
+
+
+@dataclass
+class Backbone:
+    """A frozen backbone in eval mode and what identifies it."""
+
+    model: nn.Module
+    name: str
+    weights: str  # "random" or the file path
+    weights_sha256: str  # "random" or the file's hex digest
+    embed_dim: int
+    depth: int
+    patch_size: int
+    n_prefix: int  # CLS + register tokens
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # determines the weights only when weights == "random"
+
+
+def create_backbone(name: str, weights: str | Path = RANDOM, seed: int = 0,
+                    overrides: dict[str, Any] | None = None) -> Backbone:
+    """Build `name` with weights from a local file (Meta's official .pth or a timm .safetensors/.pth), or with a
+    random initialisation that is a pure function of `seed` (so train and test caches share one random backbone).
+
+    `overrides` are timm model kwargs, e.g. dict(depth=2, embed_dim=64, num_heads=2) for tiny test models.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(BACKBONES)}")
+    overrides = dict(overrides or {})
+    reserved = _RESERVED_OVERRIDES & set(overrides)
+    if reserved:
+        raise ValueError(f"overrides may not set {sorted(reserved)}: weights come only from the `weights` argument")
+    weights = str(weights)
+    if weights != RANDOM and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {weights} (pass 'random' for random weights)")
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **{"num_classes": 0, **overrides})
+    if weights == RANDOM:
+        sha = RANDOM
+    else:
+        sha = file_sha256(weights)
+        state = _to_timm_keys(read_state_dict(weights), model, weights)
+        load_strict(model, state, weights)
+    model.eval().requires_grad_(False)
+    return Backbone(
+        model=model, name=name, weights=weights, weights_sha256=sha, embed_dim=model.embed_dim,
+        depth=len(model.blocks), patch_size=model.patch_embed.patch_size[0], n_prefix=model.num_prefix_tokens,
+        overrides=overrides, seed=seed,
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, streamed in 8 MB blocks (with a progress bar for multi-GB checkpoints)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                     disable=size < 256 * _HASH_BLOCK, leave=False) as bar:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a .safetensors file, or of a pickled checkpoint via torch.load(weights_only=True, mmap=True)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path), device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # each reader raises its own types; ours names the file
+        raise WeightsError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict that fails with every missing and unexpected key and the file's name."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"weights in {path} do not fit this backbone: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"weights in {path} do not match the backbone ({len(result.missing_keys)} missing, "
+            f"{len(result.unexpected_keys)} unexpected keys; is it the right model name?)\n"
+            f"  missing: {result.missing_keys}\n  unexpected: {result.unexpected_keys}"
+        )
+
+
+def _to_timm_keys(state: dict[str, Any], model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """timm's converter for the Eva family (official DINOv3 names -> timm; timm names pass through).
+
+    Official files store a fused `qkv.bias` even for models without q/v biases (all zeros, dropped by timm). Dropping
+    a non-zero bias would silently change the model, so that case is an error pointing to the `_qkvb` twin.
+    """
+    if "storage_tokens" in state and getattr(model.blocks[0].attn, "q_bias", None) is None:
+        for key in [k for k in state if k.endswith("attn.qkv.bias")]:
+            q, _, v = state.pop(key).chunk(3, dim=-1)  # the k bias never matters (softmax shift)
+            if q.any() or v.any():
+                raise WeightsError(f"{path}: {key} has non-zero q/v biases but the chosen model has none; "
+                                   "use the `_qkvb` variant of this backbone")
+    return checkpoint_filter_fn(state, model)
+
+
+def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:
+    """Block indices, negative counting from the end, as sorted non-negative indices (the order tokens are stored)."""
+    if len(layers) == 0:
+        raise ValueError("layers must name at least one block")
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ValueError(f"layer indices must be integers, got {layer!r}")
+        layer = int(layer)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} is out of range for a backbone of depth {depth} "
+                             f"(valid: {-depth}..{depth - 1})")
+        resolved.append(layer % depth)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers {list(layers)} name the same block twice (resolved: {resolved})")
+    return sorted(resolved)
+
+
+def forward_tokens(backbone: Backbone, images: torch.Tensor, layers: Sequence[int],
+                   norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens (B, L, T, C) and prefix tokens (B, L, n_prefix, C) of the given blocks, in the order given.
+
+    T runs row-major over the (H/16, W/16) patch grid. `norm` applies the final LayerNorm to every layer (it changes
+    the feature scale: record it). Grad mode and autocast are the caller's choice; blocks after the last one asked
+    for are not run.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    p = backbone.patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size H x W = {h} x {w} must be a multiple of the patch size {p}")
+    order = resolve_layers(layers, backbone.depth)
+    outputs = backbone.model.forward_intermediates(
+        images, indices=order, norm=norm, stop_early=True, output_fmt="NLC",
+        return_prefix_tokens=True, intermediates_only=True,
+    )
+    pick = [order.index(int(layer) % backbone.depth) for layer in layers]
+    tokens = torch.stack([outputs[k][0] for k in pick], dim=1)
+    prefix = torch.stack([outputs[k][1] for k in pick], dim=1)
+    return tokens, prefix
+
+
+def backbone_fingerprint(backbone: Backbone) -> dict[str, Any]:
+    """Everything about the backbone that determines its tokens (for the extraction fingerprint)."""
+    return {
+        "name": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "random_seed": backbone.seed if backbone.weights_sha256 == RANDOM else None,
+        "overrides": dict(backbone.overrides),
+        "embed_dim": backbone.embed_dim,
+        "depth": backbone.depth,
+        "patch_size": backbone.patch_size,
+        "n_prefix": backbone.n_prefix,
+        "timm_version": timm.__version__,
+    }

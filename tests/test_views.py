@@ -1,0 +1,127 @@
+"""Views: clean view 0, seeded deterministic augmentation, test-time flips, size and policy validation."""
+
+import hashlib
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from biomass_cache.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ViewPolicy,
+    _crop_box,
+    make_view,
+    parse_size,
+    validate_size,
+    view_rng,
+)
+
+SIZE = (64, 32)
+ALL_ON = ViewPolicy(p_clean=0.0, p_affine=1.0, p_colour=1.0, p_blur=1.0, p_noise=1.0, p_watermark=1.0,
+                    p_light_spot=1.0, p_erase=1.0)
+ALL_OFF = ViewPolicy(p_clean=0.0, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), p_hflip=0.0, p_vflip=0.0,
+                     p_affine=0.0, p_colour=0.0, p_blur=0.0, p_noise=0.0, p_watermark=0.0, p_light_spot=0.0,
+                     p_erase=0.0)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (10, 20, 3), dtype=np.uint8)  # smooth-ish content, 2:1 like the quadrat photos
+    return Image.fromarray(base).resize((160, 80), Image.Resampling.BILINEAR)
+
+
+def test_clean_view_is_plain_resize_and_normalise(photo):
+    x = make_view(photo, "ID1", 0, seed=5, size=SIZE, policy=ALL_ON)
+    assert x.shape == (3, 32, 64) and x.dtype == torch.float32
+    ref = np.asarray(photo.resize(SIZE, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    ref = (ref - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(x.numpy(), ref.transpose(2, 0, 1), atol=1e-6)
+    # view 0 ignores id, seed, policy and split
+    assert torch.equal(x, make_view(photo, "other", 0, seed=9, size=SIZE, policy=ViewPolicy(), split="test"))
+
+
+def test_views_are_deterministic_and_distinct(photo):
+    for policy in (ViewPolicy(), ALL_ON):
+        views = [make_view(photo, "ID1", v, 0, SIZE, policy) for v in range(1, 7)]
+        np.random.seed(99)  # the global RNGs play no part
+        torch.manual_seed(99)
+        again = [make_view(photo, "ID1", v, 0, SIZE, policy) for v in range(1, 7)]
+        assert all(torch.equal(a, b) for a, b in zip(views, again))
+        assert len({hashlib.sha256(v.numpy().tobytes()).hexdigest() for v in views}) == len(views)
+    one = make_view(photo, "ID1", 1, 0, SIZE, ALL_ON)
+    assert not torch.equal(one, make_view(photo, "ID1", 1, 1, SIZE, ALL_ON))  # other seed
+    assert not torch.equal(one, make_view(photo, "ID2", 1, 0, SIZE, ALL_ON))  # other image id
+
+
+def test_test_split_views_are_exact_flips(photo):
+    clean = make_view(photo, "ID1", 0, 0, SIZE, ViewPolicy(), split="test")
+    flips = [make_view(photo, "ID1", v, 0, SIZE, ViewPolicy(), split="test") for v in (1, 2, 3)]
+    assert torch.equal(flips[0], clean.flip(-1))
+    assert torch.equal(flips[1], clean.flip(-2))
+    assert torch.equal(flips[2], clean.flip(-1).flip(-2))
+    assert all(f.shape == (3, 32, 64) for f in flips)
+    with pytest.raises(ValueError, match="TTA"):
+        make_view(photo, "ID1", 4, 0, SIZE, ViewPolicy(), split="test")
+    with pytest.raises(ValueError, match="split"):
+        make_view(photo, "ID1", 1, 0, SIZE, ViewPolicy(), split="val")
+    with pytest.raises(ValueError, match="view"):
+        make_view(photo, "ID1", -1, 0, SIZE, ViewPolicy())
+
+
+def test_everything_off_matches_clean_view(photo):
+    clean = make_view(photo, "ID1", 0, 0, SIZE, ALL_OFF)
+    torch.testing.assert_close(make_view(photo, "ID1", 3, 0, SIZE, ALL_OFF), clean, atol=1e-5, rtol=0)
+    certain_clean = replace(ALL_ON, p_clean=1.0)
+    assert torch.equal(make_view(photo, "ID1", 3, 0, SIZE, certain_clean), clean)
+
+
+@pytest.mark.parametrize("part", [
+    dict(crop_area=(0.8, 0.8)), dict(p_hflip=1.0), dict(p_vflip=1.0), dict(p_affine=1.0), dict(p_colour=1.0),
+    dict(p_blur=1.0), dict(p_noise=1.0), dict(p_watermark=1.0), dict(p_light_spot=1.0), dict(p_erase=1.0),
+])
+def test_each_augmentation_changes_the_view(photo, part):
+    clean = make_view(photo, "ID1", 2, 0, SIZE, ALL_OFF)
+    changed = make_view(photo, "ID1", 2, 0, SIZE, replace(ALL_OFF, **part))
+    assert changed.shape == clean.shape
+    assert (changed - clean).abs().max() > 0.05
+
+
+def test_non_rgb_and_very_wide_images(photo):
+    assert make_view(photo.convert("L"), "ID1", 1, 0, SIZE, ALL_ON).shape == (3, 32, 64)
+    assert make_view(photo.convert("RGBA"), "ID1", 0, 0, SIZE, ALL_ON).shape == (3, 32, 64)
+    wide = photo.resize((400, 25))
+    assert make_view(wide, "ID1", 1, 0, SIZE, ALL_ON).shape == (3, 32, 64)
+    left, top, right, bottom = _crop_box(view_rng("x", 1, 0), wide.size, 2.0, ViewPolicy())  # fallback
+    assert (top, bottom) == (0, 25) and right - left == pytest.approx(25 * 2.0 * 4 / 3)
+    assert left == pytest.approx(400 - right)
+    for v in range(20):
+        left, top, right, bottom = _crop_box(view_rng("x", v, 0), (160, 80), 2.0, ViewPolicy())
+        assert 0 <= left < right <= 160 and 0 <= top < bottom <= 80
+        assert 0.8 * 160 * 80 - 1e-6 <= (right - left) * (bottom - top) <= 160 * 80 + 1e-6
+
+
+def test_size_validation():
+    assert validate_size((960, 480)) == (960, 480)
+    assert parse_size("960x480") == (960, 480)
+    for bad in [(60, 32), (64, 0), (64,), ("64", 32), (64.0, 32), (True, 32)]:
+        with pytest.raises(ValueError):
+            validate_size(bad)
+    for bad in ["960", "960x", "axb", "961x480"]:
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_policy_validation_and_round_trip():
+    policy = ViewPolicy(p_noise=0.7)
+    assert ViewPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    with pytest.raises(ValueError, match="unknown"):
+        ViewPolicy.from_dict({"p_nose": 0.1})
+    for bad in [dict(p_blur=1.5), dict(crop_area=(0.9, 0.8)), dict(crop_area=(0.5, 1.2)), dict(blur_kernel=(3, 6)),
+                dict(resample="box2")]:
+        with pytest.raises(ValueError):
+            ViewPolicy(**bad)
