@@ -1,0 +1,260 @@
+"""Pieces every head shares: target scaling, the per-layer -> component-space fusion, aux heads, MC-dropout.
+
+A head only has to say how one layer's tokens become component masses (clover, dead, green) in g/m^2;
+`FusedHead` fuses the layers with learned softmax weights in that space and rebuilds the five targets with
+`components_to_targets`, so GDM = clover + green and Total = clover + dead + green hold by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biomass_cache.targets import COMPONENTS, TARGETS, ZScore, components_to_targets
+
+HEIGHT_NAME = "Height_Ave_cm"
+HEIGHT_FALLBACK = (0.0, 10.0)  # height in cm / 10 when the z-score carries no height statistics
+AUX_KEYS = ("height", "ndvi", "n_states")
+TOTAL = TARGETS.index("Dry_Total_g")
+
+
+def target_stats(zscore: ZScore) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the five targets in TARGETS order (the z-score may hold extra columns)."""
+    if not isinstance(zscore, ZScore):
+        raise TypeError(f"expected the training ZScore of the five targets, got {type(zscore).__name__}")
+    missing = [t for t in TARGETS if t not in zscore.names]
+    if missing:
+        raise ValueError(f"the z-score lacks statistics for targets {missing} (it has {list(zscore.names)})")
+    idx = [zscore.names.index(t) for t in TARGETS]
+    return np.asarray(zscore.mean, np.float64)[idx], np.asarray(zscore.std, np.float64)[idx]
+
+
+def height_stats(zscore: ZScore | None) -> tuple[float, float]:
+    """Scale of the height target: its z-score when the statistics hold it, else cm / 10."""
+    if zscore is not None and HEIGHT_NAME in zscore.names:
+        i = zscore.names.index(HEIGHT_NAME)
+        return float(zscore.mean[i]), float(zscore.std[i])
+    return HEIGHT_FALLBACK
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus^-1, stable for large x (log(expm1(x)) = x + log(-expm1(-x)))."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def normalise_aux(aux: Mapping[str, Any] | None) -> dict:
+    """Validated aux switches: height (bool), ndvi (bool), n_states (int, 0 = no State head)."""
+    aux = dict(aux or {})
+    unknown = sorted(set(aux) - set(AUX_KEYS))
+    if unknown:
+        raise ValueError(f"unknown aux option(s) {unknown}; expected a subset of {list(AUX_KEYS)}")
+    n_states = int(aux.get("n_states", 0) or 0)
+    if n_states < 0 or n_states == 1:
+        raise ValueError(f"aux n_states must be 0 (off) or at least 2, got {n_states}")
+    return {"height": bool(aux.get("height", False)), "ndvi": bool(aux.get("ndvi", False)), "n_states": n_states}
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class AuxHeads(nn.Module):
+    """Height (cm), NDVI (z) and State logits from the mean-pooled tokens of all layers."""
+
+    def __init__(self, n_layers: int, channels: int, aux: dict, dropout: float, height: tuple[float, float]):
+        super().__init__()
+        self.names = [n for n in ("height", "ndvi") if aux[n]]
+        self.n_states = aux["n_states"]
+        n_out = len(self.names) + self.n_states
+        self.body = nn.Sequential(nn.LayerNorm(n_layers * channels), nn.Dropout(dropout))
+        self.out = nn.Linear(n_layers * channels, n_out)
+        self.register_buffer("height_stats", torch.tensor(height, dtype=torch.float32))
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = self.out(self.body(tokens.mean(dim=2).flatten(1)))
+        out: dict[str, torch.Tensor] = {}
+        for k, name in enumerate(self.names):
+            if name == "height":
+                out["height"] = self.height_stats[0] + self.height_stats[1] * raw[:, k]
+            else:
+                out["ndvi_z"] = raw[:, k]
+        if self.n_states:
+            out["state_logits"] = raw[:, len(self.names) :]
+        return out
+
+
+class FusedHead(nn.Module):
+    """Base class: per-layer component predictions, softmax layer fusion in component space, the contract outputs.
+
+    Subclasses implement `layer_components(tokens, return_maps)` returning components (B, L, 3) g/m^2 >= 0 and,
+    when asked and supported, density maps (B, L, 3, rows, cols). The target statistics live in buffers so a
+    checkpoint carries the exact scaling its weights were trained with.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        channels: int,
+        grid: Sequence[int],
+        zscore: ZScore,
+        aux: Mapping[str, Any] | None = None,
+        dropout: float = 0.1,
+        layers: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        grid = tuple(int(g) for g in grid)
+        if n_layers < 1 or channels < 1 or len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"{self.name} head: need n_layers >= 1, channels >= 1, grid (rows, cols) >= 1; "
+                             f"got n_layers={n_layers}, channels={channels}, grid={grid}")
+        if layers is not None and len(layers) != n_layers:
+            raise ValueError(f"{self.name} head: layers {list(layers)} do not match n_layers={n_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{self.name} head: dropout must be in [0, 1), got {dropout}")
+        self.n_layers, self.channels, self.grid, self.dropout = int(n_layers), int(channels), grid, float(dropout)
+        self.aux = normalise_aux(aux)
+        self.layers = None if layers is None else [int(l) for l in layers]
+        mean, std = target_stats(zscore)
+        self.register_buffer("target_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("target_std", torch.tensor(std, dtype=torch.float32))
+        self.fusion_logits = nn.Parameter(torch.zeros(n_layers))
+        self.aux_heads = (
+            AuxHeads(n_layers, channels, self.aux, dropout, height_stats(zscore))
+            if any(self.aux.values()) else None
+        )
+        self._extra_config: dict[str, Any] = {}
+
+    def _set_config(self, **kw: Any) -> None:
+        """Record the head-specific constructor arguments (JSON-able) for `config`."""
+        self._extra_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything but the z-score needed to rebuild this architecture with `create_head(**config, zscore=)`."""
+        return {
+            "name": self.name,
+            "n_layers": self.n_layers,
+            "channels": self.channels,
+            "grid": list(self.grid),
+            "aux": dict(self.aux),
+            "dropout": self.dropout,
+            "layers": self.layers,
+            **self._extra_config,
+        }
+
+    def components_mean(self) -> torch.Tensor:
+        """Training mean of the component densities, for output-bias initialisation."""
+        return self.target_mean[: len(COMPONENTS)].clamp_min(1e-3)
+
+    def total_ratio_to_components(self, raw: torch.Tensor) -> torch.Tensor:
+        """(..., 4) = z-scored total + 3 ratio logits -> (..., 3) component masses, >= 0.
+
+        The total density is the inverse z-score clamped at 0 by a softplus (in g/m^2, so it is the identity
+        for any realistic total and still has a gradient below 0).
+        """
+        total = F.softplus(raw[..., 0] * self.target_std[TOTAL] + self.target_mean[TOTAL])
+        return total[..., None] * torch.softmax(raw[..., 1:], dim=-1)
+
+    def init_total_ratio_bias(self, linear: nn.Linear) -> None:
+        """Start at the training mean: total z = 0 and ratio logits = log of the mean composition."""
+        mean = self.components_mean()
+        with torch.no_grad():
+            linear.bias[0] = 0.0
+            linear.bias[1:] = torch.log(mean / mean.sum())
+
+    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        rows, cols = self.grid
+        want = (self.n_layers, rows * cols, self.channels)
+        if tokens.ndim != 4 or tuple(tokens.shape[1:]) != want:
+            raise ValueError(f"{self.name} head expects tokens (B, L, T, C) = (B, {want[0]}, {want[1]}, {want[2]}) "
+                             f"for grid {self.grid}, got {tuple(tokens.shape)}")
+
+    def forward(self, tokens: torch.Tensor, return_maps: bool = False) -> dict[str, torch.Tensor]:
+        self.check_tokens(tokens)
+        per_layer, maps = self.layer_components(tokens, return_maps)
+        weights = torch.softmax(self.fusion_logits, dim=0)
+        components = torch.einsum("blk,l->bk", per_layer, weights)
+        total = components.sum(dim=-1)
+        five = components_to_targets(components)
+        out = {
+            "components": components,
+            "total_z": (total - self.target_mean[TOTAL]) / self.target_std[TOTAL],
+            "ratio": components / total.clamp_min(1e-6)[..., None],
+            "five_z": (five - self.target_mean) / self.target_std,
+            "layer_weights": weights,
+            "layer_components": per_layer,
+        }
+        if return_maps:
+            if maps is None:
+                raise ValueError(f"the {self.name} head has no density maps (return_maps=True needs 'density')")
+            out["density_map"] = torch.einsum("blkhw,l->bkhw", maps, weights)
+        if self.aux_heads is not None:
+            out.update(self.aux_heads(tokens))
+        return out
+
+
+def head_signature(head: nn.Module | Mapping[str, Any]) -> dict[str, Any]:
+    """What a head needs from a token cache: layer count (and block indices if known), channels, grid."""
+    cfg = head.config if isinstance(head, nn.Module) else head
+    return {"n_layers": int(cfg["n_layers"]), "channels": int(cfg["channels"]), "grid": [int(g) for g in cfg["grid"]],
+            "layers": None if cfg.get("layers") is None else [int(l) for l in cfg["layers"]]}
+
+
+def _cache_signature(store_like: Any) -> dict[str, Any]:
+    """Layers, channels and grid of a TokenStore (attributes) or a dict (a signature, config or store attrs)."""
+    get = store_like.get if isinstance(store_like, Mapping) else lambda k, d=None: getattr(store_like, k, d)
+    layers = get("layers")
+    n_layers = len(layers) if layers is not None else get("n_layers")
+    if n_layers is None or get("channels") is None or get("grid") is None:
+        raise ValueError(f"cannot read layers/channels/grid from {type(store_like).__name__} {store_like!r}")
+    return {"n_layers": int(n_layers), "channels": int(get("channels")), "grid": [int(g) for g in get("grid")],
+            "layers": None if layers is None else [int(l) for l in layers]}
+
+
+def check_compatible(config: Mapping[str, Any], store_like: Any) -> None:
+    """Refuse a token cache whose layers, channel width or patch grid differ from what the head was built for.
+
+    With recorded block indices every head layer must be in the cache; otherwise the layer counts must match.
+    """
+    head, cache = head_signature(config), _cache_signature(store_like)
+    where = getattr(store_like, "path", None) or "the cache"
+    problems = []
+    if head["channels"] != cache["channels"]:
+        problems.append(f"channels {head['channels']} (head) vs {cache['channels']} ({where})")
+    if head["grid"] != cache["grid"]:
+        problems.append(f"grid {head['grid']} (head) vs {cache['grid']} ({where})")
+    if head["layers"] is not None and cache["layers"] is not None:
+        absent = [l for l in head["layers"] if l not in cache["layers"]]
+        if absent:
+            problems.append(f"layers {head['layers']} (head) not all in {cache['layers']} ({where}); missing {absent}")
+    elif head["n_layers"] != cache["n_layers"]:
+        problems.append(f"{head['n_layers']} layers (head) vs {cache['n_layers']} ({where})")
+    if problems:
+        raise ValueError(f"head '{config.get('name', '?')}' is incompatible with {where}: " + "; ".join(problems))
+
+
+def enable_mc_dropout(module: nn.Module) -> nn.Module:
+    """Eval mode everywhere except nn.Dropout modules, which stay stochastic (MC-dropout at inference)."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    return module
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(B, T, C) row-major patch tokens -> (B, C, rows, cols)."""
+    rows, cols = grid
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)

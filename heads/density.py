@@ -1,0 +1,44 @@
+"""`density`: a per-patch MLP (a 1x1 conv) predicting non-negative component densities, averaged to the image.
+
+Each patch predicts clover, dead and green in g/m^2 (softplus, in units of the component's training std so the
+network works at O(1) scale); the image value is the patch mean, so the density map explains the prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heads import register_head
+from heads.common import FusedHead, inverse_softplus, tokens_to_grid
+
+
+@register_head("density")
+class DensityHead(FusedHead):
+    def __init__(self, *, hidden: int = 256, **common):
+        super().__init__(**common)
+        self._set_config(hidden=int(hidden))
+        self.per_layer = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(self.channels), nn.Dropout(self.dropout), nn.Linear(self.channels, hidden), nn.GELU(),
+                nn.Dropout(self.dropout), nn.Linear(hidden, 3),
+            )
+            for _ in range(self.n_layers)
+        )
+        start = inverse_softplus(self.components_mean() / self.scale())  # the mean prediction at initialisation
+        with torch.no_grad():
+            for m in self.per_layer:
+                m[-1].bias.copy_(start)
+
+    def scale(self) -> torch.Tensor:
+        return self.target_std[:3]
+
+    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dens = torch.stack([F.softplus(m(tokens[:, l])) for l, m in enumerate(self.per_layer)], dim=1)
+        dens = dens * self.scale()  # (B, L, T, 3) g/m^2
+        maps = None
+        if return_maps:
+            b, n_layers = dens.shape[:2]
+            maps = tokens_to_grid(dens.flatten(0, 1), self.grid).reshape(b, n_layers, 3, *self.grid)
+        return dens.mean(dim=2), maps

@@ -1,0 +1,67 @@
+"""`mlp`: pooled patch tokens (mean, optionally max and GeM) per layer -> MLP -> total z + ratio logits."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from heads import register_head
+from heads.common import FusedHead
+
+POOLS = ("mean", "max", "gem")
+
+
+class GeM(nn.Module):
+    """Generalised mean over tokens with a learned exponent (features clamped positive first)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C)
+        p = self.p.clamp_min(1.0)
+        return x.clamp_min(self.eps).pow(p).mean(dim=1).pow(1.0 / p)
+
+
+class PooledMLP(nn.Module):
+    def __init__(self, channels: int, pools: Sequence[str], hidden: int, dropout: float):
+        super().__init__()
+        self.pools = list(pools)
+        self.gem = GeM() if "gem" in self.pools else None
+        width = channels * len(self.pools)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, 4),
+        )
+
+    def pool(self, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "mean":
+            return tokens.mean(dim=1)
+        return tokens.amax(dim=1) if kind == "max" else self.gem(tokens)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, 4)
+        return self.mlp(torch.cat([self.pool(tokens, p) for p in self.pools], dim=-1))
+
+
+@register_head("mlp")
+class MLPHead(FusedHead):
+    """The simplest readout: a separate pooled-token MLP per layer, fused in component space."""
+
+    def __init__(self, *, pools: Sequence[str] = ("mean", "max"), hidden: int = 512, **common):
+        super().__init__(**common)
+        bad = [p for p in pools if p not in POOLS]
+        if not pools or bad or len(set(pools)) != len(pools):
+            raise ValueError(f"mlp head: pools must be distinct names from {list(POOLS)}, got {list(pools)}")
+        self._set_config(pools=list(pools), hidden=int(hidden))
+        self.per_layer = nn.ModuleList(
+            PooledMLP(self.channels, pools, hidden, self.dropout) for _ in range(self.n_layers)
+        )
+        for m in self.per_layer:
+            self.init_total_ratio_bias(m.mlp[-1])
+
+    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None]:
+        raw = torch.stack([m(tokens[:, l]) for l, m in enumerate(self.per_layer)], dim=1)
+        return self.total_ratio_to_components(raw), None

@@ -1,0 +1,161 @@
+"""Heads: registry, output contract, target identities, density maps, config round trip, cache compatibility."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import heads
+from biomass_cache.targets import ZScore, components_to_targets
+from heads.common import enable_mc_dropout
+
+GRID = (3, 4)
+CHANNELS = 8
+SMALL = {"mlp": dict(hidden=16, pools=("mean", "max", "gem")), "density": dict(hidden=16),
+         "vitdet": dict(dim=8, hidden=32)}
+AUX = dict(height=True, ndvi=True, n_states=4)
+
+
+@pytest.fixture(scope="module")
+def zscore() -> ZScore:
+    rng = np.random.default_rng(0)
+    comps = rng.gamma(2.0, 60.0, size=(50, 3))
+    return ZScore.fit(components_to_targets(comps))
+
+
+def make(name: str, zscore: ZScore, n_layers: int = 3, aux=AUX, **kw) -> heads.FusedHead:
+    torch.manual_seed(0)
+    return heads.create_head(name, n_layers=n_layers, channels=CHANNELS, grid=GRID, zscore=zscore, aux=aux,
+                             **{**SMALL[name], **kw})
+
+
+def tokens(n_layers: int, batch: int = 5, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n_layers, GRID[0] * GRID[1], CHANNELS, generator=g)
+
+
+def test_registry_lists_builtin_heads_and_rejects_unknown(zscore):
+    assert {"mlp", "density", "vitdet"} <= set(heads.HEADS)
+    with pytest.raises(ValueError, match=r"unknown head 'nope'.*density.*mlp.*vitdet"):
+        heads.create_head("nope", n_layers=1, channels=CHANNELS, grid=GRID, zscore=zscore)
+    with pytest.raises(ValueError, match="unknown aux"):
+        make("mlp", zscore, aux=dict(heigth=True))
+    with pytest.raises(TypeError, match="head 'density'"):
+        make("density", zscore, widht=3)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_outputs_contract_and_identities(name, n_layers, zscore):
+    head = make(name, zscore, n_layers=n_layers).eval()
+    out = head(tokens(n_layers))
+    b = 5
+    shapes = {"components": (b, 3), "total_z": (b,), "ratio": (b, 3), "five_z": (b, 5), "layer_weights": (n_layers,),
+              "height": (b,), "ndvi_z": (b,), "state_logits": (b, 4)}
+    for key, shape in shapes.items():
+        assert tuple(out[key].shape) == shape, key
+    assert (out["components"] >= 0).all()
+    assert torch.allclose(out["layer_weights"].sum(), torch.tensor(1.0))
+    assert torch.allclose(out["ratio"].sum(-1), torch.ones(b), atol=1e-5)
+    five = out["five_z"].double() * torch.tensor(zscore.std) + torch.tensor(zscore.mean)
+    clover, dead, green, gdm, total = five.unbind(-1)
+    assert torch.allclose(gdm, clover + green, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(total, clover + dead + green, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(five[:, :3], out["components"].double(), rtol=1e-5, atol=1e-3)
+    total_true = (out["components"].sum(-1).double() - zscore.mean[4]) / zscore.std[4]
+    assert torch.allclose(out["total_z"].double(), total_true, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_initial_prediction_near_training_mean(name, zscore):
+    head = make(name, zscore, n_layers=2).eval()
+    pred = head(tokens(2, batch=16))["components"].mean(0).detach().double().numpy()
+    assert np.allclose(pred, zscore.mean[:3], rtol=0.35), (pred, zscore.mean[:3])
+
+
+def test_fusion_is_a_weighted_average_of_layer_components(zscore):
+    head = make("mlp", zscore, n_layers=3).eval()
+    with torch.no_grad():
+        head.fusion_logits.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    out = head(tokens(3))
+    w = torch.softmax(torch.tensor([2.0, -1.0, 0.5]), 0)
+    assert torch.allclose(out["layer_weights"], w)
+    assert torch.allclose(out["components"], (out["layer_components"] * w[None, :, None]).sum(1), atol=1e-4)
+
+
+def test_density_map_mean_equals_components(zscore):
+    head = make("density", zscore, n_layers=3).eval()
+    with torch.no_grad():
+        head.fusion_logits.copy_(torch.tensor([0.3, 1.0, -0.7]))
+    out = head(tokens(3), return_maps=True)
+    assert out["density_map"].shape == (5, 3, *GRID)
+    assert (out["density_map"] >= 0).all()
+    assert torch.allclose(out["density_map"].mean(dim=(2, 3)), out["components"], rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="no density maps"):
+        make("mlp", zscore)(tokens(3), return_maps=True)
+
+
+def test_density_map_follows_the_patch_grid(zscore):
+    """Row-major patch order: a token placed at (row, col) moves exactly that cell of the map."""
+    head = make("density", zscore, n_layers=1, aux=None).eval()
+    x = tokens(1, batch=1)
+    base = head(x, return_maps=True)["density_map"][0]
+    x[0, 0, 1 * GRID[1] + 2] += 5.0
+    diff = (head(x, return_maps=True)["density_map"][0] - base).abs().sum(0)
+    assert diff[1, 2] > 0 and (diff.flatten().nonzero().numel() == 1)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_config_round_trip_rebuilds_identical_architecture(name, zscore):
+    head = make(name, zscore, n_layers=2, layers=[4, 7])
+    config = json.loads(json.dumps(head.config))
+    rebuilt = heads.create_head(**config, zscore=zscore)
+    rebuilt.load_state_dict(head.state_dict(), strict=True)
+    assert rebuilt.config == head.config
+    x = tokens(2)
+    assert torch.allclose(rebuilt.eval()(x)["five_z"], head.eval()(x)["five_z"])
+
+
+def test_bad_tokens_shape_is_a_clear_error(zscore):
+    head = make("mlp", zscore, n_layers=2)
+    with pytest.raises(ValueError, match=r"expects tokens .*\(B, 2, 12, 8\).*got \(5, 3, 12, 8\)"):
+        head(tokens(3))
+
+
+def test_check_compatible_refuses_wrong_layers_channels_grid(zscore):
+    head = make("mlp", zscore, n_layers=2, layers=[4, 7])
+    sig = heads.head_signature(head)
+    assert sig == {"n_layers": 2, "channels": CHANNELS, "grid": list(GRID), "layers": [4, 7]}
+    store = dict(layers=[2, 4, 7], channels=CHANNELS, grid=list(GRID))
+    heads.check_compatible(head.config, store)  # a superset of the head's layers is fine
+    with pytest.raises(ValueError, match=r"channels 8 \(head\) vs 16"):
+        heads.check_compatible(head.config, {**store, "channels": 16})
+    with pytest.raises(ValueError, match=r"missing \[7\]"):
+        heads.check_compatible(head.config, {**store, "layers": [2, 4]})
+    with pytest.raises(ValueError, match=r"grid \[3, 4\] \(head\) vs \[4, 4\]"):
+        heads.check_compatible(head.config, {**store, "grid": [4, 4]})
+    unnamed = make("mlp", zscore, n_layers=2).config
+    heads.check_compatible(unnamed, sig)
+    with pytest.raises(ValueError, match=r"2 layers \(head\) vs 3"):
+        heads.check_compatible(unnamed, store)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_head_has_dropout_for_mc_inference(name, zscore):
+    head = make(name, zscore, n_layers=1, dropout=0.3)
+    assert any(isinstance(m, nn.Dropout) for m in head.modules())
+    enable_mc_dropout(head)
+    assert not head.training and all(m.training for m in head.modules() if isinstance(m, nn.Dropout))
+    x = tokens(1)
+    assert not torch.allclose(head(x)["components"], head(x)["components"])
+    head.eval()
+    assert torch.allclose(head(x)["components"], head(x)["components"])
+
+
+def test_aux_off_has_no_aux_outputs(zscore):
+    out = make("density", zscore, n_layers=1, aux=None)(tokens(1))
+    assert not {"height", "ndvi_z", "state_logits"} & set(out)

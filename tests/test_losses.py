@@ -1,0 +1,222 @@
+"""Losses: manifold mixup, masked task losses on hand cases, uncertainty weighting, PCGrad, a tiny overfit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import heads
+from biomass_cache.losses import (
+    UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step, split_terms, task_losses,
+)
+from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets
+
+B, L, T, C, N_STATES = 6, 2, 4, 3, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs on a shared CPU cost far more than the maths."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zscore() -> ZScore:
+    rng = np.random.default_rng(0)
+    return ZScore.fit(components_to_targets(rng.gamma(2.0, 60.0, size=(50, 3))))
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = components_to_targets(torch.rand(B, 3, generator=g) * 200)
+    return {
+        "tokens": torch.arange(B, dtype=torch.float32)[:, None, None, None] + torch.rand(B, L, T, C, generator=g) * 0.1,
+        "y": y,
+        "y_mask": torch.rand(B, 5, generator=g) > 0.3,
+        "height": torch.rand(B, generator=g) * 20,
+        "height_mask": torch.tensor([True, False, True, True, False, True]),
+        "ndvi_z": torch.randn(B, generator=g),
+        "ndvi_mask": torch.tensor([True, True, False, True, True, True]),
+        "state": torch.tensor([0, 2, -1, 1, 0, 2]),
+        "index": torch.arange(B),
+    }
+
+
+def recover_perm(batch: dict, mixed: dict) -> torch.Tensor:
+    """Sample k's tokens are ~k, so the partner index is readable from the mixed tokens."""
+    lam = float(mixed["mixup_lambda"])
+    partner = (mixed["tokens"][:, 0, 0, 0] - lam * batch["tokens"][:, 0, 0, 0]) / (1 - lam)
+    return partner.round().long()
+
+
+def test_mixup_prob_zero_is_identity():
+    batch = make_batch()
+    mixed = manifold_mixup(batch, alpha=3.9, prob=0.0, generator=torch.Generator().manual_seed(0))
+    assert float(mixed["mixup_lambda"]) == 1.0
+    for key, value in batch.items():
+        assert torch.equal(mixed[key], value), key
+
+
+def test_mixup_mixes_linearly_with_anded_masks_and_soft_states():
+    batch = make_batch()
+    mixed = manifold_mixup(batch, alpha=3.9, prob=1.0, generator=torch.Generator().manual_seed(3), n_states=N_STATES)
+    lam = float(mixed["mixup_lambda"])
+    assert 0.0 < lam < 1.0
+    perm = recover_perm(batch, mixed)
+    assert sorted(perm.tolist()) == list(range(B))
+    assert torch.allclose(mixed["tokens"], lam * batch["tokens"] + (1 - lam) * batch["tokens"][perm])
+    for key in ("y_mask", "height_mask", "ndvi_mask"):
+        assert torch.equal(mixed[key], batch[key] & batch[key][perm]), key
+    for key in ("y", "height", "ndvi_z"):
+        assert torch.allclose(mixed[key], lam * batch[key] + (1 - lam) * batch[key][perm]), key
+    clover, dead, green, gdm, total = mixed["y"].unbind(-1)
+    assert torch.allclose(gdm, clover + green) and torch.allclose(total, clover + dead + green)
+    known = batch["state"] >= 0
+    assert torch.equal(mixed["state_mask"], known & known[perm])
+    ok = mixed["state_mask"]
+    assert torch.allclose(mixed["state_soft"][ok].sum(-1), torch.ones(int(ok.sum())))
+    assert torch.equal(batch["y"], make_batch()["y"])  # the input batch is untouched
+
+
+def test_mixup_is_deterministic_given_the_generator():
+    batch = make_batch()
+    runs = [manifold_mixup(batch, 3.9, 0.96, torch.Generator().manual_seed(s), N_STATES) for s in (7, 7, 8)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["tokens"], runs[2]["tokens"])
+
+
+def test_mixup_lambda_distribution_and_probability():
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch()
+    lams = np.array([float(manifold_mixup(batch, 3.9, 0.5, g)["mixup_lambda"]) for _ in range(300)])
+    applied = lams < 1.0
+    assert 0.38 < applied.mean() < 0.62
+    assert abs(lams[applied].mean() - 0.5) < 0.05 and lams[applied].std() > 0.1
+
+
+def out_for(batch: dict, zscore: ZScore, comps: torch.Tensor, requires_grad: bool = False) -> dict:
+    """Head-like outputs built from given component densities."""
+    comps = comps.clone().requires_grad_(requires_grad)
+    total = comps.sum(-1)
+    mean, std = torch.tensor(zscore.mean, dtype=torch.float32), torch.tensor(zscore.std, dtype=torch.float32)
+    return {"components": comps, "total_z": (total - mean[4]) / std[4], "ratio": comps / total[:, None],
+            "five_z": (components_to_targets(comps) - mean) / std, "height": torch.full((len(comps),), 10.0),
+            "ndvi_z": torch.zeros(len(comps)), "state_logits": torch.zeros(len(comps), N_STATES), "_leaf": comps}
+
+
+def test_all_masked_losses_are_zero_with_finite_grads(zscore):
+    batch = make_batch()
+    batch.update(y=torch.zeros(B, 5), y_mask=torch.zeros(B, 5, dtype=torch.bool),
+                 height_mask=torch.zeros(B, dtype=torch.bool), ndvi_mask=torch.zeros(B, dtype=torch.bool),
+                 state=torch.full((B,), -1))
+    out = out_for(batch, zscore, torch.rand(B, 3) * 100, requires_grad=True)
+    losses = task_losses(out, batch, zscore)
+    assert set(losses) == {"total", "ratio", "five", "height", "ndvi", "state"}
+    assert all(float(v.detach()) == 0.0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert torch.isfinite(out["_leaf"].grad).all()
+
+
+def test_hand_computed_total_ratio_five(zscore):
+    comps_true = torch.tensor([[10.0, 20.0, 70.0], [50.0, 0.0, 50.0]])
+    y = components_to_targets(comps_true)
+    y_mask = torch.ones(2, 5, dtype=torch.bool)
+    y_mask[1, 1] = False  # sample 1 lacks dead: its ratio is unsupervised, its total still counts
+    batch = {"y": torch.where(y_mask, y, 0.0), "y_mask": y_mask}
+    comps = torch.tensor([[20.0, 20.0, 60.0], [40.0, 10.0, 70.0]])
+    out = out_for(batch, zscore, comps)
+    losses = task_losses({k: out[k] for k in ("total_z", "ratio", "five_z")}, batch, zscore)
+    assert set(losses) == {"total", "ratio", "five"}
+    s, m = zscore.std, zscore.mean
+    assert math.isclose(float(losses["total"]), ((0 / s[4]) ** 2 + (20 / s[4]) ** 2) / 2, rel_tol=1e-5)
+    assert math.isclose(float(losses["ratio"]), (0.1**2 + 0 + 0.1**2) / 3, rel_tol=1e-5)
+    err = ((components_to_targets(comps) - y).numpy() / s) ** 2 * np.array(WEIGHTS)
+    w = np.array(WEIGHTS) * y_mask.numpy()
+    assert math.isclose(float(losses["five"]), float((err * y_mask.numpy()).sum() / w.sum()), rel_tol=1e-5)
+    assert m.shape == (5,)
+
+
+def test_hand_computed_aux_losses(zscore):
+    batch = make_batch()
+    out = out_for(batch, zscore, torch.rand(B, 3) * 100)
+    logits = torch.randn(B, N_STATES)
+    out["state_logits"] = logits
+    losses = task_losses(out, batch, zscore)
+    hm = batch["height_mask"]
+    assert torch.isclose(losses["height"], (((10.0 - batch["height"][hm]) / 10.0) ** 2).mean())
+    nm = batch["ndvi_mask"]
+    assert torch.isclose(losses["ndvi"], (batch["ndvi_z"][nm] ** 2).mean())
+    known = batch["state"] >= 0
+    assert torch.isclose(losses["state"], F.cross_entropy(logits[known], batch["state"][known]))
+    soft = manifold_mixup(batch, 3.9, 0.0, torch.Generator().manual_seed(0), N_STATES)  # one-hot soft labels
+    assert torch.isclose(task_losses(out, soft, zscore)["state"], losses["state"])
+
+
+def test_uncertainty_weighting_hand_case():
+    uw = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.0, math.log(2.0)]))
+    total, terms = uw({"a": torch.tensor(2.0), "b": torch.tensor(3.0)})
+    expected = (0.5 * (2.0 + 0.0) + 0.5 * (3.0 / 2.0 + math.log(2.0))) / 2
+    assert math.isclose(float(total.detach()), expected, rel_tol=1e-6)
+    assert math.isclose(float(sum(terms.values()).detach()), expected, rel_tol=1e-6)
+    total.backward()
+    assert torch.allclose(uw.log_vars.grad, torch.tensor([0.5 * (1 - 2.0), 0.5 * (1 - 1.5)]) / 2)
+    with pytest.raises(ValueError, match="built for tasks"):
+        uw({"a": torch.tensor(1.0)})
+    plain, plain_terms = combine_losses({"a": torch.tensor(2.0), "b": torch.tensor(3.0)}, uw=None)
+    assert float(plain) == 5.0 and set(plain_terms) == {"a", "b"}
+
+
+def test_pcgrad_projects_conflicting_and_keeps_agreeing_aux_gradients():
+    p = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
+    s = torch.nn.Parameter(torch.tensor(0.2))  # a plain parameter (like a UW log-variance)
+    g_p = torch.tensor([1.0, 0.0])
+    conflicting, agreeing = torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 2.0])
+    primary = [(g_p * p).sum() * torch.exp(s)]
+    pcgrad_step(primary, [(conflicting * p).sum(), (agreeing * p).sum()], [p], plain_params=[s])
+    projected = conflicting - (conflicting @ g_p) * g_p  # (0, 1)
+    assert projected @ g_p >= -1e-6
+    g_primary = g_p * math.exp(0.2)
+    projected = conflicting - (conflicting @ g_primary) / (g_primary @ g_primary) * g_primary
+    assert torch.allclose(p.grad, g_primary + projected + agreeing, atol=1e-6)
+    assert torch.allclose(s.grad, (g_p * p).sum().detach() * math.exp(0.2))
+    q = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    pcgrad_step([(g_p * q).sum()], [(agreeing * q).sum()], [q])
+    assert torch.allclose(q.grad, g_p + agreeing)
+
+
+def test_split_terms_orders_primary_and_auxiliary():
+    terms = {t: torch.tensor(float(k)) for k, t in enumerate(["state", "five", "total", "ratio", "height"])}
+    primary, aux = split_terms(terms)
+    assert [float(x) for x in primary] == [2.0, 3.0, 1.0] and [float(x) for x in aux] == [4.0, 0.0]
+    with pytest.raises(ValueError, match="unknown task terms"):
+        split_terms({"oops": torch.tensor(1.0)})
+
+
+def test_density_head_overfits_a_synthetic_batch(zscore):
+    torch.manual_seed(0)
+    batch = make_batch(seed=1)
+    batch["y_mask"] = torch.ones(B, 5, dtype=torch.bool)
+    batch["tokens"] = torch.randn(B, L, T, C)
+    head = heads.create_head("density", n_layers=L, channels=C, grid=(2, 2), zscore=zscore, hidden=32,
+                             aux=dict(height=True, ndvi=True, n_states=N_STATES), dropout=0.0)
+    uw = UncertaintyWeighting(["total", "ratio", "five", "height", "ndvi", "state"])
+    opt = torch.optim.Adam([{"params": head.parameters(), "lr": 1e-2}, {"params": uw.parameters(), "lr": 1e-2}])
+    history = []
+    for _ in range(120):
+        losses = task_losses(head(batch["tokens"]), batch, zscore)
+        _, terms = combine_losses(losses, uw)
+        primary, aux = split_terms(terms)
+        opt.zero_grad()
+        pcgrad_step(primary, aux, list(head.parameters()), plain_params=list(uw.parameters()))
+        opt.step()
+        history.append(float(losses["five"].detach()))
+    assert history[-1] < history[0] / 10, (history[0], history[-1])
