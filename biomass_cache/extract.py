@@ -1,0 +1,554 @@
+"""Stage one: run the frozen backbone once per view of every image and cache its multi-layer patch tokens.
+
+The pipeline overlaps its three parts so the backbone never waits: DataLoader workers decode JPEGs and build the
+views, the main process runs the forward pass (bf16 autocast on CUDA, fp32 on CPU), and writer threads fed through a
+bounded queue encode and write each image's shard. The store marks a sample done only after its data is on disk,
+so an interrupted run resumes exactly where it stopped. Under torchrun the images are split across ranks (all views
+of an image on one rank, the store's race-free rule); rank 0 creates the store and finalises its attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import typer
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from biomass_cache import __version__
+from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
+from biomass_cache.data import DataError, load_image, read_long_csv
+from biomass_cache.store import STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store
+from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, make_view, parse_size, validate_size
+
+DEVICES = ("auto", "cpu", "cuda")
+WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
+QUEUE_BATCHES = 4  # batches computed ahead of the writers (bounds the memory held by finished tokens)
+
+
+def default_workers() -> int:
+    """One DataLoader worker per CPU core, at most 8 (a GPU needs many decoders; on CPU they share the cores)."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one extraction run needs. Fields that change the tokens go into the store's fingerprint.
+
+    `layers=None` picks three blocks spread over the second half of the network: the middle, three-quarter and
+    last block (ViT-S/B, depth 12: [5, 8, 11]; ViT-L, depth 24: [11, 17, 23]). `batch_size` counts views per
+    forward pass (whole images are batched: batch_size // views images, at least one). `norm` applies the final
+    LayerNorm to every cached layer.
+    """
+
+    data_dir: Path
+    out: Path
+    split: str = "train"
+    backbone: str = "vit_small_patch16_dinov3"
+    weights: str = "random"
+    size: tuple[int, int] = (960, 480)
+    layers: Optional[list[int]] = None
+    norm: bool = True
+    views: int = 4
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float16"
+    batch_size: int = 16
+    num_workers: int = field(default_factory=default_workers)
+    overwrite: bool = False
+    skip_bad: bool = False
+    store_prefix: bool = True
+    overrides: dict = field(default_factory=dict)
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+
+    def __post_init__(self) -> None:
+        self.data_dir, self.out, self.weights = Path(self.data_dir), Path(self.out), str(self.weights)
+        self.size = parse_size(self.size) if isinstance(self.size, str) else validate_size(tuple(self.size))
+        if isinstance(self.policy, dict):
+            self.policy = ViewPolicy.from_dict(self.policy)
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        problems = []
+        if self.split not in SPLITS:
+            problems.append(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.views < 1 or (self.split == "test" and self.views > len(TTA_VIEWS)):
+            problems.append(f"views must be >= 1 (at most {len(TTA_VIEWS)} TTA views {TTA_VIEWS} for split "
+                            f"'test'), got {self.views}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            problems.append(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            problems.append(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, "
+                            f"{self.num_workers}")
+        if problems:
+            raise ValueError("invalid extraction config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExtractConfig:
+        """Build from a JSON/TOML mapping of field names; unknown keys are an error naming them."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown extraction keys {unknown}; known: {[f.name for f in fields(cls)]}")
+        missing = [k for k in ("data_dir", "out") if d.get(k) is None]
+        if missing:
+            raise ValueError(f"{where}: {missing} must be given (--data / --out)")
+        return cls(**d)
+
+
+def default_layers(depth: int) -> list[int]:
+    """The middle, three-quarter and last block (distinct, sorted)."""
+    return sorted({depth // 2 - 1, 3 * depth // 4 - 1, depth - 1} - {-1})
+
+
+def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], grid: tuple[int, int],
+                     device: torch.device) -> dict:
+    """Everything that determines the stored tokens; a store is only resumed or grown under an equal fingerprint.
+
+    The compute precision is part of it: CUDA runs in bf16 autocast, CPU in fp32, and their tokens differ.
+    """
+    return {
+        "backbone": backbone_fingerprint(backbone),
+        "size": list(cfg.size),
+        "grid": list(grid),
+        "layers": list(layers),
+        "norm": cfg.norm,
+        "storage_dtype": cfg.dtype,
+        "prefix": cfg.store_prefix,
+        "split": cfg.split,
+        "n_views": cfg.views,
+        "policy": cfg.policy.to_dict(),
+        "seed": cfg.seed,
+        "compute": "bfloat16-autocast" if device.type == "cuda" else "float32",
+        "version": __version__,
+    }
+
+
+# ---- distributed -------------------------------------------------------------------------------------------------
+@dataclass
+class _Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this run initialised the process group (and so destroys it)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _init_ranks(device_name: str) -> _Ranks:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Ranks()
+    ranks = _Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        cuda = _resolve_device(device_name, ranks.local_rank).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        ranks.owns_group = True
+    return ranks
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA device is visible (use --device cpu or auto)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Item:
+    """One image to extract: its row in the store and the views still missing."""
+
+    index: int
+    image_id: str
+    path: Path
+    views: tuple[int, ...]
+
+
+@dataclass
+class _Loaded:
+    item: _Item
+    pixels: Optional[torch.Tensor]  # (len(views), 3, H, W), None when the image could not be read
+    error: Optional[str] = None
+
+
+class _ViewsDataset(Dataset):
+    """Decodes one image and builds its missing views (in a DataLoader worker). A corrupt or missing file comes
+    back as an error marker instead of killing the worker, so the main process can name it or skip it."""
+
+    def __init__(self, items: list[_Item], cfg: ExtractConfig):
+        self.items, self.cfg = items, cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> _Loaded:
+        item, cfg = self.items[k], self.cfg
+        try:
+            image = load_image(item.path)
+        except DataError as e:
+            return _Loaded(item, None, str(e))
+        views = [make_view(image, item.image_id, v, cfg.seed, cfg.size, cfg.policy, cfg.split) for v in item.views]
+        return _Loaded(item, torch.stack(views))
+
+
+def _collate(batch: list[_Loaded]) -> dict[str, Any]:
+    good = [b for b in batch if b.error is None]
+    return {
+        "items": [b.item for b in good],
+        "pixels": torch.cat([b.pixels for b in good]) if good else None,
+        "bad": [(b.item, b.error) for b in batch if b.error is not None],
+    }
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+class _Writer:
+    """Writer threads behind a bounded queue. A failure is kept and re-raised in the main thread; after one, the
+    threads keep draining (without writing) so the producer never blocks on a full queue."""
+
+    def __init__(self, store: TokenStore, n_threads: int, max_jobs: int):
+        self.store, self.error = store, None
+        self.jobs: queue.Queue = queue.Queue(max_jobs)
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"store-writer-{k}")
+                        for k in range(n_threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*job)
+                except BaseException as e:  # re-raised by the main thread
+                    self.error = e
+
+    def _write(self, item: _Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
+        if len(item.views) == self.store.n_views:
+            self.store.write_image(item.index, tokens, prefix)
+        else:  # an image some of whose views another run already wrote
+            for k, v in enumerate(item.views):
+                self.store.write(item.index, v, tokens[k], None if prefix is None else prefix[k])
+
+    def put(self, item: _Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
+        self.check()
+        self.jobs.put((item, tokens, prefix))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Let the queued writes finish (they are complete images), then stop the threads."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
+    """Extract every missing (image, view) of `cfg.split` into `cfg.out`; returns the closing summary.
+
+    Resumes an existing store with the same fingerprint (a different one is refused, naming the differences, unless
+    `cfg.overwrite`) and appends images that are new in the CSV. Works alone or under torchrun.
+    """
+    start = time.perf_counter()
+    ranks = _init_ranks(cfg.device)
+    try:
+        return _extract(cfg, ranks, progress, start)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _extract(cfg: ExtractConfig, ranks: _Ranks, progress: bool, start: float) -> dict[str, Any]:
+    say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
+    device = _resolve_device(cfg.device, ranks.local_rank)
+    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, overrides=cfg.overrides)
+    layers = resolve_layers(cfg.layers if cfg.layers is not None else default_layers(backbone.depth), backbone.depth)
+    grid = (cfg.size[1] // backbone.patch_size, cfg.size[0] // backbone.patch_size)
+    csv = cfg.data_dir / f"{cfg.split}.csv"
+    table = read_long_csv(csv, check_images=False)  # a missing file is a per-image error (--skip-bad)
+    fingerprint = make_fingerprint(cfg, backbone, layers, grid, device)
+    if backbone.weights_sha256 == "random":
+        say("WARNING: RANDOM BACKBONE WEIGHTS: these tokens carry no pretrained features (demo / test use only)")
+
+    error = None
+    if ranks.rank == 0:
+        try:
+            _prepare_store(cfg, table["image_id"].tolist(), layers, grid, backbone, fingerprint, csv, say)
+        except (StoreError, FileExistsError, ValueError) as e:
+            error = e
+    message = ranks.broadcast(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:  # the other ranks stop with rank 0's message
+        raise StoreError(f"rank 0 could not prepare the store: {message}")
+    store = open_store(cfg.out, mode="r+")
+
+    items, already, skipped_bad = _pending(store, table, cfg.data_dir)
+    mine = [it for k, it in enumerate(items) if k % ranks.world == ranks.rank]  # by image: all views on one rank
+    if skipped_bad:
+        say(f"{skipped_bad} image(s) marked bad in an earlier run are skipped: {list(store.bad_ids)[:5]}")
+    counts = {"views": 0, "images": 0, "bad": {}, "loop_s": 0.0}
+    if not items:
+        say(f"all {already} samples of {cfg.out} are already done: nothing to do")
+    else:
+        say(f"extracting {sum(len(it.views) for it in items)} views of {len(items)} images on {ranks.world} "
+            f"rank(s), {device}; {already} samples already done")
+        counts = _run(cfg, backbone, layers, store, mine, device, ranks, progress and ranks.rank == 0)
+
+    per_rank = ranks.gather(counts)
+    bad = {k: v for c in per_rank for k, v in c["bad"].items()}
+    if ranks.rank == 0:
+        for image_id, reason in bad.items():
+            store.mark_bad(image_id, reason)
+    return _summary(open_store(cfg.out), per_rank, bad, already, time.perf_counter() - start, ranks.world)
+
+
+def _prepare_store(cfg: ExtractConfig, image_ids: list[str], layers: list[int], grid: tuple[int, int],
+                   backbone: Backbone, fingerprint: dict, csv: Path, say) -> None:
+    """Rank 0: create the store, or check an existing one's fingerprint and append images new in the CSV."""
+    if cfg.out.exists() and not cfg.overwrite:
+        store = open_store(cfg.out, mode="r+")
+        store.check_fingerprint(fingerprint)
+        listed = set(image_ids)
+        gone = [i for i in store.image_ids if i not in listed]
+        if gone:
+            raise StoreError(f"{cfg.out}: {len(gone)} stored image(s) are not in {csv}: {gone[:5]}; extract to "
+                             "another --out or rebuild with --overwrite")
+        stored = set(store.image_ids)
+        new = [i for i in image_ids if i not in stored]
+        if new:
+            say(f"appending {len(new)} new image(s) from {csv} to {cfg.out}")
+            store.append_images(new)
+        return
+    spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid, channels=backbone.embed_dim,
+                     fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
+                     n_prefix=backbone.n_prefix if cfg.store_prefix else 0,
+                     random_weights=backbone.weights_sha256 == "random")
+    create_store(cfg.out, spec, overwrite=cfg.overwrite)
+
+
+def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[_Item], int, int]:
+    """Images with views not yet done (store order), the number of done samples, and images skipped as bad."""
+    done, bad = store.done(), store.bad_ids
+    paths = dict(zip(table["image_id"], table["image_path"]))
+    items, skipped = [], 0
+    for i, image_id in enumerate(store.image_ids):
+        views = tuple(int(v) for v in np.flatnonzero(~done[i]))
+        if not views:
+            continue
+        if image_id in bad:
+            skipped += 1
+            continue
+        items.append(_Item(i, image_id, data_dir / paths[image_id], views))
+    return items, int(done.sum()), skipped
+
+
+def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: TokenStore, items: list[_Item],
+         device: torch.device, ranks: _Ranks, progress: bool) -> dict[str, Any]:
+    """The overlapped decode -> forward -> write loop over this rank's images."""
+    backbone.model.to(device)
+    loader = DataLoader(_ViewsDataset(items, cfg), batch_size=max(1, cfg.batch_size // cfg.views), shuffle=False,
+                        num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    view_bytes = _payload_bytes_per_view(store)
+    counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
+    start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    writer = _Writer(store, WRITER_THREADS, QUEUE_BATCHES * max(1, cfg.batch_size // cfg.views))
+    bar = tqdm(total=sum(len(it.views) for it in items), unit="view", disable=not progress, dynamic_ncols=True,
+               desc=f"extract {cfg.split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""))
+    try:
+        for batch in loader:
+            for item, reason in batch["bad"]:
+                if not cfg.skip_bad:
+                    raise DataError(f"{reason} (image {item.image_id!r}; nothing was written for it; "
+                                    "--skip-bad records such images and goes on)")
+                counts["bad"][item.image_id] = reason
+                tqdm.write(f"skipping bad image {item.image_id!r}: {reason}")
+            if batch["pixels"] is None:
+                continue
+            with torch.inference_mode(), autocast:
+                tokens, prefix = forward_tokens(backbone, batch["pixels"].to(device, non_blocking=True), layers,
+                                                cfg.norm)
+            tokens = tokens.cpu()
+            prefix = prefix.cpu() if store.n_prefix else None
+            offset = 0
+            for item in batch["items"]:
+                k = len(item.views)
+                writer.put(item, tokens[offset:offset + k], None if prefix is None else prefix[offset:offset + k])
+                offset += k
+            counts["views"] += offset
+            counts["images"] += len(batch["items"])
+            bar.update(offset)
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix(img_s=f"{counts['images'] / elapsed:.2f}",
+                            MB=f"{counts['views'] * view_bytes / 1e6:.0f}", refresh=False)
+    finally:
+        writer.close()
+        bar.close()
+    writer.check()
+    return counts | {"loop_s": time.perf_counter() - start}
+
+
+def _payload_bytes_per_view(store: TokenStore) -> int:
+    """Bytes of data (tokens, prefix, int8 scales) one view puts on disk before container overhead."""
+    n_layers, t = len(store.layers), store.grid[0] * store.grid[1]
+    values = n_layers * (t + store.n_prefix) * store.channels
+    if store.storage_dtype == "int8":
+        return values + 4 * n_layers * (t + store.n_prefix)
+    return 2 * values
+
+
+def _summary(store: TokenStore, per_rank: list[dict], bad: dict[str, str], already: int, wall: float,
+             world: int) -> dict[str, Any]:
+    done = store.done()
+    n_done = int(done.sum())
+    views = sum(c["views"] for c in per_rank)
+    images = sum(c["images"] for c in per_rank)
+    nbytes = store.nbytes_on_disk()
+    return {
+        "store": str(store.path),
+        "split": store.split,
+        "shape": [len(store.image_ids), store.n_views, len(store.layers), store.grid[0] * store.grid[1],
+                  store.channels],
+        "layers": store.layers,
+        "storage_dtype": store.storage_dtype,
+        "samples_done": n_done,
+        "samples_total": int(done.size),
+        "views_extracted": views,
+        "images_extracted": images,
+        "already_done": already,
+        "bad_ids": {**store.bad_ids, **bad},
+        "bytes_on_disk": nbytes,
+        "bytes_per_image_view": nbytes / n_done if n_done else None,
+        "wall_s": wall,  # the whole call: backbone creation, store preparation, the loop, finalisation
+        "loop_s": max(c["loop_s"] for c in per_rank),  # decode -> forward -> write, until the last write is done
+        "views_per_s": views / wall,
+        "images_per_s": images / wall,
+        "ranks": world,
+        "random_weights": store.random_weights,
+    }
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Extraction keys from a JSON or TOML file; a TOML file's [extract] table when it has one."""
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a table of extraction keys")
+    return d.get("extract", d)
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"store          {s['store']} ({s['split']}, {s['storage_dtype']})",
+        f"shape          {s['shape']} (image, view, layer, token, channel), layers {s['layers']}",
+        f"samples done   {s['samples_done']}/{s['samples_total']} ({s['already_done']} before this run, "
+        f"{len(s['bad_ids'])} bad image(s))",
+        f"on disk        {s['bytes_on_disk'] / 1e6:.1f} MB"
+        + (f", {s['bytes_per_image_view'] / 1e3:.1f} kB per image-view" if s["bytes_per_image_view"] else ""),
+        f"this run       {s['views_extracted']} views of {s['images_extracted']} images in {s['wall_s']:.1f} s "
+        f"({s['views_per_s']:.2f} views/s, {s['images_per_s']:.2f} images/s, {s['ranks']} rank(s))",
+    ]
+    if s["random_weights"]:
+        lines.append("WARNING: RANDOM BACKBONE WEIGHTS: this store is for demos and tests, not for real predictions")
+    return "\n".join(lines)
+
+
+def extract_command(
+    data: Optional[Path] = typer.Option(None, "--data", help="Kaggle-format data folder (train.csv, test.csv, "
+                                        "train/, test/)."),
+    split: Optional[str] = typer.Option(None, help="Which CSV to extract: train or test (default: train)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Token store to create, resume or grow (a .zarr folder)."),
+    backbone: Optional[str] = typer.Option(None, help="timm DINOv3 name (default: vit_small_patch16_dinov3)."),
+    weights: Optional[str] = typer.Option(None, help="Local weights file, or 'random' (demo) (default: random)."),
+    size: Optional[str] = typer.Option(None, help="Backbone input size WxH, multiples of 16 (default: 960x480)."),
+    layers: Optional[str] = typer.Option(None, help="Blocks to cache, comma-separated, negative counts from the "
+                                         "end (default: middle, 3/4 and last block, e.g. 5,8,11 for depth 12)."),
+    views: Optional[int] = typer.Option(None, help="Views per image; view 0 is clean, train views are augmented, "
+                                        "test views are TTA flips (at most 4) (default: 4)."),
+    seed: Optional[int] = typer.Option(None, help="Augmentation seed (and random-weights seed) (default: 0)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (cuda runs in bf16 autocast) "
+                                         "(default: auto)."),
+    dtype: Optional[str] = typer.Option(None, help="Storage dtype: float16 | bfloat16 | int8 (default: float16)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Views per forward pass (default: 16)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers decoding images "
+                                          "(default: one per CPU core, at most 8)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store and go on "
+                                  "(default: stop with an error naming the file)."),
+    prefix: Optional[bool] = typer.Option(None, "--prefix/--no-prefix", help="Also store CLS + register tokens "
+                                          "(default: on)."),
+    norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Apply the final LayerNorm to the cached "
+                                        "layers (default: on)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of the same keys (a TOML "
+                                          "file's extract table); flags given here override it."),
+) -> None:
+    """Run the frozen backbone over every view of every image and cache its patch tokens in a Zarr store.
+
+    Re-running resumes (finished samples are skipped) and appends images new in the CSV. Under
+    `torchrun --nproc-per-node N` the images are split across ranks.
+    """
+    try:
+        values = load_config_file(config) if config is not None else {}
+        flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
+                 "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
+                 "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
+                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        cfg = ExtractConfig.from_dict(values, where=str(config) if config else "command line")
+        summary = extract(cfg)
+    except (DataError, StoreError, ValueError, FileExistsError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(format_summary(summary))
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m biomass_cache.extract ...
+    typer.run(extract_command)
