@@ -1,0 +1,216 @@
+"""Stage two's input: cached tokens of the selected layers joined with targets and metadata by image_id.
+
+View sampling is the augmentation: every epoch each training image shows one of its stored views, chosen by a
+deterministic function of (seed, epoch, row) so a run is reproducible with any number of DataLoader workers.
+Evaluation reads one fixed view (0 = clean; the TTA views at predict time).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from biomass_cache.data import DataError
+from biomass_cache.targets import TARGETS, to_density
+
+MAX_LISTED = 5
+PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """How the auxiliary labels are encoded: the State vocabulary and NDVI z-score (training split only)."""
+
+    states: tuple[str, ...]
+    ndvi_mean: float
+    ndvi_std: float
+
+    @classmethod
+    def fit(cls, table: pd.DataFrame, rows: Sequence[int]) -> "AuxSpec":
+        states = tuple(sorted(table["State"].dropna().astype(str).unique())) if "State" in table else ()
+        ndvi = table["Pre_GSHH_NDVI"].to_numpy(float)[list(rows)] if "Pre_GSHH_NDVI" in table else np.array([])
+        ndvi = ndvi[np.isfinite(ndvi)]
+        std = float(ndvi.std()) if len(ndvi) > 1 else 1.0
+        return cls(states, float(ndvi.mean()) if len(ndvi) else 0.0, std if std > 1e-8 else 1.0)
+
+    def to_dict(self) -> dict:
+        return {"states": list(self.states), "ndvi_mean": self.ndvi_mean, "ndvi_std": self.ndvi_std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AuxSpec":
+        return cls(tuple(d["states"]), float(d["ndvi_mean"]), float(d["ndvi_std"]))
+
+
+def store_rows(store, image_ids: Sequence[str], views: Sequence[int]) -> np.ndarray:
+    """Store index of every image id; an id that is absent, marked bad or not done in `views` is an error."""
+    position = {iid: k for k, iid in enumerate(store.image_ids)}
+    absent = [i for i in image_ids if i not in position]
+    if absent:
+        raise DataError(
+            f"{len(absent)} image(s) of the data table are not in the token store {store.path}: "
+            f"{absent[:MAX_LISTED]} (extract them first, or point --cache at the store built from this data)"
+        )
+    idx = np.array([position[i] for i in image_ids], dtype=np.int64)
+    done = store.done()[idx][:, list(views)].all(axis=1)
+    if not done.all():
+        missing = [image_ids[k] for k in np.flatnonzero(~done)]
+        bad = {i: store.bad_ids[i] for i in missing if i in store.bad_ids}
+        raise DataError(
+            f"{len(missing)} image(s) are not completely extracted in {store.path} (views {list(views)}): "
+            f"{missing[:MAX_LISTED]}" + (f"; marked bad: {dict(list(bad.items())[:MAX_LISTED])}" if bad else "")
+            + " (resume the extraction, or remove these images from the table)"
+        )
+    return idx
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def view_for(seed: int, epoch: int, row: int, n_views: int) -> int:
+    """The view a training image shows in an epoch: independent of worker count and iteration order."""
+    return int(np.random.default_rng([seed, epoch, row]).integers(n_views))
+
+
+class TokenDataset(Dataset):
+    """Samples of `table` rows `indices`: tokens (L, T, C) float32 of `layers` plus targets and aux labels.
+
+    Targets are areal densities (g/m^2); missing ones are 0 with a False mask. `train=True` draws one stored
+    view per epoch (call `set_epoch`); otherwise `view` is read. `preload` (True, False or "auto") keeps the
+    selected tokens in RAM, as stored (float16 stays float16), instead of reading the store each time.
+    """
+
+    def __init__(
+        self,
+        store,
+        table: pd.DataFrame,
+        indices: Sequence[int],
+        layers: Sequence[int],
+        train: bool,
+        seed: int,
+        preload: bool | str = False,
+        view: int = 0,
+        aux: AuxSpec | None = None,
+    ):
+        self.store, self.train, self.seed, self.epoch = store, train, seed, 0
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.layers = [int(l) for l in layers]
+        unknown = [l for l in self.layers if l not in store.layers]
+        if unknown:
+            raise DataError(f"layers {unknown} are not in the token store {store.path} (it has {store.layers})")
+        if not train and not 0 <= view < store.n_views:
+            raise DataError(f"view {view} does not exist in {store.path} ({store.n_views} views)")
+        self.views = list(range(store.n_views)) if train else [view]
+        sub = table.iloc[self.indices]
+        self.rows = store_rows(store, list(sub["image_id"]), self.views)
+        self._labels(sub, aux or AuxSpec.fit(table, self.indices))
+        self.tokens: np.ndarray | None = None
+        if preload == "auto":
+            preload = self.nbytes() < PRELOAD_RAM_FRACTION * available_ram()
+        elif preload not in (True, False):
+            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
+        if preload:
+            self._preload()
+
+    def _labels(self, sub: pd.DataFrame, aux: AuxSpec) -> None:
+        n = len(sub)
+        y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
+        self.y_mask = np.isfinite(y)
+        self.y = np.where(self.y_mask, y, 0.0).astype(np.float32)
+        height = sub["Height_Ave_cm"].to_numpy(float) if "Height_Ave_cm" in sub else np.full(n, np.nan)
+        ndvi = sub["Pre_GSHH_NDVI"].to_numpy(float) if "Pre_GSHH_NDVI" in sub else np.full(n, np.nan)
+        self.height_mask, self.ndvi_mask = np.isfinite(height), np.isfinite(ndvi)
+        self.height = np.nan_to_num(height).astype(np.float32)
+        self.ndvi_z = np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32)
+        code = {s: k for k, s in enumerate(aux.states)}
+        states = sub["State"].astype(str) if "State" in sub else pd.Series([""] * n)
+        self.state = np.array([code.get(s, -1) for s in states], dtype=np.int64)
+
+    def nbytes(self) -> int:
+        """Bytes the selected tokens take in RAM once preloaded."""
+        rows, cols = self.store.grid
+        itemsize = 2 if self.store.storage_dtype == "float16" else 4
+        return len(self.rows) * len(self.views) * len(self.layers) * rows * cols * self.store.channels * itemsize
+
+    def _preload(self) -> None:
+        from tqdm.auto import tqdm
+
+        dtype = np.float16 if self.store.storage_dtype == "float16" else np.float32  # float16 stays exact
+        rows, cols = self.store.grid
+        shape = (len(self.rows), len(self.views), len(self.layers), rows * cols, self.store.channels)
+        out = np.empty(shape, dtype=dtype)
+        for k in tqdm(range(len(self.rows)), desc="preload tokens", leave=False, disable=len(self.rows) < 64):
+            for j, v in enumerate(self.views):
+                out[k, j] = self.store.read(int(self.rows[k]), v, self.layers)
+        self.tokens = out
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def view_of(self, k: int) -> int:
+        return view_for(self.seed, self.epoch, int(self.indices[k]), len(self.views)) if self.train else self.views[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        view = self.view_of(k)
+        if self.tokens is not None:
+            tokens = self.tokens[k, self.views.index(view)].astype(np.float32)
+        else:
+            tokens = self.store.read(int(self.rows[k]), view, self.layers)
+        return {
+            "tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
+            "y": torch.from_numpy(self.y[k]),
+            "y_mask": torch.from_numpy(self.y_mask[k]),
+            "height": torch.tensor(self.height[k]),
+            "height_mask": torch.tensor(self.height_mask[k]),
+            "ndvi_z": torch.tensor(self.ndvi_z[k]),
+            "ndvi_mask": torch.tensor(self.ndvi_mask[k]),
+            "state": torch.tensor(self.state[k]),
+            "index": torch.tensor(self.indices[k]),
+        }
+
+    def __getstate__(self) -> dict:
+        """Workers reopen the store by path instead of pickling an open Zarr group."""
+        state = dict(self.__dict__)
+        state["store"] = str(self.store.path)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from biomass_cache.store import open_store
+
+        self.__dict__.update(state)
+        self.store = open_store(state["store"])
+
+
+def make_loader(ds: TokenDataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+    """Batches in a seeded order; workers stream from disk with prefetch (none needed once preloaded).
+
+    Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.
+    """
+    workers = 0 if ds.tokens is not None else workers
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=workers,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )

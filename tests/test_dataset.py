@@ -1,0 +1,125 @@
+"""TokenDataset: joins cached tokens with the data table, samples views deterministically, refuses mismatches.
+
+`make_toy` also serves tests/test_train.py: a Kaggle-format train.csv and a tiny token store whose tokens carry
+the targets (channel j of every token ~ component j's density + noise), so a head can learn from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
+from biomass_cache.store import StoreSpec, create_store, open_store
+from biomass_cache.targets import TARGETS, to_density
+
+GRID, CHANNELS, LAYERS, VIEWS = (8, 4), 16, [3, 7], 2
+
+
+def make_toy(root: Path, n: int = 24, seed: int = 0, extra_store_ids: int = 0, done: bool = True
+             ) -> tuple[Path, Path]:
+    """Data folder (train.csv) + token store; returns (data_dir, store_path)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"ID{1000000 + k}" for k in range(n)]
+    comps = rng.gamma(2.0, [4.0, 6.0, 12.0], size=(n, 3))  # grams of clover, dead, green
+    comps[rng.random(n) < 0.2, 0] = 0.0
+    five = np.column_stack([comps, comps[:, 0] + comps[:, 2], comps.sum(1)])
+    states = np.array(["Tas", "Vic", "NSW", "WA"])[np.arange(n) % 4]
+    dates = [f"2015/{1 + (k // 4) % 6}/{1 + k % 3}" for k in range(n)]  # 18 (date, State) groups
+    rows = []
+    for k, iid in enumerate(ids):
+        for t in sorted(TARGETS):
+            rows.append(dict(sample_id=f"{iid}__{t}", image_path=f"train/{iid}.jpg", Sampling_Date=dates[k],
+                             State=states[k], Species="Ryegrass_Clover", Pre_GSHH_NDVI=round(0.3 + 0.01 * k, 3),
+                             Height_Ave_cm=round(2 + five[k, 4] / 10, 2), target_name=t,
+                             target=round(float(five[k, TARGETS.index(t)]), 4)))
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(data / "train.csv", index=False)
+
+    store_ids = ids + [f"ID{2000000 + k}" for k in range(extra_store_ids)]
+    spec = StoreSpec(image_ids=store_ids, n_views=VIEWS, layers=LAYERS, grid=GRID, channels=CHANNELS,
+                     fingerprint={"backbone": "toy", "weights_sha256": "random", "seed": seed})
+    store = create_store(root / "train.zarr", spec)
+    density = to_density(comps) / 100.0
+    for i in range(len(store_ids) if done else n // 2):
+        x = rng.normal(0, 0.3, size=(VIEWS, len(LAYERS), GRID[0] * GRID[1], CHANNELS)).astype(np.float32)
+        if i < n:
+            x[..., :3] += density[i]
+        store.write_image(i, x)
+    return data, root / "train.zarr"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    data, store_path = make_toy(tmp_path_factory.mktemp("toy"))
+    return read_long_csv(data / "train.csv", check_images=False), open_store(store_path)
+
+
+def test_samples_join_targets_and_aux_by_image_id(toy):
+    table, store = toy
+    rows = [5, 2, 9]
+    ds = TokenDataset(store, table, rows, layers=[7], train=False, seed=0)
+    item = ds[1]
+    assert item["tokens"].shape == (1, GRID[0] * GRID[1], CHANNELS) and item["tokens"].dtype == torch.float32
+    assert item["index"] == 2
+    np.testing.assert_allclose(item["tokens"].numpy(), store.read(2, 0, [7]))
+    np.testing.assert_allclose(item["y"].numpy(), to_density(table.loc[2, list(TARGETS)].to_numpy(float)), rtol=1e-6)
+    assert item["y_mask"].all() and item["height_mask"] and item["ndvi_mask"]
+    aux = AuxSpec.fit(table, rows)
+    assert aux.states == ("NSW", "Tas", "Vic", "WA")
+    assert aux.states[int(item["state"])] == table.loc[2, "State"]
+    assert abs(float(item["ndvi_z"]) - (table.loc[2, "Pre_GSHH_NDVI"] - aux.ndvi_mean) / aux.ndvi_std) < 1e-5
+
+
+def test_view_sampling_is_deterministic_and_covers_views(toy):
+    table, store = toy
+    ds = TokenDataset(store, table, range(len(table)), LAYERS, train=True, seed=3)
+    again = TokenDataset(store, table, range(len(table)), LAYERS, train=True, seed=3)
+    seen = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        again.set_epoch(epoch)
+        views = [ds.view_of(k) for k in range(len(ds))]
+        assert views == [again.view_of(k) for k in range(len(ds))]
+        seen |= set(views)
+    assert seen == set(range(VIEWS))
+    ds.set_epoch(0)
+    first = [ds.view_of(k) for k in range(len(ds))]
+    ds.set_epoch(1)
+    assert first != [ds.view_of(k) for k in range(len(ds))]  # a new epoch redraws
+    k = 4
+    np.testing.assert_array_equal(ds[k]["tokens"].numpy(), store.read(k, ds.view_of(k), LAYERS))
+
+
+def test_preload_matches_streaming_and_workers(toy):
+    table, store = toy
+    rows = list(range(10))
+    streamed = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=False)
+    loaded = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=True)
+    assert loaded.tokens is not None and loaded.tokens.dtype == np.float16
+    auto = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload="auto")
+    assert auto.tokens is not None  # a few KB always fit
+    for ds in (streamed, loaded):
+        ds.set_epoch(2)
+    a = torch.cat([b["tokens"] for b in make_loader(streamed, 4, shuffle=False, seed=0, workers=2)])
+    b = torch.cat([b["tokens"] for b in make_loader(loaded, 4, shuffle=False, seed=0, workers=0)])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mismatches_are_clear_errors(tmp_path, toy):
+    table, store = toy
+    stranger = pd.concat([table, table.iloc[[0]].assign(image_id="ID9999999")], ignore_index=True)
+    with pytest.raises(DataError, match="not in the token store.*ID9999999"):
+        TokenDataset(store, stranger, range(len(stranger)), LAYERS, train=False, seed=0)
+    with pytest.raises(DataError, match=r"layers \[4\] are not in the token store"):
+        TokenDataset(store, table, range(3), [4], train=False, seed=0)
+    data, partial = make_toy(tmp_path, n=8, done=False)
+    small = read_long_csv(data / "train.csv", check_images=False)
+    with pytest.raises(DataError, match="4 image\\(s\\) are not completely extracted.*ID1000004"):
+        TokenDataset(open_store(partial), small, range(8), LAYERS, train=True, seed=0)

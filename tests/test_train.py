@@ -1,0 +1,214 @@
+"""Stage two end to end on a tiny signal-carrying token store: run folder, scores, reload, sweep, ablations, guards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from biomass_cache import runs
+from biomass_cache import train as train_module
+from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.folds import visit_groups
+from biomass_cache.metrics import competition_r2, log_r2
+from biomass_cache.store import open_store
+from biomass_cache.targets import TARGETS
+from biomass_cache.train import TrainConfig, load_config, resolve, train_command
+from test_dataset import make_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny heads run fastest single-threaded, above all on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(*args: str) -> None:
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(train_command)
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    data, store = make_toy(root, n=36)
+    return root, data, store
+
+
+@pytest.fixture(scope="module")
+def sweep_run(toy) -> Path:
+    """One pass training two heads side by side on the same batches, 3 grouped folds."""
+    root, data, store = toy
+    out = root / "run"
+    train("--cache", store, "--data", data, "--out", out, "--head", "density,mlp", "--folds", 3, "--epochs", 16,
+          "--lr", 3e-3, *FAST)
+    return out
+
+
+def test_run_folder_is_complete_and_scores_agree(sweep_run, toy):
+    _, data, store = toy
+    table = read_long_csv(data / "train.csv", check_images=False)
+    for name in ["config.json", "folds.csv", "oof.csv", "oof_density.csv", "oof_mlp.csv", "metrics.json",
+                 "history.csv"] + [f"fold{k}/{h}.{ext}" for k in range(3) for h in ("density", "mlp")
+                                   for ext in ("json", "safetensors")]:
+        assert (sweep_run / name).is_file(), name
+    assert not list(sweep_run.rglob(".*tmp*"))  # no temporary files left behind
+    metrics = json.loads((sweep_run / "metrics.json").read_text())
+    oof = runs.read_oof(sweep_run / "oof.csv")
+    assert list(oof["image_id"]) == list(table["image_id"])
+    truth, pred = table[list(TARGETS)].to_numpy(float), oof[list(TARGETS)].to_numpy(float)
+    assert metrics["competition_r2"] == pytest.approx(competition_r2(truth, pred), abs=1e-12)
+    assert metrics["log_r2"] == pytest.approx(log_r2(truth, pred), abs=1e-12)
+    assert set(metrics["per_target_r2"]) == set(TARGETS) and set(metrics["folds"]) == {"fold0", "fold1", "fold2"}
+    np.testing.assert_allclose(pred[:, 3], pred[:, 0] + pred[:, 2], rtol=1e-9)  # GDM = clover + green
+    np.testing.assert_allclose(pred[:, 4], pred[:, :3].sum(1), rtol=1e-9)  # Total = clover + dead + green
+    history = pd.read_csv(sweep_run / "history.csv")
+    assert len(history) == 3 * 16 * 2 and history["val_competition_r2"].notna().all()
+    config = json.loads((sweep_run / "config.json").read_text())
+    assert config["train"]["folds"] == 3 and config["cache"]["fingerprint"] == open_store(store).fingerprint
+
+
+def test_heads_learn_the_signal_and_the_sweep_is_ranked(sweep_run, toy):
+    metrics = json.loads((sweep_run / "metrics.json").read_text())
+    pooled = {h: metrics["heads"][h]["competition_r2"] for h in ("density", "mlp")}
+    assert metrics["ranking"] == sorted(pooled, key=lambda h: -pooled[h]) and metrics["best"] == metrics["ranking"][0]
+    assert metrics["competition_r2"] == pooled[metrics["best"]]
+    pd.testing.assert_frame_equal(runs.read_oof(sweep_run / "oof.csv"),
+                                  runs.read_oof(sweep_run / f"oof_{metrics['best']}.csv"))
+    assert pooled["density"] > 0.5, pooled
+
+
+def test_folds_respect_groups(sweep_run, toy):
+    _, data, _ = toy
+    table = read_long_csv(data / "train.csv", check_images=False)
+    folds = pd.read_csv(sweep_run / "folds.csv", dtype={"image_id": str})
+    assert list(folds["image_id"]) == list(table["image_id"])
+    per_group = folds.assign(group=visit_groups(table).to_numpy()).groupby("group")["fold"].nunique()
+    assert (per_group == 1).all() and sorted(folds["fold"].unique()) == [0, 1, 2]
+
+
+def test_checkpoints_reload_and_reproduce_oof(sweep_run, toy):
+    _, data, store_path = toy
+    store = open_store(store_path)
+    table = read_long_csv(data / "train.csv", check_images=False)
+    folds = pd.read_csv(sweep_run / "folds.csv", dtype={"image_id": str})["fold"].to_numpy()
+    oof = runs.read_oof(sweep_run / "oof_density.csv")[list(TARGETS)].to_numpy()
+    for k in range(3):
+        head, meta = runs.load_head(sweep_run / f"fold{k}" / "density.json")
+        rows = np.flatnonzero(folds == k)
+        idx = [store.image_ids.index(i) for i in table["image_id"].iloc[rows]]
+        pred = runs.predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"])
+        np.testing.assert_array_equal(pred, oof[rows])
+        assert meta["layers"] == store.layers and meta["zscore"]["names"][:5] == list(TARGETS)
+
+
+def test_a_head_refuses_another_cache(sweep_run, tmp_path):
+    _, other = make_toy(tmp_path, n=6, seed=1)  # same shapes, other extraction fingerprint
+    head, meta = runs.load_head(sweep_run / "fold0" / "density.json")
+    with pytest.raises(DataError, match="another configuration.*seed: 0 -> 1"):
+        runs.predict_store(head, meta, open_store(other))
+    bad = dict(meta, head=dict(meta["head"], channels=8))
+    with pytest.raises(DataError, match="channels 8"):
+        runs.check_compatible(bad, open_store(other))
+    test_cache = dict(meta, fingerprint=dict(meta["fingerprint"], split="test", n_views=4))
+    runs.check_compatible(test_cache, open_store(sweep_run.parent / "train.zarr"))  # TTA cache of the same setup
+
+
+def test_folds_csv_reused_and_ablations_run(sweep_run, toy, tmp_path):
+    """Every ablation switch in one sweep (config file) and all CLI switches at once, on the sweep's folds."""
+    _, data, store = toy
+    cfg = tmp_path / "ablate.toml"
+    cfg.write_text("[train]\nepochs = 1\n" + "".join(
+        f'[[train.sweep]]\nname = "no_{k}"\nhead = "density"\n{k} = false\n'
+        for k in ("mixup", "uw", "pcgrad", "ema", "aux")))
+    out = tmp_path / "ablate"
+    train("--cache", store, "--data", data, "--out", out, "--config", cfg, "--folds-csv",
+          sweep_run / "folds.csv", *FAST)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["heads"]) == {"no_mixup", "no_uw", "no_pcgrad", "no_ema", "no_aux"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "folds.csv"), pd.read_csv(sweep_run / "folds.csv"))
+    _, meta = runs.load_head(out / "fold0" / "no_aux.json")
+    assert not any(meta["head"]["aux"].values()) and meta["train"]["aux"] is False
+    out2 = tmp_path / "all_off"
+    train("--cache", store, "--data", data, "--out", out2, "--epochs", 1, "--folds", 3, "--no-mixup", "--no-uw",
+          "--no-pcgrad", "--no-ema", "--no-aux", *FAST)
+    members = json.loads((out2 / "config.json").read_text())["members"]
+    assert {k: members["density"][k] for k in ("mixup", "uw", "pcgrad", "ema", "aux")} == dict.fromkeys(
+        ("mixup", "uw", "pcgrad", "ema", "aux"), False)
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+    data, store = make_toy(tmp_path / "a", n=12)
+    calls, poisoned = [], {2, 5}
+
+    def flaky(out, batch, zscore):
+        calls.append(1)
+        losses = train_module_task_losses(out, batch, zscore)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) in poisoned else losses
+
+    train_module_task_losses = train_module.task_losses
+    monkeypatch.setattr(train_module, "task_losses", flaky)
+    out = tmp_path / "full"
+    train("--cache", store, "--data", data, "--out", out, "--full", "--epochs", 2, "--batch-size", 4, "--workers", 0)
+    assert len(calls) == 6 and pd.read_csv(out / "history.csv")["skipped_steps"].iloc[-1] == 2
+    head, meta = runs.load_head(out / "full" / "density.json")
+    assert all(torch.isfinite(p).all() for p in head.parameters()) and meta["skipped_steps"] == 2
+
+    poisoned = set(range(100))
+    with pytest.raises(FloatingPointError, match="head density: 3 non-finite losses in a row"):
+        train("--cache", store, "--data", data, "--out", tmp_path / "strict", "--full", "--epochs", 2,
+              "--batch-size", 4, "--config", _toml(tmp_path, "max_nonfinite = 3"), "--workers", 0)
+
+
+def _toml(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "cfg.toml"
+    path.write_text("[train]\n" + body + "\n")
+    return path
+
+
+def test_config_resolution(tmp_path):
+    base, sweep, extract = load_config(ROOT / "configs" / "default.toml")
+    assert TrainConfig(**base) == TrainConfig()  # the documented defaults are the code's defaults
+    assert extract["backbone"] == "vit_small_patch16_dinov3"
+    ref, _, ref_extract = load_config(ROOT / "configs" / "reference_vit7b.toml")
+    assert ref["head"] == "vitdet" and ref_extract["backbone"] == "vit_7b_patch16_dinov3"
+    cfg, members = resolve(base, [{"name": "a", "head": "mlp", "lr": 1e-4}], {"epochs": 3, "uw": False}, None)
+    assert cfg.epochs == 3 and members["a"].lr == 1e-4 and members["a"].uw is False
+    _, members = resolve(base, [{"name": "a"}], {}, ["density", "mlp"])
+    assert list(members) == ["density", "mlp"] and members["mlp"].head == "mlp"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['epoch'\]"):
+        load_config(bad)
+    bad.write_text('[train]\n[[train.sweep]]\nname = "x"\nepochs = 3\n')
+    with pytest.raises(DataError, match="sweep.*epochs"):
+        load_config(bad)
+    assert asdict(TrainConfig())["tta"] == "all"
+
+
+def test_fold_scores_survive_a_target_without_variance():
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(2.0, 10.0, size=(8, 5))
+    truth[:, 1] = 0.0  # e.g. a fold of WA images only: no dead matter
+    pred = truth + rng.normal(0, 1, size=truth.shape)
+    with pytest.raises(ValueError, match="no variance"):
+        log_r2(truth, pred)
+    s = train_module.scores(truth, pred, baseline_grams=np.full(5, 20.0))
+    assert s["per_target_r2"]["Dry_Dead_g"] is None and np.isfinite(s["log_r2"])
+    assert s["competition_r2"] == pytest.approx(competition_r2(truth, pred))
+    json.dumps(s, allow_nan=False)
