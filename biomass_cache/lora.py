@@ -1,0 +1,704 @@
+"""The LoRA path: adapt the last K blocks of the frozen DINOv3 backbone with peft adapters, running it live.
+
+Everything but the token source is stage two's (`biomass_cache.train`): heads, losses, mixup, uncertainty
+weighting, PCGrad, EMA, folds, metrics and the run folder. Here the tokens come from `LiveTokens`, an nn.Module
+whose trainable parameters are the adapters only; it runs either the whole backbone on augmented pixels (a fresh
+view per epoch) or, with a prefix cache, only blocks [depth-K, depth) on the stored hidden state entering block
+depth-K (the frozen blocks before it never change for a given view, so they run once, in `build_prefix_cache`).
+
+Checkpoints hold adapter and head tensors only (megabytes), plus the base backbone's name and weights sha256,
+checked on load. Scale-out: `torchrun --nproc-per-node N train_heads.py --lora ...` (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import typer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from biomass_cache import runs
+from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
+from biomass_cache.data import DataError, load_image, read_long_csv
+from biomass_cache.dataset import AuxSpec, TokenDataset, view_for
+from biomass_cache.io import atomic_path, write_json
+from biomass_cache.targets import TARGETS, ZScore, to_density
+from biomass_cache.views import ViewPolicy, make_view, parse_size
+
+import peft  # noqa: E402  (after biomass_cache.backbone, which makes timm/torchvision importable)
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
+ADAPTER_PREFIX, HEAD_PREFIX = "backbone.", "head."
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class LoraSettings:
+    """The live token source and its adapters; the [lora] section of a config (CLI flags override)."""
+
+    backbone: str = "vit_small_patch16_dinov3"
+    weights: str = "random"  # "random" (seeded) or a local weights file
+    backbone_seed: int = 0  # initialisation of a random backbone
+    overrides: dict = field(default_factory=dict)  # timm kwargs for tiny test models
+    size: tuple[int, int] = (448, 224)  # W x H
+    layers: list[int] = field(default_factory=lambda: [5, 8, 11])  # blocks the head reads (negative allowed)
+    norm: bool = True  # final norm on every read layer (as in extraction)
+    blocks: int = 4  # adapt the last K blocks
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv"])  # module names inside a block
+    lr: float = 1e-4  # adapter learning rate (own optimizer groups)
+    layer_decay: float = 1.0  # adapter lr of block b = lr * layer_decay ** (depth - 1 - b)
+    view_seed: int = 0  # augmentation seed (views.make_view)
+    prefix_cache: Optional[str] = None  # Zarr store of hidden states entering block depth-K
+    prefix_views: int = 4  # views stored in the prefix cache (view 0 clean)
+    micro_batch: int = 0  # >0: run the backbone in checkpointed micro-batches (exact gradient accumulation)
+    grad_checkpointing: bool = False  # recompute each block in backward (timm set_grad_checkpointing)
+    amp: bool = True  # bf16 autocast on CUDA
+
+
+def adapted_blocks(depth: int, k: int) -> list[int]:
+    if not 1 <= k <= depth:
+        raise ValueError(f"--lora-blocks must be in 1..{depth} for a backbone of depth {depth}, got {k}")
+    return list(range(depth - k, depth))
+
+
+def target_regex(blocks: Sequence[int], targets: Sequence[str]) -> str:
+    """Full module names (peft full-matches a string): `proj` alone would also hit `patch_embed.proj`."""
+    return rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(t) for t in targets)})"
+
+
+# ----------------------------------------------------------------------------------------- adapter injection
+def inject_lora(bb: Backbone, s: LoraSettings, seed: int = 0) -> list[str]:
+    """Add peft LoRA adapters to `s.targets` of the last `s.blocks` blocks (in place); returns the adapted names.
+
+    On `_qkvb` variants the attention calls F.linear on the raw qkv weight, bypassing any wrapper: those blocks are
+    switched to `qkv_bias_separate` (qkv(x) + bias, the same function) so the adapter is really applied.
+    """
+    model = bb.model
+    blocks = adapted_blocks(bb.depth, s.blocks)
+    expected = [f"blocks.{b}.{t}" for b in blocks for t in s.targets]
+    modules = dict(model.named_modules())
+    absent = [n for n in expected if not isinstance(modules.get(n), nn.Linear)]
+    if absent:
+        raise ValueError(f"LoRA targets {absent[:4]} are not Linear layers of {bb.name}; "
+                         f"valid targets are Linear modules inside a block, e.g. attn.qkv, attn.proj, mlp.fc1")
+    if "attn.qkv" in s.targets:
+        for b in blocks:
+            attn = model.blocks[b].attn
+            if not hasattr(attn, "qkv_bias_separate"):
+                raise ValueError(f"blocks.{b}.attn ({type(attn).__name__}) is not timm's EvaAttention: cannot "
+                                 "check that a LoRA on its qkv is applied")
+            if getattr(attn, "q_bias", None) is not None:
+                attn.qkv_bias_separate = True
+    config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, bias="none",
+                             target_modules=target_regex(blocks, s.targets))
+    peft.inject_adapter_in_model(config, model)
+    reset_adapters(model, seed)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    if adapted != sorted(expected):
+        raise RuntimeError(f"peft adapted {adapted}, expected {sorted(expected)}")
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if stray:
+        raise RuntimeError(f"non-adapter parameters became trainable: {stray[:4]}")
+    return adapted
+
+
+def reset_adapters(model: nn.Module, seed: int) -> None:
+    """Fresh adapters (A random, B = 0: the model's output is unchanged), a pure function of `seed`: identical on
+    every rank, in every rerun, and for every fold (the adapters are re-initialised, never re-injected)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        for _, m in layers:  # peft's default init, drawn on the CPU so every device gets the same numbers
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            bound = 1 / math.sqrt(a.shape[1])  # = kaiming_uniform_(a=sqrt(5)), nn.Linear's default
+            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=gen))
+            b.zero_()
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors by their model names (each contains `lora_`)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every frozen tensor (for bit-equality checks)."""
+    return {n: t for n, t in model.state_dict().items() if "lora_" not in n}
+
+
+# -------------------------------------------------------------------------------------- the split forward
+def embed(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch embedding + prefix tokens (+ RoPE table), exactly as timm's Eva.forward_intermediates starts."""
+    x, rope = model._pos_embed(model.patch_embed(pixels))
+    return model.norm_pre(x), rope
+
+
+def grid_rope(model: nn.Module, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+    """The RoPE table of a (rows, cols) patch grid: DINOv3's depends on the grid only, not on the pixels."""
+    dummy = like.new_zeros(1, grid[0], grid[1], like.shape[-1])
+    return model._pos_embed(dummy)[1]
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor, rope, first: int, layers: Sequence[int], norm: bool,
+               n_prefix: int) -> torch.Tensor:
+    """Run blocks first.. on the hidden state `x` entering block `first`; patch tokens of `layers` (B, L, T, C).
+
+    Layer `first - 1` is `x` itself (its output). Blocks after the last layer asked for are not run.
+    """
+    out = {first - 1: x}
+    ckpt = model.grad_checkpointing and torch.is_grad_enabled()
+    for i in range(first, max(layers) + 1):
+        blk = model.blocks[i]
+        x = checkpoint(blk, x, rope=rope, use_reentrant=False) if ckpt else blk(x, rope=rope)
+        out[i] = x
+    return torch.stack([(model.norm(out[l]) if norm else out[l])[:, n_prefix:] for l in layers], dim=1)
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    if not getattr(model, "dynamic_img_size", False) or getattr(model, "rope_mixed", False) or \
+            getattr(model, "patch_drop", None) is not None:
+        raise ValueError(f"{name}: the LoRA path needs a DINOv3-style Eva (dynamic image size, one RoPE table for "
+                         "all blocks, no patch dropout)")
+
+
+class LiveTokens(nn.Module):
+    """`tokens_fn` for stage two's loop: batch -> (B, L, T, C) float32 from the adapted backbone.
+
+    A batch carries `pixels` (full forward) or `hidden` (the prefix cache: blocks start.. only). Its parameters
+    are the adapters only. `train()` toggles only the adapters' dropout: the frozen backbone stays in eval mode.
+    With `ema_decay`, the adapters keep an EMA updated once per optimizer step (like the head's) and `eval()`
+    swaps it in, so validation, predictions and checkpoints pair the EMA head with EMA adapters.
+    """
+
+    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device, ema_decay: float | None = None):
+        super().__init__()
+        check_supported(bb.model, bb.name)
+        self.bb, self.s, self.device = bb, s, device
+        self.model = bb.model.to(device)
+        self.model.eval()
+        self.model.set_grad_checkpointing(s.grad_checkpointing)
+        self.layers = resolve_layers(s.layers, bb.depth)
+        self.start = adapted_blocks(bb.depth, s.blocks)[0]
+        last = max(self.layers)
+        if last < bb.depth - 1:
+            raise ValueError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
+                             f"up to block {last}; read the last block or adapt fewer blocks")
+        self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
+        self.ema_decay, self.calls, self.pending = ema_decay, 0, False
+        live = list(adapter_state(self.model).values())
+        self.ema = [p.detach().clone() for p in live] if ema_decay is not None else None
+        self.live_copy: list[torch.Tensor] | None = None
+
+    def adapter_groups(self, lr: float, layer_decay: float) -> list[dict]:
+        """One optimizer group per adapted block: lr * layer_decay ** (blocks above it), no weight decay."""
+        groups: dict[int, list] = {}
+        for n, p in adapter_state(self.model).items():
+            groups.setdefault(int(n.split(".")[1]), []).append(p)
+        top = self.bb.depth - 1
+        return [{"params": ps, "lr": lr * layer_decay ** (top - b), "weight_decay": 0.0}
+                for b, ps in sorted(groups.items())]
+
+    def train(self, mode: bool = True) -> "LiveTokens":
+        self.training = mode
+        for m in self.model.modules():
+            if isinstance(m, LoraLayer):
+                m.train(mode)
+        if self.ema is not None:
+            self._swap_ema(to_ema=not mode)
+        return self
+
+    @torch.no_grad()
+    def _swap_ema(self, to_ema: bool) -> None:
+        live = list(adapter_state(self.model).values())
+        if to_ema and self.live_copy is None:
+            self._ema_step()
+            self.live_copy = [p.detach().clone() for p in live]
+            for p, e in zip(live, self.ema):
+                p.copy_(e)
+        elif not to_ema and self.live_copy is not None:
+            for p, c in zip(live, self.live_copy):
+                p.copy_(c)
+            self.live_copy = None
+
+    @torch.no_grad()
+    def _ema_step(self) -> None:
+        """Fold the adapters as they are after optimizer step `calls` into the EMA (same decay as the head's)."""
+        if self.pending:
+            d = min(self.ema_decay, (1 + self.calls) / (10 + self.calls))
+            for e, p in zip(self.ema, adapter_state(self.model).values()):
+                e.lerp_(p.detach(), 1 - d)
+            self.pending = False
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        if self.training and self.ema is not None and torch.is_grad_enabled():
+            self._ema_step()  # the previous batch's optimizer step has happened by now
+            self.calls += 1
+            self.pending = True
+        key = "pixels" if "pixels" in batch else "hidden"
+        x = batch[key].to(self.device, non_blocking=True)
+        run = self._full if key == "pixels" else self._suffix
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.s.amp and self.device.type == "cuda")
+        with amp:
+            if self.s.micro_batch and len(x) > self.s.micro_batch:
+                parts = x.split(self.s.micro_batch)
+                if torch.is_grad_enabled():  # one micro-batch of activations alive at a time, exact gradient
+                    out = torch.cat([checkpoint(run, p, use_reentrant=False) for p in parts])
+                else:
+                    out = torch.cat([run(p) for p in parts])
+            else:
+                out = run(x)
+        return out.float()
+
+    def _full(self, pixels: torch.Tensor) -> torch.Tensor:
+        x, rope = embed(self.model, pixels)
+        return run_blocks(self.model, x, rope, 0, self.layers, self.s.norm, self.bb.n_prefix)
+
+    def _suffix(self, hidden: torch.Tensor) -> torch.Tensor:
+        rope = grid_rope(self.model, self.grid, hidden)
+        return run_blocks(self.model, hidden, rope, self.start, self.layers, self.s.norm, self.bb.n_prefix)
+
+    def check_prefix_layers(self) -> None:
+        if any(l < self.start - 1 for l in self.layers):
+            raise ValueError(f"layers {self.layers} precede the prefix cache (the hidden state entering block "
+                             f"{self.start}); read blocks >= {self.start - 1} or train without --lora-prefix-cache")
+
+    @torch.no_grad()
+    def prefix_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, n_prefix + T, C): the hidden state entering block `start` (frozen blocks only)."""
+        x, rope = embed(self.model, pixels.to(self.device))
+        for blk in self.model.blocks[: self.start]:
+            x = blk(x, rope=rope)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------- data
+class LiveDataset(TokenDataset):
+    """Rows `indices` of `table` with stage two's targets and aux labels, plus what the backbone needs:
+    `pixels` - training: a fresh augmented view every epoch (view epoch + 1 of views.make_view; view 0 is the
+    clean view), else view `view` - or, with a `prefix` store, `hidden` (n_prefix + T, C): one of its stored views
+    per epoch (stage two's view sampling), else view `view`.
+    """
+
+    def __init__(self, table: pd.DataFrame, indices: Sequence[int], data_dir: Path, s: LoraSettings,
+                 train: bool, seed: int, aux: AuxSpec, prefix=None, view: int = 0, split: str = "train"):
+        from biomass_cache.dataset import store_rows
+
+        self.train, self.seed, self.epoch, self.tokens = train, seed, 0, None
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.data_dir, self.s, self.split, self.store = Path(data_dir), s, split, prefix
+        sub = table.iloc[self.indices]
+        self.image_ids, self.paths = list(sub["image_id"]), list(sub["image_path"])
+        self.views = list(range(prefix.n_views)) if prefix is not None and train else [view]
+        self.rows = store_rows(prefix, self.image_ids, self.views) if prefix is not None else None
+        self._labels(sub, aux)
+
+    def view_of(self, k: int) -> int:
+        if not self.train:
+            return self.views[0]
+        if self.store is None:
+            return self.epoch + 1
+        return view_for(self.seed, self.epoch, int(self.indices[k]), len(self.views))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        view = self.view_of(k)
+        item = {
+            "y": torch.from_numpy(self.y[k]), "y_mask": torch.from_numpy(self.y_mask[k]),
+            "height": torch.tensor(self.height[k]), "height_mask": torch.tensor(self.height_mask[k]),
+            "ndvi_z": torch.tensor(self.ndvi_z[k]), "ndvi_mask": torch.tensor(self.ndvi_mask[k]),
+            "state": torch.tensor(self.state[k]), "index": torch.tensor(self.indices[k]),
+        }
+        if self.store is None:
+            image = load_image(self.data_dir / self.paths[k])
+            item["pixels"] = make_view(image, self.image_ids[k], view, self.s.view_seed, tuple(self.s.size),
+                                       ViewPolicy(), split=self.split)
+        else:
+            row = int(self.rows[k])
+            hidden = np.concatenate([self.store.read_prefix(row, view)[0], self.store.read(row, view)[0]])
+            item["hidden"] = torch.from_numpy(hidden)
+        return item
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "store": None if self.store is None else str(self.store.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        from biomass_cache.store import open_store
+
+        self.__dict__.update(state)
+        self.store = None if state["store"] is None else open_store(state["store"])
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch (the dataset's), sharded so that step s of all ranks together is global batch
+    s of a one-process run: DDP with batch b per rank trains like one process with batch b * world."""
+
+    def __init__(self, ds: LiveDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.ds, self.b, self.seed, self.rank, self.world = ds, batch_size, seed, rank, world
+
+    def _order(self) -> list[int]:
+        order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 9973 + self.ds.epoch))
+        if self.world == 1:
+            return order.tolist()
+        g = self.b * self.world  # pad (repeating) to whole global batches so every rank takes the same steps
+        order = np.resize(order.numpy(), -(-len(order) // g) * g)
+        return [int(i) for s in range(0, len(order), g) for i in order[s + self.rank * self.b: s + (self.rank + 1) * self.b]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return len(self.ds) if self.world == 1 else -(-len(self.ds) // (self.b * self.world)) * self.b
+
+
+def make_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+# ------------------------------------------------------------------------------------------- prefix cache
+def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
+    """What determines the live tokens before training: backbone, image size, read layers, norm, views."""
+    return {"kind": "lora", "backbone": backbone_fingerprint(bb), "size": list(s.size),
+            "layers": resolve_layers(s.layers, bb.depth), "norm": s.norm, "view_seed": s.view_seed,
+            "policy": asdict(ViewPolicy()), "adapted_blocks": adapted_blocks(bb.depth, s.blocks)}
+
+
+def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):
+    """Store, for every image and view, the hidden state entering the first adapted block (resumable)."""
+    from biomass_cache.store import StoreSpec, create_store, fingerprint_diff, open_store
+
+    s, start = live.s, live.start
+    if start == 0:
+        raise ValueError("--lora-prefix-cache needs at least one frozen block before the adapted ones "
+                         f"(--lora-blocks {s.blocks} adapts all {live.bb.depth})")
+    fp = {"kind": "lora_prefix", "backbone": backbone_fingerprint(live.bb), "size": list(s.size), "block": start,
+          "view_seed": s.view_seed, "policy": asdict(ViewPolicy())}
+    fp = json.loads(json.dumps(fp))  # as stored: tuples become lists
+    ids = list(table["image_id"])
+    if Path(path).exists():
+        store = open_store(path, "r+")
+        if store.fingerprint != fp or store.n_views != s.prefix_views:
+            diff = fingerprint_diff(store.fingerprint, fp) + (
+                [f"n_views: {store.n_views} -> {s.prefix_views}"] if store.n_views != s.prefix_views else [])
+            raise DataError(f"{path}: prefix cache built with other settings: {diff}; delete it or use another path")
+        new = [i for i in ids if i not in set(store.image_ids)]
+        if new:
+            store.append_images(new)
+    else:
+        spec = StoreSpec(image_ids=ids, n_views=s.prefix_views, layers=[start - 1], grid=live.grid,
+                         channels=live.bb.embed_dim, fingerprint=fp, n_prefix=live.bb.n_prefix)
+        store = create_store(path, spec)
+    position = {iid: k for k, iid in enumerate(store.image_ids)}
+    done, p = store.done(), live.bb.n_prefix
+    todo = [r for r in range(len(table)) if not done[position[ids[r]]].all()]
+    for r in tqdm(todo, desc="prefix cache", unit="img", disable=not progress):
+        image = load_image(Path(data_dir) / table["image_path"].iloc[r])
+        views = torch.stack([make_view(image, ids[r], v, s.view_seed, tuple(s.size), ViewPolicy())
+                             for v in range(s.prefix_views)])
+        hidden = live.prefix_hidden(views).float().cpu()
+        store.write_image(position[ids[r]], hidden[:, None, p:], prefix=hidden[:, None, :p])
+    return open_store(path)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def base_identity(bb: Backbone) -> dict:
+    fp = backbone_fingerprint(bb)
+    return {k: fp[k] for k in ("name", "weights_sha256", "random_seed", "overrides")}
+
+
+def save_checkpoint(json_path: Path, head: nn.Module, live: LiveTokens, meta: dict) -> None:
+    """Head + adapter tensors (never a frozen weight) to `<stem>.safetensors`, then the JSON beside it."""
+    json_path = Path(json_path)
+    tensors = {HEAD_PREFIX + k: v for k, v in head.state_dict().items()}
+    tensors |= {ADAPTER_PREFIX + k: v for k, v in adapter_state(live.model).items()}
+    weights = json_path.with_suffix(".safetensors")
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    write_json(json_path, {**meta, "kind": "lora", "base": base_identity(live.bb), "lora": asdict(live.s),
+                           "weights_sha256": runs.sha256_file(weights), "format_version": runs.FORMAT_VERSION})
+
+
+def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "cpu"):
+    """(head, live tokens, meta) from a LoRA checkpoint; the base backbone is rebuilt from `weights` (default: the
+    recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides)."""
+    from heads import create_head
+
+    json_path = Path(json_path)
+    meta = json.loads(json_path.read_text())
+    if meta.get("kind") != "lora":
+        raise DataError(f"{json_path}: not a LoRA checkpoint (use runs.load_head for cached-token heads)")
+    file = json_path.with_suffix(".safetensors")
+    if runs.sha256_file(file) != meta["weights_sha256"]:
+        raise DataError(f"{file}: sha256 differs from the one recorded in {json_path.name} (file changed?)")
+    s = LoraSettings(**{**meta["lora"], "size": tuple(meta["lora"]["size"]), "prefix_cache": None})
+    s.weights = str(weights or s.weights)
+    bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
+    if base_identity(bb) != meta["base"]:
+        raise DataError(f"{json_path}: the adapters were trained on base {meta['base']}, but {s.weights} gives "
+                        f"{base_identity(bb)}; pass the original backbone weights")
+    inject_lora(bb, s)
+    live = LiveTokens(bb, s, torch.device(device))
+    tensors = load_file(file)
+    adapters = {k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
+    mine = adapter_state(live.model)
+    if set(adapters) != set(mine):
+        raise DataError(f"{file}: adapter tensors {sorted(set(adapters) ^ set(mine))[:4]} do not match the model")
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(adapters[k])
+    head = create_head(**meta["head"], zscore=ZScore.from_dict(meta["zscore"]))
+    head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)})
+    return head.to(device).eval(), live.eval(), meta
+
+
+def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: str = "test",
+                   views: Sequence[int] = (0,), weights: str | None = None, device: str = "cpu",
+                   batch_size: int = 16, workers: int = 0) -> np.ndarray:
+    """(N, 5) grams for `table`'s images with a LoRA checkpoint: components averaged over `views`, then rebuilt."""
+    head, live, meta = load_checkpoint(json_path, weights, device)
+    aux = AuxSpec.from_dict(meta["aux"])
+    comps = []
+    for v in views:
+        ds = LiveDataset(table, range(len(table)), data_dir, live.s, train=False, seed=0, aux=aux, view=v,
+                         split=split)
+        comps.append(runs.predict_components(head, make_loader(ds, batch_size, workers), live))
+    return runs.components_to_grams(np.mean(comps, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------- scale out
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
+    from biomass_cache.train import pick_device
+
+    dev, world = pick_device(device), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def average_gradients(params: Sequence[nn.Parameter], world: int) -> list:
+    """All-reduce every gradient as backward produces it (mean over ranks), before clipping and the step.
+    Returns the hook handles (remove them when the parameters' training ends)."""
+
+    def hook(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------ cross-validation
+def add_adapter_groups(m, live: LiveTokens, total_steps: int) -> None:
+    """Give stage two's member (head + UW groups) the adapter groups, on the same warmup + cosine schedule."""
+    from biomass_cache.train import lr_lambda
+
+    for group in live.adapter_groups(live.s.lr, live.s.layer_decay):
+        m.opt.add_param_group(group)
+    m.sched = torch.optim.lr_scheduler.LambdaLR(m.opt, lr_lambda(total_steps, m.cfg.warmup_frac, m.cfg.min_lr_ratio))
+
+
+def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
+             strict_folds: bool = False, progress: bool = True) -> dict:
+    """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0)."""
+    from biomass_cache.folds import read_folds
+    from biomass_cache.store import open_store
+    from biomass_cache.train import build_member, fold_assignment, scores, seed_everything, train_fold
+
+    rank, world, device = init_distributed(cfg.device)
+    if world > 1 and cfg.pcgrad and cfg.aux:
+        raise ValueError("PCGrad sets gradients outside backward, where DDP averaging cannot see them: "
+                         "run with --no-pcgrad under torchrun")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    data, out = Path(data), Path(out)
+    table = read_long_csv(data / "train.csv")
+    truth = table[list(TARGETS)].to_numpy(float)
+    bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
+    inject_lora(bb, s)
+    live = LiveTokens(bb, s, device)
+    layers, signature = live.layers, {"channels": bb.embed_dim, "grid": list(live.grid)}
+    prefix = None
+    if s.prefix_cache:
+        live.check_prefix_layers()
+        if rank == 0:
+            build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
+        barrier(world)
+        prefix = open_store(s.prefix_cache)
+    fingerprint = lora_fingerprint(bb, s)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_config(out, {"train": asdict(cfg), "lora": asdict(s), "fingerprint": fingerprint,
+                                "data": str(data), "device": str(device), "world_size": world,
+                                "torch": torch.__version__})
+        folds = None if cfg.full else fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
+    barrier(world)
+    if not cfg.full and rank > 0:
+        folds = read_folds(out / "folds.csv", table)
+    plan = [("full", -1, np.arange(len(table)), None)] if cfg.full else [
+        (f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(folds.max() + 1)]
+    if bb.weights_sha256 == "random" and rank == 0:
+        tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
+
+    oof, per_fold, history = np.full((len(table), len(TARGETS)), np.nan), {}, []
+    for fold_name, k, tr, va in plan:
+        fold_seed = cfg.seed * 1000 + k + 1
+        seed_everything(fold_seed)
+        reset_adapters(bb.model, fold_seed)
+        live = LiveTokens(bb, s, device, ema_decay=cfg.ema_decay if cfg.ema else None)
+        zscore, aux = ZScore.fit(to_density(truth[tr])), AuxSpec.fit(table, tr)
+        train_ds = LiveDataset(table, tr, data, s, train=True, seed=fold_seed, aux=aux, prefix=prefix)
+        per_rank = cfg.batch_size // world
+        train_loader = make_loader(train_ds, per_rank, cfg.workers, EpochSampler(train_ds, per_rank, fold_seed,
+                                                                                  rank, world))
+        val_loader = None if va is None else make_loader(
+            LiveDataset(table, va, data, s, train=False, seed=fold_seed, aux=aux, prefix=prefix, view=0),
+            cfg.eval_batch_size, cfg.workers)
+        total_steps = cfg.epochs * len(train_loader)
+        m = build_member(cfg.head, cfg, layers, signature, zscore, aux, total_steps, fold_seed, device)
+        add_adapter_groups(m, live, total_steps)
+        hooks = average_gradients([p for g in m.opt.param_groups for p in g["params"]], world) if world > 1 else []
+        rows = train_fold([m], train_loader, val_loader, None if va is None else truth[va], live, cfg.epochs,
+                          desc=fold_name if rank == 0 else f"{fold_name} rank {rank}", extra=live)
+        for h in hooks:
+            h.remove()
+        history += [{"fold": fold_name, **r} for r in rows]
+        meta = {"name": cfg.head, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
+                "aux": aux.to_dict(), "fingerprint": fingerprint, "layers": layers, **signature, "tta": 0,
+                "train": asdict(cfg), "n_train": len(tr), "skipped_steps": m.skipped}
+        if va is not None:  # live is in eval mode after train_fold: EMA adapters with the EMA head
+            oof[va] = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, live))
+            per_fold[fold_name] = meta["metrics"] = scores(truth[va], oof[va])
+        if rank == 0:
+            save_checkpoint(out / fold_name / f"{cfg.head}.json", m.eval_head, live, meta)
+            runs.write_history(out, history)
+    barrier(world)
+    if cfg.full:
+        metrics = {"full": True, "heads": {cfg.head: {"n_train": len(table)}}}
+        if rank == 0:
+            runs.write_metrics(out, metrics)
+        return metrics
+    pooled = scores(truth, oof)
+    metrics = {**pooled, "folds": per_fold, "best": cfg.head, "ranking": [cfg.head],
+               "heads": {cfg.head: {**pooled, "folds": per_fold}}}
+    if rank == 0:
+        runs.write_oof(out / f"oof_{cfg.head}.csv", table["image_id"], oof)
+        runs.write_oof(out / "oof.csv", table["image_id"], oof)
+        runs.write_metrics(out, metrics)
+        tqdm.write(f"LoRA {cfg.head}: pooled OOF competition_r2 {pooled['competition_r2']:.4f}, "
+                   f"log_r2 {pooled['log_r2']:.4f} -> {out}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
+    """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
+    doc = tomllib.loads(Path(config).read_text()) if config else {}
+    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "layers",
+                                                                           "norm")}
+    section = {**extract, **doc.get("lora", {}), **overrides}
+    unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
+    if unknown:
+        raise DataError(f"{config} [lora]: unknown key(s) {unknown}")
+    s = replace(LoraSettings(), **section)
+    s.size = parse_size(s.size) if isinstance(s.size, str) else tuple(s.size)
+    return s
+
+
+def lora_command(
+    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv and the images."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (same layout as `biomass train`)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm DINOv3 name [config, ViT-S]."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, or 'random'."),
+    size: Optional[str] = typer.Option(None, "--size", help="Image size WxH, multiples of 16 [448x224]."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Blocks the head reads, e.g. 5,8,11 or -1."),
+    norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Final norm on the read layers [on]."),
+    head: Optional[str] = typer.Option(None, "--head", help="Head name (one; heads.HEADS) [density]."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds [config, 5]."),
+    folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
+    full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [config, 30]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
+    lora_blocks: Optional[int] = typer.Option(None, "--lora-blocks", help="Adapt the last K blocks [4]."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank [8]."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (scale alpha/rank) [16]."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="Dropout on the adapter input [0]."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets",
+                                               help="Modules inside a block, e.g. attn.qkv,attn.proj,mlp.fc1 [attn.qkv]."),
+    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="Adapter learning rate [1e-4]."),
+    layer_decay: Optional[float] = typer.Option(None, "--lora-layer-decay",
+                                                help="Adapter lr x decay^(blocks above) [1 = off]."),
+    prefix_cache: Optional[str] = typer.Option(None, "--lora-prefix-cache",
+                                               help="Zarr store of hidden states entering the first adapted block "
+                                                    "(built if absent): only the adapted blocks run live."),
+    prefix_views: Optional[int] = typer.Option(None, "--prefix-views", help="Views per image in the prefix cache."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch",
+                                              help="Backbone micro-batch: exact gradient accumulation, less memory."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
+                                                      help="Recompute blocks in backward (large backbones)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA [on]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size [config, 32]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the head [config]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, init and mixup [config, 0]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [auto]; torchrun: LOCAL_RANK."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (decode + augment)."),
+    no_mixup: bool = typer.Option(False, "--no-mixup", help="Ablation: no manifold mixup."),
+    no_uw: bool = typer.Option(False, "--no-uw", help="Ablation: plain sum of task losses."),
+    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward (needed under torchrun)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw head and adapters."),
+    no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
+) -> None:
+    """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
+    from biomass_cache.train import load_config, resolve
+
+    base, _, _ = load_config(config)
+    flags = dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                 workers=workers, head=head)
+    overrides = {k: v for k, v in flags.items() if v is not None} | {"layers": []}
+    overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
+                                               aux=no_aux).items() if off}
+    if full:
+        overrides["full"] = True
+    cfg, _ = resolve(base, [], overrides, None)
+    lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
+                alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
+                prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
+                grad_checkpointing=grad_checkpointing, amp=amp,
+                layers=[int(x) for x in layers.split(",")] if layers else None,
+                targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
+    s = load_settings(config, {k: v for k, v in lora.items() if v is not None})
+    run_lora(data, out, cfg, s, folds_csv=folds_csv, strict_folds=folds is not None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m biomass_cache.lora ... (and under torchrun)
+    typer.run(lora_command)
