@@ -1,0 +1,602 @@
+"""Ensembles: which trained heads predict the test images, from which test cache, and how they are combined.
+
+An ensemble file (TOML, see configs/ensemble_example.toml) lists members - a run folder (every fold model, folds
+averaged) or one head checkpoint - with a weight and, per backbone, the weights file the test cache is extracted
+with. Members may mix backbones: one test cache per distinct extraction setting is built once under
+`<out_dir>/cache/` and reused; each member's predictions (grams, folds and TTA views averaged) are cached under
+`<out_dir>/members/` keyed by the checkpoints' sha256 and the cache fingerprint, so re-aggregating is instant.
+
+Aggregation happens in COMPONENT space (clover, dead, green); GDM and Total are rebuilt afterwards so the
+identities hold exactly: a weighted mean (equal weights by default), per-sample MC-dropout inverse-variance
+weights, or weights fitted on the members' out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from biomass_cache.data import DataError
+from biomass_cache.metrics import competition_r2
+from biomass_cache.targets import COMPONENTS, TARGETS, WEIGHTS, components_to_targets
+
+KINDS = ("cache", "lora")
+AGGREGATIONS = ("mean", "mc_dropout", "oof")
+# cache fingerprint key -> ExtractConfig field: the settings a test cache copies from the training cache
+FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "storage_dtype": "dtype",
+                        "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
+# fingerprint keys that differ between a training cache and a test cache by design (augmented vs TTA views)
+SPLIT_KEYS = ("split", "n_views")
+VAR_FLOOR = 1e-12  # g^2: a member with (numerically) zero MC variance gets a large but finite weight
+
+
+class EnsembleError(ValueError):
+    """An ensemble that cannot be built as described, with the member and file named."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One entry of an ensemble: a run folder (all its folds) or a single head checkpoint (.json)."""
+
+    path: Path
+    weight: float = 1.0
+    head: str | None = None  # which head of a run folder trained several (a sweep); None: the only one
+    kind: str = "cache"  # "cache": reads a token cache; "lora": runs the adapted backbone live (biomass_cache.lora)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}" + (f"[{self.head}]" if self.head else "")
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    members: tuple[Member, ...]
+    weights_files: dict[str, str] = field(default_factory=dict)  # backbone name -> weights file ("random" ok)
+    aggregation: str = "mean"
+    mc_samples: int = 16
+    mc_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise EnsembleError("an ensemble needs at least one member")
+        if self.aggregation not in AGGREGATIONS:
+            raise EnsembleError(f"unknown aggregation {self.aggregation!r}; choose one of {list(AGGREGATIONS)}")
+        if self.mc_samples < 2:
+            raise EnsembleError(f"mc_samples must be at least 2, got {self.mc_samples}")
+        for m in self.members:
+            if m.kind not in KINDS:
+                raise EnsembleError(f"member {m.name}: unknown kind {m.kind!r}; choose one of {list(KINDS)}")
+            if not (np.isfinite(m.weight) and m.weight >= 0):
+                raise EnsembleError(f"member {m.name}: weight must be a finite number >= 0, got {m.weight}")
+        if sum(m.weight for m in self.members) <= 0:
+            raise EnsembleError("member weights sum to 0")
+
+
+MEMBER_KEYS = {"path", "weight", "head", "kind"}
+TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "weights", "member"}
+
+
+def load_ensemble(path: str | Path) -> EnsembleSpec:
+    """Parse an ensemble TOML file; unknown keys are errors (a typo must not silently change the ensemble)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise EnsembleError(f"{path}: ensemble file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise EnsembleError(f"{path}: not valid TOML ({e})") from e
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise EnsembleError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    entries = raw.get("member", [])
+    if not isinstance(entries, list) or not entries:
+        raise EnsembleError(f"{path}: list the members as [[member]] tables with at least a `path`")
+    members = []
+    for k, entry in enumerate(entries, start=1):
+        bad = set(entry) - MEMBER_KEYS
+        if bad or "path" not in entry:
+            raise EnsembleError(
+                f"{path}: member #{k} " + (f"has unknown key(s) {sorted(bad)}" if bad else "has no `path`")
+                + f"; allowed: {sorted(MEMBER_KEYS)}"
+            )
+        members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head"),
+                              entry.get("kind", "cache")))
+    weights = raw.get("weights", {})
+    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
+        raise EnsembleError(f"{path}: [weights] maps backbone names to weights files, e.g. "
+                            f"vit_small_patch16_dinov3 = \"/models/dinov3_vits16.pth\"")
+    try:
+        return EnsembleSpec(tuple(members), dict(weights), raw.get("aggregation", "mean"),
+                            int(raw.get("mc_samples", 16)), int(raw.get("mc_seed", 0)))
+    except EnsembleError as e:
+        raise EnsembleError(f"{path}: {e}") from e
+
+
+def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,
+                      mc_samples: int | None = None, weights: str | None = None) -> EnsembleSpec:
+    """The command-line way: exactly one of an ensemble file or `--members A,B` (equal weights, every backbone
+    setting taken from each run folder's config.json); `aggregation`, `mc_samples` and `weights`
+    ("BACKBONE=PATH[,BACKBONE=PATH]", the weights file per backbone) override the file."""
+    if (ensemble is None) == (members is None):
+        raise EnsembleError("give exactly one of --ensemble FILE or --members RUN_DIR[,RUN_DIR...]")
+    if ensemble is not None:
+        spec = load_ensemble(ensemble)
+    else:
+        spec = EnsembleSpec(tuple(Member(Path(p.strip())) for p in members.split(",") if p.strip()))
+    overrides = {k: v for k, v in dict(aggregation=aggregation, mc_samples=mc_samples).items() if v is not None}
+    if weights:
+        pairs = [w.split("=", 1) for w in weights.split(",") if w.strip()]
+        if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+            raise EnsembleError(f"--weights takes BACKBONE=PATH[,BACKBONE=PATH...], got {weights!r}")
+        overrides["weights_files"] = {**spec.weights_files, **{k.strip(): v.strip() for k, v in pairs}}
+    return replace(spec, **overrides) if overrides else spec
+
+
+# --------------------------------------------------------------------------------------------- aggregation math
+
+
+def _components(preds: Sequence[np.ndarray]) -> np.ndarray:
+    """(M, N, 5) or list of (N, 5) grams -> (M, N, 3) clover, dead, green."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in preds])
+    if stack.ndim != 3 or stack.shape[2] != len(TARGETS):
+        raise ValueError(f"member predictions must be (N, {len(TARGETS)}) arrays, got {stack.shape[1:]}")
+    return stack[..., [TARGETS.index(c) for c in COMPONENTS]]
+
+
+def weighted_mean(preds: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of the members' components, rebuilt to the 5 targets (weights normalised to sum 1)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(preds),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need {len(preds)} non-negative weights with a positive sum, got {w.tolist()}")
+    comps = np.einsum("m,mnk->nk", w / w.sum(), _components(preds))
+    return components_to_targets(comps)
+
+
+def inverse_variance_mean(preds: Sequence[np.ndarray], variances: np.ndarray) -> np.ndarray:
+    """Per-sample weights w_m(i) = (1 / var_m(i)) / sum_m' (1 / var_m'(i)) on the components, rebuilt to 5."""
+    var = np.asarray(variances, dtype=np.float64)
+    if var.shape != (len(preds), len(preds[0])) or not np.isfinite(var).all() or (var < 0).any():
+        raise ValueError(f"variances must be finite, non-negative, shape (members, images); got {var.shape}")
+    inv = 1.0 / np.maximum(var, VAR_FLOOR)
+    w = inv / inv.sum(axis=0, keepdims=True)
+    return components_to_targets(np.einsum("mn,mnk->nk", w, _components(preds)))
+
+
+def fit_weights(preds: Sequence[np.ndarray], y_true: np.ndarray, steps: int = 200) -> np.ndarray:
+    """Non-negative weights summing to 1 that maximise competition_r2 of the component-space weighted mean.
+
+    The weights are softmax(a); 1 - R^2 is a smooth quadratic in w, minimised over a with L-BFGS in float64
+    from equal weights, so the fit is deterministic.
+    """
+    comps = torch.as_tensor(_components(preds))
+    y = torch.tensor(np.asarray(y_true, dtype=np.float64))
+    w_t = torch.as_tensor(WEIGHTS, dtype=torch.float64)
+    ss_tot = (w_t * (y - (w_t * y).sum() / (w_t.sum() * len(y))) ** 2).sum()
+    logits = torch.zeros(len(comps), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def loss_fn() -> torch.Tensor:
+        opt.zero_grad()
+        pred = components_to_targets(torch.einsum("m,mnk->nk", torch.softmax(logits, 0), comps))
+        loss = (w_t * (y - pred) ** 2).sum() / ss_tot
+        loss.backward()
+        return loss
+
+    opt.step(loss_fn)
+    return torch.softmax(logits.detach(), 0).numpy()
+
+
+def oof_scores(preds: Sequence[np.ndarray], y_true: np.ndarray, weights: Sequence[float]) -> dict:
+    """OOF competition_r2 of each member and of their component-space weighted mean."""
+    return {
+        "members": [competition_r2(y_true, p) for p in preds],
+        "ensemble": competition_r2(y_true, weighted_mean(preds, weights)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- members
+
+
+@dataclass(frozen=True)
+class ResolvedMember:
+    """A member with its checkpoints found and the extraction settings its test cache must be built with."""
+
+    member: Member
+    run_dir: Path
+    checkpoints: tuple[Path, ...]  # head JSONs: every fold model of a run folder, or the single checkpoint
+    extract: dict  # the run's extraction settings (config.json), weights replaced per the ensemble's [weights]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EnsembleError(f"{path}: not a readable JSON file ({e})") from e
+
+
+def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMember:
+    """Find a member's head checkpoints and its run folder's extraction settings."""
+    path = member.path
+    if path.is_dir():
+        run_dir = path
+        fold = sorted(run_dir.glob("fold*/*.json")) or sorted(run_dir.glob("full/*.json"))
+        names = sorted({p.stem for p in fold})
+        if member.head is None and len(names) > 1:
+            raise EnsembleError(f"member {member.name}: the run folder holds several heads {names}; "
+                                f"say which with `head = \"...\"`")
+        wanted = member.head or (names[0] if names else None)
+        checkpoints = tuple(p for p in fold if p.stem == wanted)
+        if not checkpoints:
+            raise EnsembleError(f"member {member.name}: no head checkpoint {wanted or '*'}.json under "
+                                f"{run_dir}/fold*/ or {run_dir}/full/ (heads found: {names})")
+    elif path.suffix in (".json", ".safetensors") and path.with_suffix(".json").is_file():
+        checkpoints = (path.with_suffix(".json"),)
+        run_dir = checkpoints[0].parent.parent
+    else:
+        raise EnsembleError(f"member {member.name}: not a run folder or a head checkpoint (.json + .safetensors)")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise EnsembleError(f"member {member.name}: {config_path} not found (the run's extraction settings)")
+    extract = dict(_extract_settings(_read_json(config_path), config_path))
+    if extract["backbone"] in weights_files:
+        extract["weights"] = weights_files[extract["backbone"]]
+    return ResolvedMember(member, run_dir, checkpoints, extract)
+
+
+def _extract_settings(config: dict, path: Path) -> dict:
+    """ExtractConfig settings (besides data_dir, split, out) that rebuild the run's cache for other images.
+
+    Taken from the cache fingerprint recorded in config.json (what the heads were really trained on); the
+    weights path from the run's [extract] section when it has one, else "random" for a random backbone (None:
+    the ensemble file must say where the weights are). The device follows the fingerprint's compute precision
+    (bf16 on CUDA and fp32 on CPU give different tokens).
+    """
+    try:
+        fp = config["cache"]["fingerprint"]
+        settings = {field: fp[key] for key, field in FINGERPRINT_SETTINGS.items()}
+        backbone, compute = fp["backbone"], fp["compute"]
+        sha = backbone["weights_sha256"]
+        settings.update(backbone=backbone["name"], overrides=backbone.get("overrides") or {}, weights_sha256=sha)
+    except (KeyError, TypeError) as e:
+        raise EnsembleError(f"{path}: config.json lacks the cache fingerprint field {e}") from e
+    recorded = (config.get("extract") or {}).get("weights")
+    settings["weights"] = "random" if sha == "random" else (recorded if recorded not in (None, "random") else None)
+    settings["device"] = "cuda" if compute.startswith("bfloat16") else "cpu"
+    return settings
+
+
+def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_ids: Sequence[str],
+                      progress: bool):
+    """The member's test cache under out_dir/cache/: reused when complete for these images, else extracted."""
+    from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.store import open_store
+    from biomass_cache.views import TTA_VIEWS
+
+    settings = dict(rm.extract)
+    sha = settings.pop("weights_sha256")
+    if settings["weights"] is None:
+        raise EnsembleError(f"member {rm.member.name}: its heads were trained on tokens of {settings['backbone']} "
+                            f"with weights sha256 {sha[:12]}...; say where that weights file is in the ensemble "
+                            f"file's [weights] table ({settings['backbone']} = \"PATH\") or with --weights "
+                            f"{settings['backbone']}=PATH")
+    weights = settings["weights"]
+    if weights != "random" and not Path(weights).is_file():
+        raise EnsembleError(f"member {rm.member.name}: weights file {weights} for {settings['backbone']} not found")
+    stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
+    key = _digest({"settings": settings, "weights": stamp, "images": list(image_ids)})
+    path = out_dir / "cache" / f"test-{key}.zarr"
+    if path.exists():
+        store = open_store(path)
+        if set(image_ids) <= set(store.image_ids) and store.done()[_positions(store, image_ids)].all():
+            return store
+    extract(ExtractConfig(data_dir=data_dir, split="test", out=path, views=len(TTA_VIEWS), **settings),
+            progress=progress)
+    return open_store(path)
+
+
+def _positions(store, image_ids: Sequence[str]) -> np.ndarray:
+    position = {iid: k for k, iid in enumerate(store.image_ids)}
+    return np.array([position[i] for i in image_ids], dtype=np.int64)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def member_key(rm: ResolvedMember, store, image_ids: Sequence[str]) -> str:
+    """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint, the images."""
+    files = [(_sha256(p), _sha256(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
+    return _digest({"checkpoints": files, "fingerprint": store.fingerprint, "images": list(image_ids),
+                    "kind": rm.member.kind})
+
+
+def fitted_meta(meta: dict, store, where: str) -> dict:
+    """The checkpoint's meta for reading `store`, refused (naming both) unless the head fits the cache.
+
+    A test cache differs from the training cache only in `split` and `n_views` (TTA instead of augmented views);
+    every other fingerprint key, the layers, channel width and grid must match.
+    """
+    from biomass_cache import runs
+    from biomass_cache.store import fingerprint_diff
+
+    trained = {k: v for k, v in meta["fingerprint"].items() if k not in SPLIT_KEYS}
+    cache = {k: v for k, v in store.fingerprint.items() if k not in SPLIT_KEYS}
+    diff = fingerprint_diff(trained, cache)
+    adapted = {**meta, "fingerprint": store.fingerprint}
+    try:
+        if diff:
+            raise DataError("fingerprint (trained on -> cache): " + "; ".join(diff))
+        runs.check_compatible(adapted, store)
+    except DataError as e:
+        raise EnsembleError(f"{where} does not fit the test cache {store.path}: {e}") from e
+    return adapted
+
+
+def _load_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module, dict]]:
+    """Every checkpoint of the member with its meta adapted to the test cache it fits."""
+    from biomass_cache import runs
+
+    out = []
+    for path in rm.checkpoints:
+        head, meta = runs.load_head(path)
+        out.append((head, fitted_meta(meta, store, f"member {rm.member.name}: checkpoint {path}")))
+    return out
+
+
+def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: str) -> np.ndarray:
+    """(N, 5) grams: every fold model predicts (mean over the TTA views); folds averaged on the components."""
+    from biomass_cache import runs
+
+    comps = [runs.predict_store(head, meta, store, rows, views="all", device=device)[:, :3]
+             for head, meta in _load_heads(rm, store)]
+    return components_to_targets(np.mean(comps, axis=0))
+
+
+def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
+    """Dropout on at inference (heads.enable_mc_dropout); a head without dropout p > 0 has no variance to give."""
+    from heads import enable_mc_dropout as dropout_only_train
+
+    if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules()):
+        raise EnsembleError(f"{where}: the head has no dropout with p > 0, so MC-dropout has no variance to give")
+    dropout_only_train(head)
+
+
+@torch.no_grad()
+def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: int, seed: int,
+                        device: str) -> np.ndarray:
+    """(N,) per-image variance (grams^2, summed over clover, dead, green) of the member's MC-dropout samples.
+
+    One sample = one fold model with one set of dropout masks, averaged over the TTA views; the variance is
+    taken over all folds x `n_samples` samples, so disagreement between fold models counts as uncertainty too.
+    """
+    from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
+    from biomass_cache.targets import to_grams
+
+    table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
+    samples = []
+    for (head, meta), path in zip(_load_heads(rm, store), rm.checkpoints):
+        enable_mc_dropout(head, f"member {rm.member.name}, checkpoint {path}")
+        head = head.to(device)
+        per_view = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for v in range(store.n_views):
+                ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v,
+                                  aux=AuxSpec.from_dict(meta["aux"]))
+                batches = [torch.stack([head(b["tokens"].to(device))["components"].double().cpu()
+                                        for _ in range(n_samples)])
+                           for b in make_loader(ds, 64, shuffle=False, seed=0, workers=0)]
+                per_view.append(torch.cat(batches, dim=1))  # (n_samples, N, 3)
+        samples.append(torch.stack(per_view).mean(0))
+    grams = to_grams(torch.cat(samples).numpy())  # (folds * n_samples, N, 3)
+    return grams.var(axis=0).sum(axis=1)
+
+
+def predict_lora_member(rm: ResolvedMember, table: pd.DataFrame, data_dir: Path, out_dir: Path,
+                        device: str, progress: bool) -> np.ndarray:
+    """Hook for kind = "lora": the adapted backbone runs live, so there is no token cache to read.
+
+    biomass_cache.lora provides `predict_member(rm, table, data_dir, out_dir, device, progress) -> (N, 5)
+    grams` for the images of `table` in order (TTA views and folds averaged, like the cache kind).
+    """
+    try:
+        from biomass_cache.lora import predict_member
+    except ImportError as e:
+        raise EnsembleError(f"member {rm.member.name}: kind 'lora' needs biomass_cache.lora.predict_member, "
+                            f"which is not available ({e})") from e
+    return predict_member(rm, table, data_dir, out_dir, device, progress)
+
+
+# ------------------------------------------------------------------------------------------ running an ensemble
+
+
+@dataclass
+class EnsembleResult:
+    image_ids: list[str]
+    grams: np.ndarray  # (N, 5) the ensemble's predictions, identities exact
+    member_names: list[str]
+    member_grams: list[np.ndarray]
+    weights: np.ndarray  # (M,) the weights used (for mc_dropout: the mean of the per-image weights)
+    report: dict  # aggregation, OOF scores where known, artefact paths
+    caches: list[Path]
+    member_files: list[Path]
+    resolved: list[ResolvedMember]
+    stores: list  # each member's test TokenStore (None for kind "lora")
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"image_id": self.image_ids, **{t: self.grams[:, j] for j, t in enumerate(TARGETS)}})
+
+
+def _read_member_csv(path: Path, image_ids: Sequence[str], columns: Sequence[str]) -> np.ndarray | None:
+    """A cached member file, or None if it does not hold exactly these images (then it is recomputed)."""
+    df = pd.read_csv(path, dtype={"image_id": str})
+    if df["image_id"].tolist() != list(image_ids) or not set(columns) <= set(df.columns):
+        return None
+    return df[list(columns)].to_numpy(dtype=np.float64)
+
+
+def _cached(path: Path, image_ids: Sequence[str], columns: Sequence[str], compute: Callable[[], np.ndarray],
+            what: str) -> np.ndarray:
+    """Read `path` if it holds these images, else compute and write it atomically."""
+    from biomass_cache.io import write_csv
+    from tqdm.auto import tqdm
+
+    if path.is_file():
+        values = _read_member_csv(path, image_ids, columns)
+        if values is not None:
+            tqdm.write(f"{what}: cached predictions {path}")
+            return values
+    values = np.asarray(compute(), dtype=np.float64).reshape(len(image_ids), len(columns))
+    write_csv(path, pd.DataFrame({"image_id": list(image_ids), **dict(zip(columns, values.T))}))
+    tqdm.write(f"{what}: predictions written to {path}")
+    return values
+
+
+def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, device: str = "cpu",
+                 progress: bool = True, train_csv: str | Path | None = None) -> EnsembleResult:
+    """Predict data_dir/test.csv's images with every member (caches built or reused) and aggregate.
+
+    OOF labels come from `train_csv` (default data_dir/train.csv) when every member has OOF predictions.
+    """
+    from biomass_cache.data import read_long_csv
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    table = read_long_csv(data_dir / "test.csv")
+    ids = table["image_id"].tolist()
+    resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
+    preds, variances, caches, files, stores = [], [], [], [], []
+    for rm in resolved:
+        what = f"member {rm.member.name}"
+        if rm.member.kind == "lora":
+            key = _digest({"checkpoints": [_sha256(p) for p in rm.checkpoints], "extract": rm.extract,
+                           "images": ids, "kind": "lora"})
+            compute = lambda rm=rm: predict_lora_member(rm, table, data_dir, out_dir, device, progress)
+            store = rows = None
+        else:
+            store = ensure_test_cache(rm, data_dir, out_dir, ids, progress)
+            caches.append(store.path)
+            rows = store_positions(store, ids)
+            key = member_key(rm, store, ids)
+            compute = lambda rm=rm, store=store, rows=rows: predict_cache_member(rm, store, rows, device)
+        stores.append(store)
+        path = out_dir / "members" / f"{key}.csv"
+        preds.append(_cached(path, ids, TARGETS, compute, what))
+        files.append(path)
+        if spec.aggregation == "mc_dropout":
+            if store is None:
+                raise EnsembleError(f"{what}: mc_dropout aggregation is available for kind 'cache' members only")
+            var_path = out_dir / "members" / f"{key}-mc{spec.mc_samples}-seed{spec.mc_seed}.csv"
+            var = lambda rm=rm, store=store, rows=rows: mc_dropout_variance(
+                rm, store, rows, spec.mc_samples, spec.mc_seed, device)
+            variances.append(_cached(var_path, ids, ["mc_variance_g2"], var, f"{what} MC-dropout")[:, 0])
+            files.append(var_path)
+    names = [rm.member.name for rm in resolved]
+    given = np.array([m.weight for m in spec.members], dtype=np.float64)
+    report: dict = {"aggregation": spec.aggregation, "members": names, "n_images": len(ids)}
+    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=spec.aggregation == "oof")
+    if spec.aggregation == "oof":
+        weights = fit_weights(oof[0], oof[1])
+    else:
+        weights = given / given.sum()
+    if spec.aggregation == "mc_dropout":
+        var = np.stack(variances)
+        grams = inverse_variance_mean(preds, var)
+        inv = 1.0 / np.maximum(var, VAR_FLOOR)
+        weights = (inv / inv.sum(axis=0)).mean(axis=1)
+    else:
+        grams = weighted_mean(preds, weights)
+    report["weights"] = dict(zip(names, weights.tolist()))
+    if oof is not None:
+        report["oof"] = {"n_images": len(oof[1]), "ensemble_weights": "fitted" if spec.aggregation == "oof"
+                         else "given", **oof_scores(oof[0], oof[1], weights)}
+        report["oof"]["members"] = dict(zip(names, report["oof"]["members"]))
+    return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores)
+
+
+def store_positions(store, image_ids: Sequence[str]) -> np.ndarray:
+    """Row of every image in the store, all TTA views done (a clear error otherwise)."""
+    from biomass_cache.dataset import store_rows
+
+    return store_rows(store, list(image_ids), range(store.n_views))
+
+
+def _oof_file(rm: ResolvedMember) -> Path | None:
+    if not rm.member.path.is_dir():
+        return None
+    head = rm.checkpoints[0].stem
+    for path in (rm.run_dir / f"oof_{head}.csv", rm.run_dir / "oof.csv"):
+        if path.is_file() and (path.name != "oof.csv" or _best_head(rm.run_dir) in (None, head)):
+            return path
+    return None
+
+
+def _best_head(run_dir: Path) -> str | None:
+    metrics = run_dir / "metrics.json"
+    return _read_json(metrics).get("best") if metrics.is_file() else None
+
+
+def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path,
+                required: bool) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The members' OOF predictions and the train labels on the images all of them predicted.
+
+    Returns None when some member has no OOF file or there is no train.csv, unless `required`.
+    """
+    from biomass_cache.data import read_long_csv
+    from biomass_cache.runs import read_oof
+
+    files = [_oof_file(rm) for rm in resolved]
+    if None in files or not train_csv.is_file():
+        if not required:
+            return None
+        lacking = [rm.member.name for rm, f in zip(resolved, files) if f is None]
+        raise EnsembleError(
+            "oof aggregation needs every member to be a run folder with out-of-fold predictions "
+            f"(oof_<head>.csv / oof.csv) and the labels' train.csv; "
+            + (f"no OOF file for {lacking}" if lacking else f"{train_csv} not found")
+        )
+    labels = read_long_csv(train_csv, check_images=False).set_index("image_id")[list(TARGETS)]
+    frames = [read_oof(f).set_index("image_id")[list(TARGETS)] for f in files]
+    common = labels.index[labels.notna().all(axis=1)]
+    for f in frames:
+        common = common.intersection(f.index[f.notna().all(axis=1)])
+    if len(common) < 2:
+        raise EnsembleError(f"the members' OOF files {[str(f) for f in files]} share fewer than 2 labelled images")
+    return [f.loc[common].to_numpy(np.float64) for f in frames], labels.loc[common].to_numpy(np.float64)
+
+
+def report_text(result: EnsembleResult) -> str:
+    """Members, their weights and OOF scores, the ensemble's OOF score, the caches used."""
+    r = result.report
+    oof = r.get("oof")
+    lines = [f"ensemble of {len(result.member_names)} member(s), aggregation {r['aggregation']!r}, "
+             f"{r['n_images']} test images"]
+    width = max(len(n) for n in result.member_names) + 2
+    lines.append(f"  {'member':<{width}}{'weight':>8}" + (f"{'OOF competition_r2':>20}" if oof else ""))
+    for name in result.member_names:
+        lines.append(f"  {name:<{width}}{r['weights'][name]:>8.3f}"
+                     + (f"{oof['members'][name]:>20.4f}" if oof else ""))
+    if oof:
+        lines.append(f"  {'ensemble (' + oof['ensemble_weights'] + ' weights)':<{width}}{'':>8}"
+                     f"{oof['ensemble']:>20.4f}   on {oof['n_images']} OOF images")
+    else:
+        lines.append("  (no OOF scores: some member has no oof.csv, or no train.csv with labels)")
+    lines += [f"  test cache: {p}" for p in dict.fromkeys(result.caches)]
+    lines += [f"  member predictions: {p}" for p in result.member_files]
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Predictions for any folder of quadrat photos (no CSV): grams and g/m^2 per photo, optional density-map PNGs.
+
+The photos are described by a temporary Kaggle-like test.csv (image_id = file stem, absolute image paths), so
+the very same ensemble machinery as `biomass submit` runs on them: test caches per backbone (reused), member
+predictions (cached), aggregation in component space.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import typer
+from tqdm.auto import tqdm
+
+from biomass_cache.data import SEP, DataError, load_image
+from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
+from biomass_cache.io import atomic_path, write_csv
+from biomass_cache.targets import PLOT_AREA_M2, TARGETS, to_density
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_photos(photo_dir: Path) -> list[Path]:
+    """The JPEG/PNG files of a folder (not recursive), sorted; ids (file stems) must be unique."""
+    if not photo_dir.is_dir():
+        raise DataError(f"{photo_dir}: not a folder of photos")
+    photos = sorted(p for p in photo_dir.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not photos:
+        raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
+    seen: dict[str, Path] = {}
+    for p in photos:
+        if p.stem in seen:
+            raise DataError(f"{photo_dir}: {seen[p.stem].name} and {p.name} would share the image id {p.stem!r}")
+        if SEP in p.stem or "," in p.stem:
+            raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
+        seen[p.stem] = p
+    return photos
+
+
+def write_photo_table(photos: list[Path], data_dir: Path) -> Path:
+    """A Kaggle-format test.csv for the photos, image paths absolute; returns its path."""
+    rows = [(f"{p.stem}{SEP}{t}", str(p.resolve()), t) for p in photos for t in sorted(TARGETS)]
+    path = data_dir / "test.csv"
+    write_csv(path, pd.DataFrame(rows, columns=["sample_id", "image_path", "target_name"]))
+    return path
+
+
+def predictions_table(result: EnsembleResult, photos: list[Path]) -> pd.DataFrame:
+    """One row per photo: the 5 targets in grams and as areal densities (g/m^2 of the 70 x 30 cm quadrat)."""
+    density = to_density(result.grams)
+    return pd.DataFrame({
+        "image_id": result.image_ids,
+        "file": [str(p) for p in photos],
+        **{t: result.grams[:, j] for j, t in enumerate(TARGETS)},
+        **{f"{t}_per_m2": density[:, j] for j, t in enumerate(TARGETS)},
+    })
+
+
+@torch.no_grad()
+def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | None:
+    """(N, 3, rows, cols) g/m^2 maps on the clean view, averaged over the members' density-head fold models.
+
+    None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
+    """
+    from biomass_cache import runs
+    from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
+    from biomass_cache.ensemble import fitted_meta, store_positions
+
+    maps = []
+    for rm, store in zip(result.resolved, result.stores):
+        if store is None:
+            continue
+        rows = store_positions(store, result.image_ids)
+        table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
+        for path in rm.checkpoints:
+            head, meta = runs.load_head(path)
+            if meta["head"].get("name") != "density":
+                break
+            meta = fitted_meta(meta, store, f"checkpoint {path}")
+            ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=0,
+                              aux=AuxSpec.from_dict(meta["aux"]))
+            head = head.to(device).eval()
+            maps.append(np.concatenate([head(b["tokens"].to(device), return_maps=True)["density_map"].cpu().numpy()
+                                        for b in make_loader(ds, 64, shuffle=False, seed=0, workers=0)]))
+    if not maps:
+        return None
+    shapes = {m.shape for m in maps}
+    if len(shapes) > 1:
+        raise DataError(f"density maps of the members have different shapes {sorted(shapes)}; use --maps with "
+                        f"members on one patch grid")
+    return np.mean(maps, axis=0)
+
+
+def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.ndarray) -> None:
+    """The photo with the predicted total density (clover + dead + green, g/m^2) overlaid, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = load_image(photo)
+    total = density_map.sum(axis=0)
+    fig, ax = plt.subplots(figsize=(8, 8 * image.height / image.width + 0.8), dpi=100)
+    ax.imshow(image)
+    overlay = ax.imshow(total, cmap="magma", alpha=0.55, extent=(0, image.width, image.height, 0),
+                        interpolation="bilinear")
+    fig.colorbar(overlay, ax=ax, fraction=0.03, pad=0.01, label="predicted dry biomass, g/m$^2$")
+    clover, dead, green, _, total_g = grams
+    ax.set_title(f"{photo.stem}: total {total_g:.1f} g (clover {clover:.1f}, dead {dead:.1f}, green {green:.1f})",
+                 fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
+                   maps: bool = False, device: str = "cpu", progress: bool = True,
+                   train_csv: str | Path | None = None) -> pd.DataFrame:
+    """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`."""
+    photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
+    photos = list_photos(photo_dir)
+    with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
+        write_photo_table(photos, Path(tmp))
+        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv)
+    table = predictions_table(result, photos)
+    write_csv(out, table)
+    if maps:
+        dmaps = density_maps(result, device)
+        if dmaps is None:
+            raise DataError("--maps needs at least one member with a density head (head 'density')")
+        folder = out.with_name(f"{out.stem}_maps")
+        for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
+            save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])
+        typer.echo(f"density maps: {folder}/ ({len(photos)} PNG)")
+    typer.echo(f"predictions for {len(photos)} photos: {out} (grams and g/m^2; quadrat area {PLOT_AREA_M2} m^2)")
+    return table
+
+
+def predict_command(
+    photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
+    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
+    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per photo."),
+    maps: bool = typer.Option(False, "--maps", help="Also write a PNG per photo with the density map overlaid "
+                              "(members with density heads), into <out stem>_maps/."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches and member predictions "
+                                            "are kept and reused [the folder of --out]."),
+    train_csv: Optional[Path] = typer.Option(None, "--train-csv", help="train.csv with the labels of the "
+                                             "members' OOF predictions (for aggregation 'oof' and OOF scores)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
+                                          "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
+                                          "config or the ensemble file names them)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+) -> None:
+    """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
+    spec = spec_from_options(ensemble, members, weights=weights)
+    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv)

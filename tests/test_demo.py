@@ -1,0 +1,20 @@
+import pandas as pd
+
+from biomass_cache.demo import DemoSize, run_demo
+from biomass_cache.submission import expected_sample_ids, validate_submission
+
+TINY = DemoSize(n_train=36, n_test=6, photo=(128, 64), size=(64, 32), layers=(11,), views=2, epochs=2, folds=3,
+                pcgrad=False)
+
+
+def test_demo_runs_every_stage(tmp_path, capsys):
+    summary = run_demo(tmp_path / "demo", progress=False, sizes=TINY)
+    art = summary["artefacts"]
+    data = tmp_path / "demo" / "data"
+    sub = pd.read_csv(art["submission"])
+    validate_submission(sub, expected_sample_ids(data / "test.csv"))
+    assert (tmp_path / "demo" / "runs" / "heads" / "oof_density.csv").is_file()
+    assert all(p.startswith(str(tmp_path)) for p in art["test_caches"] + art["member_predictions"])
+    assert -1 < summary["scores"]["competition_r2"] <= 1
+    printed = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in printed and "--weights PATH" in printed and art["submission"] in printed

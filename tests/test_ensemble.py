@@ -1,0 +1,183 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from biomass_cache.ensemble import (
+    EnsembleError,
+    fit_weights,
+    inverse_variance_mean,
+    load_ensemble,
+    oof_scores,
+    weighted_mean,
+)
+from biomass_cache.targets import components_to_targets
+
+
+def five(comps):
+    return components_to_targets(np.asarray(comps, dtype=np.float64))
+
+
+def check_identities(y):
+    np.testing.assert_allclose(y[:, 3], y[:, 0] + y[:, 2], rtol=1e-12)
+    np.testing.assert_allclose(y[:, 4], y[:, 0] + y[:, 1] + y[:, 2], rtol=1e-12)
+
+
+def test_weighted_mean_in_component_space():
+    a, b = five([[1.0, 2.0, 3.0], [0.0, 4.0, 8.0]]), five([[3.0, 0.0, 1.0], [4.0, 4.0, 0.0]])
+    out = weighted_mean([a, b], [3.0, 1.0])  # weights are normalised: 0.75 / 0.25
+    np.testing.assert_allclose(out[:, :3], [[1.5, 1.5, 2.5], [1.0, 4.0, 6.0]])
+    check_identities(out)
+    np.testing.assert_allclose(weighted_mean([a, b], [1, 1]), (a + b) / 2)
+    with pytest.raises(ValueError, match="non-negative weights"):
+        weighted_mean([a, b], [1.0, -1.0])
+
+
+def test_inverse_variance_hand_case():
+    a, b = five([[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]), five([[8.0, 8.0, 8.0], [8.0, 8.0, 8.0]])
+    # image 0: var 1 vs 3 -> weights 3/4, 1/4 -> 3.5; image 1: var 4 vs 4 -> equal -> 5
+    out = inverse_variance_mean([a, b], np.array([[1.0, 4.0], [3.0, 4.0]]))
+    np.testing.assert_allclose(out[:, :3], [[3.5] * 3, [5.0] * 3])
+    check_identities(out)
+    zero = inverse_variance_mean([a, b], np.array([[0.0, 4.0], [3.0, 4.0]]))  # a certain member dominates
+    np.testing.assert_allclose(zero[0, :3], 2.0, rtol=1e-9)
+
+
+def test_fit_weights_prefers_the_better_member_on_the_simplex():
+    rng = np.random.default_rng(0)
+    truth = five(rng.gamma(2.0, 10.0, size=(200, 3)))
+    good = five(np.clip(truth[:, :3] + rng.normal(0, 2, (200, 3)), 0, None))
+    bad = five(np.clip(truth[:, :3] + rng.normal(0, 12, (200, 3)), 0, None))
+    w = fit_weights([bad, good], truth)
+    assert w.shape == (2,) and (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-12)
+    assert w[1] > 0.8
+    scores = oof_scores([bad, good], truth, w)
+    assert scores["ensemble"] >= max(scores["members"]) - 1e-9
+    # inverse-variance optimum for independent errors: w_good ~ 144 / (144 + 4) ~ 0.97
+    assert w[1] == pytest.approx(144 / 148, abs=0.03)
+
+
+def test_ensemble_file(tmp_path):
+    path = tmp_path / "ens.toml"
+    path.write_text('aggregation = "oof"\n[weights]\nvit_small_patch16_dinov3 = "/w.pth"\n'
+                    '[[member]]\npath = "runs/a"\n[[member]]\npath = "runs/b"\nweight = 2\nhead = "mlp"\n')
+    spec = load_ensemble(path)
+    assert spec.aggregation == "oof" and spec.weights_files == {"vit_small_patch16_dinov3": "/w.pth"}
+    assert [(str(m.path), m.weight, m.head, m.kind) for m in spec.members] == [
+        ("runs/a", 1.0, None, "cache"), ("runs/b", 2.0, "mlp", "cache")]
+    path.write_text('[[member]]\npath = "runs/a"\nwieght = 2\n')
+    with pytest.raises(EnsembleError, match=r"member #1 has unknown key\(s\) \['wieght'\]"):
+        load_ensemble(path)
+    path.write_text('aggregation = "median"\n[[member]]\npath = "runs/a"\n')
+    with pytest.raises(EnsembleError, match="unknown aggregation 'median'"):
+        load_ensemble(path)
+
+
+# ------------------------------------------------------------------ a real tiny pipeline (shared by the tests below)
+TINY = dict(depth=2, embed_dim=64, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Synthetic data -> tiny random ViT train cache -> 3-fold density + mlp heads (about 20 s on 2 cores)."""
+    from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.synth import generate
+    from biomass_cache.train import resolve, run_training
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    generate(data, n_train=36, n_test=8, seed=0, size=(128, 64), progress=False)
+    cache = root / "train.zarr"
+    extract(ExtractConfig(data_dir=data, split="train", out=cache, backbone="vit_small_patch16_dinov3",
+                          weights="random", size=(64, 32), layers=[0, 1], views=2, seed=0, device="cpu",
+                          overrides=TINY), progress=False)
+    settings = dict(folds=3, epochs=5, device="cpu", workers=0, pcgrad=False)
+    cfg, members = resolve({}, [], settings, ["density", "mlp"])
+    run_training(cache, data, root / "run", cfg, members)
+    return root, data, root / "run"
+
+
+def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
+    import biomass_cache.ensemble as ens
+    import biomass_cache.extract as extract_module
+
+    root, data, run = pipeline
+    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(run, head="mlp")))
+    calls = {"extract": 0, "predict": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(extract_module, "extract", counting("extract", extract_module.extract))
+    monkeypatch.setattr(ens, "predict_cache_member", counting("predict", ens.predict_cache_member))
+    first = ens.run_ensemble(spec, data, tmp_path, progress=False)
+    assert calls == {"extract": 1, "predict": 2}  # one backbone setting -> one test cache for both members
+    assert len(set(first.caches)) == 1 and first.caches[0].parent == tmp_path / "cache"
+    stamp = {p: p.stat().st_mtime_ns for p in first.caches[0].rglob("*") if p.is_file()}
+    again = ens.run_ensemble(ens.EnsembleSpec(spec.members, aggregation="oof"), data, tmp_path, progress=False)
+    assert calls == {"extract": 1, "predict": 2}  # nothing extracted or predicted again
+    assert {p: p.stat().st_mtime_ns for p in first.caches[0].rglob("*") if p.is_file()} == stamp
+    np.testing.assert_array_equal(again.member_grams[0], first.member_grams[0])
+    w = again.weights
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    assert again.report["oof"]["ensemble"] >= max(again.report["oof"]["members"].values()) - 1e-9
+    for result in (first, again):
+        check_identities(result.grams)
+        assert np.isfinite(result.grams).all() and (result.grams >= 0).all()
+
+
+def test_mc_dropout_weights(pipeline, tmp_path):
+    import biomass_cache.ensemble as ens
+
+    root, data, run = pipeline
+    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(run, head="mlp")),
+                            aggregation="mc_dropout", mc_samples=4)
+    result = ens.run_ensemble(spec, data, tmp_path, progress=False)
+    var = [pd.read_csv(p)["mc_variance_g2"].to_numpy() for p in result.member_files if "-mc4-" in p.name]
+    assert len(var) == 2 and all((v > 0).all() for v in var)
+    np.testing.assert_allclose(result.grams, inverse_variance_mean(result.member_grams, np.stack(var)), rtol=1e-9)
+    assert result.weights.sum() == pytest.approx(1.0)
+    check_identities(result.grams)
+
+
+def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
+    import json
+    import shutil
+
+    import biomass_cache.ensemble as ens
+
+    root, data, run = pipeline
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    ckpt = other / "fold0" / "mlp.json"
+    meta = json.loads(ckpt.read_text())
+    meta["fingerprint"]["size"] = [128, 64]  # as if trained on a cache of another image size
+    ckpt.write_text(json.dumps(meta))
+    with pytest.raises(EnsembleError, match=r"fold0/mlp.json does not fit the test cache .*test-.*\.zarr.*"
+                                            r"size: \[128, 64\] -> \[64, 32\]"):
+        ens.run_ensemble(ens.EnsembleSpec((ens.Member(other, head="mlp"),)), data, tmp_path, progress=False)
+
+
+def test_submit_and_predict_end_to_end(pipeline, tmp_path):
+    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.predict import predict_photos
+    from biomass_cache.submission import score, submit
+
+    root, data, run = pipeline
+    spec = spec_from_options(None, f"{run}", None)  # a sweep run folder needs `head`: refused
+    with pytest.raises(EnsembleError, match=r"several heads \['density', 'mlp'\]"):
+        submit(spec, data, tmp_path / "submission.csv", progress=False)
+    ens_file = tmp_path / "ens.toml"
+    ens_file.write_text(f'[[member]]\npath = "{run}"\nhead = "density"\n[[member]]\npath = "{run}"\nhead = "mlp"\n')
+    submit(spec_from_options(ens_file, None), data, tmp_path / "submission.csv", progress=False)
+    scores = score(tmp_path / "submission.csv", data / "test_labels.csv")
+    assert scores["competition_r2"] > 0
+    table = predict_photos(data / "test", spec_from_options(ens_file, None), tmp_path / "pred.csv", tmp_path,
+                           maps=True, progress=False)
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    assert len(table) == len(sub) // 5
+    np.testing.assert_allclose(table["Dry_Total_g_per_m2"] * 0.21, table["Dry_Total_g"], rtol=1e-12)
+    pngs = sorted((tmp_path / "pred_maps").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(table["image_id"])

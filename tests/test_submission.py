@@ -1,0 +1,90 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from biomass_cache.submission import (
+    SubmissionError,
+    expected_sample_ids,
+    score,
+    validate_submission,
+    write_submission,
+)
+from biomass_cache.metrics import competition_r2
+from biomass_cache.targets import TARGETS, components_to_targets
+
+ALPHA = sorted(TARGETS)
+IDS = ["ID1001", "ID1002", "ID1003", "ID1004"]
+
+
+@pytest.fixture
+def test_csv(tmp_path):
+    rows = [(f"{i}__{t}", f"test/{i}.jpg", t) for i in IDS for t in ALPHA]
+    path = tmp_path / "test.csv"
+    pd.DataFrame(rows, columns=["sample_id", "image_path", "target_name"]).to_csv(path, index=False)
+    return path
+
+
+def predictions(ids=IDS, seed=0):
+    comps = np.random.default_rng(seed).gamma(2.0, 8.0, size=(len(ids), 3))
+    five = components_to_targets(comps)
+    return pd.DataFrame({"image_id": ids, **{t: five[:, j] for j, t in enumerate(TARGETS)}})
+
+
+def test_write_follows_test_csv_order_and_holds_identities(tmp_path, test_csv):
+    out = tmp_path / "sub" / "submission.csv"
+    pred = predictions()
+    write_submission(out, pred.iloc[::-1], test_csv)  # prediction order must not matter
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["sample_id", "target"]
+    assert sub["sample_id"].tolist() == expected_sample_ids(test_csv)
+    wide = sub.assign(i=sub["sample_id"].str.split("__").str[0], t=sub["sample_id"].str.split("__").str[1])
+    wide = wide.pivot(index="i", columns="t", values="target").loc[IDS]
+    np.testing.assert_array_equal(wide[list(TARGETS)].to_numpy(), pred[list(TARGETS)].to_numpy())
+    assert np.allclose(wide["GDM_g"], wide["Dry_Clover_g"] + wide["Dry_Green_g"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda p: p.iloc[1:], "no prediction"),
+        (lambda p: pd.concat([p, p.iloc[:1]]), "more than once"),
+        (lambda p: p.assign(Dry_Dead_g=[np.nan, 1.0, 1.0, 1.0]), "non-finite"),
+        (lambda p: p.assign(Dry_Clover_g=-p["Dry_Clover_g"]), "negative"),
+        (lambda p: p.assign(GDM_g=p["GDM_g"] + 1.0), "GDM_g does not equal"),
+    ],
+)
+def test_invalid_predictions_write_nothing(tmp_path, test_csv, breakage, message):
+    out = tmp_path / "submission.csv"
+    with pytest.raises(SubmissionError, match=message):
+        write_submission(out, breakage(predictions()), test_csv)
+    assert not out.exists() and list(tmp_path.iterdir()) == [test_csv]
+
+
+def test_validate_names_every_problem(test_csv):
+    ids = expected_sample_ids(test_csv)
+    good = pd.DataFrame({"sample_id": ids, "target": 1.0})
+    with pytest.raises(SubmissionError, match="duplicated sample_id.*ID1001__Dry_Clover_g"):
+        validate_submission(pd.concat([good, good.iloc[:1]]), ids)
+    with pytest.raises(SubmissionError, match="not in test.csv's order"):
+        validate_submission(good.iloc[::-1], ids)
+    with pytest.raises(SubmissionError, match="columns must be exactly"):
+        validate_submission(good.rename(columns={"target": "value"}), ids)
+
+
+def write_long(path, pred):
+    five = pred.set_index("image_id")
+    rows = [(f"{i}__{t}", five.at[i, t]) for i in five.index for t in ALPHA]
+    pd.DataFrame(rows, columns=["sample_id", "target"]).to_csv(path, index=False)
+
+
+def test_score_matches_metric_and_refuses_other_ids(tmp_path, test_csv):
+    truth, pred = predictions(seed=1), predictions(seed=2)
+    write_long(tmp_path / "labels.csv", truth)
+    write_submission(tmp_path / "submission.csv", pred, test_csv)
+    scores = score(tmp_path / "submission.csv", tmp_path / "labels.csv")
+    expected = competition_r2(truth[list(TARGETS)].to_numpy(), pred[list(TARGETS)].to_numpy())
+    assert scores["competition_r2"] == pytest.approx(expected, rel=1e-12)
+    assert np.isfinite(scores["log_r2"]) and scores["n_images"] == len(IDS)
+    write_long(tmp_path / "labels.csv", truth.iloc[1:])
+    with pytest.raises(SubmissionError, match="5 only in the submission.*ID1001__"):
+        score(tmp_path / "submission.csv", tmp_path / "labels.csv")
