@@ -1,0 +1,45 @@
+"""The `biomass` command line: one typer app, one sub-command per pipeline step.
+
+The top-level scripts (extract_features.py, train_heads.py, submit.py) run the same command functions.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from biomass_cache.demo import demo_command
+from biomass_cache.extract import extract_command
+from biomass_cache.lora import lora_command
+from biomass_cache.predict import predict_command
+from biomass_cache.store import verify_command
+from biomass_cache.submission import score_command, submit_command
+from biomass_cache.synth import synth_command
+from biomass_cache.train import train_command
+
+app = typer.Typer(
+    help="Pasture biomass from quadrat photos: frozen DINOv3 tokens cached in Zarr, light heads trained on top.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+COMMANDS = [
+    ("demo", demo_command, "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
+    ("synth", synth_command, "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
+    ("extract", extract_command, "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
+    ("verify", verify_command, "Read back a token store; report corrupt chunks and samples not extracted."),
+    ("train", train_command, "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
+    ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
+    ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
+    ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),
+    ("predict", predict_command, "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
+]
+for name, fn, text in COMMANDS:
+    app.command(name, help=text)(fn)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
