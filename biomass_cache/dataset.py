@@ -21,6 +21,7 @@ from biomass_cache.targets import TARGETS, to_density
 
 MAX_LISTED = 5
 PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
+LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,41 @@ class AuxSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "AuxSpec":
         return cls(tuple(d["states"]), float(d["ndvi_mean"]), float(d["ndvi_std"]))
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The training labels of some table rows, as the batch contract wants them (missing -> 0 with a False mask)."""
+
+    y: np.ndarray  # (N, 5) areal densities g/m^2
+    y_mask: np.ndarray
+    height: np.ndarray  # cm
+    height_mask: np.ndarray
+    ndvi_z: np.ndarray
+    ndvi_mask: np.ndarray
+    state: np.ndarray  # int64 code in AuxSpec.states, -1 = unknown
+    index: np.ndarray  # row index into the data table
+
+    def item(self, k: int) -> dict[str, torch.Tensor]:
+        """Sample k's labels as tensors (the batch keys besides the tokens)."""
+        return {name: torch.as_tensor(getattr(self, name)[k]) for name in LABEL_KEYS}
+
+
+def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec) -> Labels:
+    """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    sub, n = table.iloc[indices], len(indices)
+    y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
+    height = sub["Height_Ave_cm"].to_numpy(float) if "Height_Ave_cm" in sub else np.full(n, np.nan)
+    ndvi = sub["Pre_GSHH_NDVI"].to_numpy(float) if "Pre_GSHH_NDVI" in sub else np.full(n, np.nan)
+    code = {s: k for k, s in enumerate(aux.states)}
+    states = sub["State"].astype(str) if "State" in sub else pd.Series([""] * n)
+    return Labels(
+        y=np.nan_to_num(y).astype(np.float32), y_mask=np.isfinite(y),
+        height=np.nan_to_num(height).astype(np.float32), height_mask=np.isfinite(height),
+        ndvi_z=np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32), ndvi_mask=np.isfinite(ndvi),
+        state=np.array([code.get(s, -1) for s in states], dtype=np.int64), index=indices,
+    )
 
 
 def store_rows(store, image_ids: Sequence[str], views: Sequence[int]) -> np.ndarray:
@@ -115,9 +151,8 @@ class TokenDataset(Dataset):
         if not train and not 0 <= view < store.n_views:
             raise DataError(f"view {view} does not exist in {store.path} ({store.n_views} views)")
         self.views = list(range(store.n_views)) if train else [view]
-        sub = table.iloc[self.indices]
-        self.rows = store_rows(store, list(sub["image_id"]), self.views)
-        self._labels(sub, aux or AuxSpec.fit(table, self.indices))
+        self.rows = store_rows(store, list(table["image_id"].iloc[self.indices]), self.views)
+        self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices))
         self.tokens: np.ndarray | None = None
         if preload == "auto":
             preload = self.nbytes() < PRELOAD_RAM_FRACTION * available_ram()
@@ -125,20 +160,6 @@ class TokenDataset(Dataset):
             raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
         if preload:
             self._preload()
-
-    def _labels(self, sub: pd.DataFrame, aux: AuxSpec) -> None:
-        n = len(sub)
-        y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
-        self.y_mask = np.isfinite(y)
-        self.y = np.where(self.y_mask, y, 0.0).astype(np.float32)
-        height = sub["Height_Ave_cm"].to_numpy(float) if "Height_Ave_cm" in sub else np.full(n, np.nan)
-        ndvi = sub["Pre_GSHH_NDVI"].to_numpy(float) if "Pre_GSHH_NDVI" in sub else np.full(n, np.nan)
-        self.height_mask, self.ndvi_mask = np.isfinite(height), np.isfinite(ndvi)
-        self.height = np.nan_to_num(height).astype(np.float32)
-        self.ndvi_z = np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32)
-        code = {s: k for k, s in enumerate(aux.states)}
-        states = sub["State"].astype(str) if "State" in sub else pd.Series([""] * n)
-        self.state = np.array([code.get(s, -1) for s in states], dtype=np.int64)
 
     def nbytes(self) -> int:
         """Bytes the selected tokens take in RAM once preloaded."""
@@ -173,17 +194,7 @@ class TokenDataset(Dataset):
             tokens = self.tokens[k, self.views.index(view)].astype(np.float32)
         else:
             tokens = self.store.read(int(self.rows[k]), view, self.layers)
-        return {
-            "tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
-            "y": torch.from_numpy(self.y[k]),
-            "y_mask": torch.from_numpy(self.y_mask[k]),
-            "height": torch.tensor(self.height[k]),
-            "height_mask": torch.tensor(self.height_mask[k]),
-            "ndvi_z": torch.tensor(self.ndvi_z[k]),
-            "ndvi_mask": torch.tensor(self.ndvi_mask[k]),
-            "state": torch.tensor(self.state[k]),
-            "index": torch.tensor(self.indices[k]),
-        }
+        return {"tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)), **self.labels.item(k)}
 
     def __getstate__(self) -> dict:
         """Workers reopen the store by path instead of pickling an open Zarr group."""

@@ -6,9 +6,8 @@ with. Members may mix backbones: one test cache per distinct extraction setting 
 `<out_dir>/cache/` and reused; each member's predictions (grams, folds and TTA views averaged) are cached under
 `<out_dir>/members/` keyed by the checkpoints' sha256 and the cache fingerprint, so re-aggregating is instant.
 
-Aggregation happens in COMPONENT space (clover, dead, green); GDM and Total are rebuilt afterwards so the
-identities hold exactly: a weighted mean (equal weights by default), per-sample MC-dropout inverse-variance
-weights, or weights fitted on the members' out-of-fold predictions.
+A member is either heads on a token cache or, when its checkpoints say `kind: "lora"`, adapters + head on a live
+backbone (biomass_cache.lora). Aggregation (biomass_cache.aggregate) happens in component space.
 """
 
 from __future__ import annotations
@@ -24,18 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from biomass_cache.aggregate import VAR_FLOOR, fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.data import DataError
-from biomass_cache.metrics import competition_r2
-from biomass_cache.targets import COMPONENTS, TARGETS, WEIGHTS, components_to_targets
+from biomass_cache.targets import TARGETS, components_to_targets
 
-KINDS = ("cache", "lora")
 AGGREGATIONS = ("mean", "mc_dropout", "oof")
 # cache fingerprint key -> ExtractConfig field: the settings a test cache copies from the training cache
 FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "storage_dtype": "dtype",
                         "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
-# fingerprint keys that differ between a training cache and a test cache by design (augmented vs TTA views)
-SPLIT_KEYS = ("split", "n_views")
-VAR_FLOOR = 1e-12  # g^2: a member with (numerically) zero MC variance gets a large but finite weight
 
 
 class EnsembleError(ValueError):
@@ -49,7 +44,6 @@ class Member:
     path: Path
     weight: float = 1.0
     head: str | None = None  # which head of a run folder trained several (a sweep); None: the only one
-    kind: str = "cache"  # "cache": reads a token cache; "lora": runs the adapted backbone live (biomass_cache.lora)
 
     @property
     def name(self) -> str:
@@ -72,15 +66,13 @@ class EnsembleSpec:
         if self.mc_samples < 2:
             raise EnsembleError(f"mc_samples must be at least 2, got {self.mc_samples}")
         for m in self.members:
-            if m.kind not in KINDS:
-                raise EnsembleError(f"member {m.name}: unknown kind {m.kind!r}; choose one of {list(KINDS)}")
             if not (np.isfinite(m.weight) and m.weight >= 0):
                 raise EnsembleError(f"member {m.name}: weight must be a finite number >= 0, got {m.weight}")
         if sum(m.weight for m in self.members) <= 0:
             raise EnsembleError("member weights sum to 0")
 
 
-MEMBER_KEYS = {"path", "weight", "head", "kind"}
+MEMBER_KEYS = {"path", "weight", "head"}
 TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "weights", "member"}
 
 
@@ -107,8 +99,7 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
                 f"{path}: member #{k} " + (f"has unknown key(s) {sorted(bad)}" if bad else "has no `path`")
                 + f"; allowed: {sorted(MEMBER_KEYS)}"
             )
-        members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head"),
-                              entry.get("kind", "cache")))
+        members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head")))
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
         raise EnsembleError(f"{path}: [weights] maps backbone names to weights files, e.g. "
@@ -140,80 +131,18 @@ def spec_from_options(ensemble: str | Path | None, members: str | None, aggregat
     return replace(spec, **overrides) if overrides else spec
 
 
-# --------------------------------------------------------------------------------------------- aggregation math
-
-
-def _components(preds: Sequence[np.ndarray]) -> np.ndarray:
-    """(M, N, 5) or list of (N, 5) grams -> (M, N, 3) clover, dead, green."""
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in preds])
-    if stack.ndim != 3 or stack.shape[2] != len(TARGETS):
-        raise ValueError(f"member predictions must be (N, {len(TARGETS)}) arrays, got {stack.shape[1:]}")
-    return stack[..., [TARGETS.index(c) for c in COMPONENTS]]
-
-
-def weighted_mean(preds: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean of the members' components, rebuilt to the 5 targets (weights normalised to sum 1)."""
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(preds),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"need {len(preds)} non-negative weights with a positive sum, got {w.tolist()}")
-    comps = np.einsum("m,mnk->nk", w / w.sum(), _components(preds))
-    return components_to_targets(comps)
-
-
-def inverse_variance_mean(preds: Sequence[np.ndarray], variances: np.ndarray) -> np.ndarray:
-    """Per-sample weights w_m(i) = (1 / var_m(i)) / sum_m' (1 / var_m'(i)) on the components, rebuilt to 5."""
-    var = np.asarray(variances, dtype=np.float64)
-    if var.shape != (len(preds), len(preds[0])) or not np.isfinite(var).all() or (var < 0).any():
-        raise ValueError(f"variances must be finite, non-negative, shape (members, images); got {var.shape}")
-    inv = 1.0 / np.maximum(var, VAR_FLOOR)
-    w = inv / inv.sum(axis=0, keepdims=True)
-    return components_to_targets(np.einsum("mn,mnk->nk", w, _components(preds)))
-
-
-def fit_weights(preds: Sequence[np.ndarray], y_true: np.ndarray, steps: int = 200) -> np.ndarray:
-    """Non-negative weights summing to 1 that maximise competition_r2 of the component-space weighted mean.
-
-    The weights are softmax(a); 1 - R^2 is a smooth quadratic in w, minimised over a with L-BFGS in float64
-    from equal weights, so the fit is deterministic.
-    """
-    comps = torch.as_tensor(_components(preds))
-    y = torch.tensor(np.asarray(y_true, dtype=np.float64))
-    w_t = torch.as_tensor(WEIGHTS, dtype=torch.float64)
-    ss_tot = (w_t * (y - (w_t * y).sum() / (w_t.sum() * len(y))) ** 2).sum()
-    logits = torch.zeros(len(comps), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([logits], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-15)
-
-    def loss_fn() -> torch.Tensor:
-        opt.zero_grad()
-        pred = components_to_targets(torch.einsum("m,mnk->nk", torch.softmax(logits, 0), comps))
-        loss = (w_t * (y - pred) ** 2).sum() / ss_tot
-        loss.backward()
-        return loss
-
-    opt.step(loss_fn)
-    return torch.softmax(logits.detach(), 0).numpy()
-
-
-def oof_scores(preds: Sequence[np.ndarray], y_true: np.ndarray, weights: Sequence[float]) -> dict:
-    """OOF competition_r2 of each member and of their component-space weighted mean."""
-    return {
-        "members": [competition_r2(y_true, p) for p in preds],
-        "ensemble": competition_r2(y_true, weighted_mean(preds, weights)),
-    }
-
-
 # ----------------------------------------------------------------------------------------------- members
 
 
 @dataclass(frozen=True)
 class ResolvedMember:
-    """A member with its checkpoints found and the extraction settings its test cache must be built with."""
+    """A member with its checkpoints found, their kind, and the backbone settings its predictions need."""
 
     member: Member
     run_dir: Path
     checkpoints: tuple[Path, ...]  # head JSONs: every fold model of a run folder, or the single checkpoint
-    extract: dict  # the run's extraction settings (config.json), weights replaced per the ensemble's [weights]
+    kind: str  # "cache": heads read a test token cache; "lora": adapters + head on a live backbone (lora.py)
+    extract: dict  # cache: the run's extraction settings; lora: backbone, weights; weights per the [weights] table
 
 
 def _read_json(path: Path) -> dict:
@@ -224,7 +153,7 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMember:
-    """Find a member's head checkpoints and its run folder's extraction settings."""
+    """Find a member's head checkpoints, their kind (the checkpoint JSON's `kind`) and its run's settings."""
     path = member.path
     if path.is_dir():
         run_dir = path
@@ -243,22 +172,27 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
         run_dir = checkpoints[0].parent.parent
     else:
         raise EnsembleError(f"member {member.name}: not a run folder or a head checkpoint (.json + .safetensors)")
+    kinds = {_read_json(p).get("kind", "cache") for p in checkpoints}
+    if len(kinds) > 1:
+        raise EnsembleError(f"member {member.name}: its checkpoints mix kinds {sorted(kinds)}")
+    kind = kinds.pop()
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise EnsembleError(f"member {member.name}: {config_path} not found (the run's extraction settings)")
-    extract = dict(_extract_settings(_read_json(config_path), config_path))
+        raise EnsembleError(f"member {member.name}: {config_path} not found (the run's settings)")
+    config = _read_json(config_path)
+    extract = _lora_settings(config, config_path) if kind == "lora" else _extract_settings(config, config_path)
     if extract["backbone"] in weights_files:
         extract["weights"] = weights_files[extract["backbone"]]
-    return ResolvedMember(member, run_dir, checkpoints, extract)
+    return ResolvedMember(member, run_dir, checkpoints, kind, extract)
 
 
 def _extract_settings(config: dict, path: Path) -> dict:
     """ExtractConfig settings (besides data_dir, split, out) that rebuild the run's cache for other images.
 
     Taken from the cache fingerprint recorded in config.json (what the heads were really trained on); the
-    weights path from the run's [extract] section when it has one, else "random" for a random backbone (None:
-    the ensemble file must say where the weights are). The device follows the fingerprint's compute precision
-    (bf16 on CUDA and fp32 on CPU give different tokens).
+    weights file from the cache's `weights_path` (recorded at extraction), else the run's [extract] section, else
+    "random" for a random backbone (None: the ensemble file or --weights must say where the weights are). The
+    device follows the fingerprint's compute precision (bf16 on CUDA and fp32 on CPU give different tokens).
     """
     try:
         fp = config["cache"]["fingerprint"]
@@ -268,10 +202,33 @@ def _extract_settings(config: dict, path: Path) -> dict:
         settings.update(backbone=backbone["name"], overrides=backbone.get("overrides") or {}, weights_sha256=sha)
     except (KeyError, TypeError) as e:
         raise EnsembleError(f"{path}: config.json lacks the cache fingerprint field {e}") from e
-    recorded = (config.get("extract") or {}).get("weights")
+    recorded = config["cache"].get("weights_path") or (config.get("extract") or {}).get("weights")
     settings["weights"] = "random" if sha == "random" else (recorded if recorded not in (None, "random") else None)
     settings["device"] = "cuda" if compute.startswith("bfloat16") else "cpu"
     return settings
+
+
+def _lora_settings(config: dict, path: Path) -> dict:
+    """The base backbone of a LoRA run: its name, the weights file recorded at training and their sha256."""
+    try:
+        lora, sha = config["lora"], config["fingerprint"]["backbone"]["weights_sha256"]
+        return {"backbone": lora["backbone"], "weights": lora["weights"], "weights_sha256": sha}
+    except (KeyError, TypeError) as e:
+        raise EnsembleError(f"{path}: config.json of a LoRA run lacks the field {e}") from e
+
+
+def weights_file(rm: ResolvedMember) -> str:
+    """The member's backbone weights ("random" or an existing file), or an error saying how to name them."""
+    backbone, weights = rm.extract["backbone"], rm.extract["weights"]
+    how = (f"say where it is with --weights {backbone}=PATH or in the ensemble file's [weights] table "
+           f"({backbone} = \"PATH\")")
+    if weights is None:
+        raise EnsembleError(f"member {rm.member.name}: its heads were trained on tokens of {backbone} with weights "
+                            f"sha256 {rm.extract['weights_sha256'][:12]}..., and the run does not record the file; "
+                            + how)
+    if weights != "random" and not Path(weights).is_file():
+        raise EnsembleError(f"member {rm.member.name}: weights file {weights} for {backbone} not found; " + how)
+    return weights
 
 
 def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_ids: Sequence[str],
@@ -281,16 +238,8 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_i
     from biomass_cache.store import open_store
     from biomass_cache.views import TTA_VIEWS
 
-    settings = dict(rm.extract)
-    sha = settings.pop("weights_sha256")
-    if settings["weights"] is None:
-        raise EnsembleError(f"member {rm.member.name}: its heads were trained on tokens of {settings['backbone']} "
-                            f"with weights sha256 {sha[:12]}...; say where that weights file is in the ensemble "
-                            f"file's [weights] table ({settings['backbone']} = \"PATH\") or with --weights "
-                            f"{settings['backbone']}=PATH")
-    weights = settings["weights"]
-    if weights != "random" and not Path(weights).is_file():
-        raise EnsembleError(f"member {rm.member.name}: weights file {weights} for {settings['backbone']} not found")
+    weights = weights_file(rm)
+    settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
     key = _digest({"settings": settings, "weights": stamp, "images": list(image_ids)})
     path = out_dir / "cache" / f"test-{key}.zarr"
@@ -320,43 +269,27 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def member_key(rm: ResolvedMember, store, image_ids: Sequence[str]) -> str:
-    """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint, the images."""
+def member_key(rm: ResolvedMember, image_ids: Sequence[str], store=None) -> str:
+    """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
+    the backbone settings (lora kind), the images."""
     files = [(_sha256(p), _sha256(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
-    return _digest({"checkpoints": files, "fingerprint": store.fingerprint, "images": list(image_ids),
-                    "kind": rm.member.kind})
+    source = store.fingerprint if store is not None else rm.extract
+    return _digest({"checkpoints": files, "source": source, "images": list(image_ids), "kind": rm.kind})
 
 
-def fitted_meta(meta: dict, store, where: str) -> dict:
-    """The checkpoint's meta for reading `store`, refused (naming both) unless the head fits the cache.
-
-    A test cache differs from the training cache only in `split` and `n_views` (TTA instead of augmented views);
-    every other fingerprint key, the layers, channel width and grid must match.
-    """
-    from biomass_cache import runs
-    from biomass_cache.store import fingerprint_diff
-
-    trained = {k: v for k, v in meta["fingerprint"].items() if k not in SPLIT_KEYS}
-    cache = {k: v for k, v in store.fingerprint.items() if k not in SPLIT_KEYS}
-    diff = fingerprint_diff(trained, cache)
-    adapted = {**meta, "fingerprint": store.fingerprint}
-    try:
-        if diff:
-            raise DataError("fingerprint (trained on -> cache): " + "; ".join(diff))
-        runs.check_compatible(adapted, store)
-    except DataError as e:
-        raise EnsembleError(f"{where} does not fit the test cache {store.path}: {e}") from e
-    return adapted
-
-
-def _load_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module, dict]]:
-    """Every checkpoint of the member with its meta adapted to the test cache it fits."""
+def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module, dict]]:
+    """Every checkpoint of the member, refused (naming the checkpoint and the cache) unless it fits `store`."""
     from biomass_cache import runs
 
     out = []
     for path in rm.checkpoints:
         head, meta = runs.load_head(path)
-        out.append((head, fitted_meta(meta, store, f"member {rm.member.name}: checkpoint {path}")))
+        try:
+            runs.check_compatible(meta, store)
+        except DataError as e:
+            raise EnsembleError(f"member {rm.member.name}: checkpoint {path} does not fit the test cache "
+                                f"{store.path}: {e}") from e
+        out.append((head, meta))
     return out
 
 
@@ -365,7 +298,7 @@ def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: st
     from biomass_cache import runs
 
     comps = [runs.predict_store(head, meta, store, rows, views="all", device=device)[:, :3]
-             for head, meta in _load_heads(rm, store)]
+             for head, meta in load_checked_heads(rm, store)]
     return components_to_targets(np.mean(comps, axis=0))
 
 
@@ -391,7 +324,7 @@ def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: 
 
     table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
     samples = []
-    for (head, meta), path in zip(_load_heads(rm, store), rm.checkpoints):
+    for (head, meta), path in zip(load_checked_heads(rm, store), rm.checkpoints):
         enable_mc_dropout(head, f"member {rm.member.name}, checkpoint {path}")
         head = head.to(device)
         per_view = []
@@ -409,21 +342,6 @@ def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: 
     return grams.var(axis=0).sum(axis=1)
 
 
-def predict_lora_member(rm: ResolvedMember, table: pd.DataFrame, data_dir: Path, out_dir: Path,
-                        device: str, progress: bool) -> np.ndarray:
-    """Hook for kind = "lora": the adapted backbone runs live, so there is no token cache to read.
-
-    biomass_cache.lora provides `predict_member(rm, table, data_dir, out_dir, device, progress) -> (N, 5)
-    grams` for the images of `table` in order (TTA views and folds averaged, like the cache kind).
-    """
-    try:
-        from biomass_cache.lora import predict_member
-    except ImportError as e:
-        raise EnsembleError(f"member {rm.member.name}: kind 'lora' needs biomass_cache.lora.predict_member, "
-                            f"which is not available ({e})") from e
-    return predict_member(rm, table, data_dir, out_dir, device, progress)
-
-
 # ------------------------------------------------------------------------------------------ running an ensemble
 
 
@@ -438,7 +356,7 @@ class EnsembleResult:
     caches: list[Path]
     member_files: list[Path]
     resolved: list[ResolvedMember]
-    stores: list  # each member's test TokenStore (None for kind "lora")
+    stores: list  # each member's test TokenStore (None for a LoRA member)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"image_id": self.image_ids, **{t: self.grams[:, j] for j, t in enumerate(TARGETS)}})
@@ -484,16 +402,18 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
         what = f"member {rm.member.name}"
-        if rm.member.kind == "lora":
-            key = _digest({"checkpoints": [_sha256(p) for p in rm.checkpoints], "extract": rm.extract,
-                           "images": ids, "kind": "lora"})
-            compute = lambda rm=rm: predict_lora_member(rm, table, data_dir, out_dir, device, progress)
+        if rm.kind == "lora":
+            from biomass_cache.lora import predict_member
+
+            weights_file(rm)  # a missing weights file is an error before anything runs
+            key = member_key(rm, ids)
+            compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress)
             store = rows = None
         else:
             store = ensure_test_cache(rm, data_dir, out_dir, ids, progress)
             caches.append(store.path)
             rows = store_positions(store, ids)
-            key = member_key(rm, store, ids)
+            key = member_key(rm, ids, store)
             compute = lambda rm=rm, store=store, rows=rows: predict_cache_member(rm, store, rows, device)
         stores.append(store)
         path = out_dir / "members" / f"{key}.csv"
@@ -501,7 +421,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         files.append(path)
         if spec.aggregation == "mc_dropout":
             if store is None:
-                raise EnsembleError(f"{what}: mc_dropout aggregation is available for kind 'cache' members only")
+                raise EnsembleError(f"{what}: mc_dropout aggregation needs heads on a token cache, not LoRA members")
             var_path = out_dir / "members" / f"{key}-mc{spec.mc_samples}-seed{spec.mc_seed}.csv"
             var = lambda rm=rm, store=store, rows=rows: mc_dropout_variance(
                 rm, store, rows, spec.mc_samples, spec.mc_seed, device)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import typer
+import zarr
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -353,12 +354,27 @@ def _prepare_store(cfg: ExtractConfig, image_ids: list[str], layers: list[int], 
         if new:
             say(f"appending {len(new)} new image(s) from {csv} to {cfg.out}")
             store.append_images(new)
+        record_weights_path(cfg.out, backbone)
         return
     spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid, channels=backbone.embed_dim,
                      fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
                      n_prefix=backbone.n_prefix if cfg.store_prefix else 0,
                      random_weights=backbone.weights_sha256 == "random")
     create_store(cfg.out, spec, overwrite=cfg.overwrite)
+    record_weights_path(cfg.out, backbone)
+
+
+def record_weights_path(store_path: Path, backbone: Backbone) -> None:
+    """Store attribute `weights_path`: the absolute path of the weights file the tokens came from (None for a random
+    backbone), so later stages can rebuild the backbone without being told. Not in the fingerprint: the file's
+    sha256 is, and the same weights may sit at another path on another machine."""
+    path = None if backbone.weights_sha256 == "random" else str(Path(backbone.weights).resolve())
+    zarr.open_group(store_path, mode="r+").update_attributes({"weights_path": path})
+
+
+def stored_weights_path(store: TokenStore) -> str | None:
+    """The weights file recorded at extraction (None: random weights, or a store from before it was recorded)."""
+    return zarr.open_group(store.path, mode="r").attrs.get("weights_path")
 
 
 def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[_Item], int, int]:

@@ -1,10 +1,10 @@
 """The LoRA path: adapt the last K blocks of the frozen DINOv3 backbone with peft adapters, running it live.
 
-Everything but the token source is stage two's (`biomass_cache.train`): heads, losses, mixup, uncertainty
-weighting, PCGrad, EMA, folds, metrics and the run folder. Here the tokens come from `LiveTokens`, an nn.Module
-whose trainable parameters are the adapters only; it runs either the whole backbone on augmented pixels (a fresh
-view per epoch) or, with a prefix cache, only blocks [depth-K, depth) on the stored hidden state entering block
-depth-K (the frozen blocks before it never change for a given view, so they run once, in `build_prefix_cache`).
+Everything but the token source is stage two's (`biomass_cache.train.cross_validate`): heads, losses, mixup,
+uncertainty weighting, PCGrad, EMA, folds, metrics and the run folder. Here the tokens come from `LiveTokens`, an
+nn.Module whose trainable parameters are the adapters only; it runs either the whole backbone on augmented pixels (a
+fresh view per epoch) or, with a prefix cache (biomass_cache.live), only blocks [depth-K, depth) on the stored hidden
+state entering block depth-K.
 
 Checkpoints hold adapter and head tensors only (megabytes), plus the base backbone's name and weights sha256,
 checked on load. Scale-out: `torchrun --nproc-per-node N train_heads.py --lora ...` (gloo on CPU, nccl on GPU).
@@ -18,8 +18,9 @@ import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,16 +30,17 @@ import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
-from biomass_cache.data import DataError, load_image, read_long_csv
-from biomass_cache.dataset import AuxSpec, TokenDataset, view_for
+from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.dataset import AuxSpec
 from biomass_cache.io import atomic_path, write_json
-from biomass_cache.targets import TARGETS, ZScore, to_density
-from biomass_cache.views import ViewPolicy, make_view, parse_size
+from biomass_cache.live import EpochSampler, LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.store import open_store
+from biomass_cache.targets import ZScore, components_to_targets
+from biomass_cache.views import ViewPolicy, parse_size
 
 import peft  # noqa: E402  (after biomass_cache.backbone, which makes timm/torchvision importable)
 from peft.tuners.lora import LoraLayer  # noqa: E402
@@ -182,12 +184,12 @@ class LiveTokens(nn.Module):
     """`tokens_fn` for stage two's loop: batch -> (B, L, T, C) float32 from the adapted backbone.
 
     A batch carries `pixels` (full forward) or `hidden` (the prefix cache: blocks start.. only). Its parameters
-    are the adapters only. `train()` toggles only the adapters' dropout: the frozen backbone stays in eval mode.
-    With `ema_decay`, the adapters keep an EMA updated once per optimizer step (like the head's) and `eval()`
-    swaps it in, so validation, predictions and checkpoints pair the EMA head with EMA adapters.
+    are the adapters only (the loop's `extra`: `reset(seed)` per fold, `param_groups()` for the optimizer, EMA
+    and clipping with the head's). `train()` toggles only the adapters' dropout: the frozen backbone stays in eval
+    mode.
     """
 
-    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device, ema_decay: float | None = None):
+    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device):
         super().__init__()
         check_supported(bb.model, bb.name)
         self.bb, self.s, self.device = bb, s, device
@@ -201,18 +203,17 @@ class LiveTokens(nn.Module):
             raise ValueError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
                              f"up to block {last}; read the last block or adapt fewer blocks")
         self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
-        self.ema_decay, self.calls, self.pending = ema_decay, 0, False
-        live = list(adapter_state(self.model).values())
-        self.ema = [p.detach().clone() for p in live] if ema_decay is not None else None
-        self.live_copy: list[torch.Tensor] | None = None
 
-    def adapter_groups(self, lr: float, layer_decay: float) -> list[dict]:
+    def reset(self, seed: int) -> None:
+        reset_adapters(self.model, seed)
+
+    def param_groups(self) -> list[dict]:
         """One optimizer group per adapted block: lr * layer_decay ** (blocks above it), no weight decay."""
         groups: dict[int, list] = {}
         for n, p in adapter_state(self.model).items():
             groups.setdefault(int(n.split(".")[1]), []).append(p)
         top = self.bb.depth - 1
-        return [{"params": ps, "lr": lr * layer_decay ** (top - b), "weight_decay": 0.0}
+        return [{"params": ps, "lr": self.s.lr * self.s.layer_decay ** (top - b), "weight_decay": 0.0}
                 for b, ps in sorted(groups.items())]
 
     def train(self, mode: bool = True) -> "LiveTokens":
@@ -220,37 +221,9 @@ class LiveTokens(nn.Module):
         for m in self.model.modules():
             if isinstance(m, LoraLayer):
                 m.train(mode)
-        if self.ema is not None:
-            self._swap_ema(to_ema=not mode)
         return self
 
-    @torch.no_grad()
-    def _swap_ema(self, to_ema: bool) -> None:
-        live = list(adapter_state(self.model).values())
-        if to_ema and self.live_copy is None:
-            self._ema_step()
-            self.live_copy = [p.detach().clone() for p in live]
-            for p, e in zip(live, self.ema):
-                p.copy_(e)
-        elif not to_ema and self.live_copy is not None:
-            for p, c in zip(live, self.live_copy):
-                p.copy_(c)
-            self.live_copy = None
-
-    @torch.no_grad()
-    def _ema_step(self) -> None:
-        """Fold the adapters as they are after optimizer step `calls` into the EMA (same decay as the head's)."""
-        if self.pending:
-            d = min(self.ema_decay, (1 + self.calls) / (10 + self.calls))
-            for e, p in zip(self.ema, adapter_state(self.model).values()):
-                e.lerp_(p.detach(), 1 - d)
-            self.pending = False
-
     def forward(self, batch: dict) -> torch.Tensor:
-        if self.training and self.ema is not None and torch.is_grad_enabled():
-            self._ema_step()  # the previous batch's optimizer step has happened by now
-            self.calls += 1
-            self.pending = True
         key = "pixels" if "pixels" in batch else "hidden"
         x = batch[key].to(self.device, non_blocking=True)
         run = self._full if key == "pixels" else self._suffix
@@ -288,93 +261,7 @@ class LiveTokens(nn.Module):
         return x
 
 
-# ------------------------------------------------------------------------------------------------- data
-class LiveDataset(TokenDataset):
-    """Rows `indices` of `table` with stage two's targets and aux labels, plus what the backbone needs:
-    `pixels` - training: a fresh augmented view every epoch (view epoch + 1 of views.make_view; view 0 is the
-    clean view), else view `view` - or, with a `prefix` store, `hidden` (n_prefix + T, C): one of its stored views
-    per epoch (stage two's view sampling), else view `view`.
-    """
-
-    def __init__(self, table: pd.DataFrame, indices: Sequence[int], data_dir: Path, s: LoraSettings,
-                 train: bool, seed: int, aux: AuxSpec, prefix=None, view: int = 0, split: str = "train"):
-        from biomass_cache.dataset import store_rows
-
-        self.train, self.seed, self.epoch, self.tokens = train, seed, 0, None
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.data_dir, self.s, self.split, self.store = Path(data_dir), s, split, prefix
-        sub = table.iloc[self.indices]
-        self.image_ids, self.paths = list(sub["image_id"]), list(sub["image_path"])
-        self.views = list(range(prefix.n_views)) if prefix is not None and train else [view]
-        self.rows = store_rows(prefix, self.image_ids, self.views) if prefix is not None else None
-        self._labels(sub, aux)
-
-    def view_of(self, k: int) -> int:
-        if not self.train:
-            return self.views[0]
-        if self.store is None:
-            return self.epoch + 1
-        return view_for(self.seed, self.epoch, int(self.indices[k]), len(self.views))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        view = self.view_of(k)
-        item = {
-            "y": torch.from_numpy(self.y[k]), "y_mask": torch.from_numpy(self.y_mask[k]),
-            "height": torch.tensor(self.height[k]), "height_mask": torch.tensor(self.height_mask[k]),
-            "ndvi_z": torch.tensor(self.ndvi_z[k]), "ndvi_mask": torch.tensor(self.ndvi_mask[k]),
-            "state": torch.tensor(self.state[k]), "index": torch.tensor(self.indices[k]),
-        }
-        if self.store is None:
-            image = load_image(self.data_dir / self.paths[k])
-            item["pixels"] = make_view(image, self.image_ids[k], view, self.s.view_seed, tuple(self.s.size),
-                                       ViewPolicy(), split=self.split)
-        else:
-            row = int(self.rows[k])
-            hidden = np.concatenate([self.store.read_prefix(row, view)[0], self.store.read(row, view)[0]])
-            item["hidden"] = torch.from_numpy(hidden)
-        return item
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "store": None if self.store is None else str(self.store.path)}
-
-    def __setstate__(self, state: dict) -> None:
-        from biomass_cache.store import open_store
-
-        self.__dict__.update(state)
-        self.store = None if state["store"] is None else open_store(state["store"])
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch (the dataset's), sharded so that step s of all ranks together is global batch
-    s of a one-process run: DDP with batch b per rank trains like one process with batch b * world."""
-
-    def __init__(self, ds: LiveDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.ds, self.b, self.seed, self.rank, self.world = ds, batch_size, seed, rank, world
-
-    def _order(self) -> list[int]:
-        order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 9973 + self.ds.epoch))
-        if self.world == 1:
-            return order.tolist()
-        g = self.b * self.world  # pad (repeating) to whole global batches so every rank takes the same steps
-        order = np.resize(order.numpy(), -(-len(order) // g) * g)
-        return [int(i) for s in range(0, len(order), g) for i in order[s + self.rank * self.b: s + (self.rank + 1) * self.b]]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order())
-
-    def __len__(self) -> int:
-        return len(self.ds) if self.world == 1 else -(-len(self.ds) // (self.b * self.world)) * self.b
-
-
-def make_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
-
-
-# ------------------------------------------------------------------------------------------- prefix cache
+# ---------------------------------------------------------------------------------------------- checkpoints
 def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
     """What determines the live tokens before training: backbone, image size, read layers, norm, views."""
     return {"kind": "lora", "backbone": backbone_fingerprint(bb), "size": list(s.size),
@@ -382,50 +269,12 @@ def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
             "policy": asdict(ViewPolicy()), "adapted_blocks": adapted_blocks(bb.depth, s.blocks)}
 
 
-def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):
-    """Store, for every image and view, the hidden state entering the first adapted block (resumable)."""
-    from biomass_cache.store import StoreSpec, create_store, fingerprint_diff, open_store
-
-    s, start = live.s, live.start
-    if start == 0:
-        raise ValueError("--lora-prefix-cache needs at least one frozen block before the adapted ones "
-                         f"(--lora-blocks {s.blocks} adapts all {live.bb.depth})")
-    fp = {"kind": "lora_prefix", "backbone": backbone_fingerprint(live.bb), "size": list(s.size), "block": start,
-          "view_seed": s.view_seed, "policy": asdict(ViewPolicy())}
-    fp = json.loads(json.dumps(fp))  # as stored: tuples become lists
-    ids = list(table["image_id"])
-    if Path(path).exists():
-        store = open_store(path, "r+")
-        if store.fingerprint != fp or store.n_views != s.prefix_views:
-            diff = fingerprint_diff(store.fingerprint, fp) + (
-                [f"n_views: {store.n_views} -> {s.prefix_views}"] if store.n_views != s.prefix_views else [])
-            raise DataError(f"{path}: prefix cache built with other settings: {diff}; delete it or use another path")
-        new = [i for i in ids if i not in set(store.image_ids)]
-        if new:
-            store.append_images(new)
-    else:
-        spec = StoreSpec(image_ids=ids, n_views=s.prefix_views, layers=[start - 1], grid=live.grid,
-                         channels=live.bb.embed_dim, fingerprint=fp, n_prefix=live.bb.n_prefix)
-        store = create_store(path, spec)
-    position = {iid: k for k, iid in enumerate(store.image_ids)}
-    done, p = store.done(), live.bb.n_prefix
-    todo = [r for r in range(len(table)) if not done[position[ids[r]]].all()]
-    for r in tqdm(todo, desc="prefix cache", unit="img", disable=not progress):
-        image = load_image(Path(data_dir) / table["image_path"].iloc[r])
-        views = torch.stack([make_view(image, ids[r], v, s.view_seed, tuple(s.size), ViewPolicy())
-                             for v in range(s.prefix_views)])
-        hidden = live.prefix_hidden(views).float().cpu()
-        store.write_image(position[ids[r]], hidden[:, None, p:], prefix=hidden[:, None, :p])
-    return open_store(path)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
 def base_identity(bb: Backbone) -> dict:
     fp = backbone_fingerprint(bb)
     return {k: fp[k] for k in ("name", "weights_sha256", "random_seed", "overrides")}
 
 
-def save_checkpoint(json_path: Path, head: nn.Module, live: LiveTokens, meta: dict) -> None:
+def save_checkpoint(json_path: Path, head: nn.Module, meta: dict, live: LiveTokens) -> None:
     """Head + adapter tensors (never a frozen weight) to `<stem>.safetensors`, then the JSON beside it."""
     json_path = Path(json_path)
     tensors = {HEAD_PREFIX + k: v for k, v in head.state_dict().items()}
@@ -484,6 +333,17 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
     return runs.components_to_grams(np.mean(comps, axis=0))
 
 
+def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool) -> np.ndarray:
+    """(N, 5) grams of a LoRA ensemble member (`ensemble.ResolvedMember`) for the test images of `table`, in order:
+    every fold model on the TTA views (clean and flips), components averaged over views and folds."""
+    from biomass_cache.views import TTA_VIEWS
+
+    comps = [predict_images(path, data_dir, table, split="test", views=range(len(TTA_VIEWS)),
+                            weights=rm.extract["weights"], device=device)[:, :3]
+             for path in tqdm(rm.checkpoints, desc=f"LoRA member {rm.member.name}", unit="fold", disable=not progress)]
+    return components_to_targets(np.mean(comps, axis=0))
+
+
 # ----------------------------------------------------------------------------------------------- scale out
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
@@ -500,15 +360,15 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, dev
 
 
-def average_gradients(params: Sequence[nn.Parameter], world: int) -> list:
-    """All-reduce every gradient as backward produces it (mean over ranks), before clipping and the step.
-    Returns the hook handles (remove them when the parameters' training ends)."""
-
-    def hook(p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
-
-    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
+    """Mean of every gradient over the ranks, in one all-reduce (the loop's `sync`, after backward or PCGrad).
+    A missing gradient counts as zero, so every rank sends the same tensor list."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 def barrier(world: int) -> None:
@@ -517,35 +377,29 @@ def barrier(world: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ cross-validation
-def add_adapter_groups(m, live: LiveTokens, total_steps: int) -> None:
-    """Give stage two's member (head + UW groups) the adapter groups, on the same warmup + cosine schedule."""
-    from biomass_cache.train import lr_lambda
-
-    for group in live.adapter_groups(live.s.lr, live.s.layer_decay):
-        m.opt.add_param_group(group)
-    m.sched = torch.optim.lr_scheduler.LambdaLR(m.opt, lr_lambda(total_steps, m.cfg.warmup_frac, m.cfg.min_lr_ratio))
-
-
 def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
              strict_folds: bool = False, progress: bool = True) -> dict:
-    """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0)."""
-    from biomass_cache.folds import read_folds
-    from biomass_cache.store import open_store
-    from biomass_cache.train import build_member, fold_assignment, scores, seed_everything, train_fold
+    """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0).
+
+    The head reads the live layers `s.layers` (so `cfg.layers`, block indices of a cache, is set to []). Live views
+    are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
+    "all"). `cfg.batch_size` is the global batch, split evenly over the ranks.
+    """
+    from biomass_cache.train import TokenSource, cross_validate
 
     rank, world, device = init_distributed(cfg.device)
-    if world > 1 and cfg.pcgrad and cfg.aux:
-        raise ValueError("PCGrad sets gradients outside backward, where DDP averaging cannot see them: "
-                         "run with --no-pcgrad under torchrun")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.tta not in ("all", 0):
+        raise ValueError(f"the LoRA path predicts the clean view 0 (no stored views to average); got tta={cfg.tta!r}")
+    cfg = replace(cfg, tta=0, layers=[])
+    if s.weights != "random":  # recorded absolute, so the run folder finds its base backbone from anywhere
+        s = replace(s, weights=str(Path(s.weights).resolve()))
     data, out = Path(data), Path(out)
     table = read_long_csv(data / "train.csv")
-    truth = table[list(TARGETS)].to_numpy(float)
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     inject_lora(bb, s)
     live = LiveTokens(bb, s, device)
-    layers, signature = live.layers, {"channels": bb.embed_dim, "grid": list(live.grid)}
     prefix = None
     if s.prefix_cache:
         live.check_prefix_layers()
@@ -553,69 +407,30 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
             build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
         barrier(world)
         prefix = open_store(s.prefix_cache)
+    per_rank = cfg.batch_size // world
+
+    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
+        ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
+        return make_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
+
+    def val_loader(rows: np.ndarray, aux: AuxSpec):
+        ds = LiveDataset(table, rows, data, s, train=False, seed=0, aux=aux, prefix=prefix, view=0)
+        return make_loader(ds, cfg.eval_batch_size, cfg.workers)
+
+    def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
+        loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
+        return runs.components_to_grams(runs.predict_components(head, loader, live))
+
     fingerprint = lora_fingerprint(bb, s)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.write_config(out, {"train": asdict(cfg), "lora": asdict(s), "fingerprint": fingerprint,
-                                "data": str(data), "device": str(device), "world_size": world,
-                                "torch": torch.__version__})
-        folds = None if cfg.full else fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
-    barrier(world)
-    if not cfg.full and rank > 0:
-        folds = read_folds(out / "folds.csv", table)
-    plan = [("full", -1, np.arange(len(table)), None)] if cfg.full else [
-        (f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(folds.max() + 1)]
+    source = TokenSource(
+        layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
+        config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
+        device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
+        save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=partial(barrier, world),
+        sync=partial(average_gradients, world=world) if world > 1 else None)
     if bb.weights_sha256 == "random" and rank == 0:
         tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
-
-    oof, per_fold, history = np.full((len(table), len(TARGETS)), np.nan), {}, []
-    for fold_name, k, tr, va in plan:
-        fold_seed = cfg.seed * 1000 + k + 1
-        seed_everything(fold_seed)
-        reset_adapters(bb.model, fold_seed)
-        live = LiveTokens(bb, s, device, ema_decay=cfg.ema_decay if cfg.ema else None)
-        zscore, aux = ZScore.fit(to_density(truth[tr])), AuxSpec.fit(table, tr)
-        train_ds = LiveDataset(table, tr, data, s, train=True, seed=fold_seed, aux=aux, prefix=prefix)
-        per_rank = cfg.batch_size // world
-        train_loader = make_loader(train_ds, per_rank, cfg.workers, EpochSampler(train_ds, per_rank, fold_seed,
-                                                                                  rank, world))
-        val_loader = None if va is None else make_loader(
-            LiveDataset(table, va, data, s, train=False, seed=fold_seed, aux=aux, prefix=prefix, view=0),
-            cfg.eval_batch_size, cfg.workers)
-        total_steps = cfg.epochs * len(train_loader)
-        m = build_member(cfg.head, cfg, layers, signature, zscore, aux, total_steps, fold_seed, device)
-        add_adapter_groups(m, live, total_steps)
-        hooks = average_gradients([p for g in m.opt.param_groups for p in g["params"]], world) if world > 1 else []
-        rows = train_fold([m], train_loader, val_loader, None if va is None else truth[va], live, cfg.epochs,
-                          desc=fold_name if rank == 0 else f"{fold_name} rank {rank}", extra=live)
-        for h in hooks:
-            h.remove()
-        history += [{"fold": fold_name, **r} for r in rows]
-        meta = {"name": cfg.head, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
-                "aux": aux.to_dict(), "fingerprint": fingerprint, "layers": layers, **signature, "tta": 0,
-                "train": asdict(cfg), "n_train": len(tr), "skipped_steps": m.skipped}
-        if va is not None:  # live is in eval mode after train_fold: EMA adapters with the EMA head
-            oof[va] = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, live))
-            per_fold[fold_name] = meta["metrics"] = scores(truth[va], oof[va])
-        if rank == 0:
-            save_checkpoint(out / fold_name / f"{cfg.head}.json", m.eval_head, live, meta)
-            runs.write_history(out, history)
-    barrier(world)
-    if cfg.full:
-        metrics = {"full": True, "heads": {cfg.head: {"n_train": len(table)}}}
-        if rank == 0:
-            runs.write_metrics(out, metrics)
-        return metrics
-    pooled = scores(truth, oof)
-    metrics = {**pooled, "folds": per_fold, "best": cfg.head, "ranking": [cfg.head],
-               "heads": {cfg.head: {**pooled, "folds": per_fold}}}
-    if rank == 0:
-        runs.write_oof(out / f"oof_{cfg.head}.csv", table["image_id"], oof)
-        runs.write_oof(out / "oof.csv", table["image_id"], oof)
-        runs.write_metrics(out, metrics)
-        tqdm.write(f"LoRA {cfg.head}: pooled OOF competition_r2 {pooled['competition_r2']:.4f}, "
-                   f"log_r2 {pooled['log_r2']:.4f} -> {out}")
-    return metrics
+    return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -672,7 +487,7 @@ def lora_command(
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (decode + augment)."),
     no_mixup: bool = typer.Option(False, "--no-mixup", help="Ablation: no manifold mixup."),
     no_uw: bool = typer.Option(False, "--no-uw", help="Ablation: plain sum of task losses."),
-    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward (needed under torchrun)."),
+    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward, no PCGrad."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw head and adapters."),
     no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
 ) -> None:
@@ -682,7 +497,7 @@ def lora_command(
     base, _, _ = load_config(config)
     flags = dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                  workers=workers, head=head)
-    overrides = {k: v for k, v in flags.items() if v is not None} | {"layers": []}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
                                                aux=no_aux).items() if off}
     if full:

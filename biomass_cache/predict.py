@@ -67,9 +67,8 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
 
     None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
     """
-    from biomass_cache import runs
     from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
-    from biomass_cache.ensemble import fitted_meta, store_positions
+    from biomass_cache.ensemble import load_checked_heads, store_positions
 
     maps = []
     for rm, store in zip(result.resolved, result.stores):
@@ -77,11 +76,9 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
             continue
         rows = store_positions(store, result.image_ids)
         table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
-        for path in rm.checkpoints:
-            head, meta = runs.load_head(path)
+        for head, meta in load_checked_heads(rm, store):
             if meta["head"].get("name") != "density":
                 break
-            meta = fitted_meta(meta, store, f"checkpoint {path}")
             ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=0,
                               aux=AuxSpec.from_dict(meta["aux"]))
             head = head.to(device).eval()

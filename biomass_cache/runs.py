@@ -60,6 +60,9 @@ def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
         meta = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{json_path}: not a readable head checkpoint ({e})") from e
+    if meta.get("kind") == "lora":
+        raise DataError(f"{json_path}: a LoRA checkpoint (head + adapters on a live backbone, no token cache); "
+                        "load it with biomass_cache.lora.load_checkpoint")
     missing = {"head", "zscore", "aux", "fingerprint", "layers", "channels", "grid", "weights_sha256"} - set(meta)
     if missing:
         raise DataError(f"{json_path}: head checkpoint lacks keys {sorted(missing)}")
@@ -172,8 +175,3 @@ def write_metrics(run_dir: str | Path, metrics: dict) -> None:
 def write_history(run_dir: str | Path, rows: list[dict]) -> None:
     write_csv(Path(run_dir) / "history.csv", pd.DataFrame(rows))
 
-
-def head_paths(run_dir: str | Path) -> list[Path]:
-    """Every head checkpoint JSON of a run folder (fold models first, then full-data models)."""
-    run_dir = Path(run_dir)
-    return sorted(run_dir.glob("fold*/*.json")) + sorted(run_dir.glob("full/*.json"))

@@ -3,8 +3,9 @@
 Read top to bottom: configuration -> one head being trained (`Member`) -> one optimisation step -> one fold
 (every member sees the same batches) -> cross-validation and the run folder -> the command line.
 
-Where tokens come from is one function, `tokens_fn(batch) -> (B, L, T, C)`: here it moves cached tokens to the
-device; the LoRA path passes a live backbone instead (and its adapters as `extra`) and reuses everything else.
+Where tokens come from is a small `TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and
+save): here a token cache (`cache_source`); the LoRA path passes a live adapted backbone, whose adapters train with
+the head, and reuses everything else (`cross_validate`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import math
 import random
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache import runs
 from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader, store_rows
+from biomass_cache.dataset import LABEL_KEYS, AuxSpec, TokenDataset, make_loader, store_rows
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step,
                                   split_terms, task_losses)
@@ -141,7 +143,11 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------ one head in training
 @dataclass
 class Member:
-    """One head being trained: its settings, weights, EMA copy, loss weighting, optimizer and counters."""
+    """One head being trained: its settings, weights, EMA copy, loss weighting, optimizer and counters.
+
+    `extra_params` are trainable tensors outside the head that train with it (LoRA adapters): clipped, averaged
+    across ranks and EMA-tracked together with the head's (`ema_extra`).
+    """
 
     name: str
     cfg: TrainConfig
@@ -154,6 +160,9 @@ class Member:
     gen: torch.Generator  # mixup randomness
     zscore: ZScore
     n_states: int  # State classes of the aux task (0 = none)
+    extra_params: list[torch.nn.Parameter] = field(default_factory=list)
+    ema_extra: list[torch.Tensor] | None = None
+    pcgrad_split: tuple[list, list] | None = None  # (arbitrated, plain) head parameters, found at the first step
     step: int = 0
     bad_in_a_row: int = 0
     skipped: int = 0
@@ -161,6 +170,11 @@ class Member:
     @property
     def eval_head(self) -> torch.nn.Module:
         return self.ema if self.ema is not None else self.head
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer steps (head, UW, extra), in a fixed order (the same on every rank)."""
+        return [p for g in self.opt.param_groups for p in g["params"]]
 
 
 def lr_lambda(total_steps: int, warmup_frac: float, min_ratio: float) -> Callable[[int], float]:
@@ -177,9 +191,11 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_ratio: float) -> Callabl
 
 
 def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature: dict, zscore: ZScore,
-                 aux: AuxSpec, total_steps: int, seed: int, device: torch.device) -> Member:
+                 aux: AuxSpec, total_steps: int, seed: int, device: torch.device,
+                 extra_groups: Sequence[dict] = ()) -> Member:
     """A head with its optimizer and EMA copy. Groups: decayed weight matrices, undecayed biases/norms/fusion
-    logits (as in nanoGPT), and the UW log-variances at `uw_lr`; callers may add groups (e.g. LoRA adapters)."""
+    logits (as in nanoGPT), the UW log-variances at `uw_lr`, then `extra_groups` (e.g. per-block LoRA adapter
+    groups with their own lr); all follow the same warmup + cosine schedule."""
     layers = cfg.layers or layers_read
     torch.manual_seed(seed)  # identical initial weights for a (seed, fold, member) whatever ran before
     n_states = len(aux.states) if cfg.aux and len(aux.states) > 1 else 0
@@ -193,27 +209,91 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     if uw is not None:
         groups.append({"params": list(uw.parameters()), "lr": cfg.uw_lr, "weight_decay": 0.0})
+    groups += list(extra_groups)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac, cfg.min_lr_ratio))
     ema = copy.deepcopy(head).requires_grad_(False) if cfg.ema else None
+    extra = [p for g in extra_groups for p in g["params"]]
     return Member(name, cfg, head, ema, uw, opt, sched, [layers_read.index(l) for l in layers],
-                  torch.Generator().manual_seed(seed), zscore, n_states)
+                  torch.Generator().manual_seed(seed), zscore, n_states, extra,
+                  [p.detach().clone() for p in extra] if cfg.ema else None)
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+def ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay: float, step: int) -> None:
     """EMA with a warmup (decay grows as (1+t)/(10+t)) so early weights do not linger in short runs."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+    for e, p in zip(ema, live):
         if e.dtype.is_floating_point:
             e.lerp_(p, 1 - d)
         else:
             e.copy_(p)
 
 
+@contextmanager
+def ema_weights(m: Member) -> Iterator[None]:
+    """Inside the block the extra parameters (adapters) hold their EMA, to pair with the EMA head (a module of its
+    own) for validation, predictions and checkpoints; the live values come back afterwards."""
+    if not (m.extra_params and m.ema_extra):
+        yield
+        return
+    live = [p.detach().clone() for p in m.extra_params]
+    with torch.no_grad():
+        for p, e in zip(m.extra_params, m.ema_extra):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, c in zip(m.extra_params, live):
+                p.copy_(c)
+
+
 # --------------------------------------------------------------------------------------------- one step
-def train_step(m: Member, batch: dict, tokens: torch.Tensor, extra: torch.nn.Module | None = None) -> float | None:
-    """Mixup -> forward -> task losses -> UW -> (PCGrad) backward -> clip -> AdamW -> EMA. None if skipped."""
+def pcgrad_split(primary: list[torch.Tensor], auxiliary: list[torch.Tensor],
+                 params: list[torch.nn.Parameter]) -> tuple[list, list]:
+    """(parameters PCGrad arbitrates, parameters given the plain gradient), exactly equivalent to PCGrad on all.
+
+    PCGrad projects an auxiliary gradient along the primary one, so it changes nothing unless some parameter is
+    reached by both (then every parameter the primary loss reaches takes part); a parameter only auxiliary losses
+    reach gets its plain gradient either way. Reachability is the graph's, fixed for a head: found once.
+    """
+    def reached(term: torch.Tensor) -> set[int]:
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return {i for i, g in enumerate(grads) if g is not None}
+
+    by_primary = reached(sum(primary))
+    if not by_primary & set().union(*(reached(a) for a in auxiliary)):
+        return [], list(params)
+    return ([p for i, p in enumerate(params) if i in by_primary],
+            [p for i, p in enumerate(params) if i not in by_primary])
+
+
+def backward(m: Member, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+    """Gradients of the step: primary-anchored PCGrad on the head (with auxiliary tasks), else plain backward.
+    The UW log-variances and the extra parameters (adapters) always get the plain gradient."""
+    primary, auxiliary = split_terms(terms)
+    if not (m.cfg.pcgrad and auxiliary):
+        loss.backward()
+        return
+    if m.pcgrad_split is None:
+        m.pcgrad_split = pcgrad_split(primary, auxiliary, [p for p in m.head.parameters() if p.requires_grad])
+    arbitrated, plain = m.pcgrad_split
+    if not arbitrated:  # no parameter shared by a primary and an auxiliary task: PCGrad is the plain gradient
+        loss.backward()
+        return
+    uw = list(m.uw.parameters()) if m.uw is not None else []
+    pcgrad_step(primary, auxiliary, arbitrated, plain_params=plain + uw + m.extra_params)
+
+
+def train_step(m: Member, batch: dict, tokens: torch.Tensor,
+               sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float | None:
+    """Mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
+
+    Returns the loss, or None for a skipped step (non-finite loss). `sync(params)` averages the gradients across
+    ranks (torchrun); a rank with a non-finite loss then contributes a zero gradient so every rank still steps
+    alike.
+    """
     cfg = m.cfg
     b = dict(batch, tokens=tokens[:, m.layer_idx])
     if cfg.mixup:
@@ -221,7 +301,12 @@ def train_step(m: Member, batch: dict, tokens: torch.Tensor, extra: torch.nn.Mod
     m.head.train()
     losses = task_losses(m.head(b["tokens"]), b, m.zscore)
     loss, terms = combine_losses(losses, m.uw)
-    if not torch.isfinite(loss):
+    m.opt.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        m.bad_in_a_row = 0
+        backward(m, loss, terms)
+    else:
         m.skipped += 1
         m.bad_in_a_row += 1
         if m.bad_in_a_row >= cfg.max_nonfinite:
@@ -230,24 +315,19 @@ def train_step(m: Member, batch: dict, tokens: torch.Tensor, extra: torch.nn.Mod
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 + "); check the cache for NaN/inf tokens, or lower the learning rate"
             )
-        return None
-    m.bad_in_a_row = 0
-    m.opt.zero_grad(set_to_none=True)
-    primary, auxiliary = split_terms(terms)
-    if cfg.pcgrad and auxiliary:
-        plain = (list(m.uw.parameters()) if m.uw is not None else []) + (
-            [p for p in extra.parameters() if p.requires_grad] if extra is not None else [])
-        pcgrad_step(primary, auxiliary, list(m.head.parameters()), plain_params=plain)
-    else:
-        loss.backward()
+        if sync is None:
+            return None
+    if sync is not None:
+        sync(m.params)
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(m.head.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([*m.head.parameters(), *m.extra_params], cfg.grad_clip)
     m.opt.step()
     m.sched.step()
     m.step += 1
     if m.ema is not None:
-        ema_update(m.ema, m.head, cfg.ema_decay, m.step)
-    return loss.item()
+        ema_update([*m.ema.state_dict().values(), *m.ema_extra], [*m.head.state_dict().values(), *m.extra_params],
+                   cfg.ema_decay, m.step)
+    return loss.item() if finite else None
 
 
 # --------------------------------------------------------------------------------------------- one fold
@@ -282,10 +362,12 @@ def train_fold(
     desc: str,
     extra: torch.nn.Module | None = None,
     baseline_grams: np.ndarray | None = None,
+    sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> list[dict]:
     """Train all members on the same batches; after each epoch score each (EMA) member on the validation set.
 
-    Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`.
+    Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
+    `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`.
     """
     history, vals = [], {}
     bar = tqdm(total=epochs * len(train_loader), desc=desc, unit="step", dynamic_ncols=True)
@@ -298,9 +380,9 @@ def train_fold(
             extra.train()
         for batch in train_loader:
             tokens = tokens_fn(batch)  # read once, shared by every member
-            batch = {k: v.to(tokens.device) for k, v in batch.items() if k != "tokens"}
+            batch = {k: v.to(tokens.device) for k, v in batch.items() if k in LABEL_KEYS}
             for m in members:
-                loss = train_step(m, batch, tokens, extra)
+                loss = train_step(m, batch, tokens, sync)
                 if loss is not None:
                     sums[m.name][0] += loss
                     sums[m.name][1] += 1
@@ -315,7 +397,8 @@ def train_fold(
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
             if val_loader is not None:
-                pred = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, tokens_fn))
+                with ema_weights(m):
+                    pred = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, tokens_fn))
                 s = scores(val_truth, pred, baseline_grams)
                 row.update(val_competition_r2=s["competition_r2"], val_log_r2=s["log_r2"])
                 vals[m.name] = s["competition_r2"]
@@ -362,44 +445,101 @@ def _table_text(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
-                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False) -> dict:
-    """Cross-validate (or train on all data) every member; write the run folder; return metrics.json's content.
+def _no_barrier() -> None:
+    """One process: nothing to wait for."""
 
-    `strict_folds`: the number of folds was asked for explicitly, so a reused folds file must match it.
+
+@dataclass
+class TokenSource:
+    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (lora.py).
+
+    The loader factories take (table rows, fold seed, aux encoding) / (rows, aux) and yield batches of the
+    contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
+    trained head's OOF grams (its `meta["tta"]` views); `save(json_path, head, meta)` writes its checkpoint.
+    `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
+    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. Under torchrun, `rank`,
+    `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0 writes files.
     """
-    from biomass_cache.store import open_store
 
-    store = open_store(cache)
-    table = read_long_csv(Path(data) / "train.csv", check_images=False)
-    truth = table[list(TARGETS)].to_numpy(float)
-    baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
-    layers_read = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
+    layers: list[int]  # block indices of the tokens `tokens_fn` returns
+    signature: dict  # {"channels": C, "grid": [rows, cols]}
+    fingerprint: dict  # what determined the tokens (checked when a checkpoint meets a cache)
+    config: dict  # config.json's description of the source (cache or LoRA settings, data, device)
+    device: torch.device
+    train_loader: Callable[[np.ndarray, int, AuxSpec], Iterable[dict]]
+    val_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]]
+    tokens_fn: Callable[[dict], torch.Tensor]
+    predict: Callable[[torch.nn.Module, dict, np.ndarray], np.ndarray]
+    save: Callable[[Path, torch.nn.Module, dict], None] = runs.save_head
+    extra: torch.nn.Module | None = None
+    rank: int = 0
+    barrier: Callable[[], None] = _no_barrier
+    sync: Callable[[list[torch.nn.Parameter]], None] | None = None
+
+
+def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
+                 extract: dict | None = None) -> TokenSource:
+    """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
+    from biomass_cache.extract import stored_weights_path
+
+    layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
     device = pick_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
     if bad_tta:
-        raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of {cache})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "
+                        f"{store.path})")
     signature = {"channels": store.channels, "grid": list(store.grid)}
+
+    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
+        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, preload=cfg.preload, aux=aux)
+        return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
+
+    def val_loader(rows: np.ndarray, aux: AuxSpec):
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, preload=cfg.preload, view=0, aux=aux)
+        return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+
+    def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
+        views = list(range(store.n_views)) if meta["tta"] == "all" else [meta["tta"]]
+        idx = store_rows(store, list(table["image_id"].iloc[rows]), views)
+        return runs.predict_store(head, meta, store, idx, views=meta["tta"], batch_size=cfg.eval_batch_size,
+                                  device=str(device))
+
+    config = {"extract": extract or {},
+              "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
+                        **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
+                        "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
+              "device": str(device)}
+    return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
+                       lambda b: b["tokens"].to(device, non_blocking=True), predict)
+
+
+def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
+                   members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
+                   strict_folds: bool = False) -> dict:
+    """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
+    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds."""
+    if source.extra is not None and len(members_cfg) != 1:
+        raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
+    writer = source.rank == 0
+    truth = table[list(TARGETS)].to_numpy(float)
+    baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
+    out = Path(out)
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
     else:
-        folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
+            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
+        source.barrier()
+        if not writer:
+            folds = read_folds(out / "folds.csv", table)
         cfg = replace(cfg, folds=int(folds.max()) + 1)
         members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
         plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
-    runs.write_config(out, {
-        "train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()}, "extract": extract or {},
-        "cache": {"path": str(cache), "fingerprint": store.fingerprint, "layers": store.layers, **signature,
-                  "n_views": store.n_views, "storage_dtype": store.storage_dtype,
-                  "random_weights": store.random_weights},
-        "data": str(data), "device": str(device), "torch": torch.__version__,
-    })
-    if store.random_weights:
-        tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
+                                **source.config, "data": str(data), "torch": torch.__version__})
 
     oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
     per_fold: dict[str, dict] = {n: {} for n in members_cfg}
@@ -407,49 +547,49 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     for fold_name, k, tr, va in plan:
         fold_seed = cfg.seed * 1000 + k + 1
         seed_everything(fold_seed)
-        zscore = fit_zscore(table, tr)  # the fold's training images only
-        aux = AuxSpec.fit(table, tr)
-        train_ds = TokenDataset(store, table, tr, layers_read, train=True, seed=fold_seed, preload=cfg.preload,
-                                aux=aux)
-        train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=fold_seed, workers=cfg.workers)
-        val_loader = None
-        if va is not None:
-            val_ds = TokenDataset(store, table, va, layers_read, train=False, seed=fold_seed, preload=cfg.preload,
-                                  view=0, aux=aux)
-            val_loader = make_loader(val_ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
-        total_steps = cfg.epochs * len(train_loader)
-        members = [build_member(n, m, layers_read, signature, zscore, aux, total_steps, fold_seed + 7919 * j,
-                                device) for j, (n, m) in enumerate(members_cfg.items())]
-        rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va],
-                          lambda b: b["tokens"].to(device, non_blocking=True), cfg.epochs, desc=fold_name,
-                          baseline_grams=baseline)
+        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)  # the fold's training images only
+        if source.extra is not None:
+            source.extra.reset(fold_seed)
+        train_loader = source.train_loader(tr, fold_seed, aux)
+        val_loader = None if va is None else source.val_loader(va, aux)
+        groups = source.extra.param_groups() if source.extra is not None else ()
+        members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
+                                fold_seed + 7919 * j, source.device, groups)
+                   for j, (n, m) in enumerate(members_cfg.items())]
+        rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
+                          cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
+                          extra=source.extra, baseline_grams=baseline, sync=source.sync)
         history += [{"fold": fold_name, **r} for r in rows]
         for m in members:
-            layers = m.cfg.layers or layers_read
             meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
-                    "aux": aux.to_dict(), "fingerprint": store.fingerprint, "layers": layers, **signature,
-                    "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(tr), "skipped_steps": m.skipped}
-            if va is not None:
-                views = list(range(store.n_views)) if m.cfg.tta == "all" else [m.cfg.tta]
-                idx = store_rows(store, list(table["image_id"].iloc[va]), views)
-                oof[m.name][va] = runs.predict_store(m.eval_head, meta, store, idx, views=m.cfg.tta,
-                                                     batch_size=cfg.eval_batch_size, device=str(device))
-                per_fold[m.name][fold_name] = meta["metrics"] = scores(truth[va], oof[m.name][va], baseline)
-            runs.save_head(out / fold_name / f"{m.name}.json", m.eval_head.cpu(), meta)
-        runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
+                    "aux": aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
+                    **source.signature, "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(tr),
+                    "skipped_steps": m.skipped}
+            with ema_weights(m):
+                if va is not None:
+                    oof[m.name][va] = source.predict(m.eval_head, meta, va)
+                    per_fold[m.name][fold_name] = meta["metrics"] = scores(truth[va], oof[m.name][va], baseline)
+                if writer:
+                    source.save(out / fold_name / f"{m.name}.json", m.eval_head.cpu(), meta)
+        if writer:
+            runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
+    source.barrier()
 
     if cfg.full:
         metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
-        runs.write_metrics(out, metrics)
-        tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
+        if writer:
+            runs.write_metrics(out, metrics)
+            tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
         return metrics
     pooled = {n: scores(truth, oof[n]) for n in members_cfg}
     ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
+    heads_metrics = {n: {**pooled[n], "folds": per_fold[n]} for n in members_cfg}
+    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
+    if not writer:
+        return metrics
     for n in members_cfg:
         runs.write_oof(out / f"oof_{n}.csv", table["image_id"], oof[n])
     runs.write_oof(out / "oof.csv", table["image_id"], oof[ranking[0]])
-    heads_metrics = {n: {**pooled[n], "folds": per_fold[n]} for n in members_cfg}
-    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
     runs.write_metrics(out, metrics)
     for n in ranking:
         tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
@@ -457,6 +597,21 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
         tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
     tqdm.write(f"\nrun folder: {out}")
     return metrics
+
+
+def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
+                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False) -> dict:
+    """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
+    from biomass_cache.store import open_store
+
+    store = open_store(cache)
+    table = read_long_csv(Path(data) / "train.csv", check_images=False)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    source = cache_source(store, table, cfg, members_cfg, extract)
+    if store.random_weights:
+        tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
+    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)
 
 
 # ---------------------------------------------------------------------------------------------- command line

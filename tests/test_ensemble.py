@@ -1,15 +1,11 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.ensemble import (
-    EnsembleError,
-    fit_weights,
-    inverse_variance_mean,
-    load_ensemble,
-    oof_scores,
-    weighted_mean,
-)
+from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
+from biomass_cache.ensemble import EnsembleError, load_ensemble
 from biomass_cache.targets import components_to_targets
 
 
@@ -62,8 +58,7 @@ def test_ensemble_file(tmp_path):
                     '[[member]]\npath = "runs/a"\n[[member]]\npath = "runs/b"\nweight = 2\nhead = "mlp"\n')
     spec = load_ensemble(path)
     assert spec.aggregation == "oof" and spec.weights_files == {"vit_small_patch16_dinov3": "/w.pth"}
-    assert [(str(m.path), m.weight, m.head, m.kind) for m in spec.members] == [
-        ("runs/a", 1.0, None, "cache"), ("runs/b", 2.0, "mlp", "cache")]
+    assert [(str(m.path), m.weight, m.head) for m in spec.members] == [("runs/a", 1.0, None), ("runs/b", 2.0, "mlp")]
     path.write_text('[[member]]\npath = "runs/a"\nwieght = 2\n')
     with pytest.raises(EnsembleError, match=r"member #1 has unknown key\(s\) \['wieght'\]"):
         load_ensemble(path)
@@ -143,7 +138,6 @@ def test_mc_dropout_weights(pipeline, tmp_path):
 
 
 def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
-    import json
     import shutil
 
     import biomass_cache.ensemble as ens
@@ -181,3 +175,32 @@ def test_submit_and_predict_end_to_end(pipeline, tmp_path):
     np.testing.assert_allclose(table["Dry_Total_g_per_m2"] * 0.21, table["Dry_Total_g"], rtol=1e-12)
     pngs = sorted((tmp_path / "pred_maps").glob("*.png"))
     assert [p.stem for p in pngs] == sorted(table["image_id"])
+
+
+def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
+    """Real weights: the file's absolute path travels store -> config.json -> submission (no --weights needed)."""
+    from safetensors.torch import save_file
+
+    from biomass_cache.backbone import create_backbone
+    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.extract import ExtractConfig, extract, stored_weights_path
+    from biomass_cache.store import open_store
+    from biomass_cache.submission import submit
+    from biomass_cache.train import resolve, run_training
+
+    _, data, _ = pipeline
+    weights = tmp_path / "w.safetensors"
+    save_file(create_backbone("vit_small_patch16_dinov3", "random", seed=3, overrides=TINY).model.state_dict(), weights)
+    cache = tmp_path / "train.zarr"
+    extract(ExtractConfig(data_dir=data, split="train", out=cache, weights=str(weights), size=(64, 32), layers=[1],
+                          views=1, device="cpu", overrides=TINY), progress=False)
+    assert stored_weights_path(open_store(cache)) == str(weights.resolve())
+    cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, aux=False), ["mlp"])
+    run_training(cache, data, tmp_path / "run", cfg, members)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cache"]["weights_path"] == str(weights.resolve())
+    _, sub = submit(spec_from_options(None, str(tmp_path / "run")), data, tmp_path / "s.csv", progress=False)
+    assert len(sub) == len(pd.read_csv(data / "test.csv"))  # one row per sample_id
+    weights.rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(EnsembleError, match=r"w.safetensors for vit_small_patch16_dinov3 not found.*--weights"):
+        submit(spec_from_options(None, str(tmp_path / "run")), data, tmp_path / "new" / "s.csv", progress=False)

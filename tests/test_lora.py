@@ -21,10 +21,12 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
-from biomass_cache.lora import (LiveDataset, LiveTokens, LoraSettings, add_adapter_groups, adapter_state, base_identity, base_state, build_prefix_cache,
-                                inject_lora, load_checkpoint, lora_command, make_loader, predict_images, run_lora)
-from biomass_cache.targets import TARGETS, ZScore, to_density
-from biomass_cache.train import TrainConfig, build_member, train_step
+from biomass_cache.live import LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
+                                load_checkpoint, lora_command, predict_images, run_lora)
+from biomass_cache.runs import load_head
+from biomass_cache.targets import TARGETS
+from biomass_cache.train import TrainConfig, build_member, fit_zscore, train_step
 
 TINY = dict(depth=4, embed_dim=64, num_heads=2)
 NAME = "vit_small_patch16_dinov3"
@@ -95,9 +97,8 @@ def test_training_moves_adapters_and_never_the_base(data):
     frozen = {k: v.clone() for k, v in base_state(bb.model).items()}
     start = {k: v.detach().clone() for k, v in adapter_state(bb.model).items()}
     live, batch, member = first_step_setup(bb, table, data, None)
-    add_adapter_groups(member, live, 10)
     for _ in range(2):
-        assert train_step(member, batch, live(batch), live) is not None
+        assert train_step(member, batch, live(batch)) is not None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_state(bb.model).values())
     assert any(not torch.equal(start[k], v) for k, v in adapter_state(bb.model).items())
     assert all(torch.equal(frozen[k], v) for k, v in base_state(bb.model).items())
@@ -110,9 +111,8 @@ def first_step_setup(bb, table, data, prefix, s=None):
     aux = AuxSpec.fit(table, rows)
     ds = LiveDataset(table, rows, data, s, train=False, seed=1, aux=aux, prefix=prefix)
     batch = next(iter(make_loader(ds, 8, 0)))
-    zscore = ZScore.fit(to_density(table[list(TARGETS)].to_numpy(float)[rows]))
-    member = build_member("density", train_cfg(mixup=False), live.layers, {"channels": 64, "grid": [2, 4]}, zscore,
-                          aux, 10, seed=3, device=CPU)
+    member = build_member("density", train_cfg(mixup=False), live.layers, {"channels": 64, "grid": [2, 4]},
+                          fit_zscore(table, rows), aux, 10, seed=3, device=CPU, extra_groups=live.param_groups())
     return live, batch, member
 
 
@@ -129,7 +129,7 @@ def test_prefix_cache_matches_live_first_step(data):
     losses = []
     for prefix in (None, store):
         live, batch, member = first_step_setup(bb, table, data, prefix, s)
-        losses.append(train_step(member, batch, live(batch), live))
+        losses.append(train_step(member, batch, live(batch)))
         assert ("hidden" in batch) == (prefix is not None)
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)  # the cache stores float16
 
@@ -168,6 +168,28 @@ def test_reload_refuses_another_base(run, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(adapter_state(live.model).values(), adapter_state(ref.model).values()))
     with pytest.raises(DataError, match="trained on base"):
         load_checkpoint(tmp_path / "ck.json", weights=str(files[1]))
+
+
+def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
+    from biomass_cache.ensemble import EnsembleError, spec_from_options
+    from biomass_cache.submission import submit
+
+    with pytest.raises(DataError, match="a LoRA checkpoint.*lora.load_checkpoint"):
+        load_head(run / "fold0" / "density.json")
+    result, sub = submit(spec_from_options(None, str(run)), data, tmp_path / "submission.csv", progress=False)
+    test = read_long_csv(data / "test.csv")
+    assert result.resolved[0].kind == "lora" and result.stores == [None] and len(sub) == 5 * len(test)
+    folds = [predict_images(run / f"fold{k}" / "density.json", data, test, views=range(4))[:, :3] for k in (0, 1)]
+    np.testing.assert_allclose(result.grams[:, :3], np.mean(folds, axis=0), rtol=1e-6)  # TTA and folds averaged
+    with pytest.raises(EnsembleError, match="mc_dropout.*not LoRA"):
+        submit(spec_from_options(None, str(run), aggregation="mc_dropout"), data, tmp_path / "s.csv", progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["lora"]["weights"] = str(tmp_path / "gone.pth")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EnsembleError, match=r"gone.pth for vit_small_patch16_dinov3 not found.*--weights"):
+        submit(spec_from_options(None, str(moved)), data, tmp_path / "s.csv", progress=False)
 
 
 DDP_ARGS = ["--full", "--epochs", "2", "--batch-size", "4", "--no-pcgrad", "--no-mixup", "--no-aux", "--device",
