@@ -66,19 +66,23 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class AuxHeads(nn.Module):
-    """Height (cm), NDVI (z) and State logits from the mean-pooled tokens of all layers."""
+    """Height (cm), NDVI (z) and State logits from the head's shared features of every layer (B, L, D).
 
-    def __init__(self, n_layers: int, channels: int, aux: dict, dropout: float, height: tuple[float, float]):
+    Reading the features the primary readout uses (not the raw tokens) is what lets the auxiliary tasks shape that
+    representation, and gives PCGrad shared parameters to arbitrate.
+    """
+
+    def __init__(self, n_layers: int, features: int, aux: dict, dropout: float, height: tuple[float, float]):
         super().__init__()
         self.names = [n for n in ("height", "ndvi") if aux[n]]
         self.n_states = aux["n_states"]
         n_out = len(self.names) + self.n_states
-        self.body = nn.Sequential(nn.LayerNorm(n_layers * channels), nn.Dropout(dropout))
-        self.out = nn.Linear(n_layers * channels, n_out)
+        self.body = nn.Sequential(nn.LayerNorm(n_layers * features), nn.Dropout(dropout))
+        self.out = nn.Linear(n_layers * features, n_out)
         self.register_buffer("height_stats", torch.tensor(height, dtype=torch.float32))
 
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = self.out(self.body(tokens.mean(dim=2).flatten(1)))
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = self.out(self.body(features.flatten(1)))
         out: dict[str, torch.Tensor] = {}
         for k, name in enumerate(self.names):
             if name == "height":
@@ -93,9 +97,11 @@ class AuxHeads(nn.Module):
 class FusedHead(nn.Module):
     """Base class: per-layer component predictions, softmax layer fusion in component space, the contract outputs.
 
-    Subclasses implement `layer_components(tokens, return_maps)` returning components (B, L, 3) g/m^2 >= 0 and,
-    when asked and supported, density maps (B, L, 3, rows, cols). The target statistics live in buffers so a
-    checkpoint carries the exact scaling its weights were trained with.
+    Subclasses pass `features` (the width D of their shared per-layer representation) and implement
+    `layer_components(tokens, return_maps)` returning components (B, L, 3) g/m^2 >= 0, density maps
+    (B, L, 3, rows, cols) when asked and supported (else None), and the shared features (B, L, D) that the
+    auxiliary heads read. The target statistics live in buffers so a checkpoint carries the exact scaling its
+    weights were trained with.
     """
 
     name = "base"
@@ -107,6 +113,7 @@ class FusedHead(nn.Module):
         channels: int,
         grid: Sequence[int],
         zscore: ZScore,
+        features: int,
         aux: Mapping[str, Any] | None = None,
         dropout: float = 0.1,
         layers: Sequence[int] | None = None,
@@ -128,7 +135,7 @@ class FusedHead(nn.Module):
         self.register_buffer("target_std", torch.tensor(std, dtype=torch.float32))
         self.fusion_logits = nn.Parameter(torch.zeros(n_layers))
         self.aux_heads = (
-            AuxHeads(n_layers, channels, self.aux, dropout, height_stats(zscore))
+            AuxHeads(n_layers, features, self.aux, dropout, height_stats(zscore))
             if any(self.aux.values()) else None
         )
         self._extra_config: dict[str, Any] = {}
@@ -171,7 +178,10 @@ class FusedHead(nn.Module):
             linear.bias[0] = 0.0
             linear.bias[1:] = torch.log(mean / mean.sum())
 
-    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def layer_components(
+        self, tokens: torch.Tensor, return_maps: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(components (B, L, 3), maps (B, L, 3, rows, cols) or None, shared features (B, L, D))."""
         raise NotImplementedError
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
@@ -183,7 +193,7 @@ class FusedHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, return_maps: bool = False) -> dict[str, torch.Tensor]:
         self.check_tokens(tokens)
-        per_layer, maps = self.layer_components(tokens, return_maps)
+        per_layer, maps, features = self.layer_components(tokens, return_maps)
         weights = torch.softmax(self.fusion_logits, dim=0)
         components = torch.einsum("blk,l->bk", per_layer, weights)
         total = components.sum(dim=-1)
@@ -201,7 +211,7 @@ class FusedHead(nn.Module):
                 raise ValueError(f"the {self.name} head has no density maps (return_maps=True needs 'density')")
             out["density_map"] = torch.einsum("blkhw,l->bkhw", maps, weights)
         if self.aux_heads is not None:
-            out.update(self.aux_heads(tokens))
+            out.update(self.aux_heads(features))
         return out
 
 

@@ -2,6 +2,7 @@
 
 Each patch predicts clover, dead and green in g/m^2 (softplus, in units of the component's training std so the
 network works at O(1) scale); the image value is the patch mean, so the density map explains the prediction.
+The shared features (read by the auxiliary heads) are the per-patch hidden activations, mean-pooled.
 """
 
 from __future__ import annotations
@@ -14,31 +15,37 @@ from heads import register_head
 from heads.common import FusedHead, inverse_softplus, tokens_to_grid
 
 
+class PatchMLP(nn.Module):
+    """One layer's per-patch MLP: `body` gives the hidden features, `out` the three raw densities."""
+
+    def __init__(self, channels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(nn.LayerNorm(channels), nn.Dropout(dropout), nn.Linear(channels, hidden), nn.GELU())
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 3))
+
+
 @register_head("density")
 class DensityHead(FusedHead):
     def __init__(self, *, hidden: int = 256, **common):
-        super().__init__(**common)
+        super().__init__(features=hidden, **common)
         self._set_config(hidden=int(hidden))
-        self.per_layer = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(self.channels), nn.Dropout(self.dropout), nn.Linear(self.channels, hidden), nn.GELU(),
-                nn.Dropout(self.dropout), nn.Linear(hidden, 3),
-            )
-            for _ in range(self.n_layers)
-        )
+        self.per_layer = nn.ModuleList(PatchMLP(self.channels, hidden, self.dropout) for _ in range(self.n_layers))
         start = inverse_softplus(self.components_mean() / self.scale())  # the mean prediction at initialisation
         with torch.no_grad():
             for m in self.per_layer:
-                m[-1].bias.copy_(start)
+                m.out[-1].bias.copy_(start)
 
     def scale(self) -> torch.Tensor:
         return self.target_std[:3]
 
-    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dens = torch.stack([F.softplus(m(tokens[:, l])) for l, m in enumerate(self.per_layer)], dim=1)
+    def layer_components(
+        self, tokens: torch.Tensor, return_maps: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        hidden = [m.body(tokens[:, l]) for l, m in enumerate(self.per_layer)]  # each (B, T, hidden)
+        dens = torch.stack([F.softplus(m.out(h)) for m, h in zip(self.per_layer, hidden)], dim=1)
         dens = dens * self.scale()  # (B, L, T, 3) g/m^2
         maps = None
         if return_maps:
             b, n_layers = dens.shape[:2]
             maps = tokens_to_grid(dens.flatten(0, 1), self.grid).reshape(b, n_layers, 3, *self.grid)
-        return dens.mean(dim=2), maps
+        return dens.mean(dim=2), maps, torch.stack([h.mean(dim=1) for h in hidden], dim=1)

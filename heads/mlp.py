@@ -1,4 +1,7 @@
-"""`mlp`: pooled patch tokens (mean, optionally max and GeM) per layer -> MLP -> total z + ratio logits."""
+"""`mlp`: pooled patch tokens (mean, optionally max and GeM) per layer -> MLP -> total z + ratio logits.
+
+The shared features (read by the auxiliary heads) are the MLP's hidden layer.
+"""
 
 from __future__ import annotations
 
@@ -32,18 +35,17 @@ class PooledMLP(nn.Module):
         self.pools = list(pools)
         self.gem = GeM() if "gem" in self.pools else None
         width = channels * len(self.pools)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden, 4),
-        )
+        self.body = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU())
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 4))
 
     def pool(self, tokens: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "mean":
             return tokens.mean(dim=1)
         return tokens.amax(dim=1) if kind == "max" else self.gem(tokens)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, 4)
-        return self.mlp(torch.cat([self.pool(tokens, p) for p in self.pools], dim=-1))
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, T, C) -> (B, 4), (B, hidden)
+        hidden = self.body(torch.cat([self.pool(tokens, p) for p in self.pools], dim=-1))
+        return self.out(hidden), hidden
 
 
 @register_head("mlp")
@@ -51,7 +53,7 @@ class MLPHead(FusedHead):
     """The simplest readout: a separate pooled-token MLP per layer, fused in component space."""
 
     def __init__(self, *, pools: Sequence[str] = ("mean", "max"), hidden: int = 512, **common):
-        super().__init__(**common)
+        super().__init__(features=hidden, **common)
         bad = [p for p in pools if p not in POOLS]
         if not pools or bad or len(set(pools)) != len(pools):
             raise ValueError(f"mlp head: pools must be distinct names from {list(POOLS)}, got {list(pools)}")
@@ -60,8 +62,8 @@ class MLPHead(FusedHead):
             PooledMLP(self.channels, pools, hidden, self.dropout) for _ in range(self.n_layers)
         )
         for m in self.per_layer:
-            self.init_total_ratio_bias(m.mlp[-1])
+            self.init_total_ratio_bias(m.out[-1])
 
-    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None]:
-        raw = torch.stack([m(tokens[:, l]) for l, m in enumerate(self.per_layer)], dim=1)
-        return self.total_ratio_to_components(raw), None
+    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None, torch.Tensor]:
+        raw, hidden = (torch.stack(x, dim=1) for x in zip(*(m(tokens[:, l]) for l, m in enumerate(self.per_layer))))
+        return self.total_ratio_to_components(raw), None, hidden

@@ -3,6 +3,7 @@
 Levels at scales 2, 1, 1/2, 1/4 of the patch grid (transposed conv up, identity, max-pool down once and twice),
 each projected to `dim` channels (1x1 conv, channel LayerNorm, 3x3 conv, channel LayerNorm) and average-pooled;
 the 4*dim concatenation goes through a wide SiLU bottleneck with strong dropout to total z + ratio logits.
+The shared features (read by the auxiliary heads) are that bottleneck.
 """
 
 from __future__ import annotations
@@ -38,21 +39,20 @@ class SimplePyramid(nn.Module):
         self.proj = nn.ModuleList(
             [projection(channels // 2, dim)] + [projection(channels, dim) for _ in SCALES[1:]]
         )
-        self.mlp = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(len(SCALES) * dim, hidden), nn.SiLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, 4),
-        )
+        self.bottleneck = nn.Sequential(nn.Dropout(dropout), nn.Linear(len(SCALES) * dim, hidden), nn.SiLU())
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 4))
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (B, C, rows, cols) -> (B, 4)
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> (B, 4), bottleneck (B, hidden)
         levels = [self.up(grid), grid, max_pool(grid, 1), max_pool(grid, 2)]
         pooled = [proj(x).mean(dim=(2, 3)) for proj, x in zip(self.proj, levels)]
-        return self.mlp(torch.cat(pooled, dim=-1))
+        hidden = self.bottleneck(torch.cat(pooled, dim=-1))
+        return self.out(hidden), hidden
 
 
 @register_head("vitdet")
 class ViTDetHead(FusedHead):
     def __init__(self, *, dim: int = 512, hidden: int = 4096, dropout: float = 0.5, **common):
-        super().__init__(dropout=dropout, **common)
+        super().__init__(features=hidden, dropout=dropout, **common)
         if self.channels < 2:
             raise ValueError(f"vitdet head needs at least 2 token channels, got {self.channels}")
         self._set_config(dim=int(dim), hidden=int(hidden))
@@ -60,10 +60,9 @@ class ViTDetHead(FusedHead):
             SimplePyramid(self.channels, dim, hidden, self.dropout) for _ in range(self.n_layers)
         )
         for m in self.per_layer:
-            self.init_total_ratio_bias(m.mlp[-1])
+            self.init_total_ratio_bias(m.out[-1])
 
-    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None]:
-        raw = torch.stack(
-            [m(tokens_to_grid(tokens[:, l], self.grid)) for l, m in enumerate(self.per_layer)], dim=1
-        )
-        return self.total_ratio_to_components(raw), None
+    def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None, torch.Tensor]:
+        raw, hidden = (torch.stack(x, dim=1) for x in zip(
+            *(m(tokens_to_grid(tokens[:, l], self.grid)) for l, m in enumerate(self.per_layer))))
+        return self.total_ratio_to_components(raw), None, hidden
