@@ -10,8 +10,8 @@ import sys
 
 import typer
 
+from biomass_cache.cv import train_command
 from biomass_cache.lora import lora_command
-from biomass_cache.train import train_command
 
 if __name__ == "__main__":
     if "--lora" in sys.argv[1:]:

@@ -23,7 +23,8 @@ from biomass_cache.lora import LoraSettings, build_prefix_cache, LiveTokens, inj
 from biomass_cache.backbone import create_backbone
 from biomass_cache.data import read_long_csv
 from biomass_cache.synth import generate
-from biomass_cache.train import TrainConfig, run_training
+from biomass_cache.cv import run_training
+from biomass_cache.train import TrainConfig
 
 N_IMAGES, SIZE, LAYERS, BLOCKS, EPOCHS = 16, (224, 112), [7, 9, 11], 4, 2
 OUT = Path(__file__).parent / "results"

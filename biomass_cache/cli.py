@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import typer
 
+from biomass_cache.cv import train_command
 from biomass_cache.demo import demo_command
 from biomass_cache.extract import extract_command
 from biomass_cache.lora import lora_command
 from biomass_cache.predict import predict_command
-from biomass_cache.store import verify_command
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
-from biomass_cache.train import train_command
+from biomass_cache.verify import verify_command
 
 app = typer.Typer(
     help="Pasture biomass from quadrat photos: frozen DINOv3 tokens cached in Zarr, light heads trained on top.",

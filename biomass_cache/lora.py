@@ -1,6 +1,6 @@
 """The LoRA path: adapt the last K blocks of the frozen DINOv3 backbone with peft adapters, running it live.
 
-Everything but the token source is stage two's (`biomass_cache.train.cross_validate`): heads, losses, mixup,
+Everything but the token source is stage two's (`biomass_cache.cv.cross_validate`): heads, losses, mixup,
 uncertainty weighting, PCGrad, EMA, folds, metrics and the run folder. Here the tokens come from `LiveTokens`, an
 nn.Module whose trainable parameters are the adapters only; it runs either the whole backbone on augmented pixels (a
 fresh view per epoch) or, with a prefix cache (biomass_cache.live), only blocks [depth-K, depth) on the stored hidden
@@ -385,7 +385,7 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
     are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
     "all"). `cfg.batch_size` is the global batch, split evenly over the ranks.
     """
-    from biomass_cache.train import TokenSource, cross_validate
+    from biomass_cache.cv import TokenSource, cross_validate
 
     rank, world, device = init_distributed(cfg.device)
     if cfg.batch_size % world:
@@ -490,6 +490,7 @@ def lora_command(
     no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward, no PCGrad."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw head and adapters."),
     no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
 ) -> None:
     """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
     from biomass_cache.train import load_config, resolve
@@ -499,7 +500,7 @@ def lora_command(
                  workers=workers, head=head)
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
-                                               aux=no_aux).items() if off}
+                                               aux=no_aux, plots=no_plots).items() if off}
     if full:
         overrides["full"] = True
     cfg, _ = resolve(base, [], overrides, None)

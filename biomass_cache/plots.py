@@ -192,7 +192,8 @@ def plot_density_maps(run_dir: Path, data_dir: Path, table: pd.DataFrame, member
 def plot_run(run_dir: str | Path, data_dir: str | Path, store=None) -> list[Path]:
     """Write the run's figures to RUN_DIR/plots/ and return their paths.
 
-    `store` (a TokenStore) is read for the density maps; None opens the cache recorded in config.json.
+    `store` (a TokenStore) is read for the density maps; None opens the cache recorded in config.json (a LoRA
+    run has none: its maps would need the live backbone, so they are left out).
     A missing or malformed input file is a DataError naming it.
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
@@ -207,10 +208,12 @@ def plot_run(run_dir: str | Path, data_dir: str | Path, store=None) -> list[Path
     written.append(plot_pred_vs_true(oof, table, metrics.get("best", "?"), out / "pred_vs_true.png"))
     written.append(plot_fold_scores(metrics, out / "fold_scores.png"))
     member = _density_member(metrics, run_dir)
-    if member is not None:
-        if store is None:
+    if member is not None and store is None:
+        cache = _read_json(run_dir / "config.json").get("cache")  # None for a LoRA run: no cached tokens to map
+        if cache is not None:
             from biomass_cache.store import open_store
 
-            store = open_store(_read_json(run_dir / "config.json")["cache"]["path"])
+            store = open_store(cache["path"])
+    if member is not None and store is not None:
         written.append(plot_density_maps(run_dir, data_dir, table, member, store, out / "density_maps.png"))
     return written

@@ -1,11 +1,8 @@
-"""Stage two: train light readout heads on cached tokens, with grouped cross-validation, in minutes on a CPU.
+"""Stage two's training loop: light readout heads trained on tokens, in minutes on a CPU.
 
 Read top to bottom: configuration -> one head being trained (`Member`) -> one optimisation step -> one fold
-(every member sees the same batches) -> cross-validation and the run folder -> the command line.
-
-Where tokens come from is a small `TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and
-save): here a token cache (`cache_source`); the LoRA path passes a live adapted backbone, whose adapters train with
-the head, and reuses everything else (`cross_validate`).
+(every member sees the same batches). Cross-validation, the token sources, the run folder and the `biomass train`
+command line are in cv.py.
 """
 
 from __future__ import annotations
@@ -16,20 +13,18 @@ import random
 import time
 import tomllib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import typer
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import LABEL_KEYS, AuxSpec, TokenDataset, make_loader, store_rows
-from biomass_cache.folds import grouped_folds, read_folds, write_folds
+from biomass_cache.data import DataError
+from biomass_cache.dataset import LABEL_KEYS, AuxSpec
 from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step,
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
@@ -72,11 +67,12 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers when streaming from disk
     preload: bool | str = "auto"  # keep the tokens in RAM: true | false | "auto" (when they fit)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    plots: bool = True  # write RUN/plots/*.png at the end (plots.plot_run); needs the photos under the data folder
 
 
 # keys every member of a sweep shares (they define the batches); the others may differ per member
 SHARED_KEYS = ("folds", "full", "epochs", "batch_size", "eval_batch_size", "tta", "seed", "device", "threads",
-               "workers", "preload")
+               "workers", "preload", "plots")
 
 
 def _check_keys(d: dict, where: str, allowed: Iterable[str]) -> None:
@@ -188,6 +184,14 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_ratio: float) -> Callabl
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
+
+
+def fit_zscore(table: pd.DataFrame, rows: np.ndarray) -> ZScore:
+    """Areal-density statistics of the training rows (plus height, which scales the height loss, when known)."""
+    x, names = to_density(table[list(TARGETS)].to_numpy(float)[rows]), TARGETS
+    if HEIGHT_NAME in table and np.isfinite(table[HEIGHT_NAME].to_numpy(float)[rows]).sum() > 1:
+        x, names = np.column_stack([x, table[HEIGHT_NAME].to_numpy(float)[rows]]), (*TARGETS, HEIGHT_NAME)
+    return ZScore.fit(x, names)
 
 
 def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature: dict, zscore: ZScore,
@@ -405,251 +409,3 @@ def train_fold(
             history.append(row)
     bar.close()
     return history
-
-
-# ------------------------------------------------------------------------------- cross-validation and run folder
-def fit_zscore(table: pd.DataFrame, rows: np.ndarray) -> ZScore:
-    """Areal-density statistics of the training rows (plus height, which scales the height loss, when known)."""
-    x, names = to_density(table[list(TARGETS)].to_numpy(float)[rows]), TARGETS
-    if HEIGHT_NAME in table and np.isfinite(table[HEIGHT_NAME].to_numpy(float)[rows]).sum() > 1:
-        x, names = np.column_stack([x, table[HEIGHT_NAME].to_numpy(float)[rows]]), (*TARGETS, HEIGHT_NAME)
-    return ZScore.fit(x, names)
-
-
-def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, folds_csv: Path | None,
-                    strict: bool) -> np.ndarray:
-    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds; saved in the run.
-
-    A reused file sets the number of folds; with `strict` (--folds given) it must have exactly `n_folds`.
-    """
-    source = folds_csv or (out / "folds.csv" if (out / "folds.csv").is_file() else None)
-    if source is not None:
-        folds = read_folds(source, table)
-        found = sorted(set(folds.tolist()))
-        if found != list(range(len(found))) or len(found) < 2 or (strict and len(found) != n_folds):
-            raise DataError(f"{source}: has folds {found}; expected 0..K-1 with K >= 2"
-                            + (f" and K = --folds {n_folds}" if strict else ""))
-        tqdm.write(f"using the {len(found)} folds of {source}")
-    else:
-        folds = grouped_folds(table, n_splits=n_folds, seed=seed)
-    write_folds(out / "folds.csv", table, folds)
-    return folds
-
-
-def _table_text(rows: list[tuple[str, dict]]) -> str:
-    cols = ["competition_r2", "log_r2"] + [f"R2 {t.removesuffix('_g')}" for t in TARGETS]
-    lines = [f"{'':<18}" + "".join(f"{c:>15}" for c in cols)]
-    for label, s in rows:
-        vals = [s["competition_r2"], s["log_r2"], *(s["per_target_r2"][t] for t in TARGETS)]
-        lines.append(f"{label:<18}" + "".join(f"{v:>15.4f}" if v is not None else f"{'-':>15}" for v in vals))
-    return "\n".join(lines)
-
-
-def _no_barrier() -> None:
-    """One process: nothing to wait for."""
-
-
-@dataclass
-class TokenSource:
-    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (lora.py).
-
-    The loader factories take (table rows, fold seed, aux encoding) / (rows, aux) and yield batches of the
-    contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
-    trained head's OOF grams (its `meta["tta"]` views); `save(json_path, head, meta)` writes its checkpoint.
-    `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
-    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. Under torchrun, `rank`,
-    `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0 writes files.
-    """
-
-    layers: list[int]  # block indices of the tokens `tokens_fn` returns
-    signature: dict  # {"channels": C, "grid": [rows, cols]}
-    fingerprint: dict  # what determined the tokens (checked when a checkpoint meets a cache)
-    config: dict  # config.json's description of the source (cache or LoRA settings, data, device)
-    device: torch.device
-    train_loader: Callable[[np.ndarray, int, AuxSpec], Iterable[dict]]
-    val_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]]
-    tokens_fn: Callable[[dict], torch.Tensor]
-    predict: Callable[[torch.nn.Module, dict, np.ndarray], np.ndarray]
-    save: Callable[[Path, torch.nn.Module, dict], None] = runs.save_head
-    extra: torch.nn.Module | None = None
-    rank: int = 0
-    barrier: Callable[[], None] = _no_barrier
-    sync: Callable[[list[torch.nn.Parameter]], None] | None = None
-
-
-def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
-                 extract: dict | None = None) -> TokenSource:
-    """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
-    from biomass_cache.extract import stored_weights_path
-
-    layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
-    device = pick_device(cfg.device)
-    bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
-    if bad_tta:
-        raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "
-                        f"{store.path})")
-    signature = {"channels": store.channels, "grid": list(store.grid)}
-
-    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, preload=cfg.preload, aux=aux)
-        return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
-
-    def val_loader(rows: np.ndarray, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, preload=cfg.preload, view=0, aux=aux)
-        return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
-
-    def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
-        views = list(range(store.n_views)) if meta["tta"] == "all" else [meta["tta"]]
-        idx = store_rows(store, list(table["image_id"].iloc[rows]), views)
-        return runs.predict_store(head, meta, store, idx, views=meta["tta"], batch_size=cfg.eval_batch_size,
-                                  device=str(device))
-
-    config = {"extract": extract or {},
-              "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
-                        **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
-                        "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
-              "device": str(device)}
-    return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
-                       lambda b: b["tokens"].to(device, non_blocking=True), predict)
-
-
-def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
-                   members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False) -> dict:
-    """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
-    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds."""
-    if source.extra is not None and len(members_cfg) != 1:
-        raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
-    writer = source.rank == 0
-    truth = table[list(TARGETS)].to_numpy(float)
-    baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
-    out = Path(out)
-    if cfg.full:
-        plan = [("full", -1, np.arange(len(table)), None)]
-    else:
-        if writer:
-            out.mkdir(parents=True, exist_ok=True)
-            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
-        source.barrier()
-        if not writer:
-            folds = read_folds(out / "folds.csv", table)
-        cfg = replace(cfg, folds=int(folds.max()) + 1)
-        members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
-        plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
-                                **source.config, "data": str(data), "torch": torch.__version__})
-
-    oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
-    per_fold: dict[str, dict] = {n: {} for n in members_cfg}
-    history: list[dict] = []
-    for fold_name, k, tr, va in plan:
-        fold_seed = cfg.seed * 1000 + k + 1
-        seed_everything(fold_seed)
-        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)  # the fold's training images only
-        if source.extra is not None:
-            source.extra.reset(fold_seed)
-        train_loader = source.train_loader(tr, fold_seed, aux)
-        val_loader = None if va is None else source.val_loader(va, aux)
-        groups = source.extra.param_groups() if source.extra is not None else ()
-        members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
-                                fold_seed + 7919 * j, source.device, groups)
-                   for j, (n, m) in enumerate(members_cfg.items())]
-        rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
-                          cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
-                          extra=source.extra, baseline_grams=baseline, sync=source.sync)
-        history += [{"fold": fold_name, **r} for r in rows]
-        for m in members:
-            meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
-                    "aux": aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
-                    **source.signature, "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(tr),
-                    "skipped_steps": m.skipped}
-            with ema_weights(m):
-                if va is not None:
-                    oof[m.name][va] = source.predict(m.eval_head, meta, va)
-                    per_fold[m.name][fold_name] = meta["metrics"] = scores(truth[va], oof[m.name][va], baseline)
-                if writer:
-                    source.save(out / fold_name / f"{m.name}.json", m.eval_head.cpu(), meta)
-        if writer:
-            runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
-    source.barrier()
-
-    if cfg.full:
-        metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
-        if writer:
-            runs.write_metrics(out, metrics)
-            tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
-        return metrics
-    pooled = {n: scores(truth, oof[n]) for n in members_cfg}
-    ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
-    heads_metrics = {n: {**pooled[n], "folds": per_fold[n]} for n in members_cfg}
-    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
-    if not writer:
-        return metrics
-    for n in members_cfg:
-        runs.write_oof(out / f"oof_{n}.csv", table["image_id"], oof[n])
-    runs.write_oof(out / "oof.csv", table["image_id"], oof[ranking[0]])
-    runs.write_metrics(out, metrics)
-    for n in ranking:
-        tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
-    if len(ranking) > 1:
-        tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
-    tqdm.write(f"\nrun folder: {out}")
-    return metrics
-
-
-def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
-                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False) -> dict:
-    """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
-    from biomass_cache.store import open_store
-
-    store = open_store(cache)
-    table = read_long_csv(Path(data) / "train.csv", check_images=False)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    source = cache_source(store, table, cfg, members_cfg, extract)
-    if store.random_weights:
-        tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def train_command(
-    cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
-    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (a folds.csv in it is reused)."),
-    head: Optional[str] = typer.Option(None, "--head", help="Head name(s), comma-separated: trained side by side."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Number of grouped folds (5)."),
-    folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
-    full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (20)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the heads (2e-3)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, views, init and mixup (0)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (auto)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers when streaming (2)."),
-    preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
-                                           help="Keep the tokens in RAM (auto: when they fit)."),
-    no_mixup: bool = typer.Option(False, "--no-mixup", help="Ablation: no manifold mixup."),
-    no_uw: bool = typer.Option(False, "--no-uw", help="Ablation: plain sum of task losses."),
-    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward, no PCGrad."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw weights."),
-    no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
-) -> None:
-    """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
-
-    Options left out take the --config file's value, else the default shown in parentheses.
-    """
-    base, sweep, extract = load_config(config)
-    overrides = {k: v for k, v in dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                       device=device, workers=workers, preload=preload).items() if v is not None}
-    overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
-                                               aux=no_aux).items() if off}
-    if full:
-        overrides["full"] = True
-    heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
-    cfg, members = resolve(base, sweep, overrides, heads)
-    run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                 strict_folds=folds is not None or "folds" in base)

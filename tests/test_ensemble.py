@@ -76,7 +76,8 @@ def pipeline(tmp_path_factory):
     """Synthetic data -> tiny random ViT train cache -> 3-fold density + mlp heads (about 20 s on 2 cores)."""
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve, run_training
+    from biomass_cache.cv import run_training
+    from biomass_cache.train import resolve
 
     root = tmp_path_factory.mktemp("pipeline")
     data = root / "data"
@@ -186,7 +187,8 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     from biomass_cache.extract import ExtractConfig, extract, stored_weights_path
     from biomass_cache.store import open_store
     from biomass_cache.submission import submit
-    from biomass_cache.train import resolve, run_training
+    from biomass_cache.cv import run_training
+    from biomass_cache.train import resolve
 
     _, data, _ = pipeline
     weights = tmp_path / "w.safetensors"

@@ -137,7 +137,10 @@ def test_prefix_cache_matches_live_first_step(data):
 def test_run_folder_checkpoint_and_reload(run, data):
     names = sorted(p.name for p in run.iterdir())
     assert names == ["config.json", "fold0", "fold1", "folds.csv", "history.csv", "metrics.json", "oof.csv",
-                     "oof_density.csv"]
+                     "oof_density.csv", "plots"]
+    # a LoRA run has no cached tokens for density maps: the other figures only
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["fold_scores.png", "learning_curves.png",
+                                                                  "pred_vs_true.png"]
     file = run / "fold0" / "density.safetensors"
     tensors = load_file(file)
     assert all(k.startswith("head.") or (k.startswith("backbone.") and "lora_" in k) for k in tensors)

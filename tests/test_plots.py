@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from biomass_cache.cv import run_training
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.plots import plot_run
 from biomass_cache.store import open_store
-from biomass_cache.train import resolve, run_training
+from biomass_cache.train import resolve
 from test_dataset import make_toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
