@@ -33,6 +33,7 @@ from zarr.storage import LocalStore
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biomass_cache import store as st  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.token_codec import decode  # noqa: E402
 
 LAYERS, GRID, C = [3, 6, 9], (60, 30), 384
 T = GRID[0] * GRID[1]
@@ -70,7 +71,7 @@ def disk_bytes(path: Path) -> int:
 
 
 def f16(x: np.ndarray) -> np.ndarray:
-    return st._decode(x, None, "float16")
+    return decode(x, None, "float16")
 
 
 def make_store(path: Path, n: int, views: int, pool: list[np.ndarray], dtype="float16", codec="none",

@@ -11,6 +11,9 @@ Layout (plain `zarr.open_group(path)` reads everything; every fact a reader need
 Every data array is sharded one shard file per image (race-free: extraction splits work by image) with CRC32C
 checksums on every inner chunk and on the shard index. Unwritten samples read as NaN (fill values), never as zeros.
 Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`.
+
+Beside this module: token_codec.py (the exact value encoding), shard_reader.py (fast reads of uncompressed
+shards), verify.py (`biomass verify`, reading every chunk back).
 """
 
 from __future__ import annotations
@@ -18,21 +21,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import google_crc32c
 import numpy as np
 import torch
-import typer
 import zarr
-from tqdm import tqdm
-from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation,
-                         ZstdCodec)
-from zarr.codecs.bytes import Endian
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
+
+from biomass_cache.shard_reader import ShardError, ShardGeometry, read_inner_chunks
+from biomass_cache.token_codec import CodecError, decode, encode
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "int8")
@@ -50,7 +50,6 @@ DEFAULT_CODEC = "none"
 LAYOUTS = ("image/layer", "image/sample", "sample/layer")
 DEFAULT_LAYOUT = "image/layer"
 BF16_NAN_BITS = 0x7FC0
-_NO_CHUNK = 2**64 - 1  # shard index offset of an absent inner chunk
 REQUIRED_ATTRS = ("fingerprint", "image_ids", "split", "grid", "layers", "n_views", "channels", "n_prefix",
                   "storage_dtype", "random_weights", "bad_ids", "format_version")
 # Stored dtype and fill value per storage dtype; the fill marks never-written data (NaN once decoded).
@@ -79,20 +78,6 @@ class StoreSpec:
     dtype: str = "float16"
     n_prefix: int = 0
     random_weights: bool | None = None
-
-
-@dataclass
-class VerifyReport:
-    """Result of `verify`. Images marked bad are listed in `bad`, not in `missing`."""
-
-    path: Path
-    n_samples: int
-    n_done: int
-    missing: list[tuple[str, int]]
-    corrupt: list[tuple[str, str]]
-    ok: bool
-    bad: dict[str, str] = field(default_factory=dict)
-    stray: list[str] = field(default_factory=list)  # temp files of writes killed midway (harmless)
 
 
 def _as_json(obj: Any, what: str) -> Any:
@@ -289,7 +274,7 @@ class TokenStore:
                 raise StoreError(f"{path}: array {name!r} has shape {getattr(arr, 'shape', None)}, "
                                  f"attributes say {shape}")
             self._arrays[name] = arr.with_config(_WRITE_CONFIG)
-        self._geometry = {name: _Geometry.of(arr) for name, arr in self._arrays.items() if name != "done"}
+        self._geometry = {name: ShardGeometry.of(arr) for name, arr in self._arrays.items() if name != "done"}
         self._layer_pos = {b: k for k, b in enumerate(attrs["layers"])}
         self._done_cache: np.ndarray | None = None
 
@@ -322,6 +307,11 @@ class TokenStore:
             raise StoreError(f"{self.path}: this store was extracted with a different configuration: "
                              + "; ".join(diff) + " (use --overwrite to replace it, or another --out)")
 
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """The zarr arrays by name (`done` included), for checks that decode them raw (verify.py)."""
+        return dict(self._arrays)
+
     def nbytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
@@ -353,7 +343,10 @@ class TokenStore:
         for name, x, shape in parts:
             if tuple(x.shape) != shape:
                 raise StoreError(f"{where}: {name} has shape {tuple(x.shape)}, expected {shape}")
-            encoded.append((name, *_encode(x, self.storage_dtype, f"{name} of {where}")))
+            try:
+                encoded.append((name, *encode(x, self.storage_dtype, f"{name} of {where}")))
+            except CodecError as e:  # not storable faithfully: NaN/inf, beyond the float16 range, ...
+                raise StoreError(str(e)) from e
         sel = (i, views) if isinstance(views, slice) else (i, slice(views, views + 1))
         for name, data, scales in encoded:
             self._arrays[name][sel] = data
@@ -364,7 +357,7 @@ class TokenStore:
         if self._done_cache is not None:
             self._done_cache[sel] = True
 
-    def _shard_path(self, name: str, i: int, view: int) -> Path:
+    def shard_path(self, name: str, i: int, view: int) -> Path:
         """The shard file holding sample (i, view) of array `name`."""
         g = self._geometry[name]
         return self.path / name / g.key((i, view // g.views_per_shard) + (0,) * (g.ndim - 2))
@@ -372,7 +365,7 @@ class TokenStore:
     def _fsync_shards(self, i: int, views: Sequence[int]) -> None:
         """LocalStore writes each shard to a temp file and renames it (atomic) but never fsyncs: do it here, so
         `done` never outlives the data it vouches for, even across a power cut."""
-        files = {self._shard_path(name, i, v) for name in self._geometry for v in views}
+        files = {self.shard_path(name, i, v) for name in self._geometry for v in views}
         for f in sorted(files) + sorted({f.parent for f in files}):
             _fsync(f)
 
@@ -391,25 +384,28 @@ class TokenStore:
         self._check_index(i, view)
         self._check_done(i, view)
         pos = self._layer_positions(layers)
-        data = self._read_stored(name, i, view, pos)
-        scales = self._read_stored(SCALES_OF[name], i, view, pos) if self.storage_dtype == "int8" else None
-        return _decode(data, scales, self.storage_dtype)
+        try:
+            data = self._read_stored(name, i, view, pos)
+            scales = self._read_stored(SCALES_OF[name], i, view, pos) if self.storage_dtype == "int8" else None
+        except ShardError as e:  # missing, truncated or corrupt shard file
+            raise StoreError(str(e)) from e
+        return decode(data, scales, self.storage_dtype)
 
     def _read_stored(self, name: str, i: int, view: int, pos: list[int]) -> np.ndarray:
-        """Stored values (len(pos), ...) of one sample. Uncompressed shards are read by `_read_inner_chunks`
+        """Stored values (len(pos), ...) of one sample. Uncompressed shards are read by `read_inner_chunks`
         (a tenth of the overhead of zarr's async pipeline, measured); anything else goes through zarr."""
         arr, g = self._arrays[name], self._geometry[name]
         if not g.plain:
             if pos == list(range(pos[0], pos[0] + len(pos))):
                 return arr[i, view, pos[0]: pos[0] + len(pos)]
             return arr.get_orthogonal_selection((i, view, pos))
-        path, v, rest = self._shard_path(name, i, view), view % g.views_per_shard, (0,) * (g.ndim - 3)
+        path, v, rest = self.shard_path(name, i, view), view % g.views_per_shard, (0,) * (g.ndim - 3)
         if g.layers_per_chunk == 1:  # read just the wanted layers
             out = np.empty((len(pos), *arr.shape[3:]), arr.dtype)
-            _read_inner_chunks(path, g.grid, [(0, v, p, *rest) for p in pos], list(out))
+            read_inner_chunks(path, g.grid, [(0, v, p, *rest) for p in pos], list(out))
             return out
         out = np.empty(arr.shape[2:], arr.dtype)  # one inner chunk holds all layers of the view
-        _read_inner_chunks(path, g.grid, [(0, v, 0, *rest)], [out])
+        read_inner_chunks(path, g.grid, [(0, v, 0, *rest)], [out])
         return out if pos == list(range(len(out))) else out[pos]
 
     def _layer_positions(self, layers: Sequence[int] | None) -> list[int]:
@@ -475,196 +471,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """How an array's samples map to shard files and inner chunks, and whether `_read_inner_chunks` can read it:
-    uncompressed inner chunks and index (raw little-endian bytes, each followed by its CRC32C), index at the end of
-    the shard, as the Zarr v3 sharding spec lays them out."""
-
-    ndim: int
-    views_per_shard: int
-    layers_per_chunk: int
-    grid: tuple[int, ...]  # inner chunks per shard
-    plain: bool
-    key: Any  # chunk coordinates -> key relative to the array folder
-
-    @classmethod
-    def of(cls, arr: zarr.Array) -> _Geometry:
-        codec = arr.metadata.codecs[0]
-        plain = (sys.byteorder == "little" and len(arr.metadata.codecs) == 1 and isinstance(codec, ShardingCodec)
-                 and [type(c) for c in codec.codecs] == [type(c) for c in codec.index_codecs]
-                 == [BytesCodec, Crc32cCodec] and codec.codecs[0].endian in (None, Endian.little)
-                 and codec.index_location == ShardingCodecIndexLocation.end)
-        shards = arr.shards or arr.chunks
-        return cls(arr.ndim, shards[1], arr.chunks[2], tuple(s // c for s, c in zip(shards, arr.chunks)), plain,
-                   arr.metadata.encode_chunk_key)
-
-
-def _read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int, ...]],
-                       out: list[np.ndarray]) -> None:
-    """Read inner chunks (coordinates within the shard) of one shard file straight into `out`, one preadv per run
-    of adjacent chunks, checking the CRC32C of the index and of every chunk as zarr does."""
-    n_index = int(np.prod(grid)) * 16
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: shard file missing for a sample marked done") from None
-    try:
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, n_index + 4, size - n_index - 4) if size >= n_index + 4 else b""
-        _check_crc(raw[:-4], raw[-4:], path, "shard index")
-        index = np.frombuffer(raw, "<u8", count=n_index // 8).reshape(*grid, 2)
-        chunks = sorted((int(index[c][0]), int(index[c][1]), c, target) for c, target in zip(coords, out))
-        crcs = [bytearray(4) for _ in chunks]
-        run: list[int] = []
-        for k, (offset, length, c, target) in enumerate(chunks):
-            if offset == _NO_CHUNK or length != target.nbytes + 4:
-                raise StoreError(f"{path}: inner chunk {c} missing or of the wrong size")
-            run.append(k)
-            if k + 1 == len(chunks) or chunks[k + 1][0] != offset + length:  # end of a run of adjacent chunks
-                start = chunks[run[0]][0]
-                buffers = [b for j in run for b in (chunks[j][3], crcs[j])]
-                if os.preadv(fd, buffers, start) != offset + length - start:
-                    raise StoreError(f"{path}: truncated shard")
-                run = []
-        for (_, _, c, target), crc in zip(chunks, crcs):
-            _check_crc(target, crc, path, f"inner chunk {c}")
-    finally:
-        os.close(fd)
-
-
-def _check_crc(data: bytes | np.ndarray, crc: bytes | bytearray, path: Path, what: str) -> None:
-    if len(crc) != 4 or google_crc32c.value(data) != int.from_bytes(crc, "little"):
-        raise StoreError(f"{path}: {what} is corrupt (CRC32C mismatch)")
-
-
-def _encode(x: np.ndarray | torch.Tensor, dtype: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float input -> (stored array, per-token scales or None). Casts on the input's device (a GPU tensor crosses
-    to the host at storage width); non-finite values are refused, never stored."""
-    t = torch.as_tensor(x).detach()
-    if not t.is_floating_point():
-        raise StoreError(f"{what}: expected floating point tokens, got {t.dtype}")
-    if not _finite(t):
-        raise StoreError(f"{what}: contains NaN or inf")
-    if dtype == "float16":
-        out = t.to(torch.float16)
-        if not _finite(out):
-            raise StoreError(f"{what}: values beyond the float16 range (max |x| = {t.abs().max().item():.4g}); "
-                             "use --dtype bfloat16")
-        return out.cpu().numpy(), None
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
-    t = t.float()
-    scale = t.abs().amax(dim=-1) / 127.0
-    q = torch.round(t / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q.cpu().numpy(), scale.cpu().numpy()
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """All finite, by one min/max reduction (NaN propagates): far cheaper than isfinite(t).all() (measured)."""
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _decode(data: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
-    """Stored values -> float32, exactly. torch casts float16 10x faster than numpy here (F16C; measured)."""
-    t = torch.from_numpy(data.view(np.int16) if dtype == "bfloat16" else data)
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    out = t.float()
-    if dtype == "int8":
-        out *= torch.from_numpy(scales)[..., None]
-    return out.numpy()
-
-
-# ---- verification ----------------------------------------------------------------------------------------------
-def verify(path: str | Path, progress: bool = True) -> VerifyReport:
-    """Read every chunk back: corrupt = fails to decode or its checksum, or holes in a done sample;
-    missing = samples not marked done (images marked bad are reported apart)."""
-    store = open_store(path)
-    ids, bad = store.image_ids, store.bad_ids
-    corrupt: list[tuple[str, str]] = []
-    missing: list[tuple[str, int]] = []
-    n_done = 0
-    for i in tqdm(range(len(ids)), desc="verify", unit="img", disable=not progress):
-        done = _verify_done_row(store, i, corrupt)
-        n_done += int(done.sum())
-        missing += [(ids[i], int(v)) for v in np.flatnonzero(~done) if ids[i] not in bad]
-        for name in store._geometry:
-            data = _verify_image(store, name, i, corrupt)
-            for v in np.flatnonzero(done) if data is not None else []:
-                if _is_unwritten(data[v]):
-                    corrupt.append((_key(store, name, i, v), f"view {v} of image {ids[i]!r} is marked done but "
-                                                             "has unwritten data"))
-    stray = sorted(str(p.relative_to(store.path)) for p in store.path.rglob("*.partial"))
-    return VerifyReport(store.path, len(ids) * store.n_views, n_done, missing, corrupt,
-                        ok=not missing and not corrupt, bad=bad, stray=stray)
-
-
-def _verify_done_row(store: TokenStore, i: int, corrupt: list) -> np.ndarray:
-    arr = store._arrays["done"]
-    try:
-        return np.asarray(arr[i], dtype=bool)
-    except Exception as e:  # a corrupt chunk may fail in any codec: report it, whatever it is
-        corrupt.append((f"done/{arr.metadata.encode_chunk_key((i, 0))}", f"{type(e).__name__}: {e}"))
-        return np.zeros(store.n_views, dtype=bool)
-
-
-def _key(store: TokenStore, name: str, i: int, view: int) -> str:
-    return str(store._shard_path(name, i, view).relative_to(store.path))
-
-
-def _verify_image(store: TokenStore, name: str, i: int, corrupt: list) -> np.ndarray | None:
-    """Decode all of image i through zarr; on failure, inner chunk by inner chunk to name the broken ones."""
-    arr, g = store._arrays[name], store._geometry[name]
-    try:
-        return arr[i]
-    except Exception as e:  # a corrupt chunk may fail in any codec: report it, whatever it is
-        image_error = f"{type(e).__name__}: {e}"
-    broken = []
-    for v in range(store.n_views):
-        for start in range(0, arr.shape[2], g.layers_per_chunk):
-            try:
-                arr[i, v, start: start + g.layers_per_chunk]
-            except Exception as e:
-                broken.append((f"{_key(store, name, i, v)} (view {v}, layers from position {start})",
-                               f"{type(e).__name__}: {e}"))
-    corrupt.extend(broken or [(f"{name} image {i}", image_error)])
-    return None
-
-
-def _is_unwritten(x: np.ndarray) -> bool:
-    """Fill values of a never-written chunk: NaN, or bfloat16 NaN bits (int8 holes show in their float scales)."""
-    if x.dtype == np.uint16:
-        return bool((x == BF16_NAN_BITS).any())
-    return x.dtype.kind == "f" and bool(np.isnan(x).any())
-
-
-def verify_command(
-    store: Path = typer.Argument(..., help="Path of the token store (a .zarr folder) to check."),
-) -> None:
-    """Read back every chunk of a token store; report corrupt chunks and samples not extracted.
-
-    Exits with status 1 when any sample is missing or any chunk is corrupt.
-    """
-    try:
-        report = verify(store)
-    except StoreError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"{report.path}: {report.n_done}/{report.n_samples} samples done, {len(report.missing)} missing, "
-               f"{len(report.corrupt)} corrupt chunk(s), {len(report.bad)} image(s) marked bad")
-    for iid, v in report.missing[:20]:
-        typer.echo(f"  missing: image {iid!r} view {v}")
-    for key, err in report.corrupt[:20]:
-        typer.echo(f"  corrupt: {key}: {err}")
-    for iid, reason in list(report.bad.items())[:20]:
-        typer.echo(f"  bad: image {iid!r}: {reason}")
-    if report.stray:
-        typer.echo(f"  {len(report.stray)} leftover temp file(s) of interrupted writes (harmless), e.g. "
-                   f"{report.stray[0]}")
-    typer.echo("OK" if report.ok else "FAILED")
-    if not report.ok:
-        raise typer.Exit(1)

@@ -18,7 +18,9 @@ import zarr
 from typer.testing import CliRunner
 
 from biomass_cache import store as st
-from biomass_cache.store import StoreError, StoreSpec, create_store, fingerprint_diff, open_store, verify
+from biomass_cache.shard_reader import ShardGeometry
+from biomass_cache.store import StoreError, StoreSpec, create_store, fingerprint_diff, open_store
+from biomass_cache.verify import verify, verify_command
 
 LAYERS = [2, 5, 7]
 GRID = (3, 4)
@@ -85,7 +87,7 @@ def test_every_layout_reads_what_zarr_decodes(tmp_path, codec, layout):
     x = tokens(2, seed=12)
     s.write_image(1, x, x[:, :, :5])
     g = zarr.open_group(s.path, mode="r")
-    assert st._Geometry.of(g["tokens"]).plain == (codec == "none")
+    assert ShardGeometry.of(g["tokens"]).plain == (codec == "none")
     for layers, pos in [(None, [0, 1, 2]), ([7], [2]), ([7, 2], [2, 0])]:
         want = (g["tokens"][1, 1][pos].astype(np.uint32) << 16).view(np.float32)
         np.testing.assert_array_equal(s.read(1, 1, layers), want)
@@ -97,7 +99,7 @@ def test_every_layout_reads_what_zarr_decodes(tmp_path, codec, layout):
 def test_read_detects_corruption(tmp_path):
     s = create_store(tmp_path / "s.zarr", spec())
     s.write_image(0, tokens(2))
-    shard = s._shard_path("tokens", 0, 0)
+    shard = s.shard_path("tokens", 0, 0)
     raw = bytearray(shard.read_bytes())
     raw[50] ^= 0x01  # inside the first inner chunk, (view 0, layer 0), in every layout
     shard.write_bytes(bytes(raw))
@@ -223,7 +225,7 @@ def test_verify_reports_corrupt_and_missing(tmp_path):
     s.mark_bad("ID2", "truncated jpeg")
     s._arrays["done"][2] = False
     s._arrays["done"][1, 1] = False
-    shard = s._shard_path("tokens", 0, 0)
+    shard = s.shard_path("tokens", 0, 0)
     raw = bytearray(shard.read_bytes())
     raw[chunk_offset(s, "tokens", raw, view=0, layer=1) + 100] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -251,7 +253,7 @@ def _app():
     import typer
 
     app = typer.Typer()
-    app.command()(st.verify_command)
+    app.command()(verify_command)
     return app
 
 

@@ -1,0 +1,53 @@
+"""How token values are stored: float16, bfloat16 as its raw uint16 bits, or int8 with a per-token scale.
+
+`encode` refuses what it cannot store faithfully (NaN, inf, values beyond the float16 range); `decode` gives
+the stored values back as float32, exactly. The token store (store.py) writes and reads through these two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class CodecError(ValueError):
+    """Tokens that cannot be stored faithfully (the store reports it as a StoreError)."""
+
+
+def encode(x: np.ndarray | torch.Tensor, dtype: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float input -> (stored array, per-token scales or None). Casts on the input's device (a GPU tensor crosses
+    to the host at storage width); non-finite values are refused, never stored."""
+    t = torch.as_tensor(x).detach()
+    if not t.is_floating_point():
+        raise CodecError(f"{what}: expected floating point tokens, got {t.dtype}")
+    if not _finite(t):
+        raise CodecError(f"{what}: contains NaN or inf")
+    if dtype == "float16":
+        out = t.to(torch.float16)
+        if not _finite(out):
+            raise CodecError(f"{what}: values beyond the float16 range (max |x| = {t.abs().max().item():.4g}); "
+                             "use --dtype bfloat16")
+        return out.cpu().numpy(), None
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+    t = t.float()
+    scale = t.abs().amax(dim=-1) / 127.0
+    q = torch.round(t / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.cpu().numpy(), scale.cpu().numpy()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All finite, by one min/max reduction (NaN propagates): far cheaper than isfinite(t).all() (measured)."""
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def decode(data: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
+    """Stored values -> float32, exactly. torch casts float16 10x faster than numpy here (F16C; measured)."""
+    t = torch.from_numpy(data.view(np.int16) if dtype == "bfloat16" else data)
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    out = t.float()
+    if dtype == "int8":
+        out *= torch.from_numpy(scales)[..., None]
+    return out.numpy()
