@@ -5,14 +5,13 @@ views, the main process runs the forward pass (bf16 autocast on CUDA, fp32 on CP
 bounded queue encode and write each image's shard. The store marks a sample done only after its data is on disk,
 so an interrupted run resumes exactly where it stopped. Under torchrun the images are split across ranks (all views
 of an image on one rank, the store's race-free rule); rank 0 creates the store and finalises its attributes.
+The ranks and the writer threads are in extract_parallel.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from biomass_cache import __version__
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
 from biomass_cache.data import DataError, load_image, read_long_csv
+from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device
 from biomass_cache.store import STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store
 from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, make_view, parse_size, validate_size
 
@@ -136,70 +136,10 @@ def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], 
     }
 
 
-# ---- distributed -------------------------------------------------------------------------------------------------
-@dataclass
-class _Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this run initialised the process group (and so destroys it)
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def _init_ranks(device_name: str) -> _Ranks:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Ranks()
-    ranks = _Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        cuda = _resolve_device(device_name, ranks.local_rank).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(ranks.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        ranks.owns_group = True
-    return ranks
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is visible (use --device cpu or auto)")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 # ---- data --------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Item:
-    """One image to extract: its row in the store and the views still missing."""
-
-    index: int
-    image_id: str
-    path: Path
-    views: tuple[int, ...]
-
-
 @dataclass
 class _Loaded:
-    item: _Item
+    item: Item
     pixels: Optional[torch.Tensor]  # (len(views), 3, H, W), None when the image could not be read
     error: Optional[str] = None
 
@@ -208,7 +148,7 @@ class _ViewsDataset(Dataset):
     """Decodes one image and builds its missing views (in a DataLoader worker). A corrupt or missing file comes
     back as an error marker instead of killing the worker, so the main process can name it or skip it."""
 
-    def __init__(self, items: list[_Item], cfg: ExtractConfig):
+    def __init__(self, items: list[Item], cfg: ExtractConfig):
         self.items, self.cfg = items, cfg
 
     def __len__(self) -> int:
@@ -233,50 +173,6 @@ def _collate(batch: list[_Loaded]) -> dict[str, Any]:
     }
 
 
-# ---- writing -----------------------------------------------------------------------------------------------------
-class _Writer:
-    """Writer threads behind a bounded queue. A failure is kept and re-raised in the main thread; after one, the
-    threads keep draining (without writing) so the producer never blocks on a full queue."""
-
-    def __init__(self, store: TokenStore, n_threads: int, max_jobs: int):
-        self.store, self.error = store, None
-        self.jobs: queue.Queue = queue.Queue(max_jobs)
-        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"store-writer-{k}")
-                        for k in range(n_threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    self._write(*job)
-                except BaseException as e:  # re-raised by the main thread
-                    self.error = e
-
-    def _write(self, item: _Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
-        if len(item.views) == self.store.n_views:
-            self.store.write_image(item.index, tokens, prefix)
-        else:  # an image some of whose views another run already wrote
-            for k, v in enumerate(item.views):
-                self.store.write(item.index, v, tokens[k], None if prefix is None else prefix[k])
-
-    def put(self, item: _Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
-        self.check()
-        self.jobs.put((item, tokens, prefix))
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Let the queued writes finish (they are complete images), then stop the threads."""
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
-
-
 # ---- the run -----------------------------------------------------------------------------------------------------
 def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     """Extract every missing (image, view) of `cfg.split` into `cfg.out`; returns the closing summary.
@@ -285,7 +181,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     `cfg.overwrite`) and appends images that are new in the CSV. Works alone or under torchrun.
     """
     start = time.perf_counter()
-    ranks = _init_ranks(cfg.device)
+    ranks = init_ranks(cfg.device)
     try:
         return _extract(cfg, ranks, progress, start)
     finally:
@@ -293,9 +189,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _extract(cfg: ExtractConfig, ranks: _Ranks, progress: bool, start: float) -> dict[str, Any]:
+def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float) -> dict[str, Any]:
     say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
-    device = _resolve_device(cfg.device, ranks.local_rank)
+    device = resolve_device(cfg.device, ranks.local_rank)
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, overrides=cfg.overrides)
     layers = resolve_layers(cfg.layers if cfg.layers is not None else default_layers(backbone.depth), backbone.depth)
     grid = (cfg.size[1] // backbone.patch_size, cfg.size[0] // backbone.patch_size)
@@ -377,7 +273,7 @@ def stored_weights_path(store: TokenStore) -> str | None:
     return zarr.open_group(store.path, mode="r").attrs.get("weights_path")
 
 
-def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[_Item], int, int]:
+def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[Item], int, int]:
     """Images with views not yet done (store order), the number of done samples, and images skipped as bad."""
     done, bad = store.done(), store.bad_ids
     paths = dict(zip(table["image_id"], table["image_path"]))
@@ -389,12 +285,12 @@ def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[_Item], int
         if image_id in bad:
             skipped += 1
             continue
-        items.append(_Item(i, image_id, data_dir / paths[image_id], views))
+        items.append(Item(i, image_id, data_dir / paths[image_id], views))
     return items, int(done.sum()), skipped
 
 
-def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: TokenStore, items: list[_Item],
-         device: torch.device, ranks: _Ranks, progress: bool) -> dict[str, Any]:
+def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: TokenStore, items: list[Item],
+         device: torch.device, ranks: Ranks, progress: bool) -> dict[str, Any]:
     """The overlapped decode -> forward -> write loop over this rank's images."""
     backbone.model.to(device)
     loader = DataLoader(_ViewsDataset(items, cfg), batch_size=max(1, cfg.batch_size // cfg.views), shuffle=False,
@@ -403,7 +299,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
     counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    writer = _Writer(store, WRITER_THREADS, QUEUE_BATCHES * max(1, cfg.batch_size // cfg.views))
+    writer = Writer(store, WRITER_THREADS, QUEUE_BATCHES * max(1, cfg.batch_size // cfg.views))
     bar = tqdm(total=sum(len(it.views) for it in items), unit="view", disable=not progress, dynamic_ncols=True,
                desc=f"extract {cfg.split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""))
     try:
