@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.lora import LoraSettings, build_prefix_cache, LiveTokens, inject_lora, run_lora
+from biomass_cache.live import build_prefix_cache
+from biomass_cache.lora import LiveTokens, LoraSettings, inject_lora, run_lora
 from biomass_cache.backbone import create_backbone
 from biomass_cache.data import read_long_csv
 from biomass_cache.synth import generate

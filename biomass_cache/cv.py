@@ -245,7 +245,7 @@ def train_command(
     folds: Optional[int] = typer.Option(None, "--folds", help="Number of grouped folds (5)."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
     full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (20)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (60)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (16)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the heads (2e-3)."),

@@ -460,7 +460,7 @@ def lora_command(
     folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds [config, 5]."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
     full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [config, 30]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [config, 60]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
     lora_blocks: Optional[int] = typer.Option(None, "--lora-blocks", help="Adapt the last K blocks [4]."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank [8]."),

@@ -383,6 +383,22 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)  # rename(2) replaces a missing or empty directory
 
 
+def colour_features(path: Path) -> np.ndarray:
+    """Mean/std of RGB and HSV plus the share of green, brown, dark-soil and straw-like pixels of a photo.
+
+    The simple baseline the pictures are checked against (tests) and that heads must beat (bench_heads.py).
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        rgb = np.asarray(im, np.float32).reshape(-1, 3) / 255
+        hsv = np.asarray(im.convert("HSV"), np.float32).reshape(-1, 3) / 255
+    r, g, b = rgb.T
+    green, brown = (g > r) & (g > b), (r > g) & (g > b)
+    soil = brown & (hsv[:, 2] < 0.5)
+    return np.concatenate([rgb.mean(0), rgb.std(0), hsv.mean(0), hsv.std(0),
+                           [green.mean(), brown.mean(), soil.mean(), (brown & ~soil).mean()]])
+
+
 def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0, size: tuple[int, int] = (1000, 500),
              progress: bool = True, overwrite: bool = False) -> dict:
     """Write a complete synthetic Kaggle-format data folder at out_dir, atomically; return a summary.

@@ -43,7 +43,7 @@ class TrainConfig:
     layers: list[int] = field(default_factory=list)  # cached block indices to read; empty = all of them
     folds: int = 5
     full: bool = False  # train one model on all images instead of cross-validating
-    epochs: int = 20
+    epochs: int = 60  # the heads need several hundred steps (benchmarks/bench_heads.py)
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float = 2e-3

@@ -13,7 +13,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from typer.testing import CliRunner
 
 from biomass_cache.data import read_long_csv
-from biomass_cache.synth import generate, parse_size, sample_labels, synth_command
+from biomass_cache.synth import colour_features, generate, parse_size, sample_labels, synth_command
 from biomass_cache.targets import TARGETS
 
 TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",
@@ -133,23 +133,12 @@ def test_groups_scale_with_n():
             assert groups.max() >= 3 * groups.min()  # very unequal
 
 
-def _colour_features(path: Path) -> np.ndarray:
-    im = Image.open(path).convert("RGB")
-    rgb = np.asarray(im, np.float32).reshape(-1, 3) / 255
-    hsv = np.asarray(im.convert("HSV"), np.float32).reshape(-1, 3) / 255
-    r, g, b = rgb.T
-    green, brown = (g > r) & (g > b), (r > g) & (g > b)
-    soil = brown & (hsv[:, 2] < 0.5)
-    return np.concatenate([rgb.mean(0), rgb.std(0), hsv.mean(0), hsv.std(0),
-                           [green.mean(), brown.mean(), soil.mean(), (brown & ~soil).mean()]])
-
-
 def test_pictures_carry_the_labels(tmp_path):
     """Ridge on simple colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
     out = tmp_path / "signal"
     generate(out, n_train=150, n_test=1, seed=0, size=(200, 100), progress=False)
     table = read_long_csv(out / "train.csv")
-    x = np.stack([_colour_features(out / p) for p in table["image_path"]])
+    x = np.stack([colour_features(out / p) for p in table["image_path"]])
     floors = {"Dry_Total_g": 0.3, "GDM_g": 0.3, "Dry_Clover_g": 0.3, "Dry_Green_g": 0.2, "Dry_Dead_g": 0.05}
     for name, floor in floors.items():
         y = table[name].to_numpy()

@@ -1,0 +1,119 @@
+"""Cache vs live: epoch time of the same head trained on cached tokens or with the backbone run live.
+
+Both arms run stage two's own loop (`train.train_fold`) over the same loader, so the batches, head, optimizer,
+losses (mixup, UW, PCGrad, aux tasks) and EMA are identical; only `tokens_fn` differs: the cached arm moves the
+preloaded float16 tokens of the batch, the live arm decodes the batch's photos, makes the clean view and runs the
+frozen ViT-S (random weights, no grad) on them. For the `density` head (a per-patch MLP on every token of 3 layers:
+the heaviest head step) and the `mlp` head (pooled tokens), each with and without PCGrad.
+The last of `--epochs` epochs is reported (the first pays for warm-up).
+
+    python benchmarks/bench_speed.py [--quick] [--out benchmarks/results/speed.json] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biomass_cache.backbone import create_backbone, forward_tokens  # noqa: E402
+from biomass_cache.data import load_image, read_long_csv  # noqa: E402
+from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader  # noqa: E402
+from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
+from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.store import open_store  # noqa: E402
+from biomass_cache.synth import generate  # noqa: E402
+from biomass_cache.train import TrainConfig, build_member, fit_zscore, train_fold  # noqa: E402
+from biomass_cache.views import ViewPolicy, make_view  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "speed.json"
+BACKBONE, SIZE, LAYERS, PHOTO = "vit_small_patch16_dinov3", (448, 224), [5, 8, 11], (1000, 500)
+GOAL = 50.0
+
+
+class LiveTokens:
+    """tokens_fn of the live arm: batch rows -> photos -> clean view -> frozen backbone -> (B, L, T, C)."""
+
+    def __init__(self, table, data: Path):
+        self.table, self.data = table, data
+        self.bb = create_backbone(BACKBONE, "random", seed=0)
+        self.policy = ViewPolicy()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        views = []
+        for r in batch["index"].tolist():
+            image = load_image(self.data / self.table["image_path"].iloc[r])
+            views.append(make_view(image, self.table["image_id"].iloc[r], 0, 0, SIZE, self.policy))
+        return forward_tokens(self.bb, torch.stack(views), LAYERS, norm=True)[0]
+
+
+def epoch_seconds(cache: Path, data: Path, cfg: TrainConfig, tokens_fn, epochs: int, desc: str) -> list[float]:
+    """Train one `cfg.head` member on every image (one shuffled loader, view 0); return each epoch's seconds."""
+    store, table = open_store(cache), read_long_csv(data / "train.csv")
+    rows = np.arange(len(table))
+    aux = AuxSpec.fit(table, rows)
+    ds = TokenDataset(store, table, rows, LAYERS, train=True, seed=0, preload=True, aux=aux)
+    loader = make_loader(ds, cfg.batch_size, shuffle=True, seed=0, workers=0)
+    member = build_member(cfg.head, cfg, LAYERS, {"channels": store.channels, "grid": list(store.grid)},
+                          fit_zscore(table, rows), aux, epochs * len(loader), seed=1, device=torch.device("cpu"))
+    history = train_fold([member], loader, None, None, tokens_fn, epochs, desc=desc)
+    return [row["seconds"] for row in history]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 images, 2 epochs")
+    ap.add_argument("--out", type=Path, default=OUT, help="JSON results file")
+    ap.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))), help="torch CPU threads")
+    args = ap.parse_args()
+    n_images, epochs = (16, 2) if args.quick else (32, 2)
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
+    data, cache = tmp / "data", tmp / "cache.zarr"
+    generate(data, n_train=n_images, n_test=1, seed=0, size=PHOTO, progress=False)
+    t = time.perf_counter()
+    extract(ExtractConfig(data_dir=data, out=cache, backbone=BACKBONE, weights="random", size=SIZE, layers=LAYERS,
+                          views=1, seed=0, device="cpu", num_workers=1), progress=False)
+    extract_s = time.perf_counter() - t
+    live = LiveTokens(read_long_csv(data / "train.csv"), data)
+    base = TrainConfig(epochs=epochs, device="cpu", workers=0, threads=args.threads)
+    rows = []
+    for head, pcgrad in [(h, p) for h in ("density", "mlp") for p in (True, False)]:
+        cfg = replace(base, head=head, pcgrad=pcgrad)
+        cached = epoch_seconds(cache, data, cfg, lambda b: b["tokens"], epochs, f"cache {head} pcgrad={pcgrad}")
+        running = epoch_seconds(cache, data, cfg, live, epochs, f"live {head} pcgrad={pcgrad}")
+        rows.append({"head": head, "pcgrad": pcgrad, "cache_epoch_s": cached[-1], "live_epoch_s": running[-1],
+                     "speedup": running[-1] / cached[-1], "all_cache_epochs_s": cached,
+                     "all_live_epochs_s": running})
+    result = {
+        "settings": {"backbone": f"{BACKBONE} (random weights)", "size": list(SIZE), "photo": list(PHOTO),
+                     "layers": LAYERS, "images": n_images, "batch_size": base.batch_size, "epochs": epochs,
+                     "heads": "density (hidden 256), mlp (hidden 512); TrainConfig defaults: mixup, UW, aux, EMA",
+                     "torch_threads": args.threads, "device": "cpu"},
+        "rows": rows,
+        "goal": GOAL,
+        "extract_s": extract_s,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+    }
+    write_json(args.out, result)
+    print("\n| head | PCGrad | epoch from cache (s) | epoch live backbone (s) | speed-up | goal |\n"
+          "|---|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['head']} | {'on' if r['pcgrad'] else 'off'} | {r['cache_epoch_s']:.2f} | {r['live_epoch_s']:.2f} | "
+              f"{r['speedup']:.0f}x | {'met' if r['speedup'] >= GOAL else 'NOT met'} (>= {GOAL:.0f}x) |")
+    print(f"\n{n_images} images, one-off extraction {extract_s:.1f} s; results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
