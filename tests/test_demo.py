@@ -18,3 +18,20 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert -1 < summary["scores"]["competition_r2"] <= 1
     printed = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in printed and "--weights PATH" in printed and art["submission"] in printed
+
+
+def test_mean_baseline_is_the_score_of_a_mean_submission(tmp_path):
+    """The printed floor equals scoring a submission.csv that predicts the training mean for every image."""
+    from biomass_cache.data import read_long_csv, to_long
+    from biomass_cache.demo import mean_baseline
+    from biomass_cache.submission import score
+    from biomass_cache.synth import generate
+    from biomass_cache.targets import TARGETS
+
+    data = tmp_path / "data"
+    generate(data, n_train=20, n_test=6, seed=1, size=(64, 32), progress=False)
+    test = read_long_csv(data / "test.csv", check_images=False)
+    mean = read_long_csv(data / "train.csv", check_images=False)[list(TARGETS)].mean()
+    test[list(TARGETS)] = mean.to_numpy()
+    to_long(test, pd.read_csv(data / "test.csv")["sample_id"]).to_csv(tmp_path / "mean.csv", index=False)
+    assert mean_baseline(data) == score(tmp_path / "mean.csv", data / "test_labels.csv")["competition_r2"]
