@@ -1,0 +1,197 @@
+"""The quality bar: OOF competition_r2 of the readout heads against simple baselines, side by side, same folds.
+
+On a synthetic data folder and one ViT-S token cache (random weights, 3 layers, 4 views): the mean predictor,
+ridge on colour statistics of the photos, ridge on mean-pooled view-0 tokens, the density / mlp / vitdet heads
+(stage two, `run_training`), density without mixup, and density on an int8 copy of the cache. Every contender is
+scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), so baselines and heads see the same.
+
+    python benchmarks/bench_heads.py [--quick] [--out benchmarks/results/heads.json] [--work DIR]
+
+The data and caches are kept in --work (a temporary folder by default) and reused when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biomass_cache.cv import run_training  # noqa: E402
+from biomass_cache.data import read_long_csv  # noqa: E402
+from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
+from biomass_cache.folds import grouped_folds, write_folds  # noqa: E402
+from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.metrics import competition_r2, per_target_r2  # noqa: E402
+from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
+from biomass_cache.synth import colour_features, generate  # noqa: E402
+from biomass_cache.targets import TARGETS  # noqa: E402
+from biomass_cache.train import TrainConfig  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "heads.json"
+BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
+FULL = dict(n_train=160, photo=(448, 224), size=(224, 112), epochs=60)
+QUICK = dict(n_train=80, photo=(224, 112), size=(224, 112), epochs=6)
+ALPHAS = np.logspace(-3, 5, 17)
+HEADS = {  # name -> (TrainConfig overrides); small vitdet dims keep it CPU-sized
+    "density": dict(head="density"),
+    "density (no mixup)": dict(head="density", mixup=False),
+    "density (no mixup, UW, PCGrad, aux)": dict(head="density", mixup=False, uw=False, pcgrad=False, aux=False),
+    "mlp": dict(head="mlp"),
+    "vitdet (dim 64, hidden 512)": dict(head="vitdet", head_kwargs=dict(dim=64, hidden=512)),
+}
+GOALS = {"density - ridge(pooled tokens)": 0.15, "density - ridge(colour stats)": 0.05,
+         "density(float16) - density(int8)": -0.005}
+
+
+def pooled_tokens(store_path: Path, image_ids: list[str]) -> np.ndarray:
+    """(N, L * C): view-0 patch tokens of every cached layer, mean over the patches."""
+    store = open_store(store_path)
+    pos = {iid: k for k, iid in enumerate(store.image_ids)}
+    return np.stack([store.read(pos[i], 0).mean(axis=1).reshape(-1) for i in image_ids])
+
+
+def ridge_oof(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Out-of-fold grams from standardised features -> RidgeCV (alpha picked by LOO on the training folds)."""
+    oof = np.zeros_like(y)
+    for k in np.unique(folds):
+        tr, va = folds != k, folds == k
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x[tr], y[tr])
+        oof[va] = np.clip(model.predict(x[va]), 0, None)  # masses are non-negative
+    return oof
+
+
+def mean_oof(y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    oof = np.zeros_like(y)
+    for k in np.unique(folds):
+        oof[folds == k] = y[folds != k].mean(axis=0)
+    return oof
+
+
+def int8_copy(src: Path, dst: Path) -> None:
+    """The same tokens stored as int8 (per-token scales): isolates the effect of the storage dtype."""
+    store = open_store(src)
+    fingerprint = {**store.fingerprint, "storage_dtype": "int8"}
+    spec = StoreSpec(image_ids=list(store.image_ids), n_views=store.n_views, layers=list(store.layers),
+                     grid=tuple(store.grid), channels=store.channels, fingerprint=fingerprint, split=store.split,
+                     dtype="int8")
+    out = create_store(dst, spec)
+    for i in range(len(store.image_ids)):
+        out.write_image(i, np.stack([store.read(i, v) for v in range(store.n_views)]))
+
+
+def prepare(work: Path, sz: dict) -> tuple[Path, Path, Path, float]:
+    """Data folder, float16 cache and its int8 copy in `work` (reused when complete); returns extraction seconds."""
+    data, f16, i8 = work / "data", work / "cache_f16.zarr", work / "cache_int8.zarr"
+    if not (data / "train.csv").is_file():
+        generate(data, n_train=sz["n_train"], n_test=1, seed=0, size=sz["photo"], progress=False)
+    t = time.perf_counter()
+    extract(ExtractConfig(data_dir=data, out=f16, backbone=BACKBONE, weights="random", size=sz["size"],
+                          layers=LAYERS, views=VIEWS, seed=0, device="cpu", num_workers=1), progress=True)
+    seconds = time.perf_counter() - t
+    if not i8.exists():
+        int8_copy(f16, i8)
+    return data, f16, i8, seconds
+
+
+def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: dict[str, dict], epochs: int,
+                threads: int) -> dict[str, dict]:
+    """Stage two on the same folds and batches; {member: pooled OOF scores}."""
+    base = TrainConfig(folds=FOLDS, epochs=epochs, device="cpu", workers=0, threads=threads, tta=0, preload=True)
+    cfgs = {n: replace(base, **kw) for n, kw in members.items()}
+    t = time.perf_counter()
+    metrics = run_training(cache, data, run, base, cfgs, folds_csv=folds_csv)
+    seconds = time.perf_counter() - t
+    return {n: {**metrics["heads"][n], "train_s": seconds} for n in members}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | competition_r2 | " + " | ".join(f"R2 {t.removesuffix('_g')}" for t in TARGETS) + " |",
+             "|---|---:|" + "---:|" * len(TARGETS)]
+    for r in rows:
+        per = " | ".join(f"{r['per_target_r2'][t]:.3f}" for t in TARGETS)
+        lines.append(f"| {r['model']} | {r['competition_r2']:.3f} | {per} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="80 small images, 6 epochs (a smoke run, ~3 min)")
+    ap.add_argument("--out", type=Path, default=OUT, help="JSON results file")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: small heads train fastest single-threaded on a shared CPU)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for data, caches and runs (kept; reused)")
+    args = ap.parse_args()
+    sz = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    threads = args.threads
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_heads_"))
+    t0 = time.perf_counter()
+    data, f16, i8, extract_s = prepare(work, sz)
+
+    table = read_long_csv(data / "train.csv")
+    y = table[list(TARGETS)].to_numpy(float)
+    folds = grouped_folds(table, n_splits=FOLDS, seed=0)
+    write_folds(work / "folds.csv", table, folds)
+
+    def scored(model: str, oof: np.ndarray, **extra) -> dict:
+        return {"model": model, "competition_r2": competition_r2(y, oof), "per_target_r2": per_target_r2(y, oof),
+                **extra}
+
+    rows = [
+        scored("mean predictor", mean_oof(y, folds)),
+        scored("ridge on colour statistics (14 features)",
+               ridge_oof(np.stack([colour_features(data / p) for p in table["image_path"]]), y, folds)),
+        scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)",
+               ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds)),
+    ]
+    heads = train_heads(f16, data, work / "runs" / "float16", work / "folds.csv", HEADS, sz["epochs"], threads)
+    heads_i8 = train_heads(i8, data, work / "runs" / "int8", work / "folds.csv", {"density": HEADS["density"]},
+                           sz["epochs"], threads)
+    for name, s in heads.items():
+        rows.append({"model": f"{name} head", **s})
+    rows.append({"model": "density head, int8 cache", **heads_i8["density"]})
+
+    r2 = {r["model"]: r["competition_r2"] for r in rows}
+    dens = heads["density"]["competition_r2"]
+    margins = {
+        "density - ridge(pooled tokens)": dens - rows[2]["competition_r2"],
+        "density - ridge(colour stats)": dens - rows[1]["competition_r2"],
+        "density(float16) - density(int8)": heads_i8["density"]["competition_r2"] - dens,
+    }
+    result = {
+        "settings": {"n_train": sz["n_train"], "photo": list(sz["photo"]), "size": list(sz["size"]),
+                     "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS, "views": VIEWS, "folds": FOLDS,
+                     "epochs": sz["epochs"], "tta": 0, "torch_threads": threads, "quick": args.quick,
+                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 2e-3, EMA, UW, PCGrad, aux)"},
+        "competition_r2": r2,
+        "rows": rows,
+        "margins": margins,
+        "goals": {k: {"margin": margins[k], "goal": g, "met": bool(margins[k] >= g)} for k, g in GOALS.items()},
+        "extract_s": extract_s,
+        "wall_s": time.perf_counter() - t0,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+        "work": str(work),
+    }
+    write_json(args.out, result)
+    print("\n" + markdown(rows))
+    print("\n| goal | margin | needed | met |\n|---|---:|---:|---|")
+    for k, g in result["goals"].items():
+        print(f"| {k} | {g['margin']:+.3f} | >= {g['goal']:+.3f} | {'yes' if g['met'] else 'NO'} |")
+    print(f"\nwall {result['wall_s']:.0f} s (extraction {extract_s:.0f} s); results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
