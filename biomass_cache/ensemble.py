@@ -488,7 +488,7 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path,
         lacking = [rm.member.name for rm, f in zip(resolved, files) if f is None]
         raise EnsembleError(
             "oof aggregation needs every member to be a run folder with out-of-fold predictions "
-            f"(oof_<head>.csv / oof.csv) and the labels' train.csv; "
+            "(oof_<head>.csv / oof.csv) and the labels' train.csv; "
             + (f"no OOF file for {lacking}" if lacking else f"{train_csv} not found")
         )
     labels = read_long_csv(train_csv, check_images=False).set_index("image_id")[list(TARGETS)]

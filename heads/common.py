@@ -171,6 +171,13 @@ class FusedHead(nn.Module):
         total = F.softplus(raw[..., 0] * self.target_std[TOTAL] + self.target_mean[TOTAL])
         return total[..., None] * torch.softmax(raw[..., 1:], dim=-1)
 
+    def total_ratio_layers(
+        self, outputs: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, None, torch.Tensor]:
+        """Per-layer (raw total + ratio logits (B, 4), shared features (B, D)) -> `layer_components`' triple."""
+        raw, features = (torch.stack(x, dim=1) for x in zip(*outputs))
+        return self.total_ratio_to_components(raw), None, features
+
     def init_total_ratio_bias(self, linear: nn.Linear) -> None:
         """Start at the training mean: total z = 0 and ratio logits = log of the mean composition."""
         mean = self.components_mean()

@@ -63,6 +63,5 @@ class ViTDetHead(FusedHead):
             self.init_total_ratio_bias(m.out[-1])
 
     def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None, torch.Tensor]:
-        raw, hidden = (torch.stack(x, dim=1) for x in zip(
-            *(m(tokens_to_grid(tokens[:, l], self.grid)) for l, m in enumerate(self.per_layer))))
-        return self.total_ratio_to_components(raw), None, hidden
+        return self.total_ratio_layers([m(tokens_to_grid(tokens[:, l], self.grid))
+                                        for l, m in enumerate(self.per_layer)])
