@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biomass_cache.backbone import create_backbone, forward_tokens, resolve_layers  # noqa: E402
-from biomass_cache.data import load_image, read_long_csv  # noqa: E402
+from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.store import STORAGE_DTYPES  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
-from biomass_cache.views import make_view  # noqa: E402
+from biomass_cache.views import load_photo, make_view  # noqa: E402
 
 BACKBONE = "vit_small_patch16_dinov3"
 PHOTO = (2000, 1000)
@@ -65,7 +65,7 @@ def decoded_batches(cfg: ExtractConfig) -> list[torch.Tensor]:
     per_batch = max(1, cfg.batch_size // cfg.views)
     views = []
     for image_id, path in zip(table["image_id"], table["image_path"]):
-        image = load_image(cfg.data_dir / path)
+        image = load_photo(cfg.data_dir / path, cfg.size, cfg.policy)
         views.append(torch.stack([make_view(image, image_id, v, cfg.seed, cfg.size, cfg.policy)
                                   for v in range(cfg.views)]))
     return [torch.cat(views[k:k + per_batch]) for k in range(0, len(views), per_batch)]

@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biomass_cache.backbone import create_backbone, forward_tokens  # noqa: E402
-from biomass_cache.data import load_image, read_long_csv  # noqa: E402
+from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader  # noqa: E402
 from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.store import open_store  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
 from biomass_cache.train import TrainConfig, build_member, fit_zscore, train_fold  # noqa: E402
-from biomass_cache.views import ViewPolicy, make_view  # noqa: E402
+from biomass_cache.views import ViewPolicy, load_photo, make_view  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speed.json"
 BACKBONE, SIZE, LAYERS, PHOTO = "vit_small_patch16_dinov3", (448, 224), [5, 8, 11], (1000, 500)
@@ -52,7 +52,7 @@ class LiveTokens:
     def __call__(self, batch: dict) -> torch.Tensor:
         views = []
         for r in batch["index"].tolist():
-            image = load_image(self.data / self.table["image_path"].iloc[r])
+            image = load_photo(self.data / self.table["image_path"].iloc[r], SIZE, self.policy)
             views.append(make_view(image, self.table["image_id"].iloc[r], 0, 0, SIZE, self.policy))
         return forward_tokens(self.bb, torch.stack(views), LAYERS, norm=True)[0]
 

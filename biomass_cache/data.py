@@ -168,11 +168,14 @@ def to_long(table: pd.DataFrame, sample_ids: Sequence[str] | None = None) -> pd.
     return pd.DataFrame({"sample_id": list(sample_ids), "target": indexed.loc[list(sample_ids)].to_numpy()})
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncation shows up here, not later) as RGB."""
+def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Open an image fully (so truncation shows up here, not later) as RGB. With `at_least` (W, H), a JPEG is
+    decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps it at least that size (PIL's draft)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if at_least is not None:
+                im.draft(None, at_least)
             im.load()
             return im.convert("RGB")
     except FileNotFoundError as e:

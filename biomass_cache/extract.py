@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from biomass_cache import __version__
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
-from biomass_cache.data import DataError, load_image, read_long_csv
+from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device
 from biomass_cache.store import STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store
-from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, make_view, parse_size, validate_size
+from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_size, validate_size
 
 DEVICES = ("auto", "cpu", "cuda")
 WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
@@ -157,7 +157,7 @@ class _ViewsDataset(Dataset):
     def __getitem__(self, k: int) -> _Loaded:
         item, cfg = self.items[k], self.cfg
         try:
-            image = load_image(item.path)
+            image = load_photo(item.path, cfg.size, cfg.policy)
         except DataError as e:
             return _Loaded(item, None, str(e))
         views = [make_view(image, item.image_id, v, cfg.seed, cfg.size, cfg.policy, cfg.split) for v in item.views]

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from biomass_cache.backbone import backbone_fingerprint
-from biomass_cache.data import DataError, load_image
+from biomass_cache.data import DataError
 from biomass_cache.dataset import AuxSpec, encode_labels, store_rows, view_for
-from biomass_cache.views import ViewPolicy, make_view
+from biomass_cache.views import ViewPolicy, load_photo, make_view
 
 if TYPE_CHECKING:
     from biomass_cache.lora import LiveTokens, LoraSettings
@@ -62,7 +62,7 @@ class LiveDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         view, item = self.view_of(k), self.labels.item(k)
         if self.store is None:
-            image = load_image(self.data_dir / self.paths[k])
+            image = load_photo(self.data_dir / self.paths[k], self.size, ViewPolicy())
             item["pixels"] = make_view(image, self.image_ids[k], view, self.view_seed, self.size, ViewPolicy(),
                                        split=self.split)
         else:
@@ -138,7 +138,7 @@ def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: Li
     done, p = store.done(), live.bb.n_prefix
     todo = [r for r in range(len(table)) if not done[position[ids[r]]].all()]
     for r in tqdm(todo, desc="prefix cache", unit="img", disable=not progress):
-        image = load_image(Path(data_dir) / table["image_path"].iloc[r])
+        image = load_photo(Path(data_dir) / table["image_path"].iloc[r], tuple(s.size), ViewPolicy())
         views = torch.stack([make_view(image, ids[r], v, s.view_seed, tuple(s.size), ViewPolicy())
                              for v in range(s.prefix_views)])
         hidden = live.prefix_hidden(views).float().cpu()

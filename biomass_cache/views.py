@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms import InterpolationMode
+
+from biomass_cache.data import load_image
 
 
 
@@ -40,6 +43,8 @@ class ViewPolicy:
     """
 
     resample: str = "bilinear"  # PIL filter for the crop+resize (antialiased when shrinking); view 0 uses it too
+    decode_oversample: float = 2.0  # JPEGs decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) keeping >= this
+    # many photo pixels per view pixel each way (PIL draft: decode is most of a view's CPU cost); 0 = full size
     p_clean: float = 0.1  # leave the whole view clean (identical to view 0)
     crop_area: tuple[float, float] = (0.8, 1.0)  # random resized crop: fraction of the image area kept
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect / output aspect, log-uniform
@@ -82,6 +87,9 @@ class ViewPolicy:
             raise ValueError(f"ViewPolicy.resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
         if self.crop_area[1] > 1 or self.crop_area[0] <= 0 or self.crop_ratio[0] <= 0 or self.erase_ratio[0] <= 0:
             raise ValueError("ViewPolicy.crop_area must lie in (0, 1]; crop_ratio and erase_ratio must be positive")
+        if self.decode_oversample != 0 and self.decode_oversample < 1:
+            raise ValueError(f"ViewPolicy.decode_oversample must be 0 (full-size decode) or >= 1, got "
+                             f"{self.decode_oversample}")
         lo, hi = self.blur_kernel
         if lo < 3 or lo % 2 == 0 or hi % 2 == 0:
             raise ValueError(f"ViewPolicy.blur_kernel must be odd sizes >= 3, got {self.blur_kernel}")
@@ -114,6 +122,14 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"size must look like WxH, e.g. 960x480, got {text!r}")
     return validate_size((int(parts[0]), int(parts[1])))
+
+
+def load_photo(path: str | Path, size: tuple[int, int], policy: ViewPolicy) -> Image.Image:
+    """The photo decoded for views of `size` (W, H): JPEGs at a reduced scale as `policy.decode_oversample` allows.
+    Every path that makes views (extraction, live LoRA, prediction) decodes through here, so their pixels agree."""
+    w, h = validate_size(size)
+    o = policy.decode_oversample
+    return load_image(path, at_least=(math.ceil(w * o), math.ceil(h * o)) if o else None)
 
 
 def view_rng(image_id: str, view: int, seed: int) -> np.random.Generator:

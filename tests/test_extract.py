@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 
 import biomass_cache
 from biomass_cache.backbone import create_backbone, forward_tokens
-from biomass_cache.data import DataError, load_image
+from biomass_cache.data import DataError
 from biomass_cache.extract import ExtractConfig, default_layers, extract, extract_command
 from biomass_cache.store import StoreError, TokenStore, open_store
 from biomass_cache.targets import TARGETS
-from biomass_cache.views import ViewPolicy, make_view
+from biomass_cache.views import ViewPolicy, load_photo, make_view
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_tokens_equal_backbone_forward(reference):
     backbone = create_backbone(cfg.backbone, seed=cfg.seed, overrides=TINY)
     store = open_store(cfg.out)
     for i, v in [(0, 0), (3, 1), (6, 2)]:
-        image = load_image(cfg.data_dir / "train" / f"{ids[i]}.jpg")
+        image = load_photo(cfg.data_dir / "train" / f"{ids[i]}.jpg", cfg.size, cfg.policy)
         x = make_view(image, ids[i], v, cfg.seed, cfg.size, cfg.policy, "train")
         with torch.inference_mode():
             tokens, prefix = forward_tokens(backbone, x[None], [0, 1], norm=True)

@@ -14,6 +14,7 @@ from biomass_cache.views import (
     IMAGENET_STD,
     ViewPolicy,
     _crop_box,
+    load_photo,
     make_view,
     parse_size,
     validate_size,
@@ -125,3 +126,20 @@ def test_policy_validation_and_round_trip():
                 dict(resample="box2")]:
         with pytest.raises(ValueError):
             ViewPolicy(**bad)
+
+
+def test_load_photo_decodes_jpeg_at_reduced_scale_and_keeps_the_view(photo, tmp_path):
+    path = tmp_path / "big.jpg"
+    photo.resize((512, 256), Image.Resampling.BILINEAR).save(path, quality=95)
+    size = (64, 32)
+    full = load_photo(path, size, ViewPolicy(decode_oversample=0))
+    assert full.size == (512, 256)
+    assert load_photo(path, size, ViewPolicy()).size == (128, 64)  # 1/4 scale keeps 2x the view each way
+    assert load_photo(path, size, ViewPolicy(decode_oversample=4)).size == (256, 128)
+    assert load_photo(path, (256, 128), ViewPolicy()).size == (512, 256)  # never below the oversampling
+    for view in (0, 1, 2):  # the reduced decode changes pixels a little, not the picture
+        a = make_view(load_photo(path, size, ViewPolicy()), "ID1", view, 0, size, ALL_OFF)
+        b = make_view(full, "ID1", view, 0, size, ALL_OFF)
+        assert (a - b).abs().mean() < 0.05 and (a - b).abs().max() < 1.0
+    with pytest.raises(ValueError, match="decode_oversample"):
+        ViewPolicy(decode_oversample=0.5)
