@@ -87,7 +87,7 @@ def pipeline(tmp_path_factory):
                           weights="random", size=(64, 32), layers=[0, 1], views=2, seed=0, device="cpu",
                           overrides=TINY), progress=False)
     settings = dict(folds=3, epochs=5, device="cpu", workers=0, pcgrad=False)
-    cfg, members = resolve({}, [], settings, ["density", "mlp"])
+    cfg, members = resolve({"head_kwargs": {"dropout": 0.1}}, [], settings, ["density", "mlp"])  # MC-dropout
     run_training(cache, data, root / "run", cfg, members)
     return root, data, root / "run"
 

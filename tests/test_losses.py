@@ -211,7 +211,7 @@ def test_density_head_overfits_a_synthetic_batch(zscore):
     uw = UncertaintyWeighting(["total", "ratio", "five", "height", "ndvi", "state"])
     opt = torch.optim.Adam([{"params": head.parameters(), "lr": 1e-2}, {"params": uw.parameters(), "lr": 1e-2}])
     history = []
-    for _ in range(120):
+    for _ in range(200):
         losses = task_losses(head(batch["tokens"]), batch, zscore)
         _, terms = combine_losses(losses, uw)
         primary, aux = split_terms(terms)
