@@ -41,13 +41,15 @@ from biomass_cache.train import TrainConfig  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "heads.json"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
-FULL = dict(n_train=160, photo=(448, 224), size=(224, 112), epochs=60)
+FULL = dict(n_train=160, photo=(448, 224), size=(224, 112), epochs=120)
 QUICK = dict(n_train=80, photo=(224, 112), size=(224, 112), epochs=6)
 ALPHAS = np.logspace(-3, 5, 17)
 HEADS = {  # name -> (TrainConfig overrides); small vitdet dims keep it CPU-sized
     "density": dict(head="density"),
-    "density (no mixup)": dict(head="density", mixup=False),
-    "density (no mixup, UW, PCGrad, aux)": dict(head="density", mixup=False, uw=False, pcgrad=False, aux=False),
+    "density (hidden 256)": dict(head="density", head_kwargs=dict(hidden=256)),
+    "density (mixup)": dict(head="density", mixup=True),
+    "density (reference recipe: mixup, UW, PCGrad, aux)": dict(head="density", mixup=True, uw=True, pcgrad=True,
+                                                                aux=True),
     "mlp": dict(head="mlp"),
     "vitdet (dim 64, hidden 512)": dict(head="vitdet", head_kwargs=dict(dim=64, hidden=512)),
 }
@@ -174,7 +176,7 @@ def main() -> None:
         "settings": {"n_train": sz["n_train"], "photo": list(sz["photo"]), "size": list(sz["size"]),
                      "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS, "views": VIEWS, "folds": FOLDS,
                      "epochs": sz["epochs"], "tta": 0, "torch_threads": threads, "quick": args.quick,
-                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 2e-3, EMA, UW, PCGrad, aux)"},
+                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
         "competition_r2": r2,
         "rows": rows,
         "margins": margins,

@@ -315,13 +315,11 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
             with torch.inference_mode(), autocast:
                 tokens, prefix = forward_tokens(backbone, batch["pixels"].to(device, non_blocking=True), layers,
                                                 cfg.norm)
-            tokens = tokens.cpu()
-            prefix = prefix.cpu() if store.n_prefix else None
             offset = 0
-            for item in batch["items"]:
-                k = len(item.views)
-                writer.put(item, tokens[offset:offset + k], None if prefix is None else prefix[offset:offset + k])
-                offset += k
+            for item in batch["items"]:  # encoded here, on the device; the writer threads only do I/O
+                for views, at in _view_slices(item, store.n_views, offset):
+                    writer.put(store.encode(item.index, views, tokens[at], prefix[at] if store.n_prefix else None))
+                offset += len(item.views)
             counts["views"] += offset
             counts["images"] += len(batch["items"])
             bar.update(offset)
@@ -333,6 +331,14 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
         bar.close()
     writer.check()
     return counts | {"loop_s": time.perf_counter() - start}
+
+
+def _view_slices(item: Item, n_views: int, offset: int) -> list[tuple[int | slice, slice]]:
+    """(store views, rows of the batch) to write for an image: all views in one shard write, or view by view
+    when another run already wrote some of them."""
+    if len(item.views) == n_views:
+        return [(slice(None), slice(offset, offset + n_views))]
+    return [(v, slice(offset + k, offset + k + 1)) for k, v in enumerate(item.views)]
 
 
 def _payload_bytes_per_view(store: TokenStore) -> int:

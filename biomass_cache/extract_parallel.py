@@ -13,12 +13,12 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from biomass_cache.store import TokenStore
+from biomass_cache.store import EncodedSample, TokenStore
 
 
 @dataclass(frozen=True)
@@ -101,20 +101,13 @@ class Writer:
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
-                    self._write(*job)
+                    self.store.write_encoded(job)
                 except BaseException as e:  # re-raised by the main thread
                     self.error = e
 
-    def _write(self, item: Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
-        if len(item.views) == self.store.n_views:
-            self.store.write_image(item.index, tokens, prefix)
-        else:  # an image some of whose views another run already wrote
-            for k, v in enumerate(item.views):
-                self.store.write(item.index, v, tokens[k], None if prefix is None else prefix[k])
-
-    def put(self, item: Item, tokens: torch.Tensor, prefix: Optional[torch.Tensor]) -> None:
+    def put(self, sample: EncodedSample) -> None:
         self.check()
-        self.jobs.put((item, tokens, prefix))
+        self.jobs.put(sample)
 
     def check(self) -> None:
         if self.error is not None:

@@ -60,6 +60,15 @@ SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
 
 
+@dataclass(frozen=True)
+class EncodedSample:
+    """Views of one image encoded for storage (`TokenStore.encode`), ready for `TokenStore.write_encoded`."""
+
+    index: int
+    views: int | slice  # one view index, or slice(None): all views
+    parts: list[tuple[str, np.ndarray, np.ndarray | None]]  # (array name, stored values, int8 scales or None)
+
+
 class StoreError(ValueError):
     """A path that is not a readable token store, or a request the store cannot honour."""
 
@@ -319,16 +328,20 @@ class TokenStore:
     def write(self, i: int, view: int, tokens: np.ndarray | torch.Tensor,
               prefix: np.ndarray | torch.Tensor | None = None) -> None:
         """Write one sample (L, T, C); marked done only after its data is fsynced."""
-        self._check_index(i, view)
-        self._write(i, view, tokens[None], None if prefix is None else prefix[None])
+        self.write_encoded(self.encode(i, view, tokens[None], None if prefix is None else prefix[None]))
 
     def write_image(self, i: int, tokens: np.ndarray | torch.Tensor,
                     prefix: np.ndarray | torch.Tensor | None = None) -> None:
         """Write all views (V, L, T, C) of image i in one shard write (no read-modify-write of the shard)."""
-        self._check_index(i, 0)
-        self._write(i, slice(None), tokens, prefix)
+        self.write_encoded(self.encode(i, slice(None), tokens, prefix))
 
-    def _write(self, i: int, views: int | slice, tokens: Any, prefix: Any) -> None:
+    def encode(self, i: int, views: int | slice, tokens: Any, prefix: Any) -> EncodedSample:
+        """Check and encode image i's views (a view index, or slice(None) for all) for `write_encoded`.
+
+        Split from the writing so extraction encodes on the compute device, in its own thread (a GPU tensor then
+        crosses to the host at storage width), and writer threads do nothing but I/O.
+        """
+        self._check_index(i, 0 if isinstance(views, slice) else views)
         if self._mode != "r+":
             raise StoreError(f"{self.path} is open read-only; open_store(path, mode='r+') to write")
         n_views = self.n_views if isinstance(views, slice) else 1
@@ -347,8 +360,13 @@ class TokenStore:
                 encoded.append((name, *encode(x, self.storage_dtype, f"{name} of {where}")))
             except CodecError as e:  # not storable faithfully: NaN/inf, beyond the float16 range, ...
                 raise StoreError(str(e)) from e
+        return EncodedSample(i, views, encoded)
+
+    def write_encoded(self, sample: EncodedSample) -> None:
+        """Write an encoded sample's shards, fsync them, then mark its views done (never before)."""
+        i, views = sample.index, sample.views
         sel = (i, views) if isinstance(views, slice) else (i, slice(views, views + 1))
-        for name, data, scales in encoded:
+        for name, data, scales in sample.parts:
             self._arrays[name][sel] = data
             if scales is not None:
                 self._arrays[SCALES_OF[name]][sel] = scales

@@ -123,7 +123,7 @@ def test_second_run_is_a_noop(reference, capsys):
 def test_resume_after_crash_is_identical(reference, tmp_path, monkeypatch):
     ref_cfg, _, _ = reference
     cfg = config(tmp_path, data_dir=ref_cfg.data_dir)
-    real_write, calls = TokenStore.write_image, []
+    real_write, calls = TokenStore.write_encoded, []
 
     def crash_after_two(self, *args, **kw):
         if len(calls) == 2:
@@ -131,7 +131,7 @@ def test_resume_after_crash_is_identical(reference, tmp_path, monkeypatch):
         calls.append(1)
         real_write(self, *args, **kw)
 
-    monkeypatch.setattr(TokenStore, "write_image", crash_after_two)
+    monkeypatch.setattr(TokenStore, "write_encoded", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, progress=False)
     monkeypatch.undo()
@@ -150,13 +150,13 @@ def test_resume_after_kill_9(reference, tmp_path):
 import os, signal
 from biomass_cache.extract import ExtractConfig, extract
 from biomass_cache.store import TokenStore
-real, n = TokenStore.write_image, []
+real, n = TokenStore.write_encoded, []
 def write_then_die(self, *a, **k):
     real(self, *a, **k)
     n.append(1)
     if len(n) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-TokenStore.write_image = write_then_die
+TokenStore.write_encoded = write_then_die
 extract(ExtractConfig(**{_cfg_json(cfg)!r}), progress=False)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
