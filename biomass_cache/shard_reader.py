@@ -38,21 +38,21 @@ class ShardGeometry:
     grid: tuple[int, ...]  # inner chunks per shard
     plain: bool
     key: Any  # chunk coordinates -> key relative to the array folder
+    index_at_start: bool = False  # the shard index precedes the chunks (else it ends the file)
 
     @classmethod
     def of(cls, arr: zarr.Array) -> ShardGeometry:
         codec = arr.metadata.codecs[0]
         plain = (sys.byteorder == "little" and len(arr.metadata.codecs) == 1 and isinstance(codec, ShardingCodec)
                  and [type(c) for c in codec.codecs] == [type(c) for c in codec.index_codecs]
-                 == [BytesCodec, Crc32cCodec] and codec.codecs[0].endian in (None, Endian.little)
-                 and codec.index_location == ShardingCodecIndexLocation.end)
+                 == [BytesCodec, Crc32cCodec] and codec.codecs[0].endian in (None, Endian.little))
         shards = arr.shards or arr.chunks
         return cls(arr.ndim, shards[1], arr.chunks[2], tuple(s // c for s, c in zip(shards, arr.chunks)), plain,
-                   arr.metadata.encode_chunk_key)
+                   arr.metadata.encode_chunk_key, plain and codec.index_location == ShardingCodecIndexLocation.start)
 
 
 def read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int, ...]],
-                      out: list[np.ndarray]) -> None:
+                      out: list[np.ndarray], index_at_start: bool = False) -> None:
     """Read inner chunks (coordinates within the shard) of one shard file straight into `out`, one preadv per run
     of adjacent chunks, checking the CRC32C of the index and of every chunk as zarr does."""
     n_index = int(np.prod(grid)) * 16
@@ -62,7 +62,8 @@ def read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int,
         raise ShardError(f"{path}: shard file missing for a sample marked done") from None
     try:
         size = os.fstat(fd).st_size
-        raw = os.pread(fd, n_index + 4, size - n_index - 4) if size >= n_index + 4 else b""
+        at = 0 if index_at_start else size - n_index - 4
+        raw = os.pread(fd, n_index + 4, at) if size >= n_index + 4 else b""
         _check_crc(raw[:-4], raw[-4:], path, "shard index")
         index = np.frombuffer(raw, "<u8", count=n_index // 8).reshape(*grid, 2)
         chunks = sorted((int(index[c][0]), int(index[c][1]), c, target) for c, target in zip(coords, out))

@@ -57,6 +57,7 @@ _STORED = {"float16": ("float16", float("nan")), "bfloat16": ("uint16", BF16_NAN
 # Chunk files side by side (tokens/c.12.0.0.0.0): one directory per array, nothing nested to create or fsync.
 FLAT_KEYS = {"name": "default", "separator": "."}
 SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
+INDEX_LOCATION = "start"  # shard index before the chunks: a cold read runs forward through the file (measured)
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
 
 
@@ -230,7 +231,8 @@ def _add_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str,
     shards = (1, *shape[1:]) if shard == "image" else (1, 1, *shape[2:])
     chunks = (1, 1, 1, *shape[3:]) if inner == "layer" else (1, 1, *shape[2:])
     names = ("image", "view", "layer", "token", "channel")[: len(shape)]
-    group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=fill,
+    group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill,
+                       shards={"shape": shards, "index_location": INDEX_LOCATION},
                        compressors=(*CODECS[codec], Crc32cCodec()), dimension_names=names,
                        chunk_key_encoding=FLAT_KEYS)
 
@@ -420,10 +422,10 @@ class TokenStore:
         path, v, rest = self.shard_path(name, i, view), view % g.views_per_shard, (0,) * (g.ndim - 3)
         if g.layers_per_chunk == 1:  # read just the wanted layers
             out = np.empty((len(pos), *arr.shape[3:]), arr.dtype)
-            read_inner_chunks(path, g.grid, [(0, v, p, *rest) for p in pos], list(out))
+            read_inner_chunks(path, g.grid, [(0, v, p, *rest) for p in pos], list(out), g.index_at_start)
             return out
         out = np.empty(arr.shape[2:], arr.dtype)  # one inner chunk holds all layers of the view
-        read_inner_chunks(path, g.grid, [(0, v, 0, *rest)], [out])
+        read_inner_chunks(path, g.grid, [(0, v, 0, *rest)], [out], g.index_at_start)
         return out if pos == list(range(len(out))) else out[pos]
 
     def _layer_positions(self, layers: Sequence[int] | None) -> list[int]:

@@ -101,19 +101,38 @@ def test_read_detects_corruption(tmp_path):
     s.write_image(0, tokens(2))
     shard = s.shard_path("tokens", 0, 0)
     raw = bytearray(shard.read_bytes())
-    raw[50] ^= 0x01  # inside the first inner chunk, (view 0, layer 0), in every layout
+    g = s._geometry["tokens"]
+    index_bytes = int(np.prod(g.grid)) * 16 + 4
+    assert g.plain and g.index_at_start  # the default layout: index, then the chunks in order
+    first_chunk, index = index_bytes + 50, 10
+    raw[first_chunk] ^= 0x01  # inside the first inner chunk, (view 0, layer 0)
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match=r"inner chunk \(0, 0, 0, 0, 0\) is corrupt"):
         s.read(0, 0)
     s.read(0, 0, [5])  # the other chunks are fine
-    raw[50] ^= 0x01
-    raw[-10] ^= 0x01  # the shard index
+    raw[first_chunk] ^= 0x01
+    raw[index] ^= 0x01  # the shard index
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="shard index is corrupt"):
         s.read(0, 0, [5])
     shard.unlink()
     with pytest.raises(StoreError, match="shard file missing"):
         s.read(0, 0)
+
+
+def test_shard_index_at_either_end_reads_the_same(tmp_path, monkeypatch):
+    import biomass_cache.store as st
+
+    x = tokens(2, seed=3)
+    for where in ("start", "end"):
+        monkeypatch.setattr(st, "INDEX_LOCATION", where)
+        s = create_store(tmp_path / f"{where}.zarr", spec())
+        s.write_image(0, x)
+        g = open_store(tmp_path / f"{where}.zarr")._geometry["tokens"]
+        assert g.plain and g.index_at_start == (where == "start")  # both take the direct read path
+        for v in range(2):
+            np.testing.assert_array_equal(open_store(tmp_path / f"{where}.zarr").read(0, v),
+                                          x[v].astype(np.float16).astype(np.float32))
 
 
 def test_layer_subset_reads(tmp_path):
@@ -212,9 +231,11 @@ def test_plain_zarr_layout(tmp_path):
 
 
 def chunk_offset(s, name: str, shard: bytes, view: int, layer: int) -> int:
-    """Byte offset of inner chunk (view, layer) in a shard, from the index at its end (Zarr v3 sharding spec)."""
+    """Byte offset of inner chunk (view, layer) in a shard, from its index (Zarr v3 sharding spec)."""
     g = s._geometry[name]
-    index = np.frombuffer(shard[-(int(np.prod(g.grid)) * 16 + 4): -4], "<u8").reshape(*g.grid, 2)
+    n = int(np.prod(g.grid)) * 16
+    raw = shard[:n] if g.index_at_start else shard[-n - 4: -4]
+    index = np.frombuffer(raw, "<u8").reshape(*g.grid, 2)
     return int(index[0, view % g.views_per_shard, layer, 0, 0, 0])
 
 
