@@ -237,6 +237,15 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
 
 
 # ---------------------------------------------------------------------------------------------- command line
+# The training recipe's switches, shared by `biomass train` and `biomass lora`; None = the config's value.
+RECIPE_OPTIONS = {
+    "mixup": typer.Option(None, "--mixup/--no-mixup", help="Token-level manifold mixup (off)."),
+    "uw": typer.Option(None, "--uw/--no-uw", help="Uncertainty weighting of the task losses (off)."),
+    "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
+    "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
+    "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
+}
+
 def train_command(
     cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
@@ -245,20 +254,20 @@ def train_command(
     folds: Optional[int] = typer.Option(None, "--folds", help="Number of grouped folds (5)."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
     full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (60)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (120)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the heads (2e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the heads (4e-3)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, views, init and mixup (0)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (auto)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers when streaming (2)."),
     preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
                                            help="Keep the tokens in RAM (auto: when they fit)."),
-    no_mixup: bool = typer.Option(False, "--no-mixup", help="Ablation: no manifold mixup."),
-    no_uw: bool = typer.Option(False, "--no-uw", help="Ablation: plain sum of task losses."),
-    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward, no PCGrad."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw weights."),
-    no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
+    mixup: Optional[bool] = RECIPE_OPTIONS["mixup"],
+    uw: Optional[bool] = RECIPE_OPTIONS["uw"],
+    pcgrad: Optional[bool] = RECIPE_OPTIONS["pcgrad"],
+    ema: Optional[bool] = RECIPE_OPTIONS["ema"],
+    aux: Optional[bool] = RECIPE_OPTIONS["aux"],
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
 ) -> None:
     """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
@@ -268,8 +277,9 @@ def train_command(
     base, sweep, extract = load_config(config)
     overrides = {k: v for k, v in dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                        device=device, workers=workers, preload=preload).items() if v is not None}
-    overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
-                                               aux=no_aux, plots=no_plots).items() if off}
+    overrides |= {k: v for k, v in dict(mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux).items() if v is not None}
+    if no_plots:
+        overrides["plots"] = False
     if full:
         overrides["full"] = True
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
+from biomass_cache.cv import RECIPE_OPTIONS
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.io import atomic_path, write_json
@@ -485,11 +486,11 @@ def lora_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, init and mixup [config, 0]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [auto]; torchrun: LOCAL_RANK."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (decode + augment)."),
-    no_mixup: bool = typer.Option(False, "--no-mixup", help="Ablation: no manifold mixup."),
-    no_uw: bool = typer.Option(False, "--no-uw", help="Ablation: plain sum of task losses."),
-    no_pcgrad: bool = typer.Option(False, "--no-pcgrad", help="Ablation: plain backward, no PCGrad."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Ablation: evaluate/save the raw head and adapters."),
-    no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no height/NDVI/State tasks."),
+    mixup: Optional[bool] = RECIPE_OPTIONS["mixup"],
+    uw: Optional[bool] = RECIPE_OPTIONS["uw"],
+    pcgrad: Optional[bool] = RECIPE_OPTIONS["pcgrad"],
+    ema: Optional[bool] = RECIPE_OPTIONS["ema"],
+    aux: Optional[bool] = RECIPE_OPTIONS["aux"],
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
 ) -> None:
     """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
@@ -499,8 +500,9 @@ def lora_command(
     flags = dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                  workers=workers, head=head)
     overrides = {k: v for k, v in flags.items() if v is not None}
-    overrides |= {k: False for k, off in dict(mixup=no_mixup, uw=no_uw, pcgrad=no_pcgrad, ema=no_ema,
-                                               aux=no_aux, plots=no_plots).items() if off}
+    overrides |= {k: v for k, v in dict(mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux).items() if v is not None}
+    if no_plots:
+        overrides["plots"] = False
     if full:
         overrides["full"] = True
     cfg, _ = resolve(base, [], overrides, None)

@@ -152,6 +152,12 @@ def test_folds_csv_reused_and_ablations_run(sweep_run, toy, tmp_path):
     members = json.loads((out2 / "config.json").read_text())["members"]
     assert {k: members["density"][k] for k in ("mixup", "uw", "pcgrad", "ema", "aux")} == dict.fromkeys(
         ("mixup", "uw", "pcgrad", "ema", "aux"), False)
+    out3 = tmp_path / "reference_on"  # the reference recipe's switches, off by default, turned on from the CLI
+    train("--cache", store, "--data", data, "--out", out3, "--epochs", 1, "--folds", 3, "--mixup", "--uw", "--aux",
+          *FAST)
+    members = json.loads((out3 / "config.json").read_text())["members"]
+    assert {k: members["density"][k] for k in ("mixup", "uw", "pcgrad", "ema", "aux")} == dict.fromkeys(
+        ("mixup", "uw", "pcgrad", "ema", "aux"), True)
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
