@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(448, 224), metavar=("W", "H"))
     ap.add_argument("--batch-size", type=int, default=8, help="views per forward pass")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: torch's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract.json")
     args = ap.parse_args()
