@@ -1,7 +1,8 @@
 """Direct reads of uncompressed Zarr v3 shards, a tenth of the overhead of zarr's async pipeline (measured).
 
-The shard index is read from the end of the shard file, then the wanted inner chunks go straight into the caller's
-buffers, one preadv per run of adjacent chunks, checking the CRC32C of the index and of every chunk as zarr does.
+The shard index is read from the start of the shard file (or, in stores written before it moved there, the end),
+then the wanted inner chunks go straight into the caller's buffers, one preadv per run of adjacent chunks, checking
+the CRC32C of the index and of every chunk as zarr does.
 The token store (store.py) reads through here whenever `ShardGeometry.plain` says the layout allows it.
 """
 

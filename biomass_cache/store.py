@@ -9,7 +9,8 @@ Layout (plain `zarr.open_group(path)` reads everything; every fact a reader need
 - `done` (image, view) bool: a sample is True only once its data is durably on disk.
 
 Every data array is sharded one shard file per image (race-free: extraction splits work by image) with CRC32C
-checksums on every inner chunk and on the shard index. Unwritten samples read as NaN (fill values), never as zeros.
+checksums on every inner chunk and on the shard index, which leads the shard file. Unwritten samples read as NaN
+(fill values), never as zeros.
 Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`.
 
 Beside this module: token_codec.py (the exact value encoding), shard_reader.py (fast reads of uncompressed
@@ -340,8 +341,8 @@ class TokenStore:
     def encode(self, i: int, views: int | slice, tokens: Any, prefix: Any) -> EncodedSample:
         """Check and encode image i's views (a view index, or slice(None) for all) for `write_encoded`.
 
-        Split from the writing so extraction encodes on the compute device, in its own thread (a GPU tensor then
-        crosses to the host at storage width), and writer threads do nothing but I/O.
+        Split from the writing so extraction encodes on the compute device, in the thread that ran the forward (a
+        GPU tensor then crosses to the host at storage width), and its writer threads do nothing but I/O.
         """
         self._check_index(i, 0 if isinstance(views, slice) else views)
         if self._mode != "r+":
