@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.ensemble import EnsembleError, load_ensemble
@@ -206,3 +207,21 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     weights.rename(tmp_path / "elsewhere.safetensors")
     with pytest.raises(EnsembleError, match=r"w.safetensors for vit_small_patch16_dinov3 not found.*--weights"):
         submit(spec_from_options(None, str(tmp_path / "run")), data, tmp_path / "new" / "s.csv", progress=False)
+
+
+def test_mc_dropout_refuses_a_head_without_dropout():
+    import heads
+    from biomass_cache.ensemble import enable_mc_dropout
+    from biomass_cache.targets import ZScore
+
+    rng = np.random.default_rng(0)
+    zscore = ZScore.fit(components_to_targets(rng.gamma(2.0, 20.0, (16, 3))))
+
+    def make(**kw):
+        return heads.create_head("density", n_layers=1, channels=8, grid=(2, 2), zscore=zscore, **kw)
+
+    with pytest.raises(EnsembleError, match="no dropout with p > 0"):
+        enable_mc_dropout(make(), "member density")  # the density head's default: no dropout
+    head = make(dropout=0.1)
+    enable_mc_dropout(head, "member density")
+    assert any(m.training for m in head.modules() if isinstance(m, torch.nn.Dropout))
