@@ -237,8 +237,11 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
 
 
 # ---------------------------------------------------------------------------------------------- command line
-# The training recipe's switches, shared by `biomass train` and `biomass lora`; None = the config's value.
-RECIPE_OPTIONS = {
+# Options `biomass train` and `biomass lora` share; the recipe switches' None = the config's value.
+SHARED_OPTIONS = {
+    "folds_csv": typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
+    "full": typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
+    "no_plots": typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
     "mixup": typer.Option(None, "--mixup/--no-mixup", help="Token-level manifold mixup (off)."),
     "uw": typer.Option(None, "--uw/--no-uw", help="Uncertainty weighting of the task losses (off)."),
     "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
@@ -246,14 +249,25 @@ RECIPE_OPTIONS = {
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
 }
 
+
+def cli_overrides(values: dict, full: bool, no_plots: bool) -> dict:
+    """TrainConfig overrides from a command line: the values given (None = not given: the config's stands)."""
+    overrides = {k: v for k, v in values.items() if v is not None}
+    if full:
+        overrides["full"] = True
+    if no_plots:
+        overrides["plots"] = False
+    return overrides
+
+
 def train_command(
     cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (a folds.csv in it is reused)."),
     head: Optional[str] = typer.Option(None, "--head", help="Head name(s), comma-separated: trained side by side."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Number of grouped folds (5)."),
-    folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
-    full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
+    folds_csv: Optional[Path] = SHARED_OPTIONS["folds_csv"],
+    full: bool = SHARED_OPTIONS["full"],
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (120)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (16)."),
@@ -263,25 +277,21 @@ def train_command(
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers when streaming (2)."),
     preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
                                            help="Keep the tokens in RAM (auto: when they fit)."),
-    mixup: Optional[bool] = RECIPE_OPTIONS["mixup"],
-    uw: Optional[bool] = RECIPE_OPTIONS["uw"],
-    pcgrad: Optional[bool] = RECIPE_OPTIONS["pcgrad"],
-    ema: Optional[bool] = RECIPE_OPTIONS["ema"],
-    aux: Optional[bool] = RECIPE_OPTIONS["aux"],
-    no_plots: bool = typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
+    mixup: Optional[bool] = SHARED_OPTIONS["mixup"],
+    uw: Optional[bool] = SHARED_OPTIONS["uw"],
+    pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
+    ema: Optional[bool] = SHARED_OPTIONS["ema"],
+    aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    no_plots: bool = SHARED_OPTIONS["no_plots"],
 ) -> None:
     """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
 
     Options left out take the --config file's value, else the default shown in parentheses.
     """
     base, sweep, extract = load_config(config)
-    overrides = {k: v for k, v in dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                       device=device, workers=workers, preload=preload).items() if v is not None}
-    overrides |= {k: v for k, v in dict(mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux).items() if v is not None}
-    if no_plots:
-        overrides["plots"] = False
-    if full:
-        overrides["full"] = True
+    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                   workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
+                                   aux=aux), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
     run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
-from biomass_cache.cv import RECIPE_OPTIONS
+from biomass_cache.cv import SHARED_OPTIONS, cli_overrides
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.io import atomic_path, write_json
@@ -459,9 +459,9 @@ def lora_command(
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Final norm on the read layers [on]."),
     head: Optional[str] = typer.Option(None, "--head", help="Head name (one; heads.HEADS) [density]."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds [config, 5]."),
-    folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
-    full: bool = typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [config, 60]."),
+    folds_csv: Optional[Path] = SHARED_OPTIONS["folds_csv"],
+    full: bool = SHARED_OPTIONS["full"],
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [config, 120]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
     lora_blocks: Optional[int] = typer.Option(None, "--lora-blocks", help="Adapt the last K blocks [4]."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank [8]."),
@@ -486,25 +486,20 @@ def lora_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, init and mixup [config, 0]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [auto]; torchrun: LOCAL_RANK."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (decode + augment)."),
-    mixup: Optional[bool] = RECIPE_OPTIONS["mixup"],
-    uw: Optional[bool] = RECIPE_OPTIONS["uw"],
-    pcgrad: Optional[bool] = RECIPE_OPTIONS["pcgrad"],
-    ema: Optional[bool] = RECIPE_OPTIONS["ema"],
-    aux: Optional[bool] = RECIPE_OPTIONS["aux"],
-    no_plots: bool = typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
+    mixup: Optional[bool] = SHARED_OPTIONS["mixup"],
+    uw: Optional[bool] = SHARED_OPTIONS["uw"],
+    pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
+    ema: Optional[bool] = SHARED_OPTIONS["ema"],
+    aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    no_plots: bool = SHARED_OPTIONS["no_plots"],
 ) -> None:
     """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
     from biomass_cache.train import load_config, resolve
 
     base, _, _ = load_config(config)
-    flags = dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                 workers=workers, head=head)
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    overrides |= {k: v for k, v in dict(mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux).items() if v is not None}
-    if no_plots:
-        overrides["plots"] = False
-    if full:
-        overrides["full"] = True
+    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux),
+                              full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
                 alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
