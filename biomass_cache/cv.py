@@ -137,11 +137,12 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     truth = table[list(TARGETS)].to_numpy(float)
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
     out = Path(out)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
     else:
         if writer:
-            out.mkdir(parents=True, exist_ok=True)
             folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
         source.barrier()
         if not writer:
@@ -150,7 +151,6 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
         plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
     if writer:
-        out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
                                 **source.config, "data": str(data), "torch": torch.__version__})
 
