@@ -13,7 +13,7 @@ checksums on every inner chunk and on the shard index, which leads the shard fil
 (fill values), never as zeros.
 Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`.
 
-Beside this module: token_codec.py (the exact value encoding), shard_reader.py (fast reads of uncompressed
+Beside this module: token_codec.py (the exact value encoding), shards.py (fast reads of uncompressed
 shards), verify.py (`biomass verify`, reading every chunk back).
 """
 
@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from biomass_cache.shard_reader import ShardError, ShardGeometry, read_inner_chunks
+from biomass_cache.shards import ShardError, ShardGeometry, read_inner_chunks, write_shard
 from biomass_cache.token_codec import CodecError, decode, encode
 
 FORMAT_VERSION = 1
@@ -370,13 +370,25 @@ class TokenStore:
         i, views = sample.index, sample.views
         sel = (i, views) if isinstance(views, slice) else (i, slice(views, views + 1))
         for name, data, scales in sample.parts:
-            self._arrays[name][sel] = data
+            self._write_stored(name, i, views, data)
             if scales is not None:
-                self._arrays[SCALES_OF[name]][sel] = scales
+                self._write_stored(SCALES_OF[name], i, views, scales)
         self._fsync_shards(i, range(self.n_views)[views] if isinstance(views, slice) else [views])
         self._arrays["done"][sel] = True
         if self._done_cache is not None:
             self._done_cache[sel] = True
+
+    def _write_stored(self, name: str, i: int, views: int | slice, data: np.ndarray) -> None:
+        """Whole uncompressed shards are written by `write_shard` (zarr's async pipeline costs ten times the CPU,
+        measured, and competes with the forward pass for the interpreter); anything else goes through zarr, which
+        reads, merges and rewrites a partly covered shard."""
+        g = self._geometry[name]
+        if not g.plain or not (isinstance(views, slice) or g.views_per_shard == 1):
+            self._arrays[name][(i, views) if isinstance(views, slice) else (i, slice(views, views + 1))] = data
+            return
+        first, step = (0 if isinstance(views, slice) else views), g.views_per_shard
+        for k in range(0, len(data), step):
+            write_shard(self.shard_path(name, i, first + k), g.split(data[k:k + step]), g.index_at_start)
 
     def shard_path(self, name: str, i: int, view: int) -> Path:
         """The shard file holding sample (i, view) of array `name`."""

@@ -1,15 +1,19 @@
-"""Direct reads of uncompressed Zarr v3 shards, a tenth of the overhead of zarr's async pipeline (measured).
+"""Direct reads and writes of uncompressed Zarr v3 shards, a tenth of the overhead of zarr's async pipeline
+(measured: benchmarks/bench_store.py for reads, bench_extract.py for writes).
 
-The shard index is read from the start of the shard file (or, in stores written before it moved there, the end),
-then the wanted inner chunks go straight into the caller's buffers, one preadv per run of adjacent chunks, checking
-the CRC32C of the index and of every chunk as zarr does.
-The token store (store.py) reads through here whenever `ShardGeometry.plain` says the layout allows it.
+Reads take the shard index from the start of the shard file (or, in stores written before it moved there, the end),
+then put the wanted inner chunks straight into the caller's buffers, one preadv per run of adjacent chunks, checking
+the CRC32C of the index and of every chunk as zarr does. Writes build a whole shard (index, then every inner chunk
+in C order, each followed by its CRC32C) with one writev to a temporary file that is renamed into place, as zarr's
+LocalStore does. Plain zarr reads both back: the index says where every chunk is.
+The token store (store.py) goes through here whenever `ShardGeometry.plain` says the layout allows it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.codecs.bytes import Endian
 
 _NO_CHUNK = 2**64 - 1  # shard index offset of an absent inner chunk
+_MAX_BUFFERS = 512  # per writev call, below every platform's IOV_MAX
 
 
 class ShardError(ValueError):
@@ -29,9 +34,9 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class ShardGeometry:
-    """How an array's samples map to shard files and inner chunks, and whether `read_inner_chunks` can read it:
-    uncompressed inner chunks and index (raw little-endian bytes, each followed by its CRC32C), index at the end of
-    the shard, as the Zarr v3 sharding spec lays them out."""
+    """How an array's samples map to shard files and inner chunks, and whether this module can read and write it
+    directly: uncompressed inner chunks and index (raw little-endian bytes, each followed by its CRC32C), as the
+    Zarr v3 sharding spec lays them out, on a little-endian machine."""
 
     ndim: int
     views_per_shard: int
@@ -50,6 +55,11 @@ class ShardGeometry:
         shards = arr.shards or arr.chunks
         return cls(arr.ndim, shards[1], arr.chunks[2], tuple(s // c for s, c in zip(shards, arr.chunks)), plain,
                    arr.metadata.encode_chunk_key, plain and codec.index_location == ShardingCodecIndexLocation.start)
+
+    def split(self, shard: np.ndarray) -> list[np.ndarray]:
+        """One shard's data (views_per_shard, layers, ...) as its inner chunks in C order of the chunk grid."""
+        shard, step = np.ascontiguousarray(shard), self.layers_per_chunk
+        return [shard[v, k:k + step] for v in range(shard.shape[0]) for k in range(0, shard.shape[1], step)]
 
 
 def read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int, ...]],
@@ -84,6 +94,40 @@ def read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int,
             _check_crc(target, crc, path, f"inner chunk {c}")
     finally:
         os.close(fd)
+
+
+def write_shard(path: Path, chunks: list[np.ndarray], index_at_start: bool) -> None:
+    """Write a whole shard whose inner chunks, every one of them, are `chunks` in C order of the shard's chunk grid
+    (contiguous little-endian arrays). Written to a temporary file and renamed, so a reader sees the old shard or
+    the new one, never a mix; the caller fsyncs (store.py marks a sample done only after that)."""
+    crcs = [google_crc32c.value(c).to_bytes(4, "little") for c in chunks]
+    n_index = len(chunks) * 16
+    index = np.empty((len(chunks), 2), "<u8")
+    index[:, 1] = [c.nbytes + 4 for c in chunks]
+    index[:, 0] = np.cumsum(index[:, 1]) - index[:, 1] + (n_index + 4 if index_at_start else 0)
+    index_bytes = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+    body = [b for c, crc in zip(chunks, crcs) for b in (memoryview(c).cast("B"), crc)]
+    buffers = [index_bytes, *body] if index_at_start else [*body, index_bytes]
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            while buffers:  # writev takes at most IOV_MAX buffers and may write less than asked
+                buffers = _advance(buffers, os.writev(fd, buffers[:_MAX_BUFFERS]))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _advance(buffers: list, n: int) -> list:
+    """The buffers left after writing the first n bytes of them."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers = buffers[1:]
+    return [memoryview(buffers[0])[n:], *buffers[1:]] if buffers and n else buffers
 
 
 def _check_crc(data: bytes | np.ndarray, crc: bytes | bytearray, path: Path, what: str) -> None:
