@@ -177,7 +177,7 @@ def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Ima
             if at_least is not None:
                 im.draft(None, at_least)
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError as e:
         raise DataError(f"{path}: image file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
