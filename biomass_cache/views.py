@@ -150,8 +150,8 @@ def make_view(image: torch.Tensor, image_id: str, view: int, seed: int, size: tu
     """
     w, h = validate_size(size)
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"make_view takes a (3, H, W) uint8 RGB tensor (views.load_photo), got "
-                         f"{getattr(image, 'dtype', type(image).__name__)} of shape {tuple(getattr(image, 'shape', ()))}")
+        got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"make_view takes a (3, H, W) uint8 RGB tensor (views.load_photo), got {got}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if isinstance(view, bool) or not isinstance(view, (int, np.integer)) or view < 0:
