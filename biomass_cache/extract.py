@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import typer
 import zarr
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from biomass_cache import __version__
@@ -140,7 +140,7 @@ def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], 
 @dataclass
 class _Loaded:
     item: Item
-    pixels: Optional[torch.Tensor]  # (len(views), 3, H, W), None when the image could not be read
+    views: Optional[list[torch.Tensor]]  # (3, H, W) per view in item.views, None when the image could not be read
     error: Optional[str] = None
 
 
@@ -160,15 +160,17 @@ class _ViewsDataset(Dataset):
             image = load_photo(item.path, cfg.size, cfg.policy)
         except DataError as e:
             return _Loaded(item, None, str(e))
-        views = [make_view(image, item.image_id, v, cfg.seed, cfg.size, cfg.policy, cfg.split) for v in item.views]
-        return _Loaded(item, torch.stack(views))
+        return _Loaded(item, [make_view(image, item.image_id, v, cfg.seed, cfg.size, cfg.policy, cfg.split)
+                              for v in item.views])
 
 
 def _collate(batch: list[_Loaded]) -> dict[str, Any]:
+    """The batch's views in one tensor. default_collate stacks them straight into shared memory when it runs in a
+    worker, so they cross to the main process without another copy."""
     good = [b for b in batch if b.error is None]
     return {
         "items": [b.item for b in good],
-        "pixels": torch.cat([b.pixels for b in good]) if good else None,
+        "pixels": default_collate([v for b in good for v in b.views]) if good else None,
         "bad": [(b.item, b.error) for b in batch if b.error is not None],
     }
 
