@@ -1,5 +1,5 @@
-"""Direct reads and writes of uncompressed Zarr v3 shards, a tenth of the overhead of zarr's async pipeline
-(measured: benchmarks/bench_store.py for reads, bench_extract.py for writes).
+"""Direct reads and writes of uncompressed Zarr v3 shards, around zarr's async pipeline: reads cost a tenth of its
+overhead (benchmarks/bench_store.py), a whole image's write a third of its CPU (measured, see store.py).
 
 Reads take the shard index from the start of the shard file (or, in stores written before it moved there, the end),
 then put the wanted inner chunks straight into the caller's buffers, one preadv per run of adjacent chunks, checking
