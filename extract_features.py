@@ -4,9 +4,8 @@
 Several GPUs: torchrun --nproc-per-node N extract_features.py ...
 """
 
-import typer
-
 from biomass_cache.extract import extract_command
+from biomass_cache.runtime import run
 
 if __name__ == "__main__":
-    typer.run(extract_command)
+    run(extract_command)

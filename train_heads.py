@@ -8,14 +8,13 @@ See `python train_heads.py --lora --help` for its options.
 
 import sys
 
-import typer
-
 from biomass_cache.cv import train_command
 from biomass_cache.lora import lora_command
+from biomass_cache.runtime import run
 
 if __name__ == "__main__":
     if "--lora" in sys.argv[1:]:
         sys.argv.remove("--lora")
-        typer.run(lora_command)
+        run(lora_command)
     else:
-        typer.run(train_command)
+        run(train_command)

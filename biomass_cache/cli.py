@@ -12,6 +12,7 @@ from biomass_cache.demo import demo_command
 from biomass_cache.extract import extract_command
 from biomass_cache.lora import lora_command
 from biomass_cache.predict import predict_command
+from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
 from biomass_cache.verify import verify_command
@@ -38,6 +39,7 @@ for name, fn, text in COMMANDS:
 
 
 def main() -> None:
+    keep_freed_memory()
     app()
 
 

@@ -30,6 +30,7 @@ from biomass_cache import __version__
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device
+from biomass_cache.runtime import run
 from biomass_cache.store import STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store
 from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_size, validate_size
 
@@ -471,4 +472,4 @@ def extract_command(
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m biomass_cache.extract ...
-    typer.run(extract_command)
+    run(extract_command)

@@ -39,6 +39,7 @@ from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.live import EpochSampler, LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.runtime import run
 from biomass_cache.store import open_store
 from biomass_cache.targets import ZScore, components_to_targets
 from biomass_cache.views import ViewPolicy, parse_size
@@ -514,4 +515,4 @@ def lora_command(
 
 
 if __name__ == "__main__":  # python -m biomass_cache.lora ... (and under torchrun)
-    typer.run(lora_command)
+    run(lora_command)
