@@ -35,10 +35,10 @@ from biomass_cache.backbone import create_backbone, forward_tokens, resolve_laye
 from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import STORAGE_DTYPES  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
 from biomass_cache.views import load_photo, make_view  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 
 BACKBONE = "vit_small_patch16_dinov3"
 PHOTO = (2000, 1000)

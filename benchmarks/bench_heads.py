@@ -34,11 +34,11 @@ from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
 from biomass_cache.folds import grouped_folds, write_folds  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.metrics import competition_r2, per_target_r2  # noqa: E402
+from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
 from biomass_cache.synth import colour_features, generate  # noqa: E402
 from biomass_cache.targets import TARGETS  # noqa: E402
 from biomass_cache.train import TrainConfig  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "heads.json"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5

@@ -9,7 +9,7 @@ Writes benchmarks/results/lora.json and prints a markdown table. `python benchma
 
 from __future__ import annotations
 
-import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -18,15 +18,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.live import build_prefix_cache
-from biomass_cache.lora import LiveTokens, LoraSettings, inject_lora, run_lora
-from biomass_cache.backbone import create_backbone
-from biomass_cache.data import read_long_csv
-from biomass_cache.synth import generate
-from biomass_cache.cv import run_training
-from biomass_cache.train import TrainConfig
-from biomass_cache.runtime import keep_freed_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biomass_cache.backbone import create_backbone  # noqa: E402
+from biomass_cache.cv import run_training  # noqa: E402
+from biomass_cache.data import read_long_csv  # noqa: E402
+from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
+from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.live import build_prefix_cache  # noqa: E402
+from biomass_cache.lora import LiveTokens, LoraSettings, inject_lora, run_lora  # noqa: E402
+from biomass_cache.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.synth import generate  # noqa: E402
+from biomass_cache.train import TrainConfig  # noqa: E402
 
 N_IMAGES, SIZE, LAYERS, BLOCKS, EPOCHS = 16, (224, 112), [7, 9, 11], 4, 2
 OUT = Path(__file__).parent / "results"
@@ -72,8 +74,7 @@ def main() -> None:
     result = {"device": device, "torch_threads": torch.get_num_threads(), "backbone": s.backbone + " (random)",
               "images": N_IMAGES, "size": list(SIZE), "layers": LAYERS, "adapted_blocks": BLOCKS,
               "batch_size": cfg.batch_size, "epochs": EPOCHS, "rows": rows}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "lora.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(OUT / "lora.json", result)
     print(f"\n{N_IMAGES} images {SIZE[0]}x{SIZE[1]}, {s.backbone} random, {device}, batch {cfg.batch_size}\n")
     print("| method | epoch (s) | speed-up vs live | one-off build (s) |\n|---|---:|---:|---:|")
     for r in rows:

@@ -33,8 +33,8 @@ from zarr.storage import LocalStore
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biomass_cache import store as st  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.token_codec import decode  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.token_codec import decode  # noqa: E402
 
 LAYERS, GRID, C = [3, 6, 9], (60, 30), 384
 T = GRID[0] * GRID[1]

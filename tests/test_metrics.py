@@ -13,7 +13,8 @@ def test_competition_r2_hand_case():
     ybar = 10.6 / 2.0
     ss_res = 0.5 * (10 - 8) ** 2 + 0.1 * (0 - 1) ** 2  # = 2.1
     ss_tot = sum(w * (v - ybar) ** 2 for row in y for w, v in zip(WEIGHTS, row))
-    assert competition_r2(y, p) == pytest.approx(1 - 2.1 / ss_tot, rel=1e-12)
+    assert ss_res == pytest.approx(2.1)
+    assert competition_r2(y, p) == pytest.approx(1 - ss_res / ss_tot, rel=1e-12)
     assert competition_r2(y, y) == 1.0
 
 

@@ -29,10 +29,10 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
-def _faults(mode: str, **env: str) -> dict:
+def _faults(mode: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True,
-                         env=clean | env)
+                         env=clean)
     return json.loads(out.stdout)
 
 
