@@ -5,7 +5,7 @@ network works at O(1) scale); the image value is the patch mean, so the density 
 The shared features (read by the auxiliary heads) are the per-patch hidden activations, mean-pooled.
 
 CPU cost is per token (3 layers x every patch), so the defaults are the cheapest measured to score as well
-(benchmarks/bench_heads.py, 160 synthetic images, OOF R^2): hidden 128 (0.807; 256: 0.814 at 1.8x the step time), no
+(benchmarks/bench_heads.py, 160 synthetic images, OOF R^2): hidden 128 (0.803; 256: 0.815 at 1.8x the step time), no
 dropout (dropout masks on every token were a third of the step), and one LayerNorm without affine parameters over
 all layers' tokens (a Linear follows, so an affine adds nothing it cannot express; without one, no gradient flows
 into the tokens).
