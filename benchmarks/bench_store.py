@@ -3,9 +3,10 @@
 Contenders hold the same float16 tokens of a ViT-S-like sample (3 layers x 1800 tokens (60x30 grid) x 384 channels,
 4.1 MB) and every reader returns float32 through the same float16 decode, so the numbers compare storage, not
 conversion. Reads are cold-ish: before each pass the contender's files are flushed and dropped from the page cache
-(posix_fadvise DONTNEED), then every sample is read once in one shared random order. Each rep runs every contender
-once, in random order; a contender's ratio to the memmap is the median over reps of its pass / the memmap's pass in
-the same rep, which holds up on a machine whose speed drifts over minutes.
+(posix_fadvise DONTNEED), then every sample is read once in one shared random order. A first, unrecorded rep warms
+the host's cache of the VM disk; then each rep runs every contender once, in random order, the memmap next to the
+default store. A contender's ratio to the memmap is the median over reps of its pass / the memmap's pass in the same
+rep, which holds up on a machine whose speed drifts over minutes.
 
     python benchmarks/bench_store.py [--quick] [--dir /tmp/bench_store]
 
