@@ -2,8 +2,10 @@
 
 On a synthetic data folder and one ViT-S token cache (random weights, 3 layers, 4 views): the mean predictor,
 ridge on colour statistics of the photos, ridge on mean-pooled view-0 tokens, the density / mlp / vitdet heads
-(stage two, `run_training`), density without mixup, and density on an int8 copy of the cache. Every contender is
-scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), so baselines and heads see the same.
+(stage two, `run_training`), density without mixup, density on an int8 copy of the cache, and the density and mlp
+heads on reduced copies of the cache (`biomass reduce`: per-layer PCA channels, pooled patch grid). Every contender
+is scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), so baselines and heads see the
+same. The patch grid is 14 x 28 (448 x 224 views), so pooling has a grid to pool.
 
     python benchmarks/bench_heads.py [--quick] [--out benchmarks/results/heads.json] [--work DIR]
 
@@ -42,8 +44,8 @@ from biomass_cache.train import TrainConfig  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "heads.json"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
-FULL = dict(n_train=160, photo=(448, 224), size=(224, 112), epochs=120)
-QUICK = dict(n_train=80, photo=(224, 112), size=(224, 112), epochs=6)
+FULL = dict(n_train=160, photo=(896, 448), size=(448, 224), epochs=120)
+QUICK = dict(n_train=80, photo=(448, 224), size=(448, 224), epochs=6)
 ALPHAS = np.logspace(-3, 5, 17)
 HEADS = {  # name -> (TrainConfig overrides); small vitdet dims keep it CPU-sized
     "density": dict(head="density"),
@@ -54,8 +56,13 @@ HEADS = {  # name -> (TrainConfig overrides); small vitdet dims keep it CPU-size
     "mlp": dict(head="mlp"),
     "vitdet (dim 64, hidden 512)": dict(head="vitdet", head_kwargs=dict(dim=64, hidden=512)),
 }
+REDUCED = {  # (dim, pool) -> the heads trained on that reduced cache
+    (128, 2): {"density": HEADS["density"], "mlp": HEADS["mlp"]},
+    (128, 1): {"density": HEADS["density"]},
+    (64, 2): {"density": HEADS["density"]},
+}
 GOALS = {"density - ridge(pooled tokens)": 0.15, "density - ridge(colour stats)": 0.05,
-         "density(float16) - density(int8)": -0.005}
+         "density(float16) - density(int8)": -0.005, "density(PCA 128, pool 2) - density(full tokens)": -0.01}
 
 
 def pooled_tokens(store_path: Path, image_ids: list[str]) -> np.ndarray:
@@ -106,6 +113,18 @@ def prepare(work: Path, sz: dict) -> tuple[Path, Path, Path, float]:
     if not i8.exists():
         int8_copy(f16, i8)
     return data, f16, i8, seconds
+
+
+def reduced_copy(src: Path, work: Path, dim: int, pool: int) -> tuple[Path, float]:
+    """The cache reduced as `biomass reduce --dim --pool` does (reused when present); returns its seconds."""
+    from biomass_cache.reduce import fit_reduction, reduce_store
+
+    out = work / f"cache_pca{dim}_pool{pool}.zarr"
+    t = time.perf_counter()
+    if not out.exists():
+        store = open_store(src)
+        reduce_store(store, fit_reduction(store, dim, pool), out)
+    return out, time.perf_counter() - t
 
 
 def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: dict[str, dict], epochs: int,
@@ -166,6 +185,14 @@ def main() -> None:
     for name, s in heads.items():
         rows.append({"model": f"{name} head", **s})
     rows.append({"model": "density head, int8 cache", **heads_i8["density"]})
+    reduced = {}
+    for (dim, pool), members in REDUCED.items():
+        cache, reduce_s = reduced_copy(f16, work, dim, pool)
+        got = train_heads(cache, data, work / "runs" / f"pca{dim}_pool{pool}", work / "folds.csv", members,
+                          sz["epochs"], threads)
+        for name, s in got.items():
+            reduced[(name, dim, pool)] = s["competition_r2"]
+            rows.append({"model": f"{name} head, reduced cache (PCA {dim}, pool {pool})", **s, "reduce_s": reduce_s})
 
     r2 = {r["model"]: r["competition_r2"] for r in rows}
     dens = heads["density"]["competition_r2"]
@@ -173,6 +200,8 @@ def main() -> None:
         "density - ridge(pooled tokens)": dens - rows[2]["competition_r2"],
         "density - ridge(colour stats)": dens - rows[1]["competition_r2"],
         "density(float16) - density(int8)": heads_i8["density"]["competition_r2"] - dens,
+        **{f"{n}(PCA {d}, pool {p}) - {n}(full tokens)": r2 - heads[n]["competition_r2"]
+           for (n, d, p), r2 in reduced.items()},
     }
     result = {
         "settings": {"n_train": sz["n_train"], "photo": list(sz["photo"]), "size": list(sz["size"]),

@@ -12,6 +12,7 @@ from biomass_cache.demo import demo_command
 from biomass_cache.extract import extract_command
 from biomass_cache.lora import lora_command
 from biomass_cache.predict import predict_command
+from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
@@ -28,6 +29,7 @@ COMMANDS = [
     ("synth", synth_command, "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
     ("extract", extract_command, "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
     ("verify", verify_command, "Read back a token store; report corrupt chunks and samples not extracted."),
+    ("reduce", reduce_command, "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
     ("train", train_command, "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
     ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
     ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),

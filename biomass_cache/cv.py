@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache import runs
 from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader, store_rows
+from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.targets import TARGETS
 from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, pick_device, resolve,
@@ -102,20 +102,22 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "
                         f"{store.path})")
     signature = {"channels": store.channels, "grid": list(store.grid)}
+    views = list(range(store.n_views))
+    every = store_rows(store, list(table["image_id"]), views)
+    shared = (Preloaded.load(store, every, views, layers)  # once per run: every fold reads it
+              if Preloaded.wanted(cfg.preload, store, len(every), len(views), len(layers)) else None)
 
     def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, preload=cfg.preload, aux=aux)
+        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared)
         return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
 
     def val_loader(rows: np.ndarray, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, preload=cfg.preload, view=0, aux=aux)
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=0, aux=aux, preloaded=shared)
         return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
-        views = list(range(store.n_views)) if meta["tta"] == "all" else [meta["tta"]]
-        idx = store_rows(store, list(table["image_id"].iloc[rows]), views)
-        return runs.predict_store(head, meta, store, idx, views=meta["tta"], batch_size=cfg.eval_batch_size,
-                                  device=str(device))
+        return runs.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
+                                  device=str(device), preloaded=shared)
 
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
@@ -226,11 +228,16 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
     from biomass_cache.store import open_store
 
+    from biomass_cache.reduce import Reduction
+
     store = open_store(cache)
     table = read_long_csv(Path(data) / "train.csv", check_images=False)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     source = cache_source(store, table, cfg, members_cfg, extract)
+    reduction = Reduction.of_store(store)
+    if reduction is not None:  # the run carries its projection, so test stores can be reduced alike
+        reduction.save(Path(out) / "reduction")
     if store.random_weights:
         tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
     return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)

@@ -122,12 +122,55 @@ def view_for(seed: int, epoch: int, row: int, n_views: int) -> int:
     return int(np.random.default_rng([seed, epoch, row]).integers(n_views))
 
 
+@dataclass
+class Preloaded:
+    """Tokens of some store rows held in RAM as stored (float16 stays float16), read once and shared by every
+    dataset of a run (all folds, training and validation, OOF predictions)."""
+
+    tokens: np.ndarray  # (rows, views, layers, T, C)
+    position: dict[int, int]  # store row -> index into `tokens`
+    views: list[int]
+    layers: list[int]
+
+    @staticmethod
+    def nbytes(store, n_rows: int, n_views: int, n_layers: int) -> int:
+        """Bytes the tokens of `n_rows` images take once preloaded."""
+        rows, cols = store.grid
+        itemsize = 2 if store.storage_dtype == "float16" else 4
+        return n_rows * n_views * n_layers * rows * cols * store.channels * itemsize
+
+    @classmethod
+    def wanted(cls, preload: bool | str, store, n_rows: int, n_views: int, n_layers: int) -> bool:
+        """True, False, or "auto": when the tokens fit in PRELOAD_RAM_FRACTION of the available RAM."""
+        if preload == "auto":
+            return cls.nbytes(store, n_rows, n_views, n_layers) < PRELOAD_RAM_FRACTION * available_ram()
+        if preload not in (True, False):
+            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
+        return preload
+
+    @classmethod
+    def load(cls, store, rows: Sequence[int], views: Sequence[int], layers: Sequence[int]) -> "Preloaded":
+        from tqdm.auto import tqdm
+
+        dtype = np.float16 if store.storage_dtype == "float16" else np.float32  # float16 stays exact
+        grid_rows, cols = store.grid
+        out = np.empty((len(rows), len(views), len(layers), grid_rows * cols, store.channels), dtype=dtype)
+        for k in tqdm(range(len(rows)), desc="preload tokens", leave=False, disable=len(rows) < 64):
+            for j, v in enumerate(views):
+                out[k, j] = store.read(int(rows[k]), v, layers)
+        return cls(out, {int(r): k for k, r in enumerate(rows)}, list(views), list(layers))
+
+    def sample(self, row: int, view: int, layer_pos: list[int] | None) -> np.ndarray:
+        x = self.tokens[self.position[row], self.views.index(view)]
+        return x if layer_pos is None else x[layer_pos]
+
+
 class TokenDataset(Dataset):
     """Samples of `table` rows `indices`: tokens (L, T, C) float32 of `layers` plus targets and aux labels.
 
     Targets are areal densities (g/m^2); missing ones are 0 with a False mask. `train=True` draws one stored
-    view per epoch (call `set_epoch`); otherwise `view` is read. `preload` (True, False or "auto") keeps the
-    selected tokens in RAM, as stored (float16 stays float16), instead of reading the store each time.
+    view per epoch (call `set_epoch`); otherwise `view` is read. Tokens come from `preloaded` (shared by a run),
+    else from RAM when `preload` (True, False or "auto") says so, else from the store at each read.
     """
 
     def __init__(
@@ -141,6 +184,7 @@ class TokenDataset(Dataset):
         preload: bool | str = False,
         view: int = 0,
         aux: AuxSpec | None = None,
+        preloaded: Preloaded | None = None,
     ):
         self.store, self.train, self.seed, self.epoch = store, train, seed, 0
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -153,31 +197,16 @@ class TokenDataset(Dataset):
         self.views = list(range(store.n_views)) if train else [view]
         self.rows = store_rows(store, list(table["image_id"].iloc[self.indices]), self.views)
         self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices))
-        self.tokens: np.ndarray | None = None
-        if preload == "auto":
-            preload = self.nbytes() < PRELOAD_RAM_FRACTION * available_ram()
-        elif preload not in (True, False):
-            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
-        if preload:
-            self._preload()
+        if preloaded is None and Preloaded.wanted(preload, store, len(self.rows), len(self.views), len(self.layers)):
+            preloaded = Preloaded.load(store, self.rows, self.views, self.layers)
+        self.preloaded = preloaded
+        self.layer_pos = None
+        if preloaded is not None and preloaded.layers != self.layers:
+            self.layer_pos = [preloaded.layers.index(l) for l in self.layers]
 
     def nbytes(self) -> int:
         """Bytes the selected tokens take in RAM once preloaded."""
-        rows, cols = self.store.grid
-        itemsize = 2 if self.store.storage_dtype == "float16" else 4
-        return len(self.rows) * len(self.views) * len(self.layers) * rows * cols * self.store.channels * itemsize
-
-    def _preload(self) -> None:
-        from tqdm.auto import tqdm
-
-        dtype = np.float16 if self.store.storage_dtype == "float16" else np.float32  # float16 stays exact
-        rows, cols = self.store.grid
-        shape = (len(self.rows), len(self.views), len(self.layers), rows * cols, self.store.channels)
-        out = np.empty(shape, dtype=dtype)
-        for k in tqdm(range(len(self.rows)), desc="preload tokens", leave=False, disable=len(self.rows) < 64):
-            for j, v in enumerate(self.views):
-                out[k, j] = self.store.read(int(self.rows[k]), v, self.layers)
-        self.tokens = out
+        return Preloaded.nbytes(self.store, len(self.rows), len(self.views), len(self.layers))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -190,8 +219,9 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         view = self.view_of(k)
-        if self.tokens is not None:
-            tokens = torch.from_numpy(self.tokens[k, self.views.index(view)]).float()  # torch's cast: 10x numpy's
+        if self.preloaded is not None:
+            x = self.preloaded.sample(int(self.rows[k]), view, self.layer_pos)
+            tokens = torch.from_numpy(np.ascontiguousarray(x)).float()  # torch's cast: 10x numpy's
         else:
             tokens = torch.from_numpy(self.store.read(int(self.rows[k]), view, self.layers))
         return {"tokens": tokens, **self.labels.item(k)}
@@ -214,7 +244,7 @@ def make_loader(ds: TokenDataset, batch_size: int, shuffle: bool, seed: int, wor
 
     Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.
     """
-    workers = 0 if ds.tokens is not None else workers
+    workers = 0 if ds.preloaded is not None else workers
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -143,6 +143,7 @@ class ResolvedMember:
     checkpoints: tuple[Path, ...]  # head JSONs: every fold model of a run folder, or the single checkpoint
     kind: str  # "cache": heads read a test token cache; "lora": adapters + head on a live backbone (lora.py)
     extract: dict  # cache: the run's extraction settings; lora: backbone, weights; weights per the [weights] table
+    reduction: Path | None = None  # cache: the run's reduction (reduce.py) that test stores go through, if any
 
 
 def _read_json(path: Path) -> dict:
@@ -183,7 +184,13 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
     extract = _lora_settings(config, config_path) if kind == "lora" else _extract_settings(config, config_path)
     if extract["backbone"] in weights_files:
         extract["weights"] = weights_files[extract["backbone"]]
-    return ResolvedMember(member, run_dir, checkpoints, kind, extract)
+    reduction = None
+    if kind == "cache" and "reduce" in config["cache"]["fingerprint"]:
+        reduction = run_dir / "reduction.json"
+        if not reduction.is_file():
+            raise EnsembleError(f"member {member.name}: its heads were trained on a reduced token store, and the "
+                                f"run folder lacks the projection {reduction} that test tokens must go through")
+    return ResolvedMember(member, run_dir, checkpoints, kind, extract, reduction)
 
 
 def _extract_settings(config: dict, path: Path) -> dict:
@@ -194,8 +201,10 @@ def _extract_settings(config: dict, path: Path) -> dict:
     "random" for a random backbone (None: the ensemble file or --weights must say where the weights are). The
     device follows the fingerprint's compute precision (bf16 on CUDA and fp32 on CPU give different tokens).
     """
+    from biomass_cache.store import extraction_fingerprint
+
     try:
-        fp = config["cache"]["fingerprint"]
+        fp = extraction_fingerprint(config["cache"]["fingerprint"])
         settings = {field: fp[key] for key, field in FINGERPRINT_SETTINGS.items()}
         backbone, compute = fp["backbone"], fp["compute"]
         sha = backbone["weights_sha256"]
@@ -233,8 +242,10 @@ def weights_file(rm: ResolvedMember) -> str:
 
 def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_ids: Sequence[str],
                       progress: bool):
-    """The member's test cache under out_dir/cache/: reused when complete for these images, else extracted."""
+    """The member's test cache under out_dir/cache/: reused when complete for these images, else extracted (and
+    reduced with the run's projection when its heads were trained on a reduced store)."""
     from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.reduce import Reduction, reduce_store
     from biomass_cache.store import open_store
     from biomass_cache.views import TTA_VIEWS
 
@@ -243,13 +254,23 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_i
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
     key = _digest({"settings": settings, "weights": stamp, "images": list(image_ids)})
     path = out_dir / "cache" / f"test-{key}.zarr"
-    if path.exists():
-        store = open_store(path)
-        if set(image_ids) <= set(store.image_ids) and store.done()[_positions(store, image_ids)].all():
-            return store
-    extract(ExtractConfig(data_dir=data_dir, split="test", out=path, views=len(TTA_VIEWS), **settings),
-            progress=progress)
-    return open_store(path)
+
+    def complete(p: Path) -> bool:
+        if not p.exists():
+            return False
+        store = open_store(p)
+        return set(image_ids) <= set(store.image_ids) and bool(store.done()[_positions(store, image_ids)].all())
+
+    if not complete(path):
+        extract(ExtractConfig(data_dir=data_dir, split="test", out=path, views=len(TTA_VIEWS), **settings),
+                progress=progress)
+    if rm.reduction is None:
+        return open_store(path)
+    reduction = Reduction.load(rm.reduction.with_suffix(""))
+    reduced = path.with_name(f"{path.stem}-reduced-{reduction.sha256[:16]}.zarr")
+    if not complete(reduced):
+        reduce_store(open_store(path), reduction, reduced, overwrite=True, progress=progress)
+    return open_store(reduced)
 
 
 def _positions(store, image_ids: Sequence[str]) -> np.ndarray:

@@ -30,7 +30,6 @@ from biomass_cache.io import atomic_path, write_csv, write_json
 from biomass_cache.targets import TARGETS, ZScore, components_to_targets, to_grams
 
 FORMAT_VERSION = 1
-SPLIT_KEYS = ("split", "n_views")  # fingerprint keys a test cache may change (TTA views instead of augmented ones)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -86,20 +85,25 @@ def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
 def check_compatible(meta: dict, store) -> None:
     """Refuse a cache the head was not trained on: other extraction settings, missing layers, other width/grid.
 
-    A test cache differs from the training cache only in SPLIT_KEYS (TTA views instead of augmented ones).
+    A test cache differs from the training cache only in store.SPLIT_KEYS (TTA views instead of augmented ones).
     """
     from heads import check_compatible as check_signature
 
-    from biomass_cache.store import fingerprint_diff
+    from biomass_cache.store import comparable, fingerprint_diff
 
     where = f"head {meta.get('name', '?')} (fold {meta.get('fold', '?')})"
+    trained, cache = meta["fingerprint"].get("reduce"), store.fingerprint.get("reduce")
+    if trained and not cache:
+        raise DataError(f"{where} was trained on a reduced token store ({trained}); {store.path} is not reduced: "
+                        f"reduce it with `biomass reduce --cache {store.path} --like RUN_DIR --out STORE`")
+    if cache and not trained:
+        raise DataError(f"{where} was trained on unreduced tokens; {store.path} is a reduced store ({cache}): "
+                        "use the store it was reduced from")
     try:
         check_signature(meta["head"], store)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from e
-    trained, cache = ({k: v for k, v in fp.items() if k not in SPLIT_KEYS}
-                      for fp in (meta["fingerprint"], store.fingerprint))
-    diff = fingerprint_diff(trained, cache)
+    diff = fingerprint_diff(comparable(meta["fingerprint"]), comparable(store.fingerprint))
     if diff:
         raise DataError(f"{where} was trained on tokens extracted with another configuration than the token "
                         f"store {store.path} (trained on -> store): " + "; ".join(diff))
@@ -129,10 +133,12 @@ def predict_store(
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 0,
+    preloaded=None,
 ) -> np.ndarray:
     """(N, 5) grams for store images `indices` (all by default): components averaged over the views, then rebuilt.
 
-    `views` is "all" (TTA mean over every stored view) or one view index (0 = the clean view).
+    `views` is "all" (TTA mean over every stored view) or one view index (0 = the clean view); `preloaded`: the
+    run's tokens in RAM (dataset.Preloaded), else the store is read.
     """
     check_compatible(meta, store)
     indices = range(len(store.image_ids)) if indices is None else indices
@@ -142,7 +148,8 @@ def predict_store(
     aux = AuxSpec.from_dict(meta["aux"])
     comps = []
     for v in view_list:
-        ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v, aux=aux)
+        ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v, aux=aux,
+                          preloaded=preloaded)
         loader = make_loader(ds, batch_size, shuffle=False, seed=0, workers=workers)
         comps.append(predict_components(head, loader, lambda b: b["tokens"].to(device)))
     return components_to_grams(np.mean(comps, axis=0))

@@ -58,6 +58,8 @@ _STORED = {"float16": ("float16", float("nan")), "bfloat16": ("uint16", BF16_NAN
 # Chunk files side by side (tokens/c.12.0.0.0.0): one directory per array, nothing nested to create or fsync.
 FLAT_KEYS = {"name": "default", "separator": "."}
 SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
+SPLIT_KEYS = ("split", "n_views")  # fingerprint keys a test store may change
+EXPECTED_NAMES = ("tokens", "prefix", "scales", "prefix_scales", "done")
 INDEX_LOCATION = "start"  # shard index before the chunks: a cold read runs forward through the file (measured)
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
 
@@ -113,6 +115,22 @@ def fingerprint_diff(old: dict, new: dict) -> list[str]:
         return out
 
     return walk(_as_json(old, "fingerprint"), _as_json(new, "fingerprint"), "")
+
+
+def comparable(fingerprint: dict) -> dict:
+    """The fingerprint without what a test store may change (TTA views instead of augmented ones), at every level
+    of a reduction chain ({"parent": ..., "reduce": ...}, see reduce.py)."""
+    out = {k: v for k, v in fingerprint.items() if k not in SPLIT_KEYS}
+    if isinstance(out.get("parent"), dict):
+        out["parent"] = comparable(out["parent"])
+    return out
+
+
+def extraction_fingerprint(fingerprint: dict) -> dict:
+    """The extraction's fingerprint at the root of a chain of reductions (the fingerprint itself if unreduced)."""
+    while "reduce" in fingerprint and isinstance(fingerprint.get("parent"), dict):
+        fingerprint = fingerprint["parent"]
+    return fingerprint
 
 
 def _infer_random_weights(fingerprint: dict) -> bool:
@@ -302,6 +320,7 @@ class TokenStore:
     storage_dtype = property(lambda self: self._attrs["storage_dtype"])
     random_weights = property(lambda self: self._attrs["random_weights"])
     bad_ids = property(lambda self: dict(self._attrs["bad_ids"]))
+    attrs = property(lambda self: dict(self._attrs))  # every group attribute, the optional ones included
 
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.path)!r}, images={len(self._attrs['image_ids'])}, views={self.n_views}, "
@@ -465,6 +484,28 @@ class TokenStore:
             if not self._done_cache[i, view]:
                 raise StoreError(f"{self.path}: sample (image {self._attrs['image_ids'][i]!r} #{i}, view {view}) "
                                  "is not extracted (not marked done)")
+
+    # ---- arrays that describe the tokens (a reduced store's projection) ----------------------------------------
+    def write_extra(self, name: str, data: np.ndarray) -> None:
+        """A small array beside the tokens, stored whole in one chunk with a checksum (rank 0, before writers)."""
+        self._require_writable()
+        if name in self._arrays or name in EXPECTED_NAMES:
+            raise StoreError(f"{self.path}: {name!r} is a token array, not an extra one")
+        arr = self._group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
+                                       compressors=(Crc32cCodec(),), chunk_key_encoding=FLAT_KEYS, overwrite=True)
+        arr[...] = data
+
+    def read_extra(self, name: str) -> np.ndarray:
+        try:
+            arr = self._group[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: array {name!r} is missing") from None
+        return np.asarray(arr[...])
+
+    def set_attrs(self, **kw: Any) -> None:
+        """Add or replace group attributes (rank 0 only); the required ones keep their meaning."""
+        self._require_writable()
+        self._set_attrs(**kw)
 
     # ---- rank-0-only attribute changes ------------------------------------------------------------------------
     def append_images(self, new_ids: list[str]) -> None:

@@ -102,9 +102,9 @@ def test_preload_matches_streaming_and_workers(toy):
     rows = list(range(10))
     streamed = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=False)
     loaded = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=True)
-    assert loaded.tokens is not None and loaded.tokens.dtype == np.float16
+    assert loaded.preloaded is not None and loaded.preloaded.tokens.dtype == np.float16
     auto = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload="auto")
-    assert auto.tokens is not None  # a few KB always fit
+    assert auto.preloaded is not None  # a few KB always fit
     for ds in (streamed, loaded):
         ds.set_epoch(2)
     a = torch.cat([b["tokens"] for b in make_loader(streamed, 4, shuffle=False, seed=0, workers=2)])
