@@ -123,7 +123,7 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
                         **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
                         "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
-              "device": str(device)}
+              "device": str(device), "preloaded": shared is not None}
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
                        lambda b: b["tokens"].to(device, non_blocking=True), predict)
 

@@ -87,8 +87,9 @@ class Reduction:
     @torch.no_grad()
     def apply(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., L, T, C) float32 tokens of the parent grid -> (..., L, T', K) reduced tokens."""
-        x = pool_tokens(F.layer_norm(tokens, tokens.shape[-1:]), self.parent_grid, self.pool)
-        return (x - torch.from_numpy(self.mean)[:, None]) @ torch.from_numpy(self.components)
+        comps = torch.from_numpy(self.components)
+        projected = F.layer_norm(tokens, tokens.shape[-1:]) @ comps  # linear, so it commutes with the pooling
+        return pool_tokens(projected, self.parent_grid, self.pool) - (torch.from_numpy(self.mean)[:, None] @ comps)
 
     # ---- artefacts ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -134,10 +135,9 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch
     """P x P average pooling of (..., T, C) row-major patch tokens on `grid` -> (..., T / P^2, C)."""
     if pool == 1:
         return tokens
-    rows, cols = grid
     lead, c = tokens.shape[:-2], tokens.shape[-1]
-    x = tokens.reshape(*lead, rows // pool, pool, cols // pool, pool, c).mean(dim=(-4, -2))
-    return x.reshape(*lead, (rows // pool) * (cols // pool), c)
+    x = tokens.reshape(-1, *grid, c).permute(0, 3, 1, 2)  # channels-last memory: avg_pool2d's fast path
+    return F.avg_pool2d(x, pool).permute(0, 2, 3, 1).reshape(*lead, -1, c)
 
 
 def _check_settings(store: TokenStore, dim: int, pool: int) -> None:
@@ -211,8 +211,8 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
         store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids,
                         weights_path=src.attrs.get("weights_path"))
         for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
-            views = torch.stack([torch.from_numpy(src.read(i, v)) for v in range(src.n_views)])
-            store.write_image(i, reduction.apply(views))
+            store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
+                                              for v in range(src.n_views)]))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
