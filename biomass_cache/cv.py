@@ -128,9 +128,10 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                    members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False) -> dict:
+                   strict_folds: bool = False, overwrite: bool = False) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
-    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds."""
+    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
+    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir)."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
@@ -138,6 +139,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
     out = Path(out)
     if writer:
+        for p in runs.prepare_run_dir(out, overwrite):
+            tqdm.write(f"--overwrite: deleted {p} of the earlier run")
         out.mkdir(parents=True, exist_ok=True)
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
@@ -222,7 +225,8 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
-                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False) -> dict:
+                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
+                 overwrite: bool = False) -> dict:
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
     from biomass_cache.store import open_store
 
@@ -233,7 +237,7 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     source = cache_source(store, table, cfg, members_cfg, extract)
     if store.random_weights:
         tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)
+    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -247,6 +251,8 @@ SHARED_OPTIONS = {
     "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
     "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
+    "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
+                              "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
 }
 
 
@@ -283,6 +289,7 @@ def train_command(
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
+    overwrite: bool = SHARED_OPTIONS["overwrite"],
 ) -> None:
     """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
 
@@ -295,4 +302,4 @@ def train_command(
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
     run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                 strict_folds=folds is not None or "folds" in base)
+                 strict_folds=folds is not None or "folds" in base, overwrite=overwrite)
