@@ -515,6 +515,10 @@ def extract_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store and go on "
                                   "(default: stop with an error naming the file)."),
+    retry_bad: bool = typer.Option(False, "--retry-bad", help="Retry every image marked bad in an earlier run "
+                                   "(a photo whose content changed is retried without it)."),
+    recheck: bool = typer.Option(False, "--recheck", help="Read back every finished sample first and re-extract "
+                                 "the images with corrupt or missing data (see `biomass verify`)."),
     prefix: Optional[bool] = typer.Option(None, "--prefix/--no-prefix", help="Also store CLS + register tokens "
                                           "(default: on)."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Apply the final LayerNorm to the cached "
@@ -532,7 +536,8 @@ def extract_command(
         flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
                  "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
                  "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None}
+                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None,
+                 "retry_bad": retry_bad or None, "recheck": recheck or None}
         values.update({k: v for k, v in flags.items() if v is not None})
         cfg = ExtractConfig.from_dict(values, where=str(config) if config else "command line")
         summary = extract(cfg)
