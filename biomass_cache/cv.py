@@ -88,12 +88,14 @@ class TokenSource:
     rank: int = 0
     barrier: Callable[[], None] = _no_barrier
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None
+    write_artefacts: Callable[[Path], None] | None = None  # files the run folder needs beside config.json
 
 
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  extract: dict | None = None) -> TokenSource:
     """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
     from biomass_cache.extract import stored_weights_path
+    from biomass_cache.reduce import Reduction
 
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
     device = pick_device(cfg.device)
@@ -124,15 +126,18 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
                         **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
                         "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
               "device": str(device), "preloaded": shared is not None}
+    reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
-                       lambda b: b["tokens"].to(device, non_blocking=True), predict)
+                       lambda b: b["tokens"].to(device, non_blocking=True), predict,
+                       write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"))
 
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                    members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False) -> dict:
+                   strict_folds: bool = False, overwrite: bool = False) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
-    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds."""
+    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
+    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir)."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
@@ -140,6 +145,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
     out = Path(out)
     if writer:
+        for p in runs.prepare_run_dir(out, overwrite):
+            tqdm.write(f"--overwrite: deleted {p} of the earlier run")
         out.mkdir(parents=True, exist_ok=True)
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
@@ -155,6 +162,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     if writer:
         runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
                                 **source.config, "data": str(data), "torch": torch.__version__})
+        if source.write_artefacts is not None:
+            source.write_artefacts(out)
 
     oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
     per_fold: dict[str, dict] = {n: {} for n in members_cfg}
@@ -224,23 +233,19 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
-                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False) -> dict:
+                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
+                 overwrite: bool = False) -> dict:
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
     from biomass_cache.store import open_store
-
-    from biomass_cache.reduce import Reduction
 
     store = open_store(cache)
     table = read_long_csv(Path(data) / "train.csv", check_images=False)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     source = cache_source(store, table, cfg, members_cfg, extract)
-    reduction = Reduction.of_store(store)
-    if reduction is not None:  # the run carries its projection, so test stores can be reduced alike
-        reduction.save(Path(out) / "reduction")
     if store.random_weights:
         tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)
+    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -254,6 +259,8 @@ SHARED_OPTIONS = {
     "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
     "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
+    "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
+                              "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
 }
 
 
@@ -290,6 +297,7 @@ def train_command(
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
+    overwrite: bool = SHARED_OPTIONS["overwrite"],
 ) -> None:
     """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
 
@@ -302,4 +310,4 @@ def train_command(
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
     run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                 strict_folds=folds is not None or "folds" in base)
+                 strict_folds=folds is not None or "folds" in base, overwrite=overwrite)

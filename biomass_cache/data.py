@@ -21,6 +21,7 @@ METADATA = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm
 NUMERIC_METADATA = ("Pre_GSHH_NDVI", "Height_Ave_cm")
 SEP = "__"
 MAX_LISTED = 5  # how many offending rows an error message names
+MAX_DECODED_PIXELS = 64_000_000  # 192 MB of RGB: far above any quadrat photo, far below a decompression bomb
 
 
 class DataError(ValueError):
@@ -170,15 +171,30 @@ def to_long(table: pd.DataFrame, sample_ids: Sequence[str] | None = None) -> pd.
 
 def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
     """Open an image fully (so truncation shows up here, not later) as RGB. With `at_least` (W, H), a JPEG is
-    decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps it at least that size (PIL's draft)."""
+    decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps it at least that size (PIL's draft).
+
+    The size to decode is checked from the header first: above MAX_DECODED_PIXELS (after the draft scale) the
+    photo is refused as a DataError, like PIL's decompression bombs, instead of being decoded whole."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            if at_least is not None:
-                im.draft(None, at_least)
-            im.load()
-            return im if im.mode == "RGB" else im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(path) as im:
+                if at_least is not None:
+                    im.draft(None, at_least)
+                w, h = im.size
+                if w * h > MAX_DECODED_PIXELS:
+                    raise _TooLarge(f"{w}x{h} px to decode")
+                im.load()
+                return im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError as e:
         raise DataError(f"{path}: image file not found") from e
+    except (_TooLarge, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: image too large ({e}; the limit is {MAX_DECODED_PIXELS / 1e6:.0f} Mpx after "
+                        "JPEG draft scaling); downscale the photo") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+class _TooLarge(Exception):
+    """A photo whose header announces more pixels than load_image decodes."""

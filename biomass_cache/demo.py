@@ -81,7 +81,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
     run = out / "runs" / "heads"
     settings = dict(folds=sz.folds, epochs=sz.epochs, device="cpu", workers=0, pcgrad=sz.pcgrad)
     cfg, members = resolve({}, [], settings, list(HEADS))
-    run_training(cache, data, run, cfg, members,
+    run_training(cache, data, run, cfg, members, overwrite=True,  # a re-run demo replaces its run
                  extract=dict(backbone=BACKBONE, weights="random", size=list(sz.size), layers=list(sz.layers),
                               views=sz.views, seed=0))
     step(f"{sz.folds}-fold training", t)

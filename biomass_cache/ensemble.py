@@ -4,7 +4,8 @@ An ensemble file (TOML, see configs/ensemble_example.toml) lists members - a run
 averaged) or one head checkpoint - with a weight and, per backbone, the weights file the test cache is extracted
 with. Members may mix backbones: one test cache per distinct extraction setting is built once under
 `<out_dir>/cache/` and reused; each member's predictions (grams, folds and TTA views averaged) are cached under
-`<out_dir>/members/` keyed by the checkpoints' sha256 and the cache fingerprint, so re-aggregating is instant.
+`<out_dir>/members/` keyed by the checkpoints' sha256, the cache fingerprint and the photos' content sha256, so
+re-aggregating is instant and a photo changed under its old name is predicted afresh.
 
 A member is either heads on a token cache or, when its checkpoints say `kind: "lora"`, adapters + head on a live
 backbone (biomass_cache.lora). Aggregation (biomass_cache.aggregate) happens in component space.
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from biomass_cache import runs
 from biomass_cache.aggregate import VAR_FLOOR, fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.data import DataError
 from biomass_cache.targets import TARGETS, components_to_targets
@@ -164,10 +166,13 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
             raise EnsembleError(f"member {member.name}: the run folder holds several heads {names}; "
                                 f"say which with `head = \"...\"`")
         wanted = member.head or (names[0] if names else None)
-        checkpoints = tuple(p for p in fold if p.stem == wanted)
-        if not checkpoints:
+        if wanted not in names:
             raise EnsembleError(f"member {member.name}: no head checkpoint {wanted or '*'}.json under "
                                 f"{run_dir}/fold*/ or {run_dir}/full/ (heads found: {names})")
+        try:
+            checkpoints = tuple(runs.complete_checkpoints(run_dir, wanted))
+        except DataError as e:
+            raise EnsembleError(f"member {member.name}: {e}") from e
     elif path.suffix in (".json", ".safetensors") and path.with_suffix(".json").is_file():
         checkpoints = (path.with_suffix(".json"),)
         run_dir = checkpoints[0].parent.parent
@@ -240,10 +245,11 @@ def weights_file(rm: ResolvedMember) -> str:
     return weights
 
 
-def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_ids: Sequence[str],
+def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes: dict[str, str | None],
                       progress: bool):
-    """The member's test cache under out_dir/cache/: reused when complete for these images, else extracted (and
-    reduced with the run's projection when its heads were trained on a reduced store)."""
+    """The member's test cache under out_dir/cache/ for the images `hashes` names: reused when complete and every
+    photo's recorded content hash equals the current one, else extracted (only what is missing or changed); then
+    reduced with the run's projection when its heads were trained on a reduced store (reduce.py)."""
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.reduce import Reduction, reduce_store
     from biomass_cache.store import open_store
@@ -252,14 +258,17 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, image_i
     weights = weights_file(rm)
     settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
-    key = _digest({"settings": settings, "weights": stamp, "images": list(image_ids)})
+    image_ids = list(hashes)
+    key = _digest({"settings": settings, "weights": stamp, "images": image_ids})
     path = out_dir / "cache" / f"test-{key}.zarr"
 
     def complete(p: Path) -> bool:
         if not p.exists():
             return False
         store = open_store(p)
-        return set(image_ids) <= set(store.image_ids) and bool(store.done()[_positions(store, image_ids)].all())
+        recorded = store.content_hashes
+        return (set(image_ids) <= set(store.image_ids) and bool(store.done()[_positions(store, image_ids)].all())
+                and all(h is not None and recorded.get(i) == h for i, h in hashes.items()))
 
     if not complete(path):
         extract(ExtractConfig(data_dir=data_dir, split="test", out=path, views=len(TTA_VIEWS), **settings),
@@ -290,18 +299,17 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def member_key(rm: ResolvedMember, image_ids: Sequence[str], store=None) -> str:
+def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
-    the backbone settings (lora kind), the images."""
+    the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
     files = [(_sha256(p), _sha256(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract
-    return _digest({"checkpoints": files, "source": source, "images": list(image_ids), "kind": rm.kind})
+    return _digest({"checkpoints": files, "source": source, "images": list(hashes), "kind": rm.kind,
+                    "contents": list(hashes.values())})
 
 
 def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module, dict]]:
     """Every checkpoint of the member, refused (naming the checkpoint and the cache) unless it fits `store`."""
-    from biomass_cache import runs
-
     out = []
     for path in rm.checkpoints:
         head, meta = runs.load_head(path)
@@ -316,8 +324,6 @@ def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module,
 
 def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: str) -> np.ndarray:
     """(N, 5) grams: every fold model predicts (mean over the TTA views); folds averaged on the components."""
-    from biomass_cache import runs
-
     comps = [runs.predict_store(head, meta, store, rows, views="all", device=device)[:, :3]
              for head, meta in load_checked_heads(rm, store)]
     return components_to_targets(np.mean(comps, axis=0))
@@ -417,8 +423,11 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     from biomass_cache.data import read_long_csv
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    from biomass_cache.content import content_hashes
+
     table = read_long_csv(data_dir / "test.csv")
     ids = table["image_id"].tolist()
+    hashes = content_hashes({i: data_dir / p for i, p in zip(ids, table["image_path"])})  # the caches' keys
     resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
@@ -427,14 +436,14 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
             from biomass_cache.lora import predict_member
 
             weights_file(rm)  # a missing weights file is an error before anything runs
-            key = member_key(rm, ids)
+            key = member_key(rm, hashes)
             compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress)
             store = rows = None
         else:
-            store = ensure_test_cache(rm, data_dir, out_dir, ids, progress)
+            store = ensure_test_cache(rm, data_dir, out_dir, hashes, progress)
             caches.append(store.path)
             rows = store_positions(store, ids)
-            key = member_key(rm, ids, store)
+            key = member_key(rm, hashes, store)
             compute = lambda rm=rm, store=store, rows=rows: predict_cache_member(rm, store, rows, device)
         stores.append(store)
         path = out_dir / "members" / f"{key}.csv"

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import tomllib
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -28,11 +29,14 @@ from tqdm import tqdm
 
 from biomass_cache import __version__
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
+from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device
 from biomass_cache.runtime import run
-from biomass_cache.store import STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store
+from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
+                                 remove_leftovers)
 from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_size, validate_size
+from biomass_cache.writer_lock import WriterLock
 
 DEVICES = ("auto", "cpu", "cuda")
 WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
@@ -70,6 +74,8 @@ class ExtractConfig:
     num_workers: int = field(default_factory=default_workers)
     overwrite: bool = False
     skip_bad: bool = False
+    retry_bad: bool = False  # retry every image marked bad (a bad photo whose content changed is always retried)
+    recheck: bool = False  # verify finished samples first and re-extract the images with corrupt or missing data
     store_prefix: bool = True
     overrides: dict = field(default_factory=dict)
     policy: ViewPolicy = field(default_factory=ViewPolicy)
@@ -186,13 +192,14 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     ranks = init_ranks(cfg.device)
     try:
-        return _extract(cfg, ranks, progress, start)
+        with ExitStack() as held:  # rank 0 holds the store's writer lock for the whole run
+            return _extract(cfg, ranks, progress, start, held)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
 
 
-def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float) -> dict[str, Any]:
+def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, held: ExitStack) -> dict[str, Any]:
     say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
     device = resolve_device(cfg.device, ranks.local_rank)
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, overrides=cfg.overrides)
@@ -207,7 +214,7 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float) -> 
     error = None
     if ranks.rank == 0:
         try:
-            _prepare_store(cfg, table["image_id"].tolist(), layers, grid, backbone, fingerprint, csv, say)
+            _prepare_store(cfg, table, layers, grid, backbone, fingerprint, csv, say, held)
         except (StoreError, FileExistsError, ValueError) as e:
             error = e
     message = ranks.broadcast(None if error is None else str(error))
@@ -220,7 +227,8 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float) -> 
     items, already, skipped_bad = _pending(store, table, cfg.data_dir)
     mine = [it for k, it in enumerate(items) if k % ranks.world == ranks.rank]  # by image: all views on one rank
     if skipped_bad:
-        say(f"{skipped_bad} image(s) marked bad in an earlier run are skipped: {list(store.bad_ids)[:5]}")
+        say(f"{skipped_bad} image(s) marked bad in an earlier run are skipped: {list(store.bad_ids)[:5]} (a photo "
+            "whose content changed is retried by itself; --retry-bad retries them all)")
     counts = {"views": 0, "images": 0, "bad": {}, "loop_s": 0.0}
     if not items:
         say(f"all {already} samples of {cfg.out} are already done: nothing to do")
@@ -237,10 +245,16 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float) -> 
     return _summary(open_store(cfg.out), per_rank, bad, already, time.perf_counter() - start, ranks.world)
 
 
-def _prepare_store(cfg: ExtractConfig, image_ids: list[str], layers: list[int], grid: tuple[int, int],
-                   backbone: Backbone, fingerprint: dict, csv: Path, say) -> None:
-    """Rank 0: create the store, or check an existing one's fingerprint and append images new in the CSV."""
+def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int, int], backbone: Backbone,
+                   fingerprint: dict, csv: Path, say, held: ExitStack) -> None:
+    """Rank 0: create the store, or check an existing one's fingerprint and append images new in the CSV; then,
+    holding the writer lock (entered on `held`), redo images whose photo changed and record the photos' hashes.
+    A finished store on a read-only file system is used as it is; any change it would need is refused."""
+    image_ids = table["image_id"].tolist()
+    for leftover in remove_leftovers(cfg.out):
+        say(f"removed {leftover}, left behind by an interrupted run")
     if cfg.out.exists() and not cfg.overwrite:
+        lock = held.enter_context(WriterLock(cfg.out))
         store = open_store(cfg.out, mode="r+")
         store.check_fingerprint(fingerprint)
         listed = set(image_ids)
@@ -248,27 +262,85 @@ def _prepare_store(cfg: ExtractConfig, image_ids: list[str], layers: list[int], 
         if gone:
             raise StoreError(f"{cfg.out}: {len(gone)} stored image(s) are not in {csv}: {gone[:5]}; extract to "
                              "another --out or rebuild with --overwrite")
+        if store.trim_unrecorded_tail() if lock.held else False:
+            say(f"{cfg.out}: trimmed the arrays of an append that was interrupted before it recorded its images")
         stored = set(store.image_ids)
         new = [i for i in image_ids if i not in stored]
         if new:
+            _writable(lock, cfg.out, f"append {len(new)} new image(s)")
             say(f"appending {len(new)} new image(s) from {csv} to {cfg.out}")
             store.append_images(new)
-        record_weights_path(cfg.out, backbone)
-        return
-    spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid, channels=backbone.embed_dim,
-                     fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
-                     n_prefix=backbone.n_prefix if cfg.store_prefix else 0,
-                     random_weights=backbone.weights_sha256 == "random")
-    create_store(cfg.out, spec, overwrite=cfg.overwrite)
-    record_weights_path(cfg.out, backbone)
+    else:
+        if cfg.out.exists():  # refuse to replace a store another run is writing
+            with WriterLock(cfg.out):
+                pass
+        spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid,
+                         channels=backbone.embed_dim, fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
+                         n_prefix=backbone.n_prefix if cfg.store_prefix else 0,
+                         random_weights=backbone.weights_sha256 == "random")
+        create_store(cfg.out, spec, overwrite=cfg.overwrite)
+        lock = held.enter_context(WriterLock(cfg.out))
+        store = open_store(cfg.out, mode="r+")
+    if lock.held:
+        for stray in store.path.rglob("*.partial"):  # temp files of writes killed midway
+            stray.unlink(missing_ok=True)
+    _refresh(store, cfg, table, lock, say)
+    if record_weights_path(cfg.out, backbone, write=lock.held):
+        _writable(lock, cfg.out, "record the weights file")
+    if not lock.held and _pending(store, table, cfg.data_dir)[0]:
+        _writable(lock, cfg.out, "extract the samples not done yet")
 
 
-def record_weights_path(store_path: Path, backbone: Backbone) -> None:
+def _writable(lock: WriterLock, path: Path, what: str) -> None:
+    if not lock.held:
+        raise StoreError(f"{path} is read-only: cannot {what}; make it writable or extract to another --out")
+
+
+def _refresh(store: TokenStore, cfg: ExtractConfig, table, lock: WriterLock, say) -> None:
+    """Reset the images to redo (corrupt data with `recheck`, a photo changed since it was extracted or marked
+    bad, every bad image with `retry_bad`), then record every photo's content hash."""
+    if cfg.recheck:  # first: a corrupt `done` chunk stops everything that reads it
+        from biomass_cache.verify import verify
+
+        report = verify(store.path, progress=False)
+        if report.broken_images:
+            say(f"--recheck: {len(report.corrupt)} corrupt or missing chunk(s) in {len(report.broken_images)} "
+                f"image(s), re-extracting {report.broken_images[:5]}: "
+                + "; ".join(f"{key}: {err}" for key, err in report.corrupt[:3]))
+            _writable(lock, store.path, f"re-extract {len(report.broken_images)} image(s)")
+            store.reset_images(report.broken_images)
+    paths = {i: cfg.data_dir / p for i, p in zip(table["image_id"], table["image_path"])}
+    current, recorded, done, bad = content_hashes(paths), store.content_hashes, store.done(), store.bad_ids
+    changed = [i for k, i in enumerate(store.image_ids)  # a photo deleted after extraction keeps its tokens
+               if current.get(i) is not None and recorded.get(i, current[i]) != current[i]
+               and (done[k].any() or i in bad)]
+    if changed:
+        say(f"{len(changed)} photo(s) changed since they were extracted (content sha256 differs): re-extracting "
+            f"{changed[:5]}")
+    if cfg.retry_bad and bad:
+        say(f"--retry-bad: retrying {len(bad)} image(s) marked bad: {list(bad)[:5]}")
+    redo = list(dict.fromkeys(changed + (list(bad) if cfg.retry_bad else [])))
+    if redo:
+        _writable(lock, store.path, f"re-extract {len(redo)} image(s)")
+        store.reset_images(redo)
+    fresh = {i: h for i, h in current.items() if i not in recorded or (h is not None and recorded[i] != h)}
+    if fresh:
+        _writable(lock, store.path, "record the photos' content hashes")
+        store.record_content_hashes(fresh)
+
+
+def record_weights_path(store_path: Path, backbone: Backbone, write: bool = True) -> bool:
     """Store attribute `weights_path`: the absolute path of the weights file the tokens came from (None for a random
     backbone), so later stages can rebuild the backbone without being told. Not in the fingerprint: the file's
-    sha256 is, and the same weights may sit at another path on another machine."""
+    sha256 is, and the same weights may sit at another path on another machine. Written only when it changes
+    (and `write`); returns whether it needed to."""
     path = None if backbone.weights_sha256 == "random" else str(Path(backbone.weights).resolve())
-    zarr.open_group(store_path, mode="r+").update_attributes({"weights_path": path})
+    group = zarr.open_group(store_path, mode="r+" if write else "r")
+    if "weights_path" in group.attrs and group.attrs["weights_path"] == path:
+        return False
+    if write:
+        group.update_attributes({"weights_path": path})
+    return True
 
 
 def stored_weights_path(store: TokenStore) -> str | None:
@@ -443,6 +515,10 @@ def extract_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store and go on "
                                   "(default: stop with an error naming the file)."),
+    retry_bad: bool = typer.Option(False, "--retry-bad", help="Retry every image marked bad in an earlier run "
+                                   "(a photo whose content changed is retried without it)."),
+    recheck: bool = typer.Option(False, "--recheck", help="Read back every finished sample first and re-extract "
+                                 "the images with corrupt or missing data (see `biomass verify`)."),
     prefix: Optional[bool] = typer.Option(None, "--prefix/--no-prefix", help="Also store CLS + register tokens "
                                           "(default: on)."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Apply the final LayerNorm to the cached "
@@ -460,7 +536,8 @@ def extract_command(
         flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
                  "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
                  "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None}
+                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None,
+                 "retry_bad": retry_bad or None, "recheck": recheck or None}
         values.update({k: v for k, v in flags.items() if v is not None})
         cfg = ExtractConfig.from_dict(values, where=str(config) if config else "command line")
         summary = extract(cfg)

@@ -380,7 +380,7 @@ def barrier(world: int) -> None:
 
 # ------------------------------------------------------------------------------------ cross-validation
 def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
-             strict_folds: bool = False, progress: bool = True) -> dict:
+             strict_folds: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0).
 
     The head reads the live layers `s.layers` (so `cfg.layers`, block indices of a cache, is set to []). Live views
@@ -432,7 +432,7 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         sync=partial(average_gradients, world=world) if world > 1 else None)
     if bb.weights_sha256 == "random" and rank == 0:
         tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds)
+    return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -493,6 +493,7 @@ def lora_command(
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
+    overwrite: bool = SHARED_OPTIONS["overwrite"],
 ) -> None:
     """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
     from biomass_cache.train import load_config, resolve
@@ -509,7 +510,7 @@ def lora_command(
                 layers=[int(x) for x in layers.split(",")] if layers else None,
                 targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
     s = load_settings(config, {k: v for k, v in lora.items() if v is not None})
-    run_lora(data, out, cfg, s, folds_csv=folds_csv, strict_folds=folds is not None)
+    run_lora(data, out, cfg, s, folds_csv=folds_csv, strict_folds=folds is not None, overwrite=overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()
 

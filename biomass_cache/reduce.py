@@ -208,7 +208,7 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
         store = create_store(tmp, spec)
         store.write_extra("reduction_mean", reduction.mean)
         store.write_extra("reduction_components", reduction.components)
-        store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids,
+        store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
                         weights_path=src.attrs.get("weights_path"))
         for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
             store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))

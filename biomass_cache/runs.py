@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -182,3 +183,57 @@ def write_metrics(run_dir: str | Path, metrics: dict) -> None:
 def write_history(run_dir: str | Path, rows: list[dict]) -> None:
     write_csv(Path(run_dir) / "history.csv", pd.DataFrame(rows))
 
+
+
+RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.json", "history.csv", "oof*.csv", "fold*",
+           "full", "plots")  # folds.csv stays
+
+
+def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> list[Path]:
+    """Make `run_dir` ready for a new training run. A folder holding an earlier run's results is refused (its old
+    heads would sit beside the new ones as ensemble members), unless `overwrite`: then those results are deleted
+    (returned); folds.csv is kept and reused either way."""
+    run_dir = Path(run_dir)
+    old = sorted(p for pattern in RESULTS for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+    if old and not overwrite:
+        raise DataError(f"{run_dir} already holds a training run ({', '.join(p.name for p in old[:6])}); "
+                        "write to another --out, or pass --overwrite to delete that run's results (folds.csv is "
+                        "kept and reused)")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return old
+
+
+def complete_checkpoints(run_dir: Path, head: str) -> list[Path]:
+    """Every fold model of `head` in a finished run folder: fold0..K-1 for the K folds of folds.csv (or full/),
+    with a metrics.json naming the head. An interrupted or incomplete run is an error saying what is missing."""
+    metrics_path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{run_dir}: the run did not finish (no metrics.json); re-run its training, or name one "
+                        "checkpoint (RUN/foldK/HEAD.json) as the member to use it alone") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{metrics_path}: not a readable JSON file ({e})") from e
+    if head not in metrics.get("heads", {}):
+        raise DataError(f"{metrics_path}: the run's metrics do not name head {head!r} (heads: "
+                        f"{sorted(metrics.get('heads', {}))}): its checkpoints are not from this run")
+    if metrics.get("full"):
+        folders = [run_dir / "full"]
+    else:
+        try:
+            k = int(pd.read_csv(run_dir / "folds.csv")["fold"].max()) + 1
+        except (OSError, KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise DataError(f"{run_dir / 'folds.csv'}: needed to check the run's fold models ({e})") from e
+        folders = [run_dir / f"fold{f}" for f in range(k)]
+        extra = sorted(p.name for p in run_dir.glob(f"fold*/{head}.json") if p.parent not in folders)
+        if extra:
+            raise DataError(f"{run_dir}: {head}.json in {extra}, folds that folds.csv (0..{k - 1}) does not have: "
+                            "the folder mixes runs; re-train it with --overwrite")
+    lacking = [f.name for f in folders
+               if not ((f / f"{head}.json").is_file() and (f / f"{head}.safetensors").is_file())]
+    if lacking:
+        raise DataError(f"{run_dir}: incomplete run: {head}.json/.safetensors missing in {lacking} of "
+                        f"{[f.name for f in folders]}; re-run its training, or name one checkpoint "
+                        "(RUN/foldK/HEAD.json) as the member to use it alone")
+    return [f / f"{head}.json" for f in folders]

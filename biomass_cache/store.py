@@ -11,7 +11,10 @@ Layout (plain `zarr.open_group(path)` reads everything; every fact a reader need
 Every data array is sharded one shard file per image (race-free: extraction splits work by image) with CRC32C
 checksums on every inner chunk and on the shard index, which leads the shard file. Unwritten samples read as NaN
 (fill values), never as zeros.
-Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`.
+Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`, `reset_images`,
+`record_content_hashes`. Optional attribute `content_sha256` {image_id: sha256 of the photo the tokens came from}.
+An append killed between growing the arrays and recording the ids leaves arrays longer than `image_ids`: rows past
+`image_ids` hold nothing, are ignored by readers and trimmed by the next writer (`trim_unrecorded_tail`).
 
 Beside this module: token_codec.py (the exact value encoding), shards.py (direct reads and writes of
 uncompressed shards), verify.py (`biomass verify`, reading every chunk back).
@@ -195,6 +198,7 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
         if not _is_zarr_store(path):
             raise StoreError(f"refusing to overwrite {path}: it is not a zarr store (no zarr.json)")
     random_weights = _infer_random_weights(spec.fingerprint) if spec.random_weights is None else spec.random_weights
+    remove_leftovers(path)
     attrs = {
         "fingerprint": _as_json(spec.fingerprint, "fingerprint"),
         "image_ids": list(spec.image_ids),
@@ -225,6 +229,31 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path, mode="r+")
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete what a killed `create_store` left beside `path` (`.NAME.creating-PID`, `.NAME.old-PID`: a whole old
+    store being deleted) when process PID is gone; returns what was removed."""
+    path = Path(path)
+    removed = []
+    for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
+        kind, _, pid = leftover.name[len(path.name) + 2:].rpartition("-")
+        if kind in ("creating", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _build(root: Path, spec: StoreSpec, attrs: dict, codec: str, layout: str) -> None:
@@ -300,9 +329,9 @@ class TokenStore:
                 arr = group[name]
             except KeyError:
                 raise StoreError(f"{path}: array {name!r} is missing") from None
-            if not isinstance(arr, zarr.Array) or arr.shape != shape:
-                raise StoreError(f"{path}: array {name!r} has shape {getattr(arr, 'shape', None)}, "
-                                 f"attributes say {shape}")
+            got = getattr(arr, "shape", None)
+            if not isinstance(arr, zarr.Array) or got[1:] != shape[1:] or got[0] < n:  # rows past n: see top
+                raise StoreError(f"{path}: array {name!r} has shape {got}, attributes say {shape}")
             self._arrays[name] = arr.with_config(_WRITE_CONFIG)
         self._geometry = {name: ShardGeometry.of(arr) for name, arr in self._arrays.items() if name != "done"}
         self._layer_pos = {b: k for k, b in enumerate(attrs["layers"])}
@@ -321,15 +350,35 @@ class TokenStore:
     random_weights = property(lambda self: self._attrs["random_weights"])
     bad_ids = property(lambda self: dict(self._attrs["bad_ids"]))
     attrs = property(lambda self: dict(self._attrs))  # every group attribute, the optional ones included
+    content_hashes = property(lambda self: dict(self._attrs.get("content_sha256") or {}))
 
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.path)!r}, images={len(self._attrs['image_ids'])}, views={self.n_views}, "
                 f"layers={self.layers}, grid={self.grid}, channels={self.channels}, dtype={self.storage_dtype})")
 
     def done(self) -> np.ndarray:
-        """(N, V) completion mask, read fresh from disk."""
-        self._done_cache = np.asarray(self._arrays["done"][:], dtype=bool)
+        """(N, V) completion mask, read fresh from disk; a corrupt `done` chunk is an error naming its file."""
+        n = len(self._attrs["image_ids"])
+        try:
+            self._done_cache = np.asarray(self._arrays["done"][:n], dtype=bool)
+        except Exception:  # a corrupt chunk may fail in any codec: find and name it
+            for i in range(n):
+                self._done_row(i)
+            raise
         return self._done_cache.copy()
+
+    def _done_row(self, i: int) -> np.ndarray:
+        """Row i of `done`; a chunk that fails to decode is a StoreError naming the file and the way out."""
+        try:
+            return np.asarray(self._arrays["done"][i], dtype=bool)
+        except Exception as e:
+            raise StoreError(f"{self.done_path(i)}: `done` chunk of image {self._attrs['image_ids'][i]!r} is "
+                             f"corrupt ({type(e).__name__}: {e}); `biomass extract --recheck` (or `biomass "
+                             "verify --repair`, then extract) re-extracts that image") from e
+
+    def done_path(self, i: int) -> Path:
+        """The file holding row i of `done`."""
+        return self.path / "done" / self._arrays["done"].metadata.encode_chunk_key((i, 0))
 
     def check_fingerprint(self, fingerprint: dict) -> None:
         """Refuse a store extracted with another configuration, naming every difference."""
@@ -448,9 +497,12 @@ class TokenStore:
         (a tenth of the overhead of zarr's async pipeline, measured); anything else goes through zarr."""
         arr, g = self._arrays[name], self._geometry[name]
         if not g.plain:
-            if pos == list(range(pos[0], pos[0] + len(pos))):
-                return arr[i, view, pos[0]: pos[0] + len(pos)]
-            return arr.get_orthogonal_selection((i, view, pos))
+            try:
+                if pos == list(range(pos[0], pos[0] + len(pos))):
+                    return arr[i, view, pos[0]: pos[0] + len(pos)]
+                return arr.get_orthogonal_selection((i, view, pos))
+            except Exception as e:  # a corrupt chunk may fail in any codec
+                raise ShardError(f"{self.shard_path(name, i, view)}: corrupt shard ({type(e).__name__}: {e})") from e
         path, v, rest = self.shard_path(name, i, view), view % g.views_per_shard, (0,) * (g.ndim - 3)
         if g.layers_per_chunk == 1:  # read just the wanted layers
             out = np.empty((len(pos), *arr.shape[3:]), arr.dtype)
@@ -480,7 +532,7 @@ class TokenStore:
         if self._done_cache is None:
             self.done()
         if not self._done_cache[i, view]:
-            self._done_cache[i] = self._arrays["done"][i]  # another process may have finished it since
+            self._done_cache[i] = self._done_row(i)  # another process may have finished it since
             if not self._done_cache[i, view]:
                 raise StoreError(f"{self.path}: sample (image {self._attrs['image_ids'][i]!r} #{i}, view {view}) "
                                  "is not extracted (not marked done)")
@@ -517,11 +569,52 @@ class TokenStore:
         dup = sorted({x for x in new_ids if x in old or new_ids.count(x) > 1})
         if dup or not all(isinstance(x, str) and x for x in new_ids):
             raise StoreError(f"{self.path}: append_images refused: duplicate or empty image ids {dup[:10]}")
-        n = len(self._attrs["image_ids"]) + len(new_ids)
-        for arr in self._arrays.values():
-            arr.resize((n, *arr.shape[1:]))
+        self._resize(len(self._attrs["image_ids"]) + len(new_ids))
         self._set_attrs(image_ids=self._attrs["image_ids"] + new_ids)  # last: arrays first, then the ids
         self._done_cache = None
+
+    def trim_unrecorded_tail(self) -> bool:
+        """Shrink arrays grown by an append that was killed before it recorded the ids; True if there was one."""
+        self._require_writable()
+        n = len(self._attrs["image_ids"])
+        if all(arr.shape[0] == n for arr in self._arrays.values()):
+            return False
+        self._resize(n)
+        return True
+
+    def _resize(self, n: int) -> None:
+        for name, arr in self._arrays.items():
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+                self._arrays[name] = self._group[name].with_config(_WRITE_CONFIG)
+
+    def reset_images(self, image_ids: Sequence[str]) -> None:
+        """Forget images so the next extraction redoes them: `done` cleared first, then their shard files deleted,
+        then their `bad_ids` entries dropped (rank 0 only, no writer running)."""
+        self._require_writable()
+        position = {x: k for k, x in enumerate(self._attrs["image_ids"])}
+        unknown = [x for x in image_ids if x not in position]
+        if unknown:
+            raise StoreError(f"{self.path}: reset_images: unknown image id(s) {unknown[:10]}")
+        for x in image_ids:
+            i = position[x]
+            self._arrays["done"][i] = False
+            _fsync(self.done_path(i))
+            for name in self._geometry:
+                for v in range(self.n_views):
+                    self.shard_path(name, i, v).unlink(missing_ok=True)
+        bad = self._attrs["bad_ids"]
+        if any(x in bad for x in image_ids):
+            self._set_attrs(bad_ids={k: r for k, r in bad.items() if k not in set(image_ids)})
+        self._done_cache = None
+
+    def record_content_hashes(self, hashes: dict[str, str | None]) -> None:
+        """Set attribute `content_sha256` for these images (the photos their tokens come from); no write when
+        nothing changes, so a finished re-run leaves the store untouched."""
+        self._require_writable()
+        merged = {**self.content_hashes, **hashes}
+        if merged != self.content_hashes:
+            self._set_attrs(content_sha256=merged)
 
     def mark_bad(self, image_id: str, reason: str) -> None:
         """Record an image that could not be extracted (rank 0 only)."""

@@ -15,11 +15,13 @@ import zarr
 from tqdm import tqdm
 
 from biomass_cache.store import BF16_NAN_BITS, StoreError, TokenStore, open_store
+from biomass_cache.writer_lock import WriterLock
 
 
 @dataclass
 class VerifyReport:
-    """Result of `verify`. Images marked bad are listed in `bad`, not in `missing`."""
+    """Result of `verify`. Images marked bad are listed in `bad`, not in `missing`; `broken_images` are the images
+    with any corrupt chunk (what `repair` makes extraction redo)."""
 
     path: Path
     n_samples: int
@@ -29,6 +31,7 @@ class VerifyReport:
     ok: bool
     bad: dict[str, str] = field(default_factory=dict)
     stray: list[str] = field(default_factory=list)  # temp files of writes killed midway (harmless)
+    broken_images: list[str] = field(default_factory=list)
 
 
 def verify(path: str | Path, progress: bool = True) -> VerifyReport:
@@ -38,30 +41,40 @@ def verify(path: str | Path, progress: bool = True) -> VerifyReport:
     ids, bad = store.image_ids, store.bad_ids
     corrupt: list[tuple[str, str]] = []
     missing: list[tuple[str, int]] = []
+    broken: list[str] = []
     n_done = 0
     for i in tqdm(range(len(ids)), desc="verify", unit="img", disable=not progress):
+        before = len(corrupt)
         done = _verify_done_row(store, i, corrupt)
         n_done += int(done.sum())
         missing += [(ids[i], int(v)) for v in np.flatnonzero(~done) if ids[i] not in bad]
         for name, arr in store.arrays.items():
-            if name == "done":
-                continue
-            data = _verify_image(store, arr, name, i, corrupt)
-            for v in np.flatnonzero(done) if data is not None else []:
-                if _is_unwritten(data[v]):
-                    corrupt.append((_key(store, name, i, v), f"view {v} of image {ids[i]!r} is marked done but "
-                                                             "has unwritten data"))
+            if name != "done":
+                corrupt += _verify_image(store, arr, name, i, done)
+        if len(corrupt) > before:
+            broken.append(ids[i])
     stray = sorted(str(p.relative_to(store.path)) for p in store.path.rglob("*.partial"))
     return VerifyReport(store.path, len(ids) * store.n_views, n_done, missing, corrupt,
-                        ok=not missing and not corrupt, bad=bad, stray=stray)
+                        ok=not missing and not corrupt, bad=bad, stray=stray, broken_images=broken)
+
+
+def repair(report: VerifyReport) -> None:
+    """Make the next extraction redo every broken image (its `done` row cleared, its shard files deleted) and
+    delete leftover temp files; holds the store's writer lock while it does."""
+    with WriterLock(report.path) as lock:
+        if not lock.held:
+            raise StoreError(f"{report.path} is read-only: cannot repair it")
+        store = open_store(report.path, mode="r+")
+        store.reset_images(report.broken_images)
+        for name in report.stray:
+            (report.path / name).unlink(missing_ok=True)
 
 
 def _verify_done_row(store: TokenStore, i: int, corrupt: list) -> np.ndarray:
-    arr = store.arrays["done"]
     try:
-        return np.asarray(arr[i], dtype=bool)
+        return np.asarray(store.arrays["done"][i], dtype=bool)
     except Exception as e:  # a corrupt chunk may fail in any codec: report it, whatever it is
-        corrupt.append((f"done/{arr.metadata.encode_chunk_key((i, 0))}", f"{type(e).__name__}: {e}"))
+        corrupt.append((str(store.done_path(i).relative_to(store.path)), f"{type(e).__name__}: {e}"))
         return np.zeros(store.n_views, dtype=bool)
 
 
@@ -69,23 +82,28 @@ def _key(store: TokenStore, name: str, i: int, view: int) -> str:
     return str(store.shard_path(name, i, view).relative_to(store.path))
 
 
-def _verify_image(store: TokenStore, arr: zarr.Array, name: str, i: int, corrupt: list) -> np.ndarray | None:
-    """Decode all of image i through zarr; on failure, inner chunk by inner chunk to name the broken ones."""
-    layers_per_chunk = arr.chunks[2]  # inner chunk of one layer, or of all layers of a view
+def _verify_image(store: TokenStore, arr: zarr.Array, name: str, i: int, done: np.ndarray) -> list[tuple[str, str]]:
+    """Decode all of image i through zarr; on failure, inner chunk by inner chunk to name every broken one (a
+    chunk cut off by a truncated shard decodes as fill values: a hole, reported too when its view is done)."""
+    what = f"of image {store.image_ids[i]!r} is marked done but has unwritten data"
     try:
-        return arr[i]
+        data = arr[i]
+        return [(_key(store, name, i, v), f"view {v} {what}") for v in np.flatnonzero(done) if _is_unwritten(data[v])]
     except Exception as e:  # a corrupt chunk may fail in any codec: report it, whatever it is
         image_error = f"{type(e).__name__}: {e}"
+    layers_per_chunk = arr.chunks[2]  # inner chunk of one layer, or of all layers of a view
     broken = []
     for v in range(store.n_views):
         for start in range(0, arr.shape[2], layers_per_chunk):
+            where = f"{_key(store, name, i, v)} (view {v}, layers from position {start})"
             try:
-                arr[i, v, start: start + layers_per_chunk]
+                chunk = arr[i, v, start: start + layers_per_chunk]
             except Exception as e:
-                broken.append((f"{_key(store, name, i, v)} (view {v}, layers from position {start})",
-                               f"{type(e).__name__}: {e}"))
-    corrupt.extend(broken or [(f"{name} image {i}", image_error)])
-    return None
+                broken.append((where, f"{type(e).__name__}: {e}"))
+                continue
+            if done[v] and _is_unwritten(chunk):
+                broken.append((where, f"view {v} {what} (chunk missing from the shard)"))
+    return broken or [(_key(store, name, i, 0), image_error)]
 
 
 def _is_unwritten(x: np.ndarray) -> bool:
@@ -97,13 +115,19 @@ def _is_unwritten(x: np.ndarray) -> bool:
 
 def verify_command(
     store: Path = typer.Argument(..., help="Path of the token store (a .zarr folder) to check."),
+    repair_: bool = typer.Option(False, "--repair", help="Clear the done flags of images with corrupt chunks "
+                                 "and delete their shards and leftover temp files, so that re-running the same "
+                                 "`biomass extract` re-extracts them."),
 ) -> None:
     """Read back every chunk of a token store; report corrupt chunks and samples not extracted.
 
-    Exits with status 1 when any sample is missing or any chunk is corrupt.
+    Exits with status 1 when any sample is missing or any chunk is corrupt (also after --repair: the repaired
+    images still need extracting).
     """
     try:
         report = verify(store)
+        if repair_ and (report.broken_images or report.stray):
+            repair(report)
     except StoreError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -118,6 +142,9 @@ def verify_command(
     if report.stray:
         typer.echo(f"  {len(report.stray)} leftover temp file(s) of interrupted writes (harmless), e.g. "
                    f"{report.stray[0]}")
+    if repair_ and report.broken_images:
+        typer.echo(f"repaired: {len(report.broken_images)} image(s) reset {report.broken_images[:5]}; re-run the "
+                   "same `biomass extract` command to re-extract them")
     typer.echo("OK" if report.ok else "FAILED")
     if not report.ok:
         raise typer.Exit(1)

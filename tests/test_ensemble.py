@@ -225,3 +225,98 @@ def test_mc_dropout_refuses_a_head_without_dropout():
     head = make(dropout=0.1)
     enable_mc_dropout(head, "member density")
     assert any(m.training for m in head.modules() if isinstance(m, torch.nn.Dropout))
+
+
+# ------------------------------------------------------- caches keyed by content, complete run folders only
+def _photos(src, folder, rotate: int):
+    """The test photos under their own names, or (rotate=1) each name holding the next image's photo."""
+    import shutil
+
+    folder.mkdir()
+    photos = sorted(src.glob("*.jpg"))
+    for k, p in enumerate(photos):
+        shutil.copy(photos[(k + rotate) % len(photos)], folder / p.name)
+    return folder
+
+
+def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cache(pipeline, tmp_path):
+    from biomass_cache.predict import predict_photos
+
+    _, data, run = pipeline
+    spec = ens_spec(run)
+    a = predict_photos(_photos(data / "test", tmp_path / "a", 0), spec, tmp_path / "a.csv", tmp_path / "work",
+                       progress=False)
+    b = predict_photos(_photos(data / "test", tmp_path / "b", 1), spec, tmp_path / "b.csv", tmp_path / "work",
+                       progress=False)
+    fresh = predict_photos(tmp_path / "b", spec, tmp_path / "f.csv", tmp_path / "fresh", progress=False)
+    assert list(a["image_id"]) == list(b["image_id"])
+    np.testing.assert_array_equal(b["Dry_Total_g"], fresh["Dry_Total_g"])
+    np.testing.assert_array_equal(b["Dry_Total_g"].to_numpy(), np.roll(a["Dry_Total_g"].to_numpy(), -1))
+
+
+def test_submit_with_a_changed_photo_and_a_reused_work_dir(pipeline, tmp_path):
+    import shutil
+
+    from biomass_cache.data import DataError
+    from biomass_cache.submission import submit
+
+    _, data, run = pipeline
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    out = tmp_path / "submission.csv"
+    submit(ens_spec(run), copy, out, progress=False)
+    first = out.read_bytes()
+    photo = sorted((copy / "test").glob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[:300])  # corrupt
+    with pytest.raises(DataError, match=rf"{photo.name}: corrupt or truncated image"):
+        submit(ens_spec(run), copy, out, progress=False)
+    assert out.read_bytes() == first  # nothing written
+    shutil.copy(sorted((copy / "test").glob("*.jpg"))[1], photo)  # another photo under the old name
+    submit(ens_spec(run), copy, out, progress=False)
+    assert out.read_bytes() != first
+
+
+def ens_spec(run):
+    from biomass_cache.ensemble import EnsembleSpec, Member
+
+    return EnsembleSpec((Member(run, head="density"),))
+
+
+def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
+    import shutil
+
+    import biomass_cache.ensemble as ens
+
+    _, data, run = pipeline
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    (other / "fold1" / "density.json").unlink()
+    with pytest.raises(EnsembleError, match=r"incomplete run: density.json/.safetensors missing in \['fold1'\]"):
+        ens.resolve_member(ens.Member(other, head="density"), {})
+    (other / "metrics.json").unlink()  # interrupted: no metrics.json yet
+    with pytest.raises(EnsembleError, match=r"the run did not finish \(no metrics.json\)"):
+        ens.resolve_member(ens.Member(other, head="mlp"), {})
+    single = ens.resolve_member(ens.Member(other / "fold0" / "density.json"), {})  # one checkpoint: explicit
+    assert single.checkpoints == (other / "fold0" / "density.json",)
+    full = ens.resolve_member(ens.Member(run, head="density"), {})
+    assert [p.parent.name for p in full.checkpoints] == ["fold0", "fold1", "fold2"]
+
+
+def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
+    import shutil
+
+    from biomass_cache.cv import run_training
+    from biomass_cache.data import DataError
+    from biomass_cache.train import resolve
+
+    root, data, run = pipeline
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    folds = (out / "folds.csv").read_bytes()
+    cfg, members = resolve({}, [], dict(folds=3, epochs=1, device="cpu", workers=0, plots=False), ["density"])
+    with pytest.raises(DataError, match=r"already holds a training run .*--overwrite"):
+        run_training(root / "train.zarr", data, out, cfg, members)
+    assert sorted(p.name for p in (out / "fold0").iterdir()) == sorted(p.name for p in (run / "fold0").iterdir())
+    run_training(root / "train.zarr", data, out, cfg, members, overwrite=True)
+    assert sorted(p.name for p in (out / "fold0").iterdir()) == ["density.json", "density.safetensors"]
+    assert (out / "folds.csv").read_bytes() == folds and not (out / "oof_mlp.csv").exists()
