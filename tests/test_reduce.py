@@ -1,0 +1,202 @@
+"""Cache reduction (reduce.py): the PCA and pooling against hand and sklearn computations, the derived store's
+format and fingerprint chain, the refusals, training on a reduced store and submitting from it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+import zarr
+from sklearn.decomposition import PCA
+from typer.testing import CliRunner
+
+from biomass_cache import runs
+from biomass_cache.data import DataError
+from biomass_cache.reduce import Reduction, fit_reduction, pool_tokens, reduce_command, reduce_store, reduction_of
+from biomass_cache.store import StoreSpec, create_store, open_store
+from test_dataset import CHANNELS, GRID, LAYERS, VIEWS, make_toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reduce")
+    data, store = make_toy(root, n=24)
+    return root, data, store
+
+
+def cli(*args) -> object:
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(reduce_command)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_pooling_by_hand():
+    grid = (2, 4)
+    x = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)  # (layers, tokens, channels)
+    out = pool_tokens(x, grid, 2)
+    assert out.shape == (2, 2, 3)
+    # tokens of the first 2 x 2 cell: (row 0: 0, 1; row 1: 4, 5); of the second: 2, 3, 6, 7
+    np.testing.assert_allclose(out[0, 0], x[0, [0, 1, 4, 5]].mean(0))
+    np.testing.assert_allclose(out[1, 1], x[1, [2, 3, 6, 7]].mean(0))
+    assert pool_tokens(x, grid, 1) is x
+
+
+def test_pca_matches_sklearn_and_apply_matches_the_definition(toy):
+    _, _, path = toy
+    store = open_store(path)
+    red = fit_reduction(store, dim=5, pool=2, fit_tokens=10**9, progress=False)  # every token: exact PCA
+    assert red.components.shape == (len(LAYERS), CHANNELS, 5) and red.grid == (GRID[0] // 2, GRID[1] // 2)
+    for l in range(len(LAYERS)):
+        x = np.concatenate([pool_tokens(F.layer_norm(torch.from_numpy(store.read(i, 0)), (CHANNELS,)), GRID, 2)[l]
+                            .numpy() for i in range(24)])
+        ref = PCA(n_components=5).fit(x)
+        np.testing.assert_allclose(red.mean[l], ref.mean_, atol=1e-5)
+        dots = np.abs(np.sum(red.components[l].T * ref.components_, axis=1))
+        np.testing.assert_allclose(dots, 1.0, atol=1e-4)  # the same directions, up to sign
+        np.testing.assert_allclose(red.components[l].T @ red.components[l], np.eye(5), atol=1e-5)
+    tokens = torch.from_numpy(store.read(3, 1))
+    expected = (pool_tokens(F.layer_norm(tokens, (CHANNELS,)), GRID, 2) - torch.from_numpy(red.mean)[:, None]) \
+        @ torch.from_numpy(red.components)
+    np.testing.assert_allclose(red.apply(tokens).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_reduced_store_is_plain_zarr_with_a_chained_fingerprint(toy, tmp_path):
+    _, _, path = toy
+    src = open_store(path)
+    red = fit_reduction(src, dim=4, pool=2, progress=False)
+    store = reduce_store(src, red, tmp_path / "red.zarr", progress=False)
+    group = zarr.open_group(tmp_path / "red.zarr", mode="r")  # no project code needed to read it
+    assert group["tokens"].shape == (24, VIEWS, len(LAYERS), 4 * 2, 4)
+    assert group["reduction_components"].shape == (len(LAYERS), CHANNELS, 4)
+    fp = dict(group.attrs)["fingerprint"]
+    assert fp == {"parent": src.fingerprint, "reduce": {"method": "pca-layernorm", "dim": 4, "pool": 2,
+                                                          "projection_sha256": red.sha256}}
+    assert store.grid == (4, 2) and store.channels == 4 and store.random_weights
+    np.testing.assert_allclose(store.read(5, 1), red.apply(torch.from_numpy(src.read(5, 1))).numpy(), atol=2e-2)
+    again = Reduction.of_store(store)
+    assert again.sha256 == red.sha256 and again.parent_fingerprint == src.fingerprint
+    assert not list(tmp_path.glob(".*"))  # no temporary store left
+
+
+def test_bad_requests_are_refused_and_write_nothing(toy, tmp_path):
+    root, _, path = toy
+    cases = [
+        (["--dim", CHANNELS + 1], f"--dim {CHANNELS + 1}: must be between 1 and the {CHANNELS} channels"),
+        (["--dim", 4, "--pool", 3], r"--pool 3: must be >= 1 and divide the patch grid \[8, 4\]"),
+    ]
+    for extra, message in cases:
+        result = cli("--cache", path, "--out", tmp_path / "out.zarr", *extra)
+        assert isinstance(result.exception, DataError), result.output
+        assert re.search(message, str(result.exception)), str(result.exception)
+    _, half = make_toy(root / "half", n=24, done=False)  # half the images never extracted
+    with pytest.raises(DataError, match=r"12 image\(s\) are not completely extracted.*resume the extraction"):
+        fit_reduction(open_store(half), 4, 2, progress=False)
+    (tmp_path / "taken.zarr").mkdir()
+    red = fit_reduction(open_store(path), 4, 2, progress=False)
+    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+        reduce_store(open_store(path), red, tmp_path / "taken.zarr", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.zarr"]
+
+
+def test_a_store_of_other_tokens_is_refused_by_the_projection(toy, tmp_path):
+    root, _, path = toy
+    _, other = make_toy(root / "other", n=24, seed=5)  # same shapes, another fingerprint (seed)
+    red = fit_reduction(open_store(path), 4, 2, progress=False)
+    with pytest.raises(DataError, match=r"another configuration than the store the projection was fitted on.*"
+                                        r"seed: 0 -> 5"):
+        reduce_store(open_store(other), red, tmp_path / "x.zarr", progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_test_store_differing_only_in_split_and_views_takes_the_projection(toy, tmp_path):
+    _, _, path = toy
+    src = open_store(path)
+    red = fit_reduction(src, 4, 2, progress=False)
+    spec = StoreSpec(image_ids=["T1", "T2"], n_views=3, layers=LAYERS, grid=GRID, channels=CHANNELS,
+                     fingerprint={**src.fingerprint, "split": "test", "n_views": 3}, split="test")
+    test = create_store(tmp_path / "test.zarr", spec)
+    for i in range(2):
+        test.write_image(i, np.random.default_rng(i).normal(size=(3, len(LAYERS), GRID[0] * GRID[1], CHANNELS)))
+    out = reduce_store(open_store(tmp_path / "test.zarr"), red, tmp_path / "test_red.zarr", progress=False)
+    assert out.n_views == 3 and Reduction.of_store(out).sha256 == red.sha256
+
+
+def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
+    from biomass_cache.cv import run_training
+    from biomass_cache.train import resolve
+
+    _, data, path = toy
+    assert cli("--cache", path, "--out", tmp_path / "red.zarr", "--dim", 4, "--pool", 2).exit_code == 0
+    cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, plots=False), ["density"])
+    run_training(tmp_path / "red.zarr", data, tmp_path / "run", cfg, members)
+    assert reduction_of(tmp_path / "run").sha256 == reduction_of(tmp_path / "red.zarr").sha256
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["preloaded"] is True and "reduce" in config["cache"]["fingerprint"]
+    _, meta = runs.load_head(tmp_path / "run" / "fold0" / "density.json")
+    with pytest.raises(DataError, match=r"trained on a reduced token store .*pca-layernorm.*is not reduced: "
+                                        r"reduce it with `biomass reduce"):
+        runs.check_compatible(meta, open_store(path))
+    runs.check_compatible(meta, open_store(tmp_path / "red.zarr"))
+    cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, plots=False), ["mlp"])
+    run_training(path, data, tmp_path / "full_run", cfg, members)
+    _, full_meta = runs.load_head(tmp_path / "full_run" / "fold0" / "mlp.json")
+    with pytest.raises(DataError, match="trained on unreduced tokens; .* is a reduced store"):
+        runs.check_compatible(full_meta, open_store(tmp_path / "red.zarr"))
+    # --like applies the run's projection to another store of the same tokens
+    assert cli("--cache", path, "--out", tmp_path / "like.zarr", "--like", tmp_path / "run").exit_code == 0
+    np.testing.assert_array_equal(open_store(tmp_path / "like.zarr").read(0, 0),
+                                  open_store(tmp_path / "red.zarr").read(0, 0))
+
+
+def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
+    from biomass_cache.cv import run_training
+    from biomass_cache.store import TokenStore
+    from biomass_cache.train import resolve
+
+    _, data, path = toy
+    reads = []
+    original = TokenStore.read
+    monkeypatch.setattr(TokenStore, "read", lambda self, i, v, layers=None: reads.append((i, v)) or
+                        original(self, i, v, layers))
+    cfg, members = resolve({}, [], dict(folds=3, epochs=2, device="cpu", workers=0, plots=False), ["density"])
+    run_training(path, data, tmp_path / "run", cfg, members)
+    assert sorted(reads) == sorted((i, v) for i in range(24) for v in range(VIEWS))  # each sample exactly once
+
+
+@pytest.mark.slow
+def test_submit_from_a_run_on_a_reduced_store(tmp_path):
+    """Synthetic photos -> tiny backbone cache -> reduce -> train -> submit: the test cache is extracted, then
+    reduced with the run's projection, and a second submission reuses both."""
+    from biomass_cache.cv import run_training
+    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.submission import submit
+    from biomass_cache.synth import generate
+    from biomass_cache.train import resolve
+
+    data = tmp_path / "data"
+    generate(data, n_train=24, n_test=4, seed=0, size=(128, 64), progress=False)
+    extract(ExtractConfig(data_dir=data, split="train", out=tmp_path / "train.zarr", weights="random", size=(64, 32),
+                          layers=[0, 1], views=2, device="cpu", overrides=dict(depth=2, embed_dim=64, num_heads=2)),
+            progress=False)
+    assert cli("--cache", tmp_path / "train.zarr", "--out", tmp_path / "red.zarr", "--dim", 16).exit_code == 0
+    cfg, members = resolve({}, [], dict(folds=2, epochs=2, device="cpu", workers=0, plots=False), ["density"])
+    run_training(tmp_path / "red.zarr", data, tmp_path / "run", cfg, members)
+    spec = spec_from_options(None, str(tmp_path / "run"))
+    submit(spec, data, tmp_path / "out" / "submission.csv", progress=False)
+    sub = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert len(sub) == 4 * 5 and np.isfinite(sub["target"]).all()
+    caches = sorted(p.name for p in (tmp_path / "out" / "cache").glob("*.zarr"))
+    sha = reduction_of(tmp_path / "run").sha256[:16]
+    assert len(caches) == 2 and sum(c.endswith(f"-reduced-{sha}.zarr") for c in caches) == 1
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()}
+    submit(spec, data, tmp_path / "out" / "again.csv", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()} == stamp
+    assert Path(tmp_path / "out" / "again.csv").read_bytes() == (tmp_path / "out" / "submission.csv").read_bytes()
