@@ -2,12 +2,14 @@
 
 On a synthetic data folder and one ViT-S token cache (random weights, 3 layers, 4 views): the mean predictor,
 ridge on colour statistics of the photos, ridge on mean-pooled view-0 tokens, the density / mlp / vitdet heads
-(stage two, `run_training`), density without mixup, density on an int8 copy of the cache, and the density and mlp
-heads on reduced copies of the cache (`biomass reduce`: per-layer PCA channels, pooled patch grid). Every contender
-is scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), so baselines and heads see the
-same. The patch grid is 14 x 28 (448 x 224 views), so pooling has a grid to pool.
+(stage two, `run_training`), density without mixup, and density on an int8 copy of the cache. Every contender is
+scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), so baselines and heads see the same.
 
-    python benchmarks/bench_heads.py [--quick] [--out benchmarks/results/heads.json] [--work DIR]
+Presets: `full` (the table above, 224 x 112 views), `reduce` (448 x 224 views, a 14 x 28 patch grid: the density
+and mlp heads on the full tokens beside the same heads on reduced copies of the cache, `biomass reduce`: per-layer
+PCA channels and a pooled grid), `quick` (a smoke run of both, small and short).
+
+    python benchmarks/bench_heads.py [--preset full|reduce|quick] [--out FILE] [--work DIR]
 
 The data and caches are kept in --work (a temporary folder by default) and reused when present.
 """
@@ -42,10 +44,8 @@ from biomass_cache.synth import colour_features, generate  # noqa: E402
 from biomass_cache.targets import TARGETS  # noqa: E402
 from biomass_cache.train import TrainConfig  # noqa: E402
 
-OUT = Path(__file__).parent / "results" / "heads.json"
+RESULTS = Path(__file__).parent / "results"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
-FULL = dict(n_train=160, photo=(896, 448), size=(448, 224), epochs=120)
-QUICK = dict(n_train=80, photo=(448, 224), size=(448, 224), epochs=6)
 ALPHAS = np.logspace(-3, 5, 17)
 HEADS = {  # name -> (TrainConfig overrides); small vitdet dims keep it CPU-sized
     "density": dict(head="density"),
@@ -60,6 +60,13 @@ REDUCED = {  # (dim, pool) -> the heads trained on that reduced cache
     (128, 2): {"density": HEADS["density"], "mlp": HEADS["mlp"]},
     (128, 1): {"density": HEADS["density"]},
     (64, 2): {"density": HEADS["density"]},
+}
+PLAIN = {"density": HEADS["density"], "mlp": HEADS["mlp"]}
+PRESETS = {
+    "full": dict(n_train=160, photo=(448, 224), size=(224, 112), epochs=120, heads=HEADS, int8=True, reduced={}),
+    "reduce": dict(n_train=160, photo=(896, 448), size=(448, 224), epochs=120, heads=PLAIN, int8=False,
+                   reduced=REDUCED),
+    "quick": dict(n_train=80, photo=(448, 224), size=(448, 224), epochs=6, heads=HEADS, int8=True, reduced=REDUCED),
 }
 GOALS = {"density - ridge(pooled tokens)": 0.15, "density - ridge(colour stats)": 0.05,
          "density(float16) - density(int8)": -0.005, "density(PCA 128, pool 2) - density(full tokens)": -0.01}
@@ -102,7 +109,8 @@ def int8_copy(src: Path, dst: Path) -> None:
 
 
 def prepare(work: Path, sz: dict) -> tuple[Path, Path, Path, float]:
-    """Data folder, float16 cache and its int8 copy in `work` (reused when complete); returns extraction seconds."""
+    """Data folder, float16 cache and (if the preset wants it) its int8 copy in `work` (reused when complete);
+    returns extraction seconds."""
     data, f16, i8 = work / "data", work / "cache_f16.zarr", work / "cache_int8.zarr"
     if not (data / "train.csv").is_file():
         generate(data, n_train=sz["n_train"], n_test=1, seed=0, size=sz["photo"], progress=False)
@@ -110,7 +118,7 @@ def prepare(work: Path, sz: dict) -> tuple[Path, Path, Path, float]:
     extract(ExtractConfig(data_dir=data, out=f16, backbone=BACKBONE, weights="random", size=sz["size"],
                           layers=LAYERS, views=VIEWS, seed=0, device="cpu", num_workers=1), progress=True)
     seconds = time.perf_counter() - t
-    if not i8.exists():
+    if sz["int8"] and not i8.exists():
         int8_copy(f16, i8)
     return data, f16, i8, seconds
 
@@ -133,7 +141,7 @@ def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: di
     base = TrainConfig(folds=FOLDS, epochs=epochs, device="cpu", workers=0, threads=threads, tta=0, preload=True)
     cfgs = {n: replace(base, **kw) for n, kw in members.items()}
     t = time.perf_counter()
-    metrics = run_training(cache, data, run, base, cfgs, folds_csv=folds_csv)
+    metrics = run_training(cache, data, run, base, cfgs, folds_csv=folds_csv, overwrite=True)
     seconds = time.perf_counter() - t
     return {n: {**metrics["heads"][n], "train_s": seconds} for n in members}
 
@@ -150,13 +158,15 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     keep_freed_memory()  # as every entry point does: benchmarks measure what users run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="80 small images, 6 epochs (a smoke run, ~3 min)")
-    ap.add_argument("--out", type=Path, default=OUT, help="JSON results file")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                    help="full: the table; reduce: full vs reduced tokens at a 14 x 28 grid; quick: a smoke run")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results file [results/heads[_PRESET].json]")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: small heads train fastest single-threaded on a shared CPU)")
     ap.add_argument("--work", type=Path, default=None, help="folder for data, caches and runs (kept; reused)")
     args = ap.parse_args()
-    sz = QUICK if args.quick else FULL
+    sz = PRESETS[args.preset]
+    out = args.out or RESULTS / ("heads.json" if args.preset == "full" else f"heads_{args.preset}.json")
     torch.set_num_threads(args.threads)
     threads = args.threads
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_heads_"))
@@ -179,51 +189,49 @@ def main() -> None:
         scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)",
                ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds)),
     ]
-    heads = train_heads(f16, data, work / "runs" / "float16", work / "folds.csv", HEADS, sz["epochs"], threads)
-    heads_i8 = train_heads(i8, data, work / "runs" / "int8", work / "folds.csv", {"density": HEADS["density"]},
-                           sz["epochs"], threads)
+    heads = train_heads(f16, data, work / "runs" / "float16", work / "folds.csv", sz["heads"], sz["epochs"], threads)
     for name, s in heads.items():
         rows.append({"model": f"{name} head", **s})
-    rows.append({"model": "density head, int8 cache", **heads_i8["density"]})
-    reduced = {}
-    for (dim, pool), members in REDUCED.items():
+    dens = heads["density"]["competition_r2"]
+    margins = {"density - ridge(pooled tokens)": dens - rows[2]["competition_r2"],
+               "density - ridge(colour stats)": dens - rows[1]["competition_r2"]}
+    if sz["int8"]:
+        heads_i8 = train_heads(i8, data, work / "runs" / "int8", work / "folds.csv", {"density": HEADS["density"]},
+                               sz["epochs"], threads)
+        rows.append({"model": "density head, int8 cache", **heads_i8["density"]})
+        margins["density(float16) - density(int8)"] = heads_i8["density"]["competition_r2"] - dens
+    for (dim, pool), members in sz["reduced"].items():
         cache, reduce_s = reduced_copy(f16, work, dim, pool)
         got = train_heads(cache, data, work / "runs" / f"pca{dim}_pool{pool}", work / "folds.csv", members,
                           sz["epochs"], threads)
         for name, s in got.items():
-            reduced[(name, dim, pool)] = s["competition_r2"]
+            margins[f"{name}(PCA {dim}, pool {pool}) - {name}(full tokens)"] = (s["competition_r2"]
+                                                                                - heads[name]["competition_r2"])
             rows.append({"model": f"{name} head, reduced cache (PCA {dim}, pool {pool})", **s, "reduce_s": reduce_s})
 
     r2 = {r["model"]: r["competition_r2"] for r in rows}
-    dens = heads["density"]["competition_r2"]
-    margins = {
-        "density - ridge(pooled tokens)": dens - rows[2]["competition_r2"],
-        "density - ridge(colour stats)": dens - rows[1]["competition_r2"],
-        "density(float16) - density(int8)": heads_i8["density"]["competition_r2"] - dens,
-        **{f"{n}(PCA {d}, pool {p}) - {n}(full tokens)": r2 - heads[n]["competition_r2"]
-           for (n, d, p), r2 in reduced.items()},
-    }
     result = {
         "settings": {"n_train": sz["n_train"], "photo": list(sz["photo"]), "size": list(sz["size"]),
                      "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS, "views": VIEWS, "folds": FOLDS,
-                     "epochs": sz["epochs"], "tta": 0, "torch_threads": threads, "quick": args.quick,
+                     "epochs": sz["epochs"], "tta": 0, "torch_threads": threads, "preset": args.preset,
                      "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
         "competition_r2": r2,
         "rows": rows,
         "margins": margins,
-        "goals": {k: {"margin": margins[k], "goal": g, "met": bool(margins[k] >= g)} for k, g in GOALS.items()},
+        "goals": {k: {"margin": margins[k], "goal": g, "met": bool(margins[k] >= g)} for k, g in GOALS.items()
+                  if k in margins},
         "extract_s": extract_s,
         "wall_s": time.perf_counter() - t0,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__},
         "work": str(work),
     }
-    write_json(args.out, result)
+    write_json(out, result)
     print("\n" + markdown(rows))
     print("\n| goal | margin | needed | met |\n|---|---:|---:|---|")
     for k, g in result["goals"].items():
         print(f"| {k} | {g['margin']:+.3f} | >= {g['goal']:+.3f} | {'yes' if g['met'] else 'NO'} |")
-    print(f"\nwall {result['wall_s']:.0f} s (extraction {extract_s:.0f} s); results -> {args.out}")
+    print(f"\nwall {result['wall_s']:.0f} s (extraction {extract_s:.0f} s); results -> {out}")
 
 
 if __name__ == "__main__":
