@@ -15,6 +15,7 @@ from biomass_cache.predict import predict_command
 from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
+from biomass_cache.tune import tune_command
 from biomass_cache.verify import verify_command
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ COMMANDS = [
     ("extract", extract_command, "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
     ("verify", verify_command, "Read back a token store; report corrupt chunks and samples not extracted."),
     ("train", train_command, "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
+    ("tune", tune_command, "Search training settings with Optuna on a token cache; write the winner as best.toml."),
     ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
     ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
     ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),
