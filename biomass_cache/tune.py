@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -60,17 +61,20 @@ def _optuna():
 def open_storage(url: str):
     """`journal:PATH` -> a journal file (shared filesystems); anything else -> an SQLAlchemy database URL."""
     optuna = _optuna()
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
+    for attempt in range(3):  # processes started together race to create a new database's tables: the loser retries
+        try:
+            if url.startswith("journal:"):
+                from optuna.storages.journal import JournalFileBackend
 
-            path = Path(url.removeprefix("journal:"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # any driver, path or URL error: the storage cannot be used
-        raise DataError(f"--storage {url}: cannot open the storage ({type(e).__name__}: {e}); give "
-                        "sqlite:///PATH, journal:PATH or a database URL") from e
+                path = Path(url.removeprefix("journal:"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return optuna.storages.RDBStorage(url)
+        except Exception as e:  # any driver, path or URL error: the storage cannot be used
+            if attempt == 2 or url.startswith("journal:"):
+                raise DataError(f"--storage {url}: cannot open the storage ({type(e).__name__}: {e}); give "
+                                "sqlite:///PATH, journal:PATH or a database URL") from e
+            time.sleep(1 + attempt)
 
 
 def make_pruner(kind: str, prune_after: int):
@@ -320,7 +324,9 @@ def write_plots(st: Study) -> list[Path]:
     for name, plot in (("history", vis.plot_optimization_history), ("importances", vis.plot_param_importances),
                        ("parallel", vis.plot_parallel_coordinate)):
         try:
-            ax = plot(st.study)
+            with warnings.catch_warnings():  # optuna's notes on small studies (equal importances, flat axes)
+                warnings.simplefilter("ignore", UserWarning)
+                ax = plot(st.study)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             tqdm.write(f"plot {name} skipped: {e}")
             continue
