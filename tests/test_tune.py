@@ -94,6 +94,7 @@ head_kwargs = { dropout = 0.1 }
     assert space.train_section(trial) == {"head": "density", "head_kwargs": {"dropout": 0.1, "hidden": 128},
                                           "lr": 1e-3, "weight_decay": 0.05, "epochs": 4, "layers": [8, 11]}
     assert space.fixed == {"head": "density", "head_kwargs": {"dropout": 0.1}}  # the fixed table stays as read
+    assert len(parse_space(ROOT / "configs" / "tune_example.toml").params) == 6  # the documented example
 
 
 @pytest.mark.parametrize("text, match", [
