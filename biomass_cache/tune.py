@@ -3,7 +3,8 @@
 Every trial is a grouped k-fold run (cv.run_training) on the study folder's folds.csv, scored by its pooled OOF
 competition_r2. While a trial trains it reports, after every (fold, epoch), the mean of its folds' latest validation
 scores (finished folds: their last epoch; the running fold: this epoch) at step = epochs done so far, so a pruner
-compares trials on the same fold at the same epoch and stops bad ones early. The second stage re-runs the top K
+compares trials on the same fold at the same epoch and stops bad ones early (with `epochs` searched: at equal
+epochs done). The second stage re-runs the top K
 trials with fresh seeds on the same folds (single runs on a few hundred images differ mostly by noise) and writes
 the one with the best mean as STUDY_DIR/best.toml.
 
@@ -216,6 +217,7 @@ def objective(st: Study, trial) -> float:
     optuna = _optuna()
     state = optuna.trial.TrialState
     trial.set_user_attr("worker", worker_id())
+    fail_dead_trials(st.study)  # a process of this machine killed since the start does not hold a slot
     ahead = [t for t in st.study.get_trials(deepcopy=False, states=(state.RUNNING,)) if t.number < trial.number]
     if len(st.finished()) + len(ahead) >= st.settings.trials:
         trial.set_user_attr("surplus", True)
@@ -287,9 +289,9 @@ def second_stage(st: Study) -> dict:
     return {"rows": rows, "winner": winner["trial"], "best_toml": str(write_best(st, winner))}
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return json.dumps(value)  # strings, numbers, booleans and lists are written alike in JSON and TOML
 
 
@@ -303,7 +305,7 @@ def write_best(st: Study, row: dict) -> Path:
         f"# biomass tune: trial {row['trial']} of study {st.study.study_name!r}",
         f"# OOF competition_r2: search {row['search_r2']:.4f}; {spread}",
         f"# the study's folds: {st.out / 'folds.csv'} (the same folds: biomass train --config THIS --folds-csv it)",
-        "[train]", *(f"{k} = {_toml(v)}" for k, v in train.items()), ""])
+        "[train]", *(f"{k} = {toml_value(v)}" for k, v in train.items()), ""])
     if tomllib.loads(text)["train"] != train:
         raise AssertionError(f"best.toml does not read back as {train}")
     path = st.out / "best.toml"
@@ -392,6 +394,7 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
                        callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=(state.COMPLETE, state.PRUNED)),
                                   lambda _, trial: progress(st, trial)])
     plots = write_plots(st)
+    fail_dead_trials(study)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))]
     summary = {"study": name, "storage": url, "finished": len(st.finished()), "trials": settings.trials,
                "running": running, "plots": [str(p) for p in plots]}
