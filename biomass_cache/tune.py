@@ -103,10 +103,10 @@ def study_folds(study, study_dir: Path, table: pd.DataFrame, n_folds: int, seed:
         raise DataError(f"{given}: these folds differ from the ones recorded in study {study.study_name!r}; "
                         "resume with the study's folds (remove the file to have them rewritten) or start a new "
                         "--study")
-    missing = [i for i in table["image_id"] if i not in recorded]
-    if missing:
-        raise DataError(f"study {study.study_name!r}: {len(missing)} image(s) of the data have no recorded fold "
-                        f"(other data than the study's?): {missing[:5]}")
+    if set(table["image_id"]) != set(recorded):
+        other = sorted(set(table["image_id"]) ^ set(recorded))
+        raise DataError(f"study {study.study_name!r} was run on other images than {len(table)} of this data "
+                        f"({len(other)} differ, e.g. {other[:5]}); resume with the study's data or start a new --study")
     write_folds(target, table, np.array([recorded[i] for i in table["image_id"]]))
     return recorded
 
@@ -237,7 +237,11 @@ def objective(st: Study, trial) -> float:
             write_history(run_dir, rows)
             raise optuna.TrialPruned(f"{epoch_rows[0]['fold']} epoch {epoch_rows[0]['epoch']}")
 
-    return st.run(train, run_dir, report)["competition_r2"]
+    try:
+        return st.run(train, run_dir, report)["competition_r2"]
+    except FloatingPointError as e:  # diverged (e.g. too high an lr): this trial fails, the study goes on
+        trial.set_user_attr("fail_reason", str(e))
+        raise
 
 
 def progress(st: Study, trial) -> None:
@@ -247,7 +251,7 @@ def progress(st: Study, trial) -> None:
         return
     what = {state.COMPLETE: f"OOF competition_r2 {trial.value:.4f}" if trial.value is not None else "complete",
             state.PRUNED: f"pruned after {len(trial.intermediate_values)} epoch(s)",
-            state.FAIL: f"failed ({trial.system_attrs.get('fail_reason', 'see above')})"}.get(trial.state, "")
+            state.FAIL: f"failed ({trial.user_attrs.get('fail_reason', 'see above')})"}.get(trial.state, "")
     ranked = st.ranked()
     best = f"best {ranked[0].value:.4f} (trial {ranked[0].number})" if ranked else "no completed trial yet"
     tqdm.write(f"trial {trial.number}: {what}; {len(st.finished())}/{st.settings.trials} finished, {best}")
@@ -390,9 +394,10 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
         tqdm.write(f"trials {dead} were left running by a stopped process: marked failed (their numbers stay unused)")
     tqdm.write(f"study {name!r} ({url}): {len(st.finished())}/{settings.trials} trials finished, {n_folds} folds")
     if len(st.finished()) < settings.trials:
-        study.optimize(lambda trial: objective(st, trial), n_trials=settings.trials, catch=(Surplus, FloatingPointError),
-                       callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=(state.COMPLETE, state.PRUNED)),
-                                  lambda _, trial: progress(st, trial)])
+        enough = optuna.study.MaxTrialsCallback(settings.trials, states=(state.COMPLETE, state.PRUNED))
+        # failed trials (diverged) do not count; starting at most 2N ends a space where every trial fails
+        study.optimize(lambda trial: objective(st, trial), n_trials=2 * settings.trials,
+                       catch=(Surplus, FloatingPointError), callbacks=[enough, lambda _, trial: progress(st, trial)])
     plots = write_plots(st)
     fail_dead_trials(study)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))]
@@ -420,7 +425,8 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
 def tune_command(
     cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
-    space: Path = typer.Option(..., "--space", help="TOML search space: [space] searched keys, [fixed] the rest."),
+    space: Path = typer.Option(..., "--space", help="TOML search space: a space table of searched keys, a fixed "
+                               "table of shared values (configs/tune_example.toml)."),
     trials: int = typer.Option(..., "--trials", help="The study's total of finished (completed or pruned) trials, "
                                "counted over every process sharing the storage."),
     out: Path = typer.Option(..., "--out", help="Study folder: folds.csv, trials/, plots/, best.toml."),
@@ -432,10 +438,11 @@ def tune_command(
     top_k: int = typer.Option(3, "--top-k", help="Second stage: how many of the best trials are re-run."),
     seeds: int = typer.Option(3, "--seeds", help="Second stage: fresh seeds per re-run trial (0: none)."),
     keep: str = typer.Option("all", "--keep", help="all | top: keep every trial's run folder, or the top K only."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds of a new study ([fixed] folds, else 5)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds of a new study (default: the space "
+                                        "file's fixed folds, else 5)."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="A new study's folds (image_id, fold)."),
 ) -> None:
-    """Search [train] settings with Optuna on a token cache; re-check the best with several seeds; write best.toml.
+    """Search training settings with Optuna on a token cache; re-check the best with several seeds; write best.toml.
 
     Re-running continues the study; several processes (or machines, with a shared --storage) share its trials.
     """

@@ -253,3 +253,23 @@ def test_two_processes_share_one_study(toy, tmp_path, kind):
     assert all(t.user_attrs.get("surplus") for t in study.trials if t not in done)  # the others never trained
     assert sorted(p.name for p in (tmp_path / "study" / "trials").iterdir()) == [f"{t.number:04d}" for t in done]
     assert sum("winner: trial" in o for o in outputs) == 1 and (tmp_path / "study" / "best.toml").is_file()
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatch):
+    from biomass_cache import train as train_module
+
+    real = train_module.task_losses
+    calls = []
+
+    def nan_first_trial(out, batch, zscore):  # every loss of the first trial is NaN
+        losses = real(out, batch, zscore)
+        calls.append(1)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) <= 3 else losses
+
+    monkeypatch.setattr(train_module, "task_losses", nan_first_trial)
+    space = write(tmp_path, SPACE.replace("[fixed]", "[fixed]\nmax_nonfinite = 3"))
+    code, output = tune(toy, tmp_path / "nan", "--space", space, "--trials", 1, "--seeds", 0, "--top-k", 1)
+    assert code == 0, output
+    trials = load(tmp_path / "nan").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert "trial 0: failed (head " in output and "3 non-finite losses in a row" in trials[0].user_attrs["fail_reason"]
