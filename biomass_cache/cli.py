@@ -16,6 +16,7 @@ from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
+from biomass_cache.tune import tune_command
 from biomass_cache.verify import verify_command
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ COMMANDS = [
     ("verify", verify_command, "Read back a token store; report corrupt chunks and samples not extracted."),
     ("reduce", reduce_command, "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
     ("train", train_command, "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
+    ("tune", tune_command, "Search training settings with Optuna on a token cache; write the winner as best.toml."),
     ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
     ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
     ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),

@@ -134,10 +134,12 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                    members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False, overwrite: bool = False) -> dict:
+                   strict_folds: bool = False, overwrite: bool = False,
+                   on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
     return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
-    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir)."""
+    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir);
+    `on_epoch(rows)`: each epoch's history rows (with their fold), see `train_fold`."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
@@ -182,7 +184,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                    for j, (n, m) in enumerate(members_cfg.items())]
         rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
                           cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
-                          extra=source.extra, baseline_grams=baseline, sync=source.sync)
+                          extra=source.extra, baseline_grams=baseline, sync=source.sync,
+                          on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name))
         history += [{"fold": fold_name, **r} for r in rows]
         for m in members:
             meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
@@ -225,6 +228,10 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     return metrics
 
 
+def _with_fold(on_epoch: Callable[[list[dict]], None], fold_name: str) -> Callable[[list[dict]], None]:
+    return lambda rows: on_epoch([{"fold": fold_name, **r} for r in rows])
+
+
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
     if cfg.plots:
         from biomass_cache.plots import plot_run
@@ -234,7 +241,7 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
     from biomass_cache.store import open_store
 
@@ -245,7 +252,7 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     source = cache_source(store, table, cfg, members_cfg, extract)
     if store.random_weights:
         tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite)
+    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite, on_epoch)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -367,11 +367,13 @@ def train_fold(
     extra: torch.nn.Module | None = None,
     baseline_grams: np.ndarray | None = None,
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Train all members on the same batches; after each epoch score each (EMA) member on the validation set.
 
     Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
-    `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`.
+    `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`;
+    `on_epoch(rows)` sees each epoch's history rows (a tuning trial reports them and may stop the fold by raising).
     """
     history, vals = [], {}
     bar = tqdm(total=epochs * len(train_loader), desc=desc, unit="step", dynamic_ncols=True)
@@ -407,5 +409,7 @@ def train_fold(
                 row.update(val_competition_r2=s["competition_r2"], val_log_r2=s["log_r2"])
                 vals[m.name] = s["competition_r2"]
             history.append(row)
+        if on_epoch is not None:
+            on_epoch(history[-len(members):])
     bar.close()
     return history

@@ -1,0 +1,275 @@
+"""`biomass tune`: the space file, a tiny real study (best.toml, resume, refusals), pruning, dead trials, two
+processes sharing one storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+optuna = pytest.importorskip("optuna")
+
+from biomass_cache.cv import train_command  # noqa: E402
+from biomass_cache.data import DataError  # noqa: E402
+from biomass_cache.tune import open_storage, tune_command, worker_id  # noqa: E402
+from biomass_cache.tune_space import parse_space  # noqa: E402
+from test_dataset import make_toy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = "batch_size = 8\nworkers = 0\nthreads = 1\nfolds = 3\nplots = false\n"
+SPACE = f"""[space]
+lr = {{ log_uniform = [1e-3, 3e-2] }}
+head = {{ choice = ["density", "mlp"] }}
+[fixed]
+epochs = 2
+{FIXED}"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("tune")
+    data, store = make_toy(root, n=36)
+    (root / "space.toml").write_text(SPACE)
+    return root, data, store
+
+
+def invoke(app_fn, *args) -> tuple[int, str]:
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(app_fn)
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def tune(toy, out: Path, *args) -> tuple[int, str]:
+    root, data, store = toy
+    return invoke(tune_command, "--cache", store, "--data", data, "--out", out, *args)
+
+
+def load(out: Path, name: str | None = None):
+    return optuna.load_study(study_name=name or out.name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def finished(study) -> list:
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+# ------------------------------------------------------------------------------------------------- the space file
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    return path
+
+
+def test_space_covers_every_kind_and_head_options(tmp_path):
+    space = parse_space(write(tmp_path, """[space]
+lr = { log_uniform = [1e-4, 1e-2] }
+weight_decay = { uniform = [0.0, 0.1] }
+epochs = { int = [2, 8], step = 2 }
+layers = { choice = [[5, 8], [8, 11]] }
+head_kwargs.hidden = { int = [64, 512], log = true }
+[fixed]
+head = "density"
+head_kwargs = { dropout = 0.1 }
+"""))
+    assert [p.name for p in space.params] == ["lr", "weight_decay", "epochs", "layers", "head_kwargs.hidden"]
+    trial = optuna.trial.FixedTrial({"lr": 1e-3, "weight_decay": 0.05, "epochs": 4, "layers": "[8, 11]",
+                                     "head_kwargs.hidden": 128})
+    assert space.train_section(trial) == {"head": "density", "head_kwargs": {"dropout": 0.1, "hidden": 128},
+                                          "lr": 1e-3, "weight_decay": 0.05, "epochs": 4, "layers": [8, 11]}
+    assert space.fixed == {"head": "density", "head_kwargs": {"dropout": 0.1}}  # the fixed table stays as read
+    assert len(parse_space(ROOT / "configs" / "tune_example.toml").params) == 6  # the documented example
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[space]\nlearning_rate = { uniform = [0.1, 0.2] }", r"unknown key\(s\) \['learning_rate'\]"),
+    ("[space]\nlr = { uniform = [0.2, 0.1] }", r"lr: empty range \[0.2, 0.1\]"),
+    ("[space]\nepochs = { int = [3, 3] }", r"epochs: empty range \[3, 3\]"),
+    ("[space]\nhead = { choice = [] }", "head: empty choice list"),
+    ("[space]\nlr = { log_uniform = [0, 0.1] }", "log_uniform needs low > 0"),
+    ("[space]\nlr = { normal = [0, 1] }", "lr needs exactly one of"),
+    ("[space]\nlr = { uniform = [0.1, 0.2], step = 1 }", r"unknown option\(s\) \['step'\]"),
+    ("[space]\nseed = { int = [0, 9] }", "seed cannot be searched"),
+    ("[space]\nlr = { uniform = [0.1, 0.2] }\n[fixed]\nlr = 0.1", r"\['lr'\] both searched and fixed"),
+    ("[space]\nhead = { choice = ['density', 'mlp'] }\nhead_kwargs.pools = { choice = [['mean']] }",
+     r"head 'density' takes no option\(s\) \['pools'\]"),
+    ("[space]\nhead = { choice = ['density', 'nope'] }", "unknown head 'nope'"),
+    ("[space]\nlr = { uniform = [0.1, 0.2] }\n[tune]\nx = 1", r"unknown section\(s\) \['tune'\]"),
+    ("[fixed]\nlr = 0.1", r"\[space\] is empty"),
+    ("[space]\nlr = { uniform = [0.1, 0.2] }\n[fixed]\nfull = true", "full = true trains without folds"),
+    ("[space]\nlr = { uniform = [0.1, 0.2] }\n[fixed]\ntta = 'some'", "tta must be 'all' or a view index"),
+])
+def test_space_errors_name_the_key(tmp_path, text, match):
+    with pytest.raises(DataError, match=match):
+        parse_space(write(tmp_path, text))
+
+
+def test_bad_space_or_storage_is_one_error_line(toy, tmp_path):
+    root, _, _ = toy
+    code, out = tune(toy, tmp_path / "s", "--space", write(tmp_path, "[space]\nlr = { uniform = [1, 0] }"),
+                     "--trials", 1)
+    assert code == 2 and out.startswith("error: ") and "empty range" in out and "Traceback" not in out
+    code, out = tune(toy, tmp_path / "s", "--space", root / "space.toml", "--trials", 1, "--storage",
+                     "nosuchdb://host/x")
+    assert code == 2 and out.startswith("error: --storage nosuchdb://host/x: cannot open the storage")
+
+
+# --------------------------------------------------------------------------------------------- a tiny real study
+@pytest.fixture(scope="module")
+def study_dir(toy) -> Path:
+    root, _, _ = toy
+    out = root / "study"
+    code, output = tune(toy, out, "--space", root / "space.toml", "--trials", 3, "--pruner", "none", "--top-k", 2,
+                        "--seeds", 2)
+    assert code == 0, output
+    return out
+
+
+def test_study_writes_best_toml_that_train_reproduces(study_dir, toy, tmp_path):
+    _, data, store = toy
+    study = load(study_dir)
+    assert len(finished(study)) == 3 and all((study_dir / "trials" / f"{k:04d}" / "metrics.json").is_file()
+                                             for k in range(3))
+    summary = json.loads((study_dir / "stage2.json").read_text())
+    assert [r["trial"] for r in summary["rows"]] == [t.number for t in sorted(
+        finished(study), key=lambda t: -t.value)][:2]
+    for row in summary["rows"]:
+        assert row["seeds"] == [1, 2] and len(row["r2"]) == 2 and row["std"] is not None
+        for seed, r2 in zip(row["seeds"], row["r2"]):
+            run = study_dir / "stage2" / f"{row['trial']:04d}" / f"seed{seed}"
+            assert json.loads((run / "metrics.json").read_text())["competition_r2"] == r2
+            assert json.loads((run / "config.json").read_text())["train"]["seed"] == seed
+    winner = max(summary["rows"], key=lambda r: r["mean"])
+    assert summary["winner"] == winner["trial"]
+    best = tomllib.loads((study_dir / "best.toml").read_text())["train"]
+    assert best == {**study.trials[winner["trial"]].params, **tomllib.loads(SPACE)["fixed"], "folds": 3}
+    assert {p.name for p in (study_dir / "plots").iterdir()} == {"history.png", "importances.png", "parallel.png"}
+
+    code, output = invoke(train_command, "--cache", store, "--data", data, "--out", tmp_path / "retrain", "--config",
+                          study_dir / "best.toml", "--folds-csv", study_dir / "folds.csv", "--no-plots")
+    assert code == 0, output
+    retrained = json.loads((tmp_path / "retrain" / "metrics.json").read_text())["competition_r2"]
+    assert retrained == pytest.approx(winner["search_r2"], abs=1e-6)  # the winner's own trial, same seed and folds
+
+
+def test_resume_continues_and_refuses_another_cache_or_folds(study_dir, toy, tmp_path):
+    root, data, _ = toy
+    before = {t.number: t.value for t in finished(load(study_dir))}
+    code, output = tune(toy, study_dir, "--space", root / "space.toml", "--trials", 4, "--pruner", "none",
+                        "--top-k", 1, "--seeds", 0)
+    assert code == 0, output
+    after = load(study_dir)
+    assert len(finished(after)) == 4 and {t.number: t.value for t in finished(after)[:3]} == before
+
+    _, other = make_toy(tmp_path / "other", n=36, seed=1)  # another extraction fingerprint
+    code, output = invoke(tune_command, "--cache", other, "--data", data, "--out", study_dir, "--space",
+                          root / "space.toml", "--trials", 5)
+    assert code == 2 and "another token cache" in output and "seed: 0 -> 1" in output
+    folds = pd.read_csv(study_dir / "folds.csv")
+    folds["fold"] = (folds["fold"] + 1) % 3
+    folds.to_csv(tmp_path / "moved.csv", index=False)
+    code, output = tune(toy, study_dir, "--space", root / "space.toml", "--trials", 5, "--folds-csv",
+                        tmp_path / "moved.csv")
+    assert code == 2 and "differ from the ones recorded" in output
+    changed = write(tmp_path, SPACE.replace("3e-2", "5e-2"))
+    code, output = tune(toy, study_dir, "--space", changed, "--trials", 5)
+    assert code == 2 and "another space" in output
+    assert len(finished(load(study_dir))) == 4  # nothing lost, nothing run
+
+
+def test_pruned_trials_stop_early(toy, tmp_path):
+    """A trial that cannot learn (tiny lr), after one that does: the median pruner stops it within fold 0."""
+    root, _, _ = toy
+    out = tmp_path / "prune"
+    space = write(tmp_path, f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nepochs = 4\n{FIXED}")
+    out.mkdir()
+    study = optuna.create_study(study_name="prune", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"lr": 3e-2})
+    study.enqueue_trial({"lr": 1e-7})
+    code, output = tune(toy, out, "--space", space, "--trials", 2, "--pruner", "median", "--prune-after", 1,
+                        "--seeds", 0, "--top-k", 1)
+    assert code == 0, output
+    good, bad = load(out).trials
+    assert good.state == optuna.trial.TrialState.COMPLETE and bad.state == optuna.trial.TrialState.PRUNED
+    assert len(good.intermediate_values) == 3 * 4 and len(bad.intermediate_values) < 4
+    history = pd.read_csv(out / "trials" / "0001" / "history.csv")
+    assert len(history) == len(bad.intermediate_values) and set(history["fold"]) == {"fold0"}
+    assert len(pd.read_csv(out / "trials" / "0000" / "history.csv")) == 3 * 4
+    assert "pruned after" in output and tomllib.loads((out / "best.toml").read_text())["train"]["lr"] == 3e-2
+
+
+def test_a_killed_trial_is_failed_on_restart_and_keep_top(toy, tmp_path):
+    root, _, _ = toy
+    out = tmp_path / "killed"
+    out.mkdir()
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    study = optuna.create_study(study_name="killed", storage=storage, direction="maximize")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = study.ask()  # as a process killed mid-trial leaves it: RUNNING, its worker gone
+    left.set_user_attr("worker", worker_id().rsplit(":", 1)[0] + ":" + gone.stdout.strip())
+    code, output = tune(toy, out, "--space", root / "space.toml", "--trials", 2, "--seeds", 0, "--top-k", 1,
+                        "--keep", "top")
+    assert code == 0, output
+    trials = load(out).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL and "trials [0] were left running" in output
+    assert len(finished(load(out))) == 2 and [t.number for t in finished(load(out))] == [1, 2]
+    best = max(finished(load(out)), key=lambda t: t.value).number
+    assert [p.name for p in (out / "trials").iterdir()] == [f"{best:04d}"]  # --keep top: the top K = 1 only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_processes_share_one_study(toy, tmp_path, kind):
+    root, data, store = toy
+    url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'shared.log'}"
+    cmd = [sys.executable, "-m", "biomass_cache.cli", "tune", "--cache", str(store), "--data", str(data), "--space",
+           str(root / "space.toml"), "--trials", "5", "--out", str(tmp_path / "study"), "--storage", url, "--study",
+           "shared", "--top-k", "1", "--seeds", "1", "--pruner", "none"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=open_storage(url))
+    done = finished(study)
+    assert len(done) == 5  # the study's total, not 5 per process
+    workers = {t.user_attrs["worker"] for t in done}
+    assert workers == {f"{worker_id().rsplit(':', 1)[0]}:{p.pid}" for p in procs}  # both took part
+    assert all(t.user_attrs.get("surplus") for t in study.trials if t not in done)  # the others never trained
+    assert sorted(p.name for p in (tmp_path / "study" / "trials").iterdir()) == [f"{t.number:04d}" for t in done]
+    assert sum("winner: trial" in o for o in outputs) == 1 and (tmp_path / "study" / "best.toml").is_file()
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatch):
+    from biomass_cache import train as train_module
+
+    real = train_module.task_losses
+    calls = []
+
+    def nan_first_trial(out, batch, zscore):  # every loss of the first trial is NaN
+        losses = real(out, batch, zscore)
+        calls.append(1)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) <= 3 else losses
+
+    monkeypatch.setattr(train_module, "task_losses", nan_first_trial)
+    space = write(tmp_path, SPACE.replace("[fixed]", "[fixed]\nmax_nonfinite = 3"))
+    code, output = tune(toy, tmp_path / "nan", "--space", space, "--trials", 1, "--seeds", 0, "--top-k", 1)
+    assert code == 0, output
+    trials = load(tmp_path / "nan").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert "trial 0: failed (head " in output and "3 non-finite losses in a row" in trials[0].user_attrs["fail_reason"]
