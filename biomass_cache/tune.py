@@ -413,6 +413,10 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
         tqdm.write(f"the second stage is running in another process ({out / 'stage2.lock'})")
         return summary
     with lock:
+        done = out / "stage2.json"
+        if done.is_file() and json.loads(done.read_text()).get("finished") == summary["finished"]:
+            tqdm.write(f"the second stage of these {summary['finished']} trials was run by another process: {done}")
+            return {**summary, **json.loads(done.read_text())}
         summary.update(second_stage(st))
         if settings.keep == "top":
             drop_folders(st)
