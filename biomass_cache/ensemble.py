@@ -33,7 +33,7 @@ FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "sto
                         "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
 
 
-class EnsembleError(ValueError):
+class EnsembleError(DataError):
     """An ensemble that cannot be built as described, with the member and file named."""
 
 

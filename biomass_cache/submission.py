@@ -24,7 +24,7 @@ COLUMNS = ["sample_id", "target"]
 IDENTITY_RTOL = 1e-6  # written floats round-trip exactly; this only absorbs the sums' last-bit rounding
 
 
-class SubmissionError(ValueError):
+class SubmissionError(DataError):
     """A submission (or labels file) that must not be written or scored, with every reason found."""
 
 
