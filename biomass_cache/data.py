@@ -133,6 +133,15 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
     return table
 
 
+def read_training_table(path: str | Path, check_images: bool = True) -> pd.DataFrame:
+    """`read_long_csv` of a file to train on: it must carry the labels (a `target` column)."""
+    table = read_long_csv(path, check_images=check_images)
+    if TARGETS[0] not in table.columns:
+        raise DataError(f"{path}: no `target` column: training needs the labels (one row per image and target_name "
+                        f"with its target value in grams); is this a test.csv?")
+    return table
+
+
 def _numeric(col: pd.Series, where: str, allow_missing: bool, lines: bool = False) -> pd.Series:
     """Strings -> floats; anything non-numeric or non-finite is an error naming where it is."""
     blank = col.str.strip() == ""

@@ -389,6 +389,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
     """Extraction keys from a JSON or TOML file; a TOML file's [extract] table when it has one."""
     if not path.is_file():
         raise DataError(f"{path}: config file not found")
+    if path.suffix not in (".toml", ".json"):
+        raise DataError(f"{path}: --config takes a .toml or .json file of extraction keys (see configs/default.toml), "
+                        f"not a {path.suffix or 'suffix-less'} file")
     try:
         d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:

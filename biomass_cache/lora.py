@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
 from biomass_cache.cv import SHARED_OPTIONS, cli_overrides
-from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.live import EpochSampler, LiveDataset, build_prefix_cache, make_loader
@@ -398,7 +398,7 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
     if s.weights != "random":  # recorded absolute, so the run folder finds its base backbone from anywhere
         s = replace(s, weights=str(Path(s.weights).resolve()))
     data, out = Path(data), Path(out)
-    table = read_long_csv(data / "train.csv")
+    table = read_training_table(data / "train.csv")
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     inject_lora(bb, s)
     live = LiveTokens(bb, s, device)
@@ -492,6 +492,7 @@ def lora_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
 ) -> None:
     """Train a head + LoRA adapters on a live DINOv3 backbone with grouped K-fold CV (train_heads.py --lora)."""
@@ -499,7 +500,8 @@ def lora_command(
 
     base, _, _ = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux),
+                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux,
+                                   stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
