@@ -102,8 +102,8 @@ class BiomassCommand(OneLineErrorsMixin, TyperCommand):
     """A single command run as a script (extract_features.py, train_heads.py, submit.py, python -m ...)."""
 
 
-def run_script(command: Callable[..., None]) -> None:
-    """`typer.run` with the same error reporting and plain (non-rich) help as the `biomass` app."""
+def script_app(command: Callable[..., None]) -> typer.Typer:
+    """A one-command app with the same error reporting and plain (non-rich) help as the `biomass` app."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command(cls=BiomassCommand)(command)
-    app()
+    return app

@@ -38,7 +38,7 @@ def keep_freed_memory() -> bool:
 
 def run(command: Callable[..., None]) -> None:
     """Run one typer command function as a script (user errors as one `error:` line, see errors.py)."""
-    from biomass_cache.errors import run_script
+    from biomass_cache.errors import script_app
 
     keep_freed_memory()
-    run_script(command)
+    script_app(command)()

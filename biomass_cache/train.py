@@ -125,49 +125,54 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 
 
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
-FLAGS = {"head", "folds", "stratify", "epochs", "batch_size", "lr", "seed", "device", "workers", "preload"}
+FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "stratify", "epochs", "batch_size", "lr", "device",
+                                                 "workers", "preload")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
-    "folds": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "stratify": (lambda v: isinstance(v, bool), "true or false"),
-    "epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "lr": (lambda v: _num(v) and v > 0, "a number > 0"),
-    "uw_lr": (lambda v: _num(v) and v > 0, "a number > 0"),
-    "weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
-    "warmup_frac": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "min_lr_ratio": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "grad_clip": (lambda v: _num(v) and v >= 0, "a number >= 0 (0 = off)"),
-    "ema_decay": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "mixup_alpha": (lambda v: _num(v) and v > 0, "a number > 0"),
-    "mixup_prob": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "tta": (lambda v: v == "all" or (_int(v) and v >= 0), "'all' or a view index >= 0"),
-    "threads": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0 = torch's default)"),
-    "workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "uw_lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "warmup_frac": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "grad_clip": (lambda v: is_number(v) and v >= 0, "a number >= 0 (0 = off)"),
+    "ema_decay": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "mixup_alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "mixup_prob": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "tta": (lambda v: v == "all" or (is_int(v) and v >= 0), "'all' or a view index >= 0"),
+    "threads": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = torch's default)"),
+    "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
-    "max_nonfinite": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "head_kwargs": (lambda v: isinstance(v, dict), "a table, e.g. { hidden = 256 }"),
-    "layers": (lambda v: isinstance(v, list) and all(_int(x) for x in v), "a list of block indices"),
+    "layers": (lambda v: isinstance(v, list) and all(is_int(x) for x in v), "a list of block indices"),
 }
 
 
-def _int(v: object) -> bool:
+def is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _num(v: object) -> bool:
+def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_config(cfg: TrainConfig, member: str | None = None) -> None:
     """Refuse a value no run could use, naming its flag and config key (before anything is written)."""
-    for key, (valid, rule) in RULES.items():
-        value = getattr(cfg, key)
+    check_values(cfg, RULES, FLAGS, "train", f"member {member!r}: " if member else "")
+
+
+def check_values(settings: object, rules: dict, flags: dict[str, str], section: str, where: str = "") -> None:
+    """The first attribute of `settings` that breaks its rule is a DataError naming the flag and [section] key."""
+    for key, (valid, rule) in rules.items():
+        value = getattr(settings, key)
         if not valid(value):
-            where = f"member {member!r}: " if member else ""
-            flag = f"--{key.replace('_', '-')} or " if key in FLAGS else ""
-            raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[train] {key})")
+            flag = f"{flags[key]} or " if key in flags else ""
+            raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
 
 
 def pick_device(device: str) -> torch.device:
