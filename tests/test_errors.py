@@ -218,6 +218,9 @@ def test_submit_errors(run, tmp_path):
     assert_user_error(biomass(*base, "--mc-samples", "0"), "'--mc-samples'")
     assert_user_error(biomass(*base, "--device", "foo"), "--device 'foo'")
     assert_user_error(biomass("submit", "--data", tmp_path, "--members", run_dir, "--out", out), "test.csv")
+    (tmp_path / "e.toml").write_text(f'[[member]]\npath = "{run_dir}"\nweight = "heavy"\n')
+    assert_user_error(biomass("submit", "--data", data, "--ensemble", tmp_path / "e.toml", "--out", out),
+                      "e.toml: member #1: weight must be a number, got 'heavy'")
     assert not out.exists()
 
 
