@@ -21,6 +21,8 @@ from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 from tqdm import tqdm
 
+from biomass_cache.data import DataError
+
 BACKBONES = (
     "vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
     "vit_small_plus_patch16_dinov3", "vit_small_plus_patch16_dinov3_qkvb",
@@ -35,7 +37,7 @@ _RESERVED_OVERRIDES = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
 _HASH_BLOCK = 8 << 20
 
 
-class WeightsError(ValueError):
+class WeightsError(DataError):
     """A weights file that cannot be read or does not fit the chosen backbone."""
 
 
@@ -63,14 +65,14 @@ def create_backbone(name: str, weights: str | Path = RANDOM, seed: int = 0,
     `overrides` are timm model kwargs, e.g. dict(depth=2, embed_dim=64, num_heads=2) for tiny test models.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(BACKBONES)}")
+        raise DataError(f"unknown backbone {name!r}; supported: {', '.join(BACKBONES)}")
     overrides = dict(overrides or {})
     reserved = _RESERVED_OVERRIDES & set(overrides)
     if reserved:
         raise ValueError(f"overrides may not set {sorted(reserved)}: weights come only from the `weights` argument")
     weights = str(weights)
     if weights != RANDOM and not Path(weights).is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {weights} (pass 'random' for random weights)")
+        raise DataError(f"{weights}: backbone weights file not found (pass 'random' for random weights)")
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
@@ -148,18 +150,18 @@ def _to_timm_keys(state: dict[str, Any], model: nn.Module, path: str) -> dict[st
 def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:
     """Block indices, negative counting from the end, as sorted non-negative indices (the order tokens are stored)."""
     if len(layers) == 0:
-        raise ValueError("layers must name at least one block")
+        raise DataError("layers must name at least one block")
     resolved = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"layer indices must be integers, got {layer!r}")
+            raise DataError(f"layer indices must be integers, got {layer!r}")
         layer = int(layer)
         if not -depth <= layer < depth:
-            raise ValueError(f"layer {layer} is out of range for a backbone of depth {depth} "
+            raise DataError(f"layer {layer} is out of range for a backbone of depth {depth} "
                              f"(valid: {-depth}..{depth - 1})")
         resolved.append(layer % depth)
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"layers {list(layers)} name the same block twice (resolved: {resolved})")
+        raise DataError(f"layers {list(layers)} name the same block twice (resolved: {resolved})")
     return sorted(resolved)
 
 

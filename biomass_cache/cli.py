@@ -9,6 +9,7 @@ import typer
 
 from biomass_cache.cv import train_command
 from biomass_cache.demo import demo_command
+from biomass_cache.errors import DEBUG_KEY, BiomassGroup
 from biomass_cache.extract import extract_command
 from biomass_cache.lora import lora_command
 from biomass_cache.predict import predict_command
@@ -24,7 +25,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich markup would eat the bracketed defaults, e.g. "[the folder of --out]"
+    cls=BiomassGroup,  # user errors: one `error:` line, exit status 2 (errors.py)
 )
+
+
+@app.callback()
+def options(ctx: typer.Context,
+            debug: bool = typer.Option(False, "--debug", help="Show a traceback for user errors too "
+                                       "(also: BIOMASS_DEBUG=1).")) -> None:
+    """Options every command shares (the app's help text is the Typer's)."""
+    ctx.meta[DEBUG_KEY] = debug
+
+
 COMMANDS = [
     ("demo", demo_command, "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
     ("synth", synth_command, "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),

@@ -20,7 +20,7 @@ import typer
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
-from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.targets import TARGETS
@@ -30,8 +30,9 @@ from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zsc
 
 # ------------------------------------------------------------------------------- cross-validation and run folder
 def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, folds_csv: Path | None,
-                    strict: bool) -> np.ndarray:
-    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds; saved in the run.
+                    strict: bool, stratify: bool = False, csv: Path | None = None) -> np.ndarray:
+    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds (`stratify`: each State
+    spread over the folds) of the table read from `csv`; saved in the run (created here, once the split is valid).
 
     A reused file sets the number of folds; with `strict` (--folds given) it must have exactly `n_folds`.
     """
@@ -44,7 +45,11 @@ def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, fol
                             + (f" and K = --folds {n_folds}" if strict else ""))
         tqdm.write(f"using the {len(found)} folds of {source}")
     else:
-        folds = grouped_folds(table, n_splits=n_folds, seed=seed)
+        try:
+            folds = grouped_folds(table, n_splits=n_folds, seed=seed, stratify=stratify)
+        except DataError as e:
+            raise DataError(f"{csv}: {e}" if csv else str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
     write_folds(out / "folds.csv", table, folds)
     return folds
 
@@ -98,6 +103,9 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     from biomass_cache.reduce import Reduction
 
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
+    if not set(layers) <= set(store.layers):
+        raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
+                        f"(it has {store.layers}); fix [train] layers or re-extract with them")
     device = pick_device(cfg.device)
     bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
     if bad_tta:
@@ -143,18 +151,19 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
+    check_heads(source, table, members_cfg)
     truth = table[list(TARGETS)].to_numpy(float)
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
     out = Path(out)
     if writer:
         for p in runs.prepare_run_dir(out, overwrite):
             tqdm.write(f"--overwrite: deleted {p} of the earlier run")
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
     else:
         if writer:
-            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds)
+            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds, cfg.stratify,
+                                    Path(data) / "train.csv")
         source.barrier()
         if not writer:
             folds = read_folds(out / "folds.csv", table)
@@ -162,6 +171,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
         plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
     if writer:
+        out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
                                 **source.config, "data": str(data), "torch": torch.__version__})
         if source.write_artefacts is not None:
@@ -232,6 +242,19 @@ def _with_fold(on_epoch: Callable[[list[dict]], None], fold_name: str) -> Callab
     return lambda rows: on_epoch([{"fold": fold_name, **r} for r in rows])
 
 
+def check_heads(source: TokenSource, table: pd.DataFrame, members_cfg: dict[str, TrainConfig]) -> None:
+    """Build every member's head once, so a head setting it refuses (head_kwargs) stops the run before anything
+    is written, naming the member."""
+    every = np.arange(len(table))
+    zscore, aux = fit_zscore(table, every), AuxSpec.fit(table, every)
+    for name, m in members_cfg.items():
+        try:
+            build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"member {name!r}: head {m.head!r} with head_kwargs {m.head_kwargs} and layers "
+                            f"{m.layers or source.layers}: {e}") from None
+
+
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
     if cfg.plots:
         from biomass_cache.plots import plot_run
@@ -246,7 +269,7 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     from biomass_cache.store import open_store
 
     store = open_store(cache)
-    table = read_long_csv(Path(data) / "train.csv", check_images=False)
+    table = read_training_table(Path(data) / "train.csv", check_images=False)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     source = cache_source(store, table, cfg, members_cfg, extract)
@@ -268,6 +291,8 @@ SHARED_OPTIONS = {
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
     "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
                               "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
+    "stratify": typer.Option(None, "--stratify/--no-stratify", help="Grouped folds that also spread each State "
+                             "over the folds (off)."),
 }
 
 
@@ -303,6 +328,7 @@ def train_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
     overwrite: bool = SHARED_OPTIONS["overwrite"],
 ) -> None:
@@ -313,7 +339,7 @@ def train_command(
     base, sweep, extract = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
-                                   aux=aux), full, no_plots)
+                                   aux=aux, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
     run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,

@@ -95,10 +95,10 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
             values = sorted(set(raw.loc[raw["image_id"] == iid, col]))
             raise DataError(f"{path}: conflicting {col} for image {iid}: {values}")
     if meta_cols:
-        meta = raw.drop_duplicates("image_id").set_index("image_id")[meta_cols]
-        table = table.join(meta, on="image_id")
+        first = raw.drop_duplicates("image_id")  # the rows of an image agree (checked above): its first speaks
+        table = table.join(first.set_index("image_id")[meta_cols], on="image_id")
         for col in (c for c in NUMERIC_METADATA if c in meta_cols):
-            table[col] = _numeric(table[col], f"{path}: column {col}", allow_missing=True)
+            table[col] = _numeric(first[col], f"{path}: column {col}", allow_missing=True).to_numpy()
         if "Sampling_Date" in meta_cols:
             parsed = pd.to_datetime(table["Sampling_Date"], format="%Y/%m/%d", errors="coerce")
             bad = table.index[parsed.isna() & (table["Sampling_Date"] != "")]
@@ -109,7 +109,7 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
                 )
 
     if "target" in raw.columns:
-        values = _numeric(raw["target"], f"{path}: column target", allow_missing=False, lines=True)
+        values = _numeric(raw["target"], f"{path}: column target", allow_missing=False)
         negative = raw.index[values < 0]
         if len(negative):
             raise DataError(f"{path}: negative target on line(s) {_lines(negative)}")
@@ -134,16 +134,25 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
     return table
 
 
-def _numeric(col: pd.Series, where: str, allow_missing: bool, lines: bool = False) -> pd.Series:
-    """Strings -> floats; anything non-numeric or non-finite is an error naming where it is."""
+def read_training_table(path: str | Path, check_images: bool = True) -> pd.DataFrame:
+    """`read_long_csv` of a file to train on: it must carry the labels (a `target` column)."""
+    table = read_long_csv(path, check_images=check_images)
+    if TARGETS[0] not in table.columns:
+        raise DataError(f"{path}: no `target` column: training needs the labels (one row per image and target_name "
+                        f"with its target value in grams); is this a test.csv?")
+    return table
+
+
+def _numeric(col: pd.Series, where: str, allow_missing: bool) -> pd.Series:
+    """Strings (a column of the CSV, its index = data row) -> floats; anything non-numeric or non-finite is an
+    error naming the CSV line(s)."""
     blank = col.str.strip() == ""
     values = pd.to_numeric(col.where(~blank), errors="coerce")
     bad = col.index[(values.isna() & ~blank) | np.isinf(values.to_numpy(dtype=float, na_value=0.0))]
     if not allow_missing:
         bad = bad.union(col.index[blank])
     if len(bad):
-        at = f"line(s) {_lines(bad)}" if lines else f"row(s) {list(bad[:MAX_LISTED])}"
-        raise DataError(f"{where}: non-numeric, empty or non-finite value {col[bad[0]]!r} at {at}")
+        raise DataError(f"{where}: non-numeric, empty or non-finite value {col[bad[0]]!r} at line(s) {_lines(bad)}")
     return values.astype(float)
 
 

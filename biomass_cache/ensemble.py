@@ -35,7 +35,7 @@ FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "sto
                         "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
 
 
-class EnsembleError(ValueError):
+class EnsembleError(DataError):
     """An ensemble that cannot be built as described, with the member and file named."""
 
 
@@ -101,7 +101,10 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
                 f"{path}: member #{k} " + (f"has unknown key(s) {sorted(bad)}" if bad else "has no `path`")
                 + f"; allowed: {sorted(MEMBER_KEYS)}"
             )
-        members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head")))
+        try:
+            members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head")))
+        except (TypeError, ValueError) as e:
+            raise EnsembleError(f"{path}: member #{k}: weight must be a number, got {entry.get('weight')!r}") from e
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
         raise EnsembleError(f"{path}: [weights] maps backbone names to weights files, e.g. "
@@ -111,6 +114,8 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
                             int(raw.get("mc_samples", 16)), int(raw.get("mc_seed", 0)))
     except EnsembleError as e:
         raise EnsembleError(f"{path}: {e}") from e
+    except (TypeError, ValueError) as e:  # int() of mc_samples / mc_seed
+        raise EnsembleError(f"{path}: mc_samples and mc_seed must be integers ({e})") from e
 
 
 def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,

@@ -101,17 +101,17 @@ class ExtractConfig:
             problems.append(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, "
                             f"{self.num_workers}")
         if problems:
-            raise ValueError("invalid extraction config: " + "; ".join(problems))
+            raise DataError("invalid extraction config: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExtractConfig:
         """Build from a JSON/TOML mapping of field names; unknown keys are an error naming them."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{where}: unknown extraction keys {unknown}; known: {[f.name for f in fields(cls)]}")
+            raise DataError(f"{where}: unknown extraction keys {unknown}; known: {[f.name for f in fields(cls)]}")
         missing = [k for k in ("data_dir", "out") if d.get(k) is None]
         if missing:
-            raise ValueError(f"{where}: {missing} must be given (--data / --out)")
+            raise DataError(f"{where}: {missing} must be given (--data / --out)")
         return cls(**d)
 
 
@@ -460,13 +460,16 @@ def _summary(store: TokenStore, per_rank: list[dict], bad: dict[str, str], alrea
 def load_config_file(path: Path) -> dict[str, Any]:
     """Extraction keys from a JSON or TOML file; a TOML file's [extract] table when it has one."""
     if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise DataError(f"{path}: config file not found")
+    if path.suffix not in (".toml", ".json"):
+        raise DataError(f"{path}: --config takes a .toml or .json file of extraction keys (see configs/default.toml), "
+                        f"not a {path.suffix or 'suffix-less'} file")
     try:
         d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
+        raise DataError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a table of extraction keys")
+        raise DataError(f"{path}: expected a table of extraction keys")
     return d.get("extract", d)
 
 
@@ -474,7 +477,7 @@ def _parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--layers must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
+        raise DataError(f"--layers must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -531,19 +534,14 @@ def extract_command(
     Re-running resumes (finished samples are skipped) and appends images new in the CSV. Under
     `torchrun --nproc-per-node N` the images are split across ranks.
     """
-    try:
-        values = load_config_file(config) if config is not None else {}
-        flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
-                 "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
-                 "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-                 "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None,
-                 "retry_bad": retry_bad or None, "recheck": recheck or None}
-        values.update({k: v for k, v in flags.items() if v is not None})
-        cfg = ExtractConfig.from_dict(values, where=str(config) if config else "command line")
-        summary = extract(cfg)
-    except (DataError, StoreError, ValueError, FileExistsError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    values = load_config_file(config) if config is not None else {}
+    flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
+             "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
+             "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
+             "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None,
+             "retry_bad": retry_bad or None, "recheck": recheck or None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    summary = extract(ExtractConfig.from_dict(values, where=str(config) if config else "command line"))
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(format_summary(summary))
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from biomass_cache.data import DataError
 from biomass_cache.store import EncodedSample, TokenStore
 
 
@@ -79,7 +80,7 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is visible (use --device cpu or auto)")
+            raise DataError("--device cuda, but no CUDA device is visible (use --device cpu or auto)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

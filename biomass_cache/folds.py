@@ -20,7 +20,8 @@ def visit_groups(table: pd.DataFrame) -> pd.Series:
     """The (Sampling_Date, State) group label of every image row."""
     missing = [c for c in GROUP_COLUMNS if c not in table.columns]
     if missing:
-        raise DataError(f"grouped folds need columns {list(GROUP_COLUMNS)}; the table lacks {missing}")
+        raise DataError(f"grouped folds need columns {list(GROUP_COLUMNS)} (the photos of one visit must stay in one "
+                        f"fold); the table lacks {missing}: add them, or give --folds-csv with a fold per image")
     empty = table.index[(table["Sampling_Date"].astype(str) == "") | (table["State"].astype(str) == "")]
     if len(empty):
         raise DataError(f"images {list(table.loc[empty[:5], 'image_id'])} have no Sampling_Date or State")
@@ -39,7 +40,8 @@ def grouped_folds(table: pd.DataFrame, n_splits: int = 5, seed: int = 0, stratif
     if n_splits < 2:
         raise ValueError(f"n_splits must be at least 2, got {n_splits}")
     if n_splits > len(names):
-        raise DataError(f"cannot make {n_splits} grouped folds from {len(names)} (Sampling_Date, State) groups")
+        raise DataError(f"cannot make {n_splits} grouped folds from {len(names)} (Sampling_Date, State) groups; "
+                        f"use --folds {len(names)} or fewer")
     rng = np.random.default_rng(seed)
     codes = groups.map(dict(zip(names, rng.permutation(len(names))))).to_numpy()
     X = np.zeros((len(table), 1))
@@ -55,7 +57,10 @@ def grouped_folds(table: pd.DataFrame, n_splits: int = 5, seed: int = 0, stratif
 
 
 def write_folds(path: str | Path, table: pd.DataFrame, folds: np.ndarray) -> None:
-    write_csv(path, pd.DataFrame({"image_id": table["image_id"], "group": visit_groups(table), "fold": folds}))
+    """The split beside a run; its `group` column is for reading only (blank parts where the table lacks a group
+    column, as it may with --folds-csv)."""
+    date, state = (table[c].astype(str) if c in table else pd.Series("", index=table.index) for c in GROUP_COLUMNS)
+    write_csv(path, pd.DataFrame({"image_id": table["image_id"], "group": date + "|" + state, "fold": folds}))
 
 
 def read_folds(path: str | Path, table: pd.DataFrame) -> np.ndarray:

@@ -115,7 +115,7 @@ def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: Li
 
     s, start = live.s, live.start
     if start == 0:
-        raise ValueError("--lora-prefix-cache needs at least one frozen block before the adapted ones "
+        raise DataError("--lora-prefix-cache needs at least one frozen block before the adapted ones "
                          f"(--lora-blocks {s.blocks} adapts all {live.bb.depth})")
     fp = {"kind": "lora_prefix", "backbone": backbone_fingerprint(live.bb), "size": list(s.size), "block": start,
           "view_seed": s.view_seed, "policy": asdict(ViewPolicy())}

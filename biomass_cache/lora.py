@@ -35,13 +35,15 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
 from biomass_cache.cv import SHARED_OPTIONS, cli_overrides
-from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec
+from biomass_cache.extract import _parse_layers
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.live import EpochSampler, LiveDataset, build_prefix_cache, make_loader
 from biomass_cache.runtime import run
 from biomass_cache.store import open_store
 from biomass_cache.targets import ZScore, components_to_targets
+from biomass_cache.train import check_values, is_int, is_number
 from biomass_cache.views import ViewPolicy, parse_size
 
 import peft  # noqa: E402  (after biomass_cache.backbone, which makes timm/torchvision importable)
@@ -79,7 +81,7 @@ class LoraSettings:
 
 def adapted_blocks(depth: int, k: int) -> list[int]:
     if not 1 <= k <= depth:
-        raise ValueError(f"--lora-blocks must be in 1..{depth} for a backbone of depth {depth}, got {k}")
+        raise DataError(f"--lora-blocks must be in 1..{depth} for a backbone of depth {depth}, got {k}")
     return list(range(depth - k, depth))
 
 
@@ -101,13 +103,13 @@ def inject_lora(bb: Backbone, s: LoraSettings, seed: int = 0) -> list[str]:
     modules = dict(model.named_modules())
     absent = [n for n in expected if not isinstance(modules.get(n), nn.Linear)]
     if absent:
-        raise ValueError(f"LoRA targets {absent[:4]} are not Linear layers of {bb.name}; "
+        raise DataError(f"LoRA targets {absent[:4]} are not Linear layers of {bb.name}; "
                          f"valid targets are Linear modules inside a block, e.g. attn.qkv, attn.proj, mlp.fc1")
     if "attn.qkv" in s.targets:
         for b in blocks:
             attn = model.blocks[b].attn
             if not hasattr(attn, "qkv_bias_separate"):
-                raise ValueError(f"blocks.{b}.attn ({type(attn).__name__}) is not timm's EvaAttention: cannot "
+                raise DataError(f"blocks.{b}.attn ({type(attn).__name__}) is not timm's EvaAttention: cannot "
                                  "check that a LoRA on its qkv is applied")
             if getattr(attn, "q_bias", None) is not None:
                 attn.qkv_bias_separate = True
@@ -178,7 +180,7 @@ def run_blocks(model: nn.Module, x: torch.Tensor, rope, first: int, layers: Sequ
 def check_supported(model: nn.Module, name: str) -> None:
     if not getattr(model, "dynamic_img_size", False) or getattr(model, "rope_mixed", False) or \
             getattr(model, "patch_drop", None) is not None:
-        raise ValueError(f"{name}: the LoRA path needs a DINOv3-style Eva (dynamic image size, one RoPE table for "
+        raise DataError(f"{name}: the LoRA path needs a DINOv3-style Eva (dynamic image size, one RoPE table for "
                          "all blocks, no patch dropout)")
 
 
@@ -202,7 +204,7 @@ class LiveTokens(nn.Module):
         self.start = adapted_blocks(bb.depth, s.blocks)[0]
         last = max(self.layers)
         if last < bb.depth - 1:
-            raise ValueError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
+            raise DataError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
                              f"up to block {last}; read the last block or adapt fewer blocks")
         self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
 
@@ -251,7 +253,7 @@ class LiveTokens(nn.Module):
 
     def check_prefix_layers(self) -> None:
         if any(l < self.start - 1 for l in self.layers):
-            raise ValueError(f"layers {self.layers} precede the prefix cache (the hidden state entering block "
+            raise DataError(f"layers {self.layers} precede the prefix cache (the hidden state entering block "
                              f"{self.start}); read blocks >= {self.start - 1} or train without --lora-prefix-cache")
 
     @torch.no_grad()
@@ -391,14 +393,14 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
 
     rank, world, device = init_distributed(cfg.device)
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     if cfg.tta not in ("all", 0):
-        raise ValueError(f"the LoRA path predicts the clean view 0 (no stored views to average); got tta={cfg.tta!r}")
+        raise DataError(f"the LoRA path predicts the clean view 0 (no stored views to average); got tta={cfg.tta!r}")
     cfg = replace(cfg, tta=0, layers=[])
     if s.weights != "random":  # recorded absolute, so the run folder finds its base backbone from anywhere
         s = replace(s, weights=str(Path(s.weights).resolve()))
     data, out = Path(data), Path(out)
-    table = read_long_csv(data / "train.csv")
+    table = read_training_table(data / "train.csv")
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     inject_lora(bb, s)
     live = LiveTokens(bb, s, device)
@@ -447,7 +449,26 @@ def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
         raise DataError(f"{config} [lora]: unknown key(s) {unknown}")
     s = replace(LoraSettings(), **section)
     s.size = parse_size(s.size) if isinstance(s.size, str) else tuple(s.size)
+    check_values(s, LORA_RULES, LORA_FLAGS, "lora")
     return s
+
+
+# [lora] key -> (is the value valid, what it must be), as train.RULES; the flags that set them
+LORA_RULES = {
+    "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "layer_decay": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "prefix_views": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "micro_batch": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "layers": (lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(x) for x in v), "a list of block indices"),
+    "targets": (lambda v: isinstance(v, list) and len(v) > 0, "a list of module names, e.g. attn.qkv"),
+}
+LORA_FLAGS = {"blocks": "--lora-blocks", "rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+              "lr": "--lora-lr", "layer_decay": "--lora-layer-decay", "prefix_views": "--prefix-views",
+              "micro_batch": "--micro-batch", "layers": "--layers", "targets": "--lora-targets"}
 
 
 def lora_command(
@@ -492,6 +513,7 @@ def lora_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
     overwrite: bool = SHARED_OPTIONS["overwrite"],
 ) -> None:
@@ -500,14 +522,15 @@ def lora_command(
 
     base, _, _ = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux),
+                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux,
+                                   stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
                 alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
                 grad_checkpointing=grad_checkpointing, amp=amp,
-                layers=[int(x) for x in layers.split(",")] if layers else None,
+                layers=_parse_layers(layers) if layers else None,
                 targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
     s = load_settings(config, {k: v for k, v in lora.items() if v is not None})
     run_lora(data, out, cfg, s, folds_csv=folds_csv, strict_folds=folds is not None, overwrite=overwrite)

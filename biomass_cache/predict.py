@@ -23,6 +23,7 @@ from biomass_cache.io import atomic_path, write_csv
 from biomass_cache.targets import PLOT_AREA_M2, TARGETS, to_density
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
 
 
 def list_photos(photo_dir: Path) -> list[Path]:
@@ -40,6 +41,43 @@ def list_photos(photo_dir: Path) -> list[Path]:
             raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
         seen[p.stem] = p
     return photos
+
+
+def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad: bool
+                 ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Decode every photo once (as extraction will) before anything is written: returns (readable photos,
+    [(unreadable photo, reason)]); without `skip_bad` the first unreadable photo is a DataError. Warns, once per
+    photo, when its aspect ratio differs from a model input's (W, H) by more than ASPECT_TOLERANCE: the photo is
+    resized to the input, so its content is stretched."""
+    good, bad = [], []
+    smallest = min(input_sizes, default=None)
+    for p in photos:
+        try:
+            image = load_image(p, at_least=smallest)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e}; --skip-bad skips unreadable photos and lists them at the end") from None
+            bad.append((p, str(e)))
+            continue
+        good.append(p)
+        ratio = image.width / image.height
+        for w, h in sorted(input_sizes):
+            if abs(ratio / (w / h) - 1) > ASPECT_TOLERANCE:
+                typer.echo(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
+                           f"{w / h:.2f} ({w}x{h}): the photo is stretched to fit; crop it to {w}:{h} for "
+                           "undistorted predictions and density maps", err=True)
+                break
+    if not good:
+        raise DataError(f"none of the {len(photos)} photos could be read (first: {bad[0][1]})")
+    return good, bad
+
+
+def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
+    """The (W, H) model inputs of the ensemble's members (those whose run records one)."""
+    from biomass_cache.ensemble import resolve_member
+
+    found = (resolve_member(m, spec.weights_files).extract.get("size") for m in spec.members)
+    return {(int(s[0]), int(s[1])) for s in found if s}
 
 
 def write_photo_table(photos: list[Path], data_dir: Path) -> Path:
@@ -119,10 +157,12 @@ def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.nda
 
 def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
                    maps: bool = False, device: str = "cpu", progress: bool = True,
-                   train_csv: str | Path | None = None) -> pd.DataFrame:
-    """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`."""
+                   train_csv: str | Path | None = None, skip_bad: bool = False) -> pd.DataFrame:
+    """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`.
+
+    With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`)."""
     photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
-    photos = list_photos(photo_dir)
+    photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
         write_photo_table(photos, Path(tmp))
         result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv)
@@ -137,6 +177,10 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
             save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])
         typer.echo(f"density maps: {folder}/ ({len(photos)} PNG)")
     typer.echo(f"predictions for {len(photos)} photos: {out} (grams and g/m^2; quadrat area {PLOT_AREA_M2} m^2)")
+    if bad:
+        typer.echo(f"skipped {len(bad)} unreadable photo(s):", err=True)
+        for _, reason in bad:
+            typer.echo(f"  {reason}", err=True)
     return table
 
 
@@ -155,7 +199,13 @@ def predict_command(
                                           "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
                                           "config or the ensemble file names them)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out photos that cannot be read and list them "
+                                  "at the end (default: stop at the first, naming it)."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
+    from biomass_cache.train import pick_device
+
+    device = str(pick_device(device))
     spec = spec_from_options(ensemble, members, weights=weights)
-    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv)
+    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
+                   skip_bad=skip_bad)

@@ -15,8 +15,6 @@ import os
 import platform
 from typing import Callable
 
-import typer
-
 MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap and are reused, never munmapped
 TRIM_THRESHOLD = 256 << 20  # free memory at the heap top kept for the next batch
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
@@ -39,6 +37,8 @@ def keep_freed_memory() -> bool:
 
 
 def run(command: Callable[..., None]) -> None:
-    """Run one typer command function as a script."""
+    """Run one typer command function as a script (user errors as one `error:` line, see errors.py)."""
+    from biomass_cache.errors import script_app
+
     keep_freed_memory()
-    typer.run(command)
+    script_app(command)()

@@ -35,6 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+from biomass_cache.data import DataError
 from biomass_cache.shards import ShardError, ShardGeometry, read_inner_chunks, write_shard
 from biomass_cache.token_codec import CodecError, decode, encode
 
@@ -76,7 +77,7 @@ class EncodedSample:
     parts: list[tuple[str, np.ndarray, np.ndarray | None]]  # (array name, stored values, int8 scales or None)
 
 
-class StoreError(ValueError):
+class StoreError(DataError):
     """A path that is not a readable token store, or a request the store cannot honour."""
 
 

@@ -24,7 +24,7 @@ COLUMNS = ["sample_id", "target"]
 IDENTITY_RTOL = 1e-6  # written floats round-trip exactly; this only absorbs the sums' last-bit rounding
 
 
-class SubmissionError(ValueError):
+class SubmissionError(DataError):
     """A submission (or labels file) that must not be written or scored, with every reason found."""
 
 
@@ -124,7 +124,11 @@ def read_long_file(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype={"sample_id": str})
+    try:
+        df = pd.read_csv(path, dtype={"sample_id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{path}: not a readable CSV ({e}); expected a header sample_id,target and one row "
+                              "per sample") from None
     if not set(COLUMNS) <= set(df.columns):
         raise SubmissionError(f"{path}: needs columns {COLUMNS}, found {list(df.columns)}")
     dup = df["sample_id"][df["sample_id"].duplicated()].unique()
@@ -211,7 +215,7 @@ def submit_command(
                                             "predictions (members/) are kept and reused [the folder of --out]."),
     aggregation: Optional[str] = typer.Option(None, "--aggregation", help="mean | mc_dropout | oof "
                                               "[the ensemble file's, else mean]."),
-    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", help="MC-dropout passes per fold model."),
+    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", min=1, help="MC-dropout passes per fold model."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
                                           "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
                                           "config or the ensemble file names them)."),
@@ -221,7 +225,9 @@ def submit_command(
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
     from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.train import pick_device
 
+    device = str(pick_device(device))
     spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights)
     submit(spec, data, out, work_dir, device)
     if labels is not None:

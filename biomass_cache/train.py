@@ -29,7 +29,7 @@ from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_l
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
 from biomass_cache.targets import TARGETS, ZScore, to_density
-from heads import create_head
+from heads import HEADS, create_head
 from heads.common import HEIGHT_NAME
 
 
@@ -42,6 +42,7 @@ class TrainConfig:
     head_kwargs: dict = field(default_factory=dict)  # passed to heads.create_head
     layers: list[int] = field(default_factory=list)  # cached block indices to read; empty = all of them
     folds: int = 5
+    stratify: bool = False  # grouped folds that also spread each State over the folds (folds.grouped_folds)
     full: bool = False  # train one model on all images instead of cross-validating
     epochs: int = 120  # the heads need ~1000 steps (benchmarks/bench_heads.py)
     batch_size: int = 16
@@ -71,7 +72,7 @@ class TrainConfig:
 
 
 # keys every member of a sweep shares (they define the batches); the others may differ per member
-SHARED_KEYS = ("folds", "full", "epochs", "batch_size", "eval_batch_size", "tta", "seed", "device", "threads",
+SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_size", "tta", "seed", "device", "threads",
                "workers", "preload", "plots")
 
 
@@ -85,6 +86,9 @@ def load_config(path: Path | None) -> tuple[dict, list[dict], dict]:
     """A TOML file -> ([train] settings, [[train.sweep]] members, [extract] section)."""
     if path is None:
         return {}, [], {}
+    if Path(path).suffix != ".toml":
+        raise DataError(f"{path}: --config takes a TOML file (see configs/default.toml), not a "
+                        f"{Path(path).suffix or 'suffix-less'} file")
     try:
         doc = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -115,19 +119,77 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
     members = {n: replace(cfg, **{**{k: v for k, v in e.items() if k != "name"}, **ablations})
                for n, e in zip(names, sweep)}
     for name, m in members.items():
-        if not (m.tta == "all" or isinstance(m.tta, int)):
-            raise DataError(f"tta must be 'all' or a view index, got {m.tta!r}")
-        if m.preload not in (True, False, "auto"):
-            raise DataError(f"preload must be true, false or 'auto', got {m.preload!r}")
-        if m.epochs < 1 or m.batch_size < 1:
-            raise DataError(f"epochs and batch_size must be positive (member {name})")
+        check_config(m, name if len(members) > 1 else None)
+    pick_device(cfg.device)
     return cfg, members
 
 
+# key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
+FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "stratify", "epochs", "batch_size", "lr", "device",
+                                                 "workers", "preload")}
+RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
+    "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "stratify": (lambda v: isinstance(v, bool), "true or false"),
+    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "uw_lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "warmup_frac": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "grad_clip": (lambda v: is_number(v) and v >= 0, "a number >= 0 (0 = off)"),
+    "ema_decay": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "mixup_alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "mixup_prob": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "tta": (lambda v: v == "all" or (is_int(v) and v >= 0), "'all' or a view index >= 0"),
+    "threads": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = torch's default)"),
+    "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
+    "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "head_kwargs": (lambda v: isinstance(v, dict), "a table, e.g. { hidden = 256 }"),
+    "layers": (lambda v: isinstance(v, list) and all(is_int(x) for x in v), "a list of block indices"),
+}
+
+
+def is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(cfg: TrainConfig, member: str | None = None) -> None:
+    """Refuse a value no run could use, naming its flag and config key (before anything is written)."""
+    check_values(cfg, RULES, FLAGS, "train", f"member {member!r}: " if member else "")
+
+
+def check_values(settings: object, rules: dict, flags: dict[str, str], section: str, where: str = "") -> None:
+    """The first attribute of `settings` that breaks its rule is a DataError naming the flag and [section] key."""
+    for key, (valid, rule) in rules.items():
+        value = getattr(settings, key)
+        if not valid(value):
+            flag = f"{flags[key]} or " if key in flags else ""
+            raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
+
+
 def pick_device(device: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N as a torch device; a device this machine lacks is a DataError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu or auto")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def seed_everything(seed: int) -> None:

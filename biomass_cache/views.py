@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms import InterpolationMode
 
-from biomass_cache.data import load_image
+from biomass_cache.data import DataError, load_image
 
 
 
@@ -110,10 +110,10 @@ class ViewPolicy:
 def validate_size(size: tuple[int, int]) -> tuple[int, int]:
     """(W, H), both positive multiples of the 16-pixel patch size."""
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size):
-        raise ValueError(f"size must be (W, H) integers, got {size!r}")
+        raise DataError(f"size must be (W, H) integers, got {size!r}")
     w, h = int(size[0]), int(size[1])
     if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise ValueError(f"size must be positive multiples of 16 (the patch size), got W x H = {w} x {h}")
+        raise DataError(f"size must be positive multiples of 16 (the patch size), got W x H = {w} x {h}")
     return w, h
 
 
@@ -121,7 +121,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'960x480' -> (960, 480), validated."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"size must look like WxH, e.g. 960x480, got {text!r}")
+        raise DataError(f"size must look like WxH, e.g. 960x480, got {text!r}")
     return validate_size((int(parts[0]), int(parts[1])))
 
 

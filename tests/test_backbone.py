@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 
 import biomass_cache.backbone as bb
+from biomass_cache.data import DataError
 from biomass_cache.backbone import (
     WeightsError,
     backbone_fingerprint,
@@ -128,7 +129,7 @@ def test_wrong_shapes_name_the_file(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(DataError, match="nowhere.pth"):
         create_backbone(PLAIN, weights=tmp_path / "nowhere.pth", overrides=TINY)
 
 

@@ -70,6 +70,8 @@ def write(folder, df, name="train.csv"):
         (lambda d: d.assign(target=d["target"].where(d.index != 5, "abc")), r"non-numeric.*'abc' at line\(s\) 7"),
         (lambda d: d.assign(target=d["target"].where(d.index != 5, "inf")), r"non-finite value 'inf' at line\(s\) 7"),
         (lambda d: d.assign(target=d["target"].where(d.index != 0, "")), r"empty.*line\(s\) 2"),
+        (lambda d: d.assign(Height_Ave_cm=d["Height_Ave_cm"].where(~d.index.isin(range(5, 10)), "tall")),
+         r"column Height_Ave_cm: non-numeric.*'tall' at line\(s\) 7$"),  # the CSV line, not the table row
         (lambda d: d.assign(target=d["target"].where(d.index != 6, "-1.0")), r"negative target on line\(s\) 8"),
         (lambda d: d.assign(sample_id=d["sample_id"].where(d.index != 4, "ID9__Dry_Dead_g")),
          r"sample_id does not match.*line\(s\) 6"),

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import typer
 import zarr
 from PIL import Image
 from typer.testing import CliRunner
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 import biomass_cache
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError
+from biomass_cache.errors import script_app
 from biomass_cache.extract import ExtractConfig, default_layers, extract, extract_command
 from biomass_cache.store import StoreError, TokenStore, open_store
 from biomass_cache.targets import TARGETS
@@ -252,8 +252,7 @@ def test_cli_config_file_flags_and_warning(tmp_path):
     conf = tmp_path / "extract.toml"
     conf.write_text('[extract]\nsize = [64, 32]\nlayers = [0, 1]\nviews = 2\nnum_workers = 0\n'
                     'overrides = { depth = 2, embed_dim = 32, num_heads = 2 }\n')
-    app = typer.Typer()
-    app.command()(extract_command)
+    app = script_app(extract_command)  # as extract_features.py runs it
     where = ["--config", str(conf), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "t.zarr")]
     args = [*where, "--layers", "-1", "--dtype", "bfloat16", "--no-prefix"]
     result = CliRunner().invoke(app, args)
@@ -264,7 +263,7 @@ def test_cli_config_file_flags_and_warning(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "already done" in again.output
     refused = CliRunner().invoke(app, [*where, "--layers", "-1", "--no-prefix"])  # float16 (the default)
-    assert refused.exit_code == 1 and "storage_dtype" in refused.output
+    assert refused.exit_code == 2 and refused.output.startswith("error: ") and "storage_dtype" in refused.output
 
 
 @pytest.mark.slow

@@ -1,0 +1,267 @@
+"""Every user error of every command is one `error:` line and exit status 2, with nothing written; bugs and
+`--debug` keep their traceback. Bad option values, bad tables, bad photos, a full or read-only disk."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from biomass_cache.cli import app
+from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.errors import script_app
+from biomass_cache.folds import grouped_folds
+from test_dataset import make_toy
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-plots", "--device", "cpu"]
+
+
+def biomass(*args, env: dict | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """One `error:` line, the last on stderr (progress bars may come before), naming `fragments`; exit status 2,
+    no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("errors")
+    data, store = make_toy(root, n=12)
+    return root, data, store
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--folds", "1"], ["folds must be an integer >= 2, got 1", "--folds"]),
+    (["--folds", "50"], ["cannot make 50 grouped folds from 12", "--folds 12 or fewer", "train.csv"]),
+    (["--epochs", "0"], ["epochs must be an integer >= 1, got 0"]),
+    (["--lr", "-1"], ["lr must be a number > 0, got -1.0"]),
+    (["--batch-size", "0"], ["batch_size must be an integer >= 1, got 0", "--batch-size"]),
+    (["--workers", "-1"], ["workers must be an integer >= 0"]),
+    (["--device", "foo"], ["--device 'foo'", "cuda:N"]),
+    (["--head", "nope"], ["head must be one of", "'nope'"]),
+    (["--epochs", "two"], ["'--epochs'", "valid integer"]),  # click's own validation, same one line
+    (["--bogus"], ["No such option: --bogus"]),
+])
+def test_bad_train_options(toy, tmp_path, args, fragments):
+    root, data, store = toy
+    out = tmp_path / "run"
+    assert_user_error(biomass("train", "--cache", store, "--data", data, "--out", out, *FAST, *args), *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it(toy, tmp_path):
+    root, data, store = toy
+    result = biomass("train", "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST, "--device", "cuda")
+    assert_user_error(result, "--device cuda", "no CUDA device")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_that_is_not_toml(toy, tmp_path):
+    root, data, store = toy
+    result = biomass("train", "--cache", store, "--data", data, "--out", tmp_path / "run",
+                     "--config", data / "train.csv")
+    assert_user_error(result, "train.csv: --config takes a TOML file", "not a .csv file")
+    result = biomass("extract", "--data", data, "--out", tmp_path / "t.zarr", "--config", data / "train.csv")
+    assert_user_error(result, "train.csv: --config takes a .toml or .json file")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "t.zarr").exists()
+
+
+@pytest.mark.parametrize("config, fragments", [
+    ("[train]\nhead_kwargs = { bogus = 1 }\n", ["member 'density'", "bogus"]),
+    ("[train]\nhead_kwargs = { dropout = 2.0 }\n", ["dropout must be in [0, 1)"]),
+    ("[train]\nlayers = [99]\n", ["layers [99] are not in the token store"]),
+    ("[train]\nwarmup_frac = 1.5\n", ["warmup_frac must be a number in [0, 1), got 1.5 ([train] warmup_frac)"]),
+])
+def test_bad_config_values(toy, tmp_path, config, fragments):
+    root, data, store = toy
+    (tmp_path / "c.toml").write_text(config)
+    result = biomass("train", "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST,
+                     "--config", tmp_path / "c.toml")
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("drop, fragments", [
+    ("target", ["no `target` column: training needs the labels"]),
+    ("Sampling_Date", ["lacks ['Sampling_Date']", "--folds-csv"]),
+    ("State", ["lacks ['State']", "--folds-csv"]),
+])
+def test_train_csv_without_labels_or_groups(toy, tmp_path, drop, fragments):
+    root, data, store = toy
+    (tmp_path / "data").mkdir()
+    pd.read_csv(data / "train.csv").drop(columns=[drop]).to_csv(tmp_path / "data" / "train.csv", index=False)
+    result = biomass("train", "--cache", store, "--data", tmp_path / "data", "--out", tmp_path / "run", *FAST)
+    assert_user_error(result, str(tmp_path / "data" / "train.csv"), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stratify_flag_reaches_the_folds(toy, tmp_path):
+    root, data, store = toy
+    result = biomass("train", "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST, "--folds", "3",
+                     "--stratify", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv")["fold"].to_numpy()
+    table = read_long_csv(data / "train.csv", check_images=False)
+    np.testing.assert_array_equal(folds, grouped_folds(table, n_splits=3, seed=1, stratify=True))
+
+
+def test_debug_shows_the_traceback(toy, tmp_path):
+    root, data, store = toy
+    args = ["train", "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST, "--folds", "50"]
+    result = biomass("--debug", *args)
+    assert result.exit_code != 2 and isinstance(result.exception, DataError)
+    result = biomass(*args, env={"BIOMASS_DEBUG": "1"})
+    assert isinstance(result.exception, DataError)
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
+    import biomass_cache.synth as synth
+
+    def broken(*a, **k):
+        raise KeyError("an internal key")
+
+    monkeypatch.setattr(synth, "generate", broken)
+    result = biomass("synth", tmp_path / "d")
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+@pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only file system"),
+                                            (errno.EACCES, "permission denied")])
+def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
+    import biomass_cache.synth as synth
+
+    target = tmp_path / "d" / "train.csv"
+
+    def failing(*a, **k):
+        raise OSError(code, "os message", str(target))
+
+    monkeypatch.setattr(synth, "generate", failing)
+    assert_user_error(biomass("synth", tmp_path / "d"), f"{target}: {fragment}")
+
+
+def test_scripts_report_errors_the_same_way(toy, tmp_path):
+    from biomass_cache.cv import train_command
+
+    root, data, store = toy
+    result = CliRunner().invoke(script_app(train_command), [str(a) for a in [
+        "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST, "--epochs", "0"]])
+    assert_user_error(result, "epochs must be an integer >= 1")
+
+
+def test_help_keeps_bracketed_defaults():
+    for command, text in [("submit", "[the folder of --out]"), ("lora", "[config, 5]"),
+                          ("predict", "[the folder of --out]")]:
+        result = biomass(command, "--help")
+        assert result.exit_code == 0 and text in " ".join(result.output.split()), result.output
+
+
+def test_score_of_an_empty_file(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "labels.csv").write_text("sample_id,target\nID1__Dry_Total_g,1.0\n")
+    assert_user_error(biomass("score", tmp_path / "empty.csv", "--labels", tmp_path / "labels.csv"),
+                      "empty.csv: not a readable CSV")
+    assert_user_error(biomass("score", tmp_path / "none.csv", "--labels", tmp_path / "labels.csv"),
+                      "none.csv: file not found")
+
+
+def test_bad_lora_options(toy, tmp_path):
+    root, data, store = toy
+    for args, fragment in [(["--lora-rank", "0"], "rank must be an integer >= 1, got 0 (--lora-rank or [lora] rank)"),
+                           (["--layers", "a,b"], "--layers must be comma-separated"),
+                           (["--lora-dropout", "1.5"], "dropout must be a number in [0, 1)")]:
+        assert_user_error(biomass("lora", "--data", data, "--out", tmp_path / "run", *args), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ submit and predict on a real run
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Synthetic photos -> tiny random-ViT cache -> 2-fold density head without dropout (a few seconds)."""
+    from biomass_cache.cv import run_training
+    from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.synth import generate
+    from biomass_cache.train import resolve
+
+    root = tmp_path_factory.mktemp("errors_run")
+    data = root / "data"
+    generate(data, n_train=12, n_test=3, seed=0, size=(128, 64), progress=False)
+    extract(ExtractConfig(data_dir=data, split="train", out=root / "train.zarr", weights="random", size=(64, 32),
+                          layers=[0, 1], views=1, device="cpu", num_workers=0,
+                          overrides=dict(depth=2, embed_dim=32, num_heads=2)), progress=False)
+    cfg, members = resolve({"plots": False}, [], dict(folds=2, epochs=1, device="cpu", workers=0), None)
+    run_training(root / "train.zarr", data, root / "run", cfg, members)
+    return data, root / "run"
+
+
+def test_submit_errors(run, tmp_path):
+    data, run_dir = run
+    out = tmp_path / "submission.csv"
+    base = ["submit", "--data", data, "--members", run_dir, "--out", out]
+    assert_user_error(biomass(*base, "--aggregation", "mc_dropout"), "no dropout", "MC-dropout")
+    assert_user_error(biomass(*base, "--mc-samples", "0"), "'--mc-samples'")
+    assert_user_error(biomass(*base, "--device", "foo"), "--device 'foo'")
+    assert_user_error(biomass("submit", "--data", tmp_path, "--members", run_dir, "--out", out), "test.csv")
+    (tmp_path / "e.toml").write_text(f'[[member]]\npath = "{run_dir}"\nweight = "heavy"\n')
+    assert_user_error(biomass("submit", "--data", data, "--ensemble", tmp_path / "e.toml", "--out", out),
+                      "e.toml: member #1: weight must be a number, got 'heavy'")
+    assert not out.exists()
+
+
+def photo_folder(data: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for p in sorted((data / "test").glob("*.jpg")):
+        (folder / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def test_predict_skips_bad_photos_only_when_told(run, tmp_path):
+    data, run_dir = run
+    photos = photo_folder(data, tmp_path / "photos")
+    broken = photos / "broken.jpg"
+    broken.write_bytes(next(photos.glob("ID*.jpg")).read_bytes()[:600])  # a truncated JPEG
+    out = tmp_path / "pred.csv"
+    refused = biomass("predict", photos, "--members", run_dir, "--out", out)
+    assert_user_error(refused, "broken.jpg", "--skip-bad")
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    done = biomass("predict", photos, "--members", run_dir, "--out", out, "--skip-bad")
+    assert done.exit_code == 0, done.output
+    assert "skipped 1 unreadable photo(s)" in done.stderr and "broken.jpg" in done.stderr
+    assert sorted(pd.read_csv(out)["image_id"]) == sorted(p.stem for p in photos.glob("ID*.jpg"))
+    for p in photos.glob("ID*.jpg"):
+        p.unlink()
+    assert_user_error(biomass("predict", photos, "--members", run_dir, "--out", tmp_path / "none.csv", "--skip-bad"),
+                      "none of the 1 photos could be read")
+
+
+def test_predict_warns_about_a_photo_of_another_shape(run, tmp_path):
+    data, run_dir = run
+    photos = photo_folder(data, tmp_path / "photos")
+    Image.new("RGB", (64, 96), (90, 140, 60)).save(photos / "portrait.jpg")
+    Image.new("RGB", (132, 64), (90, 140, 60)).save(photos / "nearly.jpg")  # 3 % wider than 2:1: no warning
+    result = biomass("predict", photos, "--members", run_dir, "--out", tmp_path / "pred.csv")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "portrait.jpg: aspect ratio (width/height) 0.67" in warnings[0]
+    assert "64x32" in warnings[0] and "crop it to 64:32" in warnings[0]
+
+
+def test_verify_and_demo_errors(tmp_path):
+    assert_user_error(biomass("verify", tmp_path / "nothing.zarr"), "nothing.zarr: no token store here")
+    assert_user_error(biomass("synth", tmp_path / "d", "--size", "64by32"), "'--size'", "WIDTHxHEIGHT")
