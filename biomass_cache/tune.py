@@ -37,7 +37,7 @@ import typer
 from tqdm.auto import tqdm
 
 from biomass_cache.cv import run_training
-from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.data import DataError, read_training_table
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.store import StoreError, fingerprint_diff, open_store
@@ -374,7 +374,7 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     state = optuna.trial.TrialState
     space = parse_space(space_path)
     store = open_store(cache)
-    table = read_long_csv(Path(data) / "train.csv", check_images=False)
+    table = read_training_table(Path(data) / "train.csv", check_images=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
