@@ -218,11 +218,17 @@ def submit_command(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Score the written file against these labels "
                                           "(sample_id,target), e.g. the synthetic test_labels.csv."),
+    allow_collapsed: bool = typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
+                                         "predicts a constant (metrics.json `collapsed`); refused otherwise."),
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble import CollapsedMemberError, spec_from_options
 
-    spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights)
-    submit(spec, data, out, work_dir, device)
+    spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
+    try:
+        submit(spec, data, out, work_dir, device)
+    except CollapsedMemberError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if labels is not None:
         print_scores(score(out, labels), f"{out} vs {labels}")

@@ -220,3 +220,23 @@ def test_fold_scores_survive_a_target_without_variance():
     assert s["per_target_r2"]["Dry_Dead_g"] is None and np.isfinite(s["log_r2"])
     assert s["competition_r2"] == pytest.approx(competition_r2(truth, pred))
     json.dumps(s, allow_nan=False)
+
+
+def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
+    """A fold model predicting one value for every image is named loudly and listed in metrics.json."""
+    from heads.common import FusedHead
+
+    _, data, store = toy
+    monkeypatch.setattr(FusedHead, "total_ratio_to_components",
+                        lambda self, raw: raw[..., 1:] * 0.0 + self.components_mean())  # a dead readout
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(train_command)
+    result = CliRunner().invoke(app, [str(a) for a in ["--cache", store, "--data", data, "--out", tmp_path / "run",
+                                                       "--head", "density,mlp", "--folds", 2, "--epochs", 1,
+                                                       "--no-plots", *FAST]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "WARNING: head mlp fold1 predicts a CONSTANT for Dry_Clover_g, Dry_Dead_g" in result.output
+    assert "WARNING: head density" not in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["heads"]["density"]["collapsed"] == []
+    assert metrics["heads"]["mlp"]["collapsed"] == [{"fold": f"fold{k}", "targets": list(TARGETS)} for k in range(2)]
