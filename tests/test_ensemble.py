@@ -286,3 +286,18 @@ def open_store_channels(path) -> int:
     from biomass_cache.store import open_store
 
     return open_store(path).channels
+
+
+def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
+    """The member keys configs/ensemble_example.toml documents and uses are the ones load_ensemble accepts."""
+    import re
+    from pathlib import Path
+
+    from biomass_cache.ensemble import MEMBER_KEYS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ensemble_example.toml"
+    assert len(load_ensemble(path).members) == 2
+    text = path.read_text()
+    documented = re.search(r"^# Allowed keys: ([a-z_, ]+)\.", text, flags=re.M).group(1).split(", ")
+    used = re.findall(r"^([a-z_]+) =", text[text.index("[[member]]"):], flags=re.M)
+    assert set(documented) == MEMBER_KEYS and set(used) <= MEMBER_KEYS

@@ -240,3 +240,30 @@ def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["heads"]["density"]["collapsed"] == []
     assert metrics["heads"]["mlp"]["collapsed"] == [{"fold": f"fold{k}", "targets": list(TARGETS)} for k in range(2)]
+
+
+@pytest.mark.slow
+def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
+    """Each head in heads.HEADS, with nothing but its defaults, beats the training-mean predictor pooled and in
+    every fold, and no fold predicts a constant."""
+    import heads
+
+    _, data, store = toy
+    out = tmp_path / "all"
+    train("--cache", store, "--data", data, "--out", out, "--head", ",".join(heads.HEADS), "--folds", 3,
+          "--epochs", 10, *FAST)
+    table = read_long_csv(data / "train.csv", check_images=False)
+    truth = table[list(TARGETS)].to_numpy(float)
+    folds = pd.read_csv(out / "folds.csv", dtype={"image_id": str})["fold"].to_numpy()
+    mean_pred = np.empty_like(truth)
+    for k in range(3):
+        mean_pred[folds == k] = truth[folds != k].mean(axis=0)  # the fold's training mean
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in heads.HEADS:
+        m = metrics["heads"][name]
+        assert m["collapsed"] == [], (name, m["collapsed"])
+        assert m["competition_r2"] > competition_r2(truth, mean_pred) + 0.15, (name, m["competition_r2"])
+        for k in range(3):
+            rows = folds == k
+            fold_r2 = m["folds"][f"fold{k}"]["competition_r2"]
+            assert fold_r2 > competition_r2(truth[rows], mean_pred[rows]) + 0.05, (name, k, fold_r2)
