@@ -132,6 +132,7 @@ class FusedHead(nn.Module):
             raise ValueError(f"{self.name} head: dropout must be in [0, 1), got {dropout}")
         self.n_layers, self.channels, self.grid, self.dropout = int(n_layers), int(channels), grid, float(dropout)
         self.aux = normalise_aux(aux)
+        self.total_scale = "std"  # of a total + ratio readout; `set_total_scale` records another choice
         self.layers = None if layers is None else [int(l) for l in layers]
         mean, std = target_stats(zscore)
         self.register_buffer("target_mean", torch.tensor(mean, dtype=torch.float32))
