@@ -23,6 +23,7 @@ from biomass_cache import runs
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
+from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
 from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, pick_device, resolve,
                                  scores, seed_everything, train_fold)
@@ -221,7 +222,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         return metrics
     pooled = {n: scores(truth, oof[n]) for n in members_cfg}
     ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
-    heads_metrics = {n: {**pooled[n], "folds": per_fold[n]} for n in members_cfg}
+    collapsed = {n: collapsed_folds(truth, oof[n], plan) for n in members_cfg}
+    heads_metrics = {n: {**pooled[n], "folds": per_fold[n], "collapsed": collapsed[n]} for n in members_cfg}
     metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
     if not writer:
         return metrics
@@ -233,6 +235,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
     if len(ranking) > 1:
         tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
+    warn_collapsed(collapsed)
     write_plots(out, data, cfg)
     tqdm.write(f"\nrun folder: {out}")
     return metrics
@@ -253,6 +256,23 @@ def check_heads(source: TokenSource, table: pd.DataFrame, members_cfg: dict[str,
         except (TypeError, ValueError) as e:
             raise DataError(f"member {name!r}: head {m.head!r} with head_kwargs {m.head_kwargs} and layers "
                             f"{m.layers or source.layers}: {e}") from None
+
+
+def collapsed_folds(truth: np.ndarray, oof: np.ndarray, plan: list) -> list[dict]:
+    """[{"fold": "fold3", "targets": [...]}] for every fold whose OOF predictions are constant where the truth
+    varies (a dead model: `biomass submit` refuses such a member unless told otherwise)."""
+    found = [(name, collapsed_targets(truth[va], oof[va])) for name, _, _, va in plan if va is not None]
+    return [{"fold": name, "targets": targets} for name, targets in found if targets]
+
+
+def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
+    """The loud part of the run summary: which head's folds predict a constant."""
+    for head, folds in collapsed.items():
+        for c in folds:
+            typer.secho(f"\nWARNING: head {head} {c['fold']} predicts a CONSTANT for {', '.join(c['targets'])} "
+                        "(the model collapsed; recorded as `collapsed` in metrics.json). `biomass submit` refuses "
+                        "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).",
+                        fg="red", bold=True, err=True)
 
 
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:

@@ -59,6 +59,7 @@ class EnsembleSpec:
     aggregation: str = "mean"
     mc_samples: int = 16
     mc_seed: int = 0
+    allow_collapsed: bool = False  # use members with a fold that predicts a constant (metrics.json `collapsed`)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -119,10 +120,12 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
 
 
 def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,
-                      mc_samples: int | None = None, weights: str | None = None) -> EnsembleSpec:
+                      mc_samples: int | None = None, weights: str | None = None,
+                      allow_collapsed: bool = False) -> EnsembleSpec:
     """The command-line way: exactly one of an ensemble file or `--members A,B` (equal weights, every backbone
     setting taken from each run folder's config.json); `aggregation`, `mc_samples` and `weights`
-    ("BACKBONE=PATH[,BACKBONE=PATH]", the weights file per backbone) override the file."""
+    ("BACKBONE=PATH[,BACKBONE=PATH]", the weights file per backbone) override the file; `allow_collapsed`
+    admits members with collapsed folds."""
     if (ensemble is None) == (members is None):
         raise EnsembleError("give exactly one of --ensemble FILE or --members RUN_DIR[,RUN_DIR...]")
     if ensemble is not None:
@@ -130,6 +133,8 @@ def spec_from_options(ensemble: str | Path | None, members: str | None, aggregat
     else:
         spec = EnsembleSpec(tuple(Member(Path(p.strip())) for p in members.split(",") if p.strip()))
     overrides = {k: v for k, v in dict(aggregation=aggregation, mc_samples=mc_samples).items() if v is not None}
+    if allow_collapsed:
+        overrides["allow_collapsed"] = True
     if weights:
         pairs = [w.split("=", 1) for w in weights.split(",") if w.strip()]
         if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
@@ -201,6 +206,25 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
             raise EnsembleError(f"member {member.name}: its heads were trained on a reduced token store, and the "
                                 f"run folder lacks the projection {reduction} that test tokens must go through")
     return ResolvedMember(member, run_dir, checkpoints, kind, extract, reduction)
+
+
+class CollapsedMemberError(EnsembleError):
+    """A member with a fold model that predicts a constant: it would drag the ensemble towards 0 g."""
+
+
+def check_not_collapsed(rm: ResolvedMember) -> None:
+    """Refuse a member whose run recorded collapsed folds (metrics.json `collapsed`) among the checkpoints used."""
+    metrics = rm.run_dir / "metrics.json"
+    if not metrics.is_file():
+        return
+    head = rm.checkpoints[0].stem
+    used = {p.parent.name for p in rm.checkpoints}
+    bad = [c for c in _read_json(metrics).get("heads", {}).get(head, {}).get("collapsed", []) if c["fold"] in used]
+    if bad:
+        raise CollapsedMemberError(
+            f"member {rm.member.name}: head {head} " + "; ".join(f"{c['fold']} predicts a constant for "
+                                                                 f"{', '.join(c['targets'])}" for c in bad)
+            + f" (recorded in {metrics}); retrain it, leave it out, or pass --allow-collapsed to use it anyway")
 
 
 def _extract_settings(config: dict, path: Path) -> dict:
@@ -434,6 +458,9 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     ids = table["image_id"].tolist()
     hashes = content_hashes({i: data_dir / p for i, p in zip(ids, table["image_path"])})  # the caches' keys
     resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
+    if not spec.allow_collapsed:
+        for rm in resolved:
+            check_not_collapsed(rm)
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
         what = f"member {rm.member.name}"

@@ -293,7 +293,7 @@ def save_checkpoint(json_path: Path, head: nn.Module, meta: dict, live: LiveToke
 def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "cpu"):
     """(head, live tokens, meta) from a LoRA checkpoint; the base backbone is rebuilt from `weights` (default: the
     recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides)."""
-    from heads import create_head
+    from heads import rebuild_head
 
     json_path = Path(json_path)
     meta = json.loads(json_path.read_text())
@@ -318,7 +318,7 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
     with torch.no_grad():
         for k, p in mine.items():
             p.copy_(adapters[k])
-    head = create_head(**meta["head"], zscore=ZScore.from_dict(meta["zscore"]))
+    head = rebuild_head(meta["head"], ZScore.from_dict(meta["zscore"]))
     head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)})
     return head.to(device).eval(), live.eval(), meta
 

@@ -90,3 +90,21 @@ def score_table(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         "per_target_log_r2": log_r2_per_target(y_true, y_pred),
         "n_images": int(len(y_true)),
     }
+
+
+COLLAPSE_RTOL = 1e-3  # predictions whose std is below this share of the truth's are constant in all but name
+
+
+def collapsed_targets(y_true: np.ndarray, y_pred: np.ndarray, rtol: float = COLLAPSE_RTOL) -> list[str]:
+    """Targets whose predictions are (near) constant while the truth varies: a dead model, not merely a weak one.
+
+    Rows with a missing true value are left out, as in the scores.
+    """
+    y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    out = []
+    for j, name in enumerate(TARGETS):
+        ok = np.isfinite(y_true[:, j])
+        truth_std = y_true[ok, j].std() if ok.sum() > 1 else 0.0
+        if truth_std > 0 and y_pred[ok, j].std() <= rtol * truth_std:
+            out.append(name)
+    return out

@@ -92,20 +92,41 @@ def plot_pred_vs_true(oof: pd.DataFrame, truth: pd.DataFrame, head: str, path: P
     return _save(fig, path)
 
 
+SCORE_FLOOR = -1.0  # fold_scores.png: lower scores are drawn down to here, hatched, labelled with their value
+
+
+def clip_scores(values, floor: float = SCORE_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """(bar heights, clipped mask): one diverged head (R^2 -140) must not squash every other bar to a line."""
+    values = np.asarray(values, dtype=float)
+    return np.maximum(values, floor), values < floor
+
+
 def plot_fold_scores(metrics: dict, path: Path) -> Path:
-    """Grouped bars: competition_r2 per fold for every head (in ranking order), then the pooled OOF score."""
+    """Grouped bars: competition_r2 per fold for every head (in ranking order), then the pooled OOF score.
+    Scores below SCORE_FLOOR are clipped to it, hatched and labelled with their true value."""
     names = metrics.get("ranking") or list(metrics["heads"])
     folds = list(metrics["heads"][names[0]]["folds"])
     labels = folds + ["pooled OOF"]
     width = 0.8 / len(names)
     colours = _colours(names)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels) * max(1, len(names) / 2), 4))
+    any_clipped = False
     for k, name in enumerate(names):
         h = metrics["heads"][name]
         vals = [h["folds"][f]["competition_r2"] for f in folds] + [h["competition_r2"]]
+        shown, clipped = clip_scores(vals)
         x = np.arange(len(labels)) + (k - (len(names) - 1) / 2) * width
-        bars = ax.bar(x, vals, width, label=name, color=colours[name])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        bars = ax.bar(x, shown, width, label=name, color=colours[name])
+        for bar, cut in zip(bars, clipped):
+            if cut:
+                bar.set_hatch("///")
+                bar.set_edgecolor("black")
+        ax.bar_label(bars, [f"{v:.2f}" + (" (clipped)" if cut else "") for v, cut in zip(vals, clipped)],
+                     fontsize=7, padding=2)
+        any_clipped = any_clipped or bool(clipped.any())
+    if any_clipped:
+        ax.set_ylim(bottom=SCORE_FLOOR - 0.15)
+        ax.text(0.01, 0.02, f"hatched: below {SCORE_FLOOR:g}, clipped", transform=ax.transAxes, fontsize=7)
     ax.axhline(0, color="0.3", lw=0.8)
     ax.axvline(len(folds) - 0.5, color="0.7", lw=0.8, ls=":")
     ax.set_xticks(np.arange(len(labels)), labels)
@@ -115,11 +136,25 @@ def plot_fold_scores(metrics: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_learning_curves(history: pd.DataFrame, path: Path) -> Path:
+def loss_title(uw_heads: set[str] | None, heads: list[str]) -> str:
+    """What the training-loss curve sums: uncertainty-weighted only for the heads trained with `uw`."""
+    if uw_heads is None:
+        return "training loss"
+    weighted = [h for h in heads if h in uw_heads]
+    if not weighted:
+        return "training loss (sum of the task losses)"
+    if len(weighted) == len(heads):
+        return "training loss (UW-weighted sum)"
+    return f"training loss (UW-weighted: {', '.join(weighted)}; plain sum: the others)"
+
+
+def plot_learning_curves(history: pd.DataFrame, path: Path, uw_heads: set[str] | None = None) -> Path:
     """Training loss (and validation competition_r2 when the run validated) against epoch; thin lines per fold,
-    a thick line for the mean over folds, one colour per head."""
+    a thick line for the mean over folds, one colour per head. `uw_heads`: the heads trained with uncertainty
+    weighting (None: not known)."""
     has_val = "val_competition_r2" in history and history["val_competition_r2"].notna().any()
-    panels = [("train_loss", "training loss (UW-weighted sum)")] + (
+    title = loss_title(uw_heads, list(dict.fromkeys(history["head"])))
+    panels = [("train_loss", title)] + (
         [("val_competition_r2", "validation competition_r2 (EMA, view 0)")] if has_val else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     colours = _colours(history["head"])
@@ -200,7 +235,10 @@ def plot_run(run_dir: str | Path, data_dir: str | Path, store=None) -> list[Path
     out = run_dir / "plots"
     metrics = _read_json(run_dir / "metrics.json")
     history = _read_csv(run_dir / "history.csv", ["fold", "epoch", "head", "train_loss"])
-    written = [plot_learning_curves(history, out / "learning_curves.png")]
+    config = run_dir / "config.json"
+    uw_heads = ({n for n, m in _read_json(config).get("members", {}).items() if m.get("uw")}
+                if config.is_file() else None)
+    written = [plot_learning_curves(history, out / "learning_curves.png", uw_heads)]
     if metrics.get("full"):
         return written
     table = read_long_csv(data_dir / "train.csv", check_images=False)

@@ -53,7 +53,7 @@ def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:
 
 def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a head from its JSON + safetensors (eval mode, CPU) and check it is the head that was saved."""
-    from heads import create_head
+    from heads import rebuild_head
 
     json_path = Path(json_path)
     try:
@@ -71,7 +71,7 @@ def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise DataError(f"{json_path}: its weights file {weights.name} is missing")
     if sha256_file(weights) != meta["weights_sha256"]:
         raise DataError(f"{weights}: sha256 differs from the one recorded in {json_path.name} (file changed?)")
-    head = create_head(**meta["head"], zscore=ZScore.from_dict(meta["zscore"]))
+    head = rebuild_head(meta["head"], ZScore.from_dict(meta["zscore"]))
     try:
         head.load_state_dict(load_file(weights), strict=True)
     except RuntimeError as e:

@@ -222,13 +222,15 @@ def submit_command(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Score the written file against these labels "
                                           "(sample_id,target), e.g. the synthetic test_labels.csv."),
+    allow_collapsed: bool = typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
+                                         "predicts a constant (metrics.json `collapsed`); refused otherwise."),
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
     from biomass_cache.ensemble import spec_from_options
     from biomass_cache.train import pick_device
 
     device = str(pick_device(device))
-    spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights)
+    spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
     submit(spec, data, out, work_dir, device)
     if labels is not None:
         print_scores(score(out, labels), f"{out} vs {labels}")

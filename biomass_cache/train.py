@@ -256,6 +256,18 @@ def fit_zscore(table: pd.DataFrame, rows: np.ndarray) -> ZScore:
     return ZScore.fit(x, names)
 
 
+def head_param_groups(head: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Decayed weight matrices, then undecayed biases/norms/fusion logits (as in nanoGPT), each split further by
+    the head's per-parameter learning-rate multipliers (`FusedHead.lr_scales`); scale 1 takes the optimizer's lr."""
+    scales = head.lr_scales() if hasattr(head, "lr_scales") else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for p in head.parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, scales.get(id(p), 1.0)), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({} if s == 1.0 else {"lr": lr * s})}
+            for (decay, s), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+
+
 def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature: dict, zscore: ZScore,
                  aux: AuxSpec, total_steps: int, seed: int, device: torch.device,
                  extra_groups: Sequence[dict] = ()) -> Member:
@@ -270,9 +282,7 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
                        zscore=zscore, aux=aux_spec, layers=layers, **cfg.head_kwargs).to(device)
     tasks = list(PRIMARY_TASKS) + (["height", "ndvi"] + (["state"] if n_states else []) if cfg.aux else [])
     uw = UncertaintyWeighting(tasks).to(device) if cfg.uw else None
-    params = [p for p in head.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = head_param_groups(head, cfg.lr, cfg.weight_decay)
     if uw is not None:
         groups.append({"params": list(uw.parameters()), "lr": cfg.uw_lr, "weight_decay": 0.0})
     groups += list(extra_groups)
@@ -461,7 +471,7 @@ def train_fold(
         if extra is not None:
             extra.eval()
         for m in members:
-            row = {"epoch": epoch + 1, "head": m.name, "lr": m.sched.get_last_lr()[0],
+            row = {"epoch": epoch + 1, "head": m.name, "lr": m.cfg.lr * m.sched.lr_lambdas[0](m.sched.last_epoch),
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
             if val_loader is not None:

@@ -47,6 +47,13 @@ def create_head(
         raise TypeError(f"head '{name}': {e}") from e
 
 
+def rebuild_head(config: Mapping[str, Any], zscore: ZScore) -> FusedHead:
+    """The head a saved `config` describes; keys a checkpoint predates take the head's `legacy_config` values (the
+    behaviour it was trained with), not today's defaults."""
+    legacy = getattr(HEADS.get(config.get("name")), "legacy_config", {})
+    return create_head(**{**legacy, **config}, zscore=zscore)
+
+
 def count_parameters(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
@@ -54,6 +61,6 @@ def count_parameters(head: nn.Module) -> int:
 from heads import density, mlp, vitdet  # noqa: E402,F401  (registers the built-in heads)
 
 __all__ = [
-    "HEADS", "register_head", "create_head", "check_compatible", "head_signature", "enable_mc_dropout",
+    "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",
     "count_parameters", "FusedHead",
 ]

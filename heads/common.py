@@ -7,6 +7,7 @@ A head only has to say how one layer's tokens become component masses (clover, d
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ HEIGHT_NAME = "Height_Ave_cm"
 HEIGHT_FALLBACK = (0.0, 10.0)  # height in cm / 10 when the z-score carries no height statistics
 AUX_KEYS = ("height", "ndvi", "n_states")
 TOTAL = TARGETS.index("Dry_Total_g")
+FAN_IN_REF = 256  # `fan_in_lr_scales`: a weight with this fan-in or less trains at the configured learning rate
+TOTAL_SCALES = ("std", "g/m^2")  # of the total's softplus; "g/m^2" only rebuilds old checkpoints
 
 
 def target_stats(zscore: ZScore) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +132,7 @@ class FusedHead(nn.Module):
             raise ValueError(f"{self.name} head: dropout must be in [0, 1), got {dropout}")
         self.n_layers, self.channels, self.grid, self.dropout = int(n_layers), int(channels), grid, float(dropout)
         self.aux = normalise_aux(aux)
+        self.total_scale = "std"  # of a total + ratio readout; `set_total_scale` records another choice
         self.layers = None if layers is None else [int(l) for l in layers]
         mean, std = target_stats(zscore)
         self.register_buffer("target_mean", torch.tensor(mean, dtype=torch.float32))
@@ -158,17 +162,55 @@ class FusedHead(nn.Module):
             **self._extra_config,
         }
 
+    def lr_scales(self) -> dict[int, float]:
+        """Learning-rate multiplier per parameter (by `id`), 1 where absent; `fan_in_lr_scales` is one choice."""
+        return {}
+
+    def fan_in_lr_scales(self) -> dict[int, float]:
+        """min(1, FAN_IN_REF / fan-in) for the weights of every Linear and convolution.
+
+        Adam moves every weight by about the learning rate per step, whatever its gradient, so the change of a
+        unit's input per step grows with the unit's fan-in: at lr 4e-3 a readout of a 1024-channel cache (fan-in
+        2048) or a 4096-wide bottleneck moves the prediction by tens of std in one step. Dividing by the fan-in
+        (muP's rule for Adam) makes the step size of the function independent of the cache's width and the head's.
+        """
+        scales = {}
+        for m in self.modules():
+            if isinstance(m, nn.ConvTranspose2d):  # each output cell sees in_channels inputs at stride = kernel
+                fan_in = m.in_channels * math.prod(k // s for k, s in zip(m.kernel_size, m.stride))
+            elif isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * math.prod(m.kernel_size)
+            elif isinstance(m, nn.Linear):
+                fan_in = m.in_features
+            else:
+                continue
+            scales[id(m.weight)] = min(1.0, FAN_IN_REF / max(fan_in, 1))
+        return scales
+
     def components_mean(self) -> torch.Tensor:
         """Training mean of the component densities, for output-bias initialisation."""
         return self.target_mean[: len(COMPONENTS)].clamp_min(1e-3)
 
-    def total_ratio_to_components(self, raw: torch.Tensor) -> torch.Tensor:
-        """(..., 4) = z-scored total + 3 ratio logits -> (..., 3) component masses, >= 0.
+    def set_total_scale(self, total_scale: str) -> None:
+        """Choose (and record in `config`) the scale of the softplus on the total; see `total_ratio_to_components`."""
+        if total_scale not in TOTAL_SCALES:
+            raise ValueError(f"{self.name} head: total_scale must be one of {list(TOTAL_SCALES)}, got {total_scale!r}")
+        self.total_scale = total_scale
+        self._extra_config["total_scale"] = total_scale
 
-        The total density is the inverse z-score clamped at 0 by a softplus (in g/m^2, so it is the identity
-        for any realistic total and still has a gradient below 0).
+    def total_ratio_to_components(self, raw: torch.Tensor) -> torch.Tensor:
+        """(..., 4) = raw total + 3 ratio logits -> (..., 3) component masses, >= 0.
+
+        "std": total = target std * softplus(raw), the softplus in units of the total's training std, so an
+        overshoot of a few std below 0 g still has a gradient that brings it back. "g/m^2" (checkpoints from
+        before the key existed): softplus of the inverse z-score in g/m^2, a hard floor whose gradient is 0 once
+        the raw total sits a fraction of a std below 0 g, where a head can stay for good.
         """
-        total = F.softplus(raw[..., 0] * self.target_std[TOTAL] + self.target_mean[TOTAL])
+        std = self.target_std[TOTAL]
+        if self.total_scale == "std":
+            total = std * F.softplus(raw[..., 0])
+        else:
+            total = F.softplus(raw[..., 0] * std + self.target_mean[TOTAL])
         return total[..., None] * torch.softmax(raw[..., 1:], dim=-1)
 
     def total_ratio_layers(
@@ -178,11 +220,16 @@ class FusedHead(nn.Module):
         raw, features = (torch.stack(x, dim=1) for x in zip(*outputs))
         return self.total_ratio_to_components(raw), None, features
 
-    def init_total_ratio_bias(self, linear: nn.Linear) -> None:
-        """Start at the training mean: total z = 0 and ratio logits = log of the mean composition."""
+    def init_total_ratio_readout(self, linear: nn.Linear) -> None:
+        """Start at the training mean for every image: zero weights (muP's readout initialisation: the first steps
+        cannot swing the prediction through a wide hidden layer), bias = the raw total that gives the mean total
+        and ratio logits = log of the mean composition. Old checkpoints ("g/m^2") started with random weights."""
         mean = self.components_mean()
+        start = inverse_softplus(self.target_mean[TOTAL].clamp_min(1e-3) / self.target_std[TOTAL])
         with torch.no_grad():
-            linear.bias[0] = 0.0
+            if self.total_scale == "std":
+                linear.weight.zero_()
+            linear.bias[0] = start if self.total_scale == "std" else 0.0
             linear.bias[1:] = torch.log(mean / mean.sum())
 
     def layer_components(

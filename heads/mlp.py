@@ -52,17 +52,24 @@ class PooledMLP(nn.Module):
 class MLPHead(FusedHead):
     """The simplest readout: a separate pooled-token MLP per layer, fused in component space."""
 
-    def __init__(self, *, pools: Sequence[str] = ("mean", "max"), hidden: int = 512, **common):
+    legacy_config = {"total_scale": "g/m^2"}
+
+    def __init__(self, *, pools: Sequence[str] = ("mean", "max"), hidden: int = 512, total_scale: str = "std",
+                 **common):
         super().__init__(features=hidden, **common)
         bad = [p for p in pools if p not in POOLS]
         if not pools or bad or len(set(pools)) != len(pools):
             raise ValueError(f"mlp head: pools must be distinct names from {list(POOLS)}, got {list(pools)}")
         self._set_config(pools=list(pools), hidden=int(hidden))
+        self.set_total_scale(total_scale)
         self.per_layer = nn.ModuleList(
             PooledMLP(self.channels, pools, hidden, self.dropout) for _ in range(self.n_layers)
         )
         for m in self.per_layer:
-            self.init_total_ratio_bias(m.out[-1])
+            self.init_total_ratio_readout(m.out[-1])
+
+    def lr_scales(self) -> dict[int, float]:
+        return self.fan_in_lr_scales()
 
     def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None, torch.Tensor]:
         return self.total_ratio_layers([m(tokens[:, l]) for l, m in enumerate(self.per_layer)])

@@ -51,16 +51,23 @@ class SimplePyramid(nn.Module):
 
 @register_head("vitdet")
 class ViTDetHead(FusedHead):
-    def __init__(self, *, dim: int = 512, hidden: int = 4096, dropout: float = 0.5, **common):
+    legacy_config = {"total_scale": "g/m^2"}
+
+    def __init__(self, *, dim: int = 512, hidden: int = 4096, dropout: float = 0.5, total_scale: str = "std",
+                 **common):
         super().__init__(features=hidden, dropout=dropout, **common)
         if self.channels < 2:
             raise ValueError(f"vitdet head needs at least 2 token channels, got {self.channels}")
         self._set_config(dim=int(dim), hidden=int(hidden))
+        self.set_total_scale(total_scale)
         self.per_layer = nn.ModuleList(
             SimplePyramid(self.channels, dim, hidden, self.dropout) for _ in range(self.n_layers)
         )
         for m in self.per_layer:
-            self.init_total_ratio_bias(m.out[-1])
+            self.init_total_ratio_readout(m.out[-1])
+
+    def lr_scales(self) -> dict[int, float]:
+        return self.fan_in_lr_scales()
 
     def layer_components(self, tokens: torch.Tensor, return_maps: bool) -> tuple[torch.Tensor, None, torch.Tensor]:
         return self.total_ratio_layers([m(tokens_to_grid(tokens[:, l], self.grid))

@@ -320,3 +320,79 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     run_training(root / "train.zarr", data, out, cfg, members, overwrite=True)
     assert sorted(p.name for p in (out / "fold0").iterdir()) == ["density.json", "density.safetensors"]
     assert (out / "folds.csv").read_bytes() == folds and not (out / "oof_mlp.csv").exists()
+
+
+def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
+    import shutil
+
+    import typer
+    from typer.testing import CliRunner
+
+    from biomass_cache.submission import submit_command
+
+    root, data, run = pipeline
+    assert all(h["collapsed"] == [] for h in json.loads((run / "metrics.json").read_text())["heads"].values())
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["heads"]["mlp"]["collapsed"] = [{"fold": "fold1", "targets": ["Dry_Total_g"]}]
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(submit_command)
+    ens_file = tmp_path / "ens.toml"
+    ens_file.write_text(f'[[member]]\npath = "{other}"\nhead = "density"\n[[member]]\npath = "{other}"\n'
+                        f'head = "mlp"\n')
+    args = ["--data", str(data), "--ensemble", str(ens_file), "--out", str(tmp_path / "s.csv"), "--work-dir",
+            str(root / "work")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and not (tmp_path / "s.csv").exists()
+    assert result.output.startswith("error: member ") and "head mlp fold1 predicts a constant for Dry_Total_g" in \
+        result.output and "--allow-collapsed" in result.output and "Traceback" not in result.output
+    single = CliRunner().invoke(app, [*args[:2], "--members", str(other / "fold0" / "mlp.json"), *args[4:]])
+    assert single.exit_code == 0, single.output  # fold0 alone did not collapse
+    allowed = CliRunner().invoke(app, [*args, "--allow-collapsed"])
+    assert allowed.exit_code == 0 and (tmp_path / "s.csv").is_file(), allowed.output
+
+
+def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
+    """Members trained on caches of two different tiny backbones (widths 64 and 32): each gets its own test cache."""
+    import biomass_cache.ensemble as ens
+    from biomass_cache.cv import run_training
+    from biomass_cache.extract import ExtractConfig, extract
+    from biomass_cache.train import resolve
+
+    root, data, run = pipeline
+    narrow = dict(depth=1, embed_dim=32, num_heads=2)
+    cache = tmp_path / "narrow.zarr"
+    extract(ExtractConfig(data_dir=data, split="train", out=cache, backbone="vit_small_patch16_dinov3",
+                          weights="random", size=(64, 32), layers=[0], views=1, seed=1, device="cpu",
+                          overrides=narrow), progress=False)
+    cfg, members = resolve({}, [], dict(folds=3, epochs=2, device="cpu", workers=0), ["density"])
+    run_training(cache, data, tmp_path / "run", cfg, members, folds_csv=run / "folds.csv")
+    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(tmp_path / "run")))
+    result = ens.run_ensemble(spec, data, tmp_path / "work", progress=False)
+    assert len(set(result.caches)) == 2
+    assert sorted(open_store_channels(p) for p in set(result.caches)) == [32, 64]
+    np.testing.assert_allclose(result.grams, np.mean(result.member_grams, axis=0), rtol=1e-9)
+    check_identities(result.grams)
+
+
+def open_store_channels(path) -> int:
+    from biomass_cache.store import open_store
+
+    return open_store(path).channels
+
+
+def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
+    """The member keys configs/ensemble_example.toml documents and uses are the ones load_ensemble accepts."""
+    import re
+    from pathlib import Path
+
+    from biomass_cache.ensemble import MEMBER_KEYS
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ensemble_example.toml"
+    assert len(load_ensemble(path).members) == 2
+    text = path.read_text()
+    documented = re.search(r"^# Allowed keys: ([a-z_, ]+)\.", text, flags=re.M).group(1).split(", ")
+    used = re.findall(r"^([a-z_]+) =", text[text.index("[[member]]"):], flags=re.M)
+    assert set(documented) == MEMBER_KEYS and set(used) <= MEMBER_KEYS

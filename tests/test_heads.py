@@ -147,6 +147,10 @@ def test_check_compatible_refuses_wrong_layers_channels_grid(zscore):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_head_has_dropout_for_mc_inference(name, zscore):
     head = make(name, zscore, n_layers=1, dropout=0.3)
+    with torch.no_grad():  # as if trained: the readouts of mlp and vitdet start at zero, where dropout does nothing
+        for p in head.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
     assert any(isinstance(m, nn.Dropout) for m in head.modules())
     enable_mc_dropout(head)
     assert not head.training and all(m.training for m in head.modules() if isinstance(m, nn.Dropout))
@@ -159,3 +163,43 @@ def test_every_head_has_dropout_for_mc_inference(name, zscore):
 def test_aux_off_has_no_aux_outputs(zscore):
     out = make("density", zscore, n_layers=1, aux=None)(tokens(1))
     assert not {"height", "ndvi_z", "state_logits"} & set(out)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vitdet"])
+def test_total_keeps_a_gradient_far_below_zero_grams(name, zscore):
+    """The total's softplus works in std units: a raw total driven 10 std below 0 g still learns back."""
+    head = make(name, zscore, n_layers=1, aux=None)
+    raw = torch.tensor([[-10.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    head.total_ratio_to_components(raw).sum().backward()
+    assert raw.grad[0, 0] > 0
+    legacy = make(name, zscore, n_layers=1, aux=None, total_scale="g/m^2")  # how old checkpoints were built
+    raw = torch.tensor([[-10.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    legacy.total_ratio_to_components(raw).sum().backward()
+    assert raw.grad[0, 0] == 0  # the dead zone the "std" scale removes
+
+
+@pytest.mark.parametrize("name", ["mlp", "vitdet"])
+def test_checkpoint_without_total_scale_rebuilds_the_old_way(name, zscore):
+    old = make(name, zscore, n_layers=2, total_scale="g/m^2")
+    config = {k: v for k, v in old.config.items() if k != "total_scale"}  # a config saved before the key existed
+    rebuilt = heads.rebuild_head(json.loads(json.dumps(config)), zscore)
+    assert rebuilt.total_scale == "g/m^2" and heads.rebuild_head(make(name, zscore).config, zscore).total_scale == "std"
+    rebuilt.load_state_dict(old.state_dict(), strict=True)
+    x = tokens(2)
+    assert torch.allclose(rebuilt.eval()(x)["components"], old.eval()(x)["components"])
+    with pytest.raises(ValueError, match="total_scale"):
+        make(name, zscore, total_scale="grams")
+
+
+def test_wide_layers_train_at_a_fan_in_scaled_learning_rate(zscore):
+    """mlp/vitdet: lr * min(1, 256 / fan-in) per weight; density keeps the plain two groups (its benchmarked lr)."""
+    from biomass_cache.train import head_param_groups
+
+    groups = head_param_groups(make("vitdet", zscore, dim=8, hidden=1024), 4e-3, 0.05)
+    lrs = {tuple(p.shape): g.get("lr", 4e-3) for g in groups for p in g["params"]}
+    assert lrs[(4, 1024)] == pytest.approx(4e-3 / 4) and lrs[(1024, 32)] == 4e-3 and lrs[(8, 8, 3, 3)] == 4e-3
+    density = make("density", zscore)
+    groups = head_param_groups(density, 4e-3, 0.05)
+    assert [("lr" in g, g["weight_decay"]) for g in groups] == [(False, 0.05), (False, 0.0)]
+    assert [p for g in groups for p in g["params"]] == [p for p in density.parameters() if p.ndim >= 2] + [
+        p for p in density.parameters() if p.ndim < 2]

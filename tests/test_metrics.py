@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2, score_table
-from biomass_cache.targets import WEIGHTS
+from biomass_cache.targets import TARGETS, WEIGHTS
 
 
 def test_competition_r2_hand_case():
@@ -74,3 +74,19 @@ def test_score_table_keys():
     t = score_table(y, y * 0.9)
     assert set(t) == {"competition_r2", "log_r2", "per_target_r2", "per_target_log_r2", "n_images"}
     assert t["n_images"] == 20
+
+
+def test_collapsed_targets_are_the_constant_ones():
+    from biomass_cache.metrics import collapsed_targets
+
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(2.0, 10.0, size=(20, 5))
+    pred = truth + rng.normal(0, 5.0, size=truth.shape)
+    assert collapsed_targets(truth, pred) == []
+    pred[:, 4] = 0.0  # a dead total
+    pred[:, 0] = 3.0 + 1e-9 * np.arange(20)  # constant in all but name
+    assert collapsed_targets(truth, pred) == [TARGETS[0], TARGETS[4]]
+    truth[:, 1] = 7.0  # a target without variance in this fold cannot tell a dead model from a right one
+    pred[:, 1] = 7.0
+    truth[3, 2] = np.nan  # unknown truth: its row is left out
+    assert collapsed_targets(truth, pred) == [TARGETS[0], TARGETS[4]]

@@ -74,3 +74,31 @@ def test_missing_photo_is_a_clear_error(run, tmp_path):
     shutil.rmtree(copy / "train")
     with pytest.raises(DataError, match=r"image file not found"):
         plot_run(run_dir, copy, store=open_store(store))
+
+
+def test_a_diverged_head_is_clipped_and_marked(monkeypatch, tmp_path):
+    import biomass_cache.plots as plots
+
+    shown, clipped = plots.clip_scores([0.8, -140.0, -0.5])
+    assert shown.tolist() == [0.8, plots.SCORE_FLOOR, -0.5] and clipped.tolist() == [False, True, False]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    folds = {"fold0": {"competition_r2": 0.7}, "fold1": {"competition_r2": 0.6}}
+    metrics = {"ranking": ["good", "bad"], "heads": {
+        "good": {"competition_r2": 0.65, "folds": folds},
+        "bad": {"competition_r2": -60.0, "folds": {"fold0": {"competition_r2": -140.0}, "fold1": folds["fold1"]}}}}
+    plots.plot_fold_scores(metrics, tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[0] > -2  # the good head's bars stay readable
+    labels = [t.get_text() for t in ax.texts]
+    assert "-140.00 (clipped)" in labels and "-60.00 (clipped)" in labels and "0.70" in labels
+    assert sum(bar.get_hatch() == "///" for bar in ax.patches) == 2
+
+
+def test_the_loss_title_says_how_the_losses_were_combined():
+    from biomass_cache.plots import loss_title
+
+    assert loss_title(set(), ["density", "mlp"]) == "training loss (sum of the task losses)"
+    assert loss_title({"density", "mlp"}, ["density", "mlp"]) == "training loss (UW-weighted sum)"
+    assert "UW-weighted: mlp" in loss_title({"mlp"}, ["density", "mlp"])
+    assert loss_title(None, ["density"]) == "training loss"

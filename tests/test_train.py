@@ -220,3 +220,50 @@ def test_fold_scores_survive_a_target_without_variance():
     assert s["per_target_r2"]["Dry_Dead_g"] is None and np.isfinite(s["log_r2"])
     assert s["competition_r2"] == pytest.approx(competition_r2(truth, pred))
     json.dumps(s, allow_nan=False)
+
+
+def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
+    """A fold model predicting one value for every image is named loudly and listed in metrics.json."""
+    from heads.common import FusedHead
+
+    _, data, store = toy
+    monkeypatch.setattr(FusedHead, "total_ratio_to_components",
+                        lambda self, raw: raw[..., 1:] * 0.0 + self.components_mean())  # a dead readout
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(train_command)
+    result = CliRunner().invoke(app, [str(a) for a in ["--cache", store, "--data", data, "--out", tmp_path / "run",
+                                                       "--head", "density,mlp", "--folds", 2, "--epochs", 1,
+                                                       "--no-plots", *FAST]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "WARNING: head mlp fold1 predicts a CONSTANT for Dry_Clover_g, Dry_Dead_g" in result.output
+    assert "WARNING: head density" not in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["heads"]["density"]["collapsed"] == []
+    assert metrics["heads"]["mlp"]["collapsed"] == [{"fold": f"fold{k}", "targets": list(TARGETS)} for k in range(2)]
+
+
+@pytest.mark.slow
+def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
+    """Each head in heads.HEADS, with nothing but its defaults, beats the training-mean predictor pooled and in
+    every fold, and no fold predicts a constant."""
+    import heads
+
+    _, data, store = toy
+    out = tmp_path / "all"
+    train("--cache", store, "--data", data, "--out", out, "--head", ",".join(heads.HEADS), "--folds", 3,
+          "--epochs", 10, *FAST)
+    table = read_long_csv(data / "train.csv", check_images=False)
+    truth = table[list(TARGETS)].to_numpy(float)
+    folds = pd.read_csv(out / "folds.csv", dtype={"image_id": str})["fold"].to_numpy()
+    mean_pred = np.empty_like(truth)
+    for k in range(3):
+        mean_pred[folds == k] = truth[folds != k].mean(axis=0)  # the fold's training mean
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in heads.HEADS:
+        m = metrics["heads"][name]
+        assert m["collapsed"] == [], (name, m["collapsed"])
+        assert m["competition_r2"] > competition_r2(truth, mean_pred) + 0.15, (name, m["competition_r2"])
+        for k in range(3):
+            rows = folds == k
+            fold_r2 = m["folds"][f"fold{k}"]["competition_r2"]
+            assert fold_r2 > competition_r2(truth[rows], mean_pred[rows]) + 0.05, (name, k, fold_r2)
