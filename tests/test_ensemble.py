@@ -325,9 +325,9 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
 def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
     import shutil
 
-    import typer
     from typer.testing import CliRunner
 
+    from biomass_cache.errors import script_app
     from biomass_cache.submission import submit_command
 
     root, data, run = pipeline
@@ -337,8 +337,7 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
     metrics = json.loads((other / "metrics.json").read_text())
     metrics["heads"]["mlp"]["collapsed"] = [{"fold": "fold1", "targets": ["Dry_Total_g"]}]
     (other / "metrics.json").write_text(json.dumps(metrics))
-    app = typer.Typer(pretty_exceptions_enable=False)
-    app.command()(submit_command)
+    app = script_app(submit_command)  # as `submit.py` runs it: user errors are one line, exit 2
     ens_file = tmp_path / "ens.toml"
     ens_file.write_text(f'[[member]]\npath = "{other}"\nhead = "density"\n[[member]]\npath = "{other}"\n'
                         f'head = "mlp"\n')
