@@ -13,7 +13,7 @@ Per arm: wall seconds, seconds per epoch, peak RSS (the child's own maxrss), sto
 the epoch touches) and the compute limit: the head's FLOPs per epoch (counted by torch's FlopCounterMode) over the
 fp32 matmul GFLOP/s measured in this run at the head's shape.
 
-    python benchmarks/bench_scale.py [--quick] [--images N] [--shapes vitl,vit7b] [--work DIR]
+    python benchmarks/bench_scale.py [--quick] [--images N] [--images-vit7b N] [--shapes vitl,vit7b] [--work DIR]
 
 `--images` below 357 scales the per-image figures (reduction, epochs, whole runs) up to 357 and says so in the
 results. Needs free disk for the stores (ViT-L: 15.8 GB at 357 images; ViT-7B: 63 GB).
@@ -132,6 +132,28 @@ def head_flops(head_name: str, channels: int, grid: tuple[int, int], batch: int)
     return step.get_total_flops(), fwd.get_total_flops()
 
 
+def step_ms(head_name: str, channels: int, grid: tuple[int, int], batch: int, bf16: bool, reps: int = 12) -> float:
+    """Median milliseconds of one training step (forward, backward, AdamW) of a head at its defaults, in fp32 or
+    under CPU bf16 autocast: whether bf16 pays at this shape."""
+    from biomass_cache.targets import ZScore, components_to_targets
+    from heads import create_head
+
+    zs = ZScore.fit(components_to_targets(np.random.default_rng(0).gamma(2.0, 20.0, (64, 3))))
+    head = create_head(head_name, n_layers=3, channels=channels, grid=grid, zscore=zs)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, grid[0] * grid[1], channels)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = head(x)["components"].float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:])) * 1000
+
+
 def full_epoch(store_path: str, data: str, head: str) -> None:
     """Child mode: today's unreduced path, one epoch of fold 0 and its OOF prediction; prints a JSON report."""
     from biomass_cache.cv import cache_source
@@ -201,7 +223,9 @@ def run_shape(key: str, n: int, work: Path, heads: list[str], quick: bool) -> di
             fp32 = matmul_gflops(tokens, c, 128 if head == "density" else 512, torch.float32)
             bf16 = matmul_gflops(tokens, c, 128 if head == "density" else 512, torch.bfloat16)
             row[arm] = {"flops_per_epoch": epoch_flops * scale, "matmul_gflops_fp32": fp32,
-                        "matmul_gflops_bf16": bf16, "compute_limit_epoch_s": epoch_flops * scale / fp32 / 1e9}
+                        "matmul_gflops_bf16": bf16, "compute_limit_epoch_s": epoch_flops * scale / fp32 / 1e9,
+                        "step_ms_fp32": step_ms(head, c, tuple(grid), BATCH, False),
+                        "step_ms_bf16_autocast": step_ms(head, c, tuple(grid), BATCH, True)}
         f = child([sys.executable, __file__, "--full-epoch", str(full), str(data), head])
         row["full"].update(f, epoch_s_at_357=f["epoch_s"] * scale,
                            bytes_read_per_epoch=bytes_per_epoch(full, n, bool(f.get("preloaded"))) * scale,
@@ -235,6 +259,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="24 images, ViT-L only, 2 epochs (a smoke run)")
     ap.add_argument("--images", type=int, default=None, help=f"images per store ({REAL_IMAGES}; --quick: 24)")
+    ap.add_argument("--images-vit7b", type=int, default=None, help="images of the ViT-7B store (--images)")
     ap.add_argument("--shapes", default="vitl,vit7b", help="comma-separated: vitl, vit7b")
     ap.add_argument("--heads", default="density,mlp")
     ap.add_argument("--work", type=Path, default=None, help="folder for the stores (kept; a store is reused)")
@@ -248,9 +273,10 @@ def main() -> None:
     shapes = ["vitl"] if args.quick else [s.strip() for s in args.shapes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_scale_"))
     t0 = time.perf_counter()
-    results = [run_shape(s, n, work, [h.strip() for h in args.heads.split(",")], args.quick) for s in shapes]
+    sizes = {s: (args.images_vit7b or n) if s == "vit7b" else n for s in shapes}
+    results = [run_shape(s, sizes[s], work, [h.strip() for h in args.heads.split(",")], args.quick) for s in shapes]
     write_json(args.out, {
-        "settings": {"images": n, "scaled_to": REAL_IMAGES, "folds": FOLDS, "epochs": EPOCHS, "batch_size": BATCH,
+        "settings": {"images": sizes, "scaled_to": REAL_IMAGES, "folds": FOLDS, "epochs": EPOCHS, "batch_size": BATCH,
                      "quick": args.quick, "signal": "planted (noise bank + per-patch densities), not DINOv3 tokens",
                      "train": "biomass train defaults", "reduce": "biomass reduce defaults"},
         "shapes": results,

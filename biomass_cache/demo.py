@@ -1,7 +1,8 @@
 """`biomass demo`: the whole pipeline end to end on the CPU in a few minutes, on synthetic data.
 
-synthetic Kaggle folder -> train token cache (ViT-S, RANDOM weights) -> 5-fold density + mlp heads -> test cache
-with TTA -> ensemble -> validated submission.csv -> score against the hidden test labels.
+synthetic Kaggle folder -> train token cache (ViT-S, RANDOM weights) -> reduced cache (PCA channels) -> 5-fold
+density + mlp heads -> test cache with TTA (reduced alike) -> ensemble -> validated submission.csv -> score against
+the hidden test labels.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ NOTE: the backbone here is RANDOMLY INITIALISED (no weights are downloaded), so 
 pipeline works. With real DINOv3 weights and the real competition data the same steps are:
   biomass extract --data DATA_DIR --split train --backbone vit_small_patch16_dinov3 --weights PATH.pth \\
                   --size 960x480 --out cache/train.zarr
-  biomass train   --cache cache/train.zarr --data DATA_DIR --head density --folds 5 --out runs/density
+  biomass reduce  --cache cache/train.zarr --out cache/train_r.zarr       (PCA 128 channels, 2 x 2 pooling)
+  biomass train   --cache cache/train_r.zarr --data DATA_DIR --head density --folds 5 --out runs/density
   biomass submit  --data DATA_DIR --members runs/density --weights vit_small_patch16_dinov3=PATH.pth \\
                   --out submission.csv                           (the same as: python submit.py ...)
 The test cache is extracted by `submit` with the settings recorded in the run folder and that weights file
-(sha256 checked against the training cache). Several heads or runs: an ensemble file (--ensemble FILE, see
+(sha256 checked against the training cache), then reduced with the run's projection. Several heads or runs: an ensemble file (--ensemble FILE, see
 configs/ensemble_example.toml)."""
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Everything that sets the demo's run time (the full demo: 44 s on 2 idle CPU cores, 405 s on busy ones)."""
+    """Everything that sets the demo's run time."""
 
     n_train: int
     n_test: int
@@ -38,6 +40,7 @@ class DemoSize:
     epochs: int
     folds: int = 5
     pcgrad: bool = True  # primary-anchored PCGrad: most of a training step's time on the CPU
+    reduce: tuple[int, int] | None = (128, 1)  # (dim, pool) of `biomass reduce`; pool 1: the 7 x 14 grid stays
 
 
 FULL = DemoSize(n_train=96, n_test=24, photo=(448, 224), size=(224, 112), layers=(8, 11), views=2, epochs=6)
@@ -77,11 +80,21 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
             progress=progress)
     step("train cache", t)
 
+    if sz.reduce is not None:
+        from biomass_cache.reduce import fit_reduction, reduce_store
+        from biomass_cache.store import open_store
+
+        t = time.time()
+        full, reduced = open_store(cache), out / "cache" / "train_reduced.zarr"
+        reduce_store(full, fit_reduction(full, *sz.reduce, progress=progress), reduced, overwrite=True,
+                     progress=progress)
+        step(f"reduced cache (PCA {sz.reduce[0]}, pool {sz.reduce[1]})", t)
+
     t = time.time()
     run = out / "runs" / "heads"
     settings = dict(folds=sz.folds, epochs=sz.epochs, device="cpu", workers=0, pcgrad=sz.pcgrad)
     cfg, members = resolve({}, [], settings, list(HEADS))
-    run_training(cache, data, run, cfg, members, overwrite=True,  # a re-run demo replaces its run
+    run_training(reduced if sz.reduce else cache, data, run, cfg, members, overwrite=True,  # a re-run demo replaces its run
                  extract=dict(backbone=BACKBONE, weights="random", size=list(sz.size), layers=list(sz.layers),
                               views=sz.views, seed=0))
     step(f"{sz.folds}-fold training", t)
@@ -99,7 +112,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
     summary = {
         "wall_s": round(wall, 1), "timings_s": timings, "quick": quick, "scores": scores,
         "mean_predictor_competition_r2": baseline,
-        "artefacts": {"data": str(data), "train_cache": str(cache), "run": str(run),
+        "artefacts": {"data": str(data), "train_cache": str(cache),
+                      **({"reduced_cache": str(reduced)} if sz.reduce else {}), "run": str(run),
                       "test_caches": [str(p) for p in dict.fromkeys(result.caches)],
                       "member_predictions": [str(p) for p in result.member_files],
                       "submission": str(submission), "labels": str(data / "test_labels.csv")},

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -144,7 +145,8 @@ def _check_settings(store: TokenStore, dim: int, pool: int) -> None:
     if not 1 <= dim <= store.channels:
         raise DataError(f"--dim {dim}: must be between 1 and the {store.channels} channels of {store.path}")
     if pool < 1 or store.grid[0] % pool or store.grid[1] % pool:
-        raise DataError(f"--pool {pool}: must be >= 1 and divide the patch grid {list(store.grid)} of {store.path}")
+        raise DataError(f"--pool {pool}: must be >= 1 and divide the patch grid {list(store.grid)} of {store.path} "
+                        "(--pool 1 keeps the grid)")
 
 
 def usable_images(store: TokenStore) -> list[int]:
@@ -232,19 +234,47 @@ def reduction_of(path: Path) -> Reduction:
     return red
 
 
+CONFIG_KEYS = {"dim": DEFAULT_DIM, "pool": DEFAULT_POOL, "fit_tokens": DEFAULT_FIT_TOKENS}
+
+
+def load_settings(path: Path | None) -> dict:
+    """The [reduce] table of a TOML config (configs/default.toml), over the defaults; unknown keys are refused."""
+    if path is None:
+        return dict(CONFIG_KEYS)
+    try:
+        table = tomllib.loads(Path(path).read_text()).get("reduce", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise DataError(f"{path}: not a readable TOML config ({e})") from e
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    bad = [k for k, v in table.items() if k in CONFIG_KEYS and (not isinstance(v, int) or isinstance(v, bool))]
+    if unknown or bad:
+        raise DataError(f"{path} [reduce]: " + (f"unknown key(s) {unknown}; allowed: {sorted(CONFIG_KEYS)}"
+                                                if unknown else f"{bad} must be whole numbers"))
+    return {**CONFIG_KEYS, **table}
+
+
 def reduce_command(
     cache: Path = typer.Option(..., "--cache", help="Token store to reduce (written by `biomass extract`)."),
     out: Path = typer.Option(..., "--out", help="Reduced token store to write."),
-    dim: int = typer.Option(DEFAULT_DIM, "--dim", help="Channels kept per layer (PCA components)."),
-    pool: int = typer.Option(DEFAULT_POOL, "--pool", help="P x P average pooling of the patch grid (1 = none)."),
+    dim: Optional[int] = typer.Option(None, "--dim", help=f"Channels kept per layer, PCA components ({DEFAULT_DIM})."),
+    pool: Optional[int] = typer.Option(None, "--pool", help="P x P average pooling of the patch grid; 1 = none "
+                                       f"({DEFAULT_POOL})."),
     like: Optional[Path] = typer.Option(None, "--like", help="Apply the projection of this reduced store or run "
                                         "folder instead of fitting one (e.g. for a test store)."),
-    fit_tokens: int = typer.Option(DEFAULT_FIT_TOKENS, "--fit-tokens", help="Tokens per layer the PCA is fitted on."),
+    fit_tokens: Optional[int] = typer.Option(None, "--fit-tokens", help="Tokens per layer the PCA is fitted on "
+                                             f"({DEFAULT_FIT_TOKENS})."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config whose [reduce] table sets the "
+                                          "defaults (see configs/default.toml)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out store."),
 ) -> None:
     """Derive a smaller token store: per-layer PCA of the layer-normed tokens and P x P pooling of the grid."""
+    given = {k: v for k, v in dict(dim=dim, pool=pool, fit_tokens=fit_tokens).items() if v is not None}
+    settings = {**load_settings(config), **given}
+    if settings["fit_tokens"] < 1:
+        raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
     src = open_store(cache)
-    reduction = reduction_of(like) if like is not None else fit_reduction(src, dim, pool, fit_tokens)
+    reduction = reduction_of(like) if like is not None else fit_reduction(src, settings["dim"], settings["pool"],
+                                                                          settings["fit_tokens"])
     store = reduce_store(src, reduction, out, overwrite=overwrite)
     size = store.nbytes_on_disk()
     typer.echo(f"reduced {cache} ({src.channels} channels, grid {list(src.grid)}) -> {out} ({reduction.dim} "

@@ -200,3 +200,19 @@ def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     submit(spec, data, tmp_path / "out" / "again.csv", progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()} == stamp
     assert Path(tmp_path / "out" / "again.csv").read_bytes() == (tmp_path / "out" / "submission.csv").read_bytes()
+
+
+def test_the_config_table_sets_the_defaults_and_flags_override_it(toy, tmp_path):
+    _, _, path = toy
+    config = tmp_path / "c.toml"
+    config.write_text("[reduce]\ndim = 3\npool = 2\n")
+    assert cli("--cache", path, "--out", tmp_path / "a.zarr", "--config", config).exit_code == 0
+    assert open_store(tmp_path / "a.zarr").channels == 3 and open_store(tmp_path / "a.zarr").grid == (4, 2)
+    assert cli("--cache", path, "--out", tmp_path / "b.zarr", "--config", config, "--pool", 1).exit_code == 0
+    assert open_store(tmp_path / "b.zarr").grid == GRID
+    config.write_text("[reduce]\ndims = 3\n")
+    result = cli("--cache", path, "--out", tmp_path / "c.zarr", "--config", config)
+    assert result.exit_code == 2 and "unknown key(s) ['dims']" in result.output and not (tmp_path / "c.zarr").exists()
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    from biomass_cache.reduce import load_settings
+    assert load_settings(default) == {"dim": 128, "pool": 2, "fit_tokens": 100000}
