@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from biomass_cache.data import SEP, DataError, load_image
 from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
 from biomass_cache.io import atomic_path, write_csv
+from biomass_cache.submission import parse_devices
 from biomass_cache.targets import PLOT_AREA_M2, TARGETS, to_density
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -119,13 +120,15 @@ def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.nda
 
 def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
                    maps: bool = False, device: str = "cpu", progress: bool = True,
-                   train_csv: str | Path | None = None) -> pd.DataFrame:
+                   train_csv: str | Path | None = None, precision: str | None = None,
+                   devices: list[str] | None = None) -> pd.DataFrame:
     """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`."""
     photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
     photos = list_photos(photo_dir)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
         write_photo_table(photos, Path(tmp))
-        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv)
+        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
+                              precision=precision, devices=devices)
     table = predictions_table(result, photos)
     write_csv(out, table)
     if maps:
@@ -155,7 +158,12 @@ def predict_command(
                                           "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
                                           "config or the ensemble file names them)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
+                                          "cuda:0,cuda:1 [one device]."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
     spec = spec_from_options(ensemble, members, weights=weights)
-    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv)
+    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
+                   precision=precision, devices=parse_devices(devices))

@@ -320,3 +320,18 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     run_training(root / "train.zarr", data, out, cfg, members, overwrite=True)
     assert sorted(p.name for p in (out / "fold0").iterdir()) == ["density.json", "density.safetensors"]
     assert (out / "folds.csv").read_bytes() == folds and not (out / "oof_mlp.csv").exists()
+
+
+def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp_path, capsys):
+    import biomass_cache.ensemble as ens
+    from biomass_cache.store import open_store
+
+    root, data, run = pipeline
+    spec = ens.EnsembleSpec((ens.Member(run, head="mlp"),))
+    same = ens.run_ensemble(spec, data, tmp_path, progress=False, devices=["cpu", "cpu"])
+    assert open_store(same.caches[0]).fingerprint["compute"] == "float32"  # the training cache's
+    half = ens.run_ensemble(spec, data, tmp_path, progress=False, precision="fp16")
+    assert "trained on fp32 tokens; the test tokens are computed in fp16" in capsys.readouterr().out
+    assert half.caches[0] != same.caches[0] and open_store(half.caches[0]).fingerprint["compute"] == "float16-autocast"
+    assert not np.array_equal(half.grams, same.grams)
+    np.testing.assert_allclose(half.grams, same.grams, rtol=0.05, atol=0.5)
