@@ -265,6 +265,11 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, hel
     if ranks.rank == 0:
         for image_id, reason in bad.items():
             store.mark_bad(image_id, reason)
+        views = sum(c["views"] for c in per_rank)
+        if views:  # for time estimates (biomass bundle): one device's seconds per view, decode and write included
+            zarr.open_group(cfg.out, mode="r+").update_attributes({"timing": {
+                "seconds_per_view": max(c["loop_s"] for c in per_rank) * ranks.world / views,
+                "on": f"{','.join(map(str, devices))}, {precision}"}})
     return _summary(open_store(cfg.out), per_rank, bad, already, time.perf_counter() - start, ranks.world)
 
 
