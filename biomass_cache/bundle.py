@@ -49,14 +49,20 @@ class BundleError(ValueError):
 
 
 def closure(requirements: Iterable[str]) -> dict[str, str]:
-    """Installed distributions (canonical name -> version) that `requirements` need, transitively; markers are
-    evaluated for this interpreter and extras are not followed. A needed distribution that is absent is an error."""
+    """Installed distributions (canonical name -> version) that `requirements` need, transitively, with the extras
+    they ask for (torch -> cuda-toolkit[cudart] -> ...); markers are evaluated for this interpreter. A needed
+    distribution that is absent is an error."""
     found: dict[str, str] = {}
-    todo = list(requirements)
+    seen: set[tuple[str, str]] = set()
+    todo = [(text, "") for text in requirements]
     while todo:
-        req = Requirement(todo.pop())
+        text, extra = todo.pop()
+        req = Requirement(text)
+        if req.marker and not req.marker.evaluate({"extra": extra}):
+            continue
         name = canonicalize_name(req.name)
-        if (req.marker and not req.marker.evaluate({"extra": ""})) or name in found:
+        new = [e for e in ("", *sorted(req.extras)) if (name, e) not in seen]
+        if not new:
             continue
         try:
             dist = metadata.distribution(req.name)
@@ -64,7 +70,9 @@ def closure(requirements: Iterable[str]) -> dict[str, str]:
             raise BundleError(f"{req.name} is needed but not installed here: install the project's dependencies "
                               "first (pip install -e .)") from None
         found[name] = dist.version
-        todo += dist.requires or []
+        for e in new:
+            seen.add((name, e))
+            todo += [(r, e) for r in dist.requires or []]
     return found
 
 

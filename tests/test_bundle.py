@@ -79,6 +79,8 @@ def stock_environment(root: Path) -> Path:
     """A venv whose only packages (besides pip) are the stock Kaggle list and its dependencies, linked from this
     interpreter's site-packages through a .pth file (no copies of torch); returns its python."""
     venv.create(root, with_pip=True)
+    python = root / "bin" / "python"  # ensurepip's old setuptools would shadow the image's
+    subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True)
     stock = root / "stock"
     stock.mkdir()
     for name in bundle.closure(bundle.STOCK_KAGGLE):
@@ -90,7 +92,7 @@ def stock_environment(root: Path) -> Path:
                 (stock / top).symlink_to(source)
     site = next((root / "lib").glob("python3*/site-packages"))
     (site / "kaggle-stock.pth").write_text(f"{stock}\n")
-    return root / "bin" / "python"
+    return python
 
 
 @pytest.mark.slow
