@@ -185,9 +185,62 @@ def forward_tokens(backbone: Backbone, images: torch.Tensor, layers: Sequence[in
         return_prefix_tokens=True, intermediates_only=True,
     )
     pick = [order.index(int(layer) % backbone.depth) for layer in layers]
-    tokens = torch.stack([outputs[k][0] for k in pick], dim=1)
-    prefix = torch.stack([outputs[k][1] for k in pick], dim=1)
+    tokens = torch.stack([outputs[k][0].to(images.device) for k in pick], dim=1)  # gathered from a split model
+    prefix = torch.stack([outputs[k][1].to(images.device) for k in pick], dim=1)
     return tokens, prefix
+
+
+def split_points(model: nn.Module, n_parts: int) -> list[int]:
+    """The first block of parts 1..n-1 that gives each part about the same parameter count (the embeddings and
+    everything outside the blocks count towards part 0, where they run)."""
+    sizes = [sum(p.numel() for p in blk.parameters()) for blk in model.blocks]
+    if not 1 <= n_parts <= len(sizes):
+        raise ValueError(f"cannot split {len(sizes)} blocks over {n_parts} devices")
+    total = sum(p.numel() for p in model.parameters())
+    before = [total - sum(sizes)]  # parameters on the devices before block i: embeddings, final norm, blocks < i
+    for size in sizes[:-1]:
+        before.append(before[-1] + size)
+    points: list[int] = []
+    for part in range(1, n_parts):
+        lowest, highest = (points[-1] if points else 0) + 1, len(sizes) - (n_parts - part)
+        points.append(min(range(lowest, highest + 1), key=lambda i: abs(before[i] - total * part / n_parts)))
+    return points
+
+
+def place_backbone(backbone: Backbone, devices: Sequence[torch.device],
+                   split_at: Sequence[int] | None = None) -> list[int]:
+    """Put the backbone on `devices`: one device holds it whole; several hold consecutive runs of blocks (pipeline
+    style, one batch at a time), starting at the blocks `split_at` (default: by parameter count, `split_points`).
+
+    Embeddings and the final norm stay on the first device; forward hooks move each block's input (hidden state
+    and RoPE table) to the block's device and the normed intermediates back, so `forward_tokens` runs unchanged and
+    returns everything on the first device. Returns the first block of every part.
+    """
+    devices = [torch.device(d) for d in devices]
+    model = backbone.model.to(devices[0])
+    if len(devices) == 1:
+        return [0]
+    if split_at is None:
+        split_at = split_points(model, len(devices))
+    split_at = [int(b) for b in split_at]
+    if len(split_at) != len(devices) - 1 or split_at != sorted(set(split_at)) or \
+            not all(0 < b < backbone.depth for b in split_at):
+        raise ValueError(f"split points {split_at} must be {len(devices) - 1} increasing block indices in "
+                         f"1..{backbone.depth - 1} for {len(devices)} devices")
+    starts = [0, *split_at]
+    for part, (device, first) in enumerate(zip(devices, starts)):
+        last = starts[part + 1] if part + 1 < len(starts) else backbone.depth
+        for blk in model.blocks[first:last]:
+            blk.to(device).register_forward_pre_hook(_mover(device), with_kwargs=True)
+    model.norm.register_forward_pre_hook(_mover(devices[0]), with_kwargs=True)
+    return starts
+
+
+def _mover(device: torch.device):
+    def to_device(_module, args, kwargs):
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+    return to_device
 
 
 def backbone_fingerprint(backbone: Backbone) -> dict[str, Any]:

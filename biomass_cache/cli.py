@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from biomass_cache.bundle import bundle_command
 from biomass_cache.cv import train_command
 from biomass_cache.demo import demo_command
 from biomass_cache.errors import DEBUG_KEY, BiomassGroup
@@ -50,6 +51,7 @@ COMMANDS = [
     ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
     ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),
     ("predict", predict_command, "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
+    ("bundle", bundle_command, "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
 ]
 for name, fn, text in COMMANDS:
     app.command(name, help=text)(fn)

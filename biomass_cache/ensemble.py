@@ -156,6 +156,7 @@ class ResolvedMember:
     kind: str  # "cache": heads read a test token cache; "lora": adapters + head on a live backbone (lora.py)
     extract: dict  # cache: the run's extraction settings; lora: backbone, weights; weights per the [weights] table
     reduction: Path | None = None  # cache: the run's reduction (reduce.py) that test stores go through, if any
+    ignore: tuple[str, ...] = ()  # fingerprint keys the test cache may change: ("compute",) under --precision
 
 
 def _read_json(path: Path) -> dict:
@@ -227,14 +228,33 @@ def check_not_collapsed(rm: ResolvedMember) -> None:
             + f" (recorded in {metrics}); retrain it, leave it out, or pass --allow-collapsed to use it anyway")
 
 
+def with_backbone_options(rm: ResolvedMember, precision: str | None, devices: Sequence[str] | None) -> ResolvedMember:
+    """The member with the command line's backbone precision and devices; a precision other than the training
+    cache's is allowed (with a warning), since a GPU may lack the one the heads were trained with."""
+    from tqdm.auto import tqdm
+
+    extract, ignore = dict(rm.extract), rm.ignore
+    if devices and rm.kind == "cache":
+        extract["devices"] = list(devices)
+    if precision not in (None, "auto"):
+        trained = extract.get("precision")
+        if rm.kind == "cache" and trained != precision:
+            tqdm.write(f"WARNING: member {rm.member.name}: its heads were trained on {trained} tokens; the test "
+                       f"tokens are computed in {precision} (--precision), so they differ slightly")
+            ignore = ("compute",)
+        extract["precision"] = precision
+    return replace(rm, extract=extract, ignore=ignore)
+
+
 def _extract_settings(config: dict, path: Path) -> dict:
     """ExtractConfig settings (besides data_dir, split, out) that rebuild the run's cache for other images.
 
     Taken from the cache fingerprint recorded in config.json (what the heads were really trained on); the
     weights file from the cache's `weights_path` (recorded at extraction), else the run's [extract] section, else
     "random" for a random backbone (None: the ensemble file or --weights must say where the weights are). The
-    device follows the fingerprint's compute precision (bf16 on CUDA and fp32 on CPU give different tokens).
+    precision is the fingerprint's (tokens of other precisions differ), on the GPU when there is one.
     """
+    from biomass_cache.precision import precision_of_compute
     from biomass_cache.store import extraction_fingerprint
 
     try:
@@ -247,7 +267,10 @@ def _extract_settings(config: dict, path: Path) -> dict:
         raise EnsembleError(f"{path}: config.json lacks the cache fingerprint field {e}") from e
     recorded = config["cache"].get("weights_path") or (config.get("extract") or {}).get("weights")
     settings["weights"] = "random" if sha == "random" else (recorded if recorded not in (None, "random") else None)
-    settings["device"] = "cuda" if compute.startswith("bfloat16") else "cpu"
+    try:
+        settings["precision"] = precision_of_compute(compute)
+    except ValueError as e:
+        raise EnsembleError(f"{path}: {e}") from e
     return settings
 
 
@@ -288,7 +311,8 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes:
     settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
     image_ids = list(hashes)
-    key = _digest({"settings": settings, "weights": stamp, "images": image_ids})
+    same_tokens = {k: v for k, v in settings.items() if k != "devices"}  # a split backbone gives the same tokens
+    key = _digest({"settings": same_tokens, "weights": stamp, "images": image_ids})
     path = out_dir / "cache" / f"test-{key}.zarr"
 
     def complete(p: Path) -> bool:
@@ -307,7 +331,7 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes:
     reduction = Reduction.load(rm.reduction.with_suffix(""))
     reduced = path.with_name(f"{path.stem}-reduced-{reduction.sha256[:16]}.zarr")
     if not complete(reduced):
-        reduce_store(open_store(path), reduction, reduced, overwrite=True, progress=progress)
+        reduce_store(open_store(path), reduction, reduced, overwrite=True, progress=progress, ignore=rm.ignore)
     return open_store(reduced)
 
 
@@ -343,7 +367,7 @@ def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module,
     for path in rm.checkpoints:
         head, meta = runs.load_head(path)
         try:
-            runs.check_compatible(meta, store)
+            runs.check_compatible(meta, store, rm.ignore)
         except DataError as e:
             raise EnsembleError(f"member {rm.member.name}: checkpoint {path} does not fit the test cache "
                                 f"{store.path}: {e}") from e
@@ -353,7 +377,7 @@ def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module,
 
 def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: str) -> np.ndarray:
     """(N, 5) grams: every fold model predicts (mean over the TTA views); folds averaged on the components."""
-    comps = [runs.predict_store(head, meta, store, rows, views="all", device=device)[:, :3]
+    comps = [runs.predict_store(head, meta, store, rows, views="all", device=device, ignore=rm.ignore)[:, :3]
              for head, meta in load_checked_heads(rm, store)]
     return components_to_targets(np.mean(comps, axis=0))
 
@@ -444,10 +468,13 @@ def _cached(path: Path, image_ids: Sequence[str], columns: Sequence[str], comput
 
 
 def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, device: str = "cpu",
-                 progress: bool = True, train_csv: str | Path | None = None) -> EnsembleResult:
+                 progress: bool = True, train_csv: str | Path | None = None, precision: str | None = None,
+                 devices: Sequence[str] | None = None) -> EnsembleResult:
     """Predict data_dir/test.csv's images with every member (caches built or reused) and aggregate.
 
-    OOF labels come from `train_csv` (default data_dir/train.csv) when every member has OOF predictions.
+    OOF labels come from `train_csv` (default data_dir/train.csv) when every member has OOF predictions. Test
+    caches are extracted in the training cache's precision unless `precision` (not "auto") says otherwise, and on
+    `devices` when given (one backbone split over them).
     """
     from biomass_cache.data import read_long_csv
 
@@ -457,7 +484,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     table = read_long_csv(data_dir / "test.csv")
     ids = table["image_id"].tolist()
     hashes = content_hashes({i: data_dir / p for i, p in zip(ids, table["image_path"])})  # the caches' keys
-    resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
+    resolved = [with_backbone_options(resolve_member(m, spec.weights_files), precision, devices)
+                for m in spec.members]
     if not spec.allow_collapsed:
         for rm in resolved:
             check_not_collapsed(rm)
@@ -469,7 +497,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
 
             weights_file(rm)  # a missing weights file is an error before anything runs
             key = member_key(rm, hashes)
-            compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress)
+            compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress, rm.extract.get("precision"))
             store = rows = None
         else:
             store = ensure_test_cache(rm, data_dir, out_dir, hashes, progress)

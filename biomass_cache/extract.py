@@ -1,8 +1,9 @@
 """Stage one: run the frozen backbone once per view of every image and cache its multi-layer patch tokens.
 
 The pipeline overlaps its three parts so the backbone never waits: DataLoader workers decode JPEGs and build the
-views, the main process runs the forward pass (bf16 autocast on CUDA, fp32 on CPU), and writer threads fed through a
-bounded queue encode and write each image's shard. The store marks a sample done only after its data is on disk,
+views, the main process runs the forward pass (in the precision of precision.py: by default bf16 or fp16
+autocast on CUDA, fp32 on CPU; on one device, or split over several with `devices`), and writer threads fed through
+a bounded queue encode and write each image's shard. The store marks a sample done only after its data is on disk,
 so an interrupted run resumes exactly where it stopped. Under torchrun the images are split across ranks (all views
 of an image on one rank, the store's race-free rule); rank 0 creates the store and finalises its attributes.
 The ranks and the writer threads are in extract_parallel.py.
@@ -28,10 +29,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from biomass_cache import __version__
-from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
+from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backbone, forward_tokens, place_backbone,
+                                    resolve_layers)
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device
+from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device, resolve_devices
+from biomass_cache.precision import COMPUTE, PRECISIONS, autocast, check_finite, resolve_precision
 from biomass_cache.runtime import run
 from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
                                  remove_leftovers)
@@ -69,6 +72,9 @@ class ExtractConfig:
     views: int = 4
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (precision.py)
+    devices: Optional[list[str]] = None  # one backbone split over several devices, e.g. ["cuda:0", "cuda:1"]
+    split_at: Optional[list[int]] = None  # first block on each further device (default: by parameter count)
     dtype: str = "float16"
     batch_size: int = 16
     num_workers: int = field(default_factory=default_workers)
@@ -87,6 +93,10 @@ class ExtractConfig:
             self.policy = ViewPolicy.from_dict(self.policy)
         if self.layers is not None:
             self.layers = list(self.layers)
+        if isinstance(self.devices, str):
+            self.devices = [d.strip() for d in self.devices.split(",") if d.strip()]
+        if isinstance(self.split_at, int):
+            self.split_at = [self.split_at]
         problems = []
         if self.split not in SPLITS:
             problems.append(f"split must be one of {SPLITS}, got {self.split!r}")
@@ -95,6 +105,14 @@ class ExtractConfig:
                             f"'test'), got {self.views}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.devices is not None and (not self.devices or self.device != "auto"):
+            problems.append(f"devices must name at least one device and leaves device at 'auto', got devices "
+                            f"{self.devices!r}, device {self.device!r}")
+        if self.split_at is not None and (self.devices is None or len(self.split_at) != len(self.devices) - 1):
+            problems.append(f"split_at needs devices and names the first block of every device but the first, got "
+                            f"split_at {self.split_at!r} for devices {self.devices!r}")
         if self.dtype not in STORAGE_DTYPES:
             problems.append(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -121,10 +139,11 @@ def default_layers(depth: int) -> list[int]:
 
 
 def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], grid: tuple[int, int],
-                     device: torch.device) -> dict:
+                     precision: str) -> dict:
     """Everything that determines the stored tokens; a store is only resumed or grown under an equal fingerprint.
 
-    The compute precision is part of it: CUDA runs in bf16 autocast, CPU in fp32, and their tokens differ.
+    The resolved compute precision is part of it (bf16, fp16 and fp32 tokens differ); the devices are not (a
+    backbone split over several gives the tokens of one).
     """
     return {
         "backbone": backbone_fingerprint(backbone),
@@ -138,7 +157,7 @@ def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], 
         "n_views": cfg.views,
         "policy": cfg.policy.to_dict(),
         "seed": cfg.seed,
-        "compute": "bfloat16-autocast" if device.type == "cuda" else "float32",
+        "compute": COMPUTE[precision],
         "version": __version__,
     }
 
@@ -201,13 +220,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
 
 def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, held: ExitStack) -> dict[str, Any]:
     say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
-    device = resolve_device(cfg.device, ranks.local_rank)
+    if cfg.devices is not None and ranks.world > 1:
+        raise ValueError("--devices splits one backbone over several devices; under torchrun every rank holds the "
+                         "whole backbone: use one or the other")
+    devices = resolve_devices(cfg.devices) if cfg.devices else [resolve_device(cfg.device, ranks.local_rank)]
+    precision = resolve_precision(cfg.precision, devices[0])
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, overrides=cfg.overrides)
     layers = resolve_layers(cfg.layers if cfg.layers is not None else default_layers(backbone.depth), backbone.depth)
     grid = (cfg.size[1] // backbone.patch_size, cfg.size[0] // backbone.patch_size)
     csv = cfg.data_dir / f"{cfg.split}.csv"
     table = read_long_csv(csv, check_images=False)  # a missing file is a per-image error (--skip-bad)
-    fingerprint = make_fingerprint(cfg, backbone, layers, grid, device)
+    fingerprint = make_fingerprint(cfg, backbone, layers, grid, precision)
     if backbone.weights_sha256 == "random":
         say("WARNING: RANDOM BACKBONE WEIGHTS: these tokens carry no pretrained features (demo / test use only)")
 
@@ -234,14 +257,19 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, hel
         say(f"all {already} samples of {cfg.out} are already done: nothing to do")
     else:
         say(f"extracting {sum(len(it.views) for it in items)} views of {len(items)} images on {ranks.world} "
-            f"rank(s), {device}; {already} samples already done")
-        counts = _run(cfg, backbone, layers, store, mine, device, ranks, progress and ranks.rank == 0)
+            f"rank(s), {','.join(map(str, devices))}, {precision} compute; {already} samples already done")
+        counts = _run(cfg, backbone, layers, store, mine, devices, precision, ranks, progress and ranks.rank == 0)
 
     per_rank = ranks.gather(counts)
     bad = {k: v for c in per_rank for k, v in c["bad"].items()}
     if ranks.rank == 0:
         for image_id, reason in bad.items():
             store.mark_bad(image_id, reason)
+        views = sum(c["views"] for c in per_rank)
+        if views:  # for time estimates (biomass bundle): one device's seconds per view, decode and write included
+            zarr.open_group(cfg.out, mode="r+").update_attributes({"timing": {
+                "seconds_per_view": max(c["loop_s"] for c in per_rank) * ranks.world / views,
+                "on": f"{','.join(map(str, devices))}, {precision}"}})
     return _summary(open_store(cfg.out), per_rank, bad, already, time.perf_counter() - start, ranks.world)
 
 
@@ -365,15 +393,18 @@ def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[Item], int,
 
 
 def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: TokenStore, items: list[Item],
-         device: torch.device, ranks: Ranks, progress: bool) -> dict[str, Any]:
+         devices: list[torch.device], precision: str, ranks: Ranks, progress: bool) -> dict[str, Any]:
     """The overlapped decode -> forward -> write loop over this rank's images."""
-    backbone.model.to(device)
+    starts = place_backbone(backbone, devices, cfg.split_at)
+    if len(devices) > 1:
+        tqdm.write("backbone split: " + ", ".join(f"blocks {a}..{b - 1} on {d}" for a, b, d in
+                                                   zip(starts, [*starts[1:], backbone.depth], devices)))
+    device = devices[0]
     loader = DataLoader(_ViewsDataset(items, cfg), batch_size=max(1, cfg.batch_size // cfg.views), shuffle=False,
                         num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     view_bytes = _payload_bytes_per_view(store)
     counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     writer = Writer(store, WRITER_THREADS, QUEUE_BATCHES * max(1, cfg.batch_size // cfg.views))
     bar = tqdm(total=sum(len(it.views) for it in items), unit="view", disable=not progress, dynamic_ncols=True,
                desc=f"extract {cfg.split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""))
@@ -387,9 +418,11 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
                 tqdm.write(f"skipping bad image {item.image_id!r}: {reason}")
             if batch["pixels"] is None:
                 continue
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast(precision, device):
                 tokens, prefix = forward_tokens(backbone, batch["pixels"].to(device, non_blocking=True), layers,
                                                 cfg.norm)
+            check_finite(tokens, prefix, [it.image_id for it in batch["items"]],
+                         [len(it.views) for it in batch["items"]], layers, precision)
             offset = 0
             for item in batch["items"]:  # encoded here, on the device; the writer threads only do I/O
                 for views, at in _view_slices(item, store.n_views, offset):
@@ -473,11 +506,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return d.get("extract", d)
 
 
-def _parse_layers(text: str) -> list[int]:
+def _parse_layers(text: str, option: str = "--layers") -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise DataError(f"--layers must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
+        raise DataError(f"{option} must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -509,8 +542,14 @@ def extract_command(
     views: Optional[int] = typer.Option(None, help="Views per image; view 0 is clean, train views are augmented, "
                                         "test views are TTA flips (at most 4) (default: 4)."),
     seed: Optional[int] = typer.Option(None, help="Augmentation seed (and random-weights seed) (default: 0)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (cuda runs in bf16 autocast) "
-                                         "(default: auto)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: auto)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Compute precision: auto | bf16 | fp16 | "
+                                            "fp32; auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 "
+                                            "on CPU (default: auto)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split one backbone over several devices, e.g. "
+                                          "cuda:0,cuda:1 (two T4s) (default: one device, --device)."),
+    split_at: Optional[str] = typer.Option(None, "--split-at", help="With --devices: the first block on each "
+                                           "further device, comma-separated (default: by parameter count)."),
     dtype: Optional[str] = typer.Option(None, help="Storage dtype: float16 | bfloat16 | int8 (default: float16)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Views per forward pass (default: 16)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers decoding images "
@@ -537,9 +576,11 @@ def extract_command(
     values = load_config_file(config) if config is not None else {}
     flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
              "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
-             "seed": seed, "device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-             "store_prefix": prefix, "norm": norm, "overwrite": overwrite or None, "skip_bad": skip_bad or None,
-             "retry_bad": retry_bad or None, "recheck": recheck or None}
+             "seed": seed, "device": device, "precision": precision, "devices": devices,
+             "split_at": None if split_at is None else _parse_layers(split_at, "--split-at"), "dtype": dtype,
+             "batch_size": batch_size, "num_workers": workers, "store_prefix": prefix, "norm": norm,
+             "overwrite": overwrite or None, "skip_bad": skip_bad or None, "retry_bad": retry_bad or None,
+             "recheck": recheck or None}
     values.update({k: v for k, v in flags.items() if v is not None})
     summary = extract(ExtractConfig.from_dict(values, where=str(config) if config else "command line"))
     if int(os.environ.get("RANK", "0")) == 0:

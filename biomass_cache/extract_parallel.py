@@ -85,6 +85,28 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_devices(names: list[str]) -> list[torch.device]:
+    """The devices of `--devices cuda:0,cuda:1` (one backbone split over them), all of one kind and visible."""
+    devices = []
+    for name in names:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--devices: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--devices: {name!r} is not a cpu or cuda device")
+        if device.type == "cuda":
+            index = 0 if device.index is None else device.index
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"--devices {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            device = torch.device("cuda", index)
+        devices.append(device)
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"--devices {','.join(names)}: a split backbone runs on devices of one kind, all cuda or all "
+                         "cpu")
+    return devices
+
+
 # ---- writing -----------------------------------------------------------------------------------------------------
 class Writer:
     """Writer threads behind a bounded queue. A failure is kept and re-raised in the main thread; after one, the

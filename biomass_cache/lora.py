@@ -39,6 +39,7 @@ from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.extract import _parse_layers
 from biomass_cache.io import atomic_path, write_json
+from biomass_cache.precision import autocast, check_precision, resolve_precision
 from biomass_cache.live import EpochSampler, LiveDataset, build_prefix_cache, make_loader
 from biomass_cache.runtime import run
 from biomass_cache.store import open_store
@@ -76,7 +77,11 @@ class LoraSettings:
     prefix_views: int = 4  # views stored in the prefix cache (view 0 clean)
     micro_batch: int = 0  # >0: run the backbone in checkpointed micro-batches (exact gradient accumulation)
     grad_checkpointing: bool = False  # recompute each block in backward (timm set_grad_checkpointing)
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # autocast in `precision` (False: fp32)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (precision.py; fp16 trains without loss scaling)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
 
 def adapted_blocks(depth: int, k: int) -> list[int]:
@@ -231,8 +236,7 @@ class LiveTokens(nn.Module):
         key = "pixels" if "pixels" in batch else "hidden"
         x = batch[key].to(self.device, non_blocking=True)
         run = self._full if key == "pixels" else self._suffix
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.s.amp and self.device.type == "cuda")
-        with amp:
+        with autocast(resolve_precision(self.s.precision if self.s.amp else "fp32", self.device), self.device):
             if self.s.micro_batch and len(x) > self.s.micro_batch:
                 parts = x.split(self.s.micro_batch)
                 if torch.is_grad_enabled():  # one micro-batch of activations alive at a time, exact gradient
@@ -290,9 +294,10 @@ def save_checkpoint(json_path: Path, head: nn.Module, meta: dict, live: LiveToke
                            "weights_sha256": runs.sha256_file(weights), "format_version": runs.FORMAT_VERSION})
 
 
-def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "cpu"):
+def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "cpu", precision: str | None = None):
     """(head, live tokens, meta) from a LoRA checkpoint; the base backbone is rebuilt from `weights` (default: the
-    recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides)."""
+    recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides). The
+    backbone computes in `precision` (default: the one recorded at training, resolved on `device`)."""
     from heads import rebuild_head
 
     json_path = Path(json_path)
@@ -304,6 +309,7 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
         raise DataError(f"{file}: sha256 differs from the one recorded in {json_path.name} (file changed?)")
     s = LoraSettings(**{**meta["lora"], "size": tuple(meta["lora"]["size"]), "prefix_cache": None})
     s.weights = str(weights or s.weights)
+    s.precision = check_precision(precision or s.precision)
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     if base_identity(bb) != meta["base"]:
         raise DataError(f"{json_path}: the adapters were trained on base {meta['base']}, but {s.weights} gives "
@@ -325,9 +331,9 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
 
 def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: str = "test",
                    views: Sequence[int] = (0,), weights: str | None = None, device: str = "cpu",
-                   batch_size: int = 16, workers: int = 0) -> np.ndarray:
+                   batch_size: int = 16, workers: int = 0, precision: str | None = None) -> np.ndarray:
     """(N, 5) grams for `table`'s images with a LoRA checkpoint: components averaged over `views`, then rebuilt."""
-    head, live, meta = load_checkpoint(json_path, weights, device)
+    head, live, meta = load_checkpoint(json_path, weights, device, precision)
     aux = AuxSpec.from_dict(meta["aux"])
     comps = []
     for v in views:
@@ -337,13 +343,14 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
     return runs.components_to_grams(np.mean(comps, axis=0))
 
 
-def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool) -> np.ndarray:
+def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool,
+                   precision: str | None = None) -> np.ndarray:
     """(N, 5) grams of a LoRA ensemble member (`ensemble.ResolvedMember`) for the test images of `table`, in order:
     every fold model on the TTA views (clean and flips), components averaged over views and folds."""
     from biomass_cache.views import TTA_VIEWS
 
     comps = [predict_images(path, data_dir, table, split="test", views=range(len(TTA_VIEWS)),
-                            weights=rm.extract["weights"], device=device)[:, :3]
+                            weights=rm.extract["weights"], device=device, precision=precision)[:, :3]
              for path in tqdm(rm.checkpoints, desc=f"LoRA member {rm.member.name}", unit="fold", disable=not progress)]
     return components_to_targets(np.mean(comps, axis=0))
 
@@ -442,7 +449,7 @@ def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
     """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
     doc = tomllib.loads(Path(config).read_text()) if config else {}
     extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "layers",
-                                                                           "norm")}
+                                                                           "norm", "precision")}
     section = {**extract, **doc.get("lora", {}), **overrides}
     unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
     if unknown:
@@ -502,7 +509,9 @@ def lora_command(
                                               help="Backbone micro-batch: exact gradient accumulation, less memory."),
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                                       help="Recompute blocks in backward (large backbones)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA [on]."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Autocast in --precision [on]; off: fp32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | bf16 | fp16 | fp32 [auto: bf16 on "
+                                            "GPUs with native bf16, fp16 on older ones, fp32 on CPU]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size [config, 32]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the head [config]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, init and mixup [config, 0]."),
@@ -529,7 +538,7 @@ def lora_command(
     lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
                 alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
-                grad_checkpointing=grad_checkpointing, amp=amp,
+                grad_checkpointing=grad_checkpointing, amp=amp, precision=precision,
                 layers=_parse_layers(layers) if layers else None,
                 targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
     s = load_settings(config, {k: v for k, v in lora.items() if v is not None})

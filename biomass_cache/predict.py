@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from biomass_cache.data import SEP, DataError, load_image
 from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
 from biomass_cache.io import atomic_path, write_csv
+from biomass_cache.submission import parse_devices
 from biomass_cache.targets import PLOT_AREA_M2, TARGETS, to_density
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -157,7 +158,8 @@ def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.nda
 
 def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
                    maps: bool = False, device: str = "cpu", progress: bool = True,
-                   train_csv: str | Path | None = None, skip_bad: bool = False) -> pd.DataFrame:
+                   train_csv: str | Path | None = None, skip_bad: bool = False, precision: str | None = None,
+                   devices: list[str] | None = None) -> pd.DataFrame:
     """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`.
 
     With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`)."""
@@ -165,7 +167,8 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
     photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
         write_photo_table(photos, Path(tmp))
-        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv)
+        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
+                              precision=precision, devices=devices)
     table = predictions_table(result, photos)
     write_csv(out, table)
     if maps:
@@ -201,6 +204,10 @@ def predict_command(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out photos that cannot be read and list them "
                                   "at the end (default: stop at the first, naming it)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
+                                          "cuda:0,cuda:1 [one device]."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
     from biomass_cache.train import pick_device
@@ -208,4 +215,4 @@ def predict_command(
     device = str(pick_device(device))
     spec = spec_from_options(ensemble, members, weights=weights)
     predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
-                   skip_bad=skip_bad)
+                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))

@@ -20,7 +20,7 @@ import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,9 +75,11 @@ class Reduction:
     def fingerprint(self, parent: dict) -> dict:
         return {"parent": parent, "reduce": self.settings()}
 
-    def check_parent(self, store: TokenStore) -> None:
-        """Refuse a store whose tokens were made otherwise than those the projection was fitted on."""
-        diff = fingerprint_diff(comparable(self.parent_fingerprint), comparable(store.fingerprint))
+    def check_parent(self, store: TokenStore, ignore: Sequence[str] = ()) -> None:
+        """Refuse a store whose tokens were made otherwise than those the projection was fitted on (but for the
+        fingerprint keys `ignore` names: the compute precision, when the user chose another one)."""
+        diff = [d for d in fingerprint_diff(comparable(self.parent_fingerprint), comparable(store.fingerprint))
+                if not any(d.startswith(f"{key}:") or f".{key}:" in d for key in ignore)]
         if diff:
             raise DataError(f"{store.path}: its tokens were extracted with another configuration than the store "
                             "the projection was fitted on (fitted on -> this store): " + "; ".join(diff))
@@ -191,10 +193,11 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int = DEFAULT
 
 
 def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bool = False,
-                 progress: bool = True) -> TokenStore:
-    """Write the reduced store at `out`: built under a temporary name and renamed when every sample is in."""
+                 progress: bool = True, ignore: Sequence[str] = ()) -> TokenStore:
+    """Write the reduced store at `out`: built under a temporary name and renamed when every sample is in.
+    `ignore`: fingerprint keys in which `src` may differ from the store the projection was fitted on."""
     out = Path(out)
-    reduction.check_parent(src)
+    reduction.check_parent(src, ignore)
     rows = usable_images(src)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

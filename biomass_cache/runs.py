@@ -83,10 +83,11 @@ def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
     return head.eval(), meta
 
 
-def check_compatible(meta: dict, store) -> None:
+def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     """Refuse a cache the head was not trained on: other extraction settings, missing layers, other width/grid.
 
-    A test cache differs from the training cache only in store.SPLIT_KEYS (TTA views instead of augmented ones).
+    A test cache differs from the training cache only in store.SPLIT_KEYS (TTA views instead of augmented ones) and
+    the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
     """
     from heads import check_compatible as check_signature
 
@@ -104,7 +105,8 @@ def check_compatible(meta: dict, store) -> None:
         check_signature(meta["head"], store)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from e
-    diff = fingerprint_diff(comparable(meta["fingerprint"]), comparable(store.fingerprint))
+    diff = [d for d in fingerprint_diff(comparable(meta["fingerprint"]), comparable(store.fingerprint))
+            if not any(d.startswith(f"{key}:") or f".{key}:" in d for key in ignore)]
     if diff:
         raise DataError(f"{where} was trained on tokens extracted with another configuration than the token "
                         f"store {store.path} (trained on -> store): " + "; ".join(diff))
@@ -135,13 +137,14 @@ def predict_store(
     device: str = "cpu",
     workers: int = 0,
     preloaded=None,
+    ignore: Sequence[str] = (),
 ) -> np.ndarray:
     """(N, 5) grams for store images `indices` (all by default): components averaged over the views, then rebuilt.
 
     `views` is "all" (TTA mean over every stored view) or one view index (0 = the clean view); `preloaded`: the
-    run's tokens in RAM (dataset.Preloaded), else the store is read.
+    run's tokens in RAM (dataset.Preloaded), else the store is read. `ignore`: as in check_compatible.
     """
-    check_compatible(meta, store)
+    check_compatible(meta, store, ignore)
     indices = range(len(store.image_ids)) if indices is None else indices
     table = pd.DataFrame({"image_id": [store.image_ids[i] for i in indices]})
     view_list = list(range(store.n_views)) if views == "all" else [int(views)]

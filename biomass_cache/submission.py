@@ -192,16 +192,22 @@ def score_command(
 
 
 def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None = None, device: str = "cpu",
-           progress: bool = True):
+           progress: bool = True, precision: str | None = None, devices: Sequence[str] | None = None):
     """Run the ensemble on data/test.csv and write the validated submission; returns (EnsembleResult, frame)."""
     from biomass_cache.ensemble import report_text, run_ensemble
 
     data, out = Path(data), Path(out)
-    result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress)
+    result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
+                          precision=precision, devices=devices)
     sub = write_submission(out, result.frame(), data / "test.csv")
     typer.echo(report_text(result))
     typer.echo(f"submission: {out} ({len(sub)} rows, validated)")
     return result, sub
+
+
+def parse_devices(text: str | None) -> list[str] | None:
+    """`--devices cuda:0,cuda:1` as a list (None: one device)."""
+    return [d.strip() for d in text.split(",") if d.strip()] if text else None
 
 
 def submit_command(
@@ -220,6 +226,10 @@ def submit_command(
                                           "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
                                           "config or the ensemble file names them)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
+                                          "cuda:0,cuda:1 [one device]."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Score the written file against these labels "
                                           "(sample_id,target), e.g. the synthetic test_labels.csv."),
     allow_collapsed: bool = typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
@@ -231,6 +241,6 @@ def submit_command(
 
     device = str(pick_device(device))
     spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
-    submit(spec, data, out, work_dir, device)
+    submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))
     if labels is not None:
         print_scores(score(out, labels), f"{out} vs {labels}")

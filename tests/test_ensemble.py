@@ -395,3 +395,18 @@ def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
     documented = re.search(r"^# Allowed keys: ([a-z_, ]+)\.", text, flags=re.M).group(1).split(", ")
     used = re.findall(r"^([a-z_]+) =", text[text.index("[[member]]"):], flags=re.M)
     assert set(documented) == MEMBER_KEYS and set(used) <= MEMBER_KEYS
+
+
+def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp_path, capsys):
+    import biomass_cache.ensemble as ens
+    from biomass_cache.store import open_store
+
+    root, data, run = pipeline
+    spec = ens.EnsembleSpec((ens.Member(run, head="mlp"),))
+    same = ens.run_ensemble(spec, data, tmp_path, progress=False, devices=["cpu", "cpu"])
+    assert open_store(same.caches[0]).fingerprint["compute"] == "float32"  # the training cache's
+    half = ens.run_ensemble(spec, data, tmp_path, progress=False, precision="fp16")
+    assert "trained on fp32 tokens; the test tokens are computed in fp16" in capsys.readouterr().out
+    assert half.caches[0] != same.caches[0] and open_store(half.caches[0]).fingerprint["compute"] == "float16-autocast"
+    assert not np.array_equal(half.grams, same.grams)
+    np.testing.assert_allclose(half.grams, same.grams, rtol=0.05, atol=0.5)

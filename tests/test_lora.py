@@ -217,3 +217,17 @@ def test_ddp_matches_one_process(data, tmp_path):
     assert any(k.startswith("backbone.") and not torch.equal(v, torch.zeros_like(v)) for k, v in one.items())
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-3, atol=5e-5)  # without averaging: ~1e-3 off
+
+
+def test_precision_of_the_live_backbone():
+    bb = create_backbone(NAME, seed=0, overrides=TINY)
+    inject_lora(bb, settings())
+    x = {"pixels": torch.randn(2, 3, 32, 64)}
+    with torch.no_grad():
+        fp32 = LiveTokens(bb, settings(), CPU)(x)  # auto on the CPU
+        fp16 = LiveTokens(bb, settings(precision="fp16"), CPU)(x)
+        off = LiveTokens(bb, settings(precision="fp16", amp=False), CPU)(x)
+    assert fp16.dtype == torch.float32 and not torch.equal(fp16, fp32) and torch.allclose(fp16, fp32, atol=0.05)
+    assert torch.equal(off, fp32)  # --no-amp computes in fp32 whatever the precision
+    with pytest.raises(ValueError, match="precision must be one of"):
+        settings(precision="half")
