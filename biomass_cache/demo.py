@@ -27,7 +27,7 @@ configs/ensemble_example.toml)."""
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Everything that sets the demo's run time (the full demo: 44 s on 2 idle CPU cores, 405 s on busy ones)."""
+    """Everything that sets the demo's run time (the full demo: a few minutes on a CPU)."""
 
     n_train: int
     n_test: int
