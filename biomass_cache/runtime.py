@@ -2,10 +2,9 @@
 
 glibc's malloc hands freed blocks above a moving threshold back to the kernel (munmap, heap trimming), so the next
 batch faults the same memory in again, page by page. A ViT forward on the CPU frees and reallocates blocks of a few
-to tens of MB in every block of every batch. With fixed thresholds the bare ViT-S forward at 448x224 on the 2-core
-test VM went from 10k minor page faults per view to none and from 8 % of its time in the kernel to 0.1 %: 1.11x as
-fast, and a whole extraction 1.06x, for 7-40 MB more peak memory (benchmarks/bench_malloc.py). Users who set their
-own glibc malloc options in the environment keep them.
+to tens of MB in every block of every batch. Fixed thresholds remove those page faults for a little more peak
+memory (measured by benchmarks/bench_malloc.py; docs: Benchmarks, "The allocator"). Users who set their own glibc
+malloc options in the environment keep them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Direct reads and writes of uncompressed Zarr v3 shards, around zarr's async pipeline: reads cost a tenth of its
-overhead (benchmarks/bench_store.py), a whole image's write a third of its CPU (measured, see store.py).
+"""Direct reads and writes of uncompressed Zarr v3 shards, around zarr's async pipeline, whose per-call overhead
+dominates small reads and costs the forward pass CPU on writes (benchmarks/bench_store.py; docs: Benchmarks).
 
 Reads take the shard index from the start of the shard file (or, in stores written before it moved there, the end),
 then put the wanted inner chunks straight into the caller's buffers, one preadv per run of adjacent chunks, checking

@@ -42,8 +42,8 @@ from biomass_cache.token_codec import CodecError, decode, encode
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "int8")
 SPLITS = ("train", "test")
-# Inner-chunk codecs before the checksum, picked by benchmarks/bench_store.py (see the README section): fp16
-# tokens compress by <10% and every compressor halves read speed, so the default stores raw bytes.
+# Inner-chunk codecs before the checksum, picked by benchmarks/bench_store.py (docs: Benchmarks, "The token store"):
+# fp16 tokens hardly compress and every compressor costs read speed, so the default stores raw bytes.
 CODECS = {
     "none": (),
     "zstd": (ZstdCodec(level=1),),
@@ -64,7 +64,7 @@ FLAT_KEYS = {"name": "default", "separator": "."}
 SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
 SPLIT_KEYS = ("split", "n_views")  # fingerprint keys a test store may change
 EXPECTED_NAMES = ("tokens", "prefix", "scales", "prefix_scales", "done")
-INDEX_LOCATION = "start"  # shard index before the chunks: a cold read runs forward through the file (measured)
+INDEX_LOCATION = "start"  # shard index before the chunks: a cold read runs forward through the file (docs: Benchmarks)
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
 
 
@@ -448,9 +448,9 @@ class TokenStore:
             self._done_cache[sel] = True
 
     def _write_stored(self, name: str, i: int, views: int | slice, sel: tuple, data: np.ndarray) -> None:
-        """Whole uncompressed shards are written by `write_shard`: an image of 2 views at 448x224 took 11 ms of CPU
-        through zarr's async pipeline and takes 3.6 ms this way, fsyncs and `done` included (measured), CPU the
-        forward pass would otherwise lose. Anything else goes through zarr, which merges a partly covered shard."""
+        """Whole uncompressed shards are written by `write_shard`, at a fraction of the CPU zarr's async pipeline takes
+        (CPU the forward pass would otherwise lose). Anything else goes through zarr, which merges a partly covered
+        shard."""
         g = self._geometry[name]
         if not g.plain or not (isinstance(views, slice) or g.views_per_shard == 1):
             self._arrays[name][sel] = data
@@ -495,7 +495,7 @@ class TokenStore:
 
     def _read_stored(self, name: str, i: int, view: int, pos: list[int]) -> np.ndarray:
         """Stored values (len(pos), ...) of one sample. Uncompressed shards are read by `read_inner_chunks`
-        (a tenth of the overhead of zarr's async pipeline, measured); anything else goes through zarr."""
+        (a fraction of the overhead of zarr's async pipeline; docs: Benchmarks); anything else goes through zarr."""
         arr, g = self._arrays[name], self._geometry[name]
         if not g.plain:
             try:

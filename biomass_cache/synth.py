@@ -404,9 +404,8 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
     """Write a complete synthetic Kaggle-format data folder at out_dir, atomically; return a summary.
 
     Deterministic: the same arguments give byte-identical CSVs and images. The folder is built in a hidden
-    sibling and renamed into place, so out_dir is either complete or untouched. Speed (painting + JPEG, one
-    process): about 30 images per CPU-second at 1000 x 500 and ~50 at 200 x 100; the summary's images_per_s
-    is wall-clock, so it is lower on a shared CPU (9-25/s measured while other jobs shared the 2 cores).
+    sibling and renamed into place, so out_dir is either complete or untouched. The summary's images_per_s
+    (painting + JPEG, one process) is wall-clock, so it is lower on a shared CPU.
     """
     out_dir = Path(out_dir)
     if n_train < 1 or n_test < 1:

@@ -115,7 +115,7 @@ def _param(where: str, name: str, spec: Any) -> Param:
 
 
 def parse_space(path: Path) -> Space:
-    """Read and check a space file: [space] searched keys, [fixed] shared [train] values; see the README."""
+    """Read and check a space file: [space] searched keys, [fixed] shared [train] values; see docs/tune.md."""
     try:
         doc = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:

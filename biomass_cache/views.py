@@ -3,7 +3,7 @@
 Every view is a pure function of (image, image_id, view index, seed, size, policy): all random parameters come from
 a numpy Generator seeded by sha256(f"{image_id}|{view}|{seed}"), never from a global RNG, so DataLoader workers,
 resumed runs and other machines produce identical pixels. The crop and resize happen first, in one antialiased
-uint8 resize of the photo (torch's, which matches PIL's to one grey level at a quarter of its CPU cost, measured);
+uint8 resize of the photo (torch's, which matches PIL's to one grey level at a fraction of its CPU cost);
 everything else runs on the small float tensor with torchvision.transforms.v2.functional.
 """
 

@@ -4,9 +4,9 @@ Each patch predicts clover, dead and green in g/m^2 (softplus, in units of the c
 network works at O(1) scale); the image value is the patch mean, so the density map explains the prediction.
 The shared features (read by the auxiliary heads) are the per-patch hidden activations, mean-pooled.
 
-CPU cost is per token (3 layers x every patch), so the defaults are the cheapest measured to score as well
-(benchmarks/bench_heads.py, 160 synthetic images, OOF R^2): hidden 128 (0.803; 256: 0.815 at 1.8x the step time), no
-dropout (dropout masks on every token were a third of the step), and one LayerNorm without affine parameters over
+CPU cost is per token (3 layers x every patch), so the defaults are the cheapest that scored as well on the quality
+bar (benchmarks/bench_heads.py; docs: Benchmarks): hidden 128 (256 scores a little more at about twice the step
+time), no dropout (dropout masks on every token cost much of the step), and one LayerNorm without affine parameters over
 all layers' tokens (a Linear follows, so an affine adds nothing it cannot express; without one, no gradient flows
 into the tokens).
 """
@@ -48,7 +48,7 @@ class DensityHead(FusedHead):
     def layer_components(
         self, tokens: torch.Tensor, return_maps: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        tokens = F.layer_norm(tokens, tokens.shape[-1:])  # one call on the contiguous tensor: 5x faster than per layer
+        tokens = F.layer_norm(tokens, tokens.shape[-1:])  # one call on the contiguous tensor, not one per layer
         hidden = [m.body(tokens[:, l]) for l, m in enumerate(self.per_layer)]  # each (B, T, hidden)
         dens = torch.stack([F.softplus(m.out(h)) for m, h in zip(self.per_layer, hidden)], dim=1)
         dens = dens * self.scale()  # (B, L, T, 3) g/m^2

@@ -1,0 +1,291 @@
+"""Generated parts of the docs site, rendered at build time by `docs/hooks.py` (never committed).
+
+A page asks for generated text with a marker line, replaced when the site is built:
+
+    <!-- generate: cli -->                         the CLI reference, walked from the typer app
+    <!-- generate: bench heads.json -->            tables of benchmarks/results/heads.json
+    <!-- generate: include CHANGELOG.md -->        a file of the repository, as markdown
+    <!-- generate: include configs/x.toml toml --> a file of the repository, as a code block
+
+A benchmark file that is absent renders as a note saying how to record it; a file that lacks a key its renderer reads
+fails the build (KeyError naming the file), so the tables never drift from the results silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+MARKER = re.compile(r"^<!-- generate: (?P<what>[^>]*?) -->$", re.MULTILINE)
+TARGET_LABELS = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g", "GDM_g", "Dry_Total_g")
+
+
+class GenerateError(RuntimeError):
+    """A marker or a results file the generator cannot render: the build must stop."""
+
+
+# ---------------------------------------------------------------------------------------------- markdown helpers
+def cell(text: object) -> str:
+    """A markdown table cell: pipes escaped, `<`/`>` escaped outside code spans (metavars such as <path>)."""
+    parts = str(text).replace("|", "\\|").replace("\n", " ").split("`")
+    return "`".join(p if k % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for k, p in enumerate(parts))
+
+
+def table(header: list[str], rows: list[list[object]], align: str = "") -> str:
+    """A markdown table; `align` is one letter per column (l or r), left by default."""
+    marks = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def size(wh: list[int]) -> str:
+    return f"{wh[0]}x{wh[1]}"
+
+
+# ---------------------------------------------------------------------------------------------- the CLI reference
+def cli_reference() -> str:
+    """Every command of `biomass_cache.cli.app`: help text, usage, arguments and options, from click's params."""
+    import click
+    from typer.main import get_command
+
+    from biomass_cache.cli import app
+
+    group = get_command(app)
+    root = click.Context(group, info_name="biomass")
+    out = ["## `biomass`", "", group.help or "", "", "```", f"biomass {' '.join(group.collect_usage_pieces(root))}", "```", "",
+           params_table(group, root)]
+    for name in group.list_commands(root):
+        command = group.get_command(root, name)
+        ctx = click.Context(command, info_name=name, parent=root)
+        out += ["", f"## `biomass {name}`", "", command.help or "", "", "```",
+                f"biomass {name} {' '.join(command.collect_usage_pieces(ctx))}", "```", "", params_table(command, ctx)]
+    return "\n".join(out)
+
+
+def params_table(command, ctx) -> str:
+    """One row per argument and option: its names and metavar, its default (or `required`), its help."""
+    import click
+
+    rows = []
+    for p in command.get_params(ctx):
+        record = p.get_help_record(ctx)
+        if record is None or p.name == "help":
+            continue
+        rows.append([f"`{record[0]}`", default_text(p), getattr(p, "help", None) or ""])
+    return table(["argument / option", "default", "meaning"], rows) if rows else "(no options)"
+
+
+def default_text(p) -> str:
+    if p.required:
+        return "required"
+    if isinstance(getattr(p, "show_default", None), str):
+        return p.show_default
+    if p.default is None or (getattr(p, "is_flag", False) and p.default is False and not p.secondary_opts):
+        return ""
+    if isinstance(p.default, bool):
+        return (p.opts if p.default else p.secondary_opts)[0]
+    return f"`{p.default}`"
+
+
+# ---------------------------------------------------------------------------------------------- benchmark tables
+def r2_rows(d: dict) -> str:
+    """heads.json / heads_reduce.json: OOF competition_r2 and per-target R^2 of every contender, then the goals."""
+    s = d["settings"]
+    head = (f"{s['n_train']} synthetic training photos ({size(s['photo'])}), {s['backbone']}, input "
+            f"{size(s['size'])}, blocks {s['layers']}, {s['views']} views, {s['folds']} grouped folds, "
+            f"{s['epochs']} epochs, OOF on view {s['tta']}; {s['train_defaults']}.")
+    rows = [[r["model"], f"{r['competition_r2']:.3f}", *(f"{r['per_target_r2'][t]:.3f}" for t in TARGET_LABELS)]
+            for r in d["rows"]]
+    goals = [[k, f"{g['margin']:+.3f}", f">= {g['goal']:+.3f}", "yes" if g["met"] else "**no**"]
+             for k, g in d["goals"].items()]
+    return "\n\n".join([head, table(["model", "competition_r2", *(f"R2 {t[:-2]}" for t in TARGET_LABELS)], rows,
+                                    "lrrrrrr"),
+                        table(["goal", "margin", "needed", "met"], goals, "lrrl"), machine_line(d)])
+
+
+def extract_rows(d: dict) -> str:
+    """extract*.json: the extraction loop over the bare backbone forward (median of adjacent pairs), bytes per view."""
+    ratios = d["pair_ratios"]
+    head = (f"{d['backbone']} ({d['weights']} weights), input {size(d['size'])} from {size(d['photo_size'])} "
+            f"photos, {d['images']} images x {d['views']} views, layers {d['layers']}, batches of {d['batch_size']} "
+            f"views, {d['workers']} workers, {d['torch_threads']} torch threads, {d['repeats']} adjacent pairs.")
+    timing = table(["bare forward (s)", "extraction loop (s)", "loop / bare (median of pairs)", "single pairs",
+                    "whole call / bare", "CPU s / bare", "views/s", "goal"],
+                   [[f"{d['bare_forward_s']:.2f}", f"{d['extract_loop_s']:.2f}", f"**{d['overhead_ratio']:.3f}**",
+                     f"{min(ratios):.2f} to {max(ratios):.2f}", f"{d['end_to_end_ratio']:.3f}",
+                     f"{d['cpu_time_ratio']:.3f}", f"{d['views_per_s']:.2f}", f"<= {d['goal']}"]], "rrrlrrrl")
+    sizes = table(["storage dtype", "bytes on disk per image-view"],
+                  [[k, f"{v:,.0f}"] for k, v in d["bytes_per_image_view"].items()], "lr")
+    return "\n\n".join([head, timing, sizes, machine_line(d)])
+
+
+def malloc_rows(d: dict) -> str:
+    """malloc.json: glibc's default malloc against the fixed thresholds, per measured workload."""
+    head = (f"{d['backbone']} ({d['weights']} weights), {size(d['size'])}, batches of {d['batch_views']} views, "
+            f"{d['views_per_pass']} views per pass, {d['passes_per_child']} passes in each of "
+            f"{d['children_per_setting']} child processes per setting, {d['torch_threads']} torch threads.")
+    rows = []
+    for name, r in d["results"].items():
+        for setting, s in r["settings"].items():
+            rows.append([name, setting, f"{s['ms_per_view']:.1f}", f"{s['faults_per_view']:,.0f}",
+                         f"{100 * s['kernel_share']:.1f} %", f"{s['max_rss_mb']:.0f} MB",
+                         f"{r['speedup']:.3f}x" if setting == "tuned" else ""])
+    return "\n\n".join([head, table(["measured", "malloc", "ms per view (median pass)", "minor faults per view",
+                                     "kernel time / (wall x threads)", "peak RSS", "speed-up"], rows, "llrrrrr"),
+                        machine_line(d)])
+
+
+def store_rows(d: dict) -> str:
+    """store.json: read speed against a raw memmap, write speed, bytes on disk per dtype and codec."""
+    c = d["config"]
+    head = (f"{c['n_images']} images x {c['views']} views, layers {c['layers']}, grid {c['grid']}, {c['channels']} "
+            f"channels ({c['sample_MB_fp16']:.2f} MB per float16 sample), {c['reps']} reps, default layout "
+            f"`{c['default_layout']}`. Method: {c['method']}.")
+    default = f"store {c['default_layout']}"
+    reads = sorted(d["reads"].items(), key=lambda kv: -kv[1]["vs_memmap"])
+    read_rows = [[f"**{k} (default)**" if k == default else k, f"{r['median_samples_per_s']:.0f}",
+                  f"{r['MB_per_s']:.0f}", f"{r['vs_memmap']:.2f}",
+                  f"{min(r['vs_memmap_per_rep']):.2f} to {max(r['vs_memmap_per_rep']):.2f}",
+                  f"{r['one_layer_samples_per_s']:.0f}", f"{r['one_layer_vs_memmap']:.2f}"] for k, r in reads]
+    write_rows = [[k, f"{w['samples_per_s']:.0f}", f"{w['MB_per_s']:.0f}"] for k, w in d["writes"].items()]
+    size_rows = [[k, f"{z['bytes_per_image_view'] / 1e6:.3f} MB", f"{z['ratio_vs_fp16_raw']:.2f}"]
+                 for k, z in d["sizes"].items()]
+    return "\n\n".join([
+        head,
+        table(["reader", "samples/s (median pass)", "MB/s", "vs memmap (median of per-rep ratios)", "per-rep ratios",
+               "one layer, samples/s", "one layer vs memmap"], read_rows, "lrrrlrr"),
+        table(["writer", "samples/s", "MB/s"], write_rows, "lrr"),
+        table(["dtype / codec", "bytes per image-view", "ratio vs raw float16"], size_rows, "lrr"),
+        f"{c['cpus']} CPUs, {c['platform']}, zarr {c['zarr']}, numpy {c['numpy']}; {c['seconds']:.0f} s."])
+
+
+def speed_rows(d: dict) -> str:
+    """speed.json: epoch time of a head from the cache against the same head with the backbone run live."""
+    s = d["settings"]
+    head = (f"{s['backbone']}, input {size(s['size'])} from {size(s['photo'])} photos, layers {s['layers']}, "
+            f"{s['images']} images, batch {s['batch_size']}, {s['torch_threads']} torch thread(s), {s['device']}; "
+            f"{s['heads']}. Median epoch after the first ({s['epochs']['cache']} cached, {s['epochs']['live']} live "
+            f"epochs).")
+    rows = [[r["head"], r["recipe"], f"{r['cache_epoch_s']:.2f}", f"{r['live_epoch_s']:.2f}",
+             f"**{r['speedup']:.0f}x**" if r["speedup"] >= d["goal"] else f"{r['speedup']:.0f}x"] for r in d["rows"]]
+    return "\n\n".join([head, table(["head", "recipe", "epoch from cache (s)", "epoch, backbone live (s)", "speed-up"],
+                                    rows, "llrrr"),
+                        f"Goal: >= {d['goal']:.0f}x (bold where met). One-off extraction of the cache: "
+                        f"{d['extract_s']:.1f} s.", machine_line(d)])
+
+
+def lora_rows(d: dict) -> str:
+    """lora.json: LoRA epoch time, live backbone against the prefix cache and the frozen token cache."""
+    head = (f"{d['backbone']}, input {size(d['size'])}, {d['images']} images, layers {d['layers']}, last "
+            f"{d['adapted_blocks']} blocks adapted, batch {d['batch_size']}, {d['epochs']} epochs, "
+            f"{d['torch_threads']} torch threads, {d['device']}.")
+    rows = [[r["method"], f"{r['epoch_s']:.2f}", f"{r['build_s']:.1f}", f"{r['speedup_vs_live']:.1f}x"]
+            for r in d["rows"]]
+    return "\n\n".join([head, table(["method", "epoch (s)", "one-off build (s)", "speed-up vs live"], rows, "lrrr")])
+
+
+def scale_rows(d: dict) -> str:
+    """scale.json: the default 5-fold run on ViT-L / ViT-7B-shaped stores, full against reduced (`biomass reduce`)."""
+    s = d["settings"]
+    scaled = s["images"] != s["scaled_to"]
+    scaling = f", figures scaled to {s['scaled_to']} images" if scaled else ""
+    head = (f"{s['images']} images per store{scaling}; "
+            f"{s['folds']} folds x {s['epochs']} epochs, batch {s['batch_size']}; {s['train']}, {s['reduce']}. "
+            f"Tokens: {s['signal']}." + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+    stores, runs = [], []
+    for shape in d["shapes"]:
+        red = shape["reduce"]
+        stores.append([shape["shape"], f"{len(shape['layers'])} x {shape['grid']} x {shape['channels']}",
+                       f"{shape['store_gb']:.2f}", f"{len(shape['layers'])} x {shape['reduced_grid']} x "
+                       f"{shape['reduced_channels']}", f"{shape['reduced_store_gb']:.3f}",
+                       f"{red['wall_s_at_357'] / 60:.1f}", f"{red['peak_rss_gb']:.1f}"])
+        for head_name, row in shape["heads"].items():
+            full, reduced = row["full"], row["reduced"]
+            runs.append([shape["shape"], head_name,
+                         f"{full['epoch_s_at_357']:.1f} / {reduced['epoch_s_at_357']:.1f}",
+                         f"{full['compute_limit_epoch_s']:.1f} / {reduced['compute_limit_epoch_s']:.1f}",
+                         f"{full['default_run_s_at_357'] / 60:.0f} ({full['default_run_s']})",
+                         f"{reduced['with_reduce_s_at_357'] / 60:.0f} ({reduced['default_run_s']})",
+                         f"**{row['speedup']:.1f}x**", f"{full['peak_rss_gb']:.1f} / {reduced['peak_rss_gb']:.1f}",
+                         f"{reduced['oof_competition_r2']:.3f}"])
+    return "\n\n".join([
+        head,
+        table(["shape", "store (layers x grid x channels)", f"GB ({s['images']} images)", "reduced",
+               f"GB ({s['images']} images)", "biomass reduce (min)",
+               "its peak RSS (GB)"], stores, "llrlrrr"),
+        table(["shape", "head", "epoch s, full / reduced", "compute limit s/epoch, full / reduced",
+               "default run, full (min)", "reduced run + reduce (min)", "speed-up", "peak RSS GB, full / reduced",
+               "OOF competition_r2 (reduced)"], runs, "llrrrrrrr"),
+        machine_line(d)])
+
+
+def tune_rows(d: dict) -> str:
+    """tune.json: the density head tuned by `biomass tune` against its defaults, same folds, fresh seeds."""
+    s = d["settings"]
+
+    def score(r: dict) -> str:
+        return f"{r['mean']:.3f} +- {r['std']:.3f}" if r["std"] is not None else f"{r['mean']:.3f}"
+
+    rows = [["density head, defaults", score(d["default"])],
+            [f"density head, tuned ({s['trials']} trials, top {s['top_k']} x {s['seeds']} seeds)", score(d["tuned"])]]
+    return "\n\n".join([f"{s['n_train']} images, {s['folds']} folds, {s['epochs']} epochs; mean +- std over fresh "
+                        f"seeds.", table(["model", "competition_r2"], rows, "lr"),
+                        f"Gain {d['gain']:+.3f}; tuning {d['tune_s']:.0f} s, wall {d['wall_s']:.0f} s."])
+
+
+def machine_line(d: dict) -> str:
+    m = d["machine"]
+    return "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "load_average_1_5_15") + "."
+
+
+RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (renderer, script that writes it)
+    "extract.json": (extract_rows, "bench_extract.py"),
+    "extract_960x480.json": (extract_rows, "bench_extract.py --size 960 480 --images 12 --out ..."),
+    "malloc.json": (malloc_rows, "bench_malloc.py"),
+    "store.json": (store_rows, "bench_store.py"),
+    "heads.json": (r2_rows, "bench_heads.py"),
+    "heads_reduce.json": (r2_rows, "bench_heads.py (on a reduced cache)"),
+    "speed.json": (speed_rows, "bench_speed.py"),
+    "lora.json": (lora_rows, "bench_lora.py"),
+    "scale.json": (scale_rows, "bench_scale.py"),
+    "tune.json": (tune_rows, "bench_tune.py"),
+}
+
+
+def bench(results: Path, name: str) -> str:
+    """The tables of one results file, or a note when it has not been recorded yet."""
+    if name not in RENDERERS:
+        raise GenerateError(f"no renderer for benchmarks/results/{name}; known: {', '.join(RENDERERS)}")
+    render, script = RENDERERS[name]
+    path = results / name
+    if not path.is_file():
+        return f"*`benchmarks/results/{name}` has not been recorded yet (`python benchmarks/{script}`).*"
+    try:
+        return f"*From `benchmarks/results/{name}`.*\n\n" + render(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise GenerateError(f"benchmarks/results/{name}: cannot render its tables ({type(e).__name__}: {e}); "
+                            f"update {render.__name__} in docs/generate.py to the file's schema") from e
+
+
+# ---------------------------------------------------------------------------------------------- markers
+def expand(markdown: str, root: Path) -> str:
+    """Replace every marker line of a page by its generated text; an unknown marker stops the build."""
+
+    def one(m: re.Match) -> str:
+        what = m.group("what").split()
+        if what == ["cli"]:
+            return cli_reference()
+        if len(what) == 2 and what[0] == "bench":
+            return bench(root / "benchmarks" / "results", what[1])
+        if what[:1] == ["include"] and len(what) in (2, 3):
+            path = root / what[1]
+            if not path.is_file():
+                raise GenerateError(f"include {what[1]}: no such file in the repository")
+            text = path.read_text()
+            return text if len(what) == 2 else f"```{what[2]}\n{text.rstrip()}\n```"
+        raise GenerateError(f"unknown marker <!-- generate: {m.group('what')} -->")
+
+    return MARKER.sub(one, markdown)

@@ -1,0 +1,56 @@
+"""The docs site's generated pages (docs/generate.py): they must say what the code and the results files say."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import click
+import pytest
+from typer.main import get_command
+
+from biomass_cache.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("biomass_docs_generate", ROOT / "docs" / "generate.py")
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
+
+
+def test_cli_reference_lists_every_command_and_option():
+    text = generate.cli_reference()
+    group = get_command(app)
+    root = click.Context(group, info_name="biomass")
+    for name in group.list_commands(root):
+        command = group.get_command(root, name)
+        assert f"## `biomass {name}`" in text
+        for p in command.get_params(click.Context(command, info_name=name, parent=root)):
+            for opt in p.opts + p.secondary_opts:
+                if opt != "--help":
+                    assert opt in text, (name, opt)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("*.json")))
+def test_every_results_file_renders(name):
+    text = generate.bench(ROOT / "benchmarks" / "results", name)
+    assert text.startswith(f"*From `benchmarks/results/{name}`.*") and "| --- |" in text
+
+
+def test_absent_results_file_is_a_note_and_a_missing_key_fails(tmp_path):
+    assert "has not been recorded yet" in generate.bench(tmp_path, "scale.json")
+    data = json.loads((ROOT / "benchmarks" / "results" / "heads.json").read_text())
+    del data["rows"][0]["per_target_r2"]["GDM_g"]
+    (tmp_path / "heads.json").write_text(json.dumps(data))
+    with pytest.raises(generate.GenerateError, match="heads.json.*GDM_g"):
+        generate.bench(tmp_path, "heads.json")
+
+
+def test_markers_expand_and_unknown_ones_fail(tmp_path):
+    (tmp_path / "x.toml").write_text("a = 1\n")
+    page = "intro\n<!-- generate: include x.toml toml -->\nend"
+    assert generate.expand(page, tmp_path) == "intro\n```toml\na = 1\n```\nend"
+    with pytest.raises(generate.GenerateError, match="unknown marker"):
+        generate.expand("<!-- generate: nonsense -->", tmp_path)
+    with pytest.raises(generate.GenerateError, match="no renderer"):
+        generate.expand("<!-- generate: bench other.json -->", tmp_path)
