@@ -18,7 +18,7 @@ NOTE: the backbone here is RANDOMLY INITIALISED (no weights are downloaded), so 
 pipeline works. With real DINOv3 weights and the real competition data the same steps are:
   biomass extract --data DATA_DIR --split train --backbone vit_small_patch16_dinov3 --weights PATH.pth \\
                   --size 960x480 --out cache/train.zarr
-  biomass reduce  --cache cache/train.zarr --out cache/train_r.zarr       (PCA 128 channels, 2 x 2 pooling)
+  biomass reduce  --cache cache/train.zarr --out cache/train_r.zarr       (PCA 128 channels, 30 x 60 -> 15 x 30)
   biomass train   --cache cache/train_r.zarr --data DATA_DIR --head density --folds 5 --out runs/density
   biomass submit  --data DATA_DIR --members runs/density --weights vit_small_patch16_dinov3=PATH.pth \\
                   --out submission.csv                           (the same as: python submit.py ...)
@@ -40,7 +40,7 @@ class DemoSize:
     epochs: int
     folds: int = 5
     pcgrad: bool = True  # primary-anchored PCGrad: most of a training step's time on the CPU
-    reduce: tuple[int, int] | None = (128, 1)  # (dim, pool) of `biomass reduce`; pool 1: the 7 x 14 grid stays
+    reduce: tuple[int, int | str] | None = (128, "auto")  # (dim, pool) of `biomass reduce`
 
 
 FULL = DemoSize(n_train=96, n_test=24, photo=(448, 224), size=(224, 112), layers=(8, 11), views=2, epochs=6)
@@ -88,7 +88,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
         full, reduced = open_store(cache), out / "cache" / "train_reduced.zarr"
         reduce_store(full, fit_reduction(full, *sz.reduce, progress=progress), reduced, overwrite=True,
                      progress=progress)
-        step(f"reduced cache (PCA {sz.reduce[0]}, pool {sz.reduce[1]})", t)
+        step(f"reduced cache (PCA {sz.reduce[0]} channels, grid {list(open_store(reduced).grid)})", t)
 
     t = time.time()
     run = out / "runs" / "heads"

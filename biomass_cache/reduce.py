@@ -35,7 +35,8 @@ from biomass_cache.store import StoreSpec, TokenStore, comparable, create_store,
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
-DEFAULT_POOL = 2
+DEFAULT_POOL = "auto"  # the coarsest pooling that keeps at least MIN_GRID patches
+MIN_GRID = (14, 28)  # rows, cols: the grid at which the quality benchmark measured (docs: benchmarks)
 DEFAULT_FIT_TOKENS = 100_000  # tokens per layer the PCA is fitted on (a random subset of the pooled clean views)
 
 
@@ -143,6 +144,22 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch
     return F.avg_pool2d(x, pool).permute(0, 2, 3, 1).reshape(*lead, -1, c)
 
 
+def auto_pool(grid: tuple[int, int]) -> int:
+    """The largest P dividing the grid that leaves at least MIN_GRID patches (1 for a grid of MIN_GRID or less)."""
+    return max(p for p in range(1, min(grid) + 1)
+               if grid[0] % p == 0 and grid[1] % p == 0 and grid[0] // p >= MIN_GRID[0]
+               and grid[1] // p >= MIN_GRID[1]) if grid[0] >= MIN_GRID[0] and grid[1] >= MIN_GRID[1] else 1
+
+
+def resolve_pool(pool: int | str, grid: tuple[int, int]) -> int:
+    if pool == "auto":
+        return auto_pool(grid)
+    try:
+        return int(pool)
+    except (TypeError, ValueError):
+        raise DataError(f"--pool {pool!r}: must be 'auto' or a whole number") from None
+
+
 def _check_settings(store: TokenStore, dim: int, pool: int) -> None:
     if not 1 <= dim <= store.channels:
         raise DataError(f"--dim {dim}: must be between 1 and the {store.channels} channels of {store.path}")
@@ -164,9 +181,10 @@ def usable_images(store: TokenStore) -> list[int]:
     return rows
 
 
-def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int = DEFAULT_POOL,
+def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = DEFAULT_POOL,
                   fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True) -> Reduction:
     """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer)."""
+    pool = resolve_pool(pool, tuple(store.grid))
     _check_settings(store, dim, pool)
     rows = usable_images(store)
     n_layers, c = len(store.layers), store.channels
@@ -249,10 +267,11 @@ def load_settings(path: Path | None) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise DataError(f"{path}: not a readable TOML config ({e})") from e
     unknown = sorted(set(table) - set(CONFIG_KEYS))
-    bad = [k for k, v in table.items() if k in CONFIG_KEYS and (not isinstance(v, int) or isinstance(v, bool))]
+    bad = [k for k, v in table.items() if k in CONFIG_KEYS and (not isinstance(v, int) or isinstance(v, bool))
+           and not (k == "pool" and v == "auto")]
     if unknown or bad:
         raise DataError(f"{path} [reduce]: " + (f"unknown key(s) {unknown}; allowed: {sorted(CONFIG_KEYS)}"
-                                                if unknown else f"{bad} must be whole numbers"))
+                                                if unknown else f"{bad} must be whole numbers (pool: or \"auto\")"))
     return {**CONFIG_KEYS, **table}
 
 
@@ -260,7 +279,8 @@ def reduce_command(
     cache: Path = typer.Option(..., "--cache", help="Token store to reduce (written by `biomass extract`)."),
     out: Path = typer.Option(..., "--out", help="Reduced token store to write."),
     dim: Optional[int] = typer.Option(None, "--dim", help=f"Channels kept per layer, PCA components ({DEFAULT_DIM})."),
-    pool: Optional[int] = typer.Option(None, "--pool", help="P x P average pooling of the patch grid; 1 = none "
+    pool: Optional[str] = typer.Option(None, "--pool", help="P x P average pooling of the patch grid; 1 = none; "
+                                       f"auto = the coarsest that keeps {MIN_GRID[0]} x {MIN_GRID[1]} patches "
                                        f"({DEFAULT_POOL})."),
     like: Optional[Path] = typer.Option(None, "--like", help="Apply the projection of this reduced store or run "
                                         "folder instead of fitting one (e.g. for a test store)."),

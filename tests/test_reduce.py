@@ -215,4 +215,12 @@ def test_the_config_table_sets_the_defaults_and_flags_override_it(toy, tmp_path)
     assert result.exit_code == 2 and "unknown key(s) ['dims']" in result.output and not (tmp_path / "c.zarr").exists()
     default = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
     from biomass_cache.reduce import load_settings
-    assert load_settings(default) == {"dim": 128, "pool": 2, "fit_tokens": 100000}
+    assert load_settings(default) == {"dim": 128, "pool": "auto", "fit_tokens": 100000}
+
+
+def test_auto_pooling_keeps_the_benchmarked_grid():
+    from biomass_cache.reduce import auto_pool
+
+    assert auto_pool((30, 60)) == 2  # ViT at 960 x 480 -> 15 x 30
+    assert auto_pool((14, 28)) == 1 and auto_pool((7, 14)) == 1 and auto_pool((8, 4)) == 1
+    assert auto_pool((60, 120)) == 4 and auto_pool((28, 56)) == 2
