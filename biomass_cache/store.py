@@ -195,7 +195,7 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
                          f"got {codec!r}, {layout!r}")
     if path.exists():
         if not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise StoreError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         if not _is_zarr_store(path):
             raise StoreError(f"refusing to overwrite {path}: it is not a zarr store (no zarr.json)")
     random_weights = _infer_random_weights(spec.fingerprint) if spec.random_weights is None else spec.random_weights

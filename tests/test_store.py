@@ -334,7 +334,7 @@ def test_append_images(tmp_path):
 def test_create_refuses_overwrite(tmp_path):
     path = tmp_path / "s.zarr"
     create_store(path, spec()).write_image(0, tokens(2))
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(StoreError, match="overwrite"):
         create_store(path, spec())
     assert open_store(path).done()[0].all()
     s = create_store(path, spec(n=5), overwrite=True)
