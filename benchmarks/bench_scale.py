@@ -9,8 +9,9 @@ directions; not real DINOv3 features), then measures side by side in one run, ea
 - reduce: `biomass reduce` with its defaults (PCA 128 channels, 2 x 2 pooling), measured;
 - reduced: `biomass train --head H --folds 5` with its defaults on the reduced store, measured whole.
 
-Per arm: wall seconds, seconds per epoch, peak RSS (the child's own maxrss), store bytes read per epoch (the tokens
-the epoch touches) and the compute limit: the head's FLOPs per epoch (counted by torch's FlopCounterMode) over the
+Per arm: wall seconds, seconds per epoch, peak RSS (the child's maxrss from wait4: Linux counts the resident memory
+this process had when it started the child, so it is an upper bound), store bytes read per epoch (the tokens the
+epoch touches) and the compute limit: the head's FLOPs per epoch (counted by torch's FlopCounterMode) over the
 fp32 matmul GFLOP/s measured in this run at the head's shape.
 
     python benchmarks/bench_scale.py [--quick] [--images N] [--images-vit7b N] [--shapes vitl,vit7b] [--work DIR]

@@ -190,35 +190,43 @@ def lora_rows(d: dict) -> str:
 def scale_rows(d: dict) -> str:
     """scale.json: the default 5-fold run on ViT-L / ViT-7B-shaped stores, full against reduced (`biomass reduce`)."""
     s = d["settings"]
-    scaled = s["images"] != s["scaled_to"]
-    scaling = f", figures scaled to {s['scaled_to']} images" if scaled else ""
-    head = (f"{s['images']} images per store{scaling}; "
+    head = (f"Figures per {s['scaled_to']} images (a store of fewer images is scaled up: its `images` column); "
             f"{s['folds']} folds x {s['epochs']} epochs, batch {s['batch_size']}; {s['train']}, {s['reduce']}. "
-            f"Tokens: {s['signal']}." + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
-    stores, runs = [], []
+            f"Tokens: {s['signal']}. Peak RSS is the child process's maxrss as Linux reports it, which counts the "
+            f"benchmark process's resident memory when it starts the child: an upper bound."
+            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+    stores, runs, steps = [], [], []
     for shape in d["shapes"]:
         red = shape["reduce"]
-        stores.append([shape["shape"], f"{len(shape['layers'])} x {shape['grid']} x {shape['channels']}",
-                       f"{shape['store_gb']:.2f}", f"{len(shape['layers'])} x {shape['reduced_grid']} x "
-                       f"{shape['reduced_channels']}", f"{shape['reduced_store_gb']:.3f}",
+        stores.append([shape["shape"], shape["images"], f"{len(shape['layers'])} x {shape['grid']} x "
+                       f"{shape['channels']}", f"{shape['store_gb']:.2f}", f"{len(shape['layers'])} x "
+                       f"{shape['reduced_grid']} x {shape['reduced_channels']}", f"{shape['reduced_store_gb']:.3f}",
                        f"{red['wall_s_at_357'] / 60:.1f}", f"{red['peak_rss_gb']:.1f}"])
         for head_name, row in shape["heads"].items():
             full, reduced = row["full"], row["reduced"]
             runs.append([shape["shape"], head_name,
-                         f"{full['epoch_s_at_357']:.1f} / {reduced['epoch_s_at_357']:.1f}",
-                         f"{full['compute_limit_epoch_s']:.1f} / {reduced['compute_limit_epoch_s']:.1f}",
+                         f"{full['epoch_s_at_357']:.1f} / {reduced['epoch_s_at_357']:.2f}",
+                         f"{full['compute_limit_epoch_s']:.2f} / {reduced['compute_limit_epoch_s']:.2f}",
+                         f"{full['bytes_read_per_epoch'] / 1e9:.1f} / {reduced['bytes_read_per_epoch'] / 1e9:.1f}",
                          f"{full['default_run_s_at_357'] / 60:.0f} ({full['default_run_s']})",
-                         f"{reduced['with_reduce_s_at_357'] / 60:.0f} ({reduced['default_run_s']})",
+                         f"{reduced['with_reduce_s_at_357'] / 60:.1f} ({reduced['default_run_s']})",
                          f"**{row['speedup']:.1f}x**", f"{full['peak_rss_gb']:.1f} / {reduced['peak_rss_gb']:.1f}",
                          f"{reduced['oof_competition_r2']:.3f}"])
+            steps += [[shape["shape"], head_name, arm, f"{a['step_ms_fp32']:.1f}", f"{a['step_ms_bf16_autocast']:.1f}",
+                       f"{a['matmul_gflops_fp32']:.0f}", f"{a['matmul_gflops_bf16']:.0f}"]
+                      for arm, a in (("full", full), ("reduced", reduced))]
     return "\n\n".join([
         head,
-        table(["shape", "store (layers x grid x channels)", f"GB ({s['images']} images)", "reduced",
-               f"GB ({s['images']} images)", "biomass reduce (min)",
-               "its peak RSS (GB)"], stores, "llrlrrr"),
+        table(["shape", "images", "store (layers x grid x channels)", "GB", "reduced", "GB",
+               "biomass reduce (min)", "its peak RSS (GB)"], stores, "lrlrlrrr"),
         table(["shape", "head", "epoch s, full / reduced", "compute limit s/epoch, full / reduced",
-               "default run, full (min)", "reduced run + reduce (min)", "speed-up", "peak RSS GB, full / reduced",
-               "OOF competition_r2 (reduced)"], runs, "llrrrrrrr"),
+               "GB read from disk per epoch, full / reduced", "default run, full (min)",
+               "reduced run + reduce (min)", "speed-up", "peak RSS GB, full / reduced",
+               "OOF competition_r2 (reduced, planted signal)"], runs, "llrrrrrrrr"),
+        "One training step (batch 16, forward, backward, AdamW) of the head at its defaults, fp32 against CPU bf16 "
+        "autocast, and the matmul throughput at the head's shape:",
+        table(["shape", "head", "tokens", "step ms, fp32", "step ms, bf16 autocast", "matmul GFLOP/s, fp32",
+               "matmul GFLOP/s, bf16"], steps, "lllrrrr"),
         machine_line(d)])
 
 
