@@ -340,14 +340,6 @@ def _positions(store, image_ids: Sequence[str]) -> np.ndarray:
     return np.array([position[i] for i in image_ids], dtype=np.int64)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -355,7 +347,9 @@ def _digest(obj) -> str:
 def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
     the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
-    files = [(_sha256(p), _sha256(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
+    from biomass_cache.runs import sha256_file
+
+    files = [(sha256_file(p), sha256_file(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract
     return _digest({"checkpoints": files, "source": source, "images": list(hashes), "kind": rm.kind,
                     "contents": list(hashes.values())})
