@@ -240,14 +240,18 @@ def test_predict_skips_bad_photos_only_when_told(run, tmp_path):
     refused = biomass("predict", photos, "--members", run_dir, "--out", out)
     assert_user_error(refused, "broken.jpg", "--skip-bad")
     assert not out.exists() and not (tmp_path / "cache").exists()
+    from test_recovery import _huge_jpeg
+
+    _huge_jpeg(photos / "bomb.jpg", 20000, 10000)  # a decompression bomb: refused from its header, never decoded
     done = biomass("predict", photos, "--members", run_dir, "--out", out, "--skip-bad")
     assert done.exit_code == 0, done.output
-    assert "skipped 1 unreadable photo(s)" in done.stderr and "broken.jpg" in done.stderr
+    assert "skipped 2 unreadable photo(s)" in done.stderr and "broken.jpg" in done.stderr
+    assert "bomb.jpg" in done.stderr and "too large" in done.stderr
     assert sorted(pd.read_csv(out)["image_id"]) == sorted(p.stem for p in photos.glob("ID*.jpg"))
     for p in photos.glob("ID*.jpg"):
         p.unlink()
     assert_user_error(biomass("predict", photos, "--members", run_dir, "--out", tmp_path / "none.csv", "--skip-bad"),
-                      "none of the 1 photos could be read")
+                      "none of the 2 photos could be read")
 
 
 def test_predict_warns_about_a_photo_of_another_shape(run, tmp_path):
