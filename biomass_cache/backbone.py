@@ -195,7 +195,7 @@ def split_points(model: nn.Module, n_parts: int) -> list[int]:
     everything outside the blocks count towards part 0, where they run)."""
     sizes = [sum(p.numel() for p in blk.parameters()) for blk in model.blocks]
     if not 1 <= n_parts <= len(sizes):
-        raise ValueError(f"cannot split {len(sizes)} blocks over {n_parts} devices")
+        raise DataError(f"cannot split {len(sizes)} blocks over {n_parts} devices")
     total = sum(p.numel() for p in model.parameters())
     before = [total - sum(sizes)]  # parameters on the devices before block i: embeddings, final norm, blocks < i
     for size in sizes[:-1]:
@@ -225,7 +225,7 @@ def place_backbone(backbone: Backbone, devices: Sequence[torch.device],
     split_at = [int(b) for b in split_at]
     if len(split_at) != len(devices) - 1 or split_at != sorted(set(split_at)) or \
             not all(0 < b < backbone.depth for b in split_at):
-        raise ValueError(f"split points {split_at} must be {len(devices) - 1} increasing block indices in "
+        raise DataError(f"split points {split_at} must be {len(devices) - 1} increasing block indices in "
                          f"1..{backbone.depth - 1} for {len(devices)} devices")
     starts = [0, *split_at]
     for part, (device, first) in enumerate(zip(devices, starts)):

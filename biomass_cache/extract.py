@@ -221,7 +221,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
 def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, held: ExitStack) -> dict[str, Any]:
     say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
     if cfg.devices is not None and ranks.world > 1:
-        raise ValueError("--devices splits one backbone over several devices; under torchrun every rank holds the "
+        raise DataError("--devices splits one backbone over several devices; under torchrun every rank holds the "
                          "whole backbone: use one or the other")
     devices = resolve_devices(cfg.devices) if cfg.devices else [resolve_device(cfg.device, ranks.local_rank)]
     precision = resolve_precision(cfg.precision, devices[0])

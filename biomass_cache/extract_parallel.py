@@ -92,17 +92,17 @@ def resolve_devices(names: list[str]) -> list[torch.device]:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ValueError(f"--devices: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+            raise DataError(f"--devices: {name!r} is not a device (cpu, cuda, cuda:N)") from None
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--devices: {name!r} is not a cpu or cuda device")
+            raise DataError(f"--devices: {name!r} is not a cpu or cuda device")
         if device.type == "cuda":
             index = 0 if device.index is None else device.index
             if index >= torch.cuda.device_count():
-                raise ValueError(f"--devices {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+                raise DataError(f"--devices {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
             device = torch.device("cuda", index)
         devices.append(device)
     if len({d.type for d in devices}) > 1:
-        raise ValueError(f"--devices {','.join(names)}: a split backbone runs on devices of one kind, all cuda or all "
+        raise DataError(f"--devices {','.join(names)}: a split backbone runs on devices of one kind, all cuda or all "
                          "cpu")
     return devices
 

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from biomass_cache.data import DataError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 COMPUTE = {"bf16": "bfloat16-autocast", "fp16": "float16-autocast", "fp32": "float32"}  # fingerprint values
@@ -23,7 +25,7 @@ class NonFiniteError(ValueError):
 
 def check_precision(name: str) -> str:
     if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+        raise DataError(f"precision must be one of {PRECISIONS}, got {name!r}")
     return name
 
 

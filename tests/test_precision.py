@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
+
+from biomass_cache.errors import script_app
 
 import biomass_cache.extract as extract_module
 from biomass_cache.backbone import create_backbone, forward_tokens, place_backbone, split_points
@@ -22,8 +23,8 @@ CLI = ["--size", "64x32", "--layers", "0,1", "--views", "2", "--workers", "0", "
 
 
 def cli(tmp_path, *args):
-    app = typer.Typer()
-    app.command()(extract_command)
+    """`extract_features.py ARGS`: a user error is one `error:` line and exit status 2."""
+    app = script_app(extract_command)
     conf = tmp_path / "tiny.toml"
     conf.write_text("[extract]\noverrides = { depth = 2, embed_dim = 32, num_heads = 2 }\n")
     return CliRunner().invoke(app, ["--config", str(conf), "--data", str(tmp_path / "data"), *CLI, *args])
@@ -51,7 +52,7 @@ def test_fp16_on_cpu_is_in_the_fingerprint_and_close_to_fp32(tmp_path):
     ta, tb = a.read(1, 1), b.read(1, 1)
     assert not np.array_equal(ta, tb) and np.allclose(ta, tb, atol=0.05)
     resumed = cli(tmp_path, "--out", str(tmp_path / "fp16.zarr"), "--device", "cpu")  # auto = fp32 here
-    assert resumed.exit_code == 1 and "compute" in resumed.output
+    assert resumed.exit_code == 2 and "error: " in resumed.output and "compute" in resumed.output
     # a test cache is rebuilt in the training cache's precision
     settings = _extract_settings({"cache": {"fingerprint": a.fingerprint}}, tmp_path / "config.json")
     assert settings["precision"] == "fp16"
@@ -109,6 +110,6 @@ def test_devices_cpu_cpu_store_equals_single_device_bit_for_bit(tmp_path):
     assert "backbone split: blocks 0..0 on cpu, blocks 1..1 on cpu" in two.output
     assert_same_arrays(tmp_path / "one.zarr", tmp_path / "two.zarr")
     bad = cli(tmp_path, "--out", str(tmp_path / "x.zarr"), "--devices", "cpu,cpu", "--split-at", "1,2")
-    assert bad.exit_code == 1 and "split_at" in bad.output
+    assert bad.exit_code == 2 and "split_at" in bad.output
     mixed = cli(tmp_path, "--out", str(tmp_path / "x.zarr"), "--devices", "cpu,meta")
-    assert mixed.exit_code == 1 and "not a cpu or cuda device" in mixed.output
+    assert mixed.exit_code == 2 and "not a cpu or cuda device" in mixed.output
