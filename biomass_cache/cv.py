@@ -9,6 +9,7 @@ the head, and reuses everything else.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -115,26 +116,31 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     signature = {"channels": store.channels, "grid": list(store.grid)}
     views = list(range(store.n_views))
     every = store_rows(store, list(table["image_id"]), views)
-    shared = (Preloaded.load(store, every, views, layers)  # once per run: every fold reads it
-              if Preloaded.wanted(cfg.preload, store, len(every), len(views), len(layers)) else None)
+    preload = Preloaded.wanted(cfg.preload, store, len(every), len(views), len(layers))
+
+    @functools.cache
+    def shared() -> Preloaded | None:
+        """The run's tokens in RAM, read at the first fold's first use (not for a run refused before it) and
+        shared by every fold."""
+        return Preloaded.load(store, every, views, layers) if preload else None
 
     def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared)
+        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared())
         return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
 
     def val_loader(rows: np.ndarray, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=0, aux=aux, preloaded=shared)
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=0, aux=aux, preloaded=shared())
         return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
         return runs.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
-                                  device=str(device), preloaded=shared)
+                                  device=str(device), preloaded=shared())
 
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
                         **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
                         "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
-              "device": str(device), "preloaded": shared is not None}
+              "device": str(device), "preloaded": preload}
     reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
                        lambda b: b["tokens"].to(device, non_blocking=True), predict,
