@@ -121,7 +121,7 @@ def head_flops(head_name: str, channels: int, grid: tuple[int, int], batch: int)
     from torch.utils.flop_counter import FlopCounterMode
 
     from biomass_cache.targets import ZScore, components_to_targets
-    from heads import create_head
+    from biomass_cache.heads import create_head
 
     zs = ZScore.fit(components_to_targets(np.random.default_rng(0).gamma(2.0, 20.0, (64, 3))))
     head = create_head(head_name, n_layers=3, channels=channels, grid=grid, zscore=zs)
@@ -137,7 +137,7 @@ def step_ms(head_name: str, channels: int, grid: tuple[int, int], batch: int, bf
     """Median milliseconds of one training step (forward, backward, AdamW) of a head at its defaults, in fp32 or
     under CPU bf16 autocast: whether bf16 pays at this shape."""
     from biomass_cache.targets import ZScore, components_to_targets
-    from heads import create_head
+    from biomass_cache.heads import create_head
 
     zs = ZScore.fit(components_to_targets(np.random.default_rng(0).gamma(2.0, 20.0, (64, 3))))
     head = create_head(head_name, n_layers=3, channels=channels, grid=grid, zscore=zs)

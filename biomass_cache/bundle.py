@@ -106,7 +106,7 @@ def build_wheels(packages: dict[str, str], wheels: Path, project: Path = PROJECT
         src.mkdir()
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(project / name, src / name)
-        for package in ("biomass_cache", "heads"):
+        for package in ("biomass_cache",):
             shutil.copytree(project / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
         _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], "building the project wheel")
     if packages:

@@ -378,7 +378,7 @@ def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: st
 
 def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
     """Dropout on at inference (heads.enable_mc_dropout); a head without dropout p > 0 has no variance to give."""
-    from heads import enable_mc_dropout as dropout_only_train
+    from biomass_cache.heads import enable_mc_dropout as dropout_only_train
 
     if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules()):
         raise EnsembleError(f"{where}: the head has no dropout with p > 0, so MC-dropout has no variance to give")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomass_cache.targets import WEIGHTS, ZScore, targets_to_total_ratio
-from heads.common import TOTAL, height_stats, target_stats
+from biomass_cache.targets import TOTAL, height_stats, target_stats
 
 PRIMARY_TASKS = ("total", "ratio", "five")
 AUX_TASKS = ("height", "ndvi", "state")

@@ -53,7 +53,7 @@ def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:
 
 def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a head from its JSON + safetensors (eval mode, CPU) and check it is the head that was saved."""
-    from heads import rebuild_head
+    from biomass_cache.heads import rebuild_head
 
     json_path = Path(json_path)
     try:
@@ -89,7 +89,7 @@ def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     A test cache differs from the training cache only in store.SPLIT_KEYS (TTA views instead of augmented ones) and
     the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
     """
-    from heads import check_compatible as check_signature
+    from biomass_cache.heads import check_compatible as check_signature
 
     from biomass_cache.store import comparable, fingerprint_diff
 

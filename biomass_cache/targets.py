@@ -17,6 +17,9 @@ import numpy as np
 TARGETS = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g", "GDM_g", "Dry_Total_g")
 WEIGHTS = (0.1, 0.1, 0.1, 0.2, 0.5)
 COMPONENTS = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g")
+TOTAL = TARGETS.index("Dry_Total_g")
+HEIGHT_NAME = "Height_Ave_cm"
+HEIGHT_FALLBACK = (0.0, 10.0)  # height in cm / 10 when the z-score carries no height statistics
 PLOT_AREA_M2 = 0.7 * 0.3  # the 70 x 30 cm quadrat
 
 CLOVER, DEAD, GREEN, GDM, TOTAL = range(5)
@@ -144,3 +147,21 @@ class ZScore:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
+
+def target_stats(zscore: ZScore) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the five targets in TARGETS order (the z-score may hold extra columns)."""
+    if not isinstance(zscore, ZScore):
+        raise TypeError(f"expected the training ZScore of the five targets, got {type(zscore).__name__}")
+    missing = [t for t in TARGETS if t not in zscore.names]
+    if missing:
+        raise ValueError(f"the z-score lacks statistics for targets {missing} (it has {list(zscore.names)})")
+    idx = [zscore.names.index(t) for t in TARGETS]
+    return np.asarray(zscore.mean, np.float64)[idx], np.asarray(zscore.std, np.float64)[idx]
+
+
+def height_stats(zscore: ZScore | None) -> tuple[float, float]:
+    """Scale of the height target: its z-score when the statistics hold it, else cm / 10."""
+    if zscore is not None and HEIGHT_NAME in zscore.names:
+        i = zscore.names.index(HEIGHT_NAME)
+        return float(zscore.mean[i]), float(zscore.std[i])
+    return HEIGHT_FALLBACK

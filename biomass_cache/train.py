@@ -29,8 +29,8 @@ from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_l
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
 from biomass_cache.targets import TARGETS, ZScore, to_density
-from heads import HEADS, create_head
-from heads.common import HEIGHT_NAME
+from biomass_cache.heads import HEADS, create_head
+from biomass_cache.targets import HEIGHT_NAME
 
 
 # ----------------------------------------------------------------------------------------------- configuration

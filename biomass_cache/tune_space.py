@@ -72,7 +72,7 @@ def _scalar(v: Any) -> bool:
 
 def head_options(head: str) -> set[str]:
     """Constructor arguments a config may give head `head` (its own and the shared FusedHead ones)."""
-    from heads import HEADS, FusedHead
+    from biomass_cache.heads import HEADS, FusedHead
 
     if head not in HEADS:
         raise DataError(f"unknown head {head!r}; available heads: {sorted(HEADS)}")

@@ -210,7 +210,7 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
 
 def test_mc_dropout_refuses_a_head_without_dropout():
-    import heads
+    import biomass_cache.heads as heads
     from biomass_cache.ensemble import enable_mc_dropout
     from biomass_cache.targets import ZScore
 

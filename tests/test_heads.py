@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import heads
+import biomass_cache.heads as heads
 from biomass_cache.targets import ZScore, components_to_targets
-from heads.common import enable_mc_dropout
+from biomass_cache.heads.common import enable_mc_dropout
 
 GRID = (3, 4)
 CHANNELS = 8

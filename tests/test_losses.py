@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import heads
+import biomass_cache.heads as heads
 from biomass_cache.losses import (
     UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step, split_terms, task_losses,
 )

@@ -224,7 +224,7 @@ def test_fold_scores_survive_a_target_without_variance():
 
 def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
     """A fold model predicting one value for every image is named loudly and listed in metrics.json."""
-    from heads.common import FusedHead
+    from biomass_cache.heads.common import FusedHead
 
     _, data, store = toy
     monkeypatch.setattr(FusedHead, "total_ratio_to_components",
@@ -246,7 +246,7 @@ def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
 def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
     """Each head in heads.HEADS, with nothing but its defaults, beats the training-mean predictor pooled and in
     every fold, and no fold predicts a constant."""
-    import heads
+    import biomass_cache.heads as heads
 
     _, data, store = toy
     out = tmp_path / "all"

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from biomass_cache.targets import ZScore
-from heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature
+from biomass_cache.heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature
 
 HEADS: dict[str, Callable[..., FusedHead]] = {}
 
@@ -58,7 +58,7 @@ def count_parameters(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-from heads import density, mlp, vitdet  # noqa: E402,F401  (registers the built-in heads)
+from biomass_cache.heads import density, mlp, vitdet  # noqa: E402,F401  (registers the built-in heads)
 
 __all__ = [
     "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",

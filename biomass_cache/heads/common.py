@@ -10,38 +10,16 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomass_cache.targets import COMPONENTS, TARGETS, ZScore, components_to_targets
+from biomass_cache.targets import (COMPONENTS, TARGETS, TOTAL, ZScore, components_to_targets, height_stats,
+                                   target_stats)
 
-HEIGHT_NAME = "Height_Ave_cm"
-HEIGHT_FALLBACK = (0.0, 10.0)  # height in cm / 10 when the z-score carries no height statistics
 AUX_KEYS = ("height", "ndvi", "n_states")
-TOTAL = TARGETS.index("Dry_Total_g")
 FAN_IN_REF = 256  # `fan_in_lr_scales`: a weight with this fan-in or less trains at the configured learning rate
 TOTAL_SCALES = ("std", "g/m^2")  # of the total's softplus; "g/m^2" only rebuilds old checkpoints
-
-
-def target_stats(zscore: ZScore) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the five targets in TARGETS order (the z-score may hold extra columns)."""
-    if not isinstance(zscore, ZScore):
-        raise TypeError(f"expected the training ZScore of the five targets, got {type(zscore).__name__}")
-    missing = [t for t in TARGETS if t not in zscore.names]
-    if missing:
-        raise ValueError(f"the z-score lacks statistics for targets {missing} (it has {list(zscore.names)})")
-    idx = [zscore.names.index(t) for t in TARGETS]
-    return np.asarray(zscore.mean, np.float64)[idx], np.asarray(zscore.std, np.float64)[idx]
-
-
-def height_stats(zscore: ZScore | None) -> tuple[float, float]:
-    """Scale of the height target: its z-score when the statistics hold it, else cm / 10."""
-    if zscore is not None and HEIGHT_NAME in zscore.names:
-        i = zscore.names.index(HEIGHT_NAME)
-        return float(zscore.mean[i]), float(zscore.std[i])
-    return HEIGHT_FALLBACK
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
