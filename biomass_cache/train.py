@@ -28,9 +28,8 @@ from biomass_cache.dataset import LABEL_KEYS, AuxSpec
 from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step,
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
-from biomass_cache.targets import TARGETS, ZScore, to_density
 from biomass_cache.heads import HEADS, create_head
-from biomass_cache.targets import HEIGHT_NAME
+from biomass_cache.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
 
 
 # ----------------------------------------------------------------------------------------------- configuration
