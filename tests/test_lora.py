@@ -90,6 +90,7 @@ def test_split_forward_reproduces_timm():
     assert torch.allclose(micro({"pixels": x}), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_moves_adapters_and_never_the_base(data):
     table = read_long_csv(data / "train.csv")
     bb = create_backbone(NAME, "random", overrides=TINY)
@@ -116,6 +117,7 @@ def first_step_setup(bb, table, data, prefix, s=None):
     return live, batch, member
 
 
+@pytest.mark.slow
 def test_prefix_cache_matches_live_first_step(data):
     table = read_long_csv(data / "train.csv")
     bb = create_backbone(NAME, "random", overrides=TINY)
@@ -134,6 +136,7 @@ def test_prefix_cache_matches_live_first_step(data):
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)  # the cache stores float16
 
 
+@pytest.mark.slow
 def test_run_folder_checkpoint_and_reload(run, data):
     names = sorted(p.name for p in run.iterdir())
     assert names == ["config.json", "fold0", "fold1", "folds.csv", "history.csv", "metrics.json", "oof.csv",
@@ -155,6 +158,7 @@ def test_run_folder_checkpoint_and_reload(run, data):
     np.testing.assert_allclose(again, oof[list(TARGETS)].to_numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_reload_refuses_another_base(run, tmp_path):
     files = []
     for seed in (0, 1):  # the run's random backbone (seed 0) saved as a weights file, and another one
@@ -173,6 +177,7 @@ def test_reload_refuses_another_base(run, tmp_path):
         load_checkpoint(tmp_path / "ck.json", weights=str(files[1]))
 
 
+@pytest.mark.slow
 def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
     from biomass_cache.ensemble import EnsembleError, spec_from_options
     from biomass_cache.submission import submit
@@ -200,6 +205,7 @@ DDP_ARGS = ["--full", "--epochs", "2", "--batch-size", "4", "--no-pcgrad", "--no
             "1,3", "--lora-blocks", "2", "--lora-rank", "4", "--lora-lr", "1e-2", "--lr", "1e-2"]
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     config = tmp_path / "tiny.toml"

@@ -32,6 +32,7 @@ def _raw(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files(small, tmp_path):
     again = tmp_path / "again"
     summary = generate(again, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False)
@@ -133,6 +134,7 @@ def test_groups_scale_with_n():
             assert groups.max() >= 3 * groups.min()  # very unequal
 
 
+@pytest.mark.slow
 def test_pictures_carry_the_labels(tmp_path):
     """Ridge on simple colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
     out = tmp_path / "signal"
@@ -169,6 +171,7 @@ def test_parse_size():
             parse_size(bad)
 
 
+@pytest.mark.slow
 def test_command(tmp_path):
     app = typer.Typer()
     app.command()(synth_command)

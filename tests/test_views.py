@@ -53,6 +53,7 @@ def test_clean_view_is_plain_resize_and_normalise(photo, picture):
     assert torch.equal(x, make_view(photo, "other", 0, seed=9, size=SIZE, policy=ViewPolicy(), split="test"))
 
 
+@pytest.mark.slow
 def test_views_are_deterministic_and_distinct(photo):
     for policy in (ViewPolicy(), ALL_ON):
         views = [make_view(photo, "ID1", v, 0, SIZE, policy) for v in range(1, 7)]
