@@ -3,8 +3,8 @@
 `cross_validate` trains every member of a sweep fold by fold with train.py's loop (`train_fold`), then writes the
 run folder (runs.py): checkpoints, OOF predictions, metrics, history, plots. Where tokens come from is a small
 `TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and save): here a token cache
-(`cache_source`, `run_training`); the LoRA path (lora.py) passes a live adapted backbone, whose adapters train with
-the head, and reuses everything else.
+(`cache_source`, `run_training`); the LoRA path (biomass_cache.lora) passes a live adapted backbone, whose adapters
+train with the head, and reuses everything else.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _no_barrier() -> None:
 
 @dataclass
 class TokenSource:
-    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (lora.py).
+    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (biomass_cache.lora).
 
     The loader factories take (table rows, fold seed, aux encoding) / (rows, aux) and yield batches of the
     contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
-from biomass_cache.live import LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.lora.data import LiveDataset, build_prefix_cache, make_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
                                 load_checkpoint, lora_command, predict_images, run_lora)
 from biomass_cache.runs import load_head
