@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.distributed import resolve_device
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, pick_device, resolve,
+from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, resolve,
                                  scores, seed_everything, train_fold)
 
 
@@ -108,7 +109,7 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     if not set(layers) <= set(store.layers):
         raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
                         f"(it has {store.layers}); fix [train] layers or re-extract with them")
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
     if bad_tta:
         raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "

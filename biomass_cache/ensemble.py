@@ -347,7 +347,7 @@ def _digest(obj) -> str:
 def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
     the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
-    from biomass_cache.runs import sha256_file
+    from biomass_cache.content import sha256_file
 
     files = [(sha256_file(p), sha256_file(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract

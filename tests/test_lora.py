@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
-from biomass_cache.lora.data import LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.lora.data import LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
                                 load_checkpoint, lora_command, predict_images, run_lora)
 from biomass_cache.runs import load_head
@@ -111,7 +111,7 @@ def first_step_setup(bb, table, data, prefix, s=None):
     rows = np.arange(8)
     aux = AuxSpec.fit(table, rows)
     ds = LiveDataset(table, rows, data, s, train=False, seed=1, aux=aux, prefix=prefix)
-    batch = next(iter(make_loader(ds, 8, 0)))
+    batch = next(iter(live_loader(ds, 8, 0)))
     member = build_member("density", train_cfg(mixup=False), live.layers, {"channels": 64, "grid": [2, 4]},
                           fit_zscore(table, rows), aux, 10, seed=3, device=CPU, extra_groups=live.param_groups())
     return live, batch, member

@@ -12,6 +12,7 @@ from torch import nn
 
 from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
+from biomass_cache.content import sha256_file
 from biomass_cache.data import DataError
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.lora.adapters import adapter_state, inject_lora
@@ -45,7 +46,7 @@ def save_checkpoint(json_path: Path, head: nn.Module, meta: dict, live: LiveToke
     with atomic_path(weights) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     write_json(json_path, {**meta, "kind": "lora", "base": base_identity(live.bb), "lora": asdict(live.s),
-                           "weights_sha256": runs.sha256_file(weights), "format_version": runs.FORMAT_VERSION})
+                           "weights_sha256": sha256_file(weights), "format_version": runs.FORMAT_VERSION})
 
 
 def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "cpu", precision: str | None = None):
@@ -59,7 +60,7 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
     if meta.get("kind") != "lora":
         raise DataError(f"{json_path}: not a LoRA checkpoint (use runs.load_head for cached-token heads)")
     file = json_path.with_suffix(".safetensors")
-    if runs.sha256_file(file) != meta["weights_sha256"]:
+    if sha256_file(file) != meta["weights_sha256"]:
         raise DataError(f"{file}: sha256 differs from the one recorded in {json_path.name} (file changed?)")
     s = LoraSettings(**{**meta["lora"], "size": tuple(meta["lora"]["size"]), "prefix_cache": None})
     s.weights = str(weights or s.weights)

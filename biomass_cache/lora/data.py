@@ -103,7 +103,9 @@ class EpochSampler(Sampler[int]):
         return len(self.ds) if self.world == 1 else -(-len(self.ds) // (self.b * self.world)) * self.b
 
 
-def make_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
+def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
+    """Batches of live samples in `sampler`'s order (EpochSampler: seeded, sharded over ranks) or in table order;
+    unlike a token-store loader (dataset.make_loader) no shuffle of its own and the DataLoader's default prefetch."""
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False)
 

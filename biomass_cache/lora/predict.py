@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.lora.checkpoint import load_checkpoint
-from biomass_cache.lora.data import LiveDataset, make_loader
+from biomass_cache.lora.data import LiveDataset, live_loader
 from biomass_cache.targets import components_to_targets
 
 
@@ -26,7 +26,7 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
     for v in views:
         ds = LiveDataset(table, range(len(table)), data_dir, live.s, train=False, seed=0, aux=aux, view=v,
                          split=split)
-        comps.append(runs.predict_components(head, make_loader(ds, batch_size, workers), live))
+        comps.append(runs.predict_components(head, live_loader(ds, batch_size, workers), live))
     return runs.components_to_grams(np.mean(comps, axis=0))
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from biomass_cache.data import DataError
 from biomass_cache.precision import check_precision
 from biomass_cache.train import check_values, is_int, is_number
-from biomass_cache.views import parse_size
+from biomass_cache.views import parse_view_size
 
 
 @dataclass
@@ -65,7 +65,7 @@ def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
     if unknown:
         raise DataError(f"{config} [lora]: unknown key(s) {unknown}")
     s = replace(LoraSettings(), **section)
-    s.size = parse_size(s.size) if isinstance(s.size, str) else tuple(s.size)
+    s.size = parse_view_size(s.size) if isinstance(s.size, str) else tuple(s.size)
     check_values(s, LORA_RULES, LORA_FLAGS, "lora")
     return s
 

@@ -3,15 +3,11 @@ under torchrun (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -20,44 +16,13 @@ from biomass_cache.backbone import create_backbone
 from biomass_cache.cv import TokenSource, cross_validate
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec
+from biomass_cache.distributed import init_ranks
 from biomass_cache.lora.adapters import inject_lora
 from biomass_cache.lora.checkpoint import lora_fingerprint, save_checkpoint
-from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.store import open_store
-
-
-# ----------------------------------------------------------------------------------------------- scale out
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
-    from biomass_cache.train import pick_device
-
-    dev, world = pick_device(device), int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, dev
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), world, dev
-
-
-def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
-    """Mean of every gradient over the ranks, in one all-reduce (the loop's `sync`, after backward or PCGrad).
-    A missing gradient counts as zero, so every rank sends the same tensor list."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------ cross-validation
@@ -69,7 +34,8 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
     are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
     "all"). `cfg.batch_size` is the global batch, split evenly over the ranks.
     """
-    rank, world, device = init_distributed(cfg.device)
+    ranks, device = init_ranks(cfg.device)
+    rank, world = ranks.rank, ranks.world
     if cfg.batch_size % world:
         raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     if cfg.tta not in ("all", 0):
@@ -87,17 +53,17 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         live.check_prefix_layers()
         if rank == 0:
             build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
-        barrier(world)
+        ranks.barrier()
         prefix = open_store(s.prefix_cache)
     per_rank = cfg.batch_size // world
 
     def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
         ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
-        return make_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
+        return live_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
 
     def val_loader(rows: np.ndarray, aux: AuxSpec):
         ds = LiveDataset(table, rows, data, s, train=False, seed=0, aux=aux, prefix=prefix, view=0)
-        return make_loader(ds, cfg.eval_batch_size, cfg.workers)
+        return live_loader(ds, cfg.eval_batch_size, cfg.workers)
 
     def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
         loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
@@ -108,8 +74,8 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
         config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
         device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
-        save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=partial(barrier, world),
-        sync=partial(average_gradients, world=world) if world > 1 else None)
+        save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=ranks.barrier,
+        sync=ranks.average_gradients if world > 1 else None)
     if bb.weights_sha256 == "random" and rank == 0:
         tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
     return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds, overwrite)
