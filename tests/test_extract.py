@@ -79,7 +79,6 @@ def test_second_run_is_a_noop(reference, capsys):
     assert {p: p.stat().st_mtime_ns for p in (cfg.out / "tokens").iterdir()} == shards
 
 
-@pytest.mark.slow
 def test_resume_after_crash_is_identical(reference, tmp_path, monkeypatch):
     ref_cfg, _, _ = reference
     cfg = config(tmp_path, data_dir=ref_cfg.data_dir)
@@ -127,7 +126,6 @@ extract(ExtractConfig(**{cfg_json(cfg)!r}), progress=False)
     assert_same_arrays(cfg.out, ref_cfg.out)
 
 
-@pytest.mark.slow
 def test_fingerprint_mismatch_refused_then_overwrite(tmp_path):
     write_data(tmp_path / "data", 3)
     extract(config(tmp_path), progress=False)
@@ -139,7 +137,6 @@ def test_fingerprint_mismatch_refused_then_overwrite(tmp_path):
     assert open_store(tmp_path / "tokens.zarr").layers == [1] and summary["views_extracted"] == 9
 
 
-@pytest.mark.slow
 def test_appended_images_are_extracted_alone(reference, tmp_path):
     ref_cfg, ids, _ = reference
     data = tmp_path / "data"
@@ -179,7 +176,6 @@ def test_bad_image_stops_naming_the_path(tmp_path, how):
     assert not any(p.name.startswith("c.4.") for p in (cfg.out / "tokens").iterdir())  # nothing written for it
 
 
-@pytest.mark.slow
 def test_skip_bad_records_and_goes_on(tmp_path, capsys):
     ids = write_data(tmp_path / "data", 6)
     path = _break_image(tmp_path / "data", ids[2], "truncated")
@@ -206,7 +202,6 @@ def test_test_split_tta_views(tmp_path):
         config(tmp_path, split="test", views=5)
 
 
-@pytest.mark.slow
 def test_cli_config_file_flags_and_warning(tmp_path):
     write_data(tmp_path / "data", 2)
     conf = tmp_path / "extract.toml"

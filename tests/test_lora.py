@@ -90,7 +90,6 @@ def test_split_forward_reproduces_timm():
     assert torch.allclose(micro({"pixels": x}), ref, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_training_moves_adapters_and_never_the_base(data):
     table = read_long_csv(data / "train.csv")
     bb = create_backbone(NAME, "random", overrides=TINY)
@@ -117,7 +116,6 @@ def first_step_setup(bb, table, data, prefix, s=None):
     return live, batch, member
 
 
-@pytest.mark.slow
 def test_prefix_cache_matches_live_first_step(data):
     table = read_long_csv(data / "train.csv")
     bb = create_backbone(NAME, "random", overrides=TINY)

@@ -125,7 +125,6 @@ def test_shard_index_at_either_end_reads_the_same(tmp_path, monkeypatch):
                                           x[v].astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", st.LAYOUTS)
 @pytest.mark.parametrize("where", ["start", "end"])
 def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, layout, where):
