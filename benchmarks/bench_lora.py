@@ -24,8 +24,7 @@ from biomass_cache.cv import run_training  # noqa: E402
 from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.live import build_prefix_cache  # noqa: E402
-from biomass_cache.lora import LiveTokens, LoraSettings, inject_lora, run_lora  # noqa: E402
+from biomass_cache.lora import LiveTokens, LoraSettings, build_prefix_cache, inject_lora, run_lora  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
 from biomass_cache.train import TrainConfig  # noqa: E402

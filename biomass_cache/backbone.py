@@ -8,7 +8,6 @@ module (safetensors, or torch.load with weights_only=True), converted from Meta'
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,8 @@ import timm
 import torch
 from timm.models.eva import checkpoint_filter_fn
 from torch import nn
-from tqdm import tqdm
 
+from biomass_cache.content import sha256_file
 from biomass_cache.data import DataError
 
 BACKBONES = (
@@ -34,7 +33,6 @@ BACKBONES = (
 RANDOM = "random"
 # Model kwargs that would change how weights are obtained: set only by this module.
 _RESERVED_OVERRIDES = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
-_HASH_BLOCK = 8 << 20
 
 
 class WeightsError(DataError):
@@ -80,7 +78,7 @@ def create_backbone(name: str, weights: str | Path = RANDOM, seed: int = 0,
     if weights == RANDOM:
         sha = RANDOM
     else:
-        sha = file_sha256(weights)
+        sha = sha256_file(weights, progress=True)
         state = _to_timm_keys(read_state_dict(weights), model, weights)
         load_strict(model, state, weights)
     model.eval().requires_grad_(False)
@@ -89,19 +87,6 @@ def create_backbone(name: str, weights: str | Path = RANDOM, seed: int = 0,
         depth=len(model.blocks), patch_size=model.patch_embed.patch_size[0], n_prefix=model.num_prefix_tokens,
         overrides=overrides, seed=seed,
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, streamed in 8 MB blocks (with a progress bar for multi-GB checkpoints)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                     disable=size < 256 * _HASH_BLOCK, leave=False) as bar:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:

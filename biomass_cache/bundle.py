@@ -33,6 +33,7 @@ from packaging.utils import canonicalize_name
 
 import biomass_cache
 from biomass_cache import bundle_run
+from biomass_cache.content import sha256_file
 from biomass_cache.ensemble import EnsembleError, ResolvedMember, resolve_member, spec_from_options
 from biomass_cache.io import write_json
 from biomass_cache.views import TTA_VIEWS
@@ -199,7 +200,7 @@ def make_bundle(ensemble: Optional[Path], members: Optional[str], out: Path, sto
                 "members": [c.path for c in copied], "estimate": estimate}
     write_json(tmp / bundle_run.MANIFEST, manifest)
     (tmp / "README.md").write_text(readme(manifest))
-    sums = [f"{bundle_run.sha256(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*")) if p.is_file()]
+    sums = [f"{sha256_file(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*")) if p.is_file()]
     (tmp / bundle_run.CHECKSUMS).write_text("\n".join(sums) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -29,6 +29,8 @@ def fail(message: str) -> None:
 
 
 def sha256(path: Path) -> str:
+    """biomass_cache.content.sha256_file's digest, in the standard library only: this file runs before the package
+    is installed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

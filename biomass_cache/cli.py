@@ -12,7 +12,7 @@ from biomass_cache.cv import train_command
 from biomass_cache.demo import demo_command
 from biomass_cache.errors import DEBUG_KEY, BiomassGroup
 from biomass_cache.extract import extract_command
-from biomass_cache.lora import lora_command
+from biomass_cache.lora.cli import lora_command
 from biomass_cache.predict import predict_command
 from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory

@@ -3,8 +3,8 @@
 `cross_validate` trains every member of a sweep fold by fold with train.py's loop (`train_fold`), then writes the
 run folder (runs.py): checkpoints, OOF predictions, metrics, history, plots. Where tokens come from is a small
 `TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and save): here a token cache
-(`cache_source`, `run_training`); the LoRA path (lora.py) passes a live adapted backbone, whose adapters train with
-the head, and reuses everything else.
+(`cache_source`, `run_training`); the LoRA path (biomass_cache.lora) passes a live adapted backbone, whose adapters
+train with the head, and reuses everything else.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.distributed import resolve_device
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, pick_device, resolve,
+from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, resolve,
                                  scores, seed_everything, train_fold)
 
 
@@ -71,7 +72,7 @@ def _no_barrier() -> None:
 
 @dataclass
 class TokenSource:
-    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (lora.py).
+    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (biomass_cache.lora).
 
     The loader factories take (table rows, fold seed, aux encoding) / (rows, aux) and yield batches of the
     contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
@@ -108,7 +109,7 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     if not set(layers) <= set(store.layers):
         raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
                         f"(it has {store.layers}); fix [train] layers or re-extract with them")
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
     if bad_tta:
         raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "

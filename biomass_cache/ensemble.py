@@ -153,7 +153,7 @@ class ResolvedMember:
     member: Member
     run_dir: Path
     checkpoints: tuple[Path, ...]  # head JSONs: every fold model of a run folder, or the single checkpoint
-    kind: str  # "cache": heads read a test token cache; "lora": adapters + head on a live backbone (lora.py)
+    kind: str  # "cache": heads read a test token cache; "lora": adapters + head on a live backbone (biomass_cache.lora)
     extract: dict  # cache: the run's extraction settings; lora: backbone, weights; weights per the [weights] table
     reduction: Path | None = None  # cache: the run's reduction (reduce.py) that test stores go through, if any
     ignore: tuple[str, ...] = ()  # fingerprint keys the test cache may change: ("compute",) under --precision
@@ -347,7 +347,7 @@ def _digest(obj) -> str:
 def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
     the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
-    from biomass_cache.runs import sha256_file
+    from biomass_cache.content import sha256_file
 
     files = [(sha256_file(p), sha256_file(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract
@@ -487,7 +487,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     for rm in resolved:
         what = f"member {rm.member.name}"
         if rm.kind == "lora":
-            from biomass_cache.lora import predict_member
+            from biomass_cache.lora.predict import predict_member
 
             weights_file(rm)  # a missing weights file is an error before anything runs
             key = member_key(rm, hashes)

@@ -33,12 +33,13 @@ from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backb
                                     resolve_layers)
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.extract_parallel import Item, Ranks, Writer, init_ranks, resolve_device, resolve_devices
+from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
+from biomass_cache.extract_parallel import Item, Writer
 from biomass_cache.precision import COMPUTE, PRECISIONS, autocast, check_finite, resolve_precision
 from biomass_cache.runtime import run
 from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
                                  remove_leftovers)
-from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_size, validate_size
+from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_view_size, validate_size
 from biomass_cache.writer_lock import WriterLock
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,7 +89,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.data_dir, self.out, self.weights = Path(self.data_dir), Path(self.out), str(self.weights)
-        self.size = parse_size(self.size) if isinstance(self.size, str) else validate_size(tuple(self.size))
+        self.size = parse_view_size(self.size) if isinstance(self.size, str) else validate_size(tuple(self.size))
         if isinstance(self.policy, dict):
             self.policy = ViewPolicy.from_dict(self.policy)
         if self.layers is not None:
@@ -209,21 +210,22 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     `cfg.overwrite`) and appends images that are new in the CSV. Works alone or under torchrun.
     """
     start = time.perf_counter()
-    ranks = init_ranks(cfg.device)
+    ranks, device = init_ranks(cfg.device)
     try:
         with ExitStack() as held:  # rank 0 holds the store's writer lock for the whole run
-            return _extract(cfg, ranks, progress, start, held)
+            return _extract(cfg, ranks, device, progress, start, held)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
 
 
-def _extract(cfg: ExtractConfig, ranks: Ranks, progress: bool, start: float, held: ExitStack) -> dict[str, Any]:
+def _extract(cfg: ExtractConfig, ranks: Ranks, device: torch.device, progress: bool, start: float, held: ExitStack
+             ) -> dict[str, Any]:
     say = tqdm.write if ranks.rank == 0 else (lambda _msg: None)
     if cfg.devices is not None and ranks.world > 1:
         raise DataError("--devices splits one backbone over several devices; under torchrun every rank holds the "
                          "whole backbone: use one or the other")
-    devices = resolve_devices(cfg.devices) if cfg.devices else [resolve_device(cfg.device, ranks.local_rank)]
+    devices = resolve_devices(cfg.devices) if cfg.devices else [device]
     precision = resolve_precision(cfg.precision, devices[0])
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, overrides=cfg.overrides)
     layers = resolve_layers(cfg.layers if cfg.layers is not None else default_layers(backbone.depth), backbone.depth)

@@ -18,6 +18,7 @@ import typer
 from tqdm.auto import tqdm
 
 from biomass_cache.data import SEP, DataError, load_image
+from biomass_cache.distributed import resolve_device
 from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
 from biomass_cache.io import atomic_path, write_csv
 from biomass_cache.submission import parse_devices
@@ -210,9 +211,7 @@ def predict_command(
                                           "cuda:0,cuda:1 [one device]."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
-    from biomass_cache.train import pick_device
-
-    device = str(pick_device(device))
+    device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, weights=weights)
     predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
                    skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))

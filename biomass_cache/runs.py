@@ -14,7 +14,6 @@ RUN_DIR/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,18 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from biomass_cache.data import DataError
 from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
+from biomass_cache.content import sha256_file
 from biomass_cache.io import atomic_path, write_csv, write_json
 from biomass_cache.targets import TARGETS, ZScore, components_to_targets, to_grams
 
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:

@@ -237,9 +237,9 @@ def submit_command(
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
     from biomass_cache.ensemble import spec_from_options
-    from biomass_cache.train import pick_device
+    from biomass_cache.distributed import resolve_device
 
-    device = str(pick_device(device))
+    device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
     submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))
     if labels is not None:

@@ -446,7 +446,7 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
     }
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_photo_size(text: str) -> tuple[int, int]:
     """'1000x500' -> (1000, 500); anything else is a clear error."""
     parts = text.lower().replace(" ", "").split("x")
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 16:
@@ -465,7 +465,7 @@ def synth_command(
 ) -> None:
     """Write a synthetic Kaggle-format pasture dataset (images + CSVs + hidden test labels)."""
     try:
-        wh = parse_size(size)
+        wh = parse_photo_size(size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--size'") from e
     try:

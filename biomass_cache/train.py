@@ -1,6 +1,6 @@
 """Stage two's training loop: light readout heads trained on tokens, in minutes on a CPU.
 
-Read top to bottom: configuration -> one head being trained (`Member`) -> one optimisation step -> one fold
+Read top to bottom: configuration -> one head being trained (`SweepMember`) -> one optimisation step -> one fold
 (every member sees the same batches). Cross-validation, the token sources, the run folder and the `biomass train`
 command line are in cv.py.
 """
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from biomass_cache import runs
 from biomass_cache.data import DataError
 from biomass_cache.dataset import LABEL_KEYS, AuxSpec
+from biomass_cache.distributed import resolve_device
 from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step,
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
@@ -119,7 +120,7 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
                for n, e in zip(names, sweep)}
     for name, m in members.items():
         check_config(m, name if len(members) > 1 else None)
-    pick_device(cfg.device)
+    resolve_device(cfg.device)
     return cfg, members
 
 
@@ -174,23 +175,6 @@ def check_values(settings: object, rules: dict, flags: dict[str, str], section: 
             raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
 
 
-def pick_device(device: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N as a torch device; a device this machine lacks is a DataError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise DataError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu or auto")
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return chosen
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -199,7 +183,7 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------ one head in training
 @dataclass
-class Member:
+class SweepMember:
     """One head being trained: its settings, weights, EMA copy, loss weighting, optimizer and counters.
 
     `extra_params` are trainable tensors outside the head that train with it (LoRA adapters): clipped, averaged
@@ -269,7 +253,7 @@ def head_param_groups(head: torch.nn.Module, lr: float, weight_decay: float) -> 
 
 def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature: dict, zscore: ZScore,
                  aux: AuxSpec, total_steps: int, seed: int, device: torch.device,
-                 extra_groups: Sequence[dict] = ()) -> Member:
+                 extra_groups: Sequence[dict] = ()) -> SweepMember:
     """A head with its optimizer and EMA copy. Groups: decayed weight matrices, undecayed biases/norms/fusion
     logits (as in nanoGPT), the UW log-variances at `uw_lr`, then `extra_groups` (e.g. per-block LoRA adapter
     groups with their own lr); all follow the same warmup + cosine schedule."""
@@ -289,7 +273,7 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac, cfg.min_lr_ratio))
     ema = copy.deepcopy(head).requires_grad_(False) if cfg.ema else None
     extra = [p for g in extra_groups for p in g["params"]]
-    return Member(name, cfg, head, ema, uw, opt, sched, [layers_read.index(l) for l in layers],
+    return SweepMember(name, cfg, head, ema, uw, opt, sched, [layers_read.index(l) for l in layers],
                   torch.Generator().manual_seed(seed), zscore, n_states, extra,
                   [p.detach().clone() for p in extra] if cfg.ema else None)
 
@@ -306,7 +290,7 @@ def ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay:
 
 
 @contextmanager
-def ema_weights(m: Member) -> Iterator[None]:
+def ema_weights(m: SweepMember) -> Iterator[None]:
     """Inside the block the extra parameters (adapters) hold their EMA, to pair with the EMA head (a module of its
     own) for validation, predictions and checkpoints; the live values come back afterwards."""
     if not (m.extra_params and m.ema_extra):
@@ -344,7 +328,7 @@ def pcgrad_split(primary: list[torch.Tensor], auxiliary: list[torch.Tensor],
             [p for i, p in enumerate(params) if i not in by_primary])
 
 
-def backward(m: Member, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
     """Gradients of the step: primary-anchored PCGrad on the head (with auxiliary tasks), else plain backward.
     The UW log-variances and the extra parameters (adapters) always get the plain gradient."""
     primary, auxiliary = split_terms(terms)
@@ -361,7 +345,7 @@ def backward(m: Member, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> N
     pcgrad_step(primary, auxiliary, arbitrated, plain_params=plain + uw + m.extra_params)
 
 
-def train_step(m: Member, batch: dict, tokens: torch.Tensor,
+def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
                sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float | None:
     """Mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
 
@@ -428,7 +412,7 @@ def scores(y_true_grams: np.ndarray, y_pred_grams: np.ndarray, baseline_grams: n
 
 
 def train_fold(
-    members: list[Member],
+    members: list[SweepMember],
     train_loader,
     val_loader,
     val_truth: np.ndarray | None,

@@ -117,7 +117,7 @@ def validate_size(size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_view_size(text: str) -> tuple[int, int]:
     """'960x480' -> (960, 480), validated."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):

@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import biomass_cache.backbone as bb
+from biomass_cache.content import sha256_file
 from biomass_cache.data import DataError
 from biomass_cache.backbone import (
     WeightsError,
@@ -98,7 +98,7 @@ def test_timm_safetensors_round_trip(tmp_path):
     x = images(seed=4)
     torch.testing.assert_close(forward_tokens(backbone, x, [0, 2], norm=False),
                                reference_tokens(src, x, [0, 2], norm=False), rtol=0, atol=0)
-    assert backbone.weights_sha256 == bb.file_sha256(path) != "random"
+    assert backbone.weights_sha256 == sha256_file(path) != "random"
 
 
 def test_nonzero_qv_bias_into_model_without_bias_refused(tmp_path):

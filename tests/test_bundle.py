@@ -18,7 +18,6 @@ import pytest
 import biomass_cache.bundle as bundle
 from biomass_cache import bundle_run
 from biomass_cache.ensemble import load_ensemble
-from test_ensemble import pipeline  # noqa: F401  (the shared tiny trained run)
 
 
 def ensemble_file(run: Path, path: Path) -> Path:
@@ -27,6 +26,7 @@ def ensemble_file(run: Path, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bundled_packages_are_the_closure_minus_the_stock_image():
     packages = bundle.bundled_packages(bundle.STOCK_KAGGLE)
     assert {"typer", "zarr", "numcodecs", "crc32c", "peft"} <= set(packages)
@@ -37,7 +37,8 @@ def test_bundled_packages_are_the_closure_minus_the_stock_image():
         bundle.closure(["surely-not-a-package-xyz"])
 
 
-def test_bundle_layout_checksums_and_estimate(pipeline, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_bundle_layout_checksums_and_estimate(pipeline, tmp_path, monkeypatch, capsys):
     root, data, run = pipeline
 
     def fake_wheels(packages, wheels, project=bundle.PROJECT):  # the real build is the slow test's
@@ -96,7 +97,7 @@ def stock_environment(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_run_submission_offline_in_a_stock_environment(pipeline, tmp_path):  # noqa: F811
+def test_run_submission_offline_in_a_stock_environment(pipeline, tmp_path):
     root, data, run = pipeline
     if not registry_reachable(tmp_path):
         pytest.skip("no package registry reachable: the bundle's wheels cannot be built")

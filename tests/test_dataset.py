@@ -1,12 +1,6 @@
-"""TokenDataset: joins cached tokens with the data table, samples views deterministically, refuses mismatches.
-
-`make_toy` also serves tests/test_train.py: a Kaggle-format train.csv and a tiny token store whose tokens carry
-the targets (channel j of every token ~ component j's density + noise), so a head can learn from them.
-"""
+"""TokenDataset: joins cached tokens with the data table, samples views deterministically, refuses mismatches."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,45 +9,9 @@ import torch
 
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
-from biomass_cache.store import StoreSpec, create_store, open_store
+from biomass_cache.store import open_store
 from biomass_cache.targets import TARGETS, to_density
-
-GRID, CHANNELS, LAYERS, VIEWS = (8, 4), 16, [3, 7], 2
-
-
-def make_toy(root: Path, n: int = 24, seed: int = 0, extra_store_ids: int = 0, done: bool = True
-             ) -> tuple[Path, Path]:
-    """Data folder (train.csv) + token store; returns (data_dir, store_path)."""
-    rng = np.random.default_rng(seed)
-    ids = [f"ID{1000000 + k}" for k in range(n)]
-    comps = rng.gamma(2.0, [4.0, 6.0, 12.0], size=(n, 3))  # grams of clover, dead, green
-    comps[rng.random(n) < 0.2, 0] = 0.0
-    five = np.column_stack([comps, comps[:, 0] + comps[:, 2], comps.sum(1)])
-    states = np.array(["Tas", "Vic", "NSW", "WA"])[np.arange(n) % 4]
-    dates = [f"2015/{1 + (k // 4) % 6}/{1 + k % 3}" for k in range(n)]  # 18 (date, State) groups
-    rows = []
-    for k, iid in enumerate(ids):
-        for t in sorted(TARGETS):
-            rows.append(dict(sample_id=f"{iid}__{t}", image_path=f"train/{iid}.jpg", Sampling_Date=dates[k],
-                             State=states[k], Species="Ryegrass_Clover", Pre_GSHH_NDVI=round(0.3 + 0.01 * k, 3),
-                             Height_Ave_cm=round(2 + five[k, 4] / 10, 2), target_name=t,
-                             target=round(float(five[k, TARGETS.index(t)]), 4)))
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(data / "train.csv", index=False)
-
-    store_ids = ids + [f"ID{2000000 + k}" for k in range(extra_store_ids)]
-    spec = StoreSpec(image_ids=store_ids, n_views=VIEWS, layers=LAYERS, grid=GRID, channels=CHANNELS,
-                     fingerprint={"backbone": "toy", "weights_sha256": "random", "seed": seed})
-    store = create_store(root / "train.zarr", spec)
-    density = to_density(comps) / 100.0
-    for i in range(len(store_ids) if done else n // 2):
-        x = rng.normal(0, 0.3, size=(VIEWS, len(LAYERS), GRID[0] * GRID[1], CHANNELS)).astype(np.float32)
-        if i < n:
-            x[..., :3] += density[i]
-        store.write_image(i, x)
-    return data, root / "train.zarr"
-
+from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 
 from biomass_cache.demo import DemoSize, run_demo
 from biomass_cache.submission import expected_sample_ids, validate_submission
@@ -7,6 +8,7 @@ TINY = DemoSize(n_train=36, n_test=6, photo=(128, 64), size=(64, 32), layers=(11
                 pcgrad=False)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", progress=False, sizes=TINY)
     art = summary["artefacts"]
@@ -20,6 +22,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "RANDOMLY INITIALISED" in printed and "--weights PATH" in printed and art["submission"] in printed
 
 
+@pytest.mark.slow
 def test_mean_baseline_is_the_score_of_a_mean_submission(tmp_path):
     """The printed floor equals scoring a submission.csv that predicts the training mean for every image."""
     from biomass_cache.data import read_long_csv, to_long

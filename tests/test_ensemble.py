@@ -8,6 +8,7 @@ import torch
 from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.ensemble import EnsembleError, load_ensemble
 from biomass_cache.targets import components_to_targets
+from toys import PIPELINE_VIT
 
 
 def five(comps):
@@ -68,31 +69,8 @@ def test_ensemble_file(tmp_path):
         load_ensemble(path)
 
 
-# ------------------------------------------------------------------ a real tiny pipeline (shared by the tests below)
-TINY = dict(depth=2, embed_dim=64, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Synthetic data -> tiny random ViT train cache -> 3-fold density + mlp heads (about 20 s on 2 cores)."""
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.synth import generate
-    from biomass_cache.cv import run_training
-    from biomass_cache.train import resolve
-
-    root = tmp_path_factory.mktemp("pipeline")
-    data = root / "data"
-    generate(data, n_train=36, n_test=8, seed=0, size=(128, 64), progress=False)
-    cache = root / "train.zarr"
-    extract(ExtractConfig(data_dir=data, split="train", out=cache, backbone="vit_small_patch16_dinov3",
-                          weights="random", size=(64, 32), layers=[0, 1], views=2, seed=0, device="cpu",
-                          overrides=TINY), progress=False)
-    settings = dict(folds=3, epochs=5, device="cpu", workers=0, pcgrad=False)
-    cfg, members = resolve({"head_kwargs": {"dropout": 0.1}}, [], settings, ["density", "mlp"])  # MC-dropout
-    run_training(cache, data, root / "run", cfg, members)
-    return root, data, root / "run"
-
-
+# ------------------------------------------------------ a real tiny pipeline (conftest's `pipeline`, shared below)
+@pytest.mark.slow
 def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
     import biomass_cache.ensemble as ens
     import biomass_cache.extract as extract_module
@@ -125,6 +103,7 @@ def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
         assert np.isfinite(result.grams).all() and (result.grams >= 0).all()
 
 
+@pytest.mark.slow
 def test_mc_dropout_weights(pipeline, tmp_path):
     import biomass_cache.ensemble as ens
 
@@ -139,6 +118,7 @@ def test_mc_dropout_weights(pipeline, tmp_path):
     check_identities(result.grams)
 
 
+@pytest.mark.slow
 def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
     import shutil
 
@@ -156,6 +136,7 @@ def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
         ens.run_ensemble(ens.EnsembleSpec((ens.Member(other, head="mlp"),)), data, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_submit_and_predict_end_to_end(pipeline, tmp_path):
     from biomass_cache.ensemble import spec_from_options
     from biomass_cache.predict import predict_photos
@@ -179,6 +160,7 @@ def test_submit_and_predict_end_to_end(pipeline, tmp_path):
     assert [p.stem for p in pngs] == sorted(table["image_id"])
 
 
+@pytest.mark.slow
 def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     """Real weights: the file's absolute path travels store -> config.json -> submission (no --weights needed)."""
     from safetensors.torch import save_file
@@ -193,10 +175,10 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
     _, data, _ = pipeline
     weights = tmp_path / "w.safetensors"
-    save_file(create_backbone("vit_small_patch16_dinov3", "random", seed=3, overrides=TINY).model.state_dict(), weights)
+    save_file(create_backbone("vit_small_patch16_dinov3", "random", seed=3, overrides=PIPELINE_VIT).model.state_dict(), weights)
     cache = tmp_path / "train.zarr"
     extract(ExtractConfig(data_dir=data, split="train", out=cache, weights=str(weights), size=(64, 32), layers=[1],
-                          views=1, device="cpu", overrides=TINY), progress=False)
+                          views=1, device="cpu", overrides=PIPELINE_VIT), progress=False)
     assert stored_weights_path(open_store(cache)) == str(weights.resolve())
     cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, aux=False), ["mlp"])
     run_training(cache, data, tmp_path / "run", cfg, members)
@@ -239,6 +221,7 @@ def _photos(src, folder, rotate: int):
     return folder
 
 
+@pytest.mark.slow
 def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cache(pipeline, tmp_path):
     from biomass_cache.predict import predict_photos
 
@@ -254,6 +237,7 @@ def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cach
     np.testing.assert_array_equal(b["Dry_Total_g"].to_numpy(), np.roll(a["Dry_Total_g"].to_numpy(), -1))
 
 
+@pytest.mark.slow
 def test_submit_with_a_changed_photo_and_a_reused_work_dir(pipeline, tmp_path):
     import shutil
 
@@ -282,6 +266,7 @@ def ens_spec(run):
     return EnsembleSpec((Member(run, head="density"),))
 
 
+@pytest.mark.slow
 def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
     import shutil
 
@@ -302,6 +287,7 @@ def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
     assert [p.parent.name for p in full.checkpoints] == ["fold0", "fold1", "fold2"]
 
 
+@pytest.mark.slow
 def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     import shutil
 
@@ -322,6 +308,7 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     assert (out / "folds.csv").read_bytes() == folds and not (out / "oof_mlp.csv").exists()
 
 
+@pytest.mark.slow
 def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
     import shutil
 
@@ -353,6 +340,7 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
     assert allowed.exit_code == 0 and (tmp_path / "s.csv").is_file(), allowed.output
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
     """Members trained on caches of two different tiny backbones (widths 64 and 32): each gets its own test cache."""
     import biomass_cache.ensemble as ens
@@ -397,6 +385,7 @@ def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
     assert set(documented) == MEMBER_KEYS and set(used) <= MEMBER_KEYS
 
 
+@pytest.mark.slow
 def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp_path, capsys):
     import biomass_cache.ensemble as ens
     from biomass_cache.store import open_store

@@ -17,7 +17,7 @@ from biomass_cache.cli import app
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.errors import script_app
 from biomass_cache.folds import grouped_folds
-from test_dataset import make_toy
+from toys import huge_jpeg, make_toy
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-plots", "--device", "cpu"]
 
@@ -112,6 +112,7 @@ def test_train_csv_without_labels_or_groups(toy, tmp_path, drop, fragments):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_stratify_flag_reaches_the_folds(toy, tmp_path):
     root, data, store = toy
     result = biomass("train", "--cache", store, "--data", data, "--out", tmp_path / "run", *FAST, "--folds", "3",
@@ -210,6 +211,7 @@ def run(tmp_path_factory):
     return data, root / "run"
 
 
+@pytest.mark.slow
 def test_submit_errors(run, tmp_path):
     data, run_dir = run
     out = tmp_path / "submission.csv"
@@ -231,6 +233,7 @@ def photo_folder(data: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_predict_skips_bad_photos_only_when_told(run, tmp_path):
     data, run_dir = run
     photos = photo_folder(data, tmp_path / "photos")
@@ -240,9 +243,7 @@ def test_predict_skips_bad_photos_only_when_told(run, tmp_path):
     refused = biomass("predict", photos, "--members", run_dir, "--out", out)
     assert_user_error(refused, "broken.jpg", "--skip-bad")
     assert not out.exists() and not (tmp_path / "cache").exists()
-    from test_recovery import _huge_jpeg
-
-    _huge_jpeg(photos / "bomb.jpg", 20000, 10000)  # a decompression bomb: refused from its header, never decoded
+    huge_jpeg(photos / "bomb.jpg", 20000, 10000)  # a decompression bomb: refused from its header, never decoded
     done = biomass("predict", photos, "--members", run_dir, "--out", out, "--skip-bad")
     assert done.exit_code == 0, done.output
     assert "skipped 2 unreadable photo(s)" in done.stderr and "broken.jpg" in done.stderr
@@ -254,6 +255,7 @@ def test_predict_skips_bad_photos_only_when_told(run, tmp_path):
                       "none of the 2 photos could be read")
 
 
+@pytest.mark.slow
 def test_predict_warns_about_a_photo_of_another_shape(run, tmp_path):
     data, run_dir = run
     photos = photo_folder(data, tmp_path / "photos")

@@ -15,58 +15,17 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from PIL import Image
 from typer.testing import CliRunner
 
 import biomass_cache
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError
 from biomass_cache.errors import script_app
-from biomass_cache.extract import ExtractConfig, default_layers, extract, extract_command
+from biomass_cache.extract import default_layers, extract, extract_command
 from biomass_cache.store import StoreError, TokenStore, open_store
-from biomass_cache.targets import TARGETS
 from biomass_cache.views import ViewPolicy, load_photo, make_view
-
-TINY = dict(depth=2, embed_dim=32, num_heads=2)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_data(folder: Path, n: int, seed: int = 0, split: str = "train") -> list[str]:
-    """A tiny Kaggle-format folder: `{split}.csv` in long format and random JPEGs of varied sizes."""
-    rng = np.random.default_rng(seed)
-    (folder / split).mkdir(parents=True, exist_ok=True)
-    rows, ids = [], [f"ID{1000 + k}" for k in range(n)]
-    for k, image_id in enumerate(ids):
-        pixels = rng.integers(0, 256, (40 + 4 * k, 90 + 2 * k, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / split / f"{image_id}.jpg", quality=90)
-        for t in TARGETS:
-            row = {"sample_id": f"{image_id}__{t}", "image_path": f"{split}/{image_id}.jpg", "target_name": t}
-            if split == "train":
-                row |= {"Sampling_Date": "2015/9/4", "State": "Tas", "Species": "Ryegrass",
-                        "Pre_GSHH_NDVI": 0.6, "Height_Ave_cm": 4.0, "target": float(rng.uniform(0, 50))}
-            rows.append(row)
-    pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
-    return ids
-
-
-def config(tmp_path: Path, **kw) -> ExtractConfig:
-    base = dict(data_dir=tmp_path / "data", out=tmp_path / "tokens.zarr", size=(64, 32), layers=[0, 1], views=3,
-                batch_size=6, num_workers=0, overrides=TINY, seed=3)
-    return ExtractConfig(**(base | kw))
-
-
-def raw(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store as stored (bit-level comparisons)."""
-    group = zarr.open_group(path, mode="r")
-    return {name: arr[:] for name, arr in group.arrays()}
-
-
-def assert_same_arrays(a: Path, b: Path) -> None:
-    ra, rb = raw(a), raw(b)
-    assert ra.keys() == rb.keys()
-    for name in ra:
-        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
-
+from toys import EXTRACT_TINY as TINY
+from toys import ROOT, assert_same_arrays, cfg_json, config, write_data
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -142,6 +101,7 @@ def test_resume_after_crash_is_identical(reference, tmp_path, monkeypatch):
     assert_same_arrays(cfg.out, ref_cfg.out)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(reference, tmp_path):
     """A process killed with SIGKILL mid-run leaves a store that resumes to the uninterrupted arrays."""
     ref_cfg, _, _ = reference
@@ -157,19 +117,13 @@ def write_then_die(self, *a, **k):
     if len(n) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 TokenStore.write_encoded = write_then_die
-extract(ExtractConfig(**{_cfg_json(cfg)!r}), progress=False)
+extract(ExtractConfig(**{cfg_json(cfg)!r}), progress=False)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     assert 3 <= open_store(cfg.out).done().all(axis=1).sum() < 7
     extract(cfg, progress=False)
     assert_same_arrays(cfg.out, ref_cfg.out)
-
-
-def _cfg_json(cfg: ExtractConfig) -> dict:
-    return {"data_dir": str(cfg.data_dir), "out": str(cfg.out), "size": list(cfg.size), "layers": cfg.layers,
-            "views": cfg.views, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-            "overrides": cfg.overrides, "seed": cfg.seed}
 
 
 def test_fingerprint_mismatch_refused_then_overwrite(tmp_path):
@@ -209,6 +163,7 @@ def _break_image(data: Path, image_id: str, how: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_bad_image_stops_naming_the_path(tmp_path, how):
     ids = write_data(tmp_path / "data", 6)
@@ -270,7 +225,7 @@ def test_cli_config_file_flags_and_warning(tmp_path):
 def test_torchrun_two_ranks_equal_single_process(reference, tmp_path):
     ref_cfg, _, _ = reference
     conf = tmp_path / "cfg.json"
-    conf.write_text(json.dumps(_cfg_json(replace(ref_cfg, out=tmp_path / "ddp.zarr"))))
+    conf.write_text(json.dumps(cfg_json(replace(ref_cfg, out=tmp_path / "ddp.zarr"))))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "biomass_cache.extract", "--config", str(conf), "--device", "cpu"]

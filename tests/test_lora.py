@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.dataset import AuxSpec
-from biomass_cache.live import LiveDataset, build_prefix_cache, make_loader
+from biomass_cache.lora.data import LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
                                 load_checkpoint, lora_command, predict_images, run_lora)
 from biomass_cache.runs import load_head
@@ -110,7 +110,7 @@ def first_step_setup(bb, table, data, prefix, s=None):
     rows = np.arange(8)
     aux = AuxSpec.fit(table, rows)
     ds = LiveDataset(table, rows, data, s, train=False, seed=1, aux=aux, prefix=prefix)
-    batch = next(iter(make_loader(ds, 8, 0)))
+    batch = next(iter(live_loader(ds, 8, 0)))
     member = build_member("density", train_cfg(mixup=False), live.layers, {"channels": 64, "grid": [2, 4]},
                           fit_zscore(table, rows), aux, 10, seed=3, device=CPU, extra_groups=live.param_groups())
     return live, batch, member
@@ -134,6 +134,7 @@ def test_prefix_cache_matches_live_first_step(data):
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)  # the cache stores float16
 
 
+@pytest.mark.slow
 def test_run_folder_checkpoint_and_reload(run, data):
     names = sorted(p.name for p in run.iterdir())
     assert names == ["config.json", "fold0", "fold1", "folds.csv", "history.csv", "metrics.json", "oof.csv",
@@ -155,6 +156,7 @@ def test_run_folder_checkpoint_and_reload(run, data):
     np.testing.assert_allclose(again, oof[list(TARGETS)].to_numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_reload_refuses_another_base(run, tmp_path):
     files = []
     for seed in (0, 1):  # the run's random backbone (seed 0) saved as a weights file, and another one
@@ -173,6 +175,7 @@ def test_reload_refuses_another_base(run, tmp_path):
         load_checkpoint(tmp_path / "ck.json", weights=str(files[1]))
 
 
+@pytest.mark.slow
 def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
     from biomass_cache.ensemble import EnsembleError, spec_from_options
     from biomass_cache.submission import submit
@@ -200,6 +203,7 @@ DDP_ARGS = ["--full", "--epochs", "2", "--batch-size", "4", "--no-pcgrad", "--no
             "1,3", "--lora-blocks", "2", "--lora-rank", "4", "--lora-lr", "1e-2", "--lr", "1e-2"]
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     config = tmp_path / "tiny.toml"

@@ -18,13 +18,7 @@ from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets
 B, L, T, C, N_STATES = 6, 2, 4, 3, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs on a shared CPU cost far more than the maths."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +195,7 @@ def test_split_terms_orders_primary_and_auxiliary():
         split_terms({"oops": torch.tensor(1.0)})
 
 
+@pytest.mark.slow
 def test_density_head_overfits_a_synthetic_batch(zscore):
     torch.manual_seed(0)
     batch = make_batch(seed=1)

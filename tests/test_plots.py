@@ -15,7 +15,7 @@ from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.plots import plot_run
 from biomass_cache.store import open_store
 from biomass_cache.train import resolve
-from test_dataset import make_toy
+from toys import make_toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["learning_curves.png", "pred_vs_true.png", "fold_scores.png", "density_maps.png"]
@@ -40,6 +40,7 @@ def run(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root / "run", data, store
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_valid_png(run):
     run_dir, data, store = run
     paths = plot_run(run_dir, data, store=open_store(store))
@@ -52,11 +53,13 @@ def test_every_figure_is_a_valid_png(run):
     assert not list((run_dir / "plots").glob(".*tmp*"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.slow
 def test_store_defaults_to_the_cache_in_config(run):
     run_dir, data, _ = run
     assert [p.name for p in plot_run(run_dir, data)] == FIGURES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["metrics.json", "history.csv", "oof.csv", "folds.csv"])
 def test_missing_input_is_a_clear_error(run, tmp_path, name):
     run_dir, data, store = run
@@ -67,6 +70,7 @@ def test_missing_input_is_a_clear_error(run, tmp_path, name):
         plot_run(copy, data, store=open_store(store))
 
 
+@pytest.mark.slow
 def test_missing_photo_is_a_clear_error(run, tmp_path):
     run_dir, data, store = run
     copy = tmp_path / "data"

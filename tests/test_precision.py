@@ -17,7 +17,7 @@ from biomass_cache.extract import extract, extract_command
 from biomass_cache.precision import (COMPUTE, NonFiniteError, check_finite, precision_of_compute,
                                      resolve_precision)
 from biomass_cache.store import open_store
-from test_extract import assert_same_arrays, config, write_data
+from toys import assert_same_arrays, config, write_data
 
 CLI = ["--size", "64x32", "--layers", "0,1", "--views", "2", "--workers", "0", "--batch-size", "4"]
 
@@ -40,6 +40,7 @@ def test_resolution_and_fingerprint_values():
         resolve_precision("half", cpu)
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_in_the_fingerprint_and_close_to_fp32(tmp_path):
     write_data(tmp_path / "data", 2)
     fp16 = cli(tmp_path, "--out", str(tmp_path / "fp16.zarr"), "--precision", "fp16", "--device", "cpu")
@@ -58,6 +59,7 @@ def test_fp16_on_cpu_is_in_the_fingerprint_and_close_to_fp32(tmp_path):
     assert settings["precision"] == "fp16"
 
 
+@pytest.mark.slow
 def test_forced_fp16_overflow_is_a_clear_error_with_nothing_done(tmp_path, monkeypatch):
     write_data(tmp_path / "data", 3)
     real = extract_module.create_backbone
@@ -86,6 +88,7 @@ def test_check_finite_names_the_image_of_the_bad_row():
         check_finite(tokens, torch.zeros(5, 2, 1, 3), ["A", "B"], [2, 3], [4, 9], "bf16")
 
 
+@pytest.mark.slow
 def test_split_points_and_placement():
     bb = create_backbone("vit_small_patch16_dinov3", overrides=dict(depth=6, embed_dim=32, num_heads=2))
     assert split_points(bb.model, 1) == []
@@ -102,6 +105,7 @@ def test_split_points_and_placement():
         place_backbone(bb, ["cpu", "cpu"], [6])
 
 
+@pytest.mark.slow
 def test_devices_cpu_cpu_store_equals_single_device_bit_for_bit(tmp_path):
     write_data(tmp_path / "data", 3)
     one = cli(tmp_path, "--out", str(tmp_path / "one.zarr"), "--device", "cpu")

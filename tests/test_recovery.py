@@ -12,7 +12,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import zarr
@@ -24,8 +23,9 @@ from biomass_cache.extract import extract
 from biomass_cache.store import StoreError, create_store, open_store
 from biomass_cache.verify import verify, verify_command
 from biomass_cache.writer_lock import StoreLockedError, WriterLock
-from tests.test_extract import ROOT, _cfg_json, assert_same_arrays, config, write_data
-from tests.test_store import chunk_offset, spec, tokens
+from toys import ROOT, assert_same_arrays, cfg_json, chunk_offset, config, huge_jpeg, write_data
+from toys import store_spec as spec
+from toys import store_tokens as tokens
 
 
 def snapshot(path: Path) -> dict[str, tuple[str, int]]:
@@ -51,6 +51,7 @@ def fresh_copy(cfg, tmp_path: Path, name: str):
 
 
 # ---------------------------------------------------------------------------------------- 1. stale photos
+@pytest.mark.slow
 def test_changed_photo_is_re_extracted_alone(finished, tmp_path, capsys):
     cfg, ids = finished
     photo = cfg.data_dir / "train" / f"{ids[1]}.jpg"
@@ -64,6 +65,7 @@ def test_changed_photo_is_re_extracted_alone(finished, tmp_path, capsys):
     assert_same_arrays(cfg.out, fresh_copy(cfg, tmp_path, "fresh.zarr"))
 
 
+@pytest.mark.slow
 def test_deleted_photo_keeps_its_tokens_and_old_stores_adopt_hashes(finished):
     cfg, ids = finished
     group = zarr.open_group(cfg.out, mode="r+")
@@ -76,6 +78,7 @@ def test_deleted_photo_keeps_its_tokens_and_old_stores_adopt_hashes(finished):
 
 
 # --------------------------------------------------------------------------- 2. growing, concurrent writers
+@pytest.mark.slow
 def test_kill_between_growing_and_recording_resumes(finished, tmp_path):
     cfg, ids = finished
     data = cfg.data_dir
@@ -94,7 +97,7 @@ def die_before_ids(self, **kw):
         os.kill(os.getpid(), signal.SIGKILL)  # arrays grown, ids not recorded
     real(self, **kw)
 TokenStore._set_attrs = die_before_ids
-extract(ExtractConfig(**{_cfg_json(cfg)!r}), progress=False)
+extract(ExtractConfig(**{cfg_json(cfg)!r}), progress=False)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
@@ -107,6 +110,7 @@ extract(ExtractConfig(**{_cfg_json(cfg)!r}), progress=False)
     assert_same_arrays(cfg.out, fresh_copy(cfg, tmp_path, "fresh.zarr"))
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_holder(finished, tmp_path):
     cfg, ids = finished
     with WriterLock(cfg.out):
@@ -118,15 +122,6 @@ def test_a_second_writer_is_refused_naming_the_holder(finished, tmp_path):
 
 
 # ------------------------------------------------------------------------------ 4. decompression bombs
-def _huge_jpeg(path: Path, w: int, h: int) -> None:
-    """A small JPEG whose header announces w x h (PIL reads the size from the SOF marker)."""
-    Image.new("RGB", (16, 8)).save(path, quality=90)
-    raw = bytearray(path.read_bytes())
-    sof = raw.index(b"\xff\xc0")
-    raw[sof + 5: sof + 9] = struct.pack(">HH", h, w)
-    path.write_bytes(bytes(raw))
-
-
 def _huge_png(path: Path, w: int, h: int) -> None:
     Image.new("RGB", (16, 8)).save(path)
     raw = bytearray(path.read_bytes())
@@ -135,9 +130,10 @@ def _huge_png(path: Path, w: int, h: int) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_oversized_photos_are_bad_images_not_crashes(tmp_path):
     ids = write_data(tmp_path / "data", 4)
-    _huge_jpeg(tmp_path / "data" / "train" / f"{ids[1]}.jpg", 20000, 10000)  # PIL's DecompressionBombError
+    huge_jpeg(tmp_path / "data" / "train" / f"{ids[1]}.jpg", 20000, 10000)  # PIL's DecompressionBombError
     png = tmp_path / "big.png"
     _huge_png(png, 12649, 12649)  # 160 Mpx: PIL only warns, and would decode 480 MB
     for path in (tmp_path / "data" / "train" / f"{ids[1]}.jpg", png):
@@ -157,6 +153,7 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_recheck_re_extracts_corrupt_and_missing_shards(finished, tmp_path, capsys):
     cfg, ids = finished
     store = open_store(cfg.out)
@@ -170,6 +167,7 @@ def test_recheck_re_extracts_corrupt_and_missing_shards(finished, tmp_path, caps
     assert_same_arrays(cfg.out, fresh_copy(cfg, tmp_path, "fresh.zarr"))
 
 
+@pytest.mark.slow
 def test_corrupt_done_chunk_names_its_file_and_recheck_repairs_it(finished, tmp_path):
     cfg, ids = finished
     done_file = cfg.out / "done" / "c.2.0"
@@ -181,6 +179,7 @@ def test_corrupt_done_chunk_names_its_file_and_recheck_repairs_it(finished, tmp_
     assert_same_arrays(cfg.out, fresh_copy(cfg, tmp_path, "fresh.zarr"))
 
 
+@pytest.mark.slow
 def test_verify_repair_then_extract(finished, tmp_path):
     cfg, ids = finished
     store = open_store(cfg.out)
@@ -202,6 +201,7 @@ def _verify_app():
     return app
 
 
+@pytest.mark.slow
 def test_verify_reports_every_chunk_a_truncated_shard_lost(finished):
     cfg, _ = finished
     store = open_store(cfg.out)
@@ -222,6 +222,7 @@ def test_compressed_store_read_error_names_the_shard(tmp_path):
         s.read(0, 0)
 
 
+@pytest.mark.slow
 def test_bad_images_are_retried_when_fixed_or_asked(tmp_path, capsys):
     ids = write_data(tmp_path / "data", 4)
     photo = tmp_path / "data" / "train" / f"{ids[2]}.jpg"
@@ -240,6 +241,7 @@ def test_bad_images_are_retried_when_fixed_or_asked(tmp_path, capsys):
     assert summary["images_extracted"] == 1 and summary["bad_ids"] == {} and summary["samples_done"] == 12
 
 
+@pytest.mark.slow
 def test_finished_re_run_touches_nothing_and_works_read_only(finished, tmp_path, monkeypatch):
     cfg, ids = finished
     before = snapshot(cfg.out)
@@ -252,6 +254,7 @@ def test_finished_re_run_touches_nothing_and_works_read_only(finished, tmp_path,
         extract(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_runs_are_removed(finished, tmp_path):
     cfg, _ = finished
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -21,7 +21,7 @@ from biomass_cache.data import DataError
 from biomass_cache.errors import script_app
 from biomass_cache.reduce import Reduction, fit_reduction, pool_tokens, reduce_command, reduce_store, reduction_of
 from biomass_cache.store import StoreSpec, create_store, open_store
-from test_dataset import CHANNELS, GRID, LAYERS, VIEWS, make_toy
+from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,7 @@ def test_pca_matches_sklearn_and_apply_matches_the_definition(toy):
     np.testing.assert_allclose(red.apply(tokens).numpy(), expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reduced_store_is_plain_zarr_with_a_chained_fingerprint(toy, tmp_path):
     _, _, path = toy
     src = open_store(path)
@@ -84,6 +85,7 @@ def test_reduced_store_is_plain_zarr_with_a_chained_fingerprint(toy, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary store left
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_and_write_nothing(toy, tmp_path):
     root, _, path = toy
     cases = [
@@ -105,6 +107,7 @@ def test_bad_requests_are_refused_and_write_nothing(toy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.zarr"]
 
 
+@pytest.mark.slow
 def test_a_store_of_other_tokens_is_refused_by_the_projection(toy, tmp_path):
     root, _, path = toy
     _, other = make_toy(root / "other", n=24, seed=5)  # same shapes, another fingerprint (seed)
@@ -115,6 +118,7 @@ def test_a_store_of_other_tokens_is_refused_by_the_projection(toy, tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+@pytest.mark.slow
 def test_a_test_store_differing_only_in_split_and_views_takes_the_projection(toy, tmp_path):
     _, _, path = toy
     src = open_store(path)
@@ -128,6 +132,7 @@ def test_a_test_store_differing_only_in_split_and_views_takes_the_projection(toy
     assert out.n_views == 3 and Reduction.of_store(out).sha256 == red.sha256
 
 
+@pytest.mark.slow
 def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
     from biomass_cache.cv import run_training
     from biomass_cache.train import resolve
@@ -155,6 +160,7 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
                                   open_store(tmp_path / "red.zarr").read(0, 0))
 
 
+@pytest.mark.slow
 def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
     from biomass_cache.cv import run_training
     from biomass_cache.store import TokenStore
@@ -202,6 +208,7 @@ def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     assert Path(tmp_path / "out" / "again.csv").read_bytes() == (tmp_path / "out" / "submission.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_config_table_sets_the_defaults_and_flags_override_it(toy, tmp_path):
     _, _, path = toy
     config = tmp_path / "c.toml"

@@ -36,6 +36,7 @@ def _faults(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     pages = (40 << 20) // 4096
     default, tuned = _faults("default"), _faults("tuned")

@@ -21,22 +21,12 @@ from biomass_cache import store as st
 from biomass_cache.shards import ShardGeometry
 from biomass_cache.store import StoreError, StoreSpec, create_store, fingerprint_diff, open_store
 from biomass_cache.verify import verify, verify_command
-
-LAYERS = [2, 5, 7]
-GRID = (3, 4)
-C = 16
-FP = {"backbone": {"name": "vit_tiny", "weights_sha256": "random"}, "layers": LAYERS, "size": [64, 48]}
-
-
-def spec(n=3, views=2, dtype="float16", n_prefix=0, **kw) -> StoreSpec:
-    return StoreSpec(image_ids=[f"ID{k}" for k in range(n)], n_views=views, layers=list(LAYERS), grid=GRID,
-                     channels=C, fingerprint=FP, dtype=dtype, n_prefix=n_prefix, **kw)
-
-
-def tokens(*lead: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((*lead, len(LAYERS), GRID[0] * GRID[1], C)) * scale).astype(np.float32)
-
+from toys import STORE_C as C
+from toys import STORE_FP as FP
+from toys import STORE_LAYERS as LAYERS
+from toys import chunk_offset
+from toys import store_spec as spec
+from toys import store_tokens as tokens
 
 def test_float16_round_trip_exact(tmp_path):
     s = create_store(tmp_path / "s.zarr", spec(n_prefix=5))
@@ -227,6 +217,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_half_data_marked_done(tmp_path):
     s = create_store(tmp_path / "s.zarr", spec(n=200, views=3))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(s.path)], stdout=subprocess.PIPE,
@@ -263,15 +254,6 @@ def test_plain_zarr_layout(tmp_path):
     assert a["format_version"] == st.FORMAT_VERSION and a["fingerprint"] == FP
     assert np.isnan(t[1]).all()  # unwritten samples read as NaN, never as zeros
     np.testing.assert_array_equal(t[0, 1].astype(np.float32), s.read(0, 1))
-
-
-def chunk_offset(s, name: str, shard: bytes, view: int, layer: int) -> int:
-    """Byte offset of inner chunk (view, layer) in a shard, from its index (Zarr v3 sharding spec)."""
-    g = s._geometry[name]
-    n = int(np.prod(g.grid)) * 16
-    raw = shard[:n] if g.index_at_start else shard[-n - 4: -4]
-    index = np.frombuffer(raw, "<u8").reshape(*g.grid, 2)
-    return int(index[0, view % g.views_per_shard, layer, 0, 0, 0])
 
 
 def test_verify_reports_corrupt_and_missing(tmp_path):

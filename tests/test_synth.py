@@ -13,7 +13,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from typer.testing import CliRunner
 
 from biomass_cache.data import read_long_csv
-from biomass_cache.synth import colour_features, generate, parse_size, sample_labels, synth_command
+from biomass_cache.synth import colour_features, generate, parse_photo_size, sample_labels, synth_command
 from biomass_cache.targets import TARGETS
 
 TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",
@@ -32,6 +32,7 @@ def _raw(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files(small, tmp_path):
     again = tmp_path / "again"
     summary = generate(again, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False)
@@ -133,6 +134,7 @@ def test_groups_scale_with_n():
             assert groups.max() >= 3 * groups.min()  # very unequal
 
 
+@pytest.mark.slow
 def test_pictures_carry_the_labels(tmp_path):
     """Ridge on simple colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
     out = tmp_path / "signal"
@@ -163,12 +165,13 @@ def test_refuses_existing_folder_and_overwrites_on_request(small, tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("1000x500") == (1000, 500) and parse_size("200X100") == (200, 100)
+    assert parse_photo_size("1000x500") == (1000, 500) and parse_photo_size("200X100") == (200, 100)
     for bad in ("1000", "1000x", "ax500", "-10x5", "1000x500x3", "8x4"):
         with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-            parse_size(bad)
+            parse_photo_size(bad)
 
 
+@pytest.mark.slow
 def test_command(tmp_path):
     app = typer.Typer()
     app.command()(synth_command)

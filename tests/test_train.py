@@ -22,19 +22,12 @@ from biomass_cache.metrics import competition_r2, log_r2
 from biomass_cache.store import open_store
 from biomass_cache.targets import TARGETS
 from biomass_cache.train import TrainConfig, load_config, resolve
-from test_dataset import make_toy
+from toys import ROOT, make_toy
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny heads run fastest single-threaded, above all on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(*args: str) -> None:
@@ -62,6 +55,7 @@ def sweep_run(toy) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete_and_scores_agree(sweep_run, toy):
     _, data, store = toy
     table = read_long_csv(data / "train.csv", check_images=False)
@@ -85,6 +79,7 @@ def test_run_folder_is_complete_and_scores_agree(sweep_run, toy):
     assert config["train"]["folds"] == 3 and config["cache"]["fingerprint"] == open_store(store).fingerprint
 
 
+@pytest.mark.slow
 def test_heads_learn_the_signal_and_the_sweep_is_ranked(sweep_run, toy):
     metrics = json.loads((sweep_run / "metrics.json").read_text())
     pooled = {h: metrics["heads"][h]["competition_r2"] for h in ("density", "mlp")}
@@ -95,6 +90,7 @@ def test_heads_learn_the_signal_and_the_sweep_is_ranked(sweep_run, toy):
     assert pooled["density"] > 0.5, pooled
 
 
+@pytest.mark.slow
 def test_folds_respect_groups(sweep_run, toy):
     _, data, _ = toy
     table = read_long_csv(data / "train.csv", check_images=False)
@@ -104,6 +100,7 @@ def test_folds_respect_groups(sweep_run, toy):
     assert (per_group == 1).all() and sorted(folds["fold"].unique()) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_checkpoints_reload_and_reproduce_oof(sweep_run, toy):
     _, data, store_path = toy
     store = open_store(store_path)
@@ -119,6 +116,7 @@ def test_checkpoints_reload_and_reproduce_oof(sweep_run, toy):
         assert meta["layers"] == store.layers and meta["zscore"]["names"][:5] == list(TARGETS)
 
 
+@pytest.mark.slow
 def test_a_head_refuses_another_cache(sweep_run, tmp_path):
     _, other = make_toy(tmp_path, n=6, seed=1)  # same shapes, other extraction fingerprint
     head, meta = runs.load_head(sweep_run / "fold0" / "density.json")
@@ -131,6 +129,7 @@ def test_a_head_refuses_another_cache(sweep_run, tmp_path):
     runs.check_compatible(test_cache, open_store(sweep_run.parent / "train.zarr"))  # TTA cache of the same setup
 
 
+@pytest.mark.slow
 def test_folds_csv_reused_and_ablations_run(sweep_run, toy, tmp_path):
     """Every ablation switch in one sweep (config file) and all CLI switches at once, on the sweep's folds."""
     _, data, store = toy
@@ -160,6 +159,7 @@ def test_folds_csv_reused_and_ablations_run(sweep_run, toy, tmp_path):
         ("mixup", "uw", "pcgrad", "ema", "aux"), True)
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     data, store = make_toy(tmp_path / "a", n=12)
     calls, poisoned = [], {2, 5}
@@ -222,6 +222,7 @@ def test_fold_scores_survive_a_target_without_variance():
     json.dumps(s, allow_nan=False)
 
 
+@pytest.mark.slow
 def test_a_collapsed_fold_is_reported_and_recorded(toy, tmp_path, monkeypatch):
     """A fold model predicting one value for every image is named loudly and listed in metrics.json."""
     from biomass_cache.heads.common import FusedHead

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -22,9 +21,8 @@ from biomass_cache.cv import train_command  # noqa: E402
 from biomass_cache.data import DataError  # noqa: E402
 from biomass_cache.tune import open_storage, tune_command, worker_id  # noqa: E402
 from biomass_cache.tune_space import parse_space  # noqa: E402
-from test_dataset import make_toy  # noqa: E402
+from toys import ROOT, make_toy  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXED = "batch_size = 8\nworkers = 0\nthreads = 1\nfolds = 3\nplots = false\n"
 SPACE = f"""[space]
 lr = {{ log_uniform = [1e-3, 3e-2] }}
@@ -34,12 +32,7 @@ epochs = 2
 {FIXED}"""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +113,7 @@ def test_space_errors_name_the_key(tmp_path, text, match):
         parse_space(write(tmp_path, text))
 
 
+@pytest.mark.slow
 def test_bad_space_or_storage_is_one_error_line(toy, tmp_path):
     root, _, _ = toy
     code, out = tune(toy, tmp_path / "s", "--space", write(tmp_path, "[space]\nlr = { uniform = [1, 0] }"),
@@ -141,6 +135,7 @@ def study_dir(toy) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_study_writes_best_toml_that_train_reproduces(study_dir, toy, tmp_path):
     _, data, store = toy
     study = load(study_dir)
@@ -168,6 +163,7 @@ def test_study_writes_best_toml_that_train_reproduces(study_dir, toy, tmp_path):
     assert retrained == pytest.approx(winner["search_r2"], abs=1e-6)  # the winner's own trial, same seed and folds
 
 
+@pytest.mark.slow
 def test_resume_continues_and_refuses_another_cache_or_folds(study_dir, toy, tmp_path):
     root, data, _ = toy
     before = {t.number: t.value for t in finished(load(study_dir))}
@@ -193,6 +189,7 @@ def test_resume_continues_and_refuses_another_cache_or_folds(study_dir, toy, tmp
     assert len(finished(load(study_dir))) == 4  # nothing lost, nothing run
 
 
+@pytest.mark.slow
 def test_pruned_trials_stop_early(toy, tmp_path):
     """A trial that cannot learn (tiny lr), after one that does: the median pruner stops it within fold 0."""
     root, _, _ = toy
@@ -214,6 +211,7 @@ def test_pruned_trials_stop_early(toy, tmp_path):
     assert "pruned after" in output and tomllib.loads((out / "best.toml").read_text())["train"]["lr"] == 3e-2
 
 
+@pytest.mark.slow
 def test_a_killed_trial_is_failed_on_restart_and_keep_top(toy, tmp_path):
     root, _, _ = toy
     out = tmp_path / "killed"
@@ -257,6 +255,7 @@ def test_two_processes_share_one_study(toy, tmp_path, kind):
     assert sum("winner: trial" in o for o in outputs) == 1 and (tmp_path / "study" / "best.toml").is_file()
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatch):
     from biomass_cache import train as train_module
 

@@ -17,7 +17,7 @@ from biomass_cache.views import (
     _crop_box,
     load_photo,
     make_view,
-    parse_size,
+    parse_view_size,
     validate_size,
     view_rng,
 )
@@ -53,6 +53,7 @@ def test_clean_view_is_plain_resize_and_normalise(photo, picture):
     assert torch.equal(x, make_view(photo, "other", 0, seed=9, size=SIZE, policy=ViewPolicy(), split="test"))
 
 
+@pytest.mark.slow
 def test_views_are_deterministic_and_distinct(photo):
     for policy in (ViewPolicy(), ALL_ON):
         views = [make_view(photo, "ID1", v, 0, SIZE, policy) for v in range(1, 7)]
@@ -123,13 +124,13 @@ def test_non_rgb_and_very_wide_images(picture, tmp_path):
 
 def test_size_validation():
     assert validate_size((960, 480)) == (960, 480)
-    assert parse_size("960x480") == (960, 480)
+    assert parse_view_size("960x480") == (960, 480)
     for bad in [(60, 32), (64, 0), (64,), ("64", 32), (64.0, 32), (True, 32)]:
         with pytest.raises(ValueError):
             validate_size(bad)
     for bad in ["960", "960x", "axb", "961x480"]:
         with pytest.raises(ValueError):
-            parse_size(bad)
+            parse_view_size(bad)
 
 
 def test_policy_validation_and_round_trip():

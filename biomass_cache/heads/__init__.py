@@ -6,27 +6,14 @@ zscore=zscore)` rebuilds the identical architecture.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 from biomass_cache.targets import ZScore
+from biomass_cache.heads import density, mlp, vitdet  # noqa: F401  (registers the built-in heads)
 from biomass_cache.heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature
-
-HEADS: dict[str, Callable[..., FusedHead]] = {}
-
-
-def register_head(name: str) -> Callable[[type], type]:
-    """Class decorator: make a FusedHead subclass available to `create_head` as `name`."""
-
-    def add(cls: type) -> type:
-        if name in HEADS:
-            raise ValueError(f"a head named '{name}' is already registered ({HEADS[name]})")
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-
-    return add
+from biomass_cache.heads.registry import HEADS, register_head
 
 
 def create_head(
@@ -57,8 +44,6 @@ def rebuild_head(config: Mapping[str, Any], zscore: ZScore) -> FusedHead:
 def count_parameters(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
-
-from biomass_cache.heads import density, mlp, vitdet  # noqa: E402,F401  (registers the built-in heads)
 
 __all__ = [
     "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",

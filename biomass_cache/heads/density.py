@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomass_cache.heads import register_head
 from biomass_cache.heads.common import FusedHead, inverse_softplus, tokens_to_grid
+from biomass_cache.heads.registry import register_head
 
 
 class PatchMLP(nn.Module):

@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from biomass_cache.heads import register_head
 from biomass_cache.heads.common import FusedHead
+from biomass_cache.heads.registry import register_head
 
 POOLS = ("mean", "max", "gem")
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomass_cache.heads import register_head
 from biomass_cache.heads.common import FusedHead, LayerNorm2d, tokens_to_grid
+from biomass_cache.heads.registry import register_head
 
 SCALES = (2.0, 1.0, 0.5, 0.25)
 

@@ -2,7 +2,7 @@
 
 With a live backbone a sample is pixels - a fresh augmented view every epoch - or, with a prefix cache, the hidden
 state entering the first adapted block: the frozen blocks before it never change for a given view, so they run
-once (`build_prefix_cache`) and training runs only the adapted blocks. See biomass_cache.lora for the model side.
+once (`build_prefix_cache`) and training runs only the adapted blocks. The model side is model.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 from biomass_cache.backbone import backbone_fingerprint
 from biomass_cache.data import DataError
 from biomass_cache.dataset import AuxSpec, encode_labels, store_rows, view_for
+from biomass_cache.lora.model import LiveTokens
+from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.views import ViewPolicy, load_photo, make_view
-
-if TYPE_CHECKING:
-    from biomass_cache.lora import LiveTokens, LoraSettings
 
 
 class LiveDataset(Dataset):
@@ -104,7 +103,9 @@ class EpochSampler(Sampler[int]):
         return len(self.ds) if self.world == 1 else -(-len(self.ds) // (self.b * self.world)) * self.b
 
 
-def make_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
+def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:
+    """Batches of live samples in `sampler`'s order (EpochSampler: seeded, sharded over ranks) or in table order;
+    unlike a token-store loader (dataset.make_loader) no shuffle of its own and the DataLoader's default prefetch."""
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False)
 

@@ -1,0 +1,88 @@
+"""LoRA settings: the [lora] section of a config (CLI flags override), checked like stage two's settings."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from biomass_cache.data import DataError
+from biomass_cache.precision import check_precision
+from biomass_cache.train import check_values, is_int, is_number
+from biomass_cache.views import parse_view_size
+
+
+@dataclass
+class LoraSettings:
+    """The live token source and its adapters; the [lora] section of a config (CLI flags override)."""
+
+    backbone: str = "vit_small_patch16_dinov3"
+    weights: str = "random"  # "random" (seeded) or a local weights file
+    backbone_seed: int = 0  # initialisation of a random backbone
+    overrides: dict = field(default_factory=dict)  # timm kwargs for tiny test models
+    size: tuple[int, int] = (448, 224)  # W x H
+    layers: list[int] = field(default_factory=lambda: [5, 8, 11])  # blocks the head reads (negative allowed)
+    norm: bool = True  # final norm on every read layer (as in extraction)
+    blocks: int = 4  # adapt the last K blocks
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv"])  # module names inside a block
+    lr: float = 1e-4  # adapter learning rate (own optimizer groups)
+    layer_decay: float = 1.0  # adapter lr of block b = lr * layer_decay ** (depth - 1 - b)
+    view_seed: int = 0  # augmentation seed (views.make_view)
+    prefix_cache: Optional[str] = None  # Zarr store of hidden states entering block depth-K
+    prefix_views: int = 4  # views stored in the prefix cache (view 0 clean)
+    micro_batch: int = 0  # >0: run the backbone in checkpointed micro-batches (exact gradient accumulation)
+    grad_checkpointing: bool = False  # recompute each block in backward (timm set_grad_checkpointing)
+    amp: bool = True  # autocast in `precision` (False: fp32)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (precision.py; fp16 trains without loss scaling)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+
+def adapted_blocks(depth: int, k: int) -> list[int]:
+    if not 1 <= k <= depth:
+        raise DataError(f"--lora-blocks must be in 1..{depth} for a backbone of depth {depth}, got {k}")
+    return list(range(depth - k, depth))
+
+
+def target_regex(blocks: Sequence[int], targets: Sequence[str]) -> str:
+    """Full module names (peft full-matches a string): `proj` alone would also hit `patch_embed.proj`."""
+    return rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(t) for t in targets)})"
+
+
+def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
+    """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
+    doc = tomllib.loads(Path(config).read_text()) if config else {}
+    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "layers",
+                                                                           "norm", "precision")}
+    section = {**extract, **doc.get("lora", {}), **overrides}
+    unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
+    if unknown:
+        raise DataError(f"{config} [lora]: unknown key(s) {unknown}")
+    s = replace(LoraSettings(), **section)
+    s.size = parse_view_size(s.size) if isinstance(s.size, str) else tuple(s.size)
+    check_values(s, LORA_RULES, LORA_FLAGS, "lora")
+    return s
+
+
+# [lora] key -> (is the value valid, what it must be), as train.RULES; the flags that set them
+LORA_RULES = {
+    "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "layer_decay": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "prefix_views": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "micro_batch": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "layers": (lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(x) for x in v), "a list of block indices"),
+    "targets": (lambda v: isinstance(v, list) and len(v) > 0, "a list of module names, e.g. attn.qkv"),
+}
+LORA_FLAGS = {"blocks": "--lora-blocks", "rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+              "lr": "--lora-lr", "layer_decay": "--lora-layer-decay", "prefix_views": "--prefix-views",
+              "micro_batch": "--micro-batch", "layers": "--layers", "targets": "--lora-targets"}

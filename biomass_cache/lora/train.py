@@ -1,0 +1,81 @@
+"""LoRA training: stage two's cross-validation with the live adapted backbone as token source, on one process or
+under torchrun (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from biomass_cache import runs
+from biomass_cache.backbone import create_backbone
+from biomass_cache.cv import TokenSource, cross_validate
+from biomass_cache.data import DataError, read_training_table
+from biomass_cache.dataset import AuxSpec
+from biomass_cache.distributed import init_ranks
+from biomass_cache.lora.adapters import inject_lora
+from biomass_cache.lora.checkpoint import lora_fingerprint, save_checkpoint
+from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, live_loader
+from biomass_cache.lora.model import LiveTokens
+from biomass_cache.lora.settings import LoraSettings
+from biomass_cache.store import open_store
+
+
+# ------------------------------------------------------------------------------------ cross-validation
+def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
+             strict_folds: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0).
+
+    The head reads the live layers `s.layers` (so `cfg.layers`, block indices of a cache, is set to []). Live views
+    are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
+    "all"). `cfg.batch_size` is the global batch, split evenly over the ranks.
+    """
+    ranks, device = init_ranks(cfg.device)
+    rank, world = ranks.rank, ranks.world
+    if cfg.batch_size % world:
+        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.tta not in ("all", 0):
+        raise DataError(f"the LoRA path predicts the clean view 0 (no stored views to average); got tta={cfg.tta!r}")
+    cfg = replace(cfg, tta=0, layers=[])
+    if s.weights != "random":  # recorded absolute, so the run folder finds its base backbone from anywhere
+        s = replace(s, weights=str(Path(s.weights).resolve()))
+    data, out = Path(data), Path(out)
+    table = read_training_table(data / "train.csv")
+    bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
+    inject_lora(bb, s)
+    live = LiveTokens(bb, s, device)
+    prefix = None
+    if s.prefix_cache:
+        live.check_prefix_layers()
+        if rank == 0:
+            build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
+        ranks.barrier()
+        prefix = open_store(s.prefix_cache)
+    per_rank = cfg.batch_size // world
+
+    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
+        ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
+        return live_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
+
+    def val_loader(rows: np.ndarray, aux: AuxSpec):
+        ds = LiveDataset(table, rows, data, s, train=False, seed=0, aux=aux, prefix=prefix, view=0)
+        return live_loader(ds, cfg.eval_batch_size, cfg.workers)
+
+    def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
+        loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
+        return runs.components_to_grams(runs.predict_components(head, loader, live))
+
+    fingerprint = lora_fingerprint(bb, s)
+    source = TokenSource(
+        layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
+        config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
+        device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
+        save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=ranks.barrier,
+        sync=ranks.average_gradients if world > 1 else None)
+    if bb.weights_sha256 == "random" and rank == 0:
+        tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
+    return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds, overwrite)

@@ -1,0 +1,82 @@
+"""The biomass_cache package has no import cycle, counting every import: module level, inside functions and under
+TYPE_CHECKING (a cycle hidden in a function is still two modules that cannot be understood one without the other).
+
+`from biomass_cache.a import b` is an edge to module `biomass_cache.a.b` when that is a module, else to
+`biomass_cache.a`; the implicit import of a parent package's __init__ when a submodule is imported is not an edge
+(Python runs the parent first, so it never sees its own child half-initialised)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from toys import ROOT
+
+PACKAGE = ROOT / "biomass_cache"
+
+
+def module_files() -> dict[str, Path]:
+    """{dotted module name: file} for every module of the package."""
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def imports_of(tree: ast.AST, modules: set[str]) -> set[str]:
+    """The package modules a module's code imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imports_of(ast.parse(path.read_text()), set(files)) - {name} for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle [a, b, ..., a] of `graph`, or None (depth-first search, colouring nodes on the current path)."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_graph_sees_module_and_function_level_imports():
+    graph = import_graph()
+    assert "biomass_cache.lora.predict" in graph["biomass_cache.ensemble"]  # imported inside a function
+    assert "biomass_cache.heads.density" in graph["biomass_cache.heads"]  # `from package import submodule`
+    assert "biomass_cache.store" in graph["biomass_cache.extract"]
+
+
+def test_find_cycle_on_hand_made_graphs():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": set(), "c": {"d"}, "d": {"c"}}) == ["c", "d", "c"]
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) is None
