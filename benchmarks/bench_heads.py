@@ -8,9 +8,14 @@ scored out-of-fold on the same grouped 5 folds, on the clean view 0 (tta = 0), s
 Presets: `full` (the table above, 224 x 112 views), `reduce` (448 x 224 views, a 14 x 28 patch grid: the density
 and mlp heads on the full tokens beside the same heads on reduced copies of the cache, `biomass reduce`: per-layer
 PCA channels and a pooled grid), `reduce_large` (896 x 448 views, a 28 x 56 grid: the density head on the full
-tokens beside the reduction `--pool auto` picks there, 2 x 2 to 14 x 28, as at 960 x 480), `quick` (a smoke run).
+tokens beside the reduction `--pool auto` picks there, 2 x 2 to 14 x 28, as at 960 x 480), `quick` (a smoke run),
+`transfer` (whether defaults hold across data: one cell per (training size, generator style, seed), each with its
+own data, cache and grouped folds; in every cell the colour-statistics ridge (colour_baseline.py) and the selected
+contenders, `--contenders`, on that cell's folds; `--quick` runs a reduced version).
 
-    python benchmarks/bench_heads.py [--preset full|reduce|quick] [--out FILE] [--work DIR]
+    python benchmarks/bench_heads.py [--preset full|reduce|reduce_large|quick|transfer] [--out FILE] [--work DIR]
+    python benchmarks/bench_heads.py --preset transfer [--sizes 80 357] [--styles blades canopy] [--seeds 0]
+        [--epochs 120] [--contenders density mlp ridge ...] [--quick]
 
 The data and caches are kept in --work (a temporary folder by default) and reused when present.
 """
@@ -41,9 +46,10 @@ from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.metrics import competition_r2, per_target_r2  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth import colour_features, generate  # noqa: E402
+from biomass_cache.synth import STYLES, colour_features, generate  # noqa: E402
 from biomass_cache.targets import TARGETS  # noqa: E402
 from biomass_cache.train import TrainConfig  # noqa: E402
+from colour_baseline import STAT_NAMES, colour_stats_of, ridge_inner_cv_oof  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
@@ -74,6 +80,18 @@ PRESETS = {
 GOALS = {"density - ridge(pooled tokens)": 0.15, "density - ridge(colour stats)": 0.05,
          "density(float16) - density(int8)": -0.005}
 REDUCED_GOAL = -0.01  # the default reduction (PCA 128, pool auto) against the full tokens
+COLOUR_RIDGE = f"ridge on colour statistics ({len(STAT_NAMES)} features, alpha by inner CV)"
+CONTENDERS = {  # transfer preset: name -> TrainConfig overrides; a head that is not registered is skipped
+    "density": HEADS["density"],
+    "density-h256": HEADS["density (hidden 256)"],
+    "density-mixup": HEADS["density (mixup)"],
+    "density-lr1e-3": dict(head="density", lr=1e-3),
+    "mlp": HEADS["mlp"],
+    "ridge": dict(head="ridge"),
+}
+TRANSFER = dict(sizes=[80, 357], styles=["blades", "canopy"], seeds=[0], photo=(448, 224), size=(224, 112),
+                epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge"])
+TRANSFER_QUICK = dict(sizes=[60, 80], epochs=4, contenders=["density", "mlp", "ridge"])  # --quick: a smoke run
 
 
 def pooled_tokens(store_path: Path, image_ids: list[str]) -> np.ndarray:
@@ -112,12 +130,12 @@ def int8_copy(src: Path, dst: Path) -> None:
         out.write_image(i, np.stack([store.read(i, v) for v in range(store.n_views)]))
 
 
-def prepare(work: Path, sz: dict) -> tuple[Path, Path, Path, float]:
+def prepare(work: Path, sz: dict, style: str = "blades", seed: int = 0) -> tuple[Path, Path, Path, float]:
     """Data folder, float16 cache and (if the preset wants it) its int8 copy in `work` (reused when complete);
     returns extraction seconds."""
     data, f16, i8 = work / "data", work / "cache_f16.zarr", work / "cache_int8.zarr"
     if not (data / "train.csv").is_file():
-        generate(data, n_train=sz["n_train"], n_test=1, seed=0, size=sz["photo"], progress=False)
+        generate(data, n_train=sz["n_train"], n_test=1, seed=seed, size=sz["photo"], progress=False, style=style)
     t = time.perf_counter()
     extract(ExtractConfig(data_dir=data, out=f16, backbone=BACKBONE, weights="random", size=sz["size"],
                           layers=LAYERS, views=VIEWS, seed=0, device="cpu", num_workers=1), progress=True)
@@ -140,9 +158,10 @@ def reduced_copy(src: Path, work: Path, dim: int, pool: int) -> tuple[Path, floa
 
 
 def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: dict[str, dict], epochs: int,
-                threads: int) -> dict[str, dict]:
+                threads: int, plots: bool = True) -> dict[str, dict]:
     """Stage two on the same folds and batches; {member: pooled OOF scores}."""
-    base = TrainConfig(folds=FOLDS, epochs=epochs, device="cpu", workers=0, threads=threads, tta=0, preload=True)
+    base = TrainConfig(folds=FOLDS, epochs=epochs, device="cpu", workers=0, threads=threads, tta=0, preload=True,
+                       plots=plots)
     cfgs = {n: replace(base, **kw) for n, kw in members.items()}
     t = time.perf_counter()
     metrics = run_training(cache, data, run, base, cfgs, folds_csv=folds_csv, overwrite=True)
@@ -159,20 +178,123 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pick_contenders(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """The CONTENDERS named, and {name: why skipped} for those whose head is not registered in this checkout."""
+    from biomass_cache.heads import HEADS as REGISTERED
+
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"error: unknown contender(s) {unknown}; known: {', '.join(CONTENDERS)} (add one to "
+                         f"CONTENDERS in benchmarks/bench_heads.py)")
+    picked = {n: CONTENDERS[n] for n in names if CONTENDERS[n]["head"] in REGISTERED}
+    skipped = {n: f"head '{CONTENDERS[n]['head']}' is not registered in this checkout" for n in names
+               if n not in picked}
+    return picked, skipped
+
+
+def transfer_cell(work: Path, n_train: int, style: str, seed: int, cfg: dict, contenders: dict[str, dict],
+                  threads: int) -> dict:
+    """One (size, style, seed) cell: its own data, cache and grouped folds; every row scored on those folds."""
+    sz = {"n_train": n_train, "photo": cfg["photo"], "size": cfg["size"], "int8": False}
+    data, f16, _, extract_s = prepare(work, sz, style=style, seed=seed)
+    table = read_long_csv(data / "train.csv")
+    y = table[list(TARGETS)].to_numpy(float)
+    folds = grouped_folds(table, n_splits=FOLDS, seed=0)
+    write_folds(work / "folds.csv", table, folds)
+
+    def scored(model: str, oof: np.ndarray, **extra) -> dict:
+        return {"model": model, "competition_r2": competition_r2(y, oof), "per_target_r2": per_target_r2(y, oof),
+                **extra}
+
+    colour_oof, alphas = ridge_inner_cv_oof(colour_stats_of([data / p for p in table["image_path"]]), y, folds)
+    rows = [scored("mean predictor", mean_oof(y, folds)),
+            scored(COLOUR_RIDGE, colour_oof, alphas=alphas),
+            scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)",
+                   ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds))]
+    if contenders:
+        heads = train_heads(f16, data, work / "runs", work / "folds.csv", contenders, cfg["epochs"], threads,
+                            plots=False)
+        rows += [{"model": f"{name} head", **s} for name, s in heads.items()]
+    colour = rows[1]["competition_r2"]
+    return {"n_train": n_train, "style": style, "seed": seed, "extract_s": extract_s, "rows": rows,
+            "margin_vs_colour": {r["model"]: r["competition_r2"] - colour for r in rows if r["model"] != COLOUR_RIDGE}}
+
+
+def run_transfer(args: argparse.Namespace, work: Path) -> None:
+    """The transfer preset: every cell, then per model its mean score and its worst margin over the colour ridge."""
+    cfg = {**TRANSFER, **(TRANSFER_QUICK if args.quick else {})}
+    cfg.update({k: getattr(args, k) for k in ("sizes", "styles", "seeds", "epochs", "contenders")
+                if getattr(args, k) is not None})
+    contenders, skipped = pick_contenders(cfg["contenders"])
+    for name, why in skipped.items():
+        print(f"NOTE: contender {name} skipped: {why}")
+    out = args.out or (work / "heads_transfer_quick.json" if args.quick else RESULTS / "heads_transfer.json")
+    t0 = time.perf_counter()
+    cells = [transfer_cell(work / f"{style}_seed{seed}_n{n}", n, style, seed, cfg, contenders, args.threads)
+             for style in cfg["styles"] for seed in cfg["seeds"] for n in cfg["sizes"]]
+    summary = {}
+    for model in [r["model"] for r in cells[0]["rows"]]:
+        scores = [next(r["competition_r2"] for r in c["rows"] if r["model"] == model) for c in cells]
+        margins = [c["margin_vs_colour"].get(model) for c in cells]
+        summary[model] = {"mean": float(np.mean(scores)),
+                          "worst_margin_vs_colour": None if None in margins else float(min(margins))}
+    result = {
+        "settings": {"photo": list(cfg["photo"]), "size": list(cfg["size"]), "backbone": f"{BACKBONE} (random weights)",
+                     "layers": LAYERS, "views": VIEWS, "folds": FOLDS, "epochs": cfg["epochs"], "tta": 0,
+                     "torch_threads": args.threads, "preset": "transfer", "quick": bool(args.quick),
+                     "sizes": cfg["sizes"], "styles": cfg["styles"], "seeds": cfg["seeds"],
+                     "colour_stats": len(STAT_NAMES),
+                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+        "contenders": contenders,
+        "skipped": skipped,
+        "cells": cells,
+        "summary": summary,
+        "wall_s": time.perf_counter() - t0,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+        "work": str(work),
+    }
+    write_json(out, result)
+    for c in cells:
+        print(f"\n{c['style']} seed {c['seed']}, {c['n_train']} images (extraction {c['extract_s']:.0f} s)")
+        print(markdown(c["rows"]))
+    print("\n| model | mean competition_r2 | worst margin over colour ridge |\n|---|---:|---:|")
+    for model, m in summary.items():
+        worst = "" if m["worst_margin_vs_colour"] is None else f"{m['worst_margin_vs_colour']:+.3f}"
+        print(f"| {model} | {m['mean']:.3f} | {worst} |")
+    print(f"\nwall {result['wall_s']:.0f} s; results -> {out}")
+
+
 def main() -> None:
     keep_freed_memory()  # as every entry point does: benchmarks measure what users run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full",
+    ap.add_argument("--preset", choices=sorted([*PRESETS, "transfer"]), default="full",
                     help="full: the table; reduce / reduce_large: full vs reduced tokens at a 14 x 28 / 28 x 56 grid; "
-                         "quick: a smoke run")
-    ap.add_argument("--out", type=Path, default=None, help="JSON results file [results/heads[_PRESET].json]")
+                         "quick: a smoke run; transfer: cells of (size, style, seed), colour ridge in each")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON results file [results/heads[_PRESET].json; transfer --quick: WORK/heads_transfer_quick"
+                         ".json, never the results folder]")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: small heads train fastest single-threaded on a shared CPU)")
     ap.add_argument("--work", type=Path, default=None, help="folder for data, caches and runs (kept; reused)")
+    transfer = ap.add_argument_group("transfer preset (defaults: TRANSFER, or TRANSFER_QUICK with --quick)")
+    transfer.add_argument("--sizes", type=int, nargs="+", help=f"training images per cell {TRANSFER['sizes']}")
+    transfer.add_argument("--styles", nargs="+", choices=STYLES, help=f"generator styles {TRANSFER['styles']}")
+    transfer.add_argument("--seeds", type=int, nargs="+", help=f"generator seeds {TRANSFER['seeds']}")
+    transfer.add_argument("--epochs", type=int, help=f"epochs of every head [{TRANSFER['epochs']}]")
+    transfer.add_argument("--contenders", nargs="+", metavar="NAME",
+                          help=f"heads to train in every cell, from {', '.join(CONTENDERS)} [{TRANSFER['contenders']}]")
+    transfer.add_argument("--quick", action="store_true", help=f"a smoke run: {TRANSFER_QUICK}")
     args = ap.parse_args()
+    given = [k for k in ("sizes", "styles", "seeds", "epochs", "contenders") if getattr(args, k) is not None]
+    if args.preset != "transfer" and (given or args.quick):
+        ap.error(f"--{(given or ['quick'])[0]} applies to --preset transfer only")
+    torch.set_num_threads(args.threads)
+    if args.preset == "transfer":
+        run_transfer(args, args.work or Path(tempfile.mkdtemp(prefix="bench_heads_")))
+        return
     sz = PRESETS[args.preset]
     out = args.out or RESULTS / ("heads.json" if args.preset == "full" else f"heads_{args.preset}.json")
-    torch.set_num_threads(args.threads)
     threads = args.threads
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_heads_"))
     t0 = time.perf_counter()

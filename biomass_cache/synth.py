@@ -19,6 +19,7 @@ import tempfile
 import time
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,7 @@ MAX_G = {"Dry_Clover_g": 72.0, "Dry_Dead_g": 84.0, "Dry_Green_g": 158.0, "GDM_g"
 IMAGES_PER_GROUP = 12
 LABEL_NOISE = 0.10  # log-sd between the mass drawn in the picture and the label
 CSV_TARGETS = tuple(sorted(TARGETS))  # Kaggle's files list an image's targets alphabetically
+STYLES = ("blades", "canopy")  # generators (`generate(style=)`); "canopy" lives in synth_canopy.py
 
 # ---------------------------------------------------------------- painter constants (lengths in cm on the quadrat)
 QUADRAT_CM = 70.0
@@ -77,7 +79,7 @@ def _split_counts(n: int, weights: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _groups(n: int, rng: np.random.Generator) -> pd.DataFrame:
+def plot_groups(n: int, rng: np.random.Generator) -> pd.DataFrame:
     """One row per image: its (date, State) group, the group's biomass level and the plot's species.
 
     About n / 12 groups (at least 4), split among the States by image share, sizes very unequal; about 28 distinct
@@ -110,7 +112,7 @@ def sample_labels(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, np.nd
     The drawn masses (n, 3) clover, dead, green are what the painter puts in the picture: the label times ~10%
     multiplicative noise, as real labels (dried, weighed clippings) differ from what a photo shows.
     """
-    g = _groups(n, rng)
+    g = plot_groups(n, rng)
     day = g["day"].to_numpy()
     total = np.clip(g["level"].to_numpy() * rng.gamma(*TOTAL_GAMMA, n), 1.0, MAX_G["Dry_Total_g"])
 
@@ -124,7 +126,17 @@ def sample_labels(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, np.nd
     alpha[no_green, 2] = 0.0
     parts = rng.gamma(np.where(alpha > 0, alpha, 1.0)) * (alpha > 0)
     comp = parts / parts.sum(axis=1, keepdims=True) * total[:, None]
+    return label_table(g, comp, rng, LABEL_NOISE)
 
+
+def label_table(g: pd.DataFrame, comp: np.ndarray, rng: np.random.Generator,
+                label_noise: float) -> tuple[pd.DataFrame, np.ndarray]:
+    """Plots' metadata table `g` (from `plot_groups`) and (n, 3) clover, dead, green grams -> (table, drawn masses).
+
+    The grams are truncated to 4 decimals within the real maxima with GDM at least 1 g, so the identities hold
+    exactly; NDVI and height are drawn from the result; drawn = labels x exp(N(0, label_noise)).
+    """
+    n, day = len(g), g["day"].to_numpy()
     # truncate (not round) to 4 decimals so that sums never exceed the maxima
     clover, dead, green = (np.round(np.floor(np.minimum(comp[:, k], MAX_G[name]) * 1e4) / 1e4, 4)
                            for k, name in enumerate(COMPONENTS))
@@ -147,7 +159,7 @@ def sample_labels(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, np.nd
         "Height_Ave_cm": np.round(np.clip(height, 1.0, 70.0), 2),
         **{t: labels[t] for t in TARGETS},
     })
-    drawn = np.stack([clover, dead, green], axis=1) * np.exp(rng.normal(0, LABEL_NOISE, (n, 3)))
+    drawn = np.stack([clover, dead, green], axis=1) * np.exp(rng.normal(0, label_noise, (n, 3)))
     return table, drawn
 
 
@@ -167,7 +179,7 @@ def _image_ids(n: int, rng: np.random.Generator) -> list[str]:
 # ================================================================ painter
 
 
-def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
     """Smooth random field in [0, 1] of shape (H, W): a coarse grid of random values, bilinearly upsampled."""
     coarse = Image.fromarray((rng.random((cells[1], cells[0])) * 255).astype(np.uint8))
     return np.asarray(coarse.resize(size, Image.Resampling.BILINEAR), np.float32) / 255.0
@@ -177,7 +189,7 @@ def _soil(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """Brown soil with blotches and grain."""
     w, h = size
     base = SOIL_COLOURS[rng.integers(len(SOIL_COLOURS))] * rng.uniform(0.85, 1.15)
-    shade = (0.75 + 0.5 * _smooth_noise(rng, size, (12, 6))) * (0.86 + 0.28 * rng.random((h, w), np.float32))
+    shade = (0.75 + 0.5 * smooth_noise(rng, size, (12, 6))) * (0.86 + 0.28 * rng.random((h, w), np.float32))
     return Image.fromarray(np.clip(shade[..., None] * base, 0, 255).astype(np.uint8))
 
 
@@ -276,7 +288,7 @@ def paint(rng: np.random.Generator, size: tuple[int, int], drawn: np.ndarray, he
     if (w, h) != (w_out, h_out):
         img = img.resize((w_out, h_out), Image.Resampling.BILINEAR)
     if rng.random() < 0.2:
-        _date_stamp(img, rng, sampling_date)
+        date_stamp(img, rng, sampling_date)
     return img
 
 
@@ -312,7 +324,7 @@ def _lighting(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     curves = np.clip(levels[None] ** rng.uniform(0.85, 1.2) * gains[:, None], 0, 1) * 255 + 0.5
     img = img.point(curves.astype(np.uint8).ravel().tolist())
     if rng.random() < 0.4:
-        field = _smooth_noise(rng, img.size, (int(rng.integers(2, 6)), int(rng.integers(2, 4))))
+        field = smooth_noise(rng, img.size, (int(rng.integers(2, 6)), int(rng.integers(2, 4))))
         mask = np.clip((field - rng.uniform(0.4, 0.7)) / 0.15, 0, 1) * 255
         keep = 1 - rng.uniform(0.25, 0.55)
         dark = img.point(lambda v: v * keep)
@@ -320,7 +332,7 @@ def _lighting(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def _date_stamp(img: Image.Image, rng: np.random.Generator, sampling_date: str) -> None:
+def date_stamp(img: Image.Image, rng: np.random.Generator, sampling_date: str) -> None:
     """A camera's yellow/orange date overlay in a corner, drawn at output resolution."""
     y, m, d = sampling_date.split("/")
     text = f"{int(d):02d} {int(m):02d} '{y[2:]}" if rng.random() < 0.5 else f"{y}/{int(m):02d}/{int(d):02d}"
@@ -399,11 +411,22 @@ def colour_features(path: Path) -> np.ndarray:
                            [green.mean(), brown.mean(), soil.mean(), (brown & ~soil).mean()]])
 
 
+def _style(name: str) -> tuple[Callable, Callable, tuple[int, ...]]:
+    """(label sampler, painter, random-stream key prefix) of a style; the prefix keeps styles' draws independent."""
+    from biomass_cache.synth_canopy import paint_canopy, sample_labels_canopy  # it builds on this module
+
+    styles = {"blades": (sample_labels, paint, ()), "canopy": (sample_labels_canopy, paint_canopy, (1,))}
+    if name not in styles:
+        raise ValueError(f"unknown style {name!r}; choose one of {', '.join(STYLES)}")
+    return styles[name]
+
+
 def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0, size: tuple[int, int] = (1000, 500),
-             progress: bool = True, overwrite: bool = False) -> dict:
+             progress: bool = True, overwrite: bool = False, style: str = "blades") -> dict:
     """Write a complete synthetic Kaggle-format data folder at out_dir, atomically; return a summary.
 
-    Deterministic: the same arguments give byte-identical CSVs and images. The folder is built in a hidden
+    `style` picks the generator (STYLES): "blades" (this module) or "canopy" (`synth_canopy`, an independent one
+    for transfer tests). Deterministic: the same arguments give byte-identical CSVs and images. The folder is built in a hidden
     sibling and renamed into place, so out_dir is either complete or untouched. The summary's images_per_s
     (painting + JPEG, one process) is wall-clock, so it is lower on a shared CPU.
     """
@@ -413,20 +436,21 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
     width, height = size
     if min(width, height) < 16:
         raise ValueError(f"image size must be at least 16 x 16 pixels, got {width} x {height}")
+    sampler, painter, key = _style(style)
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     start = time.perf_counter()
     try:
-        ids = _image_ids(n_train + n_test, _rng(seed, 0))
+        ids = _image_ids(n_train + n_test, _rng(seed, *key, 0))
         tables = {}
         with tqdm(total=n_train + n_test, desc="synth", unit="img", disable=not progress) as bar:
             for code, (split, split_ids) in enumerate([("train", ids[:n_train]), ("test", ids[n_train:])]):
-                table, drawn = sample_labels(len(split_ids), _rng(seed, 1, code))
+                table, drawn = sampler(len(split_ids), _rng(seed, *key, 1, code))
                 tables[split] = table.assign(image_id=split_ids)
                 (tmp / split).mkdir()
                 for i, image_id in enumerate(split_ids):
-                    img = paint(_rng(seed, 2, code, i), (width, height), drawn[i],
+                    img = painter(_rng(seed, *key, 2, code, i), (width, height), drawn[i],
                                 float(table.at[i, "Height_Ave_cm"]), table.at[i, "Sampling_Date"])
                     img.save(tmp / split / f"{image_id}.jpg", format="JPEG", quality=90)
                     bar.update()
@@ -439,7 +463,8 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
         raise
     seconds = time.perf_counter() - start
     return {
-        "out_dir": str(out_dir), "n_train": n_train, "n_test": n_test, "seed": seed, "size": [width, height],
+        "out_dir": str(out_dir), "n_train": n_train, "n_test": n_test, "seed": seed, "style": style,
+        "size": [width, height],
         "seconds": round(seconds, 3), "images_per_s": round((n_train + n_test) / seconds, 1),
         "files": {name: str(out_dir / name) for name in
                   ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv", "train", "test")},
@@ -461,6 +486,8 @@ def synth_command(
     n_test: int = typer.Option(24, "--n-test", min=1, help="Number of test images."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     size: str = typer.Option("1000x500", "--size", help="Image size WxH in pixels (real photos are 2:1)."),
+    style: str = typer.Option("blades", "--style", help="Generator: blades (the default data) or canopy (an "
+                              "independent one, to test whether settings transfer)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace out_dir if it exists and is not empty."),
 ) -> None:
     """Write a synthetic Kaggle-format pasture dataset (images + CSVs + hidden test labels)."""
@@ -468,9 +495,12 @@ def synth_command(
         wh = parse_photo_size(size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--size'") from e
+    if style not in STYLES:
+        raise typer.BadParameter(f"unknown style {style!r}; choose one of {', '.join(STYLES)}", param_hint="'--style'")
     try:
-        summary = generate(out_dir, n_train=n_train, n_test=n_test, seed=seed, size=wh, overwrite=overwrite)
+        summary = generate(out_dir, n_train=n_train, n_test=n_test, seed=seed, size=wh, overwrite=overwrite,
+                           style=style)
     except FileExistsError as e:
         raise typer.BadParameter(str(e), param_hint="'OUT_DIR'") from e
-    typer.echo(f"synth: {n_train} train + {n_test} test images, {wh[0]}x{wh[1]}, seed {seed}, "
+    typer.echo(f"synth: {n_train} train + {n_test} test images, {wh[0]}x{wh[1]}, {style} style, seed {seed}, "
                f"{summary['images_per_s']} images/s -> {out_dir}")

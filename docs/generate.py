@@ -106,6 +106,31 @@ def r2_rows(d: dict) -> str:
                         table(["goal", "margin", "needed", "met"], goals, "lrrl"), machine_line(d)])
 
 
+def transfer_rows(d: dict) -> str:
+    """heads_transfer.json: OOF competition_r2 of every model in every (style, seed, size) cell, each cell with its
+    own data and folds, and per model the mean and the worst margin over the colour-statistics ridge."""
+    s = d["settings"]
+    head = (f"One cell per generator style {s['styles']} x seed {s['seeds']} x training size {s['sizes']} (synthetic "
+            f"{size(s['photo'])} photos), each with its own data, cache and {s['folds']} grouped folds that every row "
+            f"of the cell shares; {s['backbone']}, input {size(s['size'])}, blocks {s['layers']}, {s['views']} views, "
+            f"{s['epochs']} epochs, OOF on view {s['tta']}; {s['train_defaults']}. Colour ridge: "
+            f"{s['colour_stats']} colour statistics per photo (`benchmarks/colour_baseline.py`)."
+            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+    cells = d["cells"]
+    header = ["model", *(f"{c['style']} s{c['seed']}, {c['n_train']}" for c in cells), "mean",
+              "worst margin over colour ridge"]
+    rows = []
+    for model, m in d["summary"].items():
+        per_cell = [{r["model"]: r["competition_r2"] for r in c["rows"]}[model] for c in cells]
+        worst = m["worst_margin_vs_colour"]
+        rows.append([model, *(f"{v:.3f}" for v in per_cell), f"{m['mean']:.3f}",
+                     "" if worst is None else f"{worst:+.3f}"])
+    parts = [head, table(header, rows, "l" + "r" * (len(header) - 1))]
+    if d["skipped"]:
+        parts.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in d["skipped"].items()) + ".")
+    return "\n\n".join([*parts, machine_line(d)])
+
+
 def extract_rows(d: dict) -> str:
     """extract*.json: the extraction loop over the bare backbone forward (median of adjacent pairs), bytes per view."""
     ratios = d["pair_ratios"]
@@ -257,6 +282,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "heads.json": (r2_rows, "bench_heads.py"),
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),
     "heads_reduce_large.json": (r2_rows, "bench_heads.py --preset reduce_large"),
+    "heads_transfer.json": (transfer_rows, "bench_heads.py --preset transfer --threads 2"),
     "speed.json": (speed_rows, "bench_speed.py"),
     "lora.json": (lora_rows, "bench_lora.py"),
     "scale.json": (scale_rows, "bench_scale.py"),

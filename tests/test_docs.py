@@ -53,3 +53,22 @@ def test_markers_expand_and_unknown_ones_fail(tmp_path):
         generate.expand("<!-- generate: nonsense -->", tmp_path)
     with pytest.raises(generate.GenerateError, match="no renderer"):
         generate.expand("<!-- generate: bench other.json -->", tmp_path)
+
+
+def test_transfer_table_has_a_column_per_cell_and_the_worst_margin(tmp_path):
+    def rows(colour: float, density: float) -> list[dict]:
+        return [{"model": "colour ridge", "competition_r2": colour}, {"model": "density head", "competition_r2": density}]
+
+    cells = [{"n_train": n, "style": st, "seed": 0, "rows": rows(c, h)}
+             for n, st, c, h in ((80, "blades", 0.7, 0.75), (357, "canopy", 0.6, 0.5))]
+    d = {"settings": {"styles": ["blades", "canopy"], "seeds": [0], "sizes": [80, 357], "photo": [448, 224],
+                      "folds": 5, "backbone": "b", "size": [224, 112], "layers": [5], "views": 4, "epochs": 120,
+                      "tta": 0, "train_defaults": "t", "colour_stats": 33, "quick": False},
+         "cells": cells, "skipped": {"ridge": "not registered"}, "machine": {"cores": 2},
+         "summary": {"colour ridge": {"mean": 0.65, "worst_margin_vs_colour": None},
+                     "density head": {"mean": 0.625, "worst_margin_vs_colour": -0.1}}}
+    (tmp_path / "heads_transfer.json").write_text(json.dumps(d))
+    text = generate.bench(tmp_path, "heads_transfer.json")
+    assert "| model | blades s0, 80 | canopy s0, 357 | mean | worst margin over colour ridge |" in text
+    assert "| density head | 0.750 | 0.500 | 0.625 | -0.100 |" in text and "| colour ridge | 0.700 | 0.600 | 0.650 |  |" in text
+    assert "Not run: ridge (not registered)." in text and "not a measurement" not in text

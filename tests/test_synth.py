@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from biomass_cache.data import read_long_csv
 from biomass_cache.synth import colour_features, generate, parse_photo_size, sample_labels, synth_command
+from biomass_cache.synth_canopy import sample_labels_canopy
 from biomass_cache.targets import TARGETS
 
 TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",
@@ -25,6 +26,13 @@ FILES = ["sample_submission.csv", "test.csv", "test_labels.csv", "train.csv"]
 def small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def canopy(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "canopy"
+    generate(out, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False, style="canopy")
     return out
 
 
@@ -68,9 +76,10 @@ def test_csv_formats_and_orders(small):
     assert sub["target"].nunique() == 1
 
 
+@pytest.mark.parametrize("style", ["small", "canopy"])
 @pytest.mark.parametrize("name", ["train.csv", "test_labels.csv"])
-def test_identities_exact_to_four_decimals(small, name):
-    raw = _raw(small / name)
+def test_identities_exact_to_four_decimals(request, style, name):
+    raw = _raw(request.getfixturevalue(style) / name)
     assert all(re.fullmatch(r"\d+(\.\d{1,4})?", v) for v in raw["target"])
     key = raw["sample_id"].str.split("__")
     wide = pd.DataFrame({"image": key.str[0], "t": key.str[1], "v": raw["target"].map(Decimal)})
@@ -98,17 +107,24 @@ def test_read_long_csv_accepts_the_files(small):
     assert train["Pre_GSHH_NDVI"].between(0.16, 0.91).all() and train["Height_Ave_cm"].between(1, 70).all()
 
 
-def test_label_statistics_match_the_real_table():
-    table, drawn = sample_labels(5000, np.random.default_rng(0))
-    ref = {  # mean, std, max, zero fraction of the 357 real training images
-        "Dry_Green_g": (26.6, 25.4, 158, 0.05), "Dry_Dead_g": (12.0, 12.4, 84, 0.11),
-        "Dry_Clover_g": (6.7, 12.1, 72, 0.38), "GDM_g": (33.3, 24.9, 158, 0.0), "Dry_Total_g": (45.3, 28.0, 186, 0.0),
-    }
-    for name, (mean, std, top, zeros) in ref.items():
+REAL = {  # mean, std, max, zero fraction of the 357 real training images
+    "Dry_Green_g": (26.6, 25.4, 158, 0.05), "Dry_Dead_g": (12.0, 12.4, 84, 0.11),
+    "Dry_Clover_g": (6.7, 12.1, 72, 0.38), "GDM_g": (33.3, 24.9, 158, 0.0), "Dry_Total_g": (45.3, 28.0, 186, 0.0),
+}
+
+
+def _like_the_real_table(table: pd.DataFrame) -> None:
+    for name, (mean, std, top, zeros) in REAL.items():
         v = table[name]
         assert abs(v.mean() / mean - 1) < 0.15 and abs(v.std() / std - 1) < 0.15, name
         assert v.max() <= top and abs((v == 0).mean() - zeros) < 0.05, name
     assert table["Dry_Total_g"].min() >= 1 and table["GDM_g"].min() >= 1
+    assert table["Dry_Total_g"].quantile(0.99) > 2.5 * REAL["Dry_Total_g"][0]  # the long right tail
+
+
+def test_label_statistics_match_the_real_table():
+    table, drawn = sample_labels(5000, np.random.default_rng(0))
+    _like_the_real_table(table)
     shares = table["State"].value_counts(normalize=True)
     assert np.allclose(shares[["Tas", "Vic", "NSW", "WA"]], [0.39, 0.31, 0.21, 0.09], atol=0.01)
     assert (table.loc[table["State"] == "WA", "Dry_Dead_g"] == 0).all()
@@ -124,6 +140,35 @@ def test_label_statistics_match_the_real_table():
     assert 0.08 < ratio.std() < 0.12 and abs(ratio.mean()) < 0.01
 
 
+def test_canopy_labels_match_the_real_table_by_another_draw():
+    table, drawn = sample_labels_canopy(5000, np.random.default_rng(0))
+    _like_the_real_table(table)
+    assert (table.loc[table["State"] == "WA", "Dry_Dead_g"] == 0).all()
+    assert (table.loc[table["Species"].isin(["Ryegrass", "Fescue", "Lucerne"]), "Dry_Clover_g"] == 0).all()
+    assert (table.loc[table["Dry_Green_g"] == 0, "Species"] == "Clover").all()  # pure clover plots only
+    comps = table[["Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g"]].to_numpy()
+    ratio = np.log(drawn[comps > 0] / comps[comps > 0])
+    assert 0.13 < ratio.std() < 0.17 and abs(ratio.mean()) < 0.01  # the canopy style's label noise
+
+
+def test_canopy_is_deterministic_and_differs_from_blades(canopy, small, tmp_path):
+    again = tmp_path / "again"
+    generate(again, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False, style="canopy")
+    names = sorted(p.relative_to(canopy).as_posix() for p in canopy.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
+    assert all((canopy / n).read_bytes() == (again / n).read_bytes() for n in names)
+    other = tmp_path / "other"
+    generate(other, n_train=16, n_test=4, seed=4, size=(120, 60), progress=False, style="canopy")
+    assert (other / "train.csv").read_bytes() != (canopy / "train.csv").read_bytes()
+    # the same seed in the other style: other ids, other labels, other pictures
+    assert not set(_raw(canopy / "train.csv")["image_path"]) & set(_raw(small / "train.csv")["image_path"])
+    mean = lambda d: np.mean([np.asarray(Image.open(p), float).mean((0, 1)) for p in (d / "train").iterdir()], 0)
+    assert np.abs(mean(canopy) - mean(small)).max() > 3  # average colour of the 16 photos, 0-255
+    with pytest.raises(ValueError, match="unknown style 'x'; choose one of blades, canopy"):
+        generate(tmp_path / "x", n_train=1, n_test=1, progress=False, style="x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_groups_scale_with_n():
     for n, low, high in ((357, 25, 31), (120, 8, 11), (20, 4, 5)):
         table, _ = sample_labels(n, np.random.default_rng(1))
@@ -135,13 +180,17 @@ def test_groups_scale_with_n():
 
 
 @pytest.mark.slow
-def test_pictures_carry_the_labels(tmp_path):
+# canopy: dead litter lies under the green and clover cover, so colour statistics do not see it
+@pytest.mark.parametrize("style, floors", [
+    ("blades", {"Dry_Total_g": 0.3, "GDM_g": 0.3, "Dry_Clover_g": 0.3, "Dry_Green_g": 0.2, "Dry_Dead_g": 0.05}),
+    ("canopy", {"Dry_Total_g": 0.3, "GDM_g": 0.3, "Dry_Clover_g": 0.3, "Dry_Green_g": 0.3}),
+])
+def test_pictures_carry_the_labels(tmp_path, style, floors):
     """Ridge on simple colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
     out = tmp_path / "signal"
-    generate(out, n_train=150, n_test=1, seed=0, size=(200, 100), progress=False)
+    generate(out, n_train=150, n_test=1, seed=0, size=(200, 100), progress=False, style=style)
     table = read_long_csv(out / "train.csv")
     x = np.stack([colour_features(out / p) for p in table["image_path"]])
-    floors = {"Dry_Total_g": 0.3, "GDM_g": 0.3, "Dry_Clover_g": 0.3, "Dry_Green_g": 0.2, "Dry_Dead_g": 0.05}
     for name, floor in floors.items():
         y = table[name].to_numpy()
         ridge = RidgeCV(alphas=np.logspace(-3, 3, 13))
@@ -179,7 +228,11 @@ def test_command(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, [str(out), "--n-train", "3", "--n-test", "2", "--seed", "1", "--size", "64x32"])
     assert result.exit_code == 0, result.output
-    assert "3 train + 2 test" in result.output and str(out) in result.output
+    assert "3 train + 2 test" in result.output and "blades style" in result.output and str(out) in result.output
+    other = runner.invoke(app, [str(tmp_path / "c"), "--n-train", "3", "--size", "64x32", "--style", "canopy"])
+    assert other.exit_code == 0 and "canopy style" in other.output, other.output
+    bad_style = runner.invoke(app, [str(tmp_path / "y"), "--style", "oil"])
+    assert bad_style.exit_code != 0 and "unknown style 'oil'" in bad_style.output
     assert len(_raw(out / "train.csv")) == 15
     bad = runner.invoke(app, [str(tmp_path / "x"), "--size", "64by32"])
     assert bad.exit_code != 0 and "WIDTHxHEIGHT" in bad.output
