@@ -58,7 +58,7 @@ def count_parameters(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-from biomass_cache.heads import density, mlp, vitdet  # noqa: E402,F401  (registers the built-in heads)
+from biomass_cache.heads import density, mlp, ridge, vitdet  # noqa: E402,F401  (registers the built-in heads)
 
 __all__ = [
     "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",
