@@ -460,7 +460,7 @@ def fit_closed_form(m: Member, fit_loader: Iterable[dict], tokens_fn: Callable[[
     m.ema = None  # the fit is the model: no trajectory to average
     tqdm.write(f"{desc} {m.name}: closed-form fit on {len(y)} views: " + ", ".join(
         f"{k}={[round(v, 4) for v in x] if isinstance(x, list) else round(x, 4)}" for k, x in report.items()))
-    row = {"epoch": 1, "head": m.name, "skipped_steps": 0, "seconds": time.time() - t0}
+    row = {"epoch": 1, "head": m.name, "train_loss": float("nan"), "skipped_steps": 0, "seconds": time.time() - t0}
     return row if val_loader is None else {**row, **validate(m, val_loader, val_truth, tokens_fn, baseline_grams)}
 
 
