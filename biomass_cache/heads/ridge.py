@@ -151,8 +151,9 @@ class RidgeHead(FusedHead):
         targets = torch.cat([torch.log1p(to_grams(y)), y], dim=1)
         gram = x @ x.T
         grid = torch.tensor(self.config["alphas"], dtype=x.dtype, device=device) * (
-            gram.diagonal().sum() - gram.sum() / len(x)) / len(x)  # x the mean squared norm of a centred row
-        splits = list(GroupKFold(n_splits=min(self.config["inner_folds"], n_groups)).split(np.zeros((len(x), 1)), groups=groups))
+            gram.diagonal().sum() - gram.sum() / len(x)).clamp_min(1e-12) / len(x)  # x mean sq. norm of a centred row
+        inner = GroupKFold(n_splits=min(self.config["inner_folds"], n_groups))
+        splits = list(inner.split(np.zeros((len(x), 1)), groups=groups))
         oof = kernel_ridge_cv(gram, targets, splits, grid)  # (A, n, 6)
         best = ((oof - targets) ** 2).mean(dim=1).argmin(dim=0)  # per column
         chosen = oof[best, :, torch.arange(6, device=device)].T  # (n, 6)
