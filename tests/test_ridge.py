@@ -187,3 +187,18 @@ def test_aux_with_ridge_is_one_clear_error(ridge_run, tmp_path):
         CliRunner().invoke(app, [str(a) for a in ["--cache", store, "--data", data, "--out", tmp_path / "r", "--head",
                                                   "ridge", "--aux", "--no-plots"]], catch_exceptions=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_source_that_cannot_fit_it_is_refused(ridge_run):
+    """LoRA's token source (a live backbone, no stored views) has no `fit_loader`: the run stops before writing."""
+    import biomass_cache.cv as cv
+    from biomass_cache.train import resolve
+
+    data, _, _, _ = ridge_run
+    table = read_long_csv(data / "train.csv", check_images=False)
+    source = cv.TokenSource(layers=[3, 7], signature={"channels": 16, "grid": [8, 4]}, fingerprint={}, config={},
+                            device=torch.device("cpu"), train_loader=None, val_loader=None, tokens_fn=None,
+                            predict=None)
+    _, members = resolve({}, [], {"device": "cpu"}, ["ridge"])
+    with pytest.raises(DataError, match=r"member 'ridge': head 'ridge' is fitted in closed form .* cannot fit it"):
+        cv.check_heads(source, table, members)
