@@ -84,8 +84,8 @@ class TokenSource:
     `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
     re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. `fit_loader(rows, aux)`
     yields every stored view of the rows once, for closed-form heads (None: the source cannot fit them). Under
-    torchrun, `rank`,
-    `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0 writes files.
+    torchrun, `rank`, `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0
+    writes files.
     """
 
     layers: list[int]  # block indices of the tokens `tokens_fn` returns
