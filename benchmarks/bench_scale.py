@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth import sample_labels  # noqa: E402
+from biomass_cache.synth_blades import sample_labels  # noqa: E402
 from biomass_cache.targets import TARGETS, to_density  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "scale.json"

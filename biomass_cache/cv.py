@@ -10,6 +10,7 @@ train with the head, and reuses everything else.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -24,11 +25,15 @@ from biomass_cache import runs
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.distributed import resolve_device
-from biomass_cache.folds import grouped_folds, read_folds, write_folds
+from biomass_cache.folds import grouped_folds, read_folds, visit_groups, write_folds
 from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
 from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, resolve,
                                  scores, seed_everything, train_fold)
+
+# settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
+GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
+                 "ema", "ema_decay", "mixup", "mixup_alpha", "mixup_prob", "uw", "pcgrad", "max_nonfinite")
 
 
 # ------------------------------------------------------------------------------- cross-validation and run folder
@@ -78,8 +83,10 @@ class TokenSource:
     contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
     trained head's OOF grams (its `meta["tta"]` views); `save(json_path, head, meta)` writes its checkpoint.
     `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
-    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. Under torchrun, `rank`,
-    `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0 writes files.
+    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. `fit_loader(rows, aux)`
+    yields every stored view of the rows once, for closed-form heads (None: the source cannot fit them). Under
+    torchrun, `rank`, `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0
+    writes files.
     """
 
     layers: list[int]  # block indices of the tokens `tokens_fn` returns
@@ -97,6 +104,7 @@ class TokenSource:
     barrier: Callable[[], None] = _no_barrier
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None
     write_artefacts: Callable[[Path], None] | None = None  # files the run folder needs beside config.json
+    fit_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]] | None = None
 
 
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
@@ -129,9 +137,12 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared())
         return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
 
-    def val_loader(rows: np.ndarray, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=0, aux=aux, preloaded=shared())
+    def val_loader(rows: np.ndarray, aux: AuxSpec, view: int = 0):
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=view, aux=aux, preloaded=shared())
         return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+
+    def fit_loader(rows: np.ndarray, aux: AuxSpec):
+        return itertools.chain.from_iterable(val_loader(rows, aux, v) for v in views)
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
         return runs.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
@@ -145,7 +156,8 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
                        lambda b: b["tokens"].to(device, non_blocking=True), predict,
-                       write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"))
+                       write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"),
+                       fit_loader=fit_loader)
 
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
@@ -162,6 +174,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     check_heads(source, table, members_cfg)
     truth = table[list(TARGETS)].to_numpy(float)
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
+    inner = inner_groups(table)  # closed-form heads: groups of their inner CV
     out = Path(out)
     if writer:
         for p in runs.prepare_run_dir(out, overwrite):
@@ -203,7 +216,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
                           cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
                           extra=source.extra, baseline_grams=baseline, sync=source.sync,
-                          on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name))
+                          on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
+                          fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner)
         history += [{"fold": fold_name, **r} for r in rows]
         for m in members:
             meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
@@ -254,15 +268,34 @@ def _with_fold(on_epoch: Callable[[list[dict]], None], fold_name: str) -> Callab
 
 def check_heads(source: TokenSource, table: pd.DataFrame, members_cfg: dict[str, TrainConfig]) -> None:
     """Build every member's head once, so a head setting it refuses (head_kwargs) stops the run before anything
-    is written, naming the member."""
+    is written, naming the member. A closed-form head needs a source that can fit it; the gradient-training
+    settings it ignores are listed when they differ from the defaults."""
     every = np.arange(len(table))
     zscore, aux = fit_zscore(table, every), AuxSpec.fit(table, every)
     for name, m in members_cfg.items():
         try:
-            build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"))
+            member = build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"))
         except (TypeError, ValueError) as e:
             raise DataError(f"member {name!r}: head {m.head!r} with head_kwargs {m.head_kwargs} and layers "
                             f"{m.layers or source.layers}: {e}") from None
+        if not member.closed_form:
+            continue
+        if source.fit_loader is None:
+            raise DataError(f"member {name!r}: head {m.head!r} is fitted in closed form on stored token views; this "
+                            "token source (a live backbone trained by gradients) cannot fit it: use another head")
+        ignored = [f"{k}={getattr(m, k)}" for k in GRADIENT_KEYS if getattr(m, k) != getattr(TrainConfig(), k)]
+        if ignored:
+            tqdm.write(f"note: member {name!r} (head {m.head}) is fitted in closed form and ignores the gradient-"
+                       f"training settings {', '.join(ignored)}")
+
+
+def inner_groups(table: pd.DataFrame) -> np.ndarray:
+    """Group code per table row for a closed-form head's inner CV: the (Sampling_Date, State) visit, like the
+    outer folds; the image itself where the table has no visit (folds from --folds-csv)."""
+    try:
+        return pd.factorize(visit_groups(table))[0]
+    except DataError:
+        return np.arange(len(table))
 
 
 def collapsed_folds(truth: np.ndarray, oof: np.ndarray, plan: list) -> list[dict]:

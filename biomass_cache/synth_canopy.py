@@ -19,7 +19,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from biomass_cache.synth import (DRAW_WIDTH, MAX_G, QUADRAT_CM, SPECIES_ALPHA, date_stamp, label_table, plot_groups,
+from biomass_cache.synth_blades import (DRAW_WIDTH, MAX_G, QUADRAT_CM, SPECIES_ALPHA, date_stamp, label_table, plot_groups,
                                  smooth_noise)
 
 # ---------------------------------------------------------------- labels

@@ -213,6 +213,11 @@ class SweepMember:
         return self.ema if self.ema is not None else self.head
 
     @property
+    def closed_form(self) -> bool:
+        """A head fitted in one pass (`fit_closed_form`), not by gradient steps."""
+        return getattr(self.head, "closed_form", False)
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimizer steps (head, UW, extra), in a fixed order (the same on every rank)."""
         return [p for g in self.opt.param_groups for p in g["params"]]
@@ -269,7 +274,8 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
     if uw is not None:
         groups.append({"params": list(uw.parameters()), "lr": cfg.uw_lr, "weight_decay": 0.0})
     groups += list(extra_groups)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # a closed-form head (ridge) has no trainable parameter: an empty group keeps the member's shape
+    opt = torch.optim.AdamW(groups or [{"params": []}], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac, cfg.min_lr_ratio))
     ema = copy.deepcopy(head).requires_grad_(False) if cfg.ema else None
     extra = [p for g in extra_groups for p in g["params"]]
@@ -411,6 +417,37 @@ def scores(y_true_grams: np.ndarray, y_pred_grams: np.ndarray, baseline_grams: n
     return out
 
 
+def validate(m: SweepMember, val_loader, val_truth: np.ndarray, tokens_fn: Callable[[dict], torch.Tensor],
+             baseline_grams: np.ndarray | None) -> dict:
+    """The (EMA) member's validation scores as history columns."""
+    with ema_weights(m):
+        pred = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, tokens_fn))
+    s = scores(val_truth, pred, baseline_grams)
+    return {"val_competition_r2": s["competition_r2"], "val_log_r2": s["log_r2"]}
+
+
+@torch.no_grad()
+def fit_closed_form(m: SweepMember, fit_loader: Iterable[dict], tokens_fn: Callable[[dict], torch.Tensor],
+                    groups: np.ndarray, desc: str, val_loader=None, val_truth: np.ndarray | None = None,
+                    baseline_grams: np.ndarray | None = None) -> dict:
+    """Fit a closed-form head (`closed_form = True`, e.g. ridge) on one pass over `fit_loader`: every stored view of
+    the training images once, the samples the gradient heads draw their views from. No optimizer, EMA or mixup.
+    `groups` (per table row) keeps an image's views and a visit's images together in the head's inner CV.
+    Returns its history row (epoch 1)."""
+    t0, parts = time.time(), []
+    for batch in fit_loader:
+        known = batch["y_mask"][:, :3].all(dim=1)  # images with all three components
+        tokens = tokens_fn(batch)[:, m.layer_idx]
+        parts.append((m.head.pooled(tokens[known.to(tokens.device)]), batch["y"][known, :3], batch["index"][known]))
+    features, y, index = (torch.cat(x) for x in zip(*parts))
+    report = m.head.fit(features, y.to(features.device), groups[index.numpy()])
+    m.ema = None  # the fit is the model: no trajectory to average
+    tqdm.write(f"{desc} {m.name}: closed-form fit on {len(y)} views: " + ", ".join(
+        f"{k}={[round(v, 4) for v in x] if isinstance(x, list) else round(x, 4)}" for k, x in report.items()))
+    row = {"epoch": 1, "head": m.name, "train_loss": float("nan"), "skipped_steps": 0, "seconds": time.time() - t0}
+    return row if val_loader is None else {**row, **validate(m, val_loader, val_truth, tokens_fn, baseline_grams)}
+
+
 def train_fold(
     members: list[SweepMember],
     train_loader,
@@ -423,14 +460,24 @@ def train_fold(
     baseline_grams: np.ndarray | None = None,
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
     on_epoch: Callable[[list[dict]], None] | None = None,
+    fit_loader: Iterable[dict] | None = None,
+    groups: np.ndarray | None = None,
 ) -> list[dict]:
     """Train all members on the same batches; after each epoch score each (EMA) member on the validation set.
 
     Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
     `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`;
     `on_epoch(rows)` sees each epoch's history rows (a tuning trial reports them and may stop the fold by raising).
+    Closed-form members are fitted first on `fit_loader` with `groups` (`fit_closed_form`): one history row each.
     """
-    history, vals = [], {}
+    vals: dict[str, float] = {}
+    history = [fit_closed_form(m, fit_loader, tokens_fn, groups, desc, val_loader, val_truth, baseline_grams)
+               for m in members if m.closed_form]
+    if history and on_epoch is not None:
+        on_epoch(history)
+    members = [m for m in members if not m.closed_form]
+    if not members:
+        return history
     bar = tqdm(total=epochs * len(train_loader), desc=desc, unit="step", dynamic_ncols=True)
     for epoch in range(epochs):
         t0 = time.time()
@@ -458,11 +505,8 @@ def train_fold(
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
             if val_loader is not None:
-                with ema_weights(m):
-                    pred = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, tokens_fn))
-                s = scores(val_truth, pred, baseline_grams)
-                row.update(val_competition_r2=s["competition_r2"], val_log_r2=s["log_r2"])
-                vals[m.name] = s["competition_r2"]
+                row.update(validate(m, val_loader, val_truth, tokens_fn, baseline_grams))
+                vals[m.name] = row["val_competition_r2"]
             history.append(row)
         if on_epoch is not None:
             on_epoch(history[-len(members):])

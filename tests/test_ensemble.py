@@ -399,3 +399,33 @@ def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp
     assert half.caches[0] != same.caches[0] and open_store(half.caches[0]).fingerprint["compute"] == "float16-autocast"
     assert not np.array_equal(half.grams, same.grams)
     np.testing.assert_allclose(half.grams, same.grams, rtol=0.05, atol=0.5)
+
+
+def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
+    """The closed-form head through the whole second half: trained on the pipeline's cache and folds, submitted
+    alone (`--members RUN`), averaged beside a gradient head, and in `biomass predict`."""
+    import biomass_cache.ensemble as ens
+    from biomass_cache.cv import run_training
+    from biomass_cache.predict import predict_photos
+    from biomass_cache.submission import submit
+    from biomass_cache.train import resolve
+
+    root, data, run = pipeline
+    ridge = tmp_path / "ridge"
+    cfg, members = resolve({}, [], dict(device="cpu", workers=0, plots=False), ["ridge"])
+    run_training(root / "train.zarr", data, ridge, cfg, members, folds_csv=run / "folds.csv")
+    _, sub = submit(ens.spec_from_options(None, str(ridge)), data, tmp_path / "s.csv", tmp_path / "work",
+                    progress=False)
+    assert len(sub) == len(pd.read_csv(data / "test.csv")) and np.isfinite(sub["target"]).all()
+    assert (sub["target"] >= 0).all()
+    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(ridge)))
+    result = ens.run_ensemble(spec, data, tmp_path / "work", progress=False)
+    np.testing.assert_allclose(result.grams, np.mean(result.member_grams, axis=0), rtol=1e-9)
+    check_identities(result.member_grams[1])
+    check_identities(result.grams)
+    table = predict_photos(data / "test", ens.spec_from_options(None, str(ridge)), tmp_path / "p.csv",
+                           tmp_path / "work", progress=False)
+    parts = table[["Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g"]].to_numpy()
+    np.testing.assert_allclose(table["Dry_Total_g"], parts.sum(axis=1), rtol=1e-9)
+    ridge_total = dict(zip(result.image_ids, result.member_grams[1][:, 4]))
+    np.testing.assert_allclose(table["Dry_Total_g"], [ridge_total[i] for i in table["image_id"]], rtol=1e-6)

@@ -13,7 +13,8 @@ from sklearn.model_selection import KFold, cross_val_predict
 from typer.testing import CliRunner
 
 from biomass_cache.data import read_long_csv
-from biomass_cache.synth import colour_features, generate, parse_photo_size, sample_labels, synth_command
+from biomass_cache.synth import colour_features, generate, parse_photo_size, synth_command
+from biomass_cache.synth_blades import sample_labels
 from biomass_cache.synth_canopy import sample_labels_canopy
 from biomass_cache.targets import TARGETS
 
