@@ -13,7 +13,7 @@ import biomass_cache.heads as heads
 from biomass_cache.losses import (
     UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step, split_terms, task_losses,
 )
-from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets
+from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets, to_grams
 
 B, L, T, C, N_STATES = 6, 2, 4, 3, 3
 
@@ -266,7 +266,7 @@ def test_interval_task_trains_with_uw_and_pcgrad(zscore):
 
     batch = make_batch(seed=1)
     batch.update(y_mask=torch.ones(B, 5, dtype=torch.bool), tokens=torch.randn(B, L, T, C))
-    grams = batch["y"].double().numpy() * 0.21  # density -> grams of the 70 x 30 cm quadrat
+    grams = to_grams(batch["y"].double().numpy())
     cfg = TrainConfig(head="density", head_kwargs={"hidden": 16}, interval_bins=3, uw=True, pcgrad=True, mixup=True,
                       ema=False, lr=1e-2)
     m = build_member("density", cfg, list(range(L)), {"channels": C, "grid": [2, 2]}, zscore,
