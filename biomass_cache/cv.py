@@ -316,6 +316,8 @@ SHARED_OPTIONS = {
     "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
     "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
+    "interval_bins": typer.Option(None, "--interval-bins", help="Auxiliary interval classification: K quantile "
+                                  "bins per target (0 = off)."),
     "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
                               "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
     "stratify": typer.Option(None, "--stratify/--no-stratify", help="Grouped folds that also spread each State "
@@ -355,8 +357,7 @@ def train_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
-    interval_bins: Optional[int] = typer.Option(None, "--interval-bins", help="Auxiliary interval classification: "
-                                                "K quantile bins per target (0 = off)."),
+    interval_bins: Optional[int] = SHARED_OPTIONS["interval_bins"],
     stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
     overwrite: bool = SHARED_OPTIONS["overwrite"],

@@ -378,8 +378,7 @@ def backward(m: Member, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> N
 
 def train_step(m: Member, batch: dict, tokens: torch.Tensor,
                sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float | None:
-    """(Interval bin labels ->) mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW
-    -> EMA.
+    """(Bin labels ->) mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
 
     Returns the loss, or None for a skipped step (non-finite loss). `sync(params)` averages the gradients across
     ranks (torchrun); a rank with a non-finite loss then contributes a zero gradient so every rank still steps
