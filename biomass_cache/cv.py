@@ -211,7 +211,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         val_loader = None if va is None else source.val_loader(va, aux)
         groups = source.extra.param_groups() if source.extra is not None else ()
         members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
-                                fold_seed + 7919 * j, source.device, groups)
+                                fold_seed + 7919 * j, source.device, groups, truth[tr])
                    for j, (n, m) in enumerate(members_cfg.items())]
         rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
                           cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
@@ -274,7 +274,8 @@ def check_heads(source: TokenSource, table: pd.DataFrame, members_cfg: dict[str,
     zscore, aux = fit_zscore(table, every), AuxSpec.fit(table, every)
     for name, m in members_cfg.items():
         try:
-            member = build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"))
+            member = build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"),
+                                  train_grams=table[list(TARGETS)].to_numpy(float))
         except (TypeError, ValueError) as e:
             raise DataError(f"member {name!r}: head {m.head!r} with head_kwargs {m.head_kwargs} and layers "
                             f"{m.layers or source.layers}: {e}") from None
@@ -349,6 +350,8 @@ SHARED_OPTIONS = {
     "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
     "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
     "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
+    "interval_bins": typer.Option(None, "--interval-bins", help="Auxiliary interval classification: K quantile "
+                                  "bins per target (0 = off)."),
     "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
                               "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
     "stratify": typer.Option(None, "--stratify/--no-stratify", help="Grouped folds that also spread each State "
@@ -388,6 +391,7 @@ def train_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    interval_bins: Optional[int] = SHARED_OPTIONS["interval_bins"],
     stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
     overwrite: bool = SHARED_OPTIONS["overwrite"],
@@ -399,7 +403,7 @@ def train_command(
     base, sweep, extract = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
-                                   aux=aux, stratify=stratify), full, no_plots)
+                                   aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
     run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,

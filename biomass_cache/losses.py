@@ -17,7 +17,7 @@ from biomass_cache.targets import WEIGHTS, ZScore, targets_to_total_ratio
 from biomass_cache.targets import TOTAL, height_stats, target_stats
 
 PRIMARY_TASKS = ("total", "ratio", "five")
-AUX_TASKS = ("height", "ndvi", "state")
+AUX_TASKS = ("height", "ndvi", "state", "interval")
 LAMBDA_EPS = 1e-6  # keeps a Beta draw strictly inside (0, 1) so both samples always contribute
 
 
@@ -30,19 +30,32 @@ def masked_mean(err: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | No
     return (err * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def soft_labels(labels: torch.Tensor, n_classes: int, lam: float = 1.0, perm: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one-hot labels (..., n_classes) mixed as lam * own + (1 - lam) * partner's, known mask) of class indices
+    (-1 = unknown); `perm` (the mixup partners along dim 0) None: the plain one-hot labels."""
+    known = labels >= 0
+    hard = F.one_hot(labels.clamp_min(0), n_classes).to(dtype)
+    if perm is None:
+        return hard, known
+    return lam * hard + (1 - lam) * hard[perm], known & known[perm]
+
+
 def manifold_mixup(
     batch: Mapping[str, torch.Tensor],
     alpha: float,
     prob: float,
     generator: torch.Generator,
     n_states: int = 0,
+    n_bins: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Mix each sample with a random partner of the batch, with probability `prob` (training only).
 
     lambda ~ Beta(alpha, alpha) for the whole batch; tokens and the 5D masses y (g/m^2) are mixed linearly, so the
     GDM/Total identities still hold and the loss recomputes the ratio from the mixed masses; masks are AND-ed;
     height and NDVI are mixed linearly; State becomes a soft label `state_soft` (B, n_states) with `state_mask`
-    (needs `n_states` > 0). Returns a new dict (with `mixup_lambda`); the input batch is never modified.
+    (needs `n_states` > 0); the interval bin indices `interval` (B, 5) become `interval_soft` (B, 5, n_bins) with
+    `interval_mask` alike (needs `n_bins` > 0): the one-hot bins mixed with the same lambda. Returns a new dict (with `mixup_lambda`); the input batch is never modified.
     Deterministic given the generator's state.
     """
     if not 0.0 <= prob <= 1.0 or alpha <= 0:
@@ -63,14 +76,11 @@ def manifold_mixup(
     else:
         lam, perm = 1.0, None
     out["mixup_lambda"] = torch.tensor(lam)
+    dtype = batch["tokens"].dtype
     if n_states and "state" in batch:
-        state = batch["state"]
-        known = state >= 0
-        hard = F.one_hot(state.clamp_min(0), n_states).to(batch["tokens"].dtype)
-        if perm is None:
-            out["state_soft"], out["state_mask"] = hard, known
-        else:
-            out["state_soft"], out["state_mask"] = lam * hard + (1 - lam) * hard[perm], known & known[perm]
+        out["state_soft"], out["state_mask"] = soft_labels(batch["state"], n_states, lam, perm, dtype)
+    if n_bins and "interval" in batch:
+        out["interval_soft"], out["interval_mask"] = soft_labels(batch["interval"], n_bins, lam, perm, dtype)
     return out
 
 
@@ -79,15 +89,19 @@ def task_losses(
     batch: Mapping[str, torch.Tensor],
     zscore: ZScore,
     weights: Sequence[float] = WEIGHTS,
+    interval_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Masked per-task losses: `total`, `ratio`, `five`, and `height`/`ndvi`/`state` where the head predicts them.
+    """Masked per-task losses: `total`, `ratio`, `five`, and `height`/`ndvi`/`state`/`interval` where the head
+    predicts them.
 
     - total: MSE of total_z against the z-scored true Dry_Total_g density;
     - ratio: MSE (mean over the 3 parts) of the predicted composition against the true one, recomputed from the
       (possibly mixed) masses, where all three components and a positive total are known;
     - five: competition-weighted MSE of five_z over the supervised (sample, target) entries;
     - height: MSE in z units (height statistics from `zscore` if present, else cm / 10); ndvi: MSE of ndvi_z;
-    - state: cross-entropy against hard labels (state >= 0) or mixup's `state_soft` / `state_mask`.
+    - state: cross-entropy against hard labels (state >= 0) or mixup's `state_soft` / `state_mask`;
+    - interval: `interval_weight` x cross-entropy of the bin logits (B, 5, K), mean over the known (sample, target)
+      entries, against the bin indices `interval` (B, 5; -1 = unknown) or mixup's `interval_soft` / `interval_mask`.
     """
     y, y_mask = batch["y"], batch["y_mask"].bool()
     mean_np, std_np = target_stats(zscore)
@@ -113,9 +127,16 @@ def task_losses(
         if "state_soft" in batch:
             soft, known = batch["state_soft"], batch["state_mask"]
         else:
-            known = batch["state"] >= 0
-            soft = F.one_hot(batch["state"].clamp_min(0), logits.shape[-1]).to(logits.dtype)
+            soft, known = soft_labels(batch["state"], logits.shape[-1], dtype=logits.dtype)
         losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known)
+    if "interval_logits" in out:
+        logits = out["interval_logits"]
+        if "interval_soft" in batch:
+            soft, known = batch["interval_soft"], batch["interval_mask"]
+        else:
+            soft, known = soft_labels(batch["interval"], logits.shape[-1], dtype=logits.dtype)
+        ce = -(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+        losses["interval"] = interval_weight * masked_mean(ce, known)
     return losses
 
 
@@ -160,7 +181,7 @@ def combine_losses(
 
 
 def split_terms(terms: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Primary (total, ratio, five) and auxiliary (height, ndvi, state) terms for `pcgrad_step`."""
+    """Primary (total, ratio, five) and auxiliary (height, ndvi, state, interval) terms for `pcgrad_step`."""
     unknown = sorted(set(terms) - set(PRIMARY_TASKS) - set(AUX_TASKS))
     if unknown:
         raise ValueError(f"unknown task terms {unknown}; known: {list(PRIMARY_TASKS + AUX_TASKS)}")

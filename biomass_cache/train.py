@@ -30,6 +30,7 @@ from biomass_cache.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_l
                                   split_terms, task_losses)
 from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
 from biomass_cache.heads import HEADS, create_head
+from biomass_cache.heads.intervals import fit_bins
 from biomass_cache.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
 
 
@@ -61,6 +62,9 @@ class TrainConfig:
     uw: bool = False  # uncertainty weighting of the task losses (else a plain sum)
     pcgrad: bool = True  # primary-anchored PCGrad of the auxiliary gradients (needs aux)
     aux: bool = False  # auxiliary tasks: height, NDVI, State
+    interval_bins: int = 0  # auxiliary interval classification: K quantile bins per target (0 = off)
+    interval_weight: float = 0.3  # factor of its cross-entropy in the loss
+    interval_blend: float = 0.0  # share of the bins' expected value in the predicted components (0 = off)
     tta: str | int = "all"  # OOF predictions: "all" = mean over the stored views, or one view index
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -126,7 +130,7 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
 FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "stratify", "epochs", "batch_size", "lr", "device",
-                                                 "workers", "preload")}
+                                                 "workers", "preload", "interval_bins")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
@@ -148,6 +152,9 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
     "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "interval_bins": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
+    "interval_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "interval_blend": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "head_kwargs": (lambda v: isinstance(v, dict), "a table, e.g. { hidden = 256 }"),
     "layers": (lambda v: isinstance(v, list) and all(is_int(x) for x in v), "a list of block indices"),
 }
@@ -258,17 +265,25 @@ def head_param_groups(head: torch.nn.Module, lr: float, weight_decay: float) -> 
 
 def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature: dict, zscore: ZScore,
                  aux: AuxSpec, total_steps: int, seed: int, device: torch.device,
-                 extra_groups: Sequence[dict] = ()) -> SweepMember:
+                 extra_groups: Sequence[dict] = (), train_grams: np.ndarray | None = None) -> SweepMember:
     """A head with its optimizer and EMA copy. Groups: decayed weight matrices, undecayed biases/norms/fusion
     logits (as in nanoGPT), the UW log-variances at `uw_lr`, then `extra_groups` (e.g. per-block LoRA adapter
-    groups with their own lr); all follow the same warmup + cosine schedule."""
+    groups with their own lr); all follow the same warmup + cosine schedule. `train_grams` (N, 5), the fold's
+    training targets, place the interval bins (needed with `interval_bins`)."""
     layers = cfg.layers or layers_read
     torch.manual_seed(seed)  # identical initial weights for a (seed, fold, member) whatever ran before
     n_states = len(aux.states) if cfg.aux and len(aux.states) > 1 else 0
     aux_spec = dict(height=True, ndvi=True, n_states=n_states) if cfg.aux else {}
+    interval = {"interval": {"bins": cfg.interval_bins, "blend": cfg.interval_blend}} if cfg.interval_bins else {}
     head = create_head(cfg.head, n_layers=len(layers), channels=signature["channels"], grid=signature["grid"],
-                       zscore=zscore, aux=aux_spec, layers=layers, **cfg.head_kwargs).to(device)
+                       zscore=zscore, aux=aux_spec, layers=layers, **interval, **cfg.head_kwargs)
+    if cfg.interval_bins:
+        if train_grams is None:
+            raise ValueError("interval_bins needs the fold's training targets (train_grams) to place the bins")
+        head.interval_head.set_bins(*fit_bins(to_density(train_grams), cfg.interval_bins))
+    head = head.to(device)
     tasks = list(PRIMARY_TASKS) + (["height", "ndvi"] + (["state"] if n_states else []) if cfg.aux else [])
+    tasks += ["interval"] if cfg.interval_bins else []
     uw = UncertaintyWeighting(tasks).to(device) if cfg.uw else None
     groups = head_param_groups(head, cfg.lr, cfg.weight_decay)
     if uw is not None:
@@ -353,7 +368,7 @@ def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor])
 
 def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
                sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float | None:
-    """Mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
+    """(Bin labels ->) mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
 
     Returns the loss, or None for a skipped step (non-finite loss). `sync(params)` averages the gradients across
     ranks (torchrun); a rank with a non-finite loss then contributes a zero gradient so every rank still steps
@@ -361,10 +376,13 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
     """
     cfg = m.cfg
     b = dict(batch, tokens=tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx])
+    if cfg.interval_bins:
+        b["interval"] = m.head.interval_head.labels(b["y"], b["y_mask"])
     if cfg.mixup:
-        b = manifold_mixup(b, alpha=cfg.mixup_alpha, prob=cfg.mixup_prob, generator=m.gen, n_states=m.n_states)
+        b = manifold_mixup(b, alpha=cfg.mixup_alpha, prob=cfg.mixup_prob, generator=m.gen, n_states=m.n_states,
+                           n_bins=cfg.interval_bins)
     m.head.train()
-    losses = task_losses(m.head(b["tokens"]), b, m.zscore)
+    losses = task_losses(m.head(b["tokens"]), b, m.zscore, interval_weight=cfg.interval_weight)
     loss, terms = combine_losses(losses, m.uw)
     m.opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))

@@ -203,3 +203,62 @@ def test_wide_layers_train_at_a_fan_in_scaled_learning_rate(zscore):
     assert [("lr" in g, g["weight_decay"]) for g in groups] == [(False, 0.05), (False, 0.0)]
     assert [p for g in groups for p in g["params"]] == [p for p in density.parameters() if p.ndim >= 2] + [
         p for p in density.parameters() if p.ndim < 2]
+
+
+def test_interval_bins_hand_computed():
+    """Edges at the j/K quantiles, bin j = [edge j-1, edge j), centres = the bin means (mid-range when empty)."""
+    from biomass_cache.heads.intervals import assign_bins, fit_bins
+
+    y = np.full((8, 5), np.nan)
+    y[:, 0] = np.arange(8.0)  # quantile positions 1.75, 3.5, 5.25 of 0..7
+    y[:, 1] = [0, 0, 0, 0, 0, 0, 4, 8]  # ties: edges 0, 0, 1 leave bins 0 and 1 empty
+    y[:7, 2] = np.arange(7.0)  # one unknown value is left out: positions 1.5, 3, 4.5
+    edges, centres = fit_bins(y, 4)
+    np.testing.assert_allclose(edges[0], [1.75, 3.5, 5.25])
+    np.testing.assert_allclose(centres[0], [0.5, 2.5, 4.5, 6.5])
+    np.testing.assert_allclose(edges[1], [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(centres[1], [0.0, 0.0, 0.0, 6.0])
+    np.testing.assert_allclose(edges[2], [1.5, 3.0, 4.5])
+    np.testing.assert_allclose(centres[2], [0.5, 2.0, 3.5, 5.5])
+    assert (edges[3:] == 0).all() and (centres[3:] == 0).all()  # no known values
+    assert assign_bins(y[:, :1], edges[:1]).ravel().tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert assign_bins(y[:, 1:2], edges[1:2]).ravel().tolist() == [2, 2, 2, 2, 2, 2, 3, 3]
+    head = heads.intervals.IntervalHead(n_layers=1, features=2, bins=4, dropout=0.0)
+    head.set_bins(edges, centres)
+    yt = torch.tensor([[1.75, 0.0, 9.0, 0.0, 0.0], [-1.0, 8.0, 3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False, False], [True, True, False, False, True]])
+    assert head.labels(yt, mask).tolist() == [[1, 2, 3, -1, -1], [0, 3, -1, -1, 3]]
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_bins(y, 1)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_interval_logits_round_trip_and_blend(name, zscore):
+    """Every head: bin logits (B, 5, K) on its shared features; the config and buffers rebuild it exactly; blend 0
+    leaves the regression untouched, blend a mixes in the expected bin centre and keeps the identities."""
+    from biomass_cache.heads.intervals import fit_bins
+
+    plain = make(name, zscore, n_layers=2).eval()
+    rng = np.random.default_rng(0)
+    bins = fit_bins(components_to_targets(rng.gamma(2.0, 60.0, size=(40, 3))), 3)
+    x = tokens(2)
+    for blend in (0.0, 0.4):
+        head = make(name, zscore, n_layers=2, interval={"bins": 3, "blend": blend})
+        missing, unexpected = head.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected and missing and all(k.startswith("interval_head.") for k in missing)
+        head.interval_head.set_bins(*bins)
+        out, base = head.eval()(x), plain(x)
+        assert out["interval_logits"].shape == (5, 5, 3) and "interval_logits" not in base
+        expected = head.interval_head.expected(out["interval_logits"])[:, :3]
+        assert torch.equal(out["components"], base["components"]) if blend == 0 else torch.allclose(
+            out["components"], (1 - blend) * base["components"] + blend * expected, atol=1e-4)
+        five = out["five_z"] * head.target_std + head.target_mean
+        assert torch.allclose(five[:, 4], out["components"].sum(-1), rtol=1e-4)
+        config = json.loads(json.dumps(head.config))
+        assert config["interval"] == {"bins": 3, "blend": blend} and "interval" not in plain.config
+        rebuilt = heads.rebuild_head(config, zscore)
+        rebuilt.load_state_dict(head.state_dict(), strict=True)
+        assert torch.equal(rebuilt.interval_head.centres, torch.tensor(bins[1], dtype=torch.float32))
+        assert torch.equal(rebuilt.eval()(x)["components"], out["components"])
+    with pytest.raises(ValueError, match="bins must be 0"):
+        make(name, zscore, interval={"bins": 1})

@@ -13,7 +13,7 @@ import biomass_cache.heads as heads
 from biomass_cache.losses import (
     UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step, split_terms, task_losses,
 )
-from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets
+from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets, to_grams
 
 B, L, T, C, N_STATES = 6, 2, 4, 3, 3
 
@@ -215,3 +215,73 @@ def test_density_head_overfits_a_synthetic_batch(zscore):
         opt.step()
         history.append(float(losses["five"].detach()))
     assert history[-1] < history[0] / 10, (history[0], history[-1])
+
+
+INTERVAL = torch.tensor([[0, 1, 2, 2, 2], [2, 2, -1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 1, -1, 2], [2, 1, 0, 1, 1],
+                         [1, 1, 1, 1, 1]])  # (B, 5) bin indices of 3 bins, -1 = unknown
+
+
+def test_mixup_mixes_interval_bins_as_soft_labels():
+    batch = {**make_batch(), "interval": INTERVAL}
+    plain = manifold_mixup(batch, 3.9, 0.0, torch.Generator().manual_seed(3), n_bins=3)
+    assert torch.equal(plain["interval_soft"], F.one_hot(INTERVAL.clamp_min(0), 3).float())
+    assert torch.equal(plain["interval_mask"], INTERVAL >= 0)
+    mixed = manifold_mixup(batch, 3.9, 1.0, torch.Generator().manual_seed(3), n_bins=3)
+    lam, perm = float(mixed["mixup_lambda"]), recover_perm(batch, mixed)
+    i = int(torch.nonzero(perm != torch.arange(B))[0])  # a sample mixed with another one
+    for t in range(5):
+        mine, theirs = int(INTERVAL[i, t]), int(INTERVAL[perm[i], t])
+        want = torch.zeros(3)
+        want[max(mine, 0)] += lam
+        want[max(theirs, 0)] += 1 - lam
+        assert torch.allclose(mixed["interval_soft"][i, t], want), (t, mine, theirs)
+        assert bool(mixed["interval_mask"][i, t]) == (mine >= 0 and theirs >= 0)
+    assert torch.equal(mixed["interval_mask"], (INTERVAL >= 0) & (INTERVAL[perm] >= 0))
+
+
+def test_hand_computed_interval_loss(zscore):
+    batch = {**make_batch(), "interval": INTERVAL}
+    logits = torch.randn(B, 5, 3, generator=torch.Generator().manual_seed(0))
+    out = {**out_for(batch, zscore, torch.rand(B, 3) * 100), "interval_logits": logits}
+    loss = task_losses(out, batch, zscore, interval_weight=0.3)["interval"]
+    known = INTERVAL >= 0
+    assert torch.isclose(loss, 0.3 * F.cross_entropy(logits[known], INTERVAL[known]))
+    mixed = manifold_mixup(batch, 3.9, 1.0, torch.Generator().manual_seed(3), n_bins=3)
+    lam, perm = float(mixed["mixup_lambda"]), recover_perm(batch, mixed)
+    both = known & known[perm]
+    ce = lambda labels: F.cross_entropy(logits[both], labels[both])  # noqa: E731
+    assert torch.isclose(task_losses(out, mixed, zscore)["interval"], lam * ce(INTERVAL) + (1 - lam) * ce(INTERVAL[perm]))
+
+
+def test_interval_task_trains_with_uw_and_pcgrad(zscore):
+    """Through train_step (mixup, UW, PCGrad): the CE falls on a memorisable batch, its gradient reaches the
+    classifier, it is a task of UW and PCGrad arbitrates it against the primary tasks on the shared features."""
+    from biomass_cache.dataset import AuxSpec
+    from biomass_cache.train import TrainConfig, build_member, train_step
+
+    batch = make_batch(seed=1)
+    batch.update(y_mask=torch.ones(B, 5, dtype=torch.bool), tokens=torch.randn(B, L, T, C))
+    grams = to_grams(batch["y"].double().numpy())
+    cfg = TrainConfig(head="density", head_kwargs={"hidden": 16}, interval_bins=3, uw=True, pcgrad=True, mixup=True,
+                      ema=False, lr=1e-2)
+    m = build_member("density", cfg, list(range(L)), {"channels": C, "grid": [2, 2]}, zscore,
+                     AuxSpec((), 0.0, 1.0), 80, seed=0, device=torch.device("cpu"), train_grams=grams)
+    assert m.uw.tasks == ["total", "ratio", "five", "interval"]
+
+    def ce() -> float:
+        with torch.no_grad():
+            labels = m.head.interval_head.labels(batch["y"], batch["y_mask"])
+            return float(task_losses(m.head.eval()(batch["tokens"]), {**batch, "interval": labels}, zscore)["interval"])
+
+    before = ce()
+    labels = m.head.interval_head.labels(batch["y"], batch["y_mask"])
+    assert sorted(labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2]  # quantile bins of the 6 training values
+    train_step(m, {k: v for k, v in batch.items() if k != "tokens"}, batch["tokens"])
+    arbitrated, plain = m.pcgrad_split
+    classifier = m.head.interval_head.out.weight
+    assert any(p is m.head.per_layer[0].body[0].weight for p in arbitrated)  # shared: PCGrad arbitrates it
+    assert any(p is classifier for p in plain) and classifier.grad is not None and classifier.grad.abs().sum() > 0
+    assert m.uw.log_vars.grad[3] != 0
+    for _ in range(79):
+        train_step(m, {k: v for k, v in batch.items() if k != "tokens"}, batch["tokens"])
+    assert ce() < 0.5 * before, (before, ce())

@@ -118,6 +118,8 @@ def test_settings_it_cannot_honour_are_refused():
     make = lambda **kw: heads.create_head("ridge", n_layers=1, channels=4, grid=(2, 2), zscore=zscore, **kw)
     with pytest.raises(ValueError, match="no auxiliary tasks"):
         make(aux=dict(height=True))
+    with pytest.raises(ValueError, match="no interval classification"):
+        make(interval={"bins": 4, "blend": 0.0})
     with pytest.raises(ValueError, match="has no dropout"):
         make(dropout=0.1)
     with pytest.raises(ValueError, match="alphas must be numbers > 0"):

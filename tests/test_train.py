@@ -20,7 +20,7 @@ from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.folds import visit_groups
 from biomass_cache.metrics import competition_r2, log_r2
 from biomass_cache.store import open_store
-from biomass_cache.targets import TARGETS
+from biomass_cache.targets import TARGETS, to_density
 from biomass_cache.train import TrainConfig, load_config, resolve
 from toys import ROOT, make_toy
 
@@ -164,9 +164,9 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     data, store = make_toy(tmp_path / "a", n=12)
     calls, poisoned = [], {2, 5}
 
-    def flaky(out, batch, zscore):
+    def flaky(out, batch, zscore, **kw):
         calls.append(1)
-        losses = train_module_task_losses(out, batch, zscore)
+        losses = train_module_task_losses(out, batch, zscore, **kw)
         return {k: v * float("nan") for k, v in losses.items()} if len(calls) in poisoned else losses
 
     train_module_task_losses = train_module.task_losses
@@ -181,6 +181,39 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="head density: 3 non-finite losses in a row"):
         train("--cache", store, "--data", data, "--out", tmp_path / "strict", "--full", "--epochs", 2,
               "--batch-size", 4, "--config", _toml(tmp_path, "max_nonfinite = 3"), "--workers", 0)
+
+
+def test_interval_bins_run_reloads_and_reproduces_oof(toy, tmp_path):
+    """`--interval-bins 4` (with blend, mixup, UW, PCGrad from the config): a normal run folder whose rebuilt
+    checkpoints carry the fold's bins and predict exactly the OOF values the in-memory heads gave."""
+    _, data, store_path = toy
+    out = tmp_path / "interval"
+    cfg = _toml(tmp_path, "interval_blend = 0.3\ninterval_weight = 0.5\nmixup = true\nuw = true\naux = true")
+    train("--cache", store_path, "--data", data, "--out", out, "--head", "density,mlp", "--folds", 2, "--epochs", 3,
+          "--interval-bins", 4, "--config", cfg, *FAST)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["heads"]) == {"density", "mlp"} and metrics["competition_r2"] is not None
+    members = json.loads((out / "config.json").read_text())["members"]
+    assert {(m["interval_bins"], m["interval_blend"], m["interval_weight"]) for m in members.values()} == {(4, 0.3, 0.5)}
+    store = open_store(store_path)
+    table = read_long_csv(data / "train.csv", check_images=False)
+    folds = pd.read_csv(out / "folds.csv", dtype={"image_id": str})["fold"].to_numpy()
+    for name in ("density", "mlp"):
+        oof = runs.read_oof(out / f"oof_{name}.csv")[list(TARGETS)].to_numpy()
+        for k in range(2):
+            head, meta = runs.load_head(out / f"fold{k}" / f"{name}.json")
+            assert meta["head"]["interval"] == {"bins": 4, "blend": 0.3}
+            train_density = to_density(table[list(TARGETS)].to_numpy(float)[folds != k])
+            np.testing.assert_allclose(head.interval_head.edges[4].numpy(),
+                                       np.quantile(train_density[:, 4], [0.25, 0.5, 0.75]), rtol=1e-5)
+            rows = np.flatnonzero(folds == k)
+            idx = [store.image_ids.index(i) for i in table["image_id"].iloc[rows]]
+            pred = runs.predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"])
+            np.testing.assert_array_equal(pred, oof[rows])
+    with pytest.raises(DataError, match=r"interval_bins must be 0 \(off\) or an integer >= 2, got 1 \(--interval-bins"):
+        resolve({}, [], {"interval_bins": 1}, None)
+    with pytest.raises(DataError, match=r"interval_blend must be a number in \[0, 1\], got 1.5"):
+        resolve({"interval_blend": 1.5}, [], {}, None)
 
 
 def _toml(tmp_path: Path, body: str) -> Path:

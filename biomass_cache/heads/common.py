@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomass_cache.targets import (COMPONENTS, TARGETS, TOTAL, ZScore, components_to_targets, height_stats,
+from biomass_cache.heads.intervals import IntervalHead, blend_components, normalise_interval
+from biomass_cache.targets import (COMPONENTS, TOTAL, ZScore, components_to_targets, height_stats,
                                    target_stats)
 
 AUX_KEYS = ("height", "ndvi", "n_states")
@@ -82,7 +83,8 @@ class FusedHead(nn.Module):
     `layer_components(tokens, return_maps)` returning components (B, L, 3) g/m^2 >= 0, density maps
     (B, L, 3, rows, cols) when asked and supported (else None), and the shared features (B, L, D) that the
     auxiliary heads read. The target statistics live in buffers so a checkpoint carries the exact scaling its
-    weights were trained with.
+    weights were trained with. `interval` ({"bins": K, "blend": a}, see heads/intervals.py) adds bin logits of the
+    five targets on the same features; a blend > 0 mixes their expected value into the components.
     """
 
     name = "base"
@@ -98,6 +100,7 @@ class FusedHead(nn.Module):
         aux: Mapping[str, Any] | None = None,
         dropout: float = 0.1,
         layers: Sequence[int] | None = None,
+        interval: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         grid = tuple(int(g) for g in grid)
@@ -120,6 +123,9 @@ class FusedHead(nn.Module):
             AuxHeads(n_layers, features, self.aux, dropout, height_stats(zscore))
             if any(self.aux.values()) else None
         )
+        self.interval = normalise_interval(interval)
+        self.interval_head = (IntervalHead(n_layers, features, self.interval["bins"], dropout)
+                              if self.interval else None)
         self._extra_config: dict[str, Any] = {}
 
     def _set_config(self, **kw: Any) -> None:
@@ -137,6 +143,7 @@ class FusedHead(nn.Module):
             "aux": dict(self.aux),
             "dropout": self.dropout,
             "layers": self.layers,
+            **({"interval": dict(self.interval)} if self.interval else {}),
             **self._extra_config,
         }
 
@@ -228,6 +235,10 @@ class FusedHead(nn.Module):
         per_layer, maps, features = self.layer_components(tokens, return_maps)
         weights = torch.softmax(self.fusion_logits, dim=0)
         components = torch.einsum("blk,l->bk", per_layer, weights)
+        interval_logits = None if self.interval_head is None else self.interval_head(features)
+        if interval_logits is not None and self.interval["blend"] > 0:
+            components = blend_components(components, self.interval_head.expected(interval_logits),
+                                          self.interval["blend"])
         total = components.sum(dim=-1)
         five = components_to_targets(components)
         out = {
@@ -244,6 +255,8 @@ class FusedHead(nn.Module):
             out["density_map"] = torch.einsum("blkhw,l->bkhw", maps, weights)
         if self.aux_heads is not None:
             out.update(self.aux_heads(features))
+        if interval_logits is not None:
+            out["interval_logits"] = interval_logits
         return out
 
 

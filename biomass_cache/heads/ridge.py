@@ -101,6 +101,9 @@ class RidgeHead(FusedHead):
         if any((common.get("aux") or {}).values()):
             raise ValueError("ridge head: no auxiliary tasks (it fits the three components in closed form); "
                              "train it without --aux / aux = true")
+        if common.get("interval"):
+            raise ValueError("ridge head: no interval classification (it takes no gradient steps); "
+                             "train it without --interval-bins / interval_bins")
         common["dropout"] = 0.0
         super().__init__(features=len(POOLS) * common["channels"], **common)
         alphas = [float(a) for a in alphas]

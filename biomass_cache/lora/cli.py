@@ -59,6 +59,7 @@ def lora_command(
     pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
     ema: Optional[bool] = SHARED_OPTIONS["ema"],
     aux: Optional[bool] = SHARED_OPTIONS["aux"],
+    interval_bins: Optional[int] = SHARED_OPTIONS["interval_bins"],
     stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
     no_plots: bool = SHARED_OPTIONS["no_plots"],
     overwrite: bool = SHARED_OPTIONS["overwrite"],
@@ -67,7 +68,7 @@ def lora_command(
     base, _, _ = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux,
-                                   stratify=stratify),
+                                   interval_bins=interval_bins, stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
