@@ -490,6 +490,10 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     if not spec.allow_collapsed:
         for rm in resolved:
             check_not_collapsed(rm)
+    fitted = spec.aggregation in FITTED  # OOF inputs and folds checked before any test image is predicted
+    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted,
+                      aggregation=spec.aggregation)
+    folds, folds_csv = oof_folds(resolved, oof[2]) if fitted else (None, None)
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
         what = f"member {rm.member.name}"
@@ -521,9 +525,6 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     names = [rm.member.name for rm in resolved]
     given = np.array([m.weight for m in spec.members], dtype=np.float64)
     report: dict = {"aggregation": spec.aggregation, "members": names, "n_images": len(ids)}
-    fitted = spec.aggregation in FITTED
-    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted,
-                      aggregation=spec.aggregation)
     fit, combine = _fitter(spec)
     if fitted:
         weights = fit(oof[0], oof[1])
@@ -542,9 +543,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
                          **oof_scores(oof[0], oof[1], weights, combine)}
         report["oof"]["members"] = dict(zip(names, report["oof"]["members"]))
         if fitted:
-            folds, source = oof_folds(resolved, oof[2])
             report["oof"]["cross_fitted_oof"] = {**cross_fitted(oof[0], oof[1], folds, fit, combine),
-                                                 "folds_csv": str(source)}
+                                                 "folds_csv": str(folds_csv)}
     return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores)
 
 

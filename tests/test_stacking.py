@@ -99,3 +99,12 @@ def test_stack_alpha_in_the_ensemble_file(tmp_path):
     path.write_text('aggregation = "stack"\nstack_alpha = -1\n[[member]]\npath = "runs/a"\n')
     with pytest.raises(EnsembleError, match="stack_alpha must be a finite number >= 0, got -1"):
         load_ensemble(path)
+
+
+def test_the_bundle_keeps_stack_alpha(tmp_path):
+    from biomass_cache import bundle_run
+
+    path = tmp_path / "ensemble.toml"
+    path.write_text(bundle_run.toml_ensemble({"aggregation": "stack", "stack_alpha": 0.25, "member": [{"path": "a"}]}))
+    spec = load_ensemble(path)
+    assert (spec.aggregation, spec.stack_alpha) == ("stack", 0.25)
