@@ -1,21 +1,24 @@
 """How an ensemble combines its members' predictions, always in COMPONENT space (clover, dead, green).
 
 GDM and Total are rebuilt from the combined components, so GDM = clover + green and Total = clover + dead + green
-hold exactly: a weighted mean, per-sample inverse-variance weights (MC-dropout), or weights fitted on the members'
-out-of-fold predictions.
+hold exactly: a weighted mean, per-sample inverse-variance weights (MC-dropout), weights fitted on the members'
+out-of-fold predictions, or a stacker (non-negative weights per component) fitted on them. A fitted combination
+scores itself too well on the rows it was fitted on; `cross_fitted` gives the honest out-of-fold score.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.linear_model import LinearRegression
 
 from biomass_cache.metrics import competition_r2
 from biomass_cache.targets import COMPONENTS, TARGETS, WEIGHTS, components_to_targets
 
 VAR_FLOOR = 1e-12  # g^2: a member with (numerically) zero MC variance gets a large but finite weight
+STACK_ALPHA = 0.01  # ridge strength of the stacker, relative to the mean squared norm of its design columns
 
 
 def _components(preds: Sequence[np.ndarray]) -> np.ndarray:
@@ -70,9 +73,55 @@ def fit_weights(preds: Sequence[np.ndarray], y_true: np.ndarray, steps: int = 20
     return torch.softmax(logits.detach(), 0).numpy()
 
 
-def oof_scores(preds: Sequence[np.ndarray], y_true: np.ndarray, weights: Sequence[float]) -> dict:
-    """OOF competition_r2 of each member and of their component-space weighted mean."""
+def fit_stack(preds: Sequence[np.ndarray], y_true: np.ndarray, alpha: float = STACK_ALPHA) -> np.ndarray:
+    """(3, M) non-negative weights, one per (component, member), minimising the competition loss of the stack.
+
+    Every target is linear in the component weights (GDM = clover + green, Total = clover + dead + green), so the
+    competition's weighted squared error over all five targets is one non-negative least-squares problem in the
+    3M weights, solved exactly. No intercept: with non-negative members the output stays non-negative, as a
+    submission must. The ridge term alpha * mean squared column norm * |w - 1/M|^2 pulls towards the equal-weight
+    mean (alpha -> infinity gives `mean`), not towards zero grams.
+    """
+    comps = _components(preds)
+    m = len(comps)
+    spread = components_to_targets(np.eye(len(COMPONENTS)))  # (3, 5): which targets each component adds to
+    root = np.sqrt(np.asarray(WEIGHTS, dtype=np.float64))
+    design = np.einsum("cj,mnc,j->njcm", spread, comps, root).reshape(-1, len(COMPONENTS) * m)
+    target = (np.asarray(y_true, dtype=np.float64) * root).reshape(-1)
+    lam = alpha * (design**2).sum() / design.shape[1]
+    if lam > 0:
+        design = np.vstack([design, np.sqrt(lam) * np.eye(design.shape[1])])
+        target = np.concatenate([target, np.full(design.shape[1], np.sqrt(lam) / m)])
+    coef = LinearRegression(fit_intercept=False, positive=True).fit(design, target).coef_
+    return coef.reshape(len(COMPONENTS), m)
+
+
+def stack_predict(preds: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """The stack's (N, 5) grams: each component a weighted sum over members (weights (3, M)), rebuilt to 5."""
+    return components_to_targets(np.einsum("cm,mnc->nc", np.asarray(weights, dtype=np.float64), _components(preds)))
+
+
+def cross_fitted(preds: Sequence[np.ndarray], y_true: np.ndarray, folds: np.ndarray,
+                 fit: Callable[[list, np.ndarray], np.ndarray],
+                 combine: Callable[[list, np.ndarray], np.ndarray]) -> dict:
+    """The honest OOF score of a fitted combination: for each fold k, `fit` on the other folds' rows and
+    `combine` fold k's; competition_r2 of the pooled held-out predictions over all rows, and of each fold's."""
+    y = np.asarray(y_true, dtype=np.float64)
+    folds = np.asarray(folds)
+    pooled = np.full_like(y, np.nan)
+    per_fold = {}
+    for k in np.unique(folds):
+        held = folds == k
+        params = fit([np.asarray(p)[~held] for p in preds], y[~held])
+        pooled[held] = combine([np.asarray(p)[held] for p in preds], params)
+        per_fold[f"fold{k}"] = competition_r2(y[held], pooled[held])
+    return {"ensemble": competition_r2(y, pooled), "n_folds": len(per_fold), "folds": per_fold}
+
+
+def oof_scores(preds: Sequence[np.ndarray], y_true: np.ndarray, weights: np.ndarray,
+               combine: Callable[[list, np.ndarray], np.ndarray] = weighted_mean) -> dict:
+    """OOF competition_r2 of each member and of their combination (by default the component-space weighted mean)."""
     return {
         "members": [competition_r2(y_true, p) for p in preds],
-        "ensemble": competition_r2(y_true, weighted_mean(preds, weights)),
+        "ensemble": competition_r2(y_true, combine(list(preds), weights)),
     }

@@ -189,6 +189,7 @@ def make_bundle(ensemble: Optional[Path], members: Optional[str], out: Path, sto
     wheels = build_wheels(packages, tmp / bundle_run.WHEELS)
     copied = [copy_member(rm, tmp, k) for k, rm in enumerate(resolved, start=1)]
     doc = {"aggregation": spec.aggregation, "mc_samples": spec.mc_samples, "mc_seed": spec.mc_seed,
+           "stack_alpha": spec.stack_alpha,
            "member": [{"path": c.path, "weight": c.member.member.weight, "head": c.member.member.head}
                       for c in copied]}
     (tmp / bundle_run.ENSEMBLE).write_text(bundle_run.toml_ensemble(doc))

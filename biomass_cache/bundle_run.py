@@ -50,7 +50,8 @@ def check_files(bundle: Path) -> None:
 
 def toml_ensemble(doc: dict) -> str:
     """An ensemble file's TOML text (the keys biomass_cache.ensemble.load_ensemble reads)."""
-    lines = [f"{k} = {json.dumps(doc[k])}" for k in ("aggregation", "mc_samples", "mc_seed") if k in doc]
+    lines = [f"{k} = {json.dumps(doc[k])}" for k in ("aggregation", "mc_samples", "mc_seed", "stack_alpha")
+             if k in doc]
     for member in doc["member"]:
         lines += ["", "[[member]]"] + [f"{k} = {json.dumps(v)}" for k, v in member.items() if v is not None]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ with. Members may mix backbones: one test cache per distinct extraction setting 
 re-aggregating is instant and a photo changed under its old name is predicted afresh.
 
 A member is either heads on a token cache or, when its checkpoints say `kind: "lora"`, adapters + head on a live
-backbone (biomass_cache.lora). Aggregation (biomass_cache.aggregate) happens in component space.
+backbone (biomass_cache.lora). Aggregation (biomass_cache.aggregate) happens in component space; a fitted one
+(`oof`, `stack`) is fitted on the members' OOF predictions and also scored cross-fitted over the members' folds.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import pandas as pd
 import torch
 
 from biomass_cache import runs
-from biomass_cache.aggregate import VAR_FLOOR, fit_weights, inverse_variance_mean, oof_scores, weighted_mean
+from biomass_cache.aggregate import (STACK_ALPHA, VAR_FLOOR, cross_fitted, fit_stack, fit_weights,
+                                     inverse_variance_mean, oof_scores, stack_predict, weighted_mean)
 from biomass_cache.data import DataError
-from biomass_cache.targets import TARGETS, components_to_targets
+from biomass_cache.targets import COMPONENTS, TARGETS, components_to_targets
 
-AGGREGATIONS = ("mean", "mc_dropout", "oof")
+AGGREGATIONS = ("mean", "mc_dropout", "oof", "stack")
+FITTED = ("oof", "stack")  # aggregations fitted on the members' OOF predictions
 # cache fingerprint key -> ExtractConfig field: the settings a test cache copies from the training cache
 FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "storage_dtype": "dtype",
                         "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
@@ -59,6 +62,7 @@ class EnsembleSpec:
     aggregation: str = "mean"
     mc_samples: int = 16
     mc_seed: int = 0
+    stack_alpha: float = STACK_ALPHA  # ridge strength of `stack` (aggregate.fit_stack)
     allow_collapsed: bool = False  # use members with a fold that predicts a constant (metrics.json `collapsed`)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class EnsembleSpec:
             raise EnsembleError(f"unknown aggregation {self.aggregation!r}; choose one of {list(AGGREGATIONS)}")
         if self.mc_samples < 2:
             raise EnsembleError(f"mc_samples must be at least 2, got {self.mc_samples}")
+        if not (np.isfinite(self.stack_alpha) and self.stack_alpha >= 0):
+            raise EnsembleError(f"stack_alpha must be a finite number >= 0, got {self.stack_alpha}")
         for m in self.members:
             if not (np.isfinite(m.weight) and m.weight >= 0):
                 raise EnsembleError(f"member {m.name}: weight must be a finite number >= 0, got {m.weight}")
@@ -76,7 +82,7 @@ class EnsembleSpec:
 
 
 MEMBER_KEYS = {"path", "weight", "head"}
-TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "weights", "member"}
+TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "stack_alpha", "weights", "member"}
 
 
 def load_ensemble(path: str | Path) -> EnsembleSpec:
@@ -112,11 +118,12 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
                             f"vit_small_patch16_dinov3 = \"/models/dinov3_vits16.pth\"")
     try:
         return EnsembleSpec(tuple(members), dict(weights), raw.get("aggregation", "mean"),
-                            int(raw.get("mc_samples", 16)), int(raw.get("mc_seed", 0)))
+                            int(raw.get("mc_samples", 16)), int(raw.get("mc_seed", 0)),
+                            float(raw.get("stack_alpha", STACK_ALPHA)))
     except EnsembleError as e:
         raise EnsembleError(f"{path}: {e}") from e
-    except (TypeError, ValueError) as e:  # int() of mc_samples / mc_seed
-        raise EnsembleError(f"{path}: mc_samples and mc_seed must be integers ({e})") from e
+    except (TypeError, ValueError) as e:  # int() of mc_samples / mc_seed, float() of stack_alpha
+        raise EnsembleError(f"{path}: mc_samples and mc_seed must be integers, stack_alpha a number ({e})") from e
 
 
 def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,
@@ -425,7 +432,7 @@ class EnsembleResult:
     grams: np.ndarray  # (N, 5) the ensemble's predictions, identities exact
     member_names: list[str]
     member_grams: list[np.ndarray]
-    weights: np.ndarray  # (M,) the weights used (for mc_dropout: the mean of the per-image weights)
+    weights: np.ndarray  # (M,) the weights used (mc_dropout: the mean of the per-image weights); stack: (3, M)
     report: dict  # aggregation, OOF scores where known, artefact paths
     caches: list[Path]
     member_files: list[Path]
@@ -483,6 +490,10 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     if not spec.allow_collapsed:
         for rm in resolved:
             check_not_collapsed(rm)
+    fitted = spec.aggregation in FITTED  # OOF inputs and folds checked before any test image is predicted
+    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted,
+                      aggregation=spec.aggregation)
+    folds, folds_csv = oof_folds(resolved, oof[2]) if fitted else (None, None)
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
         what = f"member {rm.member.name}"
@@ -514,24 +525,41 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     names = [rm.member.name for rm in resolved]
     given = np.array([m.weight for m in spec.members], dtype=np.float64)
     report: dict = {"aggregation": spec.aggregation, "members": names, "n_images": len(ids)}
-    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=spec.aggregation == "oof")
-    if spec.aggregation == "oof":
-        weights = fit_weights(oof[0], oof[1])
-    else:
-        weights = given / given.sum()
-    if spec.aggregation == "mc_dropout":
+    fit, combine = _fitter(spec)
+    if fitted:
+        weights = fit(oof[0], oof[1])
+        grams = combine(preds, weights)
+    elif spec.aggregation == "mc_dropout":
         var = np.stack(variances)
         grams = inverse_variance_mean(preds, var)
         inv = 1.0 / np.maximum(var, VAR_FLOOR)
         weights = (inv / inv.sum(axis=0)).mean(axis=1)
     else:
+        weights = given / given.sum()
         grams = weighted_mean(preds, weights)
-    report["weights"] = dict(zip(names, weights.tolist()))
+    report["weights"] = _weights_report(names, weights)
     if oof is not None:
-        report["oof"] = {"n_images": len(oof[1]), "ensemble_weights": "fitted" if spec.aggregation == "oof"
-                         else "given", **oof_scores(oof[0], oof[1], weights)}
+        report["oof"] = {"n_images": len(oof[1]), "ensemble_weights": "fitted" if fitted else "given",
+                         **oof_scores(oof[0], oof[1], weights, combine)}
         report["oof"]["members"] = dict(zip(names, report["oof"]["members"]))
+        if fitted:
+            report["oof"]["cross_fitted_oof"] = {**cross_fitted(oof[0], oof[1], folds, fit, combine),
+                                                 "folds_csv": str(folds_csv)}
     return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores)
+
+
+def _fitter(spec: EnsembleSpec) -> tuple[Callable, Callable]:
+    """(fit, combine) of the aggregation: fit(preds, labels) -> weights, combine(preds, weights) -> grams."""
+    if spec.aggregation == "stack":
+        return (lambda p, y: fit_stack(p, y, spec.stack_alpha)), stack_predict
+    return fit_weights, weighted_mean
+
+
+def _weights_report(names: Sequence[str], weights: np.ndarray) -> dict:
+    """member -> weight, or for a stack member -> {component: weight}."""
+    if weights.ndim == 1:
+        return dict(zip(names, weights.tolist()))
+    return {name: dict(zip(COMPONENTS, col.tolist())) for name, col in zip(names, weights.T)}
 
 
 def store_positions(store, image_ids: Sequence[str]) -> np.ndarray:
@@ -556,9 +584,9 @@ def _best_head(run_dir: Path) -> str | None:
     return _read_json(metrics).get("best") if metrics.is_file() else None
 
 
-def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path,
-                required: bool) -> tuple[list[np.ndarray], np.ndarray] | None:
-    """The members' OOF predictions and the train labels on the images all of them predicted.
+def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: bool,
+                aggregation: str) -> tuple[list[np.ndarray], np.ndarray, list[str]] | None:
+    """The members' OOF predictions, the train labels and the ids of the images all of them predicted.
 
     Returns None when some member has no OOF file or there is no train.csv, unless `required`.
     """
@@ -571,7 +599,7 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path,
             return None
         lacking = [rm.member.name for rm, f in zip(resolved, files) if f is None]
         raise EnsembleError(
-            "oof aggregation needs every member to be a run folder with out-of-fold predictions "
+            f"{aggregation} aggregation needs every member to be a run folder with out-of-fold predictions "
             "(oof_<head>.csv / oof.csv) and the labels' train.csv; "
             + (f"no OOF file for {lacking}" if lacking else f"{train_csv} not found")
         )
@@ -582,7 +610,40 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path,
         common = common.intersection(f.index[f.notna().all(axis=1)])
     if len(common) < 2:
         raise EnsembleError(f"the members' OOF files {[str(f) for f in files]} share fewer than 2 labelled images")
-    return [f.loc[common].to_numpy(np.float64) for f in frames], labels.loc[common].to_numpy(np.float64)
+    return ([f.loc[common].to_numpy(np.float64) for f in frames], labels.loc[common].to_numpy(np.float64),
+            common.tolist())
+
+
+def oof_folds(resolved: Sequence[ResolvedMember], image_ids: Sequence[str]) -> tuple[np.ndarray, Path]:
+    """The fold of every OOF image, from the members' folds.csv, and the file it came from.
+
+    Members cross-validated on different splits are refused: one member's OOF prediction for a held-out image
+    would come from a model trained on images the stacker is scored on, so no split gives an honest score.
+    """
+    from biomass_cache.folds import read_folds
+
+    table = pd.DataFrame({"image_id": list(image_ids)})
+    first: tuple[ResolvedMember, Path, np.ndarray] | None = None
+    for rm in resolved:
+        path = rm.run_dir / "folds.csv"
+        if not path.is_file():
+            raise EnsembleError(f"member {rm.member.name}: {path} not found; the cross-fitted OOF score of a "
+                                f"fitted aggregation needs the folds the run was trained on")
+        try:
+            folds = read_folds(path, table)
+        except DataError as e:
+            raise EnsembleError(f"member {rm.member.name}: {e}") from e
+        if first is None:
+            first = (rm, path, folds)
+        elif not np.array_equal(folds, first[2]):
+            k = int(np.flatnonzero(folds != first[2])[0])
+            raise EnsembleError(
+                f"members {first[0].member.name} and {rm.member.name} were cross-validated on different folds "
+                f"(image {image_ids[k]}: fold {first[2][k]} in {first[1]}, fold {folds[k]} in {path}); a fitted "
+                f"aggregation needs one split: retrain with --folds-csv {first[1]}")
+    if len(np.unique(first[2])) < 2:
+        raise EnsembleError(f"the members' OOF images all lie in one fold of {first[1]}; cross-fitting needs two")
+    return first[2], first[1]
 
 
 def report_text(result: EnsembleResult) -> str:
@@ -592,13 +653,22 @@ def report_text(result: EnsembleResult) -> str:
     lines = [f"ensemble of {len(result.member_names)} member(s), aggregation {r['aggregation']!r}, "
              f"{r['n_images']} test images"]
     width = max(len(n) for n in result.member_names) + 2
-    lines.append(f"  {'member':<{width}}{'weight':>8}" + (f"{'OOF competition_r2':>20}" if oof else ""))
+    stacked = r["aggregation"] == "stack"
+    header, wide = ("weights clover/dead/green", 27) if stacked else ("weight", 8)
+    lines.append(f"  {'member':<{width}}{header:>{wide}}" + (f"{'OOF competition_r2':>20}" if oof else ""))
     for name in result.member_names:
-        lines.append(f"  {name:<{width}}{r['weights'][name]:>8.3f}"
-                     + (f"{oof['members'][name]:>20.4f}" if oof else ""))
+        w = r["weights"][name]
+        text = "/".join(f"{v:.3f}" for v in w.values()) if stacked else f"{w:.3f}"
+        lines.append(f"  {name:<{width}}{text:>{wide}}" + (f"{oof['members'][name]:>20.4f}" if oof else ""))
     if oof:
-        lines.append(f"  {'ensemble (' + oof['ensemble_weights'] + ' weights)':<{width}}{'':>8}"
-                     f"{oof['ensemble']:>20.4f}   on {oof['n_images']} OOF images")
+        fitted = oof["ensemble_weights"] == "fitted"
+        label = "ensemble (fitted, in-sample)" if fitted else "ensemble (given weights)"
+        lines.append(f"  {label:<{width}}{'':>{wide}}{oof['ensemble']:>20.4f}   on {oof['n_images']} OOF images"
+                     + ("  (fitted and scored on the same rows: optimistic)" if fitted else ""))
+        cross = oof.get("cross_fitted_oof")
+        if cross:
+            lines.append(f"  {'ensemble (cross-fitted)':<{width}}{'':>{wide}}{cross['ensemble']:>20.4f}   fitted on "
+                         f"the other folds, scored on each of the {cross['n_folds']} folds of {cross['folds_csv']}")
     else:
         lines.append("  (no OOF scores: some member has no oof.csv, or no train.csv with labels)")
     lines += [f"  test cache: {p}" for p in dict.fromkeys(result.caches)]

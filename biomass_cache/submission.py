@@ -191,17 +191,25 @@ def score_command(
         typer.echo(json.dumps({k: scores[k] for k in ("competition_r2", "log_r2")}))
 
 
+def report_path(out: str | Path) -> Path:
+    """Where submit writes the ensemble's report (weights, OOF scores) beside the submission: NAME.report.json."""
+    return Path(out).with_suffix(".report.json")
+
+
 def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None = None, device: str = "cpu",
            progress: bool = True, precision: str | None = None, devices: Sequence[str] | None = None):
-    """Run the ensemble on data/test.csv and write the validated submission; returns (EnsembleResult, frame)."""
+    """Run the ensemble on data/test.csv, write the validated submission and its report JSON beside it; returns
+    (EnsembleResult, frame)."""
     from biomass_cache.ensemble import report_text, run_ensemble
+    from biomass_cache.io import write_json
 
     data, out = Path(data), Path(out)
     result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
                           precision=precision, devices=devices)
     sub = write_submission(out, result.frame(), data / "test.csv")
+    write_json(report_path(out), {**result.report, "submission": str(out)})
     typer.echo(report_text(result))
-    typer.echo(f"submission: {out} ({len(sub)} rows, validated)")
+    typer.echo(f"submission: {out} ({len(sub)} rows, validated); report: {report_path(out)}")
     return result, sub
 
 
@@ -219,7 +227,7 @@ def submit_command(
     out: Path = typer.Option(Path("submission.csv"), "--out", help="The submission file to write."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches (cache/) and member "
                                             "predictions (members/) are kept and reused [the folder of --out]."),
-    aggregation: Optional[str] = typer.Option(None, "--aggregation", help="mean | mc_dropout | oof "
+    aggregation: Optional[str] = typer.Option(None, "--aggregation", help="mean | mc_dropout | oof | stack "
                                               "[the ensemble file's, else mean]."),
     mc_samples: Optional[int] = typer.Option(None, "--mc-samples", min=1, help="MC-dropout passes per fold model."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
