@@ -41,9 +41,9 @@ def manifold_mixup(
 
     lambda ~ Beta(alpha, alpha) for the whole batch; tokens and the 5D masses y (g/m^2) are mixed linearly, so the
     GDM/Total identities still hold and the loss recomputes the ratio from the mixed masses; masks are AND-ed;
-    height and NDVI are mixed linearly; State becomes a soft label `state_soft` (B, n_states) with `state_mask`
-    (needs `n_states` > 0). Returns a new dict (with `mixup_lambda`); the input batch is never modified.
-    Deterministic given the generator's state.
+    height, NDVI and the samples' loss weights are mixed linearly; State becomes a soft label `state_soft`
+    (B, n_states) with `state_mask` (needs `n_states` > 0). Returns a new dict (with `mixup_lambda`); the input
+    batch is never modified. Deterministic given the generator's state.
     """
     if not 0.0 <= prob <= 1.0 or alpha <= 0:
         raise ValueError(f"mixup needs 0 <= prob <= 1 and alpha > 0, got prob={prob}, alpha={alpha}")
@@ -54,7 +54,7 @@ def manifold_mixup(
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         lam = float(np.clip(np.random.default_rng(seed).beta(alpha, alpha), LAMBDA_EPS, 1 - LAMBDA_EPS))
         perm = torch.randperm(b, generator=generator).to(batch["tokens"].device)
-        for key in ("tokens", "y", "height", "ndvi_z"):
+        for key in ("tokens", "y", "height", "ndvi_z", "weight"):
             if key in batch:
                 out[key] = lam * batch[key] + (1 - lam) * batch[key][perm]
         for key in ("y_mask", "height_mask", "ndvi_mask"):
@@ -88,26 +88,29 @@ def task_losses(
     - five: competition-weighted MSE of five_z over the supervised (sample, target) entries;
     - height: MSE in z units (height statistics from `zscore` if present, else cm / 10); ndvi: MSE of ndvi_z;
     - state: cross-entropy against hard labels (state >= 0) or mixup's `state_soft` / `state_mask`.
+
+    Each mean is weighted by the batch's per-sample "weight" when present (pseudo-labelled test images count less
+    than labelled ones: a sample of weight w counts w times a sample of weight 1 of the same batch).
     """
     y, y_mask = batch["y"], batch["y_mask"].bool()
+    w = batch.get("weight")
     mean_np, std_np = target_stats(zscore)
     mean, std = (torch.as_tensor(a, dtype=y.dtype, device=y.device) for a in (mean_np, std_np))
     y_z = torch.where(y_mask, (y - mean) / std, torch.zeros_like(y))
+    target_w = torch.as_tensor(weights, dtype=y.dtype, device=y.device)
     losses = {
-        "total": masked_mean((out["total_z"] - y_z[:, TOTAL]) ** 2, y_mask[:, TOTAL]),
-        "five": masked_mean(
-            (out["five_z"] - y_z) ** 2, y_mask, torch.as_tensor(weights, dtype=y.dtype, device=y.device)
-        ),
+        "total": masked_mean((out["total_z"] - y_z[:, TOTAL]) ** 2, y_mask[:, TOTAL], w),
+        "five": masked_mean((out["five_z"] - y_z) ** 2, y_mask, target_w if w is None else w[:, None] * target_w),
     }
     _, ratio, ratio_mask = targets_to_total_ratio(torch.where(y_mask, y, torch.full_like(y, float("nan"))))
-    losses["ratio"] = masked_mean(((out["ratio"] - ratio) ** 2).mean(dim=-1), ratio_mask)
+    losses["ratio"] = masked_mean(((out["ratio"] - ratio) ** 2).mean(dim=-1), ratio_mask, w)
     if "height" in out:
         h_mean, h_std = height_stats(zscore)
         h_true = torch.where(batch["height_mask"], batch["height"], torch.full_like(batch["height"], h_mean))
-        losses["height"] = masked_mean(((out["height"] - h_true) / h_std) ** 2, batch["height_mask"])
+        losses["height"] = masked_mean(((out["height"] - h_true) / h_std) ** 2, batch["height_mask"], w)
     if "ndvi_z" in out:
         n_true = torch.where(batch["ndvi_mask"], batch["ndvi_z"], torch.zeros_like(batch["ndvi_z"]))
-        losses["ndvi"] = masked_mean((out["ndvi_z"] - n_true) ** 2, batch["ndvi_mask"])
+        losses["ndvi"] = masked_mean((out["ndvi_z"] - n_true) ** 2, batch["ndvi_mask"], w)
     if "state_logits" in out:
         logits = out["state_logits"]
         if "state_soft" in batch:
@@ -115,7 +118,7 @@ def task_losses(
         else:
             known = batch["state"] >= 0
             soft = F.one_hot(batch["state"].clamp_min(0), logits.shape[-1]).to(logits.dtype)
-        losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known)
+        losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known, w)
     return losses
 
 
