@@ -82,11 +82,9 @@ def predict_labels(spec: EnsembleSpec, table: pd.DataFrame, folds: np.ndarray, d
                    device: str, precision: str | None, devices: list[str] | None,
                    progress: bool = True) -> PseudoLabels:
     """Every fold's pseudo-labels of data/test.csv's images, predicted as `biomass submit` predicts (work_dir's
-    test caches and member predictions reused); per fold when every member has exactly `folds`."""
+    test caches and member predictions reused); per fold when every member has exactly `folds`. The first member
+    must be heads on a token cache (its test cache is the one returned)."""
     resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
-    if resolved[0].kind != "cache":
-        raise EnsembleError(f"member {resolved[0].member.name}: the first member gives the training tokens and "
-                            "settings of the pseudo-labelled run; it must be heads on a token cache, not LoRA")
     run = functools.partial(run_ensemble, data_dir=data, out_dir=work_dir, device=device, progress=progress,
                             precision=precision, devices=devices)
     n_folds = int(folds.max()) + 1
@@ -134,6 +132,9 @@ def pseudo_source(base: TokenSource, labels: PseudoLabels, folds: np.ndarray, we
 
 def training_config(rm: ResolvedMember, device: str) -> tuple[dict, TrainConfig, dict[str, TrainConfig]]:
     """(config.json, base settings, {head: settings}) of the first member's run, on `device`."""
+    if rm.kind != "cache":
+        raise EnsembleError(f"member {rm.member.name}: the first member gives the training tokens and settings of "
+                            "the pseudo-labelled run; it must be heads on a token cache, not LoRA")
     path = rm.run_dir / "config.json"
     try:
         config = json.loads(path.read_text())
