@@ -14,6 +14,7 @@ from biomass_cache.errors import DEBUG_KEY, BiomassGroup
 from biomass_cache.extract import extract_command
 from biomass_cache.lora.cli import lora_command
 from biomass_cache.predict import predict_command
+from biomass_cache.pseudo import pseudo_command
 from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
@@ -49,6 +50,7 @@ COMMANDS = [
     ("tune", tune_command, "Search training settings with Optuna on a token cache; write the winner as best.toml."),
     ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
     ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
+    ("pseudo", pseudo_command, "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
     ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),
     ("predict", predict_command, "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
     ("bundle", bundle_command, "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),

@@ -14,14 +14,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from biomass_cache.data import DataError
 from biomass_cache.targets import TARGETS, to_density
 
 MAX_LISTED = 5
 PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
-LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index")
+LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index", "weight")
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,16 @@ class Labels:
     ndvi_mask: np.ndarray
     state: np.ndarray  # int64 code in AuxSpec.states, -1 = unknown
     index: np.ndarray  # row index into the data table
+    weight: np.ndarray  # float32 weight of the sample in every loss (1; pseudo-labelled test images: less)
 
     def item(self, k: int) -> dict[str, torch.Tensor]:
         """Sample k's labels as tensors (the batch keys besides the tokens)."""
         return {name: torch.as_tensor(getattr(self, name)[k]) for name in LABEL_KEYS}
 
 
-def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec) -> Labels:
-    """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows)."""
+def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec, weight: float = 1.0) -> Labels:
+    """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows);
+    every sample's loss weight is `weight`."""
     indices = np.asarray(indices, dtype=np.int64)
     sub, n = table.iloc[indices], len(indices)
     y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
@@ -80,6 +82,7 @@ def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec) -> 
         height=np.nan_to_num(height).astype(np.float32), height_mask=np.isfinite(height),
         ndvi_z=np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32), ndvi_mask=np.isfinite(ndvi),
         state=np.array([code.get(s, -1) for s in states], dtype=np.int64), index=indices,
+        weight=np.full(n, weight, dtype=np.float32),
     )
 
 
@@ -170,7 +173,8 @@ class TokenDataset(Dataset):
 
     Targets are areal densities (g/m^2); missing ones are 0 with a False mask. `train=True` draws one stored
     view per epoch (call `set_epoch`); otherwise `view` is read. Tokens come from `preloaded` (shared by a run),
-    else from RAM when `preload` (True, False or "auto") says so, else from the store at each read.
+    else from RAM when `preload` (True, False or "auto") says so, else from the store at each read. `weight`:
+    every sample's weight in the losses (the batch key "weight").
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class TokenDataset(Dataset):
         view: int = 0,
         aux: AuxSpec | None = None,
         preloaded: Preloaded | None = None,
+        weight: float = 1.0,
     ):
         self.store, self.train, self.seed, self.epoch = store, train, seed, 0
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -196,7 +201,7 @@ class TokenDataset(Dataset):
             raise DataError(f"view {view} does not exist in {store.path} ({store.n_views} views)")
         self.views = list(range(store.n_views)) if train else [view]
         self.rows = store_rows(store, list(table["image_id"].iloc[self.indices]), self.views)
-        self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices))
+        self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices), weight)
         if preloaded is None and Preloaded.wanted(preload, store, len(self.rows), len(self.views), len(self.layers)):
             preloaded = Preloaded.load(store, self.rows, self.views, self.layers)
         self.preloaded = preloaded
@@ -239,7 +244,21 @@ class TokenDataset(Dataset):
         self.store = open_store(state["store"])
 
 
-def make_loader(ds: TokenDataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+class ConcatTokens(ConcatDataset):
+    """Several TokenDatasets as one training set (a run's images and pseudo-labelled images of another store):
+    `set_epoch` reaches every part; `preloaded` is None unless every part's tokens are in RAM."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.datasets:
+            ds.set_epoch(epoch)
+
+    @property
+    def preloaded(self) -> list[Preloaded] | None:
+        parts = [ds.preloaded for ds in self.datasets]
+        return None if any(p is None for p in parts) else parts
+
+
+def make_loader(ds: TokenDataset | ConcatTokens, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
     """Batches in a seeded order; workers stream from disk with prefetch (none needed once preloaded).
 
     Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.

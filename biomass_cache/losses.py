@@ -53,10 +53,11 @@ def manifold_mixup(
 
     lambda ~ Beta(alpha, alpha) for the whole batch; tokens and the 5D masses y (g/m^2) are mixed linearly, so the
     GDM/Total identities still hold and the loss recomputes the ratio from the mixed masses; masks are AND-ed;
-    height and NDVI are mixed linearly; State becomes a soft label `state_soft` (B, n_states) with `state_mask`
-    (needs `n_states` > 0); the interval bin indices `interval` (B, 5) become `interval_soft` (B, 5, n_bins) with
-    `interval_mask` alike (needs `n_bins` > 0): the one-hot bins mixed with the same lambda. Returns a new dict (with `mixup_lambda`); the input batch is never modified.
-    Deterministic given the generator's state.
+    height, NDVI and the samples' loss weights are mixed linearly; State becomes a soft label `state_soft`
+    (B, n_states) with `state_mask` (needs `n_states` > 0); the interval bin indices `interval` (B, 5) become
+    `interval_soft` (B, 5, n_bins) with `interval_mask` alike (needs `n_bins` > 0): the one-hot bins mixed with the
+    same lambda. Returns a new dict (with `mixup_lambda`); the input batch is never modified. Deterministic given the
+    generator's state.
     """
     if not 0.0 <= prob <= 1.0 or alpha <= 0:
         raise ValueError(f"mixup needs 0 <= prob <= 1 and alpha > 0, got prob={prob}, alpha={alpha}")
@@ -67,7 +68,7 @@ def manifold_mixup(
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         lam = float(np.clip(np.random.default_rng(seed).beta(alpha, alpha), LAMBDA_EPS, 1 - LAMBDA_EPS))
         perm = torch.randperm(b, generator=generator).to(batch["tokens"].device)
-        for key in ("tokens", "y", "height", "ndvi_z"):
+        for key in ("tokens", "y", "height", "ndvi_z", "weight"):
             if key in batch:
                 out[key] = lam * batch[key] + (1 - lam) * batch[key][perm]
         for key in ("y_mask", "height_mask", "ndvi_mask"):
@@ -102,33 +103,36 @@ def task_losses(
     - state: cross-entropy against hard labels (state >= 0) or mixup's `state_soft` / `state_mask`;
     - interval: `interval_weight` x cross-entropy of the bin logits (B, 5, K), mean over the known (sample, target)
       entries, against the bin indices `interval` (B, 5; -1 = unknown) or mixup's `interval_soft` / `interval_mask`.
+
+    Each mean is weighted by the batch's per-sample "weight" when present (pseudo-labelled test images count less
+    than labelled ones: a sample of weight w counts w times a sample of weight 1 of the same batch).
     """
     y, y_mask = batch["y"], batch["y_mask"].bool()
+    w = batch.get("weight")
     mean_np, std_np = target_stats(zscore)
     mean, std = (torch.as_tensor(a, dtype=y.dtype, device=y.device) for a in (mean_np, std_np))
     y_z = torch.where(y_mask, (y - mean) / std, torch.zeros_like(y))
+    target_w = torch.as_tensor(weights, dtype=y.dtype, device=y.device)
     losses = {
-        "total": masked_mean((out["total_z"] - y_z[:, TOTAL]) ** 2, y_mask[:, TOTAL]),
-        "five": masked_mean(
-            (out["five_z"] - y_z) ** 2, y_mask, torch.as_tensor(weights, dtype=y.dtype, device=y.device)
-        ),
+        "total": masked_mean((out["total_z"] - y_z[:, TOTAL]) ** 2, y_mask[:, TOTAL], w),
+        "five": masked_mean((out["five_z"] - y_z) ** 2, y_mask, target_w if w is None else w[:, None] * target_w),
     }
     _, ratio, ratio_mask = targets_to_total_ratio(torch.where(y_mask, y, torch.full_like(y, float("nan"))))
-    losses["ratio"] = masked_mean(((out["ratio"] - ratio) ** 2).mean(dim=-1), ratio_mask)
+    losses["ratio"] = masked_mean(((out["ratio"] - ratio) ** 2).mean(dim=-1), ratio_mask, w)
     if "height" in out:
         h_mean, h_std = height_stats(zscore)
         h_true = torch.where(batch["height_mask"], batch["height"], torch.full_like(batch["height"], h_mean))
-        losses["height"] = masked_mean(((out["height"] - h_true) / h_std) ** 2, batch["height_mask"])
+        losses["height"] = masked_mean(((out["height"] - h_true) / h_std) ** 2, batch["height_mask"], w)
     if "ndvi_z" in out:
         n_true = torch.where(batch["ndvi_mask"], batch["ndvi_z"], torch.zeros_like(batch["ndvi_z"]))
-        losses["ndvi"] = masked_mean((out["ndvi_z"] - n_true) ** 2, batch["ndvi_mask"])
+        losses["ndvi"] = masked_mean((out["ndvi_z"] - n_true) ** 2, batch["ndvi_mask"], w)
     if "state_logits" in out:
         logits = out["state_logits"]
         if "state_soft" in batch:
             soft, known = batch["state_soft"], batch["state_mask"]
         else:
             soft, known = soft_labels(batch["state"], logits.shape[-1], dtype=logits.dtype)
-        losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known)
+        losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known, w)
     if "interval_logits" in out:
         logits = out["interval_logits"]
         if "interval_soft" in batch:
@@ -136,7 +140,7 @@ def task_losses(
         else:
             soft, known = soft_labels(batch["interval"], logits.shape[-1], dtype=logits.dtype)
         ce = -(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
-        losses["interval"] = interval_weight * masked_mean(ce, known)
+        losses["interval"] = interval_weight * masked_mean(ce, known, None if w is None else w[:, None])
     return losses
 
 

@@ -218,6 +218,23 @@ def parse_devices(text: str | None) -> list[str] | None:
     return [d.strip() for d in text.split(",") if d.strip()] if text else None
 
 
+# Options of the commands that predict the test images with an ensemble (submit, pseudo)
+TEST_OPTIONS = {
+    "work_dir": typer.Option(None, "--work-dir", help="Where test caches (cache/) and member predictions "
+                             "(members/) are kept and reused [the folder of --out]."),
+    "weights": typer.Option(None, "--weights", help="Weights file per backbone for the test caches, "
+                            "BACKBONE=PATH[,...] (needed for real weights unless the run's config or the ensemble "
+                            "file names them)."),
+    "device": typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    "precision": typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                              "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    "devices": typer.Option(None, "--devices", help="Split the backbone over devices, e.g. cuda:0,cuda:1 "
+                            "[one device]."),
+    "allow_collapsed": typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
+                                    "predicts a constant (metrics.json `collapsed`); refused otherwise."),
+}
+
+
 def submit_command(
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder with test.csv and test/ images."),
     members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated: equal "
@@ -225,23 +242,17 @@ def submit_command(
     ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file instead of --members "
                                             "(see configs/ensemble_example.toml)."),
     out: Path = typer.Option(Path("submission.csv"), "--out", help="The submission file to write."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches (cache/) and member "
-                                            "predictions (members/) are kept and reused [the folder of --out]."),
+    work_dir: Optional[Path] = TEST_OPTIONS["work_dir"],
     aggregation: Optional[str] = typer.Option(None, "--aggregation", help="mean | mc_dropout | oof | stack "
                                               "[the ensemble file's, else mean]."),
     mc_samples: Optional[int] = typer.Option(None, "--mc-samples", min=1, help="MC-dropout passes per fold model."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
-                                          "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
-                                          "config or the ensemble file names them)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
-                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
-                                          "cuda:0,cuda:1 [one device]."),
+    weights: Optional[str] = TEST_OPTIONS["weights"],
+    device: str = TEST_OPTIONS["device"],
+    precision: Optional[str] = TEST_OPTIONS["precision"],
+    devices: Optional[str] = TEST_OPTIONS["devices"],
     labels: Optional[Path] = typer.Option(None, "--labels", help="Score the written file against these labels "
                                           "(sample_id,target), e.g. the synthetic test_labels.csv."),
-    allow_collapsed: bool = typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
-                                         "predicts a constant (metrics.json `collapsed`); refused otherwise."),
+    allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
     from biomass_cache.ensemble import spec_from_options

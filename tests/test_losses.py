@@ -59,7 +59,7 @@ def test_mixup_prob_zero_is_identity():
 
 
 def test_mixup_mixes_linearly_with_anded_masks_and_soft_states():
-    batch = make_batch()
+    batch = {**make_batch(), "weight": torch.linspace(0.25, 1.0, B)}
     mixed = manifold_mixup(batch, alpha=3.9, prob=1.0, generator=torch.Generator().manual_seed(3), n_states=N_STATES)
     lam = float(mixed["mixup_lambda"])
     assert 0.0 < lam < 1.0
@@ -68,7 +68,7 @@ def test_mixup_mixes_linearly_with_anded_masks_and_soft_states():
     assert torch.allclose(mixed["tokens"], lam * batch["tokens"] + (1 - lam) * batch["tokens"][perm])
     for key in ("y_mask", "height_mask", "ndvi_mask"):
         assert torch.equal(mixed[key], batch[key] & batch[key][perm]), key
-    for key in ("y", "height", "ndvi_z"):
+    for key in ("y", "height", "ndvi_z", "weight"):
         assert torch.allclose(mixed[key], lam * batch[key] + (1 - lam) * batch[key][perm]), key
     clover, dead, green, gdm, total = mixed["y"].unbind(-1)
     assert torch.allclose(gdm, clover + green) and torch.allclose(total, clover + dead + green)
@@ -135,6 +135,25 @@ def test_hand_computed_total_ratio_five(zscore):
     w = np.array(WEIGHTS) * y_mask.numpy()
     assert math.isclose(float(losses["five"]), float((err * y_mask.numpy()).sum() / w.sum()), rel_tol=1e-5)
     assert m.shape == (5,)
+
+
+def test_sample_weights_hand_case(zscore):
+    """Weights 1 and 0.25: every loss is the weighted mean of the two samples' errors; weights 1 change nothing."""
+    comps_true = torch.tensor([[10.0, 20.0, 70.0], [50.0, 10.0, 40.0]])
+    batch = {"y": components_to_targets(comps_true), "y_mask": torch.ones(2, 5, dtype=torch.bool)}
+    comps = torch.tensor([[20.0, 20.0, 60.0], [40.0, 10.0, 70.0]])
+    out = {k: v for k, v in out_for(batch, zscore, comps).items() if k in ("total_z", "ratio", "five_z")}
+    weighted = task_losses(out, {**batch, "weight": torch.tensor([1.0, 0.25])}, zscore)
+    for task in ("total", "ratio"):  # per-sample errors: (e0 + 0.25 e1) / 1.25
+        e = [task_losses({k: v[[i]] for k, v in out.items()}, {k: v[[i]] for k, v in batch.items()}, zscore)[task]
+             for i in range(2)]
+        assert math.isclose(float(weighted[task]), float((e[0] + 0.25 * e[1]) / 1.25), rel_tol=1e-5)
+    s = zscore.std
+    err = ((components_to_targets(comps) - batch["y"]).numpy() / s) ** 2 * np.array(WEIGHTS)
+    expected = (err[0].sum() + 0.25 * err[1].sum()) / (1.25 * sum(WEIGHTS))
+    assert math.isclose(float(weighted["five"]), float(expected), rel_tol=1e-5)
+    plain, ones = task_losses(out, batch, zscore), task_losses(out, {**batch, "weight": torch.ones(2)}, zscore)
+    assert all(torch.equal(plain[k], ones[k]) for k in plain)
 
 
 def test_hand_computed_aux_losses(zscore):
