@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
-from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
+from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backbone, resolve_layers, split_tiles,
+                                    stitch_tiles)
 from biomass_cache.cv import SHARED_OPTIONS, cli_overrides
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec
@@ -45,7 +46,7 @@ from biomass_cache.runtime import run
 from biomass_cache.store import open_store
 from biomass_cache.targets import ZScore, components_to_targets
 from biomass_cache.train import check_values, is_int, is_number
-from biomass_cache.views import ViewPolicy, parse_size
+from biomass_cache.views import ViewPolicy, parse_size, validate_tiles
 
 import peft  # noqa: E402  (after biomass_cache.backbone, which makes timm/torchvision importable)
 from peft.tuners.lora import LoraLayer  # noqa: E402
@@ -63,6 +64,7 @@ class LoraSettings:
     backbone_seed: int = 0  # initialisation of a random backbone
     overrides: dict = field(default_factory=dict)  # timm kwargs for tiny test models
     size: tuple[int, int] = (448, 224)  # W x H
+    tiles: int = 1  # side-by-side pieces of `size`, each through the backbone alone (backbone.forward_tokens)
     layers: list[int] = field(default_factory=lambda: [5, 8, 11])  # blocks the head reads (negative allowed)
     norm: bool = True  # final norm on every read layer (as in extraction)
     blocks: int = 4  # adapt the last K blocks
@@ -211,7 +213,8 @@ class LiveTokens(nn.Module):
         if last < bb.depth - 1:
             raise DataError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
                              f"up to block {last}; read the last block or adapt fewer blocks")
-        self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
+        self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)  # stitched, whatever the tiles
+        self.tiles = validate_tiles(s.size, s.tiles)
 
     def reset(self, seed: int) -> None:
         reset_adapters(self.model, seed)
@@ -248,14 +251,18 @@ class LiveTokens(nn.Module):
         return out.float()
 
     def _full(self, pixels: torch.Tensor) -> torch.Tensor:
-        x, rope = embed(self.model, pixels)
-        return run_blocks(self.model, x, rope, 0, self.layers, self.s.norm, self.bb.n_prefix)
+        x, rope = embed(self.model, split_tiles(pixels, self.tiles))
+        tokens = run_blocks(self.model, x, rope, 0, self.layers, self.s.norm, self.bb.n_prefix)
+        return stitch_tiles(tokens, self.tiles, self.grid[0])
 
     def _suffix(self, hidden: torch.Tensor) -> torch.Tensor:
         rope = grid_rope(self.model, self.grid, hidden)
         return run_blocks(self.model, hidden, rope, self.start, self.layers, self.s.norm, self.bb.n_prefix)
 
     def check_prefix_layers(self) -> None:
+        if self.tiles > 1:
+            raise DataError(f"--lora-prefix-cache stores one hidden state per view, not one per tile (tiles = "
+                             f"{self.tiles}); train with --tiles 1 or without --lora-prefix-cache")
         if any(l < self.start - 1 for l in self.layers):
             raise DataError(f"layers {self.layers} precede the prefix cache (the hidden state entering block "
                              f"{self.start}); read blocks >= {self.start - 1} or train without --lora-prefix-cache")
@@ -273,6 +280,7 @@ class LiveTokens(nn.Module):
 def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
     """What determines the live tokens before training: backbone, image size, read layers, norm, views."""
     return {"kind": "lora", "backbone": backbone_fingerprint(bb), "size": list(s.size),
+            **({"tiles": s.tiles} if s.tiles > 1 else {}),
             "layers": resolve_layers(s.layers, bb.depth), "norm": s.norm, "view_seed": s.view_seed,
             "policy": asdict(ViewPolicy()), "adapted_blocks": adapted_blocks(bb.depth, s.blocks)}
 
@@ -448,8 +456,8 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
 def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
     """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
     doc = tomllib.loads(Path(config).read_text()) if config else {}
-    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "layers",
-                                                                           "norm", "precision")}
+    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "tiles",
+                                                                           "layers", "norm", "precision")}
     section = {**extract, **doc.get("lora", {}), **overrides}
     unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
     if unknown:
@@ -484,6 +492,8 @@ def lora_command(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="timm DINOv3 name [config, ViT-S]."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, or 'random'."),
     size: Optional[str] = typer.Option(None, "--size", help="Image size WxH, multiples of 16 [448x224]."),
+    tiles: Optional[int] = typer.Option(None, "--tiles", help="Side-by-side tiles of --size, each through the "
+                                        "backbone alone, token grids stitched [config [extract], 1]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Blocks the head reads, e.g. 5,8,11 or -1."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Final norm on the read layers [on]."),
     head: Optional[str] = typer.Option(None, "--head", help="Head name (one; heads.HEADS) [density]."),
@@ -535,8 +545,8 @@ def lora_command(
                                    stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
-    lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
-                alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
+    lora = dict(backbone=backbone, weights=weights, size=size, tiles=tiles, norm=norm, blocks=lora_blocks,
+                rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
                 grad_checkpointing=grad_checkpointing, amp=amp, precision=precision,
                 layers=_parse_layers(layers) if layers else None,
