@@ -150,29 +150,51 @@ def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:
     return sorted(resolved)
 
 
-def forward_tokens(backbone: Backbone, images: torch.Tensor, layers: Sequence[int],
-                   norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch tokens (B, L, T, C) and prefix tokens (B, L, n_prefix, C) of the given blocks, in the order given.
+def forward_tokens(backbone: Backbone, images: torch.Tensor, layers: Sequence[int], norm: bool,
+                   tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens (B, L, T, C) and prefix tokens (B, L, tiles * n_prefix, C) of the given blocks, in the order
+    given.
 
     T runs row-major over the (H/16, W/16) patch grid. `norm` applies the final LayerNorm to every layer (it changes
-    the feature scale: record it). Grad mode and autocast are the caller's choice; blocks after the last one asked
-    for are not run.
+    the feature scale: record it). With `tiles` > 1 the images are cut into that many side-by-side pieces, each
+    piece goes through the backbone alone (attention never crosses a cut) and the pieces' patch grids are stitched
+    back into the whole image's grid (`stitch_tiles`), so everything downstream sees one grid whatever the tiling;
+    the prefix tokens are the pieces' own, left to right. Grad mode and autocast are the caller's choice; blocks
+    after the last one asked for are not run.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     h, w = images.shape[-2:]
     p = backbone.patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size H x W = {h} x {w} must be a multiple of the patch size {p}")
+    if h % p or w % (p * tiles):
+        raise ValueError(f"image size H x W = {h} x {w} must be a multiple of the patch size {p} and its width cut "
+                         f"into {tiles} whole-patch tile(s)")
     order = resolve_layers(layers, backbone.depth)
     outputs = backbone.model.forward_intermediates(
-        images, indices=order, norm=norm, stop_early=True, output_fmt="NLC",
+        split_tiles(images, tiles), indices=order, norm=norm, stop_early=True, output_fmt="NLC",
         return_prefix_tokens=True, intermediates_only=True,
     )
     pick = [order.index(int(layer) % backbone.depth) for layer in layers]
     tokens = torch.stack([outputs[k][0].to(images.device) for k in pick], dim=1)  # gathered from a split model
     prefix = torch.stack([outputs[k][1].to(images.device) for k in pick], dim=1)
-    return tokens, prefix
+    return stitch_tiles(tokens, tiles, h // p), stitch_tiles(prefix, tiles, 1)
+
+
+def split_tiles(images: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (tiles * B, 3, H, W / tiles): the side-by-side pieces as a batch, piece-major (every image's
+    left piece, then every image's next one). The identity for one tile."""
+    return images if tiles == 1 else torch.cat(images.chunk(tiles, dim=-1))
+
+
+def stitch_tiles(tokens: torch.Tensor, tiles: int, rows: int) -> torch.Tensor:
+    """Undo `split_tiles` on tokens: (tiles * B, L, rows * cols, C) row-major grids of the pieces -> (B, L,
+    rows * tiles * cols, C), the row-major grid of the whole image (each row: piece 0's row, then piece 1's, ...).
+    With rows = 1 it lays the pieces' token lists end to end (their prefix tokens)."""
+    if tiles == 1:
+        return tokens
+    n, n_layers, t, c = tokens.shape
+    grid = tokens.reshape(tiles, n // tiles, n_layers, rows, t // rows, c).permute(1, 2, 3, 0, 4, 5)
+    return grid.reshape(n // tiles, n_layers, tiles * t, c)
 
 
 def split_points(model: nn.Module, n_parts: int) -> list[int]:

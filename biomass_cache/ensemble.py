@@ -270,6 +270,8 @@ def _extract_settings(config: dict, path: Path) -> dict:
         backbone, compute = fp["backbone"], fp["compute"]
         sha = backbone["weights_sha256"]
         settings.update(backbone=backbone["name"], overrides=backbone.get("overrides") or {}, weights_sha256=sha)
+        if "tiles" in fp:  # absent: one tile (and the test cache's key stays what it was before tiling existed)
+            settings["tiles"] = fp["tiles"]
     except (KeyError, TypeError) as e:
         raise EnsembleError(f"{path}: config.json lacks the cache fingerprint field {e}") from e
     recorded = config["cache"].get("weights_path") or (config.get("extract") or {}).get("weights")

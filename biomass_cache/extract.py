@@ -39,7 +39,8 @@ from biomass_cache.precision import COMPUTE, PRECISIONS, autocast, check_finite,
 from biomass_cache.runtime import run
 from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
                                  remove_leftovers)
-from biomass_cache.views import SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_view_size, validate_size
+from biomass_cache.views import (SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_view_size, validate_size,
+                                  validate_tiles)
 from biomass_cache.writer_lock import WriterLock
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,6 +69,7 @@ class ExtractConfig:
     backbone: str = "vit_small_patch16_dinov3"
     weights: str = "random"
     size: tuple[int, int] = (960, 480)
+    tiles: int = 1  # side-by-side pieces of `size` run through the backbone alone (backbone.forward_tokens)
     layers: Optional[list[int]] = None
     norm: bool = True
     views: int = 4
@@ -90,6 +92,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         self.data_dir, self.out, self.weights = Path(self.data_dir), Path(self.out), str(self.weights)
         self.size = parse_view_size(self.size) if isinstance(self.size, str) else validate_size(tuple(self.size))
+        self.tiles = validate_tiles(self.size, self.tiles)
         if isinstance(self.policy, dict):
             self.policy = ViewPolicy.from_dict(self.policy)
         if self.layers is not None:
@@ -144,12 +147,14 @@ def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], 
     """Everything that determines the stored tokens; a store is only resumed or grown under an equal fingerprint.
 
     The resolved compute precision is part of it (bf16, fp16 and fp32 tokens differ); the devices are not (a
-    backbone split over several gives the tokens of one).
+    backbone split over several gives the tokens of one). `tiles` is recorded only when > 1, so a fingerprint
+    without it means one tile and stores extracted before tiling existed resume and match unchanged.
     """
     return {
         "backbone": backbone_fingerprint(backbone),
         "size": list(cfg.size),
         "grid": list(grid),
+        **({"tiles": cfg.tiles} if cfg.tiles > 1 else {}),
         "layers": list(layers),
         "norm": cfg.norm,
         "storage_dtype": cfg.dtype,
@@ -306,7 +311,7 @@ def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int
                 pass
         spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid,
                          channels=backbone.embed_dim, fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
-                         n_prefix=backbone.n_prefix if cfg.store_prefix else 0,
+                         n_prefix=backbone.n_prefix * cfg.tiles if cfg.store_prefix else 0,
                          random_weights=backbone.weights_sha256 == "random")
         create_store(cfg.out, spec, overwrite=cfg.overwrite)
         lock = held.enter_context(WriterLock(cfg.out))
@@ -422,7 +427,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
                 continue
             with torch.inference_mode(), autocast(precision, device):
                 tokens, prefix = forward_tokens(backbone, batch["pixels"].to(device, non_blocking=True), layers,
-                                                cfg.norm)
+                                                cfg.norm, cfg.tiles)
             check_finite(tokens, prefix, [it.image_id for it in batch["items"]],
                          [len(it.views) for it in batch["items"]], layers, precision)
             offset = 0
@@ -539,6 +544,9 @@ def extract_command(
     backbone: Optional[str] = typer.Option(None, help="timm DINOv3 name (default: vit_small_patch16_dinov3)."),
     weights: Optional[str] = typer.Option(None, help="Local weights file, or 'random' (demo) (default: random)."),
     size: Optional[str] = typer.Option(None, help="Backbone input size WxH, multiples of 16 (default: 960x480)."),
+    tiles: Optional[int] = typer.Option(None, "--tiles", help="Cut each view into this many side-by-side tiles, "
+                                        "run each through the backbone alone and stitch their token grids; --size "
+                                        "stays the whole view (448x224 in 2 tiles: two 224x224) (default: 1)."),
     layers: Optional[str] = typer.Option(None, help="Blocks to cache, comma-separated, negative counts from the "
                                          "end (default: middle, 3/4 and last block, e.g. 5,8,11 for depth 12)."),
     views: Optional[int] = typer.Option(None, help="Views per image; view 0 is clean, train views are augmented, "
@@ -577,7 +585,7 @@ def extract_command(
     """
     values = load_config_file(config) if config is not None else {}
     flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
-             "size": size, "layers": None if layers is None else _parse_layers(layers), "views": views,
+             "size": size, "tiles": tiles, "layers": None if layers is None else _parse_layers(layers), "views": views,
              "seed": seed, "device": device, "precision": precision, "devices": devices,
              "split_at": None if split_at is None else _parse_layers(split_at, "--split-at"), "dtype": dtype,
              "batch_size": batch_size, "num_workers": workers, "store_prefix": prefix, "norm": norm,

@@ -117,6 +117,19 @@ def validate_size(size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
+def validate_tiles(size: tuple[int, int], tiles: int) -> int:
+    """The number of side-by-side tiles the backbone sees the (W, H) input as: an integer >= 1 that cuts W into
+    pieces of whole 16-pixel patches (`size` stays the whole input: 448 x 224 in 2 tiles is two 224 x 224)."""
+    if isinstance(tiles, bool) or not isinstance(tiles, (int, np.integer)) or tiles < 1:
+        raise DataError(f"tiles must be an integer >= 1, got {tiles!r}")
+    w, h = size
+    if w % (16 * tiles):
+        raise DataError(f"size {w}x{h} does not split into tiles = {tiles} pieces of whole 16-pixel patches: its width "
+                        f"must be a multiple of {16 * tiles}; change the size (e.g. "
+                        f"{max(1, round(w / (16 * tiles))) * 16 * tiles}x{h}) or the tiles")
+    return int(tiles)
+
+
 def parse_view_size(text: str) -> tuple[int, int]:
     """'960x480' -> (960, 480), validated."""
     parts = text.lower().split("x")

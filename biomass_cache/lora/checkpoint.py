@@ -28,6 +28,7 @@ ADAPTER_PREFIX, HEAD_PREFIX = "backbone.", "head."
 def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
     """What determines the live tokens before training: backbone, image size, read layers, norm, views."""
     return {"kind": "lora", "backbone": backbone_fingerprint(bb), "size": list(s.size),
+            **({"tiles": s.tiles} if s.tiles > 1 else {}),
             "layers": resolve_layers(s.layers, bb.depth), "norm": s.norm, "view_seed": s.view_seed,
             "policy": asdict(ViewPolicy()), "adapted_blocks": adapted_blocks(bb.depth, s.blocks)}
 

@@ -21,6 +21,8 @@ def lora_command(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="timm DINOv3 name [config, ViT-S]."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, or 'random'."),
     size: Optional[str] = typer.Option(None, "--size", help="Image size WxH, multiples of 16 [448x224]."),
+    tiles: Optional[int] = typer.Option(None, "--tiles", help="Side-by-side tiles of --size, each through the "
+                                        "backbone alone, token grids stitched [config [extract], 1]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Blocks the head reads, e.g. 5,8,11 or -1."),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Final norm on the read layers [on]."),
     head: Optional[str] = typer.Option(None, "--head", help="Head name (one; heads.HEADS) [density]."),
@@ -71,8 +73,8 @@ def lora_command(
                                    interval_bins=interval_bins, stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
-    lora = dict(backbone=backbone, weights=weights, size=size, norm=norm, blocks=lora_blocks, rank=lora_rank,
-                alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
+    lora = dict(backbone=backbone, weights=weights, size=size, tiles=tiles, norm=norm, blocks=lora_blocks,
+                rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
                 grad_checkpointing=grad_checkpointing, amp=amp, precision=precision,
                 layers=_parse_layers(layers) if layers else None,

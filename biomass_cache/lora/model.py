@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from biomass_cache.backbone import Backbone, resolve_layers
+from biomass_cache.backbone import Backbone, resolve_layers, split_tiles, stitch_tiles
 from biomass_cache.data import DataError
 from biomass_cache.lora.adapters import LoraLayer, adapter_state, reset_adapters
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 from biomass_cache.precision import autocast, resolve_precision
+from biomass_cache.views import validate_tiles
 
 
 def embed(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,7 +76,8 @@ class LiveTokens(nn.Module):
         if last < bb.depth - 1:
             raise DataError(f"adapters in blocks {last + 1}..{bb.depth - 1} would never train: the head reads "
                              f"up to block {last}; read the last block or adapt fewer blocks")
-        self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
+        self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)  # stitched, whatever the tiles
+        self.tiles = validate_tiles(s.size, s.tiles)
 
     def reset(self, seed: int) -> None:
         reset_adapters(self.model, seed)
@@ -112,14 +114,18 @@ class LiveTokens(nn.Module):
         return out.float()
 
     def _full(self, pixels: torch.Tensor) -> torch.Tensor:
-        x, rope = embed(self.model, pixels)
-        return run_blocks(self.model, x, rope, 0, self.layers, self.s.norm, self.bb.n_prefix)
+        x, rope = embed(self.model, split_tiles(pixels, self.tiles))
+        tokens = run_blocks(self.model, x, rope, 0, self.layers, self.s.norm, self.bb.n_prefix)
+        return stitch_tiles(tokens, self.tiles, self.grid[0])
 
     def _suffix(self, hidden: torch.Tensor) -> torch.Tensor:
         rope = grid_rope(self.model, self.grid, hidden)
         return run_blocks(self.model, hidden, rope, self.start, self.layers, self.s.norm, self.bb.n_prefix)
 
     def check_prefix_layers(self) -> None:
+        if self.tiles > 1:
+            raise DataError(f"--lora-prefix-cache stores one hidden state per view, not one per tile (tiles = "
+                            f"{self.tiles}); train with --tiles 1 or without --lora-prefix-cache")
         if any(l < self.start - 1 for l in self.layers):
             raise DataError(f"layers {self.layers} precede the prefix cache (the hidden state entering block "
                              f"{self.start}); read blocks >= {self.start - 1} or train without --lora-prefix-cache")

@@ -23,6 +23,7 @@ class LoraSettings:
     backbone_seed: int = 0  # initialisation of a random backbone
     overrides: dict = field(default_factory=dict)  # timm kwargs for tiny test models
     size: tuple[int, int] = (448, 224)  # W x H
+    tiles: int = 1  # side-by-side pieces of `size`, each through the backbone alone (backbone.forward_tokens)
     layers: list[int] = field(default_factory=lambda: [5, 8, 11])  # blocks the head reads (negative allowed)
     norm: bool = True  # final norm on every read layer (as in extraction)
     blocks: int = 4  # adapt the last K blocks
@@ -58,8 +59,8 @@ def target_regex(blocks: Sequence[int], targets: Sequence[str]) -> str:
 def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
     """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
     doc = tomllib.loads(Path(config).read_text()) if config else {}
-    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "layers",
-                                                                           "norm", "precision")}
+    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "tiles",
+                                                                           "layers", "norm", "precision")}
     section = {**extract, **doc.get("lora", {}), **overrides}
     unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
     if unknown:
