@@ -262,8 +262,8 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatc
     real = train_module.task_losses
     calls = []
 
-    def nan_first_trial(out, batch, zscore):  # every loss of the first trial is NaN
-        losses = real(out, batch, zscore)
+    def nan_first_trial(out, batch, zscore, **kw):  # every loss of the first trial is NaN
+        losses = real(out, batch, zscore, **kw)
         calls.append(1)
         return {k: v * float("nan") for k, v in losses.items()} if len(calls) <= 3 else losses
 
