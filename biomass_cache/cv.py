@@ -33,7 +33,8 @@ from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zsc
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
-                 "ema", "ema_decay", "mixup", "mixup_alpha", "mixup_prob", "uw", "pcgrad", "max_nonfinite")
+                 "ema", "ema_decay", "mixup", "mixup_alpha", "mixup_prob", "uw", "pcgrad", "max_nonfinite",
+                 "interval_bins", "interval_weight", "interval_blend")
 
 
 # ------------------------------------------------------------------------------- cross-validation and run folder

@@ -274,16 +274,17 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
     torch.manual_seed(seed)  # identical initial weights for a (seed, fold, member) whatever ran before
     n_states = len(aux.states) if cfg.aux and len(aux.states) > 1 else 0
     aux_spec = dict(height=True, ndvi=True, n_states=n_states) if cfg.aux else {}
-    interval = {"interval": {"bins": cfg.interval_bins, "blend": cfg.interval_blend}} if cfg.interval_bins else {}
+    bins = 0 if getattr(HEADS.get(cfg.head), "closed_form", False) else cfg.interval_bins  # no steps, no aux task
+    interval = {"interval": {"bins": bins, "blend": cfg.interval_blend}} if bins else {}
     head = create_head(cfg.head, n_layers=len(layers), channels=signature["channels"], grid=signature["grid"],
                        zscore=zscore, aux=aux_spec, layers=layers, **interval, **cfg.head_kwargs)
-    if cfg.interval_bins:
+    if bins:
         if train_grams is None:
             raise ValueError("interval_bins needs the fold's training targets (train_grams) to place the bins")
-        head.interval_head.set_bins(*fit_bins(to_density(train_grams), cfg.interval_bins))
+        head.interval_head.set_bins(*fit_bins(to_density(train_grams), bins))
     head = head.to(device)
     tasks = list(PRIMARY_TASKS) + (["height", "ndvi"] + (["state"] if n_states else []) if cfg.aux else [])
-    tasks += ["interval"] if cfg.interval_bins else []
+    tasks += ["interval"] if bins else []
     uw = UncertaintyWeighting(tasks).to(device) if cfg.uw else None
     groups = head_param_groups(head, cfg.lr, cfg.weight_decay)
     if uw is not None:

@@ -145,7 +145,7 @@ def ridge_run(tmp_path_factory) -> tuple[Path, Path, Path, str]:
     root = tmp_path_factory.mktemp("ridge")
     data, store = make_toy(root, n=36)
     output = train("--cache", store, "--data", data, "--out", root / "run", "--head", "ridge", "--folds", 5,
-                   "--lr", 1e-3, "--mixup")
+                   "--lr", 1e-3, "--mixup", "--interval-bins", 4)
     return data, store, root / "run", output
 
 
@@ -164,7 +164,7 @@ def test_five_fold_run_learns_in_every_fold(ridge_run):
         assert metrics["folds"][f"fold{k}"]["competition_r2"] > competition_r2(truth[folds == k], mean) + 0.3
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [1] * 5 and history["train_loss"].isna().all()
-    assert "ignores the gradient-training settings lr=0.001, mixup=True" in output
+    assert "ignores the gradient-training settings lr=0.001, mixup=True, interval_bins=4" in output
     assert output.count("closed-form fit on") == 5
 
 
