@@ -146,6 +146,7 @@ def main() -> None:
                "extract_views_per_s": round(args.images * VIEWS / wall, 1)}
         result["extract"][precision] = row
         print(precision, json.dumps(row), flush=True)
+        write_json(args.out, result)  # after every step: a run cut short keeps what it measured
     del backbone
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -159,12 +160,14 @@ def main() -> None:
         result["split"] = {"devices": devices, "wall_s": round(wall, 1),
                            "vs_one_device": agreement(stores["fp32"], split)}
         print("split", json.dumps(result["split"]), flush=True)
+        write_json(args.out, result)
     if "lora" not in skip:
         result["lora"] = {"epochs": 2, "images": args.images, "batch_size": 16}
         for ckpt in (True, False):
             row = lora_epochs(args, ckpt)
             result["lora"]["grad_checkpointing" if ckpt else "no_checkpointing"] = row
             print("lora", ckpt, json.dumps(row), flush=True)
+            write_json(args.out, result)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))
 
