@@ -11,7 +11,9 @@ views = 1800 tokens, 4 views, 3 layers), side by side in one process:
 - the backbone split in two (`devices=[cuda:0, cuda:0]`: the code path of several GPUs on the one GPU there is)
   against one device: the largest token difference;
 - `biomass lora` at the same size (`--full`, 2 epochs): wall seconds per epoch and peak GPU memory, with and
-  without gradient checkpointing.
+  without gradient checkpointing;
+- stage two on the device (`stage_two`): `biomass train --head density --folds 5` on the unreduced tokens of a
+  ViT-L-shaped store (bench_scale.py's planted signal), seconds per epoch and the default run extrapolated to 357.
 
 Random weights: the throughputs hold for the real weights (same shapes), the agreement figures do not exactly.
 
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +115,33 @@ def lora_epochs(args: argparse.Namespace, checkpointing: bool) -> dict:
     return {"wall_s": round(wall, 1), "peak_gpu_gb": round(peak[0], 2) if peak else None}
 
 
+def stage_two(args: argparse.Namespace, images: int, epochs: int) -> dict:
+    """`biomass train --head density --folds 5` on the unreduced tokens of a ViT-L-shaped store (960 x 480 views,
+    1800 tokens x 1024 channels x 3 layers, bench_scale.py's planted signal) on this device; per-epoch seconds from
+    history.csv, and the default run (120 epochs) extrapolated to 357 images."""
+    from bench_scale import EPOCHS, REAL_IMAGES, SHAPES, build_store, write_data
+
+    work = args.work / "stage2"
+    _, channels, layers = SHAPES["vitl"]
+    table = write_data(work / "data", images)
+    build_s = build_store(work / "full.zarr", table, channels, layers)
+    run = work / "run"
+    cmd = [sys.executable, "-m", "biomass_cache.cli", "train", "--cache", str(work / "full.zarr"), "--data",
+           str(work / "data"), "--out", str(run), "--head", "density", "--folds", "5", "--epochs", str(epochs),
+           "--device", str(args.device), "--no-plots", "--overwrite"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        return {"error": (proc.stdout + proc.stderr)[-1500:]}
+    epoch_s = float(pd.read_csv(run / "history.csv")["seconds"].median())
+    return {"images": images, "epochs": epochs, "store_build_s": round(build_s, 1), "wall_s": round(wall, 1),
+            "epoch_s": round(epoch_s, 3), "default_run_min_at_357": round(
+                (wall - 5 * epochs * epoch_s + 5 * EPOCHS * epoch_s) * REAL_IMAGES / images / 60, 1),
+            "note": "default_run_min_at_357 = measured overheads + 5 folds x 120 epochs at the median epoch time, "
+                    "scaled by images"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="vit_large_patch16_dinov3")
@@ -120,7 +150,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--size", default="960x480", help="backbone input WxH")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run of the script)")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: split, lora")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: split, lora, stage2")
     args = ap.parse_args()
     args.size, args.device = tuple(int(v) for v in args.size.split("x")), torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -168,6 +198,9 @@ def main() -> None:
             result["lora"]["grad_checkpointing" if ckpt else "no_checkpointing"] = row
             print("lora", ckpt, json.dumps(row), flush=True)
             write_json(args.out, result)
+    if "stage2" not in skip:
+        result["stage2"] = stage_two(args, images=args.images, epochs=3)
+        print("stage2", json.dumps(result["stage2"]), flush=True)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))
 
