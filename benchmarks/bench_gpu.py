@@ -104,7 +104,8 @@ def lora_epochs(args: argparse.Namespace, checkpointing: bool) -> dict:
             "print('PEAK_GB', torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0)\n"
             "sys.exit(code)")
     cmd = [sys.executable, "-c", code, "lora", "--data", str(args.work / "data"), "--out", str(out),
-           "--backbone", args.backbone, "--weights", "random", "--size", f"{args.size[0]}x{args.size[1]}", "--full",
+           "--backbone", args.backbone, "--weights", "random", "--size", f"{args.size[0]}x{args.size[1]}",
+           "--layers", ",".join(map(str, args.layers)), "--full",
            "--epochs", "2", flag, "--batch-size", "16", "--device", args.device.type, "--no-plots", "--overwrite"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -150,7 +151,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--size", default="960x480", help="backbone input WxH")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run of the script)")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: split, lora, stage2")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: extract (and split), split, lora, stage2")
     args = ap.parse_args()
     args.size, args.device = tuple(int(v) for v in args.size.split("x")), torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -165,11 +166,13 @@ def main() -> None:
                           "cuda": torch.version.cuda, "python": platform.python_version()}}
 
     backbone = create_backbone(args.backbone)
-    layers = default_layers(backbone.depth)
+    layers = args.layers = default_layers(backbone.depth)  # the extraction default; LoRA reads the same blocks
     backbone.model.to(args.device)
     result["extract"] = {}
     stores = {}
     for precision in ("fp32", "bf16", "fp16"):
+        if "extract" in skip:
+            break
         bare = bare_forward(backbone, layers, precision, args.size, args.device)
         stores[precision], wall = extraction(args, precision, precision)
         row = {"bare_views_per_s": round(bare, 1), "extract_wall_s": round(wall, 1),
@@ -180,11 +183,11 @@ def main() -> None:
     del backbone
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
-    for precision in ("bf16", "fp16"):
+    for precision in ("bf16", "fp16") if "extract" not in skip else ():
         result["extract"][precision]["vs_fp32"] = agreement(stores["fp32"], stores[precision])
         print(precision, "vs fp32", json.dumps(result["extract"][precision]["vs_fp32"]), flush=True)
 
-    if "split" not in skip:
+    if "split" not in skip and "extract" not in skip:
         devices = [str(args.device)] * 2
         split, wall = extraction(args, "split", "fp32", devices=devices)
         result["split"] = {"devices": devices, "wall_s": round(wall, 1),

@@ -269,6 +269,36 @@ def tune_rows(d: dict) -> str:
                         f"Gain {d['gain']:+.3f}; tuning {d['tune_s']:.0f} s, wall {d['wall_s']:.0f} s."])
 
 
+def gpu_rows(d: dict) -> str:
+    """gpu.json: extraction per precision on a GPU, agreement with fp32, the split path, LoRA memory, stage two."""
+    s = d["settings"]
+    head = (f"{s['backbone']} ({s['weights']} weights), input {size(s['size'])}, {s['views']} views, batch "
+            f"{s['batch_size']}, {s['images']} {s['photos']} photos. {d.get('note', '')}")
+    ext = [[p, f"{r['bare_views_per_s']:.1f}", f"{r['extract_views_per_s']:.1f}",
+            f"{r['vs_fp32']['rel_rms_per_layer'][0]:.5f}" if "vs_fp32" in r else "-",
+            f"{r['vs_fp32']['cosine_per_layer'][0]:.6f}" if "vs_fp32" in r else "-",
+            f"{r['vs_fp32']['max_abs_diff']:.4f}" if "vs_fp32" in r else "-"] for p, r in d["extract"].items()]
+    parts = [head, table(["precision", "bare forward (views/s)", "extraction end to end (views/s)",
+                          "rel. RMS vs fp32", "cosine vs fp32", "max abs diff"], ext, "lrrrrr")]
+    if "split" in d:
+        sp = d["split"]
+        parts.append(f"Backbone split over `--devices {','.join(sp['devices'])}`: {sp['wall_s']:.1f} s, largest token "
+                     f"difference from one device {sp['vs_one_device']['max_abs_diff']}.")
+    if "lora" in d:
+        lo = d["lora"]
+        rows = [[k.replace("_", " "), f"{r['wall_s']:.1f}", f"{r['peak_gpu_gb']:.2f}"]
+                for k, r in lo.items() if isinstance(r, dict)]
+        parts += [f"`biomass lora --full --epochs {lo['epochs']}` on {lo['images']} images, batch {lo['batch_size']}:",
+                  table(["LoRA", "wall (s)", "peak GPU memory (GB)"], rows, "lrr")]
+    if "stage2" in d:
+        st = d["stage2"]
+        parts.append(f"Stage two on the GPU: `biomass train --head density --folds 5` on unreduced ViT-L-shaped tokens "
+                     f"({st['images']} images, {st['epochs']} epochs): {st['epoch_s']:.3f} s per epoch, the default run "
+                     f"at 357 images about {st['default_run_min_at_357']:.1f} min ({st['note']}).")
+    parts.append(machine_line(d))
+    return "\n\n".join(parts)
+
+
 def machine_line(d: dict) -> str:
     m = d["machine"]
     return "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "load_average_1_5_15") + "."
@@ -287,6 +317,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "lora.json": (lora_rows, "bench_lora.py"),
     "scale.json": (scale_rows, "bench_scale.py"),
     "tune.json": (tune_rows, "bench_tune.py"),
+    "gpu.json": (gpu_rows, "bench_gpu.py"),
 }
 
 
