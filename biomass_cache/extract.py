@@ -11,10 +11,8 @@ The ranks and the writer threads are in extract_parallel.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import tomllib
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +30,7 @@ from biomass_cache import __version__
 from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backbone, forward_tokens, place_backbone,
                                     resolve_layers)
 from biomass_cache.content import content_hashes
+from biomass_cache.config import Config, read_config
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
 from biomass_cache.extract_parallel import Item, Writer
@@ -497,20 +496,16 @@ def _summary(store: TokenStore, per_rank: list[dict], bad: dict[str, str], alrea
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Extraction keys from a JSON or TOML file; a TOML file's [extract] table when it has one."""
-    if not path.is_file():
-        raise DataError(f"{path}: config file not found")
-    if path.suffix not in (".toml", ".json"):
-        raise DataError(f"{path}: --config takes a .toml or .json file of extraction keys (see configs/default.toml), "
-                        f"not a {path.suffix or 'suffix-less'} file")
-    try:
-        d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: expected a table of extraction keys")
-    return d.get("extract", d)
+def load_config_file(path: Path | Config) -> dict[str, Any]:
+    """Extraction keys from a JSON or TOML file (a TOML file's [extract] table when it has one), unknown keys
+    refused naming the file."""
+    conf = read_config(path, suffixes=(".toml", ".json"))
+    if "extract" in conf.doc:
+        values, label = conf.section("extract"), "[extract]"
+    else:
+        values, label = dict(conf.doc), None
+    conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
+    return values
 
 
 def _parse_layers(text: str, option: str = "--layers") -> list[int]:

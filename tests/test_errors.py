@@ -158,7 +158,7 @@ def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
 
 
 def test_scripts_report_errors_the_same_way(toy, tmp_path):
-    from biomass_cache.cv import train_command
+    from biomass_cache.train_cli import train_command
 
     root, data, store = toy
     result = CliRunner().invoke(script_app(train_command), [str(a) for a in [
