@@ -4,6 +4,7 @@ and lora share declared once, their help stating the dataclasses' defaults."""
 from __future__ import annotations
 
 import tomllib
+from inspect import signature
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ from biomass_cache.config import ConfigError, read_config
 from biomass_cache.data import DataError
 from biomass_cache.ensemble import load_ensemble
 from biomass_cache.extract import load_config_file
+from biomass_cache.lora.cli import lora_command
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.options import TRAIN_OPTIONS, default_of, shown
 from biomass_cache.reduce import CONFIG_KEYS as REDUCE_DEFAULTS
 from biomass_cache.reduce import load_settings as reduce_settings
 from biomass_cache.train import TrainConfig, load_config
+from biomass_cache.train_cli import train_command
 from biomass_cache.tune_space import parse_space
 from toys import ROOT
 
@@ -120,6 +123,9 @@ def test_train_and_lora_share_their_options():
     for name in shared:
         t, l = train[name], lora[name]
         assert (t.opts, t.secondary_opts, t.default, t.help) == (l.opts, l.secondary_opts, l.default, l.help), name
+    for name in shared:  # the very same declaration, not a copy
+        assert signature(train_command).parameters[name].default is TRAIN_OPTIONS[name]
+        assert signature(lora_command).parameters[name].default is TRAIN_OPTIONS[name]
     tune = _params("tune")
     assert (tune["cache"].help, tune["data"].help) == (train["cache"].help, train["data"].help)
 
