@@ -92,7 +92,8 @@ def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
         raise conf.error("list the members as [[train.sweep]] tables", "[train]", "sweep")
     for k, entry in enumerate(sweep):
         conf.check_keys(entry, ["name", *_member_keys()], f"[[train.sweep]] #{k + 1}")
-        check_table(conf, entry, "train.sweep", f"member {entry.get('name', k + 1)!r}: ")
+        check_table(conf, entry, "train.sweep", f"member {entry['name']!r}: " if "name" in entry
+                    else f"[[train.sweep]] #{k + 1}: ")
     return train, sweep, conf.section("extract")
 
 
