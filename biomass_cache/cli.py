@@ -8,7 +8,6 @@ from __future__ import annotations
 import typer
 
 from biomass_cache.bundle import bundle_command
-from biomass_cache.cv import train_command
 from biomass_cache.demo import demo_command
 from biomass_cache.errors import DEBUG_KEY, BiomassGroup
 from biomass_cache.extract import extract_command
@@ -19,6 +18,7 @@ from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory
 from biomass_cache.submission import score_command, submit_command
 from biomass_cache.synth import synth_command
+from biomass_cache.train_cli import train_command
 from biomass_cache.tune import tune_command
 from biomass_cache.verify import verify_command
 

@@ -1,4 +1,4 @@
-"""Stage two's cross-validation: folds, the token source, the run folder and the `biomass train` command line.
+"""Stage two's cross-validation: folds, the token source and the run folder (`biomass train` is train_cli.py).
 
 `cross_validate` trains every member of a sweep fold by fold with train.py's loop (`train_fold`), then writes the
 run folder (runs.py): checkpoints, OOF predictions, metrics, history, plots. Where tokens come from is a small
@@ -13,7 +13,7 @@ import functools
 import itertools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,7 @@ from biomass_cache.distributed import resolve_device
 from biomass_cache.folds import grouped_folds, read_folds, visit_groups, write_folds
 from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, load_config, resolve,
-                                 scores, seed_everything, train_fold)
+from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold)
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
@@ -338,74 +337,3 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     if store.random_weights:
         tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
     return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite, on_epoch)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-# Options `biomass train` and `biomass lora` share; the recipe switches' None = the config's value.
-SHARED_OPTIONS = {
-    "folds_csv": typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
-    "full": typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
-    "no_plots": typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
-    "mixup": typer.Option(None, "--mixup/--no-mixup", help="Token-level manifold mixup (off)."),
-    "uw": typer.Option(None, "--uw/--no-uw", help="Uncertainty weighting of the task losses (off)."),
-    "pcgrad": typer.Option(None, "--pcgrad/--no-pcgrad", help="PCGrad of the auxiliary gradients (on; needs --aux)."),
-    "ema": typer.Option(None, "--ema/--no-ema", help="Evaluate and save an EMA of the weights (on)."),
-    "aux": typer.Option(None, "--aux/--no-aux", help="Auxiliary height/NDVI/State tasks (off)."),
-    "interval_bins": typer.Option(None, "--interval-bins", help="Auxiliary interval classification: K quantile "
-                                  "bins per target (0 = off)."),
-    "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
-                              "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
-    "stratify": typer.Option(None, "--stratify/--no-stratify", help="Grouped folds that also spread each State "
-                             "over the folds (off)."),
-}
-
-
-def cli_overrides(values: dict, full: bool, no_plots: bool) -> dict:
-    """TrainConfig overrides from a command line: the values given (None = not given: the config's stands)."""
-    overrides = {k: v for k, v in values.items() if v is not None}
-    if full:
-        overrides["full"] = True
-    if no_plots:
-        overrides["plots"] = False
-    return overrides
-
-
-def train_command(
-    cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
-    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (a folds.csv in it is reused)."),
-    head: Optional[str] = typer.Option(None, "--head", help="Head name(s), comma-separated: trained side by side."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Number of grouped folds (5)."),
-    folds_csv: Optional[Path] = SHARED_OPTIONS["folds_csv"],
-    full: bool = SHARED_OPTIONS["full"],
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (120)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the heads (4e-3)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, views, init and mixup (0)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (auto)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers when streaming (2)."),
-    preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
-                                           help="Keep the tokens in RAM (auto: when they fit)."),
-    mixup: Optional[bool] = SHARED_OPTIONS["mixup"],
-    uw: Optional[bool] = SHARED_OPTIONS["uw"],
-    pcgrad: Optional[bool] = SHARED_OPTIONS["pcgrad"],
-    ema: Optional[bool] = SHARED_OPTIONS["ema"],
-    aux: Optional[bool] = SHARED_OPTIONS["aux"],
-    interval_bins: Optional[int] = SHARED_OPTIONS["interval_bins"],
-    stratify: Optional[bool] = SHARED_OPTIONS["stratify"],
-    no_plots: bool = SHARED_OPTIONS["no_plots"],
-    overwrite: bool = SHARED_OPTIONS["overwrite"],
-) -> None:
-    """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
-
-    Options left out take the --config file's value, else the default shown in parentheses.
-    """
-    base, sweep, extract = load_config(config)
-    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
-                                   aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
-    heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
-    cfg, members = resolve(base, sweep, overrides, heads)
-    run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                 strict_folds=folds is not None or "folds" in base, overwrite=overwrite)

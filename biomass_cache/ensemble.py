@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ import torch
 from biomass_cache import runs
 from biomass_cache.aggregate import (STACK_ALPHA, VAR_FLOOR, cross_fitted, fit_stack, fit_weights,
                                      inverse_variance_mean, oof_scores, stack_predict, weighted_mean)
+from biomass_cache.config import read_config
 from biomass_cache.data import DataError
 from biomass_cache.targets import COMPONENTS, TARGETS, components_to_targets
 
@@ -86,44 +86,37 @@ TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "stack_alpha", "weights", "m
 
 
 def load_ensemble(path: str | Path) -> EnsembleSpec:
-    """Parse an ensemble TOML file; unknown keys are errors (a typo must not silently change the ensemble)."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise EnsembleError(f"{path}: ensemble file not found") from e
-    except tomllib.TOMLDecodeError as e:
-        raise EnsembleError(f"{path}: not valid TOML ({e})") from e
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise EnsembleError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    """Parse an ensemble TOML file; unknown keys are errors (a typo must not silently change the ensemble). Every
+    mistake in the file is a ConfigError naming it."""
+    conf = read_config(path, what="ensemble", option="--ensemble", suffixes=None,
+                       see="configs/ensemble_example.toml")
+    raw = conf.doc
+    conf.check_keys(raw, TOP_KEYS)
     entries = raw.get("member", [])
-    if not isinstance(entries, list) or not entries:
-        raise EnsembleError(f"{path}: list the members as [[member]] tables with at least a `path`")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise conf.error("list the members as [[member]] tables with at least a `path`")
     members = []
     for k, entry in enumerate(entries, start=1):
         bad = set(entry) - MEMBER_KEYS
         if bad or "path" not in entry:
-            raise EnsembleError(
-                f"{path}: member #{k} " + (f"has unknown key(s) {sorted(bad)}" if bad else "has no `path`")
-                + f"; allowed: {sorted(MEMBER_KEYS)}"
-            )
+            raise conf.error(f"member #{k} " + (f"has unknown key(s) {sorted(bad)}" if bad else "has no `path`")
+                             + f"; allowed: {sorted(MEMBER_KEYS)}")
         try:
             members.append(Member(Path(entry["path"]), float(entry.get("weight", 1.0)), entry.get("head")))
-        except (TypeError, ValueError) as e:
-            raise EnsembleError(f"{path}: member #{k}: weight must be a number, got {entry.get('weight')!r}") from e
+        except (TypeError, ValueError):
+            raise conf.error(f"member #{k}: weight must be a number, got {entry.get('weight')!r}") from None
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
-        raise EnsembleError(f"{path}: [weights] maps backbone names to weights files, e.g. "
-                            f"vit_small_patch16_dinov3 = \"/models/dinov3_vits16.pth\"")
+        raise conf.error("[weights] maps backbone names to weights files, e.g. "
+                         'vit_small_patch16_dinov3 = "/models/dinov3_vits16.pth"')
     try:
         return EnsembleSpec(tuple(members), dict(weights), raw.get("aggregation", "mean"),
                             int(raw.get("mc_samples", 16)), int(raw.get("mc_seed", 0)),
                             float(raw.get("stack_alpha", STACK_ALPHA)))
     except EnsembleError as e:
-        raise EnsembleError(f"{path}: {e}") from e
+        raise conf.error(str(e)) from None
     except (TypeError, ValueError) as e:  # int() of mc_samples / mc_seed, float() of stack_alpha
-        raise EnsembleError(f"{path}: mc_samples and mc_seed must be integers, stack_alpha a number ({e})") from e
+        raise conf.error(f"mc_samples and mc_seed must be integers, stack_alpha a number ({e})") from None
 
 
 def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,

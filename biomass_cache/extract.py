@@ -11,10 +11,8 @@ The ranks and the writer threads are in extract_parallel.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import tomllib
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,10 +29,12 @@ from tqdm import tqdm
 from biomass_cache import __version__
 from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backbone, forward_tokens, place_backbone,
                                     resolve_layers)
+from biomass_cache.config import Config, read_config
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
 from biomass_cache.extract_parallel import Item, Writer
+from biomass_cache.options import default_of, shown
 from biomass_cache.precision import COMPUTE, PRECISIONS, autocast, check_finite, resolve_precision
 from biomass_cache.runtime import run
 from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
@@ -497,20 +497,16 @@ def _summary(store: TokenStore, per_rank: list[dict], bad: dict[str, str], alrea
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Extraction keys from a JSON or TOML file; a TOML file's [extract] table when it has one."""
-    if not path.is_file():
-        raise DataError(f"{path}: config file not found")
-    if path.suffix not in (".toml", ".json"):
-        raise DataError(f"{path}: --config takes a .toml or .json file of extraction keys (see configs/default.toml), "
-                        f"not a {path.suffix or 'suffix-less'} file")
-    try:
-        d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: expected a table of extraction keys")
-    return d.get("extract", d)
+def load_config_file(path: Path | Config) -> dict[str, Any]:
+    """Extraction keys from a JSON or TOML file (a TOML file's [extract] table when it has one), unknown keys
+    refused naming the file."""
+    conf = read_config(path, suffixes=(".toml", ".json"))
+    if "extract" in conf.doc:
+        values, label = conf.section("extract"), "[extract]"
+    else:
+        values, label = dict(conf.doc), None
+    conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
+    return values
 
 
 def _parse_layers(text: str, option: str = "--layers") -> list[int]:
@@ -536,32 +532,37 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _help(text: str, name: str) -> str:
+    """An option's help ending in the ExtractConfig default it falls back to."""
+    return f"{text} (default: {shown(default_of(ExtractConfig, name))})."
+
+
 def extract_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Kaggle-format data folder (train.csv, test.csv, "
                                         "train/, test/)."),
-    split: Optional[str] = typer.Option(None, help="Which CSV to extract: train or test (default: train)."),
+    split: Optional[str] = typer.Option(None, help=_help("Which CSV to extract: train or test", "split")),
     out: Optional[Path] = typer.Option(None, "--out", help="Token store to create, resume or grow (a .zarr folder)."),
-    backbone: Optional[str] = typer.Option(None, help="timm DINOv3 name (default: vit_small_patch16_dinov3)."),
-    weights: Optional[str] = typer.Option(None, help="Local weights file, or 'random' (demo) (default: random)."),
-    size: Optional[str] = typer.Option(None, help="Backbone input size WxH, multiples of 16 (default: 960x480)."),
-    tiles: Optional[int] = typer.Option(None, "--tiles", help="Cut each view into this many side-by-side tiles, "
+    backbone: Optional[str] = typer.Option(None, help=_help("timm DINOv3 name", "backbone")),
+    weights: Optional[str] = typer.Option(None, help=_help("Local weights file, or 'random' (demo)", "weights")),
+    size: Optional[str] = typer.Option(None, help=_help("Backbone input size WxH, multiples of 16", "size")),
+    tiles: Optional[int] = typer.Option(None, "--tiles", help=_help("Cut each view into this many side-by-side tiles, "
                                         "run each through the backbone alone and stitch their token grids; --size "
-                                        "stays the whole view (448x224 in 2 tiles: two 224x224) (default: 1)."),
+                                        "stays the whole view (448x224 in 2 tiles: two 224x224)", "tiles")),
     layers: Optional[str] = typer.Option(None, help="Blocks to cache, comma-separated, negative counts from the "
                                          "end (default: middle, 3/4 and last block, e.g. 5,8,11 for depth 12)."),
-    views: Optional[int] = typer.Option(None, help="Views per image; view 0 is clean, train views are augmented, "
-                                        "test views are TTA flips (at most 4) (default: 4)."),
-    seed: Optional[int] = typer.Option(None, help="Augmentation seed (and random-weights seed) (default: 0)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: auto)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Compute precision: auto | bf16 | fp16 | "
+    views: Optional[int] = typer.Option(None, help=_help("Views per image; view 0 is clean, train views are augmented, "
+                                        f"test views are TTA flips (at most {len(TTA_VIEWS)})", "views")),
+    seed: Optional[int] = typer.Option(None, help=_help("Augmentation seed (and random-weights seed)", "seed")),
+    device: Optional[str] = typer.Option(None, help=_help("auto | cpu | cuda", "device")),
+    precision: Optional[str] = typer.Option(None, "--precision", help=_help("Compute precision: auto | bf16 | fp16 | "
                                             "fp32; auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 "
-                                            "on CPU (default: auto)."),
+                                            "on CPU", "precision")),
     devices: Optional[str] = typer.Option(None, "--devices", help="Split one backbone over several devices, e.g. "
                                           "cuda:0,cuda:1 (two T4s) (default: one device, --device)."),
     split_at: Optional[str] = typer.Option(None, "--split-at", help="With --devices: the first block on each "
                                            "further device, comma-separated (default: by parameter count)."),
-    dtype: Optional[str] = typer.Option(None, help="Storage dtype: float16 | bfloat16 | int8 (default: float16)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Views per forward pass (default: 16)."),
+    dtype: Optional[str] = typer.Option(None, help=_help("Storage dtype: float16 | bfloat16 | int8", "dtype")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("Views per forward pass", "batch_size")),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers decoding images "
                                           "(default: one per CPU core, at most 8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
@@ -571,10 +572,10 @@ def extract_command(
                                    "(a photo whose content changed is retried without it)."),
     recheck: bool = typer.Option(False, "--recheck", help="Read back every finished sample first and re-extract "
                                  "the images with corrupt or missing data (see `biomass verify`)."),
-    prefix: Optional[bool] = typer.Option(None, "--prefix/--no-prefix", help="Also store CLS + register tokens "
-                                          "(default: on)."),
-    norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help="Apply the final LayerNorm to the cached "
-                                        "layers (default: on)."),
+    prefix: Optional[bool] = typer.Option(None, "--prefix/--no-prefix", help=_help("Also store CLS + register tokens",
+                                                                                    "store_prefix")),
+    norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help=_help("Apply the final LayerNorm to the cached "
+                                                                             "layers", "norm")),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of the same keys (a TOML "
                                           "file's extract table); flags given here override it."),
 ) -> None:

@@ -30,13 +30,14 @@ import typer
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
-from biomass_cache.cv import SHARED_OPTIONS, TokenSource, cache_source, cross_validate
+from biomass_cache.cv import TokenSource, cache_source, cross_validate
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import ConcatTokens, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.ensemble import (EnsembleError, EnsembleSpec, Member, ResolvedMember, resolve_member, run_ensemble,
                                     spec_from_options)
 from biomass_cache.folds import read_folds
-from biomass_cache.submission import TEST_OPTIONS, parse_devices
+from biomass_cache.options import TEST_OPTIONS, TRAIN_OPTIONS
+from biomass_cache.submission import parse_devices
 from biomass_cache.targets import TARGETS
 from biomass_cache.train import TrainConfig
 
@@ -226,7 +227,7 @@ def pseudo_command(
     precision: Optional[str] = TEST_OPTIONS["precision"],
     devices: Optional[str] = TEST_OPTIONS["devices"],
     allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
-    overwrite: bool = SHARED_OPTIONS["overwrite"],
+    overwrite: bool = TRAIN_OPTIONS["overwrite"],
 ) -> None:
     """Pseudo-label the test images with an ensemble and train heads on train + test tokens (test-time training).
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +28,7 @@ import typer
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from biomass_cache.config import read_config
 from biomass_cache.data import DataError
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.store import StoreSpec, TokenStore, comparable, create_store, fingerprint_diff, open_store
@@ -260,18 +260,13 @@ CONFIG_KEYS = {"dim": DEFAULT_DIM, "pool": DEFAULT_POOL, "fit_tokens": DEFAULT_F
 
 def load_settings(path: Path | None) -> dict:
     """The [reduce] table of a TOML config (configs/default.toml), over the defaults; unknown keys are refused."""
-    if path is None:
-        return dict(CONFIG_KEYS)
-    try:
-        table = tomllib.loads(Path(path).read_text()).get("reduce", {})
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise DataError(f"{path}: not a readable TOML config ({e})") from e
-    unknown = sorted(set(table) - set(CONFIG_KEYS))
-    bad = [k for k, v in table.items() if k in CONFIG_KEYS and (not isinstance(v, int) or isinstance(v, bool))
+    conf = read_config(path, suffixes=None)
+    table = conf.section("reduce")
+    conf.check_keys(table, CONFIG_KEYS, "[reduce]")
+    bad = [k for k, v in table.items() if (not isinstance(v, int) or isinstance(v, bool))
            and not (k == "pool" and v == "auto")]
-    if unknown or bad:
-        raise DataError(f"{path} [reduce]: " + (f"unknown key(s) {unknown}; allowed: {sorted(CONFIG_KEYS)}"
-                                                if unknown else f"{bad} must be whole numbers (pool: or \"auto\")"))
+    if bad:
+        raise conf.error(f"{bad} must be whole numbers (pool: or \"auto\")", "[reduce]")
     return {**CONFIG_KEYS, **table}
 
 

@@ -18,6 +18,7 @@ import typer
 from biomass_cache.data import MAX_LISTED, SEP, DataError, read_long_csv, to_long
 from biomass_cache.io import write_csv
 from biomass_cache.metrics import score_table
+from biomass_cache.options import TEST_OPTIONS
 from biomass_cache.targets import TARGETS
 
 COLUMNS = ["sample_id", "target"]
@@ -216,23 +217,6 @@ def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None 
 def parse_devices(text: str | None) -> list[str] | None:
     """`--devices cuda:0,cuda:1` as a list (None: one device)."""
     return [d.strip() for d in text.split(",") if d.strip()] if text else None
-
-
-# Options of the commands that predict the test images with an ensemble (submit, pseudo)
-TEST_OPTIONS = {
-    "work_dir": typer.Option(None, "--work-dir", help="Where test caches (cache/) and member predictions "
-                             "(members/) are kept and reused [the folder of --out]."),
-    "weights": typer.Option(None, "--weights", help="Weights file per backbone for the test caches, "
-                            "BACKBONE=PATH[,...] (needed for real weights unless the run's config or the ensemble "
-                            "file names them)."),
-    "device": typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
-    "precision": typer.Option(None, "--precision", help="Backbone precision of the test caches: "
-                              "auto | bf16 | fp16 | fp32 [each training cache's]."),
-    "devices": typer.Option(None, "--devices", help="Split the backbone over devices, e.g. cuda:0,cuda:1 "
-                            "[one device]."),
-    "allow_collapsed": typer.Option(False, "--allow-collapsed", help="Use members with a fold model that "
-                                    "predicts a constant (metrics.json `collapsed`); refused otherwise."),
-}
 
 
 def submit_command(

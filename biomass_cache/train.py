@@ -1,8 +1,8 @@
 """Stage two's training loop: light readout heads trained on tokens, in minutes on a CPU.
 
 Read top to bottom: configuration -> one head being trained (`SweepMember`) -> one optimisation step -> one fold
-(every member sees the same batches). Cross-validation, the token sources, the run folder and the `biomass train`
-command line are in cv.py.
+(every member sees the same batches). Cross-validation, the token sources and the run folder are in cv.py, the
+`biomass train` command line in train_cli.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import copy
 import math
 import random
 import time
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from biomass_cache import runs
+from biomass_cache.config import Config, ConfigError, read_config
 from biomass_cache.data import DataError
 from biomass_cache.dataset import LABEL_KEYS, AuxSpec
 from biomass_cache.distributed import resolve_device
@@ -80,29 +80,21 @@ SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_
                "workers", "preload", "plots")
 
 
-def _check_keys(d: dict, where: str, allowed: Iterable[str]) -> None:
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-
-
-def load_config(path: Path | None) -> tuple[dict, list[dict], dict]:
-    """A TOML file -> ([train] settings, [[train.sweep]] members, [extract] section)."""
-    if path is None:
-        return {}, [], {}
-    if Path(path).suffix != ".toml":
-        raise DataError(f"{path}: --config takes a TOML file (see configs/default.toml), not a "
-                        f"{Path(path).suffix or 'suffix-less'} file")
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise DataError(f"{path}: not a readable TOML config ({e})") from e
-    train = dict(doc.get("train", {}))
+def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
+    """A config file -> ([train] settings, [[train.sweep]] members, [extract] section); the file's keys and values
+    are checked here, so a mistake in it is a ConfigError naming the file (flags are checked in `resolve`)."""
+    conf = read_config(path)
+    train = conf.section("train")
     sweep = train.pop("sweep", [])
-    _check_keys(train, f"{path} [train]", [f.name for f in fields(TrainConfig)])
+    conf.check_keys(train, [f.name for f in fields(TrainConfig)], "[train]")
+    check_table(conf, train, "train")
+    if not isinstance(sweep, list) or not all(isinstance(e, dict) for e in sweep):
+        raise conf.error("list the members as [[train.sweep]] tables", "[train]", "sweep")
     for k, entry in enumerate(sweep):
-        _check_keys(entry, f"{path} [[train.sweep]] #{k + 1}", ["name", *_member_keys()])
-    return train, sweep, doc.get("extract", {})
+        conf.check_keys(entry, ["name", *_member_keys()], f"[[train.sweep]] #{k + 1}")
+        check_table(conf, entry, "train.sweep", f"member {entry['name']!r}: " if "name" in entry
+                    else f"[[train.sweep]] #{k + 1}: ")
+    return train, sweep, conf.section("extract")
 
 
 def _member_keys() -> list[str]:
@@ -180,6 +172,15 @@ def check_values(settings: object, rules: dict, flags: dict[str, str], section: 
         if not valid(value):
             flag = f"{flags[key]} or " if key in flags else ""
             raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
+
+
+def check_table(conf: Config, table: dict, section: str, where: str = "", rules: dict | None = None) -> None:
+    """The first value of a config file's table that breaks its rule (`rules`, else RULES) is a ConfigError naming
+    the file, the [section] key and the value."""
+    rules = RULES if rules is None else rules
+    for key, value in table.items():
+        if key in rules and not rules[key][0](value):
+            raise ConfigError(f"{conf.path}: {where}{key} must be {rules[key][1]}, got {value!r} ([{section}] {key})")
 
 
 def seed_everything(seed: int) -> None:

@@ -40,6 +40,7 @@ from biomass_cache.cv import run_training
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.io import atomic_path, write_json
+from biomass_cache.options import TRAIN_OPTIONS
 from biomass_cache.store import StoreError, fingerprint_diff, open_store
 from biomass_cache.train import TrainConfig, resolve
 from biomass_cache.tune_space import Space, parse_space
@@ -427,8 +428,8 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
 
 
 def tune_command(
-    cache: Path = typer.Option(..., "--cache", help="Token store written by `biomass extract` (split train)."),
-    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv."),
+    cache: Path = TRAIN_OPTIONS["cache"],
+    data: Path = TRAIN_OPTIONS["data"],
     space: Path = typer.Option(..., "--space", help="TOML search space: a space table of searched keys, a fixed "
                                "table of shared values (configs/tune_example.toml)."),
     trials: int = typer.Option(..., "--trials", help="The study's total of finished (completed or pruned) trials, "
@@ -443,7 +444,7 @@ def tune_command(
     seeds: int = typer.Option(3, "--seeds", help="Second stage: fresh seeds per re-run trial (0: none)."),
     keep: str = typer.Option("all", "--keep", help="all | top: keep every trial's run folder, or the top K only."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds of a new study (default: the space "
-                                        "file's fixed folds, else 5)."),
+                                        f"file's fixed folds, else {TrainConfig.folds})."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="A new study's folds (image_id, fold)."),
 ) -> None:
     """Search training settings with Optuna on a token cache; re-check the best with several seeds; write best.toml.

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from biomass_cache.config import ConfigError, read_config
 from biomass_cache.data import DataError
 from biomass_cache.train import TrainConfig, resolve
 
@@ -83,64 +83,61 @@ def head_options(head: str) -> set[str]:
 
 def _param(where: str, name: str, spec: Any) -> Param:
     if not isinstance(spec, dict) or len(set(spec) & set(DISTRIBUTIONS)) != 1:
-        raise DataError(f"{where}: {name} needs exactly one of {list(DISTRIBUTIONS)}, e.g. "
+        raise ConfigError(f"{where}: {name} needs exactly one of {list(DISTRIBUTIONS)}, e.g. "
                         f"{name} = {{ uniform = [0.0, 0.5] }}; got {spec!r}")
     kind = next(k for k in DISTRIBUTIONS if k in spec)
     extra = set(spec) - {kind} - ({"step", "log"} if kind == "int" else set())
     if extra:
-        raise DataError(f"{where}: {name}: unknown option(s) {sorted(extra)} for {kind}")
+        raise ConfigError(f"{where}: {name}: unknown option(s) {sorted(extra)} for {kind}")
     values = spec[kind]
     if not isinstance(values, list):
-        raise DataError(f"{where}: {name}: {kind} takes a list, got {values!r}")
+        raise ConfigError(f"{where}: {name}: {kind} takes a list, got {values!r}")
     if kind == "choice":
         if not values:
-            raise DataError(f"{where}: {name}: empty choice list")
+            raise ConfigError(f"{where}: {name}: empty choice list")
         if len({json.dumps(v) for v in values}) != len(values):
-            raise DataError(f"{where}: {name}: choices listed twice in {values}")
+            raise ConfigError(f"{where}: {name}: choices listed twice in {values}")
         return Param(name, kind, tuple(values))
     numeric = int if kind == "int" else (int, float)
     if len(values) != 2 or not all(isinstance(v, numeric) and not isinstance(v, bool) for v in values):
-        raise DataError(f"{where}: {name}: {kind} takes [low, high] ({'integers' if kind == 'int' else 'numbers'}),"
+        raise ConfigError(f"{where}: {name}: {kind} takes [low, high] ({'integers' if kind == 'int' else 'numbers'}),"
                         f" got {values!r}")
     low, high = values
     if low >= high:
-        raise DataError(f"{where}: {name}: empty range [{low}, {high}] (low must be below high; put a single "
+        raise ConfigError(f"{where}: {name}: empty range [{low}, {high}] (low must be below high; put a single "
                         f"value under [fixed])")
     if kind == "log_uniform" and low <= 0:
-        raise DataError(f"{where}: {name}: log_uniform needs low > 0, got {low}")
+        raise ConfigError(f"{where}: {name}: log_uniform needs low > 0, got {low}")
     step, log = spec.get("step", 1), spec.get("log", False)
     if not (isinstance(step, int) and step >= 1 and isinstance(log, bool)) or (log and step != 1):
-        raise DataError(f"{where}: {name}: int needs step >= 1 (an integer) and log = true|false, not both")
+        raise ConfigError(f"{where}: {name}: int needs step >= 1 (an integer) and log = true|false, not both")
     return Param(name, kind, (low, high), step, log)
 
 
 def parse_space(path: Path) -> Space:
     """Read and check a space file: [space] searched keys, [fixed] shared [train] values; see docs/tune.md."""
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise DataError(f"{path}: not a readable TOML space file ({e})") from e
+    doc = read_config(path, what="space", option="--space", suffixes=None, see="configs/tune_example.toml").doc
     if set(doc) - {"space", "fixed"}:
-        raise DataError(f"{path}: unknown section(s) {sorted(set(doc) - {'space', 'fixed'})}; allowed: [space], "
+        raise ConfigError(f"{path}: unknown section(s) {sorted(set(doc) - {'space', 'fixed'})}; allowed: [space], "
                         "[fixed]")
     keys = [f.name for f in fields(TrainConfig)]
     space, fixed = doc.get("space", {}), dict(doc.get("fixed", {}))
     if not space:
-        raise DataError(f"{path}: [space] is empty or missing: nothing to search")
+        raise ConfigError(f"{path}: [space] is empty or missing: nothing to search")
     bad = sorted(k for k in fixed if k not in keys) + sorted(k for k in space if k not in keys)
     if bad:
-        raise DataError(f"{path}: unknown key(s) {bad}; allowed: the [train] keys {keys}")
+        raise ConfigError(f"{path}: unknown key(s) {bad}; allowed: the [train] keys {keys}")
     for k in ("full",):
         if fixed.get(k):
-            raise DataError(f"{path} [fixed]: {k} = true trains without folds; a study needs OOF scores")
+            raise ConfigError(f"{path} [fixed]: {k} = true trains without folds; a study needs OOF scores")
     params = []
     for name, spec in space.items():
         if name in NOT_SEARCHED:
-            raise DataError(f"{path} [space]: {name} cannot be searched (the same for every trial); set it "
+            raise ConfigError(f"{path} [space]: {name} cannot be searched (the same for every trial); set it "
                             f"under [fixed]")
         if name == "head_kwargs":
             if not isinstance(spec, dict):
-                raise DataError(f"{path} [space]: head_kwargs takes a table, e.g. head_kwargs.hidden = "
+                raise ConfigError(f"{path} [space]: head_kwargs takes a table, e.g. head_kwargs.hidden = "
                                 "{ int = [64, 512] }")
             params += [_param(f"{path} [space]", f"head_kwargs.{k}", v) for k, v in spec.items()]
         else:
@@ -149,7 +146,7 @@ def parse_space(path: Path) -> Space:
     both = sorted({n for n in names if n in fixed}
                   | {n for n in names if n.removeprefix("head_kwargs.") in fixed.get("head_kwargs", {})})
     if both:
-        raise DataError(f"{path}: {both} both searched and fixed; keep one")
+        raise ConfigError(f"{path}: {both} both searched and fixed; keep one")
     head_param = next((p for p in params if p.name == "head"), None)
     heads = list(head_param.values) if head_param else [fixed.get("head", TrainConfig.head)]
     options = [n.removeprefix("head_kwargs.") for n in names if n.startswith("head_kwargs.")]
@@ -157,7 +154,7 @@ def parse_space(path: Path) -> Space:
     for head in heads:
         unknown = sorted(set(options) - head_options(str(head)))
         if unknown:
-            raise DataError(f"{path}: head {head!r} takes no option(s) {unknown}; its options: "
+            raise ConfigError(f"{path}: head {head!r} takes no option(s) {unknown}; its options: "
                             f"{sorted(head_options(str(head)))}")
     space_ = Space(tuple(params), fixed, doc)
     resolve({**fixed, **{p.name: p.values[0] for p in params if "." not in p.name}}, [], {}, None)  # value checks

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
+from biomass_cache.config import ConfigError
 from biomass_cache.ensemble import EnsembleError, load_ensemble
 from biomass_cache.targets import components_to_targets
 from toys import PIPELINE_VIT
@@ -62,10 +63,10 @@ def test_ensemble_file(tmp_path):
     assert spec.aggregation == "oof" and spec.weights_files == {"vit_small_patch16_dinov3": "/w.pth"}
     assert [(str(m.path), m.weight, m.head) for m in spec.members] == [("runs/a", 1.0, None), ("runs/b", 2.0, "mlp")]
     path.write_text('[[member]]\npath = "runs/a"\nwieght = 2\n')
-    with pytest.raises(EnsembleError, match=r"member #1 has unknown key\(s\) \['wieght'\]"):
+    with pytest.raises(ConfigError, match=r"ens.toml: member #1 has unknown key\(s\) \['wieght'\]"):
         load_ensemble(path)
     path.write_text('aggregation = "median"\n[[member]]\npath = "runs/a"\n')
-    with pytest.raises(EnsembleError, match="unknown aggregation 'median'"):
+    with pytest.raises(ConfigError, match="ens.toml: unknown aggregation 'median'"):
         load_ensemble(path)
 
 

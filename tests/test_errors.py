@@ -158,7 +158,7 @@ def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
 
 
 def test_scripts_report_errors_the_same_way(toy, tmp_path):
-    from biomass_cache.cv import train_command
+    from biomass_cache.train_cli import train_command
 
     root, data, store = toy
     result = CliRunner().invoke(script_app(train_command), [str(a) for a in [
@@ -167,7 +167,7 @@ def test_scripts_report_errors_the_same_way(toy, tmp_path):
 
 
 def test_help_keeps_bracketed_defaults():
-    for command, text in [("submit", "[the folder of --out]"), ("lora", "[config, 5]"),
+    for command, text in [("submit", "[the folder of --out]"), ("lora", "[train], [lora], [extract]"),
                           ("predict", "[the folder of --out]")]:
         result = biomass(command, "--help")
         assert result.exit_code == 0 and text in " ".join(result.output.split()), result.output

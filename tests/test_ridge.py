@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import biomass_cache.heads as heads
 from biomass_cache import runs
-from biomass_cache.cv import train_command
+from biomass_cache.train_cli import train_command
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.heads.ridge import kernel_ridge_cv, pool_tokens, ridge_fit
 from biomass_cache.metrics import competition_r2

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from biomass_cache.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
-from biomass_cache.ensemble import EnsembleError, load_ensemble
+from biomass_cache.config import ConfigError
+from biomass_cache.ensemble import load_ensemble
 from biomass_cache.metrics import competition_r2
 from biomass_cache.targets import components_to_targets
 
@@ -97,7 +98,7 @@ def test_stack_alpha_in_the_ensemble_file(tmp_path):
     spec = load_ensemble(path)
     assert spec.aggregation == "stack" and spec.stack_alpha == 0.5
     path.write_text('aggregation = "stack"\nstack_alpha = -1\n[[member]]\npath = "runs/a"\n')
-    with pytest.raises(EnsembleError, match="stack_alpha must be a finite number >= 0, got -1"):
+    with pytest.raises(ConfigError, match="ens.toml: stack_alpha must be a finite number >= 0, got -1"):
         load_ensemble(path)
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from biomass_cache import runs
 from biomass_cache import train as train_module
-from biomass_cache.cv import train_command
+from biomass_cache.train_cli import train_command
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.folds import visit_groups
 from biomass_cache.metrics import competition_r2, log_r2

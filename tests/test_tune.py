@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 optuna = pytest.importorskip("optuna")
 
-from biomass_cache.cv import train_command  # noqa: E402
+from biomass_cache.train_cli import train_command  # noqa: E402
 from biomass_cache.data import DataError  # noqa: E402
 from biomass_cache.tune import open_storage, tune_command, worker_id  # noqa: E402
 from biomass_cache.tune_space import parse_space  # noqa: E402

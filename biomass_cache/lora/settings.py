@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from biomass_cache.config import Config, read_config
 from biomass_cache.data import DataError
 from biomass_cache.precision import check_precision
-from biomass_cache.train import check_values, is_int, is_number
+from biomass_cache.train import check_table, check_values, is_int, is_number
 from biomass_cache.views import parse_view_size
 
 
@@ -56,21 +56,23 @@ def target_regex(blocks: Sequence[int], targets: Sequence[str]) -> str:
     return rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(t) for t in targets)})"
 
 
-def load_settings(config: Path | None, overrides: dict) -> LoraSettings:
-    """[lora] of the config (backbone, weights, size, layers, norm default to its [extract] section), then flags."""
-    doc = tomllib.loads(Path(config).read_text()) if config else {}
-    extract = {k: v for k, v in doc.get("extract", {}).items() if k in ("backbone", "weights", "size", "tiles",
-                                                                           "layers", "norm", "precision")}
-    section = {**extract, **doc.get("lora", {}), **overrides}
-    unknown = sorted(set(section) - {f.name for f in fields(LoraSettings)})
-    if unknown:
-        raise DataError(f"{config} [lora]: unknown key(s) {unknown}")
-    s = replace(LoraSettings(), **section)
+def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings:
+    """[lora] of the config (backbone, weights, size, tiles, layers, norm, precision default to its [extract]
+    section), then flags; the file's keys and values are checked before the flags are merged."""
+    conf = read_config(config)
+    extract = {k: v for k, v in conf.section("extract").items() if k in EXTRACT_KEYS}
+    lora = conf.section("lora")
+    conf.check_keys(lora, [f.name for f in fields(LoraSettings)], "[lora]")
+    check_table(conf, extract, "extract", rules=LORA_RULES)
+    check_table(conf, lora, "lora", rules=LORA_RULES)
+    s = replace(LoraSettings(), **{**extract, **lora, **overrides})
     s.size = parse_view_size(s.size) if isinstance(s.size, str) else tuple(s.size)
     check_values(s, LORA_RULES, LORA_FLAGS, "lora")
     return s
 
 
+# the [extract] keys a [lora] section takes over (the same backbone and views)
+EXTRACT_KEYS = ("backbone", "weights", "size", "tiles", "layers", "norm", "precision")
 # [lora] key -> (is the value valid, what it must be), as train.RULES; the flags that set them
 LORA_RULES = {
     "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),

@@ -1,0 +1,83 @@
+"""The one reader of the TOML files a user writes: a config (configs/default.toml), an ensemble file, a search space.
+
+`read_config` reads a file once and hands out its sections ([extract], [reduce], [train] with its
+[[train.sweep]] members, [lora]; an ensemble file is a document of its own); each step checks its own keys and
+values (extract.py, reduce.py, train.py, lora/settings.py, ensemble.py, tune_space.py) through `Config`, so every
+mistake in a file is one `ConfigError` naming the file, the table and the key: one `error:` line on the
+command line (errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from biomass_cache.data import DataError
+
+
+class ConfigError(DataError):
+    """A config, ensemble or space file that cannot be used as written: the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed file (`path` None: no file given, every section empty)."""
+
+    path: Path | None = None
+    doc: dict = field(default_factory=dict)
+
+    def where(self, table: str | None = None, key: str | None = None) -> str:
+        """`FILE [table] key`, the place an error message names (`table` as written: "[train]", "[[member]] #2")."""
+        return " ".join(str(p) for p in (self.path, table, key) if p is not None)
+
+    def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.where(table, key)}: {message}")
+
+    def section(self, name: str) -> dict:
+        """A copy of the table `name` ({} when absent); a value that is not a table is refused."""
+        table = self.doc.get(name, {})
+        if not isinstance(table, dict):
+            raise self.error(f"must be a table (a [{name}] header with keys under it), got {table!r}", key=name)
+        return dict(table)
+
+    def check_keys(self, table: dict, allowed: Iterable[str], label: str | None = None) -> None:
+        """Refuse the keys of `table` (the file's `label` table) outside `allowed`, naming both."""
+        allowed = sorted(allowed)
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise self.error(f"unknown key(s) {unknown}; allowed: {allowed}", label)
+
+
+def read_config(path: str | Path | Config | None, what: str = "config", option: str = "--config",
+                suffixes: tuple[str, ...] | None = (".toml",), see: str = "configs/default.toml") -> Config:
+    """Read a TOML file (JSON where ".json" is among `suffixes`; None: any name, read as TOML) once; a Config
+    passes through.
+
+    `what`, `option` and `see` only word the errors: another suffix, a missing file, a file that does not parse,
+    a document that is not a table.
+    """
+    if path is None:
+        return Config()
+    if isinstance(path, Config):
+        return path
+    path = Path(path)
+    if suffixes is not None and path.suffix not in suffixes:
+        kind = "a TOML file" if suffixes == (".toml",) else f"a {' or '.join(suffixes)} file"
+        raise ConfigError(f"{path}: {option} takes {kind} (see {see}), not a {path.suffix or 'suffix-less'} file")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable {what} file ({e})") from None
+    try:
+        doc: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'TOML'} {what} file ({e})"
+                          ) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a table of keys, got {type(doc).__name__}")
+    return Config(path, doc)

@@ -1,0 +1,163 @@
+"""One reader of config files (config.py) with one error type naming the file, table and key; the options train
+and lora share declared once, their help stating the dataclasses' defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from inspect import signature
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from biomass_cache.cli import app
+from biomass_cache.config import ConfigError, read_config
+from biomass_cache.data import DataError
+from biomass_cache.ensemble import load_ensemble
+from biomass_cache.extract import load_config_file
+from biomass_cache.lora.cli import lora_command
+from biomass_cache.lora.settings import LoraSettings, load_settings
+from biomass_cache.options import TRAIN_OPTIONS, default_of, shown
+from biomass_cache.reduce import CONFIG_KEYS as REDUCE_DEFAULTS
+from biomass_cache.reduce import load_settings as reduce_settings
+from biomass_cache.train import TrainConfig, load_config
+from biomass_cache.train_cli import train_command
+from biomass_cache.tune_space import parse_space
+from toys import ROOT
+
+LOADERS = {
+    "train": load_config,
+    "extract": load_config_file,
+    "lora": lambda p: load_settings(p, {}),
+    "reduce": reduce_settings,
+    "ensemble": load_ensemble,
+    "space": parse_space,
+}
+MEMBER = '[[member]]\npath = "runs/a"\n'
+
+
+@pytest.mark.parametrize("loader, body, fragments", [
+    ("train", "[train]\nepoch = 3\n", ["c.toml [train]: unknown key(s) ['epoch']"]),
+    ("train", '[train]\n[[train.sweep]]\nname = "x"\nepochs = 3\n', ["c.toml [[train.sweep]] #1: unknown key(s) "
+                                                                    "['epochs']"]),
+    ("train", "[train]\nlr = -1\n", ["c.toml: lr must be a number > 0, got -1 ([train] lr)"]),
+    ("train", '[train]\n[[train.sweep]]\nname = "x"\nlr = "fast"\n',
+     ["c.toml: member 'x': lr must be a number > 0, got 'fast' ([train.sweep] lr)"]),
+    ("train", "train = 3\n", ["c.toml train: must be a table", "got 3"]),
+    ("extract", "[extract]\nbogus = 1\n", ["c.toml [extract]: unknown key(s) ['bogus']"]),
+    ("lora", "[lora]\nrnk = 8\n", ["c.toml [lora]: unknown key(s) ['rnk']"]),
+    ("lora", "[lora]\nrank = 0\n", ["c.toml: rank must be an integer >= 1, got 0 ([lora] rank)"]),
+    ("lora", "[extract]\nlayers = []\n", ["c.toml: layers must be a list of block indices, got [] ([extract] layers)"]),
+    ("reduce", "[reduce]\ndims = 3\n", ["c.toml [reduce]: unknown key(s) ['dims']"]),
+    ("reduce", "[reduce]\ndim = 1.5\n", ["c.toml [reduce]: ['dim'] must be whole numbers"]),
+    ("ensemble", "aggregate = 'mean'\n" + MEMBER, ["c.toml: unknown key(s) ['aggregate']"]),
+    ("ensemble", MEMBER + "wieght = 2\n", ["c.toml: member #1 has unknown key(s) ['wieght']"]),
+    ("ensemble", "stack_alpha = -1\n" + MEMBER, ["c.toml: stack_alpha must be a finite number >= 0, got -1"]),
+    ("space", "[spaces]\n", ["c.toml: unknown section(s) ['spaces']"]),
+    ("space", "[space]\nlearning_rate = { uniform = [0.1, 0.2] }\n", ["c.toml: unknown key(s) ['learning_rate']"]),
+])
+def test_every_loader_names_the_file_and_key(tmp_path, loader, body, fragments):
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        LOADERS[loader](path)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert isinstance(info.value, DataError)  # the CLI's user error: one `error:` line
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_every_loader_refuses_an_unreadable_file(tmp_path, loader):
+    path = tmp_path / "c.toml"
+    path.write_text("[train\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"c.toml: not a valid TOML .*file \(.*line 1"):
+        LOADERS[loader](path)
+    with pytest.raises(ConfigError, match=r"gone.toml: .*file not found"):
+        LOADERS[loader](tmp_path / "gone.toml")
+
+
+def test_the_suffix_is_checked_where_the_option_takes_a_toml_file(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("[train]\n")
+    with pytest.raises(ConfigError, match=r"c.txt: --config takes a TOML file .*not a .txt file"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"c.txt: --config takes a .toml or .json file"):
+        load_config_file(path)
+    assert reduce_settings(path)["dim"] == 128  # `biomass reduce --config` never checked the name
+
+
+def test_the_shipped_configs_load_as_before():
+    """Every section a loader hands out is the file's table as tomllib reads it."""
+    for name in ("default.toml", "reference_vit7b.toml"):
+        path = ROOT / "configs" / name
+        doc = tomllib.loads(path.read_text())
+        train, sweep, extract = load_config(path)
+        assert (train, sweep, extract) == ({k: v for k, v in doc["train"].items() if k != "sweep"},
+                                           doc["train"].get("sweep", []), doc["extract"])
+        assert load_config_file(path) == doc["extract"] and reduce_settings(path) == {**REDUCE_DEFAULTS, **doc["reduce"]}
+        s = load_settings(read_config(path), {})
+        assert s.backbone == doc["extract"]["backbone"] and s.layers == doc["extract"]["layers"]
+    assert len(load_ensemble(ROOT / "configs" / "ensemble_example.toml").members) == 2
+    assert len(parse_space(ROOT / "configs" / "tune_example.toml").params) == 6
+
+
+def test_a_bad_config_is_one_error_line_naming_the_file(tmp_path):
+    (tmp_path / "c.toml").write_text("[lora]\nrank = 0\n")
+    result = CliRunner().invoke(app, ["lora", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                                      "--config", str(tmp_path / "c.toml")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'c.toml'}: rank must be an integer >= 1, "
+                                                      "got 0 ([lora] rank)")
+    assert not (tmp_path / "run").exists()
+
+
+def _params(name: str) -> dict:
+    return {p.name: p for p in typer.main.get_command(app).commands[name].params}
+
+
+def test_train_and_lora_share_their_options():
+    train, lora = _params("train"), _params("lora")
+    shared = set(TRAIN_OPTIONS) - {"cache", "data"}
+    assert shared <= set(train) and shared <= set(lora)
+    for name in shared:
+        t, l = train[name], lora[name]
+        assert (t.opts, t.secondary_opts, t.default, t.help) == (l.opts, l.secondary_opts, l.default, l.help), name
+    for name in shared:  # the very same declaration, not a copy
+        assert signature(train_command).parameters[name].default is TRAIN_OPTIONS[name]
+        assert signature(lora_command).parameters[name].default is TRAIN_OPTIONS[name]
+    tune = _params("tune")
+    assert (tune["cache"].help, tune["data"].help) == (train["cache"].help, train["data"].help)
+
+
+def test_help_states_the_dataclass_defaults():
+    train, lora = _params("train"), _params("lora")
+    # by hand, from TrainConfig / LoraSettings
+    for params, name, text in [(train, "batch_size", "(16"), (lora, "batch_size", "(16"), (train, "lr", "(0.004)"),
+                               (train, "epochs", "(120)"), (train, "pcgrad", "(on;"), (train, "ema", "(on)"),
+                               (train, "mixup", "(off)"), (lora, "lora_rank", "(8)"), (lora, "lora_lr", "(0.0001)"),
+                               (lora, "size", "(448x224)"), (lora, "layers", "(5,8,11)"), (lora, "head", "(density)")]:
+        assert text in params[name].help, (name, params[name].help)
+    # every option that overrides a setting with a default: its help states that default
+    lora_fields, train_fields = set(LoraSettings.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
+    checked = 0
+    for command, params in [("train", train), ("lora", lora)]:
+        for name, p in params.items():
+            field = name.removeprefix("lora_")
+            lora_setting = name != field or (field in lora_fields and name not in TRAIN_OPTIONS)
+            cls = (LoraSettings if command == "lora" and lora_setting else TrainConfig if field in train_fields
+                   else None)
+            if cls is None or p.default is not None or default_of(cls, field) is None:
+                continue  # not a setting (--out, --folds-csv), a switch (--full), no default (--lora-prefix-cache)
+            assert f"({shown(default_of(cls, field))}" in p.help, (command, name, p.help)
+            checked += 1
+    assert checked == 16 + 33  # train: 16; lora: 15 of those (no --preload), 18 [lora]
+
+
+def test_the_lora_backbone_defaults_come_from_the_extract_section(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[extract]\nbackbone = "vit_base_patch16_dinov3"\nsize = [224, 224]\n[lora]\nrank = 4\n')
+    s = load_settings(path, {"rank": 2})
+    assert (s.backbone, s.size, s.rank) == ("vit_base_patch16_dinov3", (224, 224), 2)
+    assert load_settings(None, {}) == LoraSettings()
+    assert Path(read_config(path).path) == path and read_config(read_config(path)).doc["lora"] == {"rank": 4}
