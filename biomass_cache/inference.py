@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 
 from biomass_cache.data import DataError
+from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
+from biomass_cache.runs import check_compatible
 from biomass_cache.targets import components_to_targets, to_grams
 
 
@@ -115,9 +117,6 @@ def predict_store(
     `ignore`: as in runs.check_compatible (the store is refused unless it fits the head). `maps`, `samples`: see
     `predict_loader`; the samples' dropout masks come from `seed` (the global RNG is left as it was).
     """
-    from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
-    from biomass_cache.runs import check_compatible
-
     check_compatible(meta, store, ignore)
     indices = range(len(store.image_ids)) if indices is None else indices
     table = pd.DataFrame({"image_id": [store.image_ids[i] for i in indices]})
