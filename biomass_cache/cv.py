@@ -21,7 +21,7 @@ import torch
 import typer
 from tqdm.auto import tqdm
 
-from biomass_cache import runs
+from biomass_cache import inference, runs
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.distributed import resolve_device
@@ -145,8 +145,8 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         return itertools.chain.from_iterable(val_loader(rows, aux, v) for v in views)
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
-        return runs.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
-                                  device=str(device), preloaded=shared())
+        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"],
+                                       batch_size=cfg.eval_batch_size, device=str(device), preloaded=shared()).grams
 
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from biomass_cache import runs
+from biomass_cache import inference, runs
 from biomass_cache.aggregate import (STACK_ALPHA, VAR_FLOOR, cross_fitted, fit_stack, fit_weights,
                                      inverse_variance_mean, oof_scores, stack_predict, weighted_mean)
 from biomass_cache.config import read_config
 from biomass_cache.data import DataError
-from biomass_cache.targets import COMPONENTS, TARGETS, components_to_targets
+from biomass_cache.targets import COMPONENTS, TARGETS, components_to_targets, to_grams
 
 AGGREGATIONS = ("mean", "mc_dropout", "oof", "stack")
 FITTED = ("oof", "stack")  # aggregations fitted on the members' OOF predictions
@@ -373,21 +373,11 @@ def load_checked_heads(rm: ResolvedMember, store) -> list[tuple[torch.nn.Module,
 
 def predict_cache_member(rm: ResolvedMember, store, rows: np.ndarray, device: str) -> np.ndarray:
     """(N, 5) grams: every fold model predicts (mean over the TTA views); folds averaged on the components."""
-    comps = [runs.predict_store(head, meta, store, rows, views="all", device=device, ignore=rm.ignore)[:, :3]
+    comps = [inference.predict_store(head, meta, store, rows, views="all", device=device, ignore=rm.ignore).grams[:, :3]
              for head, meta in load_checked_heads(rm, store)]
     return components_to_targets(np.mean(comps, axis=0))
 
 
-def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
-    """Dropout on at inference (heads.enable_mc_dropout); a head without dropout p > 0 has no variance to give."""
-    from biomass_cache.heads import enable_mc_dropout as dropout_only_train
-
-    if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules()):
-        raise EnsembleError(f"{where}: the head has no dropout with p > 0, so MC-dropout has no variance to give")
-    dropout_only_train(head)
-
-
-@torch.no_grad()
 def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: int, seed: int,
                         device: str) -> np.ndarray:
     """(N,) per-image variance (grams^2, summed over clover, dead, green) of the member's MC-dropout samples.
@@ -395,26 +385,12 @@ def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: 
     One sample = one fold model with one set of dropout masks, averaged over the TTA views; the variance is
     taken over all folds x `n_samples` samples, so disagreement between fold models counts as uncertainty too.
     """
-    from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
-    from biomass_cache.targets import to_grams
-
-    table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
     samples = []
     for (head, meta), path in zip(load_checked_heads(rm, store), rm.checkpoints):
-        enable_mc_dropout(head, f"member {rm.member.name}, checkpoint {path}")
-        head = head.to(device)
-        per_view = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for v in range(store.n_views):
-                ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v,
-                                  aux=AuxSpec.from_dict(meta["aux"]))
-                batches = [torch.stack([head(b["tokens"].to(device))["components"].double().cpu()
-                                        for _ in range(n_samples)])
-                           for b in make_loader(ds, 64, shuffle=False, seed=0, workers=0)]
-                per_view.append(torch.cat(batches, dim=1))  # (n_samples, N, 3)
-        samples.append(torch.stack(per_view).mean(0))
-    grams = to_grams(torch.cat(samples).numpy())  # (folds * n_samples, N, 3)
+        inference.enable_mc_dropout(head, f"member {rm.member.name}, checkpoint {path}")
+        samples.append(inference.predict_store(head, meta, store, rows, views="all", device=device,
+                                               ignore=rm.ignore, samples=n_samples, seed=seed).samples)
+    grams = to_grams(np.concatenate(samples))  # (folds * n_samples, N, 3)
     return grams.var(axis=0).sum(axis=1)
 
 

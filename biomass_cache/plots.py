@@ -3,7 +3,7 @@
 - `pred_vs_true.png`: out-of-fold predictions against the truth, one panel per target, with R^2;
 - `fold_scores.png`: competition_r2 of every head on every fold, and pooled out-of-fold;
 - `learning_curves.png`: training loss and validation competition_r2 per epoch, per head and fold;
-- `density_maps.png` (when a head is `density`): a few validation photos of fold 0 with the predicted density of
+- `density_maps.png` (when a head draws maps, e.g. `density`): a few validation photos of fold 0 with the predicted density of
   each component overlaid (fold-0 model, clean view 0 of the token store), so one sees where the head puts mass.
 
 A `--full` run (no validation) gets the training-loss curves only.
@@ -21,9 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
-from biomass_cache import runs  # noqa: E402
+from biomass_cache import inference, runs  # noqa: E402
 from biomass_cache.data import DataError, load_image, read_long_csv  # noqa: E402
 from biomass_cache.folds import read_folds  # noqa: E402
 from biomass_cache.io import atomic_path  # noqa: E402
@@ -172,10 +171,12 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, uw_heads: set[str] |
 
 
 def _density_member(metrics: dict, run_dir: Path) -> str | None:
-    """The best-ranked member whose fold-0 checkpoint is a density head."""
+    """The best-ranked member whose fold-0 checkpoint is a head that draws density maps."""
+    from biomass_cache.heads import has_maps
+
     for name in metrics.get("ranking") or list(metrics.get("heads", {})):
         ckpt = run_dir / "fold0" / f"{name}.json"
-        if ckpt.is_file() and _read_json(ckpt).get("head", {}).get("name") == "density":
+        if ckpt.is_file() and has_maps(_read_json(ckpt).get("head", {})):
             return name
     return None
 
@@ -186,26 +187,23 @@ def _folds(run_dir: Path, table: pd.DataFrame) -> np.ndarray:
     return read_folds(run_dir / "folds.csv", table)
 
 
-@torch.no_grad()
 def plot_density_maps(run_dir: Path, data_dir: Path, table: pd.DataFrame, member: str, store, path: Path) -> Path:
     """Photos of fold 0's validation images (lowest to highest total) with the per-component density maps."""
     head, meta = runs.load_head(run_dir / "fold0" / f"{member}.json")
-    runs.check_compatible(meta, store)
     folds = _folds(run_dir, table)
     val = np.flatnonzero(folds == 0)
     total = table["Dry_Total_g"].to_numpy(float)[val]
     val = val[np.isfinite(total)][np.argsort(total[np.isfinite(total)])]
     picks = val[np.unique(np.linspace(0, len(val) - 1, min(N_MAP_IMAGES, len(val))).round().astype(int))]
     position = {iid: k for k, iid in enumerate(store.image_ids)}
+    absent = [iid for iid in table["image_id"].iloc[picks] if iid not in position]
+    if absent:
+        raise DataError(f"image {absent[0]} of {data_dir / 'train.csv'} is not in the token store {store.path}")
+    pred = inference.predict_store(head, meta, store, [position[iid] for iid in table["image_id"].iloc[picks]],
+                                   views=0, maps=True)
     fig, axes = plt.subplots(len(picks), 4, figsize=(17, 2.6 * len(picks) + 0.6), squeeze=False)
-    for row, r in zip(axes, picks):
+    for row, r, maps, grams in zip(axes, picks, pred.maps, pred.grams):  # maps (3, rows, cols) g/m^2
         iid = table["image_id"].iloc[r]
-        if iid not in position:
-            raise DataError(f"image {iid} of {data_dir / 'train.csv'} is not in the token store {store.path}")
-        tokens = torch.from_numpy(store.read(position[iid], 0, meta["layers"]))[None]
-        out = head(tokens, return_maps=True)
-        maps = out["density_map"][0].numpy()  # (3, rows, cols) g/m^2
-        grams = runs.components_to_grams(out["components"].double().numpy())[0]
         image = load_image(data_dir / table["image_path"].iloc[r])
         extent = (0, image.width, image.height, 0)
         row[0].imshow(image)

@@ -13,10 +13,10 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import torch
 import typer
 from tqdm.auto import tqdm
 
+from biomass_cache import inference
 from biomass_cache.data import SEP, DataError, load_image
 from biomass_cache.distributed import resolve_device
 from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
@@ -101,13 +101,12 @@ def predictions_table(result: EnsembleResult, photos: list[Path]) -> pd.DataFram
     })
 
 
-@torch.no_grad()
 def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | None:
-    """(N, 3, rows, cols) g/m^2 maps on the clean view, averaged over the members' density-head fold models.
+    """(N, 3, rows, cols) g/m^2 maps on the clean view, averaged over the fold models of the members whose heads
+    draw maps (`has_maps`).
 
     None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
     """
-    from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
     from biomass_cache.ensemble import load_checked_heads, store_positions
 
     maps = []
@@ -115,15 +114,11 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
         if store is None:
             continue
         rows = store_positions(store, result.image_ids)
-        table = pd.DataFrame({"image_id": [store.image_ids[i] for i in rows]})
         for head, meta in load_checked_heads(rm, store):
-            if meta["head"].get("name") != "density":
+            if not head.has_maps:
                 break
-            ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=0,
-                              aux=AuxSpec.from_dict(meta["aux"]))
-            head = head.to(device).eval()
-            maps.append(np.concatenate([head(b["tokens"].to(device), return_maps=True)["density_map"].cpu().numpy()
-                                        for b in make_loader(ds, 64, shuffle=False, seed=0, workers=0)]))
+            maps.append(inference.predict_store(head, meta, store, rows, views=0, device=device, ignore=rm.ignore,
+                                                maps=True).maps)
     if not maps:
         return None
     shapes = {m.shape for m in maps}

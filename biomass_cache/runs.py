@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,10 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from biomass_cache.data import DataError
-from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
 from biomass_cache.content import sha256_file
 from biomass_cache.io import atomic_path, write_csv, write_json
-from biomass_cache.targets import TARGETS, ZScore, components_to_targets, to_grams
+from biomass_cache.targets import TARGETS, ZScore
 
 FORMAT_VERSION = 1
 
@@ -102,53 +101,6 @@ def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     if diff:
         raise DataError(f"{where} was trained on tokens extracted with another configuration than the token "
                         f"store {store.path} (trained on -> store): " + "; ".join(diff))
-
-
-@torch.no_grad()
-def predict_components(
-    head: torch.nn.Module, loader: Iterable[dict], tokens_fn: Callable[[dict], torch.Tensor]
-) -> np.ndarray:
-    """(N, 3) areal densities (clover, dead, green) of every sample the loader yields, in order."""
-    head.eval()
-    parts = [head(tokens_fn(batch))["components"].double().cpu().numpy() for batch in loader]
-    return np.concatenate(parts)
-
-
-def components_to_grams(components: np.ndarray) -> np.ndarray:
-    """(N, 3) mean areal densities -> (N, 5) grams; the identities hold exactly."""
-    return to_grams(components_to_targets(components))
-
-
-def predict_store(
-    head: torch.nn.Module,
-    meta: dict,
-    store,
-    indices: Sequence[int] | None = None,
-    views: str | int = "all",
-    batch_size: int = 64,
-    device: str = "cpu",
-    workers: int = 0,
-    preloaded=None,
-    ignore: Sequence[str] = (),
-) -> np.ndarray:
-    """(N, 5) grams for store images `indices` (all by default): components averaged over the views, then rebuilt.
-
-    `views` is "all" (TTA mean over every stored view) or one view index (0 = the clean view); `preloaded`: the
-    run's tokens in RAM (dataset.Preloaded), else the store is read. `ignore`: as in check_compatible.
-    """
-    check_compatible(meta, store, ignore)
-    indices = range(len(store.image_ids)) if indices is None else indices
-    table = pd.DataFrame({"image_id": [store.image_ids[i] for i in indices]})
-    view_list = list(range(store.n_views)) if views == "all" else [int(views)]
-    head = head.to(device)
-    aux = AuxSpec.from_dict(meta["aux"])
-    comps = []
-    for v in view_list:
-        ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v, aux=aux,
-                          preloaded=preloaded)
-        loader = make_loader(ds, batch_size, shuffle=False, seed=0, workers=workers)
-        comps.append(predict_components(head, loader, lambda b: b["tokens"].to(device)))
-    return components_to_grams(np.mean(comps, axis=0))
 
 
 def predictions_frame(image_ids: Sequence[str], grams: np.ndarray) -> pd.DataFrame:

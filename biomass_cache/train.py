@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from biomass_cache import runs
+from biomass_cache import inference
 from biomass_cache.config import Config, ConfigError, read_config
 from biomass_cache.data import DataError
 from biomass_cache.dataset import LABEL_KEYS, AuxSpec
@@ -441,7 +441,7 @@ def validate(m: SweepMember, val_loader, val_truth: np.ndarray, tokens_fn: Calla
              baseline_grams: np.ndarray | None) -> dict:
     """The (EMA) member's validation scores as history columns."""
     with ema_weights(m):
-        pred = runs.components_to_grams(runs.predict_components(m.eval_head, val_loader, tokens_fn))
+        pred = inference.predict_loader(m.eval_head, val_loader, tokens_fn).grams
     s = scores(val_truth, pred, baseline_grams)
     return {"val_competition_r2": s["competition_r2"], "val_log_r2": s["log_r2"]}
 

@@ -194,7 +194,8 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
 def test_mc_dropout_refuses_a_head_without_dropout():
     import biomass_cache.heads as heads
-    from biomass_cache.ensemble import enable_mc_dropout
+    from biomass_cache.data import DataError
+    from biomass_cache.inference import enable_mc_dropout
     from biomass_cache.targets import ZScore
 
     rng = np.random.default_rng(0)
@@ -203,7 +204,7 @@ def test_mc_dropout_refuses_a_head_without_dropout():
     def make(**kw):
         return heads.create_head("density", n_layers=1, channels=8, grid=(2, 2), zscore=zscore, **kw)
 
-    with pytest.raises(EnsembleError, match="no dropout with p > 0"):
+    with pytest.raises(DataError, match="member density: the head has no dropout with p > 0"):
         enable_mc_dropout(make(), "member density")  # the density head's default: no dropout
     head = make(dropout=0.1)
     enable_mc_dropout(head, "member density")

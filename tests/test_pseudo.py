@@ -52,10 +52,11 @@ def fold_of(run):
 
 def by_hand(checkpoints, store, ids):
     """The members' test predictions averaged in component space, from the checkpoints and the test store alone."""
-    from biomass_cache.runs import load_head, predict_store
+    from biomass_cache.inference import predict_store
+    from biomass_cache.runs import load_head
 
     rows = [store.image_ids.index(i) for i in ids]
-    comps = [predict_store(*load_head(p), store, rows, views="all")[:, :3] for p in checkpoints]
+    comps = [predict_store(*load_head(p), store, rows, views="all").grams[:, :3] for p in checkpoints]
     return components_to_targets(np.mean(comps, axis=0))
 
 

@@ -19,6 +19,7 @@ from biomass_cache import runs
 from biomass_cache.train_cli import train_command
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.heads.ridge import kernel_ridge_cv, pool_tokens, ridge_fit
+from biomass_cache.inference import components_to_grams, predict_store
 from biomass_cache.metrics import competition_r2
 from biomass_cache.store import open_store
 from biomass_cache.targets import TARGETS, ZScore, components_to_targets
@@ -75,7 +76,7 @@ def test_predictions_are_components_with_exact_identities():
     five = out["five_z"] * head.target_std + head.target_mean
     torch.testing.assert_close(five[:, 3], c[:, 0] + c[:, 2])  # GDM = clover + green
     torch.testing.assert_close(five[:, 4], c.sum(dim=1))  # Total = clover + dead + green
-    grams = runs.components_to_grams(c.double().numpy())
+    grams = components_to_grams(c.double().numpy())
     np.testing.assert_allclose(grams[:, 3], grams[:, 0] + grams[:, 2], rtol=1e-12)
     np.testing.assert_allclose(grams[:, 4], grams[:, :3].sum(axis=1), rtol=1e-12)
     torch.testing.assert_close(out["layer_components"], c[:, None].expand(-1, 2, -1))
@@ -177,7 +178,7 @@ def test_a_fold_checkpoint_reproduces_its_oof_rows(ridge_run):
     ids = list(folds.loc[folds["fold"] == 2, "image_id"])
     store = open_store(store)
     rows = [store.image_ids.index(i) for i in ids]
-    pred = runs.predict_store(head, meta, store, rows, views="all")
+    pred = predict_store(head, meta, store, rows, views="all").grams
     np.testing.assert_allclose(pred, oof.set_index("image_id").loc[ids, list(TARGETS)].to_numpy(), rtol=1e-6)
 
 

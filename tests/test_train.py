@@ -18,6 +18,7 @@ from biomass_cache import train as train_module
 from biomass_cache.train_cli import train_command
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.folds import visit_groups
+from biomass_cache.inference import predict_store
 from biomass_cache.metrics import competition_r2, log_r2
 from biomass_cache.store import open_store
 from biomass_cache.targets import TARGETS, to_density
@@ -111,7 +112,7 @@ def test_checkpoints_reload_and_reproduce_oof(sweep_run, toy):
         head, meta = runs.load_head(sweep_run / f"fold{k}" / "density.json")
         rows = np.flatnonzero(folds == k)
         idx = [store.image_ids.index(i) for i in table["image_id"].iloc[rows]]
-        pred = runs.predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"])
+        pred = predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"]).grams
         np.testing.assert_array_equal(pred, oof[rows])
         assert meta["layers"] == store.layers and meta["zscore"]["names"][:5] == list(TARGETS)
 
@@ -121,7 +122,7 @@ def test_a_head_refuses_another_cache(sweep_run, tmp_path):
     _, other = make_toy(tmp_path, n=6, seed=1)  # same shapes, other extraction fingerprint
     head, meta = runs.load_head(sweep_run / "fold0" / "density.json")
     with pytest.raises(DataError, match="another configuration.*seed: 0 -> 1"):
-        runs.predict_store(head, meta, open_store(other))
+        predict_store(head, meta, open_store(other))
     bad = dict(meta, head=dict(meta["head"], channels=8))
     with pytest.raises(DataError, match="channels 8"):
         runs.check_compatible(bad, open_store(other))
@@ -208,7 +209,7 @@ def test_interval_bins_run_reloads_and_reproduces_oof(toy, tmp_path):
                                        np.quantile(train_density[:, 4], [0.25, 0.5, 0.75]), rtol=1e-5)
             rows = np.flatnonzero(folds == k)
             idx = [store.image_ids.index(i) for i in table["image_id"].iloc[rows]]
-            pred = runs.predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"])
+            pred = predict_store(head, meta, store, idx, views="all", batch_size=meta["train"]["eval_batch_size"]).grams
             np.testing.assert_array_equal(pred, oof[rows])
     with pytest.raises(DataError, match=r"interval_bins must be 0 \(off\) or an integer >= 2, got 1 \(--interval-bins"):
         resolve({}, [], {"interval_bins": 1}, None)

@@ -41,11 +41,16 @@ def rebuild_head(config: Mapping[str, Any], zscore: ZScore) -> FusedHead:
     return create_head(**{**legacy, **config}, zscore=zscore)
 
 
+def has_maps(config: Mapping[str, Any]) -> bool:
+    """Whether the head a saved `config` describes draws density maps (its class's `has_maps`)."""
+    return bool(getattr(HEADS.get(config.get("name")), "has_maps", False))
+
+
 def count_parameters(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
 __all__ = [
     "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",
-    "count_parameters", "FusedHead",
+    "count_parameters", "FusedHead", "has_maps",
 ]

@@ -84,10 +84,13 @@ class FusedHead(nn.Module):
     (B, L, 3, rows, cols) when asked and supported (else None), and the shared features (B, L, D) that the
     auxiliary heads read. The target statistics live in buffers so a checkpoint carries the exact scaling its
     weights were trained with. `interval` ({"bins": K, "blend": a}, see heads/intervals.py) adds bin logits of the
-    five targets on the same features; a blend > 0 mixes their expected value into the components.
+    five targets on the same features; a blend > 0 mixes their expected value into the components. A head whose
+    `layer_components` returns maps sets `has_maps = True`: callers ask the head (or `heads.has_maps(config)` for a
+    checkpoint), never its name.
     """
 
     name = "base"
+    has_maps = False  # True: forward(tokens, return_maps=True) gives "density_map"
 
     def __init__(
         self,
@@ -250,8 +253,9 @@ class FusedHead(nn.Module):
             "layer_components": per_layer,
         }
         if return_maps:
-            if maps is None:
-                raise ValueError(f"the {self.name} head has no density maps (return_maps=True needs 'density')")
+            if not self.has_maps:
+                raise ValueError(f"the {self.name} head has no density maps (return_maps=True needs a head with "
+                                 f"has_maps, e.g. 'density')")
             out["density_map"] = torch.einsum("blkhw,l->bkhw", maps, weights)
         if self.aux_heads is not None:
             out.update(self.aux_heads(features))

@@ -33,6 +33,8 @@ class PatchMLP(nn.Module):
 
 @register_head("density")
 class DensityHead(FusedHead):
+    has_maps = True
+
     def __init__(self, *, hidden: int = 128, dropout: float = 0.0, **common):
         super().__init__(features=hidden, dropout=dropout, **common)
         self._set_config(hidden=int(hidden))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from biomass_cache import runs
+from biomass_cache import inference
 from biomass_cache.dataset import AuxSpec
 from biomass_cache.lora.checkpoint import load_checkpoint
 from biomass_cache.lora.data import LiveDataset, live_loader
@@ -22,12 +22,11 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
     """(N, 5) grams for `table`'s images with a LoRA checkpoint: components averaged over `views`, then rebuilt."""
     head, live, meta = load_checkpoint(json_path, weights, device, precision)
     aux = AuxSpec.from_dict(meta["aux"])
-    comps = []
-    for v in views:
-        ds = LiveDataset(table, range(len(table)), data_dir, live.s, train=False, seed=0, aux=aux, view=v,
-                         split=split)
-        comps.append(runs.predict_components(head, live_loader(ds, batch_size, workers), live))
-    return runs.components_to_grams(np.mean(comps, axis=0))
+    per_view = [inference.predict_loader(head, live_loader(LiveDataset(table, range(len(table)), data_dir, live.s,
+                                                                       train=False, seed=0, aux=aux, view=v,
+                                                                       split=split), batch_size, workers), live)
+                for v in views]
+    return inference.mean_over_views(per_view).grams
 
 
 def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool,

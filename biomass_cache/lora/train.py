@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from biomass_cache import runs
+from biomass_cache import inference
 from biomass_cache.backbone import create_backbone
 from biomass_cache.cv import TokenSource, cross_validate
 from biomass_cache.data import DataError, read_training_table
@@ -67,7 +67,7 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
 
     def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
         loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
-        return runs.components_to_grams(runs.predict_components(head, loader, live))
+        return inference.predict_loader(head, loader, live).grams
 
     fingerprint = lora_fingerprint(bb, s)
     source = TokenSource(
