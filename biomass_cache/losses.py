@@ -127,21 +127,22 @@ def task_losses(
         n_true = torch.where(batch["ndvi_mask"], batch["ndvi_z"], torch.zeros_like(batch["ndvi_z"]))
         losses["ndvi"] = masked_mean((out["ndvi_z"] - n_true) ** 2, batch["ndvi_mask"], w)
     if "state_logits" in out:
-        logits = out["state_logits"]
-        if "state_soft" in batch:
-            soft, known = batch["state_soft"], batch["state_mask"]
-        else:
-            soft, known = soft_labels(batch["state"], logits.shape[-1], dtype=logits.dtype)
-        losses["state"] = masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known, w)
+        losses["state"] = class_loss(out["state_logits"], batch, "state", w)
     if "interval_logits" in out:
-        logits = out["interval_logits"]
-        if "interval_soft" in batch:
-            soft, known = batch["interval_soft"], batch["interval_mask"]
-        else:
-            soft, known = soft_labels(batch["interval"], logits.shape[-1], dtype=logits.dtype)
-        ce = -(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
-        losses["interval"] = interval_weight * masked_mean(ce, known, None if w is None else w[:, None])
+        losses["interval"] = interval_weight * class_loss(out["interval_logits"], batch, "interval",
+                                                          None if w is None else w[:, None])
     return losses
+
+
+def class_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], key: str,
+               w: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of `logits` (..., K) against the class indices `batch[key]` (-1 = unknown), or mixup's soft
+    labels `{key}_soft` / `{key}_mask`; mean over the known entries, weighted by `w` when given."""
+    if f"{key}_soft" in batch:
+        soft, known = batch[f"{key}_soft"], batch[f"{key}_mask"]
+    else:
+        soft, known = soft_labels(batch[key], logits.shape[-1], dtype=logits.dtype)
+    return masked_mean(-(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1), known, w)
 
 
 class UncertaintyWeighting(nn.Module):
