@@ -35,6 +35,7 @@ def test_colour_stats_of_a_red_and_a_green_pixel(tmp_path):
     assert np.array_equal(cb.colour_stats_of([tmp_path / "p.png"])[0], cb.colour_stats(image))
 
 
+@pytest.mark.slow
 def test_ridge_recovers_a_linear_truth_and_falls_back_to_the_mean_on_noise():
     rng = np.random.default_rng(0)
     n = 200

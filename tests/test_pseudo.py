@@ -70,6 +70,7 @@ def labels_of(spec, data, runs, work):
     return table, folds, predict_labels(spec, table, folds, data, work, "cpu", None, None, progress=False)
 
 
+@pytest.mark.slow
 def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
     from biomass_cache.ensemble import spec_from_options
 
@@ -122,6 +123,7 @@ def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(
         assert not np.allclose(y[weight == 0.25][order], to_density(labels.by_fold[1 - k]), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_pseudo_end_to_end_gives_an_honest_run_and_a_submit_member(members, tmp_path):
     from biomass_cache.ensemble import spec_from_options
     from biomass_cache.submission import submit

@@ -152,6 +152,7 @@ def test_canopy_labels_match_the_real_table_by_another_draw():
     assert 0.13 < ratio.std() < 0.17 and abs(ratio.mean()) < 0.01  # the canopy style's label noise
 
 
+@pytest.mark.slow
 def test_canopy_is_deterministic_and_differs_from_blades(canopy, small, tmp_path):
     again = tmp_path / "again"
     generate(again, n_train=16, n_test=4, seed=3, size=(120, 60), progress=False, style="canopy")

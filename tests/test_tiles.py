@@ -88,6 +88,7 @@ def test_one_tile_is_todays_forward_and_fingerprint(tmp_path, weights):
     assert make_fingerprint(config(tmp_path, tiles=2), bb, [0, 1], (2, 4), "fp32")["tiles"] == 2
 
 
+@pytest.mark.slow
 def test_cli_tiles_2_stitches_the_halves_run_alone(tmp_path, weights):
     """The contract: `biomass extract --tiles 2 --size 448x224` on a random backbone -> grid [14, 28], fingerprint
     tiles 2, view 0's stitched tokens = the tokens of each half run alone."""
@@ -155,6 +156,7 @@ def test_a_size_that_does_not_split_is_one_error_line(tmp_path, size, tiles, wha
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "t.zarr").exists()
 
 
+@pytest.mark.slow
 def test_test_caches_follow_the_training_tiles(tmp_path):
     """A head trained on a tiled store gets a tiled test cache from the ensemble; an untiled store is refused."""
     import biomass_cache.ensemble as ens
