@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_heads import FOLDS, FULL, QUICK, prepare  # noqa: E402
+from bench_heads import FOLDS, PRESETS, prepare  # noqa: E402
 
 from biomass_cache.cv import run_training  # noqa: E402
 from biomass_cache.data import read_long_csv  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="JSON results file")
     ap.add_argument("--work", type=Path, default=None, help="folder for data, cache and study (kept; reused)")
     args = ap.parse_args()
-    sz = QUICK if args.quick else FULL
+    sz = PRESETS["quick" if args.quick else "full"]
     epochs = args.epochs or sz["epochs"]
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_tune_"))

@@ -80,3 +80,27 @@ def test_find_cycle_on_hand_made_graphs():
 
 def test_the_package_has_no_import_cycle():
     assert find_cycle(import_graph()) is None
+
+
+def test_every_name_a_benchmark_imports_exists():
+    """The benchmark scripts are not run by CI; a name they import that was renamed or moved fails here instead of
+    in the next person's measurement."""
+    import importlib
+    import sys
+
+    bench = ROOT / "benchmarks"
+    siblings = {p.stem for p in bench.glob("*.py")}
+    sys.path.insert(0, str(bench))
+    try:
+        missing = []
+        for path in sorted(bench.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                        node.module.split(".")[0] == "biomass_cache" or node.module in siblings):
+                    module = importlib.import_module(node.module)
+                    missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name)
+                                and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    finally:
+        sys.path.remove(str(bench))
+    assert not missing
