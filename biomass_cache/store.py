@@ -12,8 +12,8 @@ Every data array is sharded one shard file per image (race-free: extraction spli
 checksums on every inner chunk and on the shard index, which leads the shard file. Unwritten samples read as NaN
 (fill values), never as zeros.
 Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`, `reset_images`,
-`record_content_hashes`, `record_weights_path`. Optional attributes `content_sha256` {image_id: sha256 of the photo the
-tokens came from}, `weights_path`.
+`record_content_hashes`, `record_weights_path`. Optional attributes: `content_sha256` {image_id: sha256 of the
+photo the tokens came from}, `weights_path` (the weights file they came from).
 An append killed between growing the arrays and recording the ids leaves arrays longer than `image_ids`: rows past
 `image_ids` hold nothing, are ignored by readers and trimmed by the next writer (`trim_unrecorded_tail`).
 
