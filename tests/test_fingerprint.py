@@ -154,3 +154,10 @@ def test_store_weights_path(tmp_path):
     with pytest.raises(StoreError, match="read-only"):
         open_store(store.path).record_weights_path("/w/b.safetensors")
     assert open_store(store.path).weights_path == "/w/a.safetensors"
+
+
+def test_a_store_of_todays_main_resumes_under_the_built_record(tmp_path, built):
+    store = create_store(tmp_path / "old.zarr", replace(spec(), fingerprint=json.loads(today("extract"))))
+    open_store(store.path).check_fingerprint(built["extract"])  # resumed and grown: equal
+    with pytest.raises(StoreError, match=r"different configuration: seed: 3 -> 4 \(use --overwrite"):
+        open_store(store.path).check_fingerprint(replace(built["extract"], seed=4))
