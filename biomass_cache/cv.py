@@ -110,7 +110,6 @@ class TokenSource:
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  extract: dict | None = None) -> TokenSource:
     """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
-    from biomass_cache.extract import stored_weights_path
     from biomass_cache.reduce import Reduction
 
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
@@ -151,7 +150,7 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
                         **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
-                        "random_weights": store.random_weights, "weights_path": stored_weights_path(store)},
+                        "random_weights": store.random_weights, "weights_path": store.weights_path},
               "device": str(device), "preloaded": preload}
     reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,

@@ -29,13 +29,11 @@ from biomass_cache.aggregate import (STACK_ALPHA, VAR_FLOOR, cross_fitted, fit_s
                                      inverse_variance_mean, oof_scores, stack_predict, weighted_mean)
 from biomass_cache.config import read_config
 from biomass_cache.data import DataError
+from biomass_cache.fingerprint import PRECISION_KEYS, FingerprintError, inherited_settings
 from biomass_cache.targets import COMPONENTS, TARGETS, components_to_targets, to_grams
 
 AGGREGATIONS = ("mean", "mc_dropout", "oof", "stack")
 FITTED = ("oof", "stack")  # aggregations fitted on the members' OOF predictions
-# cache fingerprint key -> ExtractConfig field: the settings a test cache copies from the training cache
-FINGERPRINT_SETTINGS = {"size": "size", "layers": "layers", "norm": "norm", "storage_dtype": "dtype",
-                        "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
 
 
 class EnsembleError(DataError):
@@ -241,7 +239,7 @@ def with_backbone_options(rm: ResolvedMember, precision: str | None, devices: Se
         if rm.kind == "cache" and trained != precision:
             tqdm.write(f"WARNING: member {rm.member.name}: its heads were trained on {trained} tokens; the test "
                        f"tokens are computed in {precision} (--precision), so they differ slightly")
-            ignore = ("compute",)
+            ignore = PRECISION_KEYS
         extract["precision"] = precision
     return replace(rm, extract=extract, ignore=ignore)
 
@@ -249,30 +247,21 @@ def with_backbone_options(rm: ResolvedMember, precision: str | None, devices: Se
 def _extract_settings(config: dict, path: Path) -> dict:
     """ExtractConfig settings (besides data_dir, split, out) that rebuild the run's cache for other images.
 
-    Taken from the cache fingerprint recorded in config.json (what the heads were really trained on); the
-    weights file from the cache's `weights_path` (recorded at extraction), else the run's [extract] section, else
-    "random" for a random backbone (None: the ensemble file or --weights must say where the weights are). The
-    precision is the fingerprint's (tokens of other precisions differ), on the GPU when there is one.
+    Taken from the cache fingerprint recorded in config.json (what the heads were really trained on,
+    fingerprint.inherited_settings); the weights file from the cache's `weights_path` (recorded at extraction), else
+    the run's [extract] section, else "random" for a random backbone (None: the ensemble file or --weights must say
+    where the weights are). The precision is the fingerprint's (tokens of other precisions differ), on the GPU when
+    there is one.
     """
-    from biomass_cache.precision import precision_of_compute
-    from biomass_cache.store import extraction_fingerprint
-
     try:
-        fp = extraction_fingerprint(config["cache"]["fingerprint"])
-        settings = {field: fp[key] for key, field in FINGERPRINT_SETTINGS.items()}
-        backbone, compute = fp["backbone"], fp["compute"]
-        sha = backbone["weights_sha256"]
-        settings.update(backbone=backbone["name"], overrides=backbone.get("overrides") or {}, weights_sha256=sha)
-        if "tiles" in fp:  # absent: one tile (and the test cache's key stays what it was before tiling existed)
-            settings["tiles"] = fp["tiles"]
+        settings = inherited_settings(config["cache"]["fingerprint"])
     except (KeyError, TypeError) as e:
-        raise EnsembleError(f"{path}: config.json lacks the cache fingerprint field {e}") from e
+        raise EnsembleError(f"{path}: config.json lacks the field cache.fingerprint") from e
+    except FingerprintError as e:
+        raise EnsembleError(f"{path}: {e}") from e
+    sha = settings["weights_sha256"]
     recorded = config["cache"].get("weights_path") or (config.get("extract") or {}).get("weights")
     settings["weights"] = "random" if sha == "random" else (recorded if recorded not in (None, "random") else None)
-    try:
-        settings["precision"] = precision_of_compute(compute)
-    except ValueError as e:
-        raise EnsembleError(f"{path}: {e}") from e
     return settings
 
 

@@ -26,16 +26,15 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from biomass_cache import __version__
-from biomass_cache.backbone import (Backbone, backbone_fingerprint, create_backbone, forward_tokens, place_backbone,
-                                    resolve_layers)
+from biomass_cache.backbone import Backbone, create_backbone, forward_tokens, place_backbone, resolve_layers
 from biomass_cache.config import Config, read_config
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
 from biomass_cache.extract_parallel import Item, Writer
+from biomass_cache.fingerprint import Fingerprint, of_extraction
 from biomass_cache.options import default_of, shown
-from biomass_cache.precision import COMPUTE, PRECISIONS, autocast, check_finite, resolve_precision
+from biomass_cache.precision import PRECISIONS, autocast, check_finite, resolve_precision
 from biomass_cache.runtime import run
 from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
                                  remove_leftovers)
@@ -55,7 +54,8 @@ def default_workers() -> int:
 
 @dataclass
 class ExtractConfig:
-    """Everything one extraction run needs. Fields that change the tokens go into the store's fingerprint.
+    """Everything one extraction run needs. Fields that change the tokens go into the store's fingerprint
+    (fingerprint.of_extraction).
 
     `layers=None` picks three blocks spread over the second half of the network: the middle, three-quarter and
     last block (ViT-S/B, depth 12: [5, 8, 11]; ViT-L, depth 24: [11, 17, 23]). `batch_size` counts views per
@@ -142,32 +142,6 @@ def default_layers(depth: int) -> list[int]:
     return sorted({depth // 2 - 1, 3 * depth // 4 - 1, depth - 1} - {-1})
 
 
-def make_fingerprint(cfg: ExtractConfig, backbone: Backbone, layers: list[int], grid: tuple[int, int],
-                     precision: str) -> dict:
-    """Everything that determines the stored tokens; a store is only resumed or grown under an equal fingerprint.
-
-    The resolved compute precision is part of it (bf16, fp16 and fp32 tokens differ); the devices are not (a
-    backbone split over several gives the tokens of one). `tiles` is recorded only when > 1, so a fingerprint
-    without it means one tile and stores extracted before tiling existed resume and match unchanged.
-    """
-    return {
-        "backbone": backbone_fingerprint(backbone),
-        "size": list(cfg.size),
-        "grid": list(grid),
-        **({"tiles": cfg.tiles} if cfg.tiles > 1 else {}),
-        "layers": list(layers),
-        "norm": cfg.norm,
-        "storage_dtype": cfg.dtype,
-        "prefix": cfg.store_prefix,
-        "split": cfg.split,
-        "n_views": cfg.views,
-        "policy": cfg.policy.to_dict(),
-        "seed": cfg.seed,
-        "compute": COMPUTE[precision],
-        "version": __version__,
-    }
-
-
 # ---- data --------------------------------------------------------------------------------------------------------
 @dataclass
 class _Loaded:
@@ -237,7 +211,7 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, device: torch.device, progress: b
     grid = (cfg.size[1] // backbone.patch_size, cfg.size[0] // backbone.patch_size)
     csv = cfg.data_dir / f"{cfg.split}.csv"
     table = read_long_csv(csv, check_images=False)  # a missing file is a per-image error (--skip-bad)
-    fingerprint = make_fingerprint(cfg, backbone, layers, grid, precision)
+    fingerprint = of_extraction(cfg, backbone, layers, grid, precision)
     if backbone.weights_sha256 == "random":
         say("WARNING: RANDOM BACKBONE WEIGHTS: these tokens carry no pretrained features (demo / test use only)")
 
@@ -281,7 +255,7 @@ def _extract(cfg: ExtractConfig, ranks: Ranks, device: torch.device, progress: b
 
 
 def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int, int], backbone: Backbone,
-                   fingerprint: dict, csv: Path, say, held: ExitStack) -> None:
+                   fingerprint: Fingerprint, csv: Path, say, held: ExitStack) -> None:
     """Rank 0: create the store, or check an existing one's fingerprint and append images new in the CSV; then,
     holding the writer lock (entered on `held`), redo images whose photo changed and record the photos' hashes.
     A finished store on a read-only file system is used as it is; any change it would need is refused."""
@@ -309,8 +283,8 @@ def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int
         if cfg.out.exists():  # refuse to replace a store another run is writing
             with WriterLock(cfg.out):
                 pass
-        spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid,
-                         channels=backbone.embed_dim, fingerprint=fingerprint, split=cfg.split, dtype=cfg.dtype,
+        spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid, channels=backbone.embed_dim,
+                         fingerprint=fingerprint.to_dict(), split=cfg.split, dtype=cfg.dtype,
                          n_prefix=backbone.n_prefix * cfg.tiles if cfg.store_prefix else 0,
                          random_weights=backbone.weights_sha256 == "random")
         create_store(cfg.out, spec, overwrite=cfg.overwrite)
@@ -320,7 +294,8 @@ def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int
         for stray in store.path.rglob("*.partial"):  # temp files of writes killed midway
             stray.unlink(missing_ok=True)
     _refresh(store, cfg, table, lock, say)
-    if record_weights_path(cfg.out, backbone, write=lock.held):
+    weights = None if backbone.weights_sha256 == "random" else str(Path(backbone.weights).resolve())
+    if store.record_weights_path(weights, write=lock.held):
         _writable(lock, cfg.out, "record the weights file")
     if not lock.held and _pending(store, table, cfg.data_dir)[0]:
         _writable(lock, cfg.out, "extract the samples not done yet")
@@ -362,25 +337,6 @@ def _refresh(store: TokenStore, cfg: ExtractConfig, table, lock: WriterLock, say
     if fresh:
         _writable(lock, store.path, "record the photos' content hashes")
         store.record_content_hashes(fresh)
-
-
-def record_weights_path(store_path: Path, backbone: Backbone, write: bool = True) -> bool:
-    """Store attribute `weights_path`: the absolute path of the weights file the tokens came from (None for a random
-    backbone), so later stages can rebuild the backbone without being told. Not in the fingerprint: the file's
-    sha256 is, and the same weights may sit at another path on another machine. Written only when it changes
-    (and `write`); returns whether it needed to."""
-    path = None if backbone.weights_sha256 == "random" else str(Path(backbone.weights).resolve())
-    group = zarr.open_group(store_path, mode="r+" if write else "r")
-    if "weights_path" in group.attrs and group.attrs["weights_path"] == path:
-        return False
-    if write:
-        group.update_attributes({"weights_path": path})
-    return True
-
-
-def stored_weights_path(store: TokenStore) -> str | None:
-    """The weights file recorded at extraction (None: random weights, or a store from before it was recorded)."""
-    return zarr.open_group(store.path, mode="r").attrs.get("weights_path")
 
 
 def _pending(store: TokenStore, table, data_dir: Path) -> tuple[list[Item], int, int]:

@@ -156,7 +156,8 @@ def training_config(rm: ResolvedMember, device: str) -> tuple[dict, TrainConfig,
 
 def open_training_cache(config: dict, cache: Path | None, where: Path):
     """The first member's training token store (`cache` if given), refused unless it holds the same tokens."""
-    from biomass_cache.store import fingerprint_diff, open_store
+    from biomass_cache.fingerprint import diff as fingerprint_diff
+    from biomass_cache.store import open_store
 
     path = Path(cache or config["cache"]["path"])
     if not path.exists():

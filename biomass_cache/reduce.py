@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from biomass_cache.config import read_config
 from biomass_cache.data import DataError
+from biomass_cache.fingerprint import reduced, relaxed_diff
 from biomass_cache.io import atomic_path, write_json
-from biomass_cache.store import StoreSpec, TokenStore, comparable, create_store, fingerprint_diff, open_store
+from biomass_cache.store import StoreSpec, TokenStore, create_store, open_store
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
@@ -74,13 +75,12 @@ class Reduction:
         return {"method": METHOD, "dim": self.dim, "pool": self.pool, "projection_sha256": self.sha256}
 
     def fingerprint(self, parent: dict) -> dict:
-        return {"parent": parent, "reduce": self.settings()}
+        return reduced(parent, self.settings())
 
     def check_parent(self, store: TokenStore, ignore: Sequence[str] = ()) -> None:
         """Refuse a store whose tokens were made otherwise than those the projection was fitted on (but for the
         fingerprint keys `ignore` names: the compute precision, when the user chose another one)."""
-        diff = [d for d in fingerprint_diff(comparable(self.parent_fingerprint), comparable(store.fingerprint))
-                if not any(d.startswith(f"{key}:") or f".{key}:" in d for key in ignore)]
+        diff = relaxed_diff(self.parent_fingerprint, store.fingerprint, ignore)
         if diff:
             raise DataError(f"{store.path}: its tokens were extracted with another configuration than the store "
                             "the projection was fitted on (fitted on -> this store): " + "; ".join(diff))
@@ -232,7 +232,7 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
         store.write_extra("reduction_mean", reduction.mean)
         store.write_extra("reduction_components", reduction.components)
         store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
-                        weights_path=src.attrs.get("weights_path"))
+                        weights_path=src.weights_path)
         for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
             store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
                                               for v in range(src.n_views)]))

@@ -77,12 +77,12 @@ def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
 def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     """Refuse a cache the head was not trained on: other extraction settings, missing layers, other width/grid.
 
-    A test cache differs from the training cache only in store.SPLIT_KEYS (TTA views instead of augmented ones) and
-    the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
+    A test cache differs from the training cache only in what fingerprint.relaxed_diff allows (TTA views instead of
+    augmented ones) and the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
     """
     from biomass_cache.heads import check_compatible as check_signature
 
-    from biomass_cache.store import comparable, fingerprint_diff
+    from biomass_cache.fingerprint import relaxed_diff
 
     where = f"head {meta.get('name', '?')} (fold {meta.get('fold', '?')})"
     trained, cache = meta["fingerprint"].get("reduce"), store.fingerprint.get("reduce")
@@ -96,8 +96,7 @@ def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
         check_signature(meta["head"], store)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from e
-    diff = [d for d in fingerprint_diff(comparable(meta["fingerprint"]), comparable(store.fingerprint))
-            if not any(d.startswith(f"{key}:") or f".{key}:" in d for key in ignore)]
+    diff = relaxed_diff(meta["fingerprint"], store.fingerprint, ignore)
     if diff:
         raise DataError(f"{where} was trained on tokens extracted with another configuration than the token "
                         f"store {store.path} (trained on -> store): " + "; ".join(diff))

@@ -12,7 +12,8 @@ Every data array is sharded one shard file per image (race-free: extraction spli
 checksums on every inner chunk and on the shard index, which leads the shard file. Unwritten samples read as NaN
 (fill values), never as zeros.
 Group attributes are written by rank 0 only: `create_store`, `append_images`, `mark_bad`, `reset_images`,
-`record_content_hashes`. Optional attribute `content_sha256` {image_id: sha256 of the photo the tokens came from}.
+`record_content_hashes`, `record_weights_path`. Optional attributes: `content_sha256` {image_id: sha256 of the
+photo the tokens came from}, `weights_path` (the weights file they came from).
 An append killed between growing the arrays and recording the ids leaves arrays longer than `image_ids`: rows past
 `image_ids` hold nothing, are ignored by readers and trimmed by the next writer (`trim_unrecorded_tail`).
 
@@ -35,6 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+from biomass_cache import fingerprint as fingerprints
 from biomass_cache.data import DataError
 from biomass_cache.shards import ShardError, ShardGeometry, read_inner_chunks, write_shard
 from biomass_cache.token_codec import CodecError, decode, encode
@@ -62,7 +64,6 @@ _STORED = {"float16": ("float16", float("nan")), "bfloat16": ("uint16", BF16_NAN
 # Chunk files side by side (tokens/c.12.0.0.0.0): one directory per array, nothing nested to create or fsync.
 FLAT_KEYS = {"name": "default", "separator": "."}
 SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
-SPLIT_KEYS = ("split", "n_views")  # fingerprint keys a test store may change
 EXPECTED_NAMES = ("tokens", "prefix", "scales", "prefix_scales", "done")
 INDEX_LOCATION = "start"  # shard index before the chunks: a cold read runs forward through the file (docs: Benchmarks)
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
@@ -103,38 +104,6 @@ def _as_json(obj: Any, what: str) -> Any:
         return json.loads(json.dumps(obj, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise StoreError(f"{what} must be JSON-serialisable: {e}") from e
-
-
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """Differences between two fingerprints by key path, e.g. ["layers: [3, 5] -> [3, 6]", "a.b: <missing> -> 1"]."""
-
-    def walk(a: dict, b: dict, prefix: str) -> list[str]:
-        out = []
-        for key in sorted(set(a) | set(b)):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                out += walk(a[key], b[key], f"{prefix}{key}.")
-            elif key not in a or key not in b or a[key] != b[key]:
-                show = [json.dumps(d[key]) if key in d else "<missing>" for d in (a, b)]
-                out.append(f"{prefix}{key}: {show[0]} -> {show[1]}")
-        return out
-
-    return walk(_as_json(old, "fingerprint"), _as_json(new, "fingerprint"), "")
-
-
-def comparable(fingerprint: dict) -> dict:
-    """The fingerprint without what a test store may change (TTA views instead of augmented ones), at every level
-    of a reduction chain ({"parent": ..., "reduce": ...}, see reduce.py)."""
-    out = {k: v for k, v in fingerprint.items() if k not in SPLIT_KEYS}
-    if isinstance(out.get("parent"), dict):
-        out["parent"] = comparable(out["parent"])
-    return out
-
-
-def extraction_fingerprint(fingerprint: dict) -> dict:
-    """The extraction's fingerprint at the root of a chain of reductions (the fingerprint itself if unreduced)."""
-    while "reduce" in fingerprint and isinstance(fingerprint.get("parent"), dict):
-        fingerprint = fingerprint["parent"]
-    return fingerprint
 
 
 def _infer_random_weights(fingerprint: dict) -> bool:
@@ -352,6 +321,8 @@ class TokenStore:
     bad_ids = property(lambda self: dict(self._attrs["bad_ids"]))
     attrs = property(lambda self: dict(self._attrs))  # every group attribute, the optional ones included
     content_hashes = property(lambda self: dict(self._attrs.get("content_sha256") or {}))
+    # the weights file the tokens came from (None: random weights, or a store from before it was recorded)
+    weights_path = property(lambda self: self._attrs.get("weights_path"))
 
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.path)!r}, images={len(self._attrs['image_ids'])}, views={self.n_views}, "
@@ -381,9 +352,9 @@ class TokenStore:
         """The file holding row i of `done`."""
         return self.path / "done" / self._arrays["done"].metadata.encode_chunk_key((i, 0))
 
-    def check_fingerprint(self, fingerprint: dict) -> None:
+    def check_fingerprint(self, fingerprint: fingerprints.Fingerprint | dict) -> None:
         """Refuse a store extracted with another configuration, naming every difference."""
-        diff = fingerprint_diff(self.fingerprint, fingerprint)
+        diff = fingerprints.diff(self.fingerprint, fingerprint)
         if diff:
             raise StoreError(f"{self.path}: this store was extracted with a different configuration: "
                              + "; ".join(diff) + " (use --overwrite to replace it, or another --out)")
@@ -616,6 +587,18 @@ class TokenStore:
         merged = {**self.content_hashes, **hashes}
         if merged != self.content_hashes:
             self._set_attrs(content_sha256=merged)
+
+    def record_weights_path(self, path: str | None, write: bool = True) -> bool:
+        """Set attribute `weights_path`: the absolute path of the weights file the tokens came from (None for random
+        weights), so later stages can rebuild the backbone without being told. Not in the fingerprint: the file's
+        sha256 is, and the same weights may sit at another path on another machine. Written only when it changes
+        (and `write`: False asks whether it would); returns whether it needed to."""
+        if "weights_path" in self._attrs and self._attrs["weights_path"] == path:
+            return False
+        if write:
+            self._require_writable()
+            self._set_attrs(weights_path=path)
+        return True
 
     def mark_bad(self, image_id: str, reason: str) -> None:
         """Record an image that could not be extracted (rank 0 only)."""

@@ -168,7 +168,7 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
     from biomass_cache.backbone import create_backbone
     from biomass_cache.ensemble import spec_from_options
-    from biomass_cache.extract import ExtractConfig, extract, stored_weights_path
+    from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.store import open_store
     from biomass_cache.submission import submit
     from biomass_cache.cv import run_training
@@ -180,7 +180,7 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     cache = tmp_path / "train.zarr"
     extract(ExtractConfig(data_dir=data, split="train", out=cache, weights=str(weights), size=(64, 32), layers=[1],
                           views=1, device="cpu", overrides=PIPELINE_VIT), progress=False)
-    assert stored_weights_path(open_store(cache)) == str(weights.resolve())
+    assert open_store(cache).weights_path == str(weights.resolve())
     cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, aux=False), ["mlp"])
     run_training(cache, data, tmp_path / "run", cfg, members)
     config = json.loads((tmp_path / "run" / "config.json").read_text())

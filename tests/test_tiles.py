@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens, split_tiles, stitch_tiles
 from biomass_cache.cli import app
 from biomass_cache.data import DataError
-from biomass_cache.extract import ExtractConfig, extract, make_fingerprint
+from biomass_cache.extract import ExtractConfig, extract
+from biomass_cache.fingerprint import of_extraction
 from biomass_cache.store import StoreError, open_store
 from biomass_cache.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
@@ -84,8 +85,8 @@ def test_one_tile_is_todays_forward_and_fingerprint(tmp_path, weights):
         tiled, _ = forward_tokens(bb, x, [0, 1], True, tiles=2)
         assert not torch.allclose(tiled, forward_tokens(bb, x, [0, 1], True)[0], atol=0.1)  # attention is cut
     write_data(tmp_path / "data", 1)
-    assert "tiles" not in make_fingerprint(config(tmp_path), bb, [0, 1], (2, 4), "fp32")  # old stores match
-    assert make_fingerprint(config(tmp_path, tiles=2), bb, [0, 1], (2, 4), "fp32")["tiles"] == 2
+    assert "tiles" not in of_extraction(config(tmp_path), bb, [0, 1], (2, 4), "fp32").to_dict()  # old stores match
+    assert of_extraction(config(tmp_path, tiles=2), bb, [0, 1], (2, 4), "fp32").to_dict()["tiles"] == 2
 
 
 @pytest.mark.slow

@@ -14,23 +14,20 @@ from biomass_cache import runs
 from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
 from biomass_cache.content import sha256_file
 from biomass_cache.data import DataError
+from biomass_cache.fingerprint import of_lora
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.lora.adapters import adapter_state, inject_lora
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 from biomass_cache.precision import check_precision
 from biomass_cache.targets import ZScore
-from biomass_cache.views import ViewPolicy
 
 ADAPTER_PREFIX, HEAD_PREFIX = "backbone.", "head."
 
 
 def lora_fingerprint(bb: Backbone, s: LoraSettings) -> dict:
-    """What determines the live tokens before training: backbone, image size, read layers, norm, views."""
-    return {"kind": "lora", "backbone": backbone_fingerprint(bb), "size": list(s.size),
-            **({"tiles": s.tiles} if s.tiles > 1 else {}),
-            "layers": resolve_layers(s.layers, bb.depth), "norm": s.norm, "view_seed": s.view_seed,
-            "policy": asdict(ViewPolicy()), "adapted_blocks": adapted_blocks(bb.depth, s.blocks)}
+    """The run's fingerprint (kind "lora", fingerprint.of_lora) as config.json and the checkpoints record it."""
+    return of_lora(bb, s, resolve_layers(s.layers, bb.depth), adapted_blocks(bb.depth, s.blocks)).to_dict()
 
 
 def base_identity(bb: Backbone) -> dict:

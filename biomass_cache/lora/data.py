@@ -7,8 +7,6 @@ once (`build_prefix_cache`) and training runs only the adapted blocks. The model
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from biomass_cache.backbone import backbone_fingerprint
 from biomass_cache.data import DataError
 from biomass_cache.dataset import AuxSpec, encode_labels, store_rows, view_for
+from biomass_cache.fingerprint import diff as fingerprint_diff, of_prefix_cache
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.views import ViewPolicy, load_photo, make_view
@@ -112,15 +110,13 @@ def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler
 
 def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):
     """Store, for every image and view, the hidden state entering the first adapted block (resumable)."""
-    from biomass_cache.store import StoreSpec, create_store, fingerprint_diff, open_store
+    from biomass_cache.store import StoreSpec, create_store, open_store
 
     s, start = live.s, live.start
     if start == 0:
         raise DataError("--lora-prefix-cache needs at least one frozen block before the adapted ones "
                          f"(--lora-blocks {s.blocks} adapts all {live.bb.depth})")
-    fp = {"kind": "lora_prefix", "backbone": backbone_fingerprint(live.bb), "size": list(s.size), "block": start,
-          "view_seed": s.view_seed, "policy": asdict(ViewPolicy())}
-    fp = json.loads(json.dumps(fp))  # as stored: tuples become lists
+    fp = of_prefix_cache(live.bb, s, start).to_dict()
     ids = list(table["image_id"])
     if Path(path).exists():
         store = open_store(path, "r+")
