@@ -264,9 +264,17 @@ def tune_rows(d: dict) -> str:
 
     rows = [["density head, defaults", score(d["default"])],
             [f"density head, tuned ({s['trials']} trials, top {s['top_k']} x {s['seeds']} seeds)", score(d["tuned"])]]
+    stage = [[f"trial {r['trial']}", f"{r['search_r2']:.3f}", f"{r['mean']:.3f} +- {r['std']:.3f}",
+              ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                        {**{k: r['train'][k] for k in ('lr', 'weight_decay', 'ema_decay')},
+                         **r['train'].get('head_kwargs', {})}.items())]
+             for r in d["study"]["rows"]]
     return "\n\n".join([f"{s['n_train']} images, {s['folds']} folds, {s['epochs']} epochs; mean +- std over fresh "
                         f"seeds.", table(["model", "competition_r2"], rows, "lr"),
-                        f"Gain {d['gain']:+.3f}; tuning {d['tune_s']:.0f} s, wall {d['wall_s']:.0f} s."])
+                        f"Gain {d['gain']:+.3f}; tuning {d['tune_s']:.0f} s, wall {d['wall_s']:.0f} s.",
+                        f"The second stage ({len(d['study']['rows'])} best trials of {d['study']['finished']}, re-run "
+                        f"with seeds {d['study']['rows'][0]['seeds']}; winner trial {d['study']['winner']}):",
+                        table(["trial", "search OOF", "second stage, mean +- std", "settings"], stage, "lrrl")])
 
 
 def gpu_rows(d: dict) -> str:
