@@ -38,6 +38,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from biomass_cache import runs  # noqa: E402
+from biomass_cache.aggregate import cross_fitted, fit_stack, stack_predict, weighted_mean  # noqa: E402
 from biomass_cache.cv import run_training  # noqa: E402
 from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
@@ -88,9 +90,12 @@ CONTENDERS = {  # transfer preset: name -> TrainConfig overrides; a head that is
     "density-lr1e-3": dict(head="density", lr=1e-3),
     "mlp": HEADS["mlp"],
     "ridge": dict(head="ridge"),
+    "density-interval": dict(head="density", interval_bins=8, interval_weight=0.3),
 }
+ENSEMBLES = {"density+ridge": ("density", "ridge")}  # name -> members: rows wherever every member was trained
 TRANSFER = dict(sizes=[80, 357], styles=["blades", "canopy"], seeds=[0], photo=(448, 224), size=(224, 112),
-                epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge"])
+                epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge",
+                                        "density-interval"])
 TRANSFER_QUICK = dict(sizes=[60, 80], epochs=4, contenders=["density", "mlp", "ridge"])  # --quick: a smoke run
 
 
@@ -169,11 +174,35 @@ def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: di
     return {n: {**metrics["heads"][n], "train_s": seconds} for n in members}
 
 
+def read_oofs(run: Path, names: list[str], image_ids: list[str]) -> dict[str, np.ndarray]:
+    """{head: (N, 5) OOF grams} from a run folder's oof_HEAD.csv files, rows in `image_ids` order."""
+    return {n: runs.read_oof(run / f"oof_{n}.csv").set_index("image_id").loc[image_ids, list(TARGETS)].to_numpy(float)
+            for n in names}
+
+
+def ensemble_rows(oofs: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray) -> list[dict]:
+    """Per ENSEMBLES entry whose members are all in `oofs`: the equal-weight component-space mean of their OOF grams
+    (no fitting, so already out-of-fold) and the non-negative stack's cross-fitted score (fit on the other folds'
+    OOF rows, applied to the held-out fold), on the folds the members were scored on."""
+    rows = []
+    for name, members in ENSEMBLES.items():
+        if not all(m in oofs for m in members):
+            continue
+        preds = [oofs[m] for m in members]
+        mean = weighted_mean(preds, [1.0] * len(preds))
+        stack = cross_fitted(preds, y, folds, fit_stack, stack_predict)
+        rows += [{"model": f"{name} (mean of OOF grams)", "competition_r2": competition_r2(y, mean),
+                  "per_target_r2": per_target_r2(y, mean)},
+                 {"model": f"{name} (stack, cross-fitted)", "competition_r2": stack["ensemble"], "per_target_r2": None,
+                  "folds": stack["folds"]}]
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | competition_r2 | " + " | ".join(f"R2 {t.removesuffix('_g')}" for t in TARGETS) + " |",
              "|---|---:|" + "---:|" * len(TARGETS)]
     for r in rows:
-        per = " | ".join(f"{r['per_target_r2'][t]:.3f}" for t in TARGETS)
+        per = " | ".join(f"{r['per_target_r2'][t]:.3f}" if r["per_target_r2"] else "" for t in TARGETS)
         lines.append(f"| {r['model']} | {r['competition_r2']:.3f} | {per} |")
     return "\n".join(lines)
 
@@ -215,6 +244,7 @@ def transfer_cell(work: Path, n_train: int, style: str, seed: int, cfg: dict, co
         heads = train_heads(f16, data, work / "runs", work / "folds.csv", contenders, cfg["epochs"], threads,
                             plots=False)
         rows += [{"model": f"{name} head", **s} for name, s in heads.items()]
+        rows += ensemble_rows(read_oofs(work / "runs", list(heads), list(table["image_id"])), y, folds)
     colour = rows[1]["competition_r2"]
     return {"n_train": n_train, "style": style, "seed": seed, "extract_s": extract_s, "rows": rows,
             "margin_vs_colour": {r["model"]: r["competition_r2"] - colour for r in rows if r["model"] != COLOUR_RIDGE}}
