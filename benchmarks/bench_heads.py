@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
@@ -96,6 +97,9 @@ ENSEMBLES = {"density+ridge": ("density", "ridge")}  # name -> members: rows whe
 TRANSFER = dict(sizes=[80, 357], styles=["blades", "canopy"], seeds=[0], photo=(448, 224), size=(224, 112),
                 epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge",
                                         "density-interval"])
+TECHNIQUES = dict(n_train=160, n_test=40, photo=(448, 224), size=(224, 112), epochs=120, int8=False, tiles=2,
+                  pseudo_weight=0.5, heads=["density", "density-interval", "ridge"])
+TECHNIQUES_QUICK = dict(n_train=40, n_test=6, epochs=3)  # --quick: a smoke run
 TRANSFER_QUICK = dict(sizes=[60, 80], epochs=4, contenders=["density", "mlp", "ridge"])  # --quick: a smoke run
 
 
@@ -136,18 +140,32 @@ def int8_copy(src: Path, dst: Path) -> None:
 
 
 def prepare(work: Path, sz: dict, style: str = "blades", seed: int = 0) -> tuple[Path, Path, Path, float]:
-    """Data folder, float16 cache and (if the preset wants it) its int8 copy in `work` (reused when complete);
-    returns extraction seconds."""
+    """Data folder (sz["n_test"] test photos, 1 by default), float16 cache and (if the preset wants it) its int8 copy
+    in `work` (reused when complete); returns extraction seconds. The training photos do not depend on n_test."""
     data, f16, i8 = work / "data", work / "cache_f16.zarr", work / "cache_int8.zarr"
     if not (data / "train.csv").is_file():
-        generate(data, n_train=sz["n_train"], n_test=1, seed=seed, size=sz["photo"], progress=False, style=style)
-    t = time.perf_counter()
-    extract(ExtractConfig(data_dir=data, out=f16, backbone=BACKBONE, weights="random", size=sz["size"],
-                          layers=LAYERS, views=VIEWS, seed=0, device="cpu", num_workers=1), progress=True)
-    seconds = time.perf_counter() - t
+        generate(data, n_train=sz["n_train"], n_test=sz.get("n_test", 1), seed=seed, size=sz["photo"], progress=False,
+                 style=style)
+    seconds = extract_cache(data, f16, sz["size"])
     if sz["int8"] and not i8.exists():
         int8_copy(f16, i8)
     return data, f16, i8, seconds
+
+
+def extract_cache(data: Path, out: Path, size: tuple[int, int], tiles: int = 1) -> float:
+    """The training photos' tokens at `size` (in `tiles` side-by-side pieces) into `out` (resumed); its seconds."""
+    t = time.perf_counter()
+    extract(ExtractConfig(data_dir=data, out=out, backbone=BACKBONE, weights="random", size=size, layers=LAYERS,
+                          views=VIEWS, seed=0, device="cpu", num_workers=1, tiles=tiles), progress=True)
+    return time.perf_counter() - t
+
+
+def token_change(a: Path, b: Path, n: int = 8) -> float:
+    """Mean |a - b| / mean |a| of the patch tokens of the first n images' view 0 in two caches of the same photos."""
+    sa, sb = open_store(a), open_store(b)
+    x = np.stack([sa.read(i, 0) for i in range(n)]).astype(np.float64)
+    y = np.stack([sb.read(i, 0) for i in range(n)]).astype(np.float64)
+    return float(np.abs(x - y).mean() / np.abs(x).mean())
 
 
 def reduced_copy(src: Path, work: Path, dim: int, pool: int) -> tuple[Path, float]:
@@ -191,8 +209,7 @@ def ensemble_rows(oofs: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray)
         preds = [oofs[m] for m in members]
         mean = weighted_mean(preds, [1.0] * len(preds))
         stack = cross_fitted(preds, y, folds, fit_stack, stack_predict)
-        rows += [{"model": f"{name} (mean of OOF grams)", "competition_r2": competition_r2(y, mean),
-                  "per_target_r2": per_target_r2(y, mean)},
+        rows += [scored(f"{name} (mean of OOF grams)", y, mean),
                  {"model": f"{name} (stack, cross-fitted)", "competition_r2": stack["ensemble"], "per_target_r2": None,
                   "folds": stack["folds"]}]
     return rows
@@ -221,25 +238,34 @@ def pick_contenders(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
     return picked, skipped
 
 
+def folds_of(data: Path, work: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The training table, its (N, 5) grams and the grouped folds every row is scored on (written to work/folds.csv)."""
+    table = read_long_csv(data / "train.csv")
+    folds = grouped_folds(table, n_splits=FOLDS, seed=0)
+    write_folds(work / "folds.csv", table, folds)
+    return table, table[list(TARGETS)].to_numpy(float), folds
+
+
+def scored(model: str, y: np.ndarray, oof: np.ndarray, **extra) -> dict:
+    return {"model": model, "competition_r2": competition_r2(y, oof), "per_target_r2": per_target_r2(y, oof), **extra}
+
+
+def baseline_rows(data: Path, f16: Path, table: pd.DataFrame, y: np.ndarray, folds: np.ndarray) -> list[dict]:
+    """The mean predictor, the colour-statistics ridge (colour_baseline.py) and ridge on pooled tokens, on `folds`."""
+    colour_oof, alphas = ridge_inner_cv_oof(colour_stats_of([data / p for p in table["image_path"]]), y, folds)
+    return [scored("mean predictor", y, mean_oof(y, folds)),
+            scored(COLOUR_RIDGE, y, colour_oof, alphas=alphas),
+            scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)", y,
+                   ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds))]
+
+
 def transfer_cell(work: Path, n_train: int, style: str, seed: int, cfg: dict, contenders: dict[str, dict],
                   threads: int) -> dict:
     """One (size, style, seed) cell: its own data, cache and grouped folds; every row scored on those folds."""
     sz = {"n_train": n_train, "photo": cfg["photo"], "size": cfg["size"], "int8": False}
     data, f16, _, extract_s = prepare(work, sz, style=style, seed=seed)
-    table = read_long_csv(data / "train.csv")
-    y = table[list(TARGETS)].to_numpy(float)
-    folds = grouped_folds(table, n_splits=FOLDS, seed=0)
-    write_folds(work / "folds.csv", table, folds)
-
-    def scored(model: str, oof: np.ndarray, **extra) -> dict:
-        return {"model": model, "competition_r2": competition_r2(y, oof), "per_target_r2": per_target_r2(y, oof),
-                **extra}
-
-    colour_oof, alphas = ridge_inner_cv_oof(colour_stats_of([data / p for p in table["image_path"]]), y, folds)
-    rows = [scored("mean predictor", mean_oof(y, folds)),
-            scored(COLOUR_RIDGE, colour_oof, alphas=alphas),
-            scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)",
-                   ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds))]
+    table, y, folds = folds_of(data, work)
+    rows = baseline_rows(data, f16, table, y, folds)
     if contenders:
         heads = train_heads(f16, data, work / "runs", work / "folds.csv", contenders, cfg["epochs"], threads,
                             plots=False)
@@ -295,12 +321,64 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
     print(f"\nwall {result['wall_s']:.0f} s; results -> {out}")
 
 
+def run_techniques(args: argparse.Namespace, work: Path) -> None:
+    """The techniques preset: the full preset's training photos, cache and folds (its test photos are more, for the
+    pseudo-labels), every technique of issue #15 beside the density head and the colour-statistics ridge."""
+    from biomass_cache.ensemble import EnsembleSpec, Member
+    from biomass_cache.pseudo import pseudo_train
+
+    cfg, t0 = {**TECHNIQUES, **(TECHNIQUES_QUICK if args.quick else {})}, time.perf_counter()
+    data, f16, _, extract_s = prepare(work, cfg)
+    tiled = work / f"cache_tiles{cfg['tiles']}.zarr"
+    tiles_s = extract_cache(data, tiled, cfg["size"], cfg["tiles"])
+    table, y, folds = folds_of(data, work)
+    rows = baseline_rows(data, f16, table, y, folds)
+    run = work / "runs" / "heads"
+    heads = train_heads(f16, data, run, work / "folds.csv", {n: CONTENDERS[n] for n in cfg["heads"]}, cfg["epochs"],
+                        args.threads)
+    rows += [{"model": f"{name} head", **s} for name, s in heads.items()]
+    rows += ensemble_rows(read_oofs(run, list(heads), list(table["image_id"])), y, folds)
+    got = train_heads(tiled, data, work / "runs" / "tiles", work / "folds.csv", {"density": CONTENDERS["density"]},
+                      cfg["epochs"], args.threads)
+    half = f"{cfg['size'][0] // cfg['tiles']}x{cfg['size'][1]}"
+    rows.append({"model": f"density head, {cfg['tiles']} tiles ({half} each) per view", **got["density"],
+                 "extract_s": tiles_s, "token_change_vs_whole_view": token_change(f16, tiled)})
+    t = time.perf_counter()
+    pseudo = pseudo_train(EnsembleSpec((Member(run, head="density"),)), data, work / "runs" / "pseudo", rounds=1,
+                          weight=cfg["pseudo_weight"], work_dir=work / "submit", overwrite=True, progress=False)
+    rows.append({"model": f"density head + pseudo-labels ({pseudo['pseudo']['n_test']} test photos, 1 round, weight "
+                          f"{cfg['pseudo_weight']}, {pseudo['pseudo']['labels']})",
+                 **pseudo["heads"]["density"], "train_s": time.perf_counter() - t})
+    r2 = {r["model"]: r["competition_r2"] for r in rows}
+    result = {
+        "settings": {"n_train": cfg["n_train"], "n_test": cfg["n_test"], "photo": list(cfg["photo"]),
+                     "size": list(cfg["size"]), "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS,
+                     "views": VIEWS, "folds": FOLDS, "epochs": cfg["epochs"], "tta": 0, "torch_threads": args.threads,
+                     "preset": "techniques", "quick": bool(args.quick), "colour_stats": len(STAT_NAMES),
+                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+        "contenders": {n: CONTENDERS[n] for n in cfg["heads"]},
+        "rows": rows,
+        "margin_vs_density": {m: v - r2["density head"] for m, v in r2.items()},
+        "margin_vs_colour": {m: v - r2[COLOUR_RIDGE] for m, v in r2.items()},
+        "extract_s": extract_s,
+        "wall_s": time.perf_counter() - t0,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+        "work": str(work),
+    }
+    out = args.out or (work / "heads_techniques_quick.json" if args.quick else RESULTS / "heads_techniques.json")
+    write_json(out, result)
+    print("\n" + markdown(rows))
+    print(f"\nwall {result['wall_s']:.0f} s; results -> {out}")
+
+
 def main() -> None:
     keep_freed_memory()  # as every entry point does: benchmarks measure what users run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted([*PRESETS, "transfer"]), default="full",
+    ap.add_argument("--preset", choices=sorted([*PRESETS, "transfer", "techniques"]), default="full",
                     help="full: the table; reduce / reduce_large: full vs reduced tokens at a 14 x 28 / 28 x 56 grid; "
-                         "quick: a smoke run; transfer: cells of (size, style, seed), colour ridge in each")
+                         "quick: a smoke run; transfer: cells of (size, style, seed), colour ridge in each; "
+                         "techniques: issue #15's techniques on the full preset's photos and folds")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON results file [results/heads[_PRESET].json; transfer --quick: WORK/heads_transfer_quick"
                          ".json, never the results folder]")
@@ -314,14 +392,20 @@ def main() -> None:
     transfer.add_argument("--epochs", type=int, help=f"epochs of every head [{TRANSFER['epochs']}]")
     transfer.add_argument("--contenders", nargs="+", metavar="NAME",
                           help=f"heads to train in every cell, from {', '.join(CONTENDERS)} [{TRANSFER['contenders']}]")
-    transfer.add_argument("--quick", action="store_true", help=f"a smoke run: {TRANSFER_QUICK}")
+    transfer.add_argument("--quick", action="store_true",
+                          help=f"a smoke run: {TRANSFER_QUICK}; with --preset techniques: {TECHNIQUES_QUICK}")
     args = ap.parse_args()
     given = [k for k in ("sizes", "styles", "seeds", "epochs", "contenders") if getattr(args, k) is not None]
-    if args.preset != "transfer" and (given or args.quick):
-        ap.error(f"--{(given or ['quick'])[0]} applies to --preset transfer only")
+    if args.preset != "transfer" and given:
+        ap.error(f"--{given[0]} applies to --preset transfer only")
+    if args.quick and args.preset not in ("transfer", "techniques"):
+        ap.error("--quick applies to --preset transfer or techniques only")
     torch.set_num_threads(args.threads)
     if args.preset == "transfer":
         run_transfer(args, args.work or Path(tempfile.mkdtemp(prefix="bench_heads_")))
+        return
+    if args.preset == "techniques":
+        run_techniques(args, args.work or Path(tempfile.mkdtemp(prefix="bench_heads_")))
         return
     sz = PRESETS[args.preset]
     out = args.out or RESULTS / ("heads.json" if args.preset == "full" else f"heads_{args.preset}.json")
@@ -330,20 +414,13 @@ def main() -> None:
     t0 = time.perf_counter()
     data, f16, i8, extract_s = prepare(work, sz)
 
-    table = read_long_csv(data / "train.csv")
-    y = table[list(TARGETS)].to_numpy(float)
-    folds = grouped_folds(table, n_splits=FOLDS, seed=0)
-    write_folds(work / "folds.csv", table, folds)
-
-    def scored(model: str, oof: np.ndarray, **extra) -> dict:
-        return {"model": model, "competition_r2": competition_r2(y, oof), "per_target_r2": per_target_r2(y, oof),
-                **extra}
+    table, y, folds = folds_of(data, work)
 
     rows = [
-        scored("mean predictor", mean_oof(y, folds)),
-        scored("ridge on colour statistics (14 features)",
+        scored("mean predictor", y, mean_oof(y, folds)),
+        scored("ridge on colour statistics (14 features)", y,
                ridge_oof(np.stack([colour_features(data / p) for p in table["image_path"]]), y, folds)),
-        scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)",
+        scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)", y,
                ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds)),
     ]
     heads = train_heads(f16, data, work / "runs" / "float16", work / "folds.csv", sz["heads"], sz["epochs"], threads)
