@@ -11,9 +11,14 @@ PCA channels and a pooled grid), `reduce_large` (896 x 448 views, a 28 x 56 grid
 tokens beside the reduction `--pool auto` picks there, 2 x 2 to 14 x 28, as at 960 x 480), `quick` (a smoke run),
 `transfer` (whether defaults hold across data: one cell per (training size, generator style, seed), each with its
 own data, cache and grouped folds; in every cell the colour-statistics ridge (colour_baseline.py) and the selected
-contenders, `--contenders`, on that cell's folds; `--quick` runs a reduced version).
+contenders, `--contenders`, on that cell's folds; `--quick` runs a reduced version), `techniques` (the full
+preset's training photos, cache and folds, with 40 test photos for the pseudo-labels: the density head beside the
+interval-classification auxiliary, the ridge head, their ensembles, a cache of 2 tiles per view and pseudo-labels;
+`--quick` runs a reduced version). Wherever the density and ridge heads are both trained, two ensemble rows follow:
+the equal-weight mean of their OOF grams and the non-negative stack's cross-fitted score (ENSEMBLES).
 
-    python benchmarks/bench_heads.py [--preset full|reduce|reduce_large|quick|transfer] [--out FILE] [--work DIR]
+    python benchmarks/bench_heads.py [--preset full|reduce|reduce_large|quick|transfer|techniques] [--out FILE]
+        [--work DIR]
     python benchmarks/bench_heads.py --preset transfer [--sizes 80 357] [--styles blades canopy] [--seeds 0]
         [--epochs 120] [--contenders density mlp ridge ...] [--quick]
 
