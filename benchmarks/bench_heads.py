@@ -281,6 +281,17 @@ def transfer_cell(work: Path, n_train: int, style: str, seed: int, cfg: dict, co
             "margin_vs_colour": {r["model"]: r["competition_r2"] - colour for r in rows if r["model"] != COLOUR_RIDGE}}
 
 
+def transfer_summary(cells: list[dict]) -> dict[str, dict]:
+    """Per model of the first cell: its mean score over the cells and its worst margin over the colour ridge."""
+    summary = {}
+    for model in [r["model"] for r in cells[0]["rows"]]:
+        scores = [next(r["competition_r2"] for r in c["rows"] if r["model"] == model) for c in cells]
+        margins = [c["margin_vs_colour"].get(model) for c in cells]
+        summary[model] = {"mean": float(np.mean(scores)),
+                          "worst_margin_vs_colour": None if None in margins else float(min(margins))}
+    return summary
+
+
 def run_transfer(args: argparse.Namespace, work: Path) -> None:
     """The transfer preset: every cell, then per model its mean score and its worst margin over the colour ridge."""
     cfg = {**TRANSFER, **(TRANSFER_QUICK if args.quick else {})}
@@ -290,32 +301,29 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
     for name, why in skipped.items():
         print(f"NOTE: contender {name} skipped: {why}")
     out = args.out or (work / "heads_transfer_quick.json" if args.quick else RESULTS / "heads_transfer.json")
-    t0 = time.perf_counter()
-    cells = [transfer_cell(work / f"{style}_seed{seed}_n{n}", n, style, seed, cfg, contenders, args.threads)
-             for style in cfg["styles"] for seed in cfg["seeds"] for n in cfg["sizes"]]
-    summary = {}
-    for model in [r["model"] for r in cells[0]["rows"]]:
-        scores = [next(r["competition_r2"] for r in c["rows"] if r["model"] == model) for c in cells]
-        margins = [c["margin_vs_colour"].get(model) for c in cells]
-        summary[model] = {"mean": float(np.mean(scores)),
-                          "worst_margin_vs_colour": None if None in margins else float(min(margins))}
-    result = {
-        "settings": {"photo": list(cfg["photo"]), "size": list(cfg["size"]), "backbone": f"{BACKBONE} (random weights)",
-                     "layers": LAYERS, "views": VIEWS, "folds": FOLDS, "epochs": cfg["epochs"], "tta": 0,
-                     "torch_threads": args.threads, "preset": "transfer", "quick": bool(args.quick),
-                     "sizes": cfg["sizes"], "styles": cfg["styles"], "seeds": cfg["seeds"],
-                     "colour_stats": len(STAT_NAMES),
-                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
-        "contenders": contenders,
-        "skipped": skipped,
-        "cells": cells,
-        "summary": summary,
-        "wall_s": time.perf_counter() - t0,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
-        "work": str(work),
-    }
-    write_json(out, result)
+    t0, cells = time.perf_counter(), []
+    plan = [(n, style, seed) for n in cfg["sizes"] for style in cfg["styles"] for seed in cfg["seeds"]]
+    for n, style, seed in plan:  # the results file is rewritten after every cell: a cut-short run keeps its cells
+        cells.append(transfer_cell(work / f"{style}_seed{seed}_n{n}", n, style, seed, cfg, contenders, args.threads))
+        summary = transfer_summary(cells)
+        result = {
+            "settings": {"photo": list(cfg["photo"]), "size": list(cfg["size"]),
+                         "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS, "views": VIEWS, "folds": FOLDS,
+                         "epochs": cfg["epochs"], "tta": 0, "torch_threads": args.threads, "preset": "transfer",
+                         "quick": bool(args.quick), "sizes": cfg["sizes"], "styles": cfg["styles"],
+                         "seeds": cfg["seeds"], "colour_stats": len(STAT_NAMES), "cells_done": len(cells),
+                         "cells_planned": len(plan),
+                         "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+            "contenders": contenders,
+            "skipped": skipped,
+            "cells": cells,
+            "summary": summary,
+            "wall_s": time.perf_counter() - t0,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "torch": torch.__version__},
+            "work": str(work),
+        }
+        write_json(out, result)
     for c in cells:
         print(f"\n{c['style']} seed {c['seed']}, {c['n_train']} images (extraction {c['extract_s']:.0f} s)")
         print(markdown(c["rows"]))

@@ -115,7 +115,9 @@ def transfer_rows(d: dict) -> str:
             f"of the cell shares; {s['backbone']}, input {size(s['size'])}, blocks {s['layers']}, {s['views']} views, "
             f"{s['epochs']} epochs, OOF on view {s['tta']}; {s['train_defaults']}. Colour ridge: "
             f"{s['colour_stats']} colour statistics per photo (`benchmarks/colour_baseline.py`)."
-            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else "")
+            + (f" **Cut short: {s['cells_done']} of {s['cells_planned']} cells.**"
+               if s.get("cells_done", 0) < s.get("cells_planned", 0) else ""))
     cells = d["cells"]
     header = ["model", *(f"{c['style']} s{c['seed']}, {c['n_train']}" for c in cells), "mean",
               "worst margin over colour ridge"]
