@@ -103,8 +103,8 @@ TRANSFER = dict(sizes=[80, 357], styles=["blades", "canopy"], seeds=[0], photo=(
                 epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge",
                                         "density-interval"])
 TECHNIQUES = dict(n_train=160, n_test=40, photo=(448, 224), size=(224, 112), epochs=120, int8=False, tiles=2,
-                  pseudo_weight=0.5, heads=["density", "density-interval", "ridge"])
-TECHNIQUES_QUICK = dict(n_train=40, n_test=6, epochs=3)  # --quick: a smoke run
+                  pseudo_weight=0.5, heads=["density", "density-interval", "ridge"], seeds=[1, 2])
+TECHNIQUES_QUICK = dict(n_train=40, n_test=6, epochs=3, seeds=[1])  # --quick: a smoke run
 TRANSFER_QUICK = dict(sizes=[60, 80], epochs=4, contenders=["density", "mlp", "ridge"])  # --quick: a smoke run
 
 
@@ -186,10 +186,11 @@ def reduced_copy(src: Path, work: Path, dim: int, pool: int) -> tuple[Path, floa
 
 
 def train_heads(cache: Path, data: Path, run: Path, folds_csv: Path, members: dict[str, dict], epochs: int,
-                threads: int, plots: bool = True) -> dict[str, dict]:
-    """Stage two on the same folds and batches; {member: pooled OOF scores}."""
+                threads: int, plots: bool = True, seed: int = 0) -> dict[str, dict]:
+    """Stage two on the same folds and batches; {member: pooled OOF scores}. `seed` draws the batches, views and
+    initial weights (the folds come from folds_csv)."""
     base = TrainConfig(folds=FOLDS, epochs=epochs, device="cpu", workers=0, threads=threads, tta=0, preload=True,
-                       plots=plots)
+                       plots=plots, seed=seed)
     cfgs = {n: replace(base, **kw) for n, kw in members.items()}
     t = time.perf_counter()
     metrics = run_training(cache, data, run, base, cfgs, folds_csv=folds_csv, overwrite=True)
@@ -351,6 +352,12 @@ def run_techniques(args: argparse.Namespace, work: Path) -> None:
                         args.threads)
     rows += [{"model": f"{name} head", **s} for name, s in heads.items()]
     rows += ensemble_rows(read_oofs(run, list(heads), list(table["image_id"])), y, folds)
+    spread = [heads["density"]["competition_r2"]]
+    for seed in cfg["seeds"]:  # the density head again with other batches, views and initial weights: the noise
+        again = train_heads(f16, data, work / "runs" / f"seed{seed}", work / "folds.csv",
+                            {"density": CONTENDERS["density"]}, cfg["epochs"], args.threads, seed=seed)
+        rows.append({"model": f"density head (seed {seed})", **again["density"]})
+        spread.append(again["density"]["competition_r2"])
     got = train_heads(tiled, data, work / "runs" / "tiles", work / "folds.csv", {"density": CONTENDERS["density"]},
                       cfg["epochs"], args.threads)
     half = f"{cfg['size'][0] // cfg['tiles']}x{cfg['size'][1]}"
@@ -373,6 +380,8 @@ def run_techniques(args: argparse.Namespace, work: Path) -> None:
         "rows": rows,
         "margin_vs_density": {m: v - r2["density head"] for m, v in r2.items()},
         "margin_vs_colour": {m: v - r2[COLOUR_RIDGE] for m, v in r2.items()},
+        "density_seeds": [0, *cfg["seeds"]],
+        "density_seed_spread": float(max(spread) - min(spread)),
         "extract_s": extract_s,
         "wall_s": time.perf_counter() - t0,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

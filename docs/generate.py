@@ -151,6 +151,8 @@ def techniques_rows(d: dict) -> str:
              if "token_change_vs_whole_view" in r]
     return "\n\n".join([head, table(["model", "competition_r2", "vs density head", "vs colour ridge",
                                       *(f"R2 {t[:-2]}" for t in TARGET_LABELS)], rows, "lrrrrrrrr"),
+                         f"Seed spread of the density head (seeds {d['density_seeds']}, same folds, max - min): "
+                         f"{d['density_seed_spread']:.3f}; a difference smaller than that is noise.",
                          *notes, machine_line(d)])
 
 

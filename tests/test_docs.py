@@ -85,9 +85,11 @@ def test_techniques_table_has_margins_and_blank_targets_for_the_stack(tmp_path):
                       "layers": [5], "views": 4, "folds": 5, "epochs": 120, "tta": 0, "train_defaults": "t",
                       "colour_stats": 33, "quick": False},
          "rows": rows, "margin_vs_density": {m: v - 0.8 for m, v in r2.items()},
-         "margin_vs_colour": {m: v - 0.7 for m, v in r2.items()}, "machine": {"cores": 2}}
+         "margin_vs_colour": {m: v - 0.7 for m, v in r2.items()}, "machine": {"cores": 2},
+         "density_seeds": [0, 1], "density_seed_spread": 0.012}
     (tmp_path / "heads_techniques.json").write_text(json.dumps(d))
     text = generate.bench(tmp_path, "heads_techniques.json")
     assert "| stack | 0.750 | -0.050 | +0.050 |  |  |  |  |  |" in text
     assert "| colour | 0.700 | -0.100 | +0.000 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |" in text
+    assert "Seed spread of the density head (seeds [0, 1], same folds, max - min): 0.012" in text
     assert "tiles: its tokens differ from the whole view's by 2.5e-07" in text and "not a measurement" not in text
