@@ -308,6 +308,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),
     "heads_reduce_large.json": (r2_rows, "bench_heads.py --preset reduce_large"),
     "heads_transfer.json": (transfer_rows, "bench_heads.py --preset transfer --threads 2"),
+    "heads_transfer_80_e120.json": (transfer_rows, "bench_heads.py --preset transfer --sizes 80 --epochs 120 --out ..."),
     "heads_techniques.json": (techniques_rows, "bench_heads.py --preset techniques"),
     "speed.json": (speed_rows, "bench_speed.py"),
     "lora.json": (lora_rows, "bench_lora.py"),
