@@ -115,7 +115,9 @@ def transfer_rows(d: dict) -> str:
             f"of the cell shares; {s['backbone']}, input {size(s['size'])}, blocks {s['layers']}, {s['views']} views, "
             f"{s['epochs']} epochs, OOF on view {s['tta']}; {s['train_defaults']}. Colour ridge: "
             f"{s['colour_stats']} colour statistics per photo (`benchmarks/colour_baseline.py`)."
-            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else "")
+            + (f" **Cut short: {s['cells_done']} of {s['cells_planned']} cells.**"
+               if s.get("cells_done", 0) < s.get("cells_planned", 0) else ""))
     cells = d["cells"]
     header = ["model", *(f"{c['style']} s{c['seed']}, {c['n_train']}" for c in cells), "mean",
               "worst margin over colour ridge"]
@@ -129,6 +131,29 @@ def transfer_rows(d: dict) -> str:
     if d["skipped"]:
         parts.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in d["skipped"].items()) + ".")
     return "\n\n".join([*parts, machine_line(d)])
+
+
+def techniques_rows(d: dict) -> str:
+    """heads_techniques.json: every technique beside the density head and the colour-statistics ridge, same folds."""
+    s = d["settings"]
+    head = (f"{s['n_train']} synthetic training photos ({size(s['photo'])}, the `full` preset's photos and folds) and "
+            f"{s['n_test']} test photos for the pseudo-labels; {s['backbone']}, input {size(s['size'])}, blocks "
+            f"{s['layers']}, {s['views']} views, {s['folds']} grouped folds, {s['epochs']} epochs, OOF on view "
+            f"{s['tta']}; {s['train_defaults']}. Colour ridge: {s['colour_stats']} colour statistics per photo. A "
+            f"blank per-target cell: the cross-fitted stack reports only its pooled score."
+            + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else ""))
+    rows = [[r["model"], f"{r['competition_r2']:.3f}", f"{d['margin_vs_density'][r['model']]:+.3f}",
+             f"{d['margin_vs_colour'][r['model']]:+.3f}",
+             *((f"{r['per_target_r2'][t]:.3f}" for t in TARGET_LABELS) if r["per_target_r2"] else [""] * 5)]
+            for r in d["rows"]]
+    notes = [f"{r['model']}: its tokens differ from the whole view's by {r['token_change_vs_whole_view']:.1e} "
+             "(mean absolute difference over mean absolute token)." for r in d["rows"]
+             if "token_change_vs_whole_view" in r]
+    return "\n\n".join([head, table(["model", "competition_r2", "vs density head", "vs colour ridge",
+                                      *(f"R2 {t[:-2]}" for t in TARGET_LABELS)], rows, "lrrrrrrrr"),
+                         f"Seed spread of the density head (seeds {d['density_seeds']}, same folds, max - min): "
+                         f"{d['density_seed_spread']:.3f}; a difference smaller than that is noise.",
+                         *notes, machine_line(d)])
 
 
 def extract_rows(d: dict) -> str:
@@ -321,6 +346,8 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),
     "heads_reduce_large.json": (r2_rows, "bench_heads.py --preset reduce_large"),
     "heads_transfer.json": (transfer_rows, "bench_heads.py --preset transfer --threads 2"),
+    "heads_transfer_80_e120.json": (transfer_rows, "bench_heads.py --preset transfer --sizes 80 --epochs 120 --out ..."),
+    "heads_techniques.json": (techniques_rows, "bench_heads.py --preset techniques"),
     "speed.json": (speed_rows, "bench_speed.py"),
     "lora.json": (lora_rows, "bench_lora.py"),
     "scale.json": (scale_rows, "bench_scale.py"),

@@ -72,3 +72,24 @@ def test_transfer_table_has_a_column_per_cell_and_the_worst_margin(tmp_path):
     assert "| model | blades s0, 80 | canopy s0, 357 | mean | worst margin over colour ridge |" in text
     assert "| density head | 0.750 | 0.500 | 0.625 | -0.100 |" in text and "| colour ridge | 0.700 | 0.600 | 0.650 |  |" in text
     assert "Not run: ridge (not registered)." in text and "not a measurement" not in text
+
+
+def test_techniques_table_has_margins_and_blank_targets_for_the_stack(tmp_path):
+    per = {t: 0.5 for t in generate.TARGET_LABELS}
+    rows = [{"model": "colour", "competition_r2": 0.7, "per_target_r2": per},
+            {"model": "density head", "competition_r2": 0.8, "per_target_r2": per},
+            {"model": "stack", "competition_r2": 0.75, "per_target_r2": None},
+            {"model": "tiles", "competition_r2": 0.8, "per_target_r2": per, "token_change_vs_whole_view": 2.5e-7}]
+    r2 = {r["model"]: r["competition_r2"] for r in rows}
+    d = {"settings": {"n_train": 160, "n_test": 40, "photo": [448, 224], "backbone": "b", "size": [224, 112],
+                      "layers": [5], "views": 4, "folds": 5, "epochs": 120, "tta": 0, "train_defaults": "t",
+                      "colour_stats": 33, "quick": False},
+         "rows": rows, "margin_vs_density": {m: v - 0.8 for m, v in r2.items()},
+         "margin_vs_colour": {m: v - 0.7 for m, v in r2.items()}, "machine": {"cores": 2},
+         "density_seeds": [0, 1], "density_seed_spread": 0.012}
+    (tmp_path / "heads_techniques.json").write_text(json.dumps(d))
+    text = generate.bench(tmp_path, "heads_techniques.json")
+    assert "| stack | 0.750 | -0.050 | +0.050 |  |  |  |  |  |" in text
+    assert "| colour | 0.700 | -0.100 | +0.000 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |" in text
+    assert "Seed spread of the density head (seeds [0, 1], same folds, max - min): 0.012" in text
+    assert "tiles: its tokens differ from the whole view's by 2.5e-07" in text and "not a measurement" not in text
