@@ -347,6 +347,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "heads_reduce_large.json": (r2_rows, "bench_heads.py --preset reduce_large"),
     "heads_transfer.json": (transfer_rows, "bench_heads.py --preset transfer --threads 2"),
     "heads_transfer_80_e120.json": (transfer_rows, "bench_heads.py --preset transfer --sizes 80 --epochs 120 --out ..."),
+    "heads_transfer_357_e120.json": (transfer_rows, "bench_heads.py --preset transfer --sizes 357 --epochs 120 --threads 1 --contenders density density-interval ridge --out ..."),
     "heads_techniques.json": (techniques_rows, "bench_heads.py --preset techniques"),
     "speed.json": (speed_rows, "bench_speed.py"),
     "lora.json": (lora_rows, "bench_lora.py"),
