@@ -108,6 +108,10 @@ TECHNIQUES_QUICK = dict(n_train=40, n_test=6, epochs=3, seeds=[1])  # --quick: a
 TRANSFER_QUICK = dict(sizes=[60, 80], epochs=4, contenders=["density", "mlp", "ridge"])  # --quick: a smoke run
 
 
+def machine_info() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+
+
 def pooled_tokens(store_path: Path, image_ids: list[str]) -> np.ndarray:
     """(N, L * C): view-0 patch tokens of every cached layer, mean over the patches."""
     store = open_store(store_path)
@@ -320,8 +324,7 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
             "cells": cells,
             "summary": summary,
             "wall_s": time.perf_counter() - t0,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch": torch.__version__},
+            "machine": machine_info(),
             "work": str(work),
         }
         write_json(out, result)
@@ -384,8 +387,7 @@ def run_techniques(args: argparse.Namespace, work: Path) -> None:
         "density_seed_spread": float(max(spread) - min(spread)),
         "extract_s": extract_s,
         "wall_s": time.perf_counter() - t0,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "work": str(work),
     }
     out = args.out or (work / "heads_techniques_quick.json" if args.quick else RESULTS / "heads_techniques.json")
@@ -484,8 +486,7 @@ def main() -> None:
                   if k in margins},
         "extract_s": extract_s,
         "wall_s": time.perf_counter() - t0,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "work": str(work),
     }
     write_json(out, result)
