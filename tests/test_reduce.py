@@ -163,7 +163,7 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
 @pytest.mark.slow
 def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
     from biomass_cache.cv import run_training
-    from biomass_cache.store import TokenStore
+    from biomass_cache.token_store import TokenStore
     from biomass_cache.train import resolve
 
     _, data, path = toy

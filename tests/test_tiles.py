@@ -19,7 +19,8 @@ from biomass_cache.cli import app
 from biomass_cache.data import DataError
 from biomass_cache.extract import ExtractConfig, extract
 from biomass_cache.fingerprint import of_extraction
-from biomass_cache.store import StoreError, open_store
+from biomass_cache.store import open_store
+from biomass_cache.token_store import StoreError
 from biomass_cache.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import config, write_data
