@@ -44,7 +44,7 @@ from biomass_cache.io import atomic_path, write_json
 from biomass_cache.options import TRAIN_OPTIONS
 from biomass_cache.store import open_store
 from biomass_cache.token_store import StoreError
-from biomass_cache.train import TrainConfig, resolve
+from biomass_cache.train_config import TrainConfig, resolve
 from biomass_cache.tune_space import Space, parse_space
 
 PRUNERS = ("median", "halving", "none")
