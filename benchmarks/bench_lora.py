@@ -27,7 +27,7 @@ from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.lora import LiveTokens, LoraSettings, build_prefix_cache, inject_lora, run_lora  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
-from biomass_cache.train import TrainConfig  # noqa: E402
+from biomass_cache.train_config import TrainConfig  # noqa: E402
 
 N_IMAGES, SIZE, LAYERS, BLOCKS, EPOCHS = 16, (224, 112), [7, 9, 11], 4, 2
 OUT = Path(__file__).parent / "results"

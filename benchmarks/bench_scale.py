@@ -161,7 +161,8 @@ def full_epoch(store_path: str, data: str, head: str) -> None:
     from biomass_cache.data import read_long_csv
     from biomass_cache.dataset import AuxSpec
     from biomass_cache.folds import grouped_folds
-    from biomass_cache.train import build_member, fit_zscore, resolve, train_fold
+    from biomass_cache.train import build_member, fit_zscore, train_fold
+    from biomass_cache.train_config import resolve
 
     keep_freed_memory()
     t0 = time.perf_counter()

@@ -34,7 +34,8 @@ from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import open_store  # noqa: E402
 from biomass_cache.synth import generate  # noqa: E402
-from biomass_cache.train import TrainConfig, build_member, fit_zscore, train_fold  # noqa: E402
+from biomass_cache.train import build_member, fit_zscore, train_fold  # noqa: E402
+from biomass_cache.train_config import TrainConfig  # noqa: E402
 from biomass_cache.views import ViewPolicy, load_photo, make_view  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speed.json"

@@ -33,6 +33,7 @@ from zarr.storage import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biomass_cache import store as st  # noqa: E402
+from biomass_cache import token_store  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.token_codec import decode  # noqa: E402
@@ -240,11 +241,11 @@ def main() -> None:
         writes[f"store {layout} write_image"] = make_store(root / "tmp", n_write, views, pool, layout=layout)
         writes[f"store {layout} write (view by view)"] = make_store(root / "tmp", n_write, views, pool,
                                                                     layout=layout, by_view=True)
-    real_fsync = st._fsync
-    st._fsync = lambda path: None
+    real_fsync = token_store._fsync
+    token_store._fsync = lambda path: None
     writes["store write_image, no fsync"] = make_store(root / "tmp", n_write, views, pool)
     writes["store write (view by view), no fsync"] = make_store(root / "tmp", n_write, views, pool, by_view=True)
-    st._fsync = real_fsync
+    token_store._fsync = real_fsync
     shutil.rmtree(root / "tmp")
     for name, kw in STORES.items():
         make_store(folder(root, name), n, views, pool, **kw)

@@ -32,7 +32,7 @@ from biomass_cache.data import read_long_csv  # noqa: E402
 from biomass_cache.folds import grouped_folds, write_folds  # noqa: E402
 from biomass_cache.io import write_json  # noqa: E402
 from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.train import resolve  # noqa: E402
+from biomass_cache.train_config import resolve  # noqa: E402
 from biomass_cache.tune import Settings, toml_value, tune  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "tune.json"

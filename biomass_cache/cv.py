@@ -28,7 +28,8 @@ from biomass_cache.distributed import resolve_device
 from biomass_cache.folds import grouped_folds, read_folds, visit_groups, write_folds
 from biomass_cache.metrics import collapsed_targets
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import (TrainConfig, build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold)
+from biomass_cache.train import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
+from biomass_cache.train_config import TrainConfig
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",

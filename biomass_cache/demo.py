@@ -56,7 +56,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.submission import print_scores, score, submit
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     sz = sizes or (QUICK if quick else FULL)
     out = Path(out)

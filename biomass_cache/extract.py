@@ -36,8 +36,8 @@ from biomass_cache.fingerprint import Fingerprint, of_extraction
 from biomass_cache.options import default_of, shown
 from biomass_cache.precision import PRECISIONS, autocast, check_finite, resolve_precision
 from biomass_cache.runtime import run
-from biomass_cache.store import (STORAGE_DTYPES, StoreError, StoreSpec, TokenStore, create_store, open_store,
-                                 remove_leftovers)
+from biomass_cache.store import STORAGE_DTYPES, StoreSpec, create_store, open_store, remove_leftovers
+from biomass_cache.token_store import StoreError, TokenStore
 from biomass_cache.views import (SPLITS, TTA_VIEWS, ViewPolicy, load_photo, make_view, parse_view_size, validate_size,
                                   validate_tiles)
 from biomass_cache.writer_lock import WriterLock

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from biomass_cache.store import EncodedSample, TokenStore
+from biomass_cache.token_store import EncodedSample, TokenStore
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 import typer
 
-from biomass_cache.train import TrainConfig
+from biomass_cache.train_config import TrainConfig
 
 
 def default_of(cls: type, name: str) -> object:

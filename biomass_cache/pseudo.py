@@ -39,7 +39,7 @@ from biomass_cache.folds import read_folds
 from biomass_cache.options import TEST_OPTIONS, TRAIN_OPTIONS
 from biomass_cache.submission import parse_devices
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import TrainConfig
+from biomass_cache.train_config import TrainConfig
 
 DEFAULT_WEIGHT = 0.5
 TEST_VIEW_SEED = 1_000_003  # the test images draw their training views apart from the training images'

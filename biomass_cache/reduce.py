@@ -32,7 +32,8 @@ from biomass_cache.config import read_config
 from biomass_cache.data import DataError
 from biomass_cache.fingerprint import reduced, relaxed_diff
 from biomass_cache.io import atomic_path, write_json
-from biomass_cache.store import StoreSpec, TokenStore, create_store, open_store
+from biomass_cache.store import StoreSpec, create_store, open_store
+from biomass_cache.token_store import TokenStore
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128

@@ -1,5 +1,6 @@
-"""`biomass train` (train_heads.py): the command line of stage two, beside train.py (the loop) and cv.py (folds,
-token sources, run folder); its options shared with `biomass lora` are declared once in options.py."""
+"""`biomass train` (train_heads.py): the command line of stage two, beside train_config.py (the settings), train.py
+(the loop) and cv.py (folds, token sources, run folder); its options shared with `biomass lora` are declared once in
+options.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 
 from biomass_cache.cv import run_training
 from biomass_cache.options import TRAIN_OPTIONS, cli_overrides
-from biomass_cache.train import TrainConfig, load_config, resolve
+from biomass_cache.train_config import TrainConfig, load_config, resolve
 
 
 def train_command(

@@ -42,8 +42,9 @@ from biomass_cache.fingerprint import diff as fingerprint_diff
 from biomass_cache.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.io import atomic_path, write_json
 from biomass_cache.options import TRAIN_OPTIONS
-from biomass_cache.store import StoreError, open_store
-from biomass_cache.train import TrainConfig, resolve
+from biomass_cache.store import open_store
+from biomass_cache.token_store import StoreError
+from biomass_cache.train_config import TrainConfig, resolve
 from biomass_cache.tune_space import Space, parse_space
 
 PRUNERS = ("median", "halving", "none")

@@ -19,7 +19,7 @@ from typing import Any
 
 from biomass_cache.config import ConfigError, read_config
 from biomass_cache.data import DataError
-from biomass_cache.train import TrainConfig, resolve
+from biomass_cache.train_config import TrainConfig, resolve
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int")
 # set once per study (the folds, the second stage's seeds) or not about quality: [fixed] only, never searched

@@ -14,7 +14,8 @@ import typer
 import zarr
 from tqdm import tqdm
 
-from biomass_cache.store import BF16_NAN_BITS, StoreError, TokenStore, open_store
+from biomass_cache.store import BF16_NAN_BITS, open_store
+from biomass_cache.token_store import StoreError, TokenStore
 from biomass_cache.writer_lock import WriterLock
 
 

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from biomass_cache.store import StoreError
+from biomass_cache.token_store import StoreError
 
 
 class StoreLockedError(StoreError):

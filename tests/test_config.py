@@ -21,7 +21,7 @@ from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.options import TRAIN_OPTIONS, default_of, shown
 from biomass_cache.reduce import CONFIG_KEYS as REDUCE_DEFAULTS
 from biomass_cache.reduce import load_settings as reduce_settings
-from biomass_cache.train import TrainConfig, load_config
+from biomass_cache.train_config import TrainConfig, load_config
 from biomass_cache.train_cli import train_command
 from biomass_cache.tune_space import parse_space
 from toys import ROOT

@@ -172,7 +172,7 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     from biomass_cache.store import open_store
     from biomass_cache.submission import submit
     from biomass_cache.cv import run_training
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     _, data, _ = pipeline
     weights = tmp_path / "w.safetensors"
@@ -295,7 +295,7 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
 
     from biomass_cache.cv import run_training
     from biomass_cache.data import DataError
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root, data, run = pipeline
     out = tmp_path / "run"
@@ -348,7 +348,7 @@ def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
     import biomass_cache.ensemble as ens
     from biomass_cache.cv import run_training
     from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root, data, run = pipeline
     narrow = dict(depth=1, embed_dim=32, num_heads=2)
@@ -411,7 +411,7 @@ def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     from biomass_cache.cv import run_training
     from biomass_cache.predict import predict_photos
     from biomass_cache.submission import submit
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root, data, run = pipeline
     ridge = tmp_path / "ridge"

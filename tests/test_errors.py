@@ -198,7 +198,7 @@ def run(tmp_path_factory):
     from biomass_cache.cv import run_training
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root = tmp_path_factory.mktemp("errors_run")
     data = root / "data"

@@ -22,7 +22,8 @@ from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError
 from biomass_cache.errors import script_app
 from biomass_cache.extract import default_layers, extract, extract_command
-from biomass_cache.store import StoreError, TokenStore, open_store
+from biomass_cache.store import open_store
+from biomass_cache.token_store import StoreError, TokenStore
 from biomass_cache.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import ROOT, assert_same_arrays, cfg_json, config, write_data

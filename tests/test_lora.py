@@ -26,7 +26,8 @@ from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_id
                                 load_checkpoint, lora_command, predict_images, run_lora)
 from biomass_cache.runs import load_head
 from biomass_cache.targets import TARGETS
-from biomass_cache.train import TrainConfig, build_member, fit_zscore, train_step
+from biomass_cache.train import build_member, fit_zscore, train_step
+from biomass_cache.train_config import TrainConfig
 
 TINY = dict(depth=4, embed_dim=64, num_heads=2)
 NAME = "vit_small_patch16_dinov3"

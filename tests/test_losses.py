@@ -276,7 +276,8 @@ def test_interval_task_trains_with_uw_and_pcgrad(zscore):
     """Through train_step (mixup, UW, PCGrad): the CE falls on a memorisable batch, its gradient reaches the
     classifier, it is a task of UW and PCGrad arbitrates it against the primary tasks on the shared features."""
     from biomass_cache.dataset import AuxSpec
-    from biomass_cache.train import TrainConfig, build_member, train_step
+    from biomass_cache.train import build_member, train_step
+    from biomass_cache.train_config import TrainConfig
 
     batch = make_batch(seed=1)
     batch.update(y_mask=torch.ones(B, 5, dtype=torch.bool), tokens=torch.randn(B, L, T, C))

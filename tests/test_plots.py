@@ -14,7 +14,7 @@ from biomass_cache.cv import run_training
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.plots import plot_run
 from biomass_cache.store import open_store
-from biomass_cache.train import resolve
+from biomass_cache.train_config import resolve
 from toys import make_toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ def members(tmp_path_factory):
     from biomass_cache.cv import run_training
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root = tmp_path_factory.mktemp("pseudo")
     data = root / "data"
@@ -103,7 +103,7 @@ def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(
     from biomass_cache.ensemble import spec_from_options
     from biomass_cache.pseudo import pseudo_source
     from biomass_cache.store import open_store
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     root, data, runs = members
     table, folds, labels = labels_of(spec_from_options(None, str(runs[0])), data, runs, tmp_path)

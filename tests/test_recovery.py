@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from biomass_cache.data import DataError, load_image
 from biomass_cache.extract import extract
-from biomass_cache.store import StoreError, create_store, open_store
+from biomass_cache.store import create_store, open_store
+from biomass_cache.token_store import StoreError
 from biomass_cache.verify import verify, verify_command
 from biomass_cache.writer_lock import StoreLockedError, WriterLock
 from toys import ROOT, assert_same_arrays, cfg_json, chunk_offset, config, huge_jpeg, write_data

@@ -135,7 +135,7 @@ def test_a_test_store_differing_only_in_split_and_views_takes_the_projection(toy
 @pytest.mark.slow
 def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
     from biomass_cache.cv import run_training
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     _, data, path = toy
     assert cli("--cache", path, "--out", tmp_path / "red.zarr", "--dim", 4, "--pool", 2).exit_code == 0
@@ -163,8 +163,8 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
 @pytest.mark.slow
 def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
     from biomass_cache.cv import run_training
-    from biomass_cache.store import TokenStore
-    from biomass_cache.train import resolve
+    from biomass_cache.token_store import TokenStore
+    from biomass_cache.train_config import resolve
 
     _, data, path = toy
     reads = []
@@ -185,7 +185,7 @@ def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.submission import submit
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     data = tmp_path / "data"
     generate(data, n_train=24, n_test=4, seed=0, size=(128, 64), progress=False)

@@ -195,7 +195,7 @@ def test_aux_with_ridge_is_one_clear_error(ridge_run, tmp_path):
 def test_a_source_that_cannot_fit_it_is_refused(ridge_run):
     """LoRA's token source (a live backbone, no stored views) has no `fit_loader`: the run stops before writing."""
     import biomass_cache.cv as cv
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     data, _, _, _ = ridge_run
     table = read_long_csv(data / "train.csv", check_images=False)

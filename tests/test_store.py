@@ -18,8 +18,10 @@ import zarr
 from typer.testing import CliRunner
 
 from biomass_cache import store as st
+from biomass_cache import token_store
 from biomass_cache.shards import ShardGeometry
-from biomass_cache.store import StoreError, StoreSpec, create_store, open_store
+from biomass_cache.store import StoreSpec, create_store, open_store
+from biomass_cache.token_store import StoreError
 from biomass_cache.verify import verify, verify_command
 from toys import STORE_C as C
 from toys import STORE_FP as FP
@@ -186,7 +188,7 @@ def test_done_mask_semantics(tmp_path, monkeypatch):
     def boom(path):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(st, "_fsync", boom)
+    monkeypatch.setattr(token_store, "_fsync", boom)
     with pytest.raises(OSError):
         s.write(2, 0, tokens(seed=9), tokens(seed=9)[:, :5])
     monkeypatch.undo()

@@ -19,7 +19,8 @@ from biomass_cache.cli import app
 from biomass_cache.data import DataError
 from biomass_cache.extract import ExtractConfig, extract
 from biomass_cache.fingerprint import of_extraction
-from biomass_cache.store import StoreError, open_store
+from biomass_cache.store import open_store
+from biomass_cache.token_store import StoreError
 from biomass_cache.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import config, write_data
@@ -164,7 +165,7 @@ def test_test_caches_follow_the_training_tiles(tmp_path):
     from biomass_cache.cv import run_training
     from biomass_cache.runs import check_compatible, load_head
     from biomass_cache.synth import generate
-    from biomass_cache.train import resolve
+    from biomass_cache.train_config import resolve
 
     data = tmp_path / "data"
     generate(data, n_train=12, n_test=2, seed=0, size=(128, 64), progress=False)

@@ -22,7 +22,7 @@ from biomass_cache.inference import predict_store
 from biomass_cache.metrics import competition_r2, log_r2
 from biomass_cache.store import open_store
 from biomass_cache.targets import TARGETS, to_density
-from biomass_cache.train import TrainConfig, load_config, resolve
+from biomass_cache.train_config import TrainConfig, load_config, resolve
 from toys import ROOT, make_toy
 
 FAST = ["--batch-size", "8", "--workers", "0"]

@@ -13,7 +13,7 @@ from biomass_cache.extract import _parse_layers
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.lora.train import run_lora
 from biomass_cache.options import TRAIN_OPTIONS, cli_overrides, with_default
-from biomass_cache.train import TrainConfig, load_config, resolve
+from biomass_cache.train_config import TrainConfig, load_config, resolve
 
 
 def _lora(flags: str, text: str, name: str, note: str = "") -> typer.models.OptionInfo:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from biomass_cache.config import Config, read_config
 from biomass_cache.data import DataError
 from biomass_cache.precision import check_precision
-from biomass_cache.train import check_table, check_values, is_int, is_number
+from biomass_cache.train_config import check_table, check_values, is_int, is_number
 from biomass_cache.views import parse_view_size
 
 
@@ -73,7 +73,7 @@ def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings
 
 # the [extract] keys a [lora] section takes over (the same backbone and views)
 EXTRACT_KEYS = ("backbone", "weights", "size", "tiles", "layers", "norm", "precision")
-# [lora] key -> (is the value valid, what it must be), as train.RULES; the flags that set them
+# [lora] key -> (is the value valid, what it must be), as train_config.RULES; the flags that set them
 LORA_RULES = {
     "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
