@@ -4,7 +4,7 @@
 Several GPUs: torchrun --nproc-per-node N extract_features.py ...
 """
 
-from biomass_cache.extract import extract_command
+from biomass_cache.extract_cli import extract_command
 from biomass_cache.runtime import run
 
 if __name__ == "__main__":

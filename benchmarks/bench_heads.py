@@ -56,7 +56,7 @@ from biomass_cache.runtime import keep_freed_memory  # noqa: E402
 from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
 from biomass_cache.synth import STYLES, colour_features, generate  # noqa: E402
 from biomass_cache.targets import TARGETS  # noqa: E402
-from biomass_cache.train import TrainConfig  # noqa: E402
+from biomass_cache.train_config import TrainConfig  # noqa: E402
 from colour_baseline import STAT_NAMES, colour_stats_of, ridge_inner_cv_oof  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -341,7 +341,7 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
 def run_techniques(args: argparse.Namespace, work: Path) -> None:
     """The techniques preset: the full preset's training photos, cache and folds (its test photos are more, for the
     pseudo-labels), every technique of issue #15 beside the density head and the colour-statistics ridge."""
-    from biomass_cache.ensemble import EnsembleSpec, Member
+    from biomass_cache.ensemble_spec import EnsembleSpec, Member
     from biomass_cache.pseudo import pseudo_train
 
     cfg, t0 = {**TECHNIQUES, **(TECHNIQUES_QUICK if args.quick else {})}, time.perf_counter()

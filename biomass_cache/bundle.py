@@ -34,7 +34,8 @@ from packaging.utils import canonicalize_name
 import biomass_cache
 from biomass_cache import bundle_run
 from biomass_cache.content import sha256_file
-from biomass_cache.ensemble import EnsembleError, ResolvedMember, resolve_member, spec_from_options
+from biomass_cache.ensemble_spec import EnsembleError, spec_from_options
+from biomass_cache.ensemble_members import ResolvedMember, resolve_member
 from biomass_cache.io import write_json
 from biomass_cache.views import TTA_VIEWS
 

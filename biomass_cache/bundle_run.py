@@ -49,7 +49,7 @@ def check_files(bundle: Path) -> None:
 
 
 def toml_ensemble(doc: dict) -> str:
-    """An ensemble file's TOML text (the keys biomass_cache.ensemble.load_ensemble reads)."""
+    """An ensemble file's TOML text (the keys biomass_cache.ensemble_spec.load_ensemble reads)."""
     lines = [f"{k} = {json.dumps(doc[k])}" for k in ("aggregation", "mc_samples", "mc_seed", "stack_alpha")
              if k in doc]
     for member in doc["member"]:

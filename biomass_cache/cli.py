@@ -10,7 +10,7 @@ import typer
 from biomass_cache.bundle import bundle_command
 from biomass_cache.demo import demo_command
 from biomass_cache.errors import DEBUG_KEY, BiomassGroup
-from biomass_cache.extract import extract_command
+from biomass_cache.extract_cli import extract_command
 from biomass_cache.lora.cli import lora_command
 from biomass_cache.predict import predict_command
 from biomass_cache.pseudo import pseudo_command

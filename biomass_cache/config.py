@@ -2,7 +2,7 @@
 
 `read_config` reads a file once and hands out its sections ([extract], [reduce], [train] with its
 [[train.sweep]] members, [lora]; an ensemble file is a document of its own); each step checks its own keys and
-values (extract.py, reduce.py, train_config.py, lora/settings.py, ensemble.py, tune_space.py) through `Config`, so
+values (extract.py, reduce.py, train_config.py, lora/settings.py, ensemble_spec.py, tune_space.py) through `Config`, so
 every mistake in a file is one `ConfigError` naming the file, the table and the key: one `error:` line on the
 command line (errors.py).
 """

@@ -52,7 +52,7 @@ HEADS = ("density", "mlp")
 def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoSize | None = None) -> dict:
     """Run every stage into `out`; returns the scores and where every artefact is (`sizes` for tests)."""
     from biomass_cache.cv import run_training
-    from biomass_cache.ensemble import EnsembleSpec, Member
+    from biomass_cache.ensemble_spec import EnsembleSpec, Member
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.submission import print_scores, score, submit
     from biomass_cache.synth import generate

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from biomass_cache import inference
 from biomass_cache.data import SEP, DataError, load_image
 from biomass_cache.distributed import resolve_device
-from biomass_cache.ensemble import EnsembleResult, EnsembleSpec, run_ensemble, spec_from_options
+from biomass_cache.ensemble_spec import EnsembleSpec, spec_from_options
+from biomass_cache.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.io import atomic_path, write_csv
 from biomass_cache.submission import parse_devices
 from biomass_cache.targets import PLOT_AREA_M2, TARGETS, to_density
@@ -76,7 +77,7 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
 
 def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
     """The (W, H) model inputs of the ensemble's members (those whose run records one)."""
-    from biomass_cache.ensemble import resolve_member
+    from biomass_cache.ensemble_members import resolve_member
 
     found = (resolve_member(m, spec.weights_files).extract.get("size") for m in spec.members)
     return {(int(s[0]), int(s[1])) for s in found if s}
@@ -107,7 +108,7 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
 
     None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
     """
-    from biomass_cache.ensemble import load_checked_heads, store_positions
+    from biomass_cache.ensemble_members import load_checked_heads, store_positions
 
     maps = []
     for rm, store in zip(result.resolved, result.stores):

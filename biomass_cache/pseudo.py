@@ -33,8 +33,9 @@ from biomass_cache import runs
 from biomass_cache.cv import TokenSource, cache_source, cross_validate
 from biomass_cache.data import DataError, read_training_table
 from biomass_cache.dataset import ConcatTokens, Preloaded, TokenDataset, make_loader, store_rows
-from biomass_cache.ensemble import (EnsembleError, EnsembleSpec, Member, ResolvedMember, resolve_member, run_ensemble,
-                                    spec_from_options)
+from biomass_cache.ensemble import run_ensemble
+from biomass_cache.ensemble_members import ResolvedMember, resolve_member
+from biomass_cache.ensemble_spec import EnsembleError, EnsembleSpec, Member, spec_from_options
 from biomass_cache.folds import read_folds
 from biomass_cache.options import TEST_OPTIONS, TRAIN_OPTIONS
 from biomass_cache.submission import parse_devices

@@ -239,7 +239,7 @@ def submit_command(
     allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble_spec import spec_from_options
     from biomass_cache.distributed import resolve_device
 
     device = str(resolve_device(device))

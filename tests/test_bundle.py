@@ -17,7 +17,7 @@ import pytest
 
 import biomass_cache.bundle as bundle
 from biomass_cache import bundle_run
-from biomass_cache.ensemble import load_ensemble
+from biomass_cache.ensemble_spec import load_ensemble
 
 
 def ensemble_file(run: Path, path: Path) -> Path:

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from biomass_cache.cli import app
 from biomass_cache.config import ConfigError, read_config
 from biomass_cache.data import DataError
-from biomass_cache.ensemble import load_ensemble
-from biomass_cache.extract import load_config_file
+from biomass_cache.ensemble_spec import load_ensemble
+from biomass_cache.extract_cli import load_config_file
 from biomass_cache.lora.cli import lora_command
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.options import TRAIN_OPTIONS, default_of, shown

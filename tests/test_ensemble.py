@@ -7,7 +7,8 @@ import torch
 
 from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.config import ConfigError
-from biomass_cache.ensemble import EnsembleError, load_ensemble
+from biomass_cache.ensemble_members import resolve_member
+from biomass_cache.ensemble_spec import EnsembleError, EnsembleSpec, Member, load_ensemble, spec_from_options
 from biomass_cache.targets import components_to_targets
 from toys import PIPELINE_VIT
 
@@ -76,8 +77,9 @@ def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
     import biomass_cache.ensemble as ens
     import biomass_cache.extract as extract_module
 
+
     root, data, run = pipeline
-    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(run, head="mlp")))
+    spec = EnsembleSpec((Member(run, head="density"), Member(run, head="mlp")))
     calls = {"extract": 0, "predict": 0}
 
     def counting(name, fn):
@@ -92,7 +94,7 @@ def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
     assert calls == {"extract": 1, "predict": 2}  # one backbone setting -> one test cache for both members
     assert len(set(first.caches)) == 1 and first.caches[0].parent == tmp_path / "cache"
     stamp = {p: p.stat().st_mtime_ns for p in first.caches[0].rglob("*") if p.is_file()}
-    again = ens.run_ensemble(ens.EnsembleSpec(spec.members, aggregation="oof"), data, tmp_path, progress=False)
+    again = ens.run_ensemble(EnsembleSpec(spec.members, aggregation="oof"), data, tmp_path, progress=False)
     assert calls == {"extract": 1, "predict": 2}  # nothing extracted or predicted again
     assert {p: p.stat().st_mtime_ns for p in first.caches[0].rglob("*") if p.is_file()} == stamp
     np.testing.assert_array_equal(again.member_grams[0], first.member_grams[0])
@@ -109,7 +111,7 @@ def test_mc_dropout_weights(pipeline, tmp_path):
     import biomass_cache.ensemble as ens
 
     root, data, run = pipeline
-    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(run, head="mlp")),
+    spec = EnsembleSpec((Member(run, head="density"), Member(run, head="mlp")),
                             aggregation="mc_dropout", mc_samples=4)
     result = ens.run_ensemble(spec, data, tmp_path, progress=False)
     var = [pd.read_csv(p)["mc_variance_g2"].to_numpy() for p in result.member_files if "-mc4-" in p.name]
@@ -134,12 +136,11 @@ def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
     ckpt.write_text(json.dumps(meta))
     with pytest.raises(EnsembleError, match=r"fold0/mlp.json does not fit the test cache .*test-.*\.zarr.*"
                                             r"size: \[128, 64\] -> \[64, 32\]"):
-        ens.run_ensemble(ens.EnsembleSpec((ens.Member(other, head="mlp"),)), data, tmp_path, progress=False)
+        ens.run_ensemble(EnsembleSpec((Member(other, head="mlp"),)), data, tmp_path, progress=False)
 
 
 @pytest.mark.slow
 def test_submit_and_predict_end_to_end(pipeline, tmp_path):
-    from biomass_cache.ensemble import spec_from_options
     from biomass_cache.predict import predict_photos
     from biomass_cache.submission import score, submit
 
@@ -167,7 +168,6 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     from safetensors.torch import save_file
 
     from biomass_cache.backbone import create_backbone
-    from biomass_cache.ensemble import spec_from_options
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.store import open_store
     from biomass_cache.submission import submit
@@ -263,7 +263,7 @@ def test_submit_with_a_changed_photo_and_a_reused_work_dir(pipeline, tmp_path):
 
 
 def ens_spec(run):
-    from biomass_cache.ensemble import EnsembleSpec, Member
+
 
     return EnsembleSpec((Member(run, head="density"),))
 
@@ -272,20 +272,18 @@ def ens_spec(run):
 def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
     import shutil
 
-    import biomass_cache.ensemble as ens
-
     _, data, run = pipeline
     other = tmp_path / "run"
     shutil.copytree(run, other)
     (other / "fold1" / "density.json").unlink()
     with pytest.raises(EnsembleError, match=r"incomplete run: density.json/.safetensors missing in \['fold1'\]"):
-        ens.resolve_member(ens.Member(other, head="density"), {})
+        resolve_member(Member(other, head="density"), {})
     (other / "metrics.json").unlink()  # interrupted: no metrics.json yet
     with pytest.raises(EnsembleError, match=r"the run did not finish \(no metrics.json\)"):
-        ens.resolve_member(ens.Member(other, head="mlp"), {})
-    single = ens.resolve_member(ens.Member(other / "fold0" / "density.json"), {})  # one checkpoint: explicit
+        resolve_member(Member(other, head="mlp"), {})
+    single = resolve_member(Member(other / "fold0" / "density.json"), {})  # one checkpoint: explicit
     assert single.checkpoints == (other / "fold0" / "density.json",)
-    full = ens.resolve_member(ens.Member(run, head="density"), {})
+    full = resolve_member(Member(run, head="density"), {})
     assert [p.parent.name for p in full.checkpoints] == ["fold0", "fold1", "fold2"]
 
 
@@ -358,7 +356,7 @@ def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
                           overrides=narrow), progress=False)
     cfg, members = resolve({}, [], dict(folds=3, epochs=2, device="cpu", workers=0), ["density"])
     run_training(cache, data, tmp_path / "run", cfg, members, folds_csv=run / "folds.csv")
-    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(tmp_path / "run")))
+    spec = EnsembleSpec((Member(run, head="density"), Member(tmp_path / "run")))
     result = ens.run_ensemble(spec, data, tmp_path / "work", progress=False)
     assert len(set(result.caches)) == 2
     assert sorted(open_store_channels(p) for p in set(result.caches)) == [32, 64]
@@ -377,7 +375,7 @@ def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
     import re
     from pathlib import Path
 
-    from biomass_cache.ensemble import MEMBER_KEYS
+    from biomass_cache.ensemble_spec import MEMBER_KEYS
 
     path = Path(__file__).resolve().parents[1] / "configs" / "ensemble_example.toml"
     assert len(load_ensemble(path).members) == 2
@@ -393,7 +391,7 @@ def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp
     from biomass_cache.store import open_store
 
     root, data, run = pipeline
-    spec = ens.EnsembleSpec((ens.Member(run, head="mlp"),))
+    spec = EnsembleSpec((Member(run, head="mlp"),))
     same = ens.run_ensemble(spec, data, tmp_path, progress=False, devices=["cpu", "cpu"])
     assert open_store(same.caches[0]).fingerprint["compute"] == "float32"  # the training cache's
     half = ens.run_ensemble(spec, data, tmp_path, progress=False, precision="fp16")
@@ -417,16 +415,16 @@ def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     ridge = tmp_path / "ridge"
     cfg, members = resolve({}, [], dict(device="cpu", workers=0, plots=False), ["ridge"])
     run_training(root / "train.zarr", data, ridge, cfg, members, folds_csv=run / "folds.csv")
-    _, sub = submit(ens.spec_from_options(None, str(ridge)), data, tmp_path / "s.csv", tmp_path / "work",
+    _, sub = submit(spec_from_options(None, str(ridge)), data, tmp_path / "s.csv", tmp_path / "work",
                     progress=False)
     assert len(sub) == len(pd.read_csv(data / "test.csv")) and np.isfinite(sub["target"]).all()
     assert (sub["target"] >= 0).all()
-    spec = ens.EnsembleSpec((ens.Member(run, head="density"), ens.Member(ridge)))
+    spec = EnsembleSpec((Member(run, head="density"), Member(ridge)))
     result = ens.run_ensemble(spec, data, tmp_path / "work", progress=False)
     np.testing.assert_allclose(result.grams, np.mean(result.member_grams, axis=0), rtol=1e-9)
     check_identities(result.member_grams[1])
     check_identities(result.grams)
-    table = predict_photos(data / "test", ens.spec_from_options(None, str(ridge)), tmp_path / "p.csv",
+    table = predict_photos(data / "test", spec_from_options(None, str(ridge)), tmp_path / "p.csv",
                            tmp_path / "work", progress=False)
     parts = table[["Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g"]].to_numpy()
     np.testing.assert_allclose(table["Dry_Total_g"], parts.sum(axis=1), rtol=1e-9)

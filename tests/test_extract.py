@@ -21,7 +21,8 @@ import biomass_cache
 from biomass_cache.backbone import create_backbone, forward_tokens
 from biomass_cache.data import DataError
 from biomass_cache.errors import script_app
-from biomass_cache.extract import default_layers, extract, extract_command
+from biomass_cache.extract import default_layers, extract
+from biomass_cache.extract_cli import extract_command
 from biomass_cache.store import open_store
 from biomass_cache.token_store import StoreError, TokenStore
 from biomass_cache.views import ViewPolicy, load_photo, make_view
@@ -110,7 +111,7 @@ def test_resume_after_kill_9(reference, tmp_path):
     script = f"""
 import os, signal
 from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.store import TokenStore
+from biomass_cache.token_store import TokenStore
 real, n = TokenStore.write_encoded, []
 def write_then_die(self, *a, **k):
     real(self, *a, **k)
@@ -229,7 +230,7 @@ def test_torchrun_two_ranks_equal_single_process(reference, tmp_path):
     conf.write_text(json.dumps(cfg_json(replace(ref_cfg, out=tmp_path / "ddp.zarr"))))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "biomass_cache.extract", "--config", str(conf), "--device", "cpu"]
+           "-m", "biomass_cache.extract_cli", "--config", str(conf), "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s)" in proc.stdout

@@ -117,7 +117,8 @@ def test_a_head_refuses_a_store_it_was_not_trained_on(toy):
 
 def test_ensemble_member_is_the_fold_mean_of_hand_forwards(toy, tmp_path):
     """What `submit`/`predict` write for a member: each fold model's TTA mean, averaged on the components."""
-    from biomass_cache.ensemble import Member, ResolvedMember, mc_dropout_variance, predict_cache_member
+    from biomass_cache.ensemble_spec import Member
+    from biomass_cache.ensemble_members import ResolvedMember, mc_dropout_variance, predict_cache_member
 
     _, store = toy
     paths = []

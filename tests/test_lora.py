@@ -178,7 +178,7 @@ def test_reload_refuses_another_base(run, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
-    from biomass_cache.ensemble import EnsembleError, spec_from_options
+    from biomass_cache.ensemble_spec import EnsembleError, spec_from_options
     from biomass_cache.submission import submit
 
     with pytest.raises(DataError, match="a LoRA checkpoint.*lora.load_checkpoint"):

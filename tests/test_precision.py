@@ -12,8 +12,9 @@ from biomass_cache.errors import script_app
 
 import biomass_cache.extract as extract_module
 from biomass_cache.backbone import create_backbone, forward_tokens, place_backbone, split_points
-from biomass_cache.ensemble import _extract_settings
-from biomass_cache.extract import extract, extract_command
+from biomass_cache.ensemble_members import _extract_settings
+from biomass_cache.extract import extract
+from biomass_cache.extract_cli import extract_command
 from biomass_cache.precision import (COMPUTE, NonFiniteError, check_finite, precision_of_compute,
                                      resolve_precision)
 from biomass_cache.store import open_store

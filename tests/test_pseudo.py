@@ -72,7 +72,7 @@ def labels_of(spec, data, runs, work):
 
 @pytest.mark.slow
 def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble_spec import spec_from_options
 
     root, data, runs = members
     _, _, labels = labels_of(spec_from_options(None, ",".join(map(str, runs))), data, runs, tmp_path)
@@ -100,7 +100,7 @@ def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
 def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(members, tmp_path):
     from biomass_cache.cv import cache_source
     from biomass_cache.dataset import AuxSpec
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble_spec import spec_from_options
     from biomass_cache.pseudo import pseudo_source
     from biomass_cache.store import open_store
     from biomass_cache.train_config import resolve
@@ -125,7 +125,7 @@ def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(
 
 @pytest.mark.slow
 def test_pseudo_end_to_end_gives_an_honest_run_and_a_submit_member(members, tmp_path):
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble_spec import spec_from_options
     from biomass_cache.submission import submit
 
     root, data, runs = members

@@ -91,7 +91,7 @@ def test_kill_between_growing_and_recording_resumes(finished, tmp_path):
     script = f"""
 import os, signal
 from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.store import TokenStore
+from biomass_cache.token_store import TokenStore
 real = TokenStore._set_attrs
 def die_before_ids(self, **kw):
     if "image_ids" in kw:

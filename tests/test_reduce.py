@@ -181,7 +181,7 @@ def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     """Synthetic photos -> tiny backbone cache -> reduce -> train -> submit: the test cache is extracted, then
     reduced with the run's projection, and a second submission reuses both."""
     from biomass_cache.cv import run_training
-    from biomass_cache.ensemble import spec_from_options
+    from biomass_cache.ensemble_spec import spec_from_options
     from biomass_cache.extract import ExtractConfig, extract
     from biomass_cache.submission import submit
     from biomass_cache.synth import generate

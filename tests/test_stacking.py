@@ -5,7 +5,7 @@ import pytest
 
 from biomass_cache.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
 from biomass_cache.config import ConfigError
-from biomass_cache.ensemble import load_ensemble
+from biomass_cache.ensemble_spec import load_ensemble
 from biomass_cache.metrics import competition_r2
 from biomass_cache.targets import components_to_targets
 

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from biomass_cache.backbone import create_backbone, forward_tokens, split_tiles, stitch_tiles
 from biomass_cache.cli import app
 from biomass_cache.data import DataError
+from biomass_cache.ensemble_members import _extract_settings
+from biomass_cache.ensemble_spec import EnsembleSpec, Member
 from biomass_cache.extract import ExtractConfig, extract
 from biomass_cache.fingerprint import of_extraction
 from biomass_cache.store import open_store
@@ -174,7 +176,7 @@ def test_test_caches_follow_the_training_tiles(tmp_path):
     extract(ExtractConfig(split="train", out=tmp_path / "train.zarr", views=2, tiles=2, **common), progress=False)
     cfg, members = resolve({}, [], dict(folds=2, epochs=1, device="cpu", workers=0, plots=False), ["density"])
     run_training(tmp_path / "train.zarr", data, tmp_path / "run", cfg, members)
-    result = ens.run_ensemble(ens.EnsembleSpec((ens.Member(tmp_path / "run"),)), data, tmp_path / "ens",
+    result = ens.run_ensemble(EnsembleSpec((Member(tmp_path / "run"),)), data, tmp_path / "ens",
                               progress=False)
     cache = open_store(result.caches[0])
     assert cache.fingerprint["tiles"] == 2 and cache.grid == (2, 4) and np.isfinite(result.grams).all()
@@ -185,7 +187,7 @@ def test_test_caches_follow_the_training_tiles(tmp_path):
         check_compatible(meta, open_store(untiled))
     config_json = json.loads((tmp_path / "run" / "config.json").read_text())
     del config_json["cache"]["fingerprint"]["tiles"]  # a run from before tiling existed: its settings say nothing
-    assert "tiles" not in ens._extract_settings(config_json, Path("config.json"))
+    assert "tiles" not in _extract_settings(config_json, Path("config.json"))
 
 
 def test_lora_live_backbone_tiles_like_extraction(weights):

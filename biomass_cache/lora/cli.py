@@ -9,7 +9,7 @@ import torch.distributed as dist
 import typer
 
 from biomass_cache.config import read_config
-from biomass_cache.extract import _parse_layers
+from biomass_cache.extract_cli import parse_layers
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.lora.train import run_lora
 from biomass_cache.options import TRAIN_OPTIONS, cli_overrides, with_default
@@ -90,7 +90,7 @@ def lora_command(
                 rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
                 grad_checkpointing=grad_checkpointing, amp=amp, precision=precision,
-                layers=_parse_layers(layers) if layers else None,
+                layers=parse_layers(layers) if layers else None,
                 targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
     s = load_settings(conf, {k: v for k, v in lora.items() if v is not None})
     run_lora(data, out, cfg, s, folds_csv=folds_csv, strict_folds=folds is not None, overwrite=overwrite)

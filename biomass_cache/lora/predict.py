@@ -31,7 +31,7 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
 
 def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool,
                    precision: str | None = None) -> np.ndarray:
-    """(N, 5) grams of a LoRA ensemble member (`ensemble.ResolvedMember`) for the test images of `table`, in order:
+    """(N, 5) grams of a LoRA ensemble member (`ensemble_members.ResolvedMember`) for the test images of `table`, in order:
     every fold model on the TTA views (clean and flips), components averaged over views and folds."""
     from biomass_cache.views import TTA_VIEWS
 
