@@ -10,6 +10,7 @@ command line (errors.py).
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,3 +82,30 @@ def read_config(path: str | Path | Config | None, what: str = "config", option: 
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a table of keys, got {type(doc).__name__}")
     return Config(path, doc)
+
+
+# Value rules: key -> (is the value valid, what it must be); each step keeps its own (train_config.RULES,
+# extract.EXTRACT_RULES, lora.settings.LORA_RULES) and checks a file's table and the final settings through these.
+def is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_values(settings: object, rules: dict, flags: dict[str, str], section: str, where: str = "") -> None:
+    """The first attribute of `settings` that breaks its rule is a DataError naming the flag and [section] key."""
+    for key, (valid, rule) in rules.items():
+        value = getattr(settings, key)
+        if not valid(value):
+            flag = f"{flags[key]} or " if key in flags else ""
+            raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
+
+
+def check_table(conf: Config, table: dict, section: str, rules: dict, where: str = "") -> None:
+    """The first value of a config file's table that breaks its rule is a ConfigError naming the file, the
+    [section] key and the value."""
+    for key, value in table.items():
+        if key in rules and not rules[key][0](value):
+            raise ConfigError(f"{conf.path}: {where}{key} must be {rules[key][1]}, got {value!r} ([{section}] {key})")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from biomass_cache.backbone import Backbone, create_backbone, forward_tokens, place_backbone, resolve_layers
+from biomass_cache.config import check_values, is_int
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
@@ -86,6 +87,7 @@ class ExtractConfig:
     policy: ViewPolicy = field(default_factory=ViewPolicy)
 
     def __post_init__(self) -> None:
+        check_values(self, EXTRACT_RULES, EXTRACT_FLAGS, "extract", "invalid extraction settings: ")
         self.data_dir, self.out, self.weights = Path(self.data_dir), Path(self.out), str(self.weights)
         self.size = parse_view_size(self.size) if isinstance(self.size, str) else validate_size(tuple(self.size))
         self.tiles = validate_tiles(self.size, self.tiles)
@@ -97,29 +99,18 @@ class ExtractConfig:
             self.devices = [d.strip() for d in self.devices.split(",") if d.strip()]
         if isinstance(self.split_at, int):
             self.split_at = [self.split_at]
-        problems = []
-        if self.split not in SPLITS:
-            problems.append(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.views < 1 or (self.split == "test" and self.views > len(TTA_VIEWS)):
-            problems.append(f"views must be >= 1 (at most {len(TTA_VIEWS)} TTA views {TTA_VIEWS} for split "
-                            f"'test'), got {self.views}")
-        if self.device not in DEVICES:
-            problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        problems = []  # rules between settings; each setting alone follows EXTRACT_RULES
+        if self.split == "test" and self.views > len(TTA_VIEWS):
+            problems.append(f"views must be at most {len(TTA_VIEWS)} (the TTA views {TTA_VIEWS}) for split 'test', "
+                            f"got {self.views}")
         if self.devices is not None and (not self.devices or self.device != "auto"):
             problems.append(f"devices must name at least one device and leaves device at 'auto', got devices "
                             f"{self.devices!r}, device {self.device!r}")
         if self.split_at is not None and (self.devices is None or len(self.split_at) != len(self.devices) - 1):
             problems.append(f"split_at needs devices and names the first block of every device but the first, got "
                             f"split_at {self.split_at!r} for devices {self.devices!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            problems.append(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            problems.append(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, "
-                            f"{self.num_workers}")
         if problems:
-            raise DataError("invalid extraction config: " + "; ".join(problems))
+            raise DataError("invalid extraction settings: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExtractConfig:
@@ -131,6 +122,50 @@ class ExtractConfig:
         if missing:
             raise DataError(f"{where}: {missing} must be given (--data / --out)")
         return cls(**d)
+
+
+def _is_size(v: object) -> bool:
+    try:
+        parse_view_size(v) if isinstance(v, str) else validate_size(tuple(v))
+    except (DataError, TypeError):
+        return False
+    return True
+
+
+def _is_strs(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_ints(v: object) -> bool:
+    return isinstance(v, list) and all(is_int(x) for x in v)
+
+
+# ExtractConfig key -> (is the value valid, what it must be), as train_config.RULES; the flags that set them
+EXTRACT_RULES = {
+    "split": (lambda v: v in SPLITS, f"one of {list(SPLITS)}"),
+    "backbone": (lambda v: isinstance(v, str), "a timm DINOv3 name"),
+    "weights": (lambda v: isinstance(v, (str, Path)), "a weights file or 'random'"),
+    "size": (_is_size, "WxH or [W, H], positive multiples of 16, e.g. 960x480"),
+    "tiles": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "layers": (lambda v: v is None or (_is_ints(v) and len(v) > 0), "a list of block indices"),
+    "norm": (lambda v: isinstance(v, bool), "true or false"),
+    "views": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (is_int, "an integer"),
+    "device": (lambda v: v in DEVICES, f"one of {list(DEVICES)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
+    "devices": (lambda v: v is None or isinstance(v, str) or _is_strs(v), "a list of devices, e.g. cuda:0,cuda:1"),
+    "split_at": (lambda v: v is None or is_int(v) or _is_ints(v), "a list of block indices"),
+    "dtype": (lambda v: v in STORAGE_DTYPES, f"one of {list(STORAGE_DTYPES)}"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("overwrite", "skip_bad", "retry_bad", "recheck", "store_prefix")},
+    "overrides": (lambda v: isinstance(v, dict), "a table of backbone settings, e.g. { depth = 2 }"),
+}
+EXTRACT_FLAGS = {"data_dir": "--data", "num_workers": "--workers", "store_prefix": "--prefix/--no-prefix",
+                 "norm": "--norm/--no-norm", "split_at": "--split-at", "batch_size": "--batch-size",
+                 **{k: f"--{k}" for k in ("split", "backbone", "weights", "size", "tiles", "layers", "views", "seed",
+                                          "device", "precision", "devices", "dtype")}}
 
 
 def default_layers(depth: int) -> list[int]:

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import typer
 
-from biomass_cache.config import Config, read_config
+from biomass_cache.config import Config, check_table, read_config
 from biomass_cache.data import DataError
-from biomass_cache.extract import ExtractConfig, extract
+from biomass_cache.extract import EXTRACT_RULES, ExtractConfig, extract
 from biomass_cache.options import default_of, shown
 from biomass_cache.runtime import run
 from biomass_cache.views import TTA_VIEWS
@@ -29,6 +29,7 @@ def load_config_file(path: Path | Config) -> dict[str, Any]:
     else:
         values, label = dict(conf.doc), None
     conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
+    check_table(conf, values, "extract", EXTRACT_RULES)
     return values
 
 

@@ -6,12 +6,11 @@ The training loop that runs these settings is train.py; the `biomass train` comm
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from biomass_cache.config import Config, ConfigError, read_config
+from biomass_cache.config import Config, check_table, check_values, is_int, is_number, read_config
 from biomass_cache.data import DataError
 from biomass_cache.distributed import resolve_device
 from biomass_cache.heads import HEADS
@@ -69,12 +68,12 @@ def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
     train = conf.section("train")
     sweep = train.pop("sweep", [])
     conf.check_keys(train, [f.name for f in fields(TrainConfig)], "[train]")
-    check_table(conf, train, "train")
+    check_table(conf, train, "train", RULES)
     if not isinstance(sweep, list) or not all(isinstance(e, dict) for e in sweep):
         raise conf.error("list the members as [[train.sweep]] tables", "[train]", "sweep")
     for k, entry in enumerate(sweep):
         conf.check_keys(entry, ["name", *_member_keys()], f"[[train.sweep]] #{k + 1}")
-        check_table(conf, entry, "train.sweep", f"member {entry['name']!r}: " if "name" in entry
+        check_table(conf, entry, "train.sweep", RULES, f"member {entry['name']!r}: " if "name" in entry
                     else f"[[train.sweep]] #{k + 1}: ")
     return train, sweep, conf.section("extract")
 
@@ -134,32 +133,6 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
-def is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_config(cfg: TrainConfig, member: str | None = None) -> None:
     """Refuse a value no run could use, naming its flag and config key (before anything is written)."""
     check_values(cfg, RULES, FLAGS, "train", f"member {member!r}: " if member else "")
-
-
-def check_values(settings: object, rules: dict, flags: dict[str, str], section: str, where: str = "") -> None:
-    """The first attribute of `settings` that breaks its rule is a DataError naming the flag and [section] key."""
-    for key, (valid, rule) in rules.items():
-        value = getattr(settings, key)
-        if not valid(value):
-            flag = f"{flags[key]} or " if key in flags else ""
-            raise DataError(f"{where}{key} must be {rule}, got {value!r} ({flag}[{section}] {key})")
-
-
-def check_table(conf: Config, table: dict, section: str, where: str = "", rules: dict | None = None) -> None:
-    """The first value of a config file's table that breaks its rule (`rules`, else RULES) is a ConfigError naming
-    the file, the [section] key and the value."""
-    rules = RULES if rules is None else rules
-    for key, value in table.items():
-        if key in rules and not rules[key][0](value):
-            raise ConfigError(f"{conf.path}: {where}{key} must be {rules[key][1]}, got {value!r} ([{section}] {key})")

@@ -46,6 +46,11 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
      ["c.toml: member 'x': lr must be a number > 0, got 'fast' ([train.sweep] lr)"]),
     ("train", "train = 3\n", ["c.toml train: must be a table", "got 3"]),
     ("extract", "[extract]\nbogus = 1\n", ["c.toml [extract]: unknown key(s) ['bogus']"]),
+    ("extract", "[extract]\nviews = 0\n", ["c.toml: views must be an integer >= 1, got 0 ([extract] views)"]),
+    ("extract", '[extract]\nsize = "960x470"\n', ["c.toml: size must be WxH or [W, H], positive multiples of 16",
+                                                  "got '960x470' ([extract] size)"]),
+    ("extract", '[extract]\ndtype = "float32"\n', ["c.toml: dtype must be one of", "got 'float32' ([extract] dtype)"]),
+    ("lora", '[extract]\nprecision = "half"\n', ["c.toml: precision must be one of", "([extract] precision)"]),
     ("lora", "[lora]\nrnk = 8\n", ["c.toml [lora]: unknown key(s) ['rnk']"]),
     ("lora", "[lora]\nrank = 0\n", ["c.toml: rank must be an integer >= 1, got 0 ([lora] rank)"]),
     ("lora", "[extract]\nlayers = []\n", ["c.toml: layers must be a list of block indices, got [] ([extract] layers)"]),
@@ -110,6 +115,18 @@ def test_a_bad_config_is_one_error_line_naming_the_file(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'c.toml'}: rank must be an integer >= 1, "
                                                       "got 0 ([lora] rank)")
     assert not (tmp_path / "run").exists()
+
+
+def test_extract_names_the_file_for_its_values_and_the_flag_for_flags(tmp_path):
+    (tmp_path / "c.toml").write_text("[extract]\nviews = 0\n")
+    where = ["extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "t.zarr")]
+    from_file = CliRunner().invoke(app, [*where, "--config", str(tmp_path / "c.toml")])
+    assert from_file.exit_code == 2 and from_file.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'c.toml'}: views must be an integer >= 1, got 0 ([extract] views)")
+    from_flag = CliRunner().invoke(app, [*where, "--views", "0"])
+    assert from_flag.exit_code == 2 and from_flag.stderr.strip().splitlines()[-1] == (
+        "error: invalid extraction settings: views must be an integer >= 1, got 0 (--views or [extract] views)")
+    assert not (tmp_path / "t.zarr").exists()
 
 
 def _params(name: str) -> dict:

@@ -200,7 +200,7 @@ def test_test_split_tta_views(tmp_path):
     assert store.split == "test" and store.n_prefix == 0 and store.layers == default_layers(2) == [0, 1]
     hflip = store.read(1, 1).reshape(2, 2, 4, 32)
     assert store.image_ids == ids and store.storage_dtype == "int8" and np.isfinite(hflip).all()
-    with pytest.raises(ValueError, match="at most 4 TTA views"):
+    with pytest.raises(ValueError, match=r"views must be at most 4 \(the TTA views"):
         config(tmp_path, split="test", views=5)
 
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from biomass_cache.config import Config, read_config
+from biomass_cache.config import Config, check_table, check_values, is_int, is_number, read_config
 from biomass_cache.data import DataError
+from biomass_cache.extract import EXTRACT_RULES
 from biomass_cache.precision import check_precision
-from biomass_cache.train_config import check_table, check_values, is_int, is_number
 from biomass_cache.views import parse_view_size
 
 
@@ -63,8 +63,8 @@ def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings
     extract = {k: v for k, v in conf.section("extract").items() if k in EXTRACT_KEYS}
     lora = conf.section("lora")
     conf.check_keys(lora, [f.name for f in fields(LoraSettings)], "[lora]")
-    check_table(conf, extract, "extract", rules=LORA_RULES)
-    check_table(conf, lora, "lora", rules=LORA_RULES)
+    check_table(conf, extract, "extract", EXTRACT_RULES)
+    check_table(conf, lora, "lora", LORA_RULES)
     s = replace(LoraSettings(), **{**extract, **lora, **overrides})
     s.size = parse_view_size(s.size) if isinstance(s.size, str) else tuple(s.size)
     check_values(s, LORA_RULES, LORA_FLAGS, "lora")
