@@ -97,6 +97,7 @@ def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
         np.testing.assert_allclose(mixed.by_fold[k], whole, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(members, tmp_path):
     from biomass_cache.cv import cache_source
     from biomass_cache.dataset import AuxSpec
@@ -163,9 +164,9 @@ def test_pseudo_end_to_end_gives_an_honest_run_and_a_submit_member(members, tmp_
     (("--members", "/no/such/run"), "error: member /no/such/run: not a run folder or a head checkpoint"),
     (("--weight", "0"), "error: --rounds must be >= 1 and --weight a number > 0, got 1 and 0.0"),
 ])
-def test_bad_options_are_one_error_line(members, tmp_path, change, message):
-    root, data, runs = members
-    args = {"--data": data, "--members": runs[0], "--out": tmp_path / "out", "--work-dir": tmp_path}
+def test_bad_options_are_one_error_line(tmp_path, change, message):
+    args = {"--data": tmp_path / "data", "--members": tmp_path / "run", "--out": tmp_path / "out",
+            "--work-dir": tmp_path}
     args[change[0]] = change[1]
     result = CliRunner().invoke(app, ["pseudo", *[str(x) for kv in args.items() for x in kv]])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

@@ -11,8 +11,13 @@ from biomass_cache.backbone import Backbone
 from biomass_cache.data import DataError
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks, target_regex
 
-import peft  # noqa: E402  (after biomass_cache.backbone, which makes timm/torchvision importable)
-from peft.tuners.lora import LoraLayer  # noqa: E402
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether peft turned `module` into a LoRA layer. peft (and the transformers it loads, seconds of start-up) is
+    imported only here and in `inject_lora`, so commands that never touch LoRA start without it."""
+    from peft.tuners.lora import LoraLayer  # after biomass_cache.backbone, which makes timm/torchvision importable
+
+    return isinstance(module, LoraLayer)
 
 
 def inject_lora(bb: Backbone, s: LoraSettings, seed: int = 0) -> list[str]:
@@ -37,11 +42,13 @@ def inject_lora(bb: Backbone, s: LoraSettings, seed: int = 0) -> list[str]:
                                  "check that a LoRA on its qkv is applied")
             if getattr(attn, "q_bias", None) is not None:
                 attn.qkv_bias_separate = True
+    import peft
+
     config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, bias="none",
                              target_modules=target_regex(blocks, s.targets))
     peft.inject_adapter_in_model(config, model)
     reset_adapters(model, seed)
-    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    adapted = sorted(n for n, m in model.named_modules() if is_lora_layer(m))
     if adapted != sorted(expected):
         raise RuntimeError(f"peft adapted {adapted}, expected {sorted(expected)}")
     stray = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -54,7 +61,7 @@ def reset_adapters(model: nn.Module, seed: int) -> None:
     """Fresh adapters (A random, B = 0: the model's output is unchanged), a pure function of `seed`: identical on
     every rank, in every rerun, and for every fold (the adapters are re-initialised, never re-injected)."""
     gen = torch.Generator().manual_seed(seed)
-    layers = sorted((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    layers = sorted((n, m) for n, m in model.named_modules() if is_lora_layer(m))
     with torch.no_grad():
         for _, m in layers:  # peft's default init, drawn on the CPU so every device gets the same numbers
             a, b = m.lora_A["default"].weight, m.lora_B["default"].weight

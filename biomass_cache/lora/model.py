@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from biomass_cache.backbone import Backbone, resolve_layers, split_tiles, stitch_tiles
 from biomass_cache.data import DataError
-from biomass_cache.lora.adapters import LoraLayer, adapter_state, reset_adapters
+from biomass_cache.lora.adapters import adapter_state, is_lora_layer, reset_adapters
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 from biomass_cache.precision import autocast, resolve_precision
 from biomass_cache.views import validate_tiles
@@ -94,7 +94,7 @@ class LiveTokens(nn.Module):
     def train(self, mode: bool = True) -> "LiveTokens":
         self.training = mode
         for m in self.model.modules():
-            if isinstance(m, LoraLayer):
+            if is_lora_layer(m):
                 m.train(mode)
         return self
 
