@@ -142,14 +142,20 @@ def train(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def ridge_run(tmp_path_factory) -> tuple[Path, Path, Path, str]:
-    root = tmp_path_factory.mktemp("ridge")
-    data, store = make_toy(root, n=36)
+def toy_data(tmp_path_factory) -> tuple[Path, Path]:
+    return make_toy(tmp_path_factory.mktemp("ridge"), n=36)
+
+
+@pytest.fixture(scope="module")
+def ridge_run(toy_data) -> tuple[Path, Path, Path, str]:
+    data, store = toy_data
+    root = store.parent
     output = train("--cache", store, "--data", data, "--out", root / "run", "--head", "ridge", "--folds", 5,
                    "--lr", 1e-3, "--mixup", "--interval-bins", 4)
     return data, store, root / "run", output
 
 
+@pytest.mark.slow
 def test_five_fold_run_learns_in_every_fold(ridge_run):
     data, _, run, output = ridge_run
     for name in ["metrics.json", "oof_ridge.csv", "history.csv"] + [f"fold{k}/ridge.{e}" for k in range(5)
@@ -169,6 +175,7 @@ def test_five_fold_run_learns_in_every_fold(ridge_run):
     assert output.count("closed-form fit on") == 5
 
 
+@pytest.mark.slow
 def test_a_fold_checkpoint_reproduces_its_oof_rows(ridge_run):
     data, store, run, _ = ridge_run
     head, meta = runs.load_head(run / "fold2" / "ridge.json")
@@ -182,8 +189,8 @@ def test_a_fold_checkpoint_reproduces_its_oof_rows(ridge_run):
     np.testing.assert_allclose(pred, oof.set_index("image_id").loc[ids, list(TARGETS)].to_numpy(), rtol=1e-6)
 
 
-def test_aux_with_ridge_is_one_clear_error(ridge_run, tmp_path):
-    data, store, _, _ = ridge_run
+def test_aux_with_ridge_is_one_clear_error(toy_data, tmp_path):
+    data, store = toy_data
     app = typer.Typer(pretty_exceptions_enable=False)
     app.command()(train_command)
     with pytest.raises(DataError, match=r"member 'ridge': head 'ridge' .*no auxiliary tasks"):
@@ -192,12 +199,12 @@ def test_aux_with_ridge_is_one_clear_error(ridge_run, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_source_that_cannot_fit_it_is_refused(ridge_run):
+def test_a_source_that_cannot_fit_it_is_refused(toy_data):
     """LoRA's token source (a live backbone, no stored views) has no `fit_loader`: the run stops before writing."""
     import biomass_cache.cv as cv
     from biomass_cache.train_config import resolve
 
-    data, _, _, _ = ridge_run
+    data, _ = toy_data
     table = read_long_csv(data / "train.csv", check_images=False)
     source = cv.TokenSource(layers=[3, 7], signature={"channels": 16, "grid": [8, 4]}, fingerprint={}, config={},
                             device=torch.device("cpu"), train_loader=None, val_loader=None, tokens_fn=None,

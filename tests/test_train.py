@@ -184,6 +184,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
               "--batch-size", 4, "--config", _toml(tmp_path, "max_nonfinite = 3"), "--workers", 0)
 
 
+@pytest.mark.slow
 def test_interval_bins_run_reloads_and_reproduces_oof(toy, tmp_path):
     """`--interval-bins 4` (with blend, mixup, UW, PCGrad from the config): a normal run folder whose rebuilt
     checkpoints carry the fold's bins and predict exactly the OOF values the in-memory heads gave."""
