@@ -47,6 +47,7 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
     ("train", "train = 3\n", ["c.toml train: must be a table", "got 3"]),
     ("extract", "[extract]\nbogus = 1\n", ["c.toml [extract]: unknown key(s) ['bogus']"]),
     ("extract", "[extract]\nviews = 0\n", ["c.toml: views must be an integer >= 1, got 0 ([extract] views)"]),
+    ("extract", '[extract]\nviews = "4"\n', ["c.toml: views must be an integer >= 1, got '4' ([extract] views)"]),
     ("extract", '[extract]\nsize = "960x470"\n', ["c.toml: size must be WxH or [W, H], positive multiples of 16",
                                                   "got '960x470' ([extract] size)"]),
     ("extract", '[extract]\ndtype = "float32"\n', ["c.toml: dtype must be one of", "got 'float32' ([extract] dtype)"]),
