@@ -5,22 +5,54 @@ The top-level scripts (extract_features.py, train_heads.py, submit.py) run the s
 
 from __future__ import annotations
 
+import importlib
+
+import click
 import typer
 
-from biomass_cache.bundle import bundle_command
-from biomass_cache.demo import demo_command
 from biomass_cache.errors import DEBUG_KEY, BiomassGroup
-from biomass_cache.extract_cli import extract_command
-from biomass_cache.lora.cli import lora_command
-from biomass_cache.predict import predict_command
-from biomass_cache.pseudo import pseudo_command
-from biomass_cache.reduce import reduce_command
 from biomass_cache.runtime import keep_freed_memory
-from biomass_cache.submission import score_command, submit_command
-from biomass_cache.synth import synth_command
-from biomass_cache.train_cli import train_command
-from biomass_cache.tune import tune_command
-from biomass_cache.verify import verify_command
+
+# name -> (module, function, one-line help). A command's module (and torch, timm, sklearn behind it) is imported
+# only when that command runs or shows its help, so `biomass --help` answers at once.
+COMMANDS = {
+    "demo": ("demo", "demo_command", "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
+    "synth": ("synth", "synth_command", "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
+    "extract": ("extract_cli", "extract_command",
+                "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
+    "verify": ("verify", "verify_command", "Read back a token store; report corrupt chunks and samples not extracted."),
+    "reduce": ("reduce", "reduce_command", "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
+    "train": ("train_cli", "train_command", "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
+    "tune": ("tune", "tune_command", "Search training settings with Optuna on a token cache; write the winner as best.toml."),
+    "lora": ("lora.cli", "lora_command", "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
+    "submit": ("submission", "submit_command",
+               "Ensemble trained heads on the test images and write a validated submission.csv."),
+    "pseudo": ("pseudo", "pseudo_command",
+               "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
+    "score": ("submission", "score_command", "Score a submission against labels (competition_r2 and log_r2)."),
+    "predict": ("predict", "predict_command", "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
+    "bundle": ("bundle", "bundle_command", "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
+}
+
+
+class LazyGroup(BiomassGroup):
+    """The `biomass` group: lists COMMANDS from the table, builds a command from its module when it is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, function, text = COMMANDS[name]
+        one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+        one.command(name, help=text)(getattr(importlib.import_module(f"biomass_cache.{module}"), function))
+        return typer.main.get_command(one)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
 
 app = typer.Typer(
     help="Pasture biomass from quadrat photos: frozen DINOv3 tokens cached in Zarr, light heads trained on top.",
@@ -28,7 +60,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rich markup would eat the bracketed defaults, e.g. "[the folder of --out]"
-    cls=BiomassGroup,  # user errors: one `error:` line, exit status 2 (errors.py)
+    cls=LazyGroup,  # user errors: one `error:` line, exit status 2 (errors.py)
 )
 
 
@@ -38,25 +70,6 @@ def options(ctx: typer.Context,
                                        "(also: BIOMASS_DEBUG=1).")) -> None:
     """Options every command shares (the app's help text is the Typer's)."""
     ctx.meta[DEBUG_KEY] = debug
-
-
-COMMANDS = [
-    ("demo", demo_command, "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
-    ("synth", synth_command, "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
-    ("extract", extract_command, "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
-    ("verify", verify_command, "Read back a token store; report corrupt chunks and samples not extracted."),
-    ("reduce", reduce_command, "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
-    ("train", train_command, "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
-    ("tune", tune_command, "Search training settings with Optuna on a token cache; write the winner as best.toml."),
-    ("lora", lora_command, "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
-    ("submit", submit_command, "Ensemble trained heads on the test images and write a validated submission.csv."),
-    ("pseudo", pseudo_command, "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
-    ("score", score_command, "Score a submission against labels (competition_r2 and log_r2)."),
-    ("predict", predict_command, "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
-    ("bundle", bundle_command, "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
-]
-for name, fn, text in COMMANDS:
-    app.command(name, help=text)(fn)
 
 
 def main() -> None:

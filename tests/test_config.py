@@ -8,6 +8,7 @@ from inspect import signature
 from pathlib import Path
 
 import pytest
+import click
 import typer
 from typer.testing import CliRunner
 
@@ -131,7 +132,8 @@ def test_extract_names_the_file_for_its_values_and_the_flag_for_flags(tmp_path):
 
 
 def _params(name: str) -> dict:
-    return {p.name: p for p in typer.main.get_command(app).commands[name].params}
+    group = typer.main.get_command(app)
+    return {p.name: p for p in group.get_command(click.Context(group), name).params}
 
 
 def test_train_and_lora_share_their_options():

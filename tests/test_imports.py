@@ -8,6 +8,8 @@ TYPE_CHECKING (a cycle hidden in a function is still two modules that cannot be 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from toys import ROOT
@@ -104,3 +106,28 @@ def test_every_name_a_benchmark_imports_exists():
     finally:
         sys.path.remove(str(bench))
     assert not missing
+
+
+def test_the_command_list_imports_no_command():
+    """`biomass --help` lists the commands from cli.COMMANDS: no command module, no torch, timm or sklearn."""
+    code = ("import sys; from typer.testing import CliRunner; from biomass_cache.cli import COMMANDS, app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "assert all(name in r.output for name in COMMANDS); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'sklearn', 'zarr', 'peft') "
+            "or m in {'biomass_cache.' + module for module, _, _ in COMMANDS.values()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_listed_command_resolves_to_its_function():
+    import click
+    import typer
+
+    from biomass_cache.cli import COMMANDS, app
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    for name, (module, function, text) in COMMANDS.items():
+        command = group.get_command(ctx, name)
+        assert command.name == name and command.help == text
+        assert command.callback.__module__ == f"biomass_cache.{module}" and command.callback.__name__ == function
