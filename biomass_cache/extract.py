@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from biomass_cache.backbone import Backbone, create_backbone, forward_tokens, place_backbone, resolve_layers
-from biomass_cache.config import check_values, is_int
+from biomass_cache.config import check_values
 from biomass_cache.content import content_hashes
 from biomass_cache.data import DataError, read_long_csv
 from biomass_cache.distributed import Ranks, init_ranks, resolve_devices
@@ -97,7 +97,7 @@ class ExtractConfig:
             self.layers = list(self.layers)
         if isinstance(self.devices, str):
             self.devices = [d.strip() for d in self.devices.split(",") if d.strip()]
-        if isinstance(self.split_at, int):
+        if _is_int(self.split_at):
             self.split_at = [self.split_at]
         problems = []  # rules between settings; each setting alone follows EXTRACT_RULES
         if self.split == "test" and self.views > len(TTA_VIEWS):
@@ -132,12 +132,17 @@ def _is_size(v: object) -> bool:
     return True
 
 
+def _is_int(v: object) -> bool:
+    """An integer from a file or from code (numpy's too); never a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _is_strs(v: object) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
 
 
 def _is_ints(v: object) -> bool:
-    return isinstance(v, list) and all(is_int(x) for x in v)
+    return isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)
 
 
 # ExtractConfig key -> (is the value valid, what it must be), as train_config.RULES; the flags that set them
@@ -146,18 +151,18 @@ EXTRACT_RULES = {
     "backbone": (lambda v: isinstance(v, str), "a timm DINOv3 name"),
     "weights": (lambda v: isinstance(v, (str, Path)), "a weights file or 'random'"),
     "size": (_is_size, "WxH or [W, H], positive multiples of 16, e.g. 960x480"),
-    "tiles": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "tiles": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "layers": (lambda v: v is None or (_is_ints(v) and len(v) > 0), "a list of block indices"),
     "norm": (lambda v: isinstance(v, bool), "true or false"),
-    "views": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": (is_int, "an integer"),
+    "views": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (_is_int, "an integer"),
     "device": (lambda v: v in DEVICES, f"one of {list(DEVICES)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
     "devices": (lambda v: v is None or isinstance(v, str) or _is_strs(v), "a list of devices, e.g. cuda:0,cuda:1"),
-    "split_at": (lambda v: v is None or is_int(v) or _is_ints(v), "a list of block indices"),
+    "split_at": (lambda v: v is None or _is_int(v) or _is_ints(v), "a list of block indices"),
     "dtype": (lambda v: v in STORAGE_DTYPES, f"one of {list(STORAGE_DTYPES)}"),
-    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     **{k: (lambda v: isinstance(v, bool), "true or false")
        for k in ("overwrite", "skip_bad", "retry_bad", "recheck", "store_prefix")},
     "overrides": (lambda v: isinstance(v, dict), "a table of backbone settings, e.g. { depth = 2 }"),
