@@ -6,11 +6,12 @@ The top-level scripts (extract_features.py, train_heads.py, submit.py) run the s
 from __future__ import annotations
 
 import importlib
+from difflib import get_close_matches
 
 import click
 import typer
 
-from biomass_cache.errors import DEBUG_KEY, BiomassGroup
+from biomass_cache.errors import DEBUG_KEY, BiomassGroup, UsageError
 from biomass_cache.runtime import keep_freed_memory
 
 # name -> (module, function, one-line help). A command's module (and torch, timm, sklearn behind it) is imported
@@ -48,6 +49,16 @@ class LazyGroup(BiomassGroup):
         one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
         one.command(name, help=text)(getattr(importlib.import_module(f"biomass_cache.{module}"), function))
         return typer.main.get_command(one)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """typer suggests a close name from the commands it holds, none here: suggest from COMMANDS instead."""
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as e:
+            matches = get_close_matches(args[0], COMMANDS) if args else []
+            if matches and "Did you mean" not in e.message:
+                e.message = f"{e.message.rstrip('.')}. Did you mean {', '.join(repr(m) for m in matches)}?"
+            raise
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -173,6 +173,12 @@ def test_help_keeps_bracketed_defaults():
         assert result.exit_code == 0 and text in " ".join(result.output.split()), result.output
 
 
+def test_a_misspelt_command_gets_a_suggestion():
+    assert_user_error(biomass("extrct"), "No such command 'extrct'. Did you mean 'extract'?")
+    assert_user_error(biomass("predct", "--help"), "Did you mean 'predict'")
+    assert "Did you mean" not in assert_user_error(biomass("zzz"), "No such command 'zzz'.")
+
+
 def test_score_of_an_empty_file(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "labels.csv").write_text("sample_id,target\nID1__Dry_Total_g,1.0\n")
