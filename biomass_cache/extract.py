@@ -132,6 +132,16 @@ def _is_size(v: object) -> bool:
     return True
 
 
+def _is_policy(v: object) -> bool:
+    if not isinstance(v, dict):
+        return isinstance(v, ViewPolicy)
+    try:
+        ViewPolicy.from_dict(v)
+    except (ValueError, TypeError):  # ViewPolicy's own checks; a value of the wrong type
+        return False
+    return True
+
+
 def _is_int(v: object) -> bool:
     """An integer from a file or from code (numpy's too); never a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -147,6 +157,8 @@ def _is_ints(v: object) -> bool:
 
 # ExtractConfig key -> (is the value valid, what it must be), as train_config.RULES; the flags that set them
 EXTRACT_RULES = {
+    "data_dir": (lambda v: isinstance(v, (str, Path)), "a folder"),
+    "out": (lambda v: isinstance(v, (str, Path)), "a .zarr folder"),
     "split": (lambda v: v in SPLITS, f"one of {list(SPLITS)}"),
     "backbone": (lambda v: isinstance(v, str), "a timm DINOv3 name"),
     "weights": (lambda v: isinstance(v, (str, Path)), "a weights file or 'random'"),
@@ -166,11 +178,13 @@ EXTRACT_RULES = {
     **{k: (lambda v: isinstance(v, bool), "true or false")
        for k in ("overwrite", "skip_bad", "retry_bad", "recheck", "store_prefix")},
     "overrides": (lambda v: isinstance(v, dict), "a table of backbone settings, e.g. { depth = 2 }"),
+    "policy": (_is_policy, "a table of ViewPolicy fields (views.py), probabilities in [0, 1] and ranges "
+                           "[low, high], e.g. { p_hflip = 0.5 }"),
 }
 EXTRACT_FLAGS = {"data_dir": "--data", "num_workers": "--workers", "store_prefix": "--prefix/--no-prefix",
                  "norm": "--norm/--no-norm", "split_at": "--split-at", "batch_size": "--batch-size",
-                 **{k: f"--{k}" for k in ("split", "backbone", "weights", "size", "tiles", "layers", "views", "seed",
-                                          "device", "precision", "devices", "dtype")}}
+                 **{k: f"--{k}" for k in ("out", "split", "backbone", "weights", "size", "tiles", "layers", "views",
+                                          "seed", "device", "precision", "devices", "dtype")}}
 
 
 def default_layers(depth: int) -> list[int]:
