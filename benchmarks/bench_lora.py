@@ -9,6 +9,7 @@ Writes benchmarks/results/lora.json and prints a markdown table. `python benchma
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ def epoch_seconds(run_dir: Path) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     keep_freed_memory()  # as every entry point does: benchmarks measure what users run
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))

@@ -74,7 +74,12 @@ def create_backbone(name: str, weights: str | Path = RANDOM, seed: int = 0,
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, **{"num_classes": 0, **overrides})
+        try:
+            model = timm.create_model(name, pretrained=False, **{"num_classes": 0, **overrides})
+        except TypeError as e:  # an override the model does not take
+            if not overrides:
+                raise
+            raise DataError(f"overrides {overrides} are not settings {name} takes ({e})") from None
     if weights == RANDOM:
         sha = RANDOM
     else:

@@ -500,3 +500,8 @@ def _summary(store: TokenStore, per_rank: list[dict], bad: dict[str, str], alrea
         "ranks": world,
         "random_weights": store.random_weights,
     }
+
+
+if __name__ == "__main__":  # the command moved: an old `torchrun -m biomass_cache.extract` must not succeed silently
+    raise SystemExit("error: the extract command is `python -m biomass_cache.extract_cli` (or extract_features.py, "
+                     "or `biomass extract`); biomass_cache.extract is the library module")

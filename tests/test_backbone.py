@@ -173,6 +173,8 @@ def test_bad_arguments():
         create_backbone("vit_small_patch16_dinov2", overrides=TINY)
     with pytest.raises(ValueError, match="pretrained"):
         create_backbone(PLAIN, overrides=dict(TINY, pretrained=True))
+    with pytest.raises(DataError, match=r"overrides .*'bogus': 1.* are not settings vit_small_patch16_dinov3 takes"):
+        create_backbone(PLAIN, overrides=dict(TINY, bogus=1))
 
 
 def test_resolve_layers():

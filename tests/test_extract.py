@@ -235,3 +235,10 @@ def test_torchrun_two_ranks_equal_single_process(reference, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s)" in proc.stdout
     assert_same_arrays(tmp_path / "ddp.zarr", ref_cfg.out)
+
+
+@pytest.mark.slow
+def test_the_library_module_run_as_a_command_names_the_command():
+    proc = subprocess.run([sys.executable, "-m", "biomass_cache.extract", "--data", "d"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "python -m biomass_cache.extract_cli" in proc.stderr, proc.stderr
