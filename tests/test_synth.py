@@ -77,7 +77,7 @@ def test_csv_formats_and_orders(small):
     assert sub["target"].nunique() == 1
 
 
-@pytest.mark.parametrize("style", ["small", "canopy"])
+@pytest.mark.parametrize("style", ["small", pytest.param("canopy", marks=pytest.mark.slow)])  # canopy: ~1 s to paint
 @pytest.mark.parametrize("name", ["train.csv", "test_labels.csv"])
 def test_identities_exact_to_four_decimals(request, style, name):
     raw = _raw(request.getfixturevalue(style) / name)
