@@ -1,6 +1,10 @@
-"""The stacker (aggregate.fit_stack) and the cross-fitted OOF score of fitted aggregations, on hand-made members."""
+"""The stacker (aggregate.fit_stack) and the cross-fitted OOF score of fitted aggregations: on hand-made members,
+then end to end through `biomass submit`."""
+
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from biomass_cache.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
@@ -109,3 +113,86 @@ def test_the_bundle_keeps_stack_alpha(tmp_path):
     path.write_text(bundle_run.toml_ensemble({"aggregation": "stack", "stack_alpha": 0.25, "member": [{"path": "a"}]}))
     spec = load_ensemble(path)
     assert (spec.aggregation, spec.stack_alpha) == ("stack", 0.25)
+
+
+# ------------------------------------- end to end through `biomass submit` on conftest's tiny pipeline
+def stack_file(tmp_path, run_a, run_b, alpha=0.0):
+    path = tmp_path / "ens.toml"
+    path.write_text(f'stack_alpha = {alpha}\n[[member]]\npath = "{run_a}"\nhead = "density"\n'
+                    f'[[member]]\npath = "{run_b}"\nhead = "mlp"\n')
+    return path
+
+
+@pytest.mark.slow
+def test_submit_stack_and_oof_report_a_cross_fitted_score(pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from biomass_cache.aggregate import fit_stack, stack_predict
+    from biomass_cache.data import read_long_csv
+    from biomass_cache.errors import script_app
+    from biomass_cache.metrics import competition_r2
+    from biomass_cache.submission import long_to_wide, read_long_file, submit_command
+    from biomass_cache.targets import COMPONENTS, TARGETS
+
+    root, data, run = pipeline
+    ens_file = stack_file(tmp_path, run, run)
+    reports = {}
+    for aggregation in ("stack", "oof"):
+        out = tmp_path / f"{aggregation}.csv"
+        result = CliRunner().invoke(script_app(submit_command), [
+            "--data", str(data), "--ensemble", str(ens_file), "--aggregation", aggregation, "--out", str(out),
+            "--work-dir", str(root / "work")])
+        assert result.exit_code == 0, result.output
+        assert "ensemble (fitted, in-sample)" in result.output and "ensemble (cross-fitted)" in result.output
+        reports[aggregation] = json.loads((tmp_path / f"{aggregation}.report.json").read_text())
+        y = long_to_wide(read_long_file(out), str(out)).to_numpy()
+        np.testing.assert_allclose(y[:, 3], y[:, 0] + y[:, 2], rtol=1e-12)  # GDM
+        np.testing.assert_allclose(y[:, 4], y[:, :3].sum(axis=1), rtol=1e-12)  # Total
+    stack, oof = reports["stack"], reports["oof"]
+    assert stack["aggregation"] == "stack" and stack["submission"] == str(tmp_path / "stack.csv")
+    assert all(list(w) == list(COMPONENTS) and min(w.values()) >= 0 for w in stack["weights"].values())
+    assert sum(oof["weights"].values()) == pytest.approx(1.0)
+    for report in (stack, oof):
+        cross = report["oof"]["cross_fitted_oof"]
+        assert cross["n_folds"] == 3 and list(cross["folds"]) == ["fold0", "fold1", "fold2"]
+        assert cross["folds_csv"] == str(run / "folds.csv") and np.isfinite(report["oof"]["ensemble"])
+    # the same number from the run's files alone: each fold's stack fitted on the other folds' images
+    labels = read_long_csv(data / "train.csv", check_images=False).set_index("image_id")[list(TARGETS)]
+    members = [pd.read_csv(run / f"oof_{h}.csv", dtype={"image_id": str}).set_index("image_id")[list(TARGETS)]
+               for h in ("density", "mlp")]
+    fold_of = pd.read_csv(run / "folds.csv", dtype={"image_id": str}).set_index("image_id")["fold"]
+    ids = labels.index[labels.notna().all(axis=1)]
+    pooled = pd.DataFrame(np.nan, index=ids, columns=list(TARGETS))
+    for k in range(3):
+        fit_on, held = ids[fold_of.loc[ids].to_numpy() != k], ids[fold_of.loc[ids].to_numpy() == k]
+        weights = fit_stack([m.loc[fit_on].to_numpy() for m in members], labels.loc[fit_on].to_numpy(), alpha=0.0)
+        pooled.loc[held] = stack_predict([m.loc[held].to_numpy() for m in members], weights)
+    expected = competition_r2(labels.loc[ids].to_numpy(), pooled.to_numpy())
+    assert stack["oof"]["cross_fitted_oof"]["ensemble"] == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_fitted_aggregations_refuse_members_cross_validated_on_different_folds(pipeline, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from biomass_cache.errors import script_app
+    from biomass_cache.submission import submit_command
+
+    root, data, run = pipeline
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    folds = pd.read_csv(other / "folds.csv", dtype={"image_id": str})
+    a, b = folds.index[folds["fold"] == 0][0], folds.index[folds["fold"] == 1][0]
+    folds.loc[[a, b], "fold"] = [1, 0]
+    folds.to_csv(other / "folds.csv", index=False)
+    args = ["--data", str(data), "--ensemble", str(stack_file(tmp_path, run, other)), "--out",
+            str(tmp_path / "s.csv"), "--work-dir", str(root / "work")]
+    result = CliRunner().invoke(script_app(submit_command), [*args, "--aggregation", "stack"])
+    assert result.exit_code == 2 and not (tmp_path / "s.csv").exists()
+    assert result.output.startswith("error: members ") and result.output.count("\n") == 1, result.output
+    assert "different folds" in result.output and f"--folds-csv {run / 'folds.csv'}" in result.output
+    first = sorted(set(folds["image_id"][[a, b]]) & set(pd.read_csv(run / "oof_density.csv", dtype=str)["image_id"]))
+    assert any(f"image {i}: fold" in result.output for i in first)
+    assert CliRunner().invoke(script_app(submit_command), [*args, "--aggregation", "mean"]).exit_code == 0
