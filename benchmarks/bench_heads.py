@@ -98,6 +98,7 @@ CONTENDERS = {  # transfer preset: name -> TrainConfig overrides; a head that is
     "ridge": dict(head="ridge"),
     "density-interval": dict(head="density", interval_bins=8, interval_weight=0.3),
 }
+TRAIN_DEFAULTS = "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"  # as recorded
 ENSEMBLES = {"density+ridge": ("density", "ridge")}  # name -> members: rows wherever every member was trained
 TRANSFER = dict(sizes=[80, 357], styles=["blades", "canopy"], seeds=[0], photo=(448, 224), size=(224, 112),
                 epochs=120, contenders=["density", "density-h256", "density-mixup", "density-lr1e-3", "mlp", "ridge",
@@ -318,7 +319,7 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
                          "quick": bool(args.quick), "sizes": cfg["sizes"], "styles": cfg["styles"],
                          "seeds": cfg["seeds"], "colour_stats": len(STAT_NAMES), "cells_done": len(cells),
                          "cells_planned": len(plan),
-                         "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+                         "train_defaults": TRAIN_DEFAULTS},
             "contenders": contenders,
             "skipped": skipped,
             "cells": cells,
@@ -378,7 +379,7 @@ def run_techniques(args: argparse.Namespace, work: Path) -> None:
                      "size": list(cfg["size"]), "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS,
                      "views": VIEWS, "folds": FOLDS, "epochs": cfg["epochs"], "tta": 0, "torch_threads": args.threads,
                      "preset": "techniques", "quick": bool(args.quick), "colour_stats": len(STAT_NAMES),
-                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+                     "train_defaults": TRAIN_DEFAULTS},
         "contenders": {n: CONTENDERS[n] for n in cfg["heads"]},
         "rows": rows,
         "margin_vs_density": {m: v - r2["density head"] for m, v in r2.items()},
@@ -478,7 +479,7 @@ def main() -> None:
         "settings": {"n_train": sz["n_train"], "photo": list(sz["photo"]), "size": list(sz["size"]),
                      "backbone": f"{BACKBONE} (random weights)", "layers": LAYERS, "views": VIEWS, "folds": FOLDS,
                      "epochs": sz["epochs"], "tta": 0, "torch_threads": threads, "preset": args.preset,
-                     "train_defaults": "TrainConfig defaults otherwise (batch 16, lr 4e-3, EMA; no mixup, UW, aux)"},
+                     "train_defaults": TRAIN_DEFAULTS},
         "competition_r2": r2,
         "rows": rows,
         "margins": margins,

@@ -11,7 +11,7 @@ from difflib import get_close_matches
 import click
 import typer
 
-from biomass_cache.errors import DEBUG_KEY, BiomassGroup, UsageError
+from biomass_cache.errors import DEBUG_KEY, BiomassGroup, UsageError, script_app
 from biomass_cache.runtime import keep_freed_memory
 
 # name -> (module, function, one-line help). A command's module (and torch, timm, sklearn behind it) is imported
@@ -46,9 +46,8 @@ class LazyGroup(BiomassGroup):
         if name not in COMMANDS:
             return None
         module, function, text = COMMANDS[name]
-        one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-        one.command(name, help=text)(getattr(importlib.import_module(f"biomass_cache.{module}"), function))
-        return typer.main.get_command(one)
+        command = getattr(importlib.import_module(f"biomass_cache.{module}"), function)
+        return typer.main.get_command(script_app(command, name, text))
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         """typer suggests a close name from the commands it holds, none here: suggest from COMMANDS instead."""

@@ -99,11 +99,12 @@ class BiomassGroup(OneLineErrorsMixin, TyperGroup):
 
 
 class BiomassCommand(OneLineErrorsMixin, TyperCommand):
-    """A single command run as a script (extract_features.py, train_heads.py, submit.py, python -m ...)."""
+    """One command: run as a script (extract_features.py, train_heads.py, submit.py, python -m ...) or as a
+    sub-command of the `biomass` group (cli.py)."""
 
 
-def script_app(command: Callable[..., None]) -> typer.Typer:
+def script_app(command: Callable[..., None], name: str | None = None, help: str | None = None) -> typer.Typer:
     """A one-command app with the same error reporting and plain (non-rich) help as the `biomass` app."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    app.command(cls=BiomassCommand)(command)
+    app.command(name, help=help, cls=BiomassCommand)(command)
     return app
