@@ -8,9 +8,9 @@ See `python train_heads.py --lora --help` for its options.
 
 import sys
 
-from biomass_cache.lora import lora_command
-from biomass_cache.runtime import run
-from biomass_cache.train_cli import train_command
+from biomass_cache.cli.lora import lora_command
+from biomass_cache.common.runtime import run
+from biomass_cache.cli.train import train_command
 
 if __name__ == "__main__":
     if "--lora" in sys.argv[1:]:

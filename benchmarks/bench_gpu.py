@@ -38,12 +38,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from biomass_cache.backbone import create_backbone, forward_tokens  # noqa: E402
-from biomass_cache.extract import ExtractConfig, default_layers, extract  # noqa: E402
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.precision import autocast  # noqa: E402
-from biomass_cache.store import open_store  # noqa: E402
-from biomass_cache.synth import generate  # noqa: E402
+from biomass_cache.backbone.vit import create_backbone, forward_tokens  # noqa: E402
+from biomass_cache.extract.pipeline import ExtractConfig, default_layers, extract  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.backbone.precision import autocast  # noqa: E402
+from biomass_cache.store.layout import open_store  # noqa: E402
+from biomass_cache.synth.generate import generate  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "gpu.json"
 VIEWS, BATCH = 4, 32

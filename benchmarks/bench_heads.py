@@ -44,19 +44,19 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache import runs  # noqa: E402
-from biomass_cache.aggregate import cross_fitted, fit_stack, stack_predict, weighted_mean  # noqa: E402
-from biomass_cache.cv import run_training  # noqa: E402
-from biomass_cache.data import read_long_csv  # noqa: E402
-from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
-from biomass_cache.folds import grouped_folds, write_folds  # noqa: E402
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.metrics import competition_r2, per_target_r2  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth import STYLES, colour_features, generate  # noqa: E402
-from biomass_cache.targets import TARGETS  # noqa: E402
-from biomass_cache.train_config import TrainConfig  # noqa: E402
+from biomass_cache.train import runs  # noqa: E402
+from biomass_cache.submit.aggregate import cross_fitted, fit_stack, stack_predict, weighted_mean  # noqa: E402
+from biomass_cache.train.crossval import run_training  # noqa: E402
+from biomass_cache.common.data import read_long_csv  # noqa: E402
+from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
+from biomass_cache.common.folds import grouped_folds, write_folds  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.common.metrics import competition_r2, per_target_r2  # noqa: E402
+from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.store.layout import StoreSpec, create_store, open_store  # noqa: E402
+from biomass_cache.synth.generate import STYLES, colour_features, generate  # noqa: E402
+from biomass_cache.common.targets import TARGETS  # noqa: E402
+from biomass_cache.train.config import TrainConfig  # noqa: E402
 from colour_baseline import STAT_NAMES, colour_stats_of, ridge_inner_cv_oof  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -180,7 +180,7 @@ def token_change(a: Path, b: Path, n: int = 8) -> float:
 
 def reduced_copy(src: Path, work: Path, dim: int, pool: int) -> tuple[Path, float]:
     """The cache reduced as `biomass reduce --dim --pool` does (reused when present); returns its seconds."""
-    from biomass_cache.reduce import fit_reduction, reduce_store
+    from biomass_cache.store.reduce import fit_reduction, reduce_store
 
     out = work / f"cache_pca{dim}_pool{pool}.zarr"
     t = time.perf_counter()
@@ -342,8 +342,8 @@ def run_transfer(args: argparse.Namespace, work: Path) -> None:
 def run_techniques(args: argparse.Namespace, work: Path) -> None:
     """The techniques preset: the full preset's training photos, cache and folds (its test photos are more, for the
     pseudo-labels), every technique of issue #15 beside the density head and the colour-statistics ridge."""
-    from biomass_cache.ensemble_spec import EnsembleSpec, Member
-    from biomass_cache.pseudo import pseudo_train
+    from biomass_cache.submit.spec import EnsembleSpec, Member
+    from biomass_cache.submit.pseudo import pseudo_train
 
     cfg, t0 = {**TECHNIQUES, **(TECHNIQUES_QUICK if args.quick else {})}, time.perf_counter()
     data, f16, _, extract_s = prepare(work, cfg)
@@ -469,7 +469,7 @@ def main() -> None:
             rows.append({"model": f"{name} head, reduced cache (PCA {dim}, pool {pool})", **s, "reduce_s": reduce_s})
 
     r2 = {r["model"]: r["competition_r2"] for r in rows}
-    from biomass_cache.reduce import DEFAULT_DIM, auto_pool
+    from biomass_cache.store.reduce import DEFAULT_DIM, auto_pool
 
     goals = dict(GOALS)
     if sz["reduced"]:  # the reduction `biomass reduce` picks by default at this grid

@@ -20,15 +20,15 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.backbone import create_backbone  # noqa: E402
-from biomass_cache.cv import run_training  # noqa: E402
-from biomass_cache.data import read_long_csv  # noqa: E402
-from biomass_cache.extract import ExtractConfig, extract  # noqa: E402
-from biomass_cache.io import write_json  # noqa: E402
+from biomass_cache.backbone.vit import create_backbone  # noqa: E402
+from biomass_cache.train.crossval import run_training  # noqa: E402
+from biomass_cache.common.data import read_long_csv  # noqa: E402
+from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
 from biomass_cache.lora import LiveTokens, LoraSettings, build_prefix_cache, inject_lora, run_lora  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.synth import generate  # noqa: E402
-from biomass_cache.train_config import TrainConfig  # noqa: E402
+from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.synth.generate import generate  # noqa: E402
+from biomass_cache.train.config import TrainConfig  # noqa: E402
 
 N_IMAGES, SIZE, LAYERS, BLOCKS, EPOCHS = 16, (224, 112), [7, 9, 11], 4, 2
 OUT = Path(__file__).parent / "results"

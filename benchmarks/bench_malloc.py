@@ -1,5 +1,5 @@
 """Allocator benchmark: glibc's default malloc against the fixed thresholds that every entry point sets
-(`biomass_cache.runtime.keep_freed_memory`), for the bare ViT-S forward on the CPU and for a whole extract() call.
+(`biomass_cache.common.runtime.keep_freed_memory`), for the bare ViT-S forward on the CPU and for a whole extract() call.
 
 The setting lasts a process's lifetime, so each measurement is a child process that runs several passes in a row:
 the forward over the same pre-built batches, or extract() over the same synthetic photos (overwriting its store).
@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.synth import generate  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.synth.generate import generate  # noqa: E402
 
 BACKBONE, SIZE, LAYERS, BATCH = "vit_small_patch16_dinov3", (448, 224), [5, 8, 11], 8
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 import torch
-from biomass_cache.backbone import create_backbone, forward_tokens
-from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.runtime import keep_freed_memory
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.common.runtime import keep_freed_memory
 mode, what, views, passes, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 tuned = keep_freed_memory() if mode == "tuned" else False
 if what == "forward":

@@ -39,11 +39,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth_blades import sample_labels  # noqa: E402
-from biomass_cache.targets import TARGETS, to_density  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.store.layout import StoreSpec, create_store, open_store  # noqa: E402
+from biomass_cache.synth.blades import sample_labels  # noqa: E402
+from biomass_cache.common.targets import TARGETS, to_density  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "scale.json"
 SHAPES = {"vitl": ("ViT-L", 1024, [11, 17, 23]), "vit7b": ("ViT-7B", 4096, [23, 31, 39])}
@@ -120,7 +120,7 @@ def head_flops(head_name: str, channels: int, grid: tuple[int, int], batch: int)
     """(training step FLOPs at `batch`, forward FLOPs per image) of a head at its defaults."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from biomass_cache.targets import ZScore, components_to_targets
+    from biomass_cache.common.targets import ZScore, components_to_targets
     from biomass_cache.heads import create_head
 
     zs = ZScore.fit(components_to_targets(np.random.default_rng(0).gamma(2.0, 20.0, (64, 3))))
@@ -136,7 +136,7 @@ def head_flops(head_name: str, channels: int, grid: tuple[int, int], batch: int)
 def step_ms(head_name: str, channels: int, grid: tuple[int, int], batch: int, bf16: bool, reps: int = 12) -> float:
     """Median milliseconds of one training step (forward, backward, AdamW) of a head at its defaults, in fp32 or
     under CPU bf16 autocast: whether bf16 pays at this shape."""
-    from biomass_cache.targets import ZScore, components_to_targets
+    from biomass_cache.common.targets import ZScore, components_to_targets
     from biomass_cache.heads import create_head
 
     zs = ZScore.fit(components_to_targets(np.random.default_rng(0).gamma(2.0, 20.0, (64, 3))))
@@ -157,12 +157,12 @@ def step_ms(head_name: str, channels: int, grid: tuple[int, int], batch: int, bf
 
 def full_epoch(store_path: str, data: str, head: str) -> None:
     """Child mode: today's unreduced path, one epoch of fold 0 and its OOF prediction; prints a JSON report."""
-    from biomass_cache.cv import cache_source
-    from biomass_cache.data import read_long_csv
-    from biomass_cache.dataset import AuxSpec
-    from biomass_cache.folds import grouped_folds
-    from biomass_cache.train import build_member, fit_zscore, train_fold
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import cache_source
+    from biomass_cache.common.data import read_long_csv
+    from biomass_cache.train.dataset import AuxSpec
+    from biomass_cache.common.folds import grouped_folds
+    from biomass_cache.train.loop import build_member, fit_zscore, train_fold
+    from biomass_cache.train.config import resolve
 
     keep_freed_memory()
     t0 = time.perf_counter()

@@ -32,11 +32,11 @@ from zarr.codecs import Crc32cCodec
 from zarr.storage import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache import store as st  # noqa: E402
-from biomass_cache import token_store  # noqa: E402
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.token_codec import decode  # noqa: E402
+from biomass_cache.store import layout as st  # noqa: E402
+from biomass_cache.store import handle  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.store.codec import decode  # noqa: E402
 
 LAYERS, GRID, C = [3, 6, 9], (60, 30), 384
 T = GRID[0] * GRID[1]
@@ -241,11 +241,11 @@ def main() -> None:
         writes[f"store {layout} write_image"] = make_store(root / "tmp", n_write, views, pool, layout=layout)
         writes[f"store {layout} write (view by view)"] = make_store(root / "tmp", n_write, views, pool,
                                                                     layout=layout, by_view=True)
-    real_fsync = token_store._fsync
-    token_store._fsync = lambda path: None
+    real_fsync = handle._fsync
+    handle._fsync = lambda path: None
     writes["store write_image, no fsync"] = make_store(root / "tmp", n_write, views, pool)
     writes["store write (view by view), no fsync"] = make_store(root / "tmp", n_write, views, pool, by_view=True)
-    token_store._fsync = real_fsync
+    handle._fsync = real_fsync
     shutil.rmtree(root / "tmp")
     for name, kw in STORES.items():
         make_store(folder(root, name), n, views, pool, **kw)

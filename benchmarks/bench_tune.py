@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_heads import FOLDS, PRESETS, prepare  # noqa: E402
 
-from biomass_cache.cv import run_training  # noqa: E402
-from biomass_cache.data import read_long_csv  # noqa: E402
-from biomass_cache.folds import grouped_folds, write_folds  # noqa: E402
-from biomass_cache.io import write_json  # noqa: E402
-from biomass_cache.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.train_config import resolve  # noqa: E402
-from biomass_cache.tune import Settings, toml_value, tune  # noqa: E402
+from biomass_cache.train.crossval import run_training  # noqa: E402
+from biomass_cache.common.data import read_long_csv  # noqa: E402
+from biomass_cache.common.folds import grouped_folds, write_folds  # noqa: E402
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
+from biomass_cache.train.config import resolve  # noqa: E402
+from biomass_cache.train.tune import Settings, toml_value, tune  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "tune.json"
 SPACE = """[space]

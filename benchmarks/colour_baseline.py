@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.metrics import competition_r2  # noqa: E402
+from biomass_cache.common.metrics import competition_r2  # noqa: E402
 
 ALPHAS = np.logspace(-3, 5, 17)
 QUANTILES = (0.1, 0.5, 0.9)

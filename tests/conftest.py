@@ -22,10 +22,10 @@ def one_thread():
 def pipeline(tmp_path_factory):
     """Synthetic data -> tiny random ViT train cache -> 3-fold density + mlp heads, with MC-dropout; returns
     (root, data folder, run folder)."""
-    from biomass_cache.cv import run_training
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.synth import generate
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.train.config import resolve
 
     root = tmp_path_factory.mktemp("pipeline")
     data = root / "data"

@@ -7,9 +7,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from biomass_cache.content import sha256_file
-from biomass_cache.data import DataError
-from biomass_cache.backbone import (
+from biomass_cache.common.content import sha256_file
+from biomass_cache.common.data import DataError
+from biomass_cache.backbone.vit import (
     WeightsError,
     backbone_fingerprint,
     create_backbone,

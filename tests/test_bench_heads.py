@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biomass_cache import runs
-from biomass_cache.synth import generate
-from biomass_cache.targets import TARGETS, components_to_targets
+from biomass_cache.train import runs
+from biomass_cache.synth.generate import generate
+from biomass_cache.common.targets import TARGETS, components_to_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_heads imports colour_baseline as its script folder's module

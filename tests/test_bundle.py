@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import biomass_cache.bundle as bundle
-from biomass_cache import bundle_run
-from biomass_cache.ensemble_spec import load_ensemble
+import biomass_cache.submit.bundle as bundle
+from biomass_cache.submit import bundle_run
+from biomass_cache.submit.spec import load_ensemble
 
 
 def ensemble_file(run: Path, path: Path) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biomass_cache.metrics import competition_r2
+from biomass_cache.common.metrics import competition_r2
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("colour_baseline", ROOT / "benchmarks" / "colour_baseline.py")

@@ -13,18 +13,18 @@ import typer
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
-from biomass_cache.config import ConfigError, read_config
-from biomass_cache.data import DataError
-from biomass_cache.ensemble_spec import load_ensemble
-from biomass_cache.extract_cli import load_config_file
-from biomass_cache.lora.cli import lora_command
+from biomass_cache.common.config import ConfigError, read_config
+from biomass_cache.common.data import DataError
+from biomass_cache.submit.spec import load_ensemble
+from biomass_cache.cli.extract import load_config_file
+from biomass_cache.cli.lora import lora_command
 from biomass_cache.lora.settings import LoraSettings, load_settings
-from biomass_cache.options import TRAIN_OPTIONS, default_of, shown
-from biomass_cache.reduce import CONFIG_KEYS as REDUCE_DEFAULTS
-from biomass_cache.reduce import load_settings as reduce_settings
-from biomass_cache.train_config import TrainConfig, load_config
-from biomass_cache.train_cli import train_command
-from biomass_cache.tune_space import parse_space
+from biomass_cache.cli.options import TRAIN_OPTIONS, default_of, shown
+from biomass_cache.store.reduce import CONFIG_KEYS as REDUCE_DEFAULTS
+from biomass_cache.store.reduce import load_settings as reduce_settings
+from biomass_cache.train.config import TrainConfig, load_config
+from biomass_cache.cli.train import train_command
+from biomass_cache.train.tune_space import parse_space
 from toys import ROOT
 
 LOADERS = {

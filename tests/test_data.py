@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from biomass_cache.data import DataError, load_image, read_long_csv, to_long
-from biomass_cache.targets import TARGETS
+from biomass_cache.common.data import DataError, load_image, read_long_csv, to_long
+from biomass_cache.common.targets import TARGETS
 
 ALPHA = sorted(TARGETS)
 COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import AuxSpec, TokenDataset, make_loader
-from biomass_cache.store import open_store
-from biomass_cache.targets import TARGETS, to_density
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader
+from biomass_cache.store.layout import open_store
+from biomass_cache.common.targets import TARGETS, to_density
 from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from biomass_cache.demo import DemoSize, run_demo
-from biomass_cache.submission import expected_sample_ids, validate_submission
+from biomass_cache.cli.demo import DemoSize, run_demo
+from biomass_cache.submit.submission import expected_sample_ids, validate_submission
 
 TINY = DemoSize(n_train=36, n_test=6, photo=(128, 64), size=(64, 32), layers=(11,), views=2, epochs=2, folds=3,
                 pcgrad=False)
@@ -25,11 +25,11 @@ def test_demo_runs_every_stage(tmp_path, capsys):
 @pytest.mark.slow
 def test_mean_baseline_is_the_score_of_a_mean_submission(tmp_path):
     """The printed floor equals scoring a submission.csv that predicts the training mean for every image."""
-    from biomass_cache.data import read_long_csv, to_long
-    from biomass_cache.demo import mean_baseline
-    from biomass_cache.submission import score
-    from biomass_cache.synth import generate
-    from biomass_cache.targets import TARGETS
+    from biomass_cache.common.data import read_long_csv, to_long
+    from biomass_cache.cli.demo import mean_baseline
+    from biomass_cache.submit.submission import score
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.common.targets import TARGETS
 
     data = tmp_path / "data"
     generate(data, n_train=20, n_test=6, seed=1, size=(64, 32), progress=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biomass_cache.data import DataError
-from biomass_cache.distributed import Ranks, init_ranks, resolve_device, resolve_devices
+from biomass_cache.common.data import DataError
+from biomass_cache.common.distributed import Ranks, init_ranks, resolve_device, resolve_devices
 
 
 def test_cpu_and_auto_without_cuda(monkeypatch):

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from biomass_cache.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
-from biomass_cache.config import ConfigError
-from biomass_cache.ensemble_members import resolve_member
-from biomass_cache.ensemble_spec import EnsembleError, EnsembleSpec, Member, load_ensemble, spec_from_options
-from biomass_cache.targets import components_to_targets
+from biomass_cache.submit.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
+from biomass_cache.common.config import ConfigError
+from biomass_cache.submit.members import resolve_member
+from biomass_cache.submit.spec import EnsembleError, EnsembleSpec, Member, load_ensemble, spec_from_options
+from biomass_cache.common.targets import components_to_targets
 from toys import PIPELINE_VIT
 
 
@@ -74,8 +74,8 @@ def test_ensemble_file(tmp_path):
 # ------------------------------------------------------ a real tiny pipeline (conftest's `pipeline`, shared below)
 @pytest.mark.slow
 def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
-    import biomass_cache.ensemble as ens
-    import biomass_cache.extract as extract_module
+    import biomass_cache.submit.ensemble as ens
+    import biomass_cache.extract.pipeline as extract_module
 
 
     root, data, run = pipeline
@@ -108,7 +108,7 @@ def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_mc_dropout_weights(pipeline, tmp_path):
-    import biomass_cache.ensemble as ens
+    import biomass_cache.submit.ensemble as ens
 
     root, data, run = pipeline
     spec = EnsembleSpec((Member(run, head="density"), Member(run, head="mlp")),
@@ -125,7 +125,7 @@ def test_mc_dropout_weights(pipeline, tmp_path):
 def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
     import shutil
 
-    import biomass_cache.ensemble as ens
+    import biomass_cache.submit.ensemble as ens
 
     root, data, run = pipeline
     other = tmp_path / "run"
@@ -141,8 +141,8 @@ def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_submit_and_predict_end_to_end(pipeline, tmp_path):
-    from biomass_cache.predict import predict_photos
-    from biomass_cache.submission import score, submit
+    from biomass_cache.submit.predict import predict_photos
+    from biomass_cache.submit.submission import score, submit
 
     root, data, run = pipeline
     spec = spec_from_options(None, f"{run}", None)  # a sweep run folder needs `head`: refused
@@ -167,12 +167,12 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     """Real weights: the file's absolute path travels store -> config.json -> submission (no --weights needed)."""
     from safetensors.torch import save_file
 
-    from biomass_cache.backbone import create_backbone
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.store import open_store
-    from biomass_cache.submission import submit
-    from biomass_cache.cv import run_training
-    from biomass_cache.train_config import resolve
+    from biomass_cache.backbone.vit import create_backbone
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.store.layout import open_store
+    from biomass_cache.submit.submission import submit
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.train.config import resolve
 
     _, data, _ = pipeline
     weights = tmp_path / "w.safetensors"
@@ -194,9 +194,9 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
 def test_mc_dropout_refuses_a_head_without_dropout():
     import biomass_cache.heads as heads
-    from biomass_cache.data import DataError
-    from biomass_cache.inference import enable_mc_dropout
-    from biomass_cache.targets import ZScore
+    from biomass_cache.common.data import DataError
+    from biomass_cache.train.inference import enable_mc_dropout
+    from biomass_cache.common.targets import ZScore
 
     rng = np.random.default_rng(0)
     zscore = ZScore.fit(components_to_targets(rng.gamma(2.0, 20.0, (16, 3))))
@@ -225,7 +225,7 @@ def _photos(src, folder, rotate: int):
 
 @pytest.mark.slow
 def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cache(pipeline, tmp_path):
-    from biomass_cache.predict import predict_photos
+    from biomass_cache.submit.predict import predict_photos
 
     _, data, run = pipeline
     spec = ens_spec(run)
@@ -243,8 +243,8 @@ def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cach
 def test_submit_with_a_changed_photo_and_a_reused_work_dir(pipeline, tmp_path):
     import shutil
 
-    from biomass_cache.data import DataError
-    from biomass_cache.submission import submit
+    from biomass_cache.common.data import DataError
+    from biomass_cache.submit.submission import submit
 
     _, data, run = pipeline
     copy = tmp_path / "data"
@@ -291,9 +291,9 @@ def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
 def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     import shutil
 
-    from biomass_cache.cv import run_training
-    from biomass_cache.data import DataError
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.common.data import DataError
+    from biomass_cache.train.config import resolve
 
     root, data, run = pipeline
     out = tmp_path / "run"
@@ -314,8 +314,8 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
 
     from typer.testing import CliRunner
 
-    from biomass_cache.errors import script_app
-    from biomass_cache.submission import submit_command
+    from biomass_cache.cli.errors import script_app
+    from biomass_cache.submit.submission import submit_command
 
     root, data, run = pipeline
     assert all(h["collapsed"] == [] for h in json.loads((run / "metrics.json").read_text())["heads"].values())
@@ -343,10 +343,10 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
 @pytest.mark.slow
 def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
     """Members trained on caches of two different tiny backbones (widths 64 and 32): each gets its own test cache."""
-    import biomass_cache.ensemble as ens
-    from biomass_cache.cv import run_training
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.train_config import resolve
+    import biomass_cache.submit.ensemble as ens
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.train.config import resolve
 
     root, data, run = pipeline
     narrow = dict(depth=1, embed_dim=32, num_heads=2)
@@ -365,7 +365,7 @@ def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
 
 
 def open_store_channels(path) -> int:
-    from biomass_cache.store import open_store
+    from biomass_cache.store.layout import open_store
 
     return open_store(path).channels
 
@@ -375,7 +375,7 @@ def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
     import re
     from pathlib import Path
 
-    from biomass_cache.ensemble_spec import MEMBER_KEYS
+    from biomass_cache.submit.spec import MEMBER_KEYS
 
     path = Path(__file__).resolve().parents[1] / "configs" / "ensemble_example.toml"
     assert len(load_ensemble(path).members) == 2
@@ -387,8 +387,8 @@ def test_the_example_ensemble_file_documents_only_keys_the_loader_takes():
 
 @pytest.mark.slow
 def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp_path, capsys):
-    import biomass_cache.ensemble as ens
-    from biomass_cache.store import open_store
+    import biomass_cache.submit.ensemble as ens
+    from biomass_cache.store.layout import open_store
 
     root, data, run = pipeline
     spec = EnsembleSpec((Member(run, head="mlp"),))
@@ -405,11 +405,11 @@ def test_test_caches_take_the_training_precision_unless_overridden(pipeline, tmp
 def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     """The closed-form head through the whole second half: trained on the pipeline's cache and folds, submitted
     alone (`--members RUN`), averaged beside a gradient head, and in `biomass predict`."""
-    import biomass_cache.ensemble as ens
-    from biomass_cache.cv import run_training
-    from biomass_cache.predict import predict_photos
-    from biomass_cache.submission import submit
-    from biomass_cache.train_config import resolve
+    import biomass_cache.submit.ensemble as ens
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.submit.predict import predict_photos
+    from biomass_cache.submit.submission import submit
+    from biomass_cache.train.config import resolve
 
     root, data, run = pipeline
     ridge = tmp_path / "ridge"

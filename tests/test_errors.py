@@ -14,9 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.errors import script_app
-from biomass_cache.folds import grouped_folds
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.cli.errors import script_app
+from biomass_cache.common.folds import grouped_folds
 from toys import huge_jpeg, make_toy
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-plots", "--device", "cpu"]
@@ -133,7 +133,7 @@ def test_debug_shows_the_traceback(toy, tmp_path):
 
 
 def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
-    import biomass_cache.synth as synth
+    import biomass_cache.synth.generate as synth
 
     def broken(*a, **k):
         raise KeyError("an internal key")
@@ -146,7 +146,7 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only file system"),
                                             (errno.EACCES, "permission denied")])
 def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
-    import biomass_cache.synth as synth
+    import biomass_cache.synth.generate as synth
 
     target = tmp_path / "d" / "train.csv"
 
@@ -158,7 +158,7 @@ def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
 
 
 def test_scripts_report_errors_the_same_way(toy, tmp_path):
-    from biomass_cache.train_cli import train_command
+    from biomass_cache.cli.train import train_command
 
     root, data, store = toy
     result = CliRunner().invoke(script_app(train_command), [str(a) for a in [
@@ -201,10 +201,10 @@ def test_bad_lora_options(toy, tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Synthetic photos -> tiny random-ViT cache -> 2-fold density head without dropout (a few seconds)."""
-    from biomass_cache.cv import run_training
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.synth import generate
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.train.config import resolve
 
     root = tmp_path_factory.mktemp("errors_run")
     data = root / "data"

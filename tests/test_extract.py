@@ -18,14 +18,14 @@ import zarr
 from typer.testing import CliRunner
 
 import biomass_cache
-from biomass_cache.backbone import create_backbone, forward_tokens
-from biomass_cache.data import DataError
-from biomass_cache.errors import script_app
-from biomass_cache.extract import default_layers, extract
-from biomass_cache.extract_cli import extract_command
-from biomass_cache.store import open_store
-from biomass_cache.token_store import StoreError, TokenStore
-from biomass_cache.views import ViewPolicy, load_photo, make_view
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.common.data import DataError
+from biomass_cache.cli.errors import script_app
+from biomass_cache.extract.pipeline import default_layers, extract
+from biomass_cache.cli.extract import extract_command
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.handle import StoreError, TokenStore
+from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import ROOT, assert_same_arrays, cfg_json, config, write_data
 
@@ -110,8 +110,8 @@ def test_resume_after_kill_9(reference, tmp_path):
     cfg = config(tmp_path, data_dir=ref_cfg.data_dir, batch_size=3)
     script = f"""
 import os, signal
-from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.token_store import TokenStore
+from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.store.handle import TokenStore
 real, n = TokenStore.write_encoded, []
 def write_then_die(self, *a, **k):
     real(self, *a, **k)
@@ -230,15 +230,8 @@ def test_torchrun_two_ranks_equal_single_process(reference, tmp_path):
     conf.write_text(json.dumps(cfg_json(replace(ref_cfg, out=tmp_path / "ddp.zarr"))))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "biomass_cache.extract_cli", "--config", str(conf), "--device", "cpu"]
+           "-m", "biomass_cache", "extract", "--config", str(conf), "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s)" in proc.stdout
     assert_same_arrays(tmp_path / "ddp.zarr", ref_cfg.out)
-
-
-@pytest.mark.slow
-def test_the_library_module_run_as_a_command_names_the_command():
-    proc = subprocess.run([sys.executable, "-m", "biomass_cache.extract", "--data", "d"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "python -m biomass_cache.extract_cli" in proc.stderr, proc.stderr

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.data import DataError
-from biomass_cache.folds import grouped_folds, read_folds, visit_groups, write_folds
+from biomass_cache.common.data import DataError
+from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
 
 
 def table(n=300, seed=0):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import biomass_cache.heads as heads
-from biomass_cache.targets import ZScore, components_to_targets
+from biomass_cache.common.targets import ZScore, components_to_targets
 from biomass_cache.heads.common import enable_mc_dropout
 
 GRID = (3, 4)
@@ -193,7 +193,7 @@ def test_checkpoint_without_total_scale_rebuilds_the_old_way(name, zscore):
 
 def test_wide_layers_train_at_a_fan_in_scaled_learning_rate(zscore):
     """mlp/vitdet: lr * min(1, 256 / fan-in) per weight; density keeps the plain two groups (its benchmarked lr)."""
-    from biomass_cache.train import head_param_groups
+    from biomass_cache.train.loop import head_param_groups
 
     groups = head_param_groups(make("vitdet", zscore, dim=8, hidden=1024), 4e-3, 0.05)
     lrs = {tuple(p.shape): g.get("lr", 4e-3) for g in groups for p in g["params"]}

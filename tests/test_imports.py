@@ -69,9 +69,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_graph_sees_module_and_function_level_imports():
     graph = import_graph()
-    assert "biomass_cache.lora.predict" in graph["biomass_cache.ensemble"]  # imported inside a function
+    assert "biomass_cache.lora.predict" in graph["biomass_cache.submit.ensemble"]  # imported inside a function
     assert "biomass_cache.heads.density" in graph["biomass_cache.heads"]  # `from package import submodule`
-    assert "biomass_cache.store" in graph["biomass_cache.extract"]
+    assert "biomass_cache.store.layout" in graph["biomass_cache.extract.pipeline"]
 
 
 def test_find_cycle_on_hand_made_graphs():

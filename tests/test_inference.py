@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import biomass_cache.heads as heads
-from biomass_cache import inference, runs
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import AuxSpec
-from biomass_cache.store import open_store
-from biomass_cache.targets import components_to_targets, to_grams
-from biomass_cache.train import fit_zscore
+from biomass_cache.train import inference, runs
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.train.dataset import AuxSpec
+from biomass_cache.store.layout import open_store
+from biomass_cache.common.targets import components_to_targets, to_grams
+from biomass_cache.train.loop import fit_zscore
 from toys import make_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,8 +117,8 @@ def test_a_head_refuses_a_store_it_was_not_trained_on(toy):
 
 def test_ensemble_member_is_the_fold_mean_of_hand_forwards(toy, tmp_path):
     """What `submit`/`predict` write for a member: each fold model's TTA mean, averaged on the components."""
-    from biomass_cache.ensemble_spec import Member
-    from biomass_cache.ensemble_members import ResolvedMember, mc_dropout_variance, predict_cache_member
+    from biomass_cache.submit.spec import Member
+    from biomass_cache.submit.members import ResolvedMember, mc_dropout_variance, predict_cache_member
 
     _, store = toy
     paths = []

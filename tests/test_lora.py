@@ -18,16 +18,17 @@ import typer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from biomass_cache.backbone import create_backbone, forward_tokens
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.dataset import AuxSpec
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.train.dataset import AuxSpec
 from biomass_cache.lora.data import LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
-                                load_checkpoint, lora_command, predict_images, run_lora)
-from biomass_cache.runs import load_head
-from biomass_cache.targets import TARGETS
-from biomass_cache.train import build_member, fit_zscore, train_step
-from biomass_cache.train_config import TrainConfig
+                                load_checkpoint, predict_images, run_lora)
+from biomass_cache.cli.lora import lora_command
+from biomass_cache.train.runs import load_head
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.train.loop import build_member, fit_zscore, train_step
+from biomass_cache.train.config import TrainConfig
 
 TINY = dict(depth=4, embed_dim=64, num_heads=2)
 NAME = "vit_small_patch16_dinov3"
@@ -45,7 +46,7 @@ def train_cfg(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from biomass_cache.synth import generate
+    from biomass_cache.synth.generate import generate
 
     out = tmp_path_factory.mktemp("lora") / "data"
     generate(out, n_train=12, n_test=2, seed=0, size=(64, 32), progress=False)
@@ -178,8 +179,8 @@ def test_reload_refuses_another_base(run, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
-    from biomass_cache.ensemble_spec import EnsembleError, spec_from_options
-    from biomass_cache.submission import submit
+    from biomass_cache.submit.spec import EnsembleError, spec_from_options
+    from biomass_cache.submit.submission import submit
 
     with pytest.raises(DataError, match="a LoRA checkpoint.*lora.load_checkpoint"):
         load_head(run / "fold0" / "density.json")
@@ -216,7 +217,7 @@ def test_ddp_matches_one_process(data, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                    "-m", "biomass_cache.lora", *args, "--out", str(tmp_path / "two")], check=True, env=env)
+                    "-m", "biomass_cache", "lora", *args, "--out", str(tmp_path / "two")], check=True, env=env)
     one, two = (load_file(tmp_path / r / "full" / "density.safetensors") for r in ("one", "two"))
     assert one.keys() == two.keys()
     assert any(k.startswith("backbone.") and not torch.equal(v, torch.zeros_like(v)) for k, v in one.items())

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import biomass_cache.heads as heads
-from biomass_cache.losses import (
+from biomass_cache.train.losses import (
     UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step, split_terms, task_losses,
 )
-from biomass_cache.targets import WEIGHTS, ZScore, components_to_targets, to_grams
+from biomass_cache.common.targets import WEIGHTS, ZScore, components_to_targets, to_grams
 
 B, L, T, C, N_STATES = 6, 2, 4, 3, 3
 
@@ -275,9 +275,9 @@ def test_hand_computed_interval_loss(zscore):
 def test_interval_task_trains_with_uw_and_pcgrad(zscore):
     """Through train_step (mixup, UW, PCGrad): the CE falls on a memorisable batch, its gradient reaches the
     classifier, it is a task of UW and PCGrad arbitrates it against the primary tasks on the shared features."""
-    from biomass_cache.dataset import AuxSpec
-    from biomass_cache.train import build_member, train_step
-    from biomass_cache.train_config import TrainConfig
+    from biomass_cache.train.dataset import AuxSpec
+    from biomass_cache.train.loop import build_member, train_step
+    from biomass_cache.train.config import TrainConfig
 
     batch = make_batch(seed=1)
     batch.update(y_mask=torch.ones(B, 5, dtype=torch.bool), tokens=torch.randn(B, L, T, C))

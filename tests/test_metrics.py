@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from biomass_cache.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2, score_table
-from biomass_cache.targets import TARGETS, WEIGHTS
+from biomass_cache.common.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2, score_table
+from biomass_cache.common.targets import TARGETS, WEIGHTS
 
 
 def test_competition_r2_hand_case():
@@ -77,7 +77,7 @@ def test_score_table_keys():
 
 
 def test_collapsed_targets_are_the_constant_ones():
-    from biomass_cache.metrics import collapsed_targets
+    from biomass_cache.common.metrics import collapsed_targets
 
     rng = np.random.default_rng(0)
     truth = rng.gamma(2.0, 10.0, size=(20, 5))

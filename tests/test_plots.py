@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from biomass_cache.cv import run_training
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.plots import plot_run
-from biomass_cache.store import open_store
-from biomass_cache.train_config import resolve
+from biomass_cache.train.crossval import run_training
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.train.plots import plot_run
+from biomass_cache.store.layout import open_store
+from biomass_cache.train.config import resolve
 from toys import make_toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_missing_photo_is_a_clear_error(run, tmp_path):
 
 
 def test_a_diverged_head_is_clipped_and_marked(monkeypatch, tmp_path):
-    import biomass_cache.plots as plots
+    import biomass_cache.train.plots as plots
 
     shown, clipped = plots.clip_scores([0.8, -140.0, -0.5])
     assert shown.tolist() == [0.8, plots.SCORE_FLOOR, -0.5] and clipped.tolist() == [False, True, False]
@@ -100,7 +100,7 @@ def test_a_diverged_head_is_clipped_and_marked(monkeypatch, tmp_path):
 
 
 def test_the_loss_title_says_how_the_losses_were_combined():
-    from biomass_cache.plots import loss_title
+    from biomass_cache.train.plots import loss_title
 
     assert loss_title(set(), ["density", "mlp"]) == "training loss (sum of the task losses)"
     assert loss_title({"density", "mlp"}, ["density", "mlp"]) == "training loss (UW-weighted sum)"

@@ -8,16 +8,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from biomass_cache.errors import script_app
+from biomass_cache.cli.errors import script_app
 
-import biomass_cache.extract as extract_module
-from biomass_cache.backbone import create_backbone, forward_tokens, place_backbone, split_points
-from biomass_cache.ensemble_members import _extract_settings
-from biomass_cache.extract import extract
-from biomass_cache.extract_cli import extract_command
-from biomass_cache.precision import (COMPUTE, NonFiniteError, check_finite, precision_of_compute,
+import biomass_cache.extract.pipeline as extract_module
+from biomass_cache.backbone.vit import create_backbone, forward_tokens, place_backbone, split_points
+from biomass_cache.submit.members import _extract_settings
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.cli.extract import extract_command
+from biomass_cache.backbone.precision import (COMPUTE, NonFiniteError, check_finite, precision_of_compute,
                                      resolve_precision)
-from biomass_cache.store import open_store
+from biomass_cache.store.layout import open_store
 from toys import assert_same_arrays, config, write_data
 
 CLI = ["--size", "64x32", "--layers", "0,1", "--views", "2", "--workers", "0", "--batch-size", "4"]

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
-from biomass_cache.pseudo import NOTES
-from biomass_cache.targets import TARGETS, components_to_targets, to_density
+from biomass_cache.submit.pseudo import NOTES
+from biomass_cache.common.targets import TARGETS, components_to_targets, to_density
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)
 N_TRAIN, N_TEST = 24, 6
@@ -19,10 +19,10 @@ N_TRAIN, N_TEST = 24, 6
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     """Synthetic data -> tiny random ViT train cache -> two 2-fold runs (density, mlp) sharing their folds."""
-    from biomass_cache.cv import run_training
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.synth import generate
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.train.config import resolve
 
     root = tmp_path_factory.mktemp("pseudo")
     data = root / "data"
@@ -41,7 +41,7 @@ def members(tmp_path_factory):
 
 
 def image_ids(csv):
-    from biomass_cache.data import read_long_csv
+    from biomass_cache.common.data import read_long_csv
 
     return read_long_csv(csv, check_images=False)["image_id"].tolist()
 
@@ -52,8 +52,8 @@ def fold_of(run):
 
 def by_hand(checkpoints, store, ids):
     """The members' test predictions averaged in component space, from the checkpoints and the test store alone."""
-    from biomass_cache.inference import predict_store
-    from biomass_cache.runs import load_head
+    from biomass_cache.train.inference import predict_store
+    from biomass_cache.train.runs import load_head
 
     rows = [store.image_ids.index(i) for i in ids]
     comps = [predict_store(*load_head(p), store, rows, views="all").grams[:, :3] for p in checkpoints]
@@ -61,9 +61,9 @@ def by_hand(checkpoints, store, ids):
 
 
 def labels_of(spec, data, runs, work):
-    from biomass_cache.data import read_training_table
-    from biomass_cache.folds import read_folds
-    from biomass_cache.pseudo import predict_labels
+    from biomass_cache.common.data import read_training_table
+    from biomass_cache.common.folds import read_folds
+    from biomass_cache.submit.pseudo import predict_labels
 
     table = read_training_table(data / "train.csv", check_images=False)
     folds = read_folds(runs[0] / "folds.csv", table)
@@ -72,7 +72,7 @@ def labels_of(spec, data, runs, work):
 
 @pytest.mark.slow
 def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
-    from biomass_cache.ensemble_spec import spec_from_options
+    from biomass_cache.submit.spec import spec_from_options
 
     root, data, runs = members
     _, _, labels = labels_of(spec_from_options(None, ",".join(map(str, runs))), data, runs, tmp_path)
@@ -99,12 +99,12 @@ def test_fold_k_labels_come_from_the_members_fold_k_models(members, tmp_path):
 
 @pytest.mark.slow
 def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(members, tmp_path):
-    from biomass_cache.cv import cache_source
-    from biomass_cache.dataset import AuxSpec
-    from biomass_cache.ensemble_spec import spec_from_options
-    from biomass_cache.pseudo import pseudo_source
-    from biomass_cache.store import open_store
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import cache_source
+    from biomass_cache.train.dataset import AuxSpec
+    from biomass_cache.submit.spec import spec_from_options
+    from biomass_cache.submit.pseudo import pseudo_source
+    from biomass_cache.store.layout import open_store
+    from biomass_cache.train.config import resolve
 
     root, data, runs = members
     table, folds, labels = labels_of(spec_from_options(None, str(runs[0])), data, runs, tmp_path)
@@ -126,8 +126,8 @@ def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(
 
 @pytest.mark.slow
 def test_pseudo_end_to_end_gives_an_honest_run_and_a_submit_member(members, tmp_path):
-    from biomass_cache.ensemble_spec import spec_from_options
-    from biomass_cache.submission import submit
+    from biomass_cache.submit.spec import spec_from_options
+    from biomass_cache.submit.submission import submit
 
     root, data, runs = members
     out, work = tmp_path / "pseudo", tmp_path / "work"

@@ -18,12 +18,12 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from biomass_cache.data import DataError, load_image
-from biomass_cache.extract import extract
-from biomass_cache.store import create_store, open_store
-from biomass_cache.token_store import StoreError
-from biomass_cache.verify import verify, verify_command
-from biomass_cache.writer_lock import StoreLockedError, WriterLock
+from biomass_cache.common.data import DataError, load_image
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.store.layout import create_store, open_store
+from biomass_cache.store.handle import StoreError
+from biomass_cache.store.verify import verify, verify_command
+from biomass_cache.store.lock import StoreLockedError, WriterLock
 from toys import ROOT, assert_same_arrays, cfg_json, chunk_offset, config, huge_jpeg, write_data
 from toys import store_spec as spec
 from toys import store_tokens as tokens
@@ -90,8 +90,8 @@ def test_kill_between_growing_and_recording_resumes(finished, tmp_path):
     table.to_csv(data / "train.csv", index=False)
     script = f"""
 import os, signal
-from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.token_store import TokenStore
+from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.store.handle import TokenStore
 real = TokenStore._set_attrs
 def die_before_ids(self, **kw):
     if "image_ids" in kw:

@@ -16,11 +16,11 @@ import zarr
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
-from biomass_cache import runs
-from biomass_cache.data import DataError
-from biomass_cache.errors import script_app
-from biomass_cache.reduce import Reduction, fit_reduction, pool_tokens, reduce_command, reduce_store, reduction_of
-from biomass_cache.store import StoreSpec, create_store, open_store
+from biomass_cache.train import runs
+from biomass_cache.common.data import DataError
+from biomass_cache.cli.errors import script_app
+from biomass_cache.store.reduce import Reduction, fit_reduction, pool_tokens, reduce_command, reduce_store, reduction_of
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
 from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
 
 
@@ -134,8 +134,8 @@ def test_a_test_store_differing_only_in_split_and_views_takes_the_projection(toy
 
 @pytest.mark.slow
 def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
-    from biomass_cache.cv import run_training
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.train.config import resolve
 
     _, data, path = toy
     assert cli("--cache", path, "--out", tmp_path / "red.zarr", "--dim", 4, "--pool", 2).exit_code == 0
@@ -162,9 +162,9 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
-    from biomass_cache.cv import run_training
-    from biomass_cache.token_store import TokenStore
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.store.handle import TokenStore
+    from biomass_cache.train.config import resolve
 
     _, data, path = toy
     reads = []
@@ -180,12 +180,12 @@ def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
 def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     """Synthetic photos -> tiny backbone cache -> reduce -> train -> submit: the test cache is extracted, then
     reduced with the run's projection, and a second submission reuses both."""
-    from biomass_cache.cv import run_training
-    from biomass_cache.ensemble_spec import spec_from_options
-    from biomass_cache.extract import ExtractConfig, extract
-    from biomass_cache.submission import submit
-    from biomass_cache.synth import generate
-    from biomass_cache.train_config import resolve
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.submit.spec import spec_from_options
+    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.submit.submission import submit
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.train.config import resolve
 
     data = tmp_path / "data"
     generate(data, n_train=24, n_test=4, seed=0, size=(128, 64), progress=False)
@@ -221,12 +221,12 @@ def test_the_config_table_sets_the_defaults_and_flags_override_it(toy, tmp_path)
     result = cli("--cache", path, "--out", tmp_path / "c.zarr", "--config", config)
     assert result.exit_code == 2 and "unknown key(s) ['dims']" in result.output and not (tmp_path / "c.zarr").exists()
     default = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
-    from biomass_cache.reduce import load_settings
+    from biomass_cache.store.reduce import load_settings
     assert load_settings(default) == {"dim": 128, "pool": "auto", "fit_tokens": 100000}
 
 
 def test_auto_pooling_keeps_the_benchmarked_grid():
-    from biomass_cache.reduce import auto_pool
+    from biomass_cache.store.reduce import auto_pool
 
     assert auto_pool((30, 60)) == 2  # ViT at 960 x 480 -> 15 x 30
     assert auto_pool((14, 28)) == 1 and auto_pool((7, 14)) == 1 and auto_pool((8, 4)) == 1

@@ -15,14 +15,14 @@ from sklearn.linear_model import Ridge
 from typer.testing import CliRunner
 
 import biomass_cache.heads as heads
-from biomass_cache import runs
-from biomass_cache.train_cli import train_command
-from biomass_cache.data import DataError, read_long_csv
+from biomass_cache.train import runs
+from biomass_cache.cli.train import train_command
+from biomass_cache.common.data import DataError, read_long_csv
 from biomass_cache.heads.ridge import kernel_ridge_cv, pool_tokens, ridge_fit
-from biomass_cache.inference import components_to_grams, predict_store
-from biomass_cache.metrics import competition_r2
-from biomass_cache.store import open_store
-from biomass_cache.targets import TARGETS, ZScore, components_to_targets
+from biomass_cache.train.inference import components_to_grams, predict_store
+from biomass_cache.common.metrics import competition_r2
+from biomass_cache.store.layout import open_store
+from biomass_cache.common.targets import TARGETS, ZScore, components_to_targets
 from toys import make_toy
 
 
@@ -201,8 +201,8 @@ def test_aux_with_ridge_is_one_clear_error(toy_data, tmp_path):
 
 def test_a_source_that_cannot_fit_it_is_refused(toy_data):
     """LoRA's token source (a live backbone, no stored views) has no `fit_loader`: the run stops before writing."""
-    import biomass_cache.cv as cv
-    from biomass_cache.train_config import resolve
+    import biomass_cache.train.crossval as cv
+    from biomass_cache.train.config import resolve
 
     data, _ = toy_data
     table = read_long_csv(data / "train.csv", check_images=False)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from biomass_cache.runtime import keep_freed_memory
+from biomass_cache.common.runtime import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # allocation is a fresh mmap whose ~10k pages fault in as they are written.
 PROGRAM = """
 import json, resource, sys, torch
-from biomass_cache.runtime import keep_freed_memory
+from biomass_cache.common.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 for _ in range(10):  # warm-up: the heap grows to its working size (7 allocations or fewer, measured)
     torch.empty(10 << 20).fill_(1.0)

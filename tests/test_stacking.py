@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
-from biomass_cache.config import ConfigError
-from biomass_cache.ensemble_spec import load_ensemble
-from biomass_cache.metrics import competition_r2
-from biomass_cache.targets import components_to_targets
+from biomass_cache.submit.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
+from biomass_cache.common.config import ConfigError
+from biomass_cache.submit.spec import load_ensemble
+from biomass_cache.common.metrics import competition_r2
+from biomass_cache.common.targets import components_to_targets
 
 
 def green_only(green):
@@ -107,7 +107,7 @@ def test_stack_alpha_in_the_ensemble_file(tmp_path):
 
 
 def test_the_bundle_keeps_stack_alpha(tmp_path):
-    from biomass_cache import bundle_run
+    from biomass_cache.submit import bundle_run
 
     path = tmp_path / "ensemble.toml"
     path.write_text(bundle_run.toml_ensemble({"aggregation": "stack", "stack_alpha": 0.25, "member": [{"path": "a"}]}))
@@ -127,12 +127,12 @@ def stack_file(tmp_path, run_a, run_b, alpha=0.0):
 def test_submit_stack_and_oof_report_a_cross_fitted_score(pipeline, tmp_path):
     from typer.testing import CliRunner
 
-    from biomass_cache.aggregate import fit_stack, stack_predict
-    from biomass_cache.data import read_long_csv
-    from biomass_cache.errors import script_app
-    from biomass_cache.metrics import competition_r2
-    from biomass_cache.submission import long_to_wide, read_long_file, submit_command
-    from biomass_cache.targets import COMPONENTS, TARGETS
+    from biomass_cache.submit.aggregate import fit_stack, stack_predict
+    from biomass_cache.common.data import read_long_csv
+    from biomass_cache.cli.errors import script_app
+    from biomass_cache.common.metrics import competition_r2
+    from biomass_cache.submit.submission import long_to_wide, read_long_file, submit_command
+    from biomass_cache.common.targets import COMPONENTS, TARGETS
 
     root, data, run = pipeline
     ens_file = stack_file(tmp_path, run, run)
@@ -177,8 +177,8 @@ def test_fitted_aggregations_refuse_members_cross_validated_on_different_folds(p
 
     from typer.testing import CliRunner
 
-    from biomass_cache.errors import script_app
-    from biomass_cache.submission import submit_command
+    from biomass_cache.cli.errors import script_app
+    from biomass_cache.submit.submission import submit_command
 
     root, data, run = pipeline
     other = tmp_path / "run"

@@ -17,12 +17,12 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from biomass_cache import store as st
-from biomass_cache import token_store
-from biomass_cache.shards import ShardGeometry
-from biomass_cache.store import StoreSpec, create_store, open_store
-from biomass_cache.token_store import StoreError
-from biomass_cache.verify import verify, verify_command
+from biomass_cache.store import layout as st
+from biomass_cache.store import handle
+from biomass_cache.store.shards import ShardGeometry
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.store.handle import StoreError
+from biomass_cache.store.verify import verify, verify_command
 from toys import STORE_C as C
 from toys import STORE_FP as FP
 from toys import STORE_LAYERS as LAYERS
@@ -113,7 +113,7 @@ def test_read_detects_corruption(tmp_path):
 
 
 def test_shard_index_at_either_end_reads_the_same(tmp_path, monkeypatch):
-    import biomass_cache.store as st
+    import biomass_cache.store.layout as st
 
     x = tokens(2, seed=3)
     for where in ("start", "end"):
@@ -135,7 +135,7 @@ def test_direct_shard_writes_equal_zarr_writes(tmp_path, monkeypatch, layout, wh
     no temporary file is left. writev is cut to 7 bytes a call, so short writes are resumed mid-buffer."""
     from dataclasses import replace
 
-    from biomass_cache import shards
+    from biomass_cache.store import shards
 
     monkeypatch.setattr(st, "INDEX_LOCATION", where)
     x, p = tokens(2, seed=21), tokens(2, seed=22)[:, :, :5]
@@ -188,7 +188,7 @@ def test_done_mask_semantics(tmp_path, monkeypatch):
     def boom(path):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(token_store, "_fsync", boom)
+    monkeypatch.setattr(handle, "_fsync", boom)
     with pytest.raises(OSError):
         s.write(2, 0, tokens(seed=9), tokens(seed=9)[:, :5])
     monkeypatch.undo()
@@ -209,7 +209,7 @@ def test_done_mask_semantics(tmp_path, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
-    from biomass_cache.store import open_store
+    from biomass_cache.store.layout import open_store
     s = open_store(sys.argv[1], mode="r+")
     for i in range(len(s.image_ids)):
         for v in range(s.n_views):

@@ -2,15 +2,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.submission import (
+from biomass_cache.submit.submission import (
     SubmissionError,
     expected_sample_ids,
     score,
     validate_submission,
     write_submission,
 )
-from biomass_cache.metrics import competition_r2
-from biomass_cache.targets import TARGETS, components_to_targets
+from biomass_cache.common.metrics import competition_r2
+from biomass_cache.common.targets import TARGETS, components_to_targets
 
 ALPHA = sorted(TARGETS)
 IDS = ["ID1001", "ID1002", "ID1003", "ID1004"]

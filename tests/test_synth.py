@@ -12,11 +12,11 @@ from sklearn.metrics import r2_score
 from sklearn.model_selection import KFold, cross_val_predict
 from typer.testing import CliRunner
 
-from biomass_cache.data import read_long_csv
-from biomass_cache.synth import colour_features, generate, parse_photo_size, synth_command
-from biomass_cache.synth_blades import sample_labels
-from biomass_cache.synth_canopy import sample_labels_canopy
-from biomass_cache.targets import TARGETS
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.synth.generate import colour_features, generate, parse_photo_size, synth_command
+from biomass_cache.synth.blades import sample_labels
+from biomass_cache.synth.canopy import sample_labels_canopy
+from biomass_cache.common.targets import TARGETS
 
 TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",
                  "target_name", "target"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from biomass_cache.targets import (
+from biomass_cache.common.targets import (
     PLOT_AREA_M2,
     TARGETS,
     ZScore,

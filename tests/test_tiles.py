@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from biomass_cache.backbone import create_backbone, forward_tokens, split_tiles, stitch_tiles
+from biomass_cache.backbone.vit import create_backbone, forward_tokens, split_tiles, stitch_tiles
 from biomass_cache.cli import app
-from biomass_cache.data import DataError
-from biomass_cache.ensemble_members import _extract_settings
-from biomass_cache.ensemble_spec import EnsembleSpec, Member
-from biomass_cache.extract import ExtractConfig, extract
-from biomass_cache.fingerprint import of_extraction
-from biomass_cache.store import open_store
-from biomass_cache.token_store import StoreError
-from biomass_cache.views import ViewPolicy, load_photo, make_view
+from biomass_cache.common.data import DataError
+from biomass_cache.submit.members import _extract_settings
+from biomass_cache.submit.spec import EnsembleSpec, Member
+from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.store.fingerprint import of_extraction
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.handle import StoreError
+from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import config, write_data
 
@@ -163,11 +163,11 @@ def test_a_size_that_does_not_split_is_one_error_line(tmp_path, size, tiles, wha
 @pytest.mark.slow
 def test_test_caches_follow_the_training_tiles(tmp_path):
     """A head trained on a tiled store gets a tiled test cache from the ensemble; an untiled store is refused."""
-    import biomass_cache.ensemble as ens
-    from biomass_cache.cv import run_training
-    from biomass_cache.runs import check_compatible, load_head
-    from biomass_cache.synth import generate
-    from biomass_cache.train_config import resolve
+    import biomass_cache.submit.ensemble as ens
+    from biomass_cache.train.crossval import run_training
+    from biomass_cache.train.runs import check_compatible, load_head
+    from biomass_cache.synth.generate import generate
+    from biomass_cache.train.config import resolve
 
     data = tmp_path / "data"
     generate(data, n_train=12, n_test=2, seed=0, size=(128, 64), progress=False)

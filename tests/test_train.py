@@ -13,16 +13,16 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from biomass_cache import runs
-from biomass_cache import train as train_module
-from biomass_cache.train_cli import train_command
-from biomass_cache.data import DataError, read_long_csv
-from biomass_cache.folds import visit_groups
-from biomass_cache.inference import predict_store
-from biomass_cache.metrics import competition_r2, log_r2
-from biomass_cache.store import open_store
-from biomass_cache.targets import TARGETS, to_density
-from biomass_cache.train_config import TrainConfig, load_config, resolve
+from biomass_cache.train import runs
+from biomass_cache.train import loop as train_module
+from biomass_cache.cli.train import train_command
+from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.folds import visit_groups
+from biomass_cache.train.inference import predict_store
+from biomass_cache.common.metrics import competition_r2, log_r2
+from biomass_cache.store.layout import open_store
+from biomass_cache.common.targets import TARGETS, to_density
+from biomass_cache.train.config import TrainConfig, load_config, resolve
 from toys import ROOT, make_toy
 
 FAST = ["--batch-size", "8", "--workers", "0"]

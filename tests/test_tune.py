@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 optuna = pytest.importorskip("optuna")
 
-from biomass_cache.train_cli import train_command  # noqa: E402
-from biomass_cache.data import DataError  # noqa: E402
-from biomass_cache.tune import open_storage, tune_command, worker_id  # noqa: E402
-from biomass_cache.tune_space import parse_space  # noqa: E402
+from biomass_cache.cli.train import train_command  # noqa: E402
+from biomass_cache.common.data import DataError  # noqa: E402
+from biomass_cache.train.tune import open_storage, tune_command, worker_id  # noqa: E402
+from biomass_cache.train.tune_space import parse_space  # noqa: E402
 from toys import ROOT, make_toy  # noqa: E402
 
 FIXED = "batch_size = 8\nworkers = 0\nthreads = 1\nfolds = 3\nplots = false\n"
@@ -257,7 +257,7 @@ def test_two_processes_share_one_study(toy, tmp_path, kind):
 
 @pytest.mark.slow
 def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatch):
-    from biomass_cache import train as train_module
+    from biomass_cache.train import loop as train_module
 
     real = train_module.task_losses
     calls = []

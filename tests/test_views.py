@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from biomass_cache.views import (
+from biomass_cache.backbone.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ViewPolicy,

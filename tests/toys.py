@@ -12,9 +12,9 @@ import pandas as pd
 import zarr
 from PIL import Image
 
-from biomass_cache.extract import ExtractConfig
-from biomass_cache.store import StoreSpec, create_store
-from biomass_cache.targets import TARGETS, to_density
+from biomass_cache.extract.pipeline import ExtractConfig
+from biomass_cache.store.layout import StoreSpec, create_store
+from biomass_cache.common.targets import TARGETS, to_density
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_VIT = dict(depth=2, embed_dim=64, num_heads=2)  # the tiny random DINOv3 of conftest's `pipeline`

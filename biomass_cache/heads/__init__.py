@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from biomass_cache.targets import ZScore
+from biomass_cache.common.targets import ZScore
 from biomass_cache.heads import density, mlp, ridge, vitdet  # noqa: F401  (registers the built-in heads)
 from biomass_cache.heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature
 from biomass_cache.heads.registry import HEADS, register_head

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomass_cache.heads.intervals import IntervalHead, blend_components, normalise_interval
-from biomass_cache.targets import (COMPONENTS, TOTAL, ZScore, components_to_targets, height_stats,
+from biomass_cache.common.targets import (COMPONENTS, TOTAL, ZScore, components_to_targets, height_stats,
                                    target_stats)
 
 AUX_KEYS = ("height", "ndvi", "n_states")

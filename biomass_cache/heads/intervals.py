@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from biomass_cache.targets import COMPONENTS, TARGETS
+from biomass_cache.common.targets import COMPONENTS, TARGETS
 
 
 def normalise_interval(interval: Mapping[str, Any] | None) -> dict | None:

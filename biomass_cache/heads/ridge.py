@@ -7,7 +7,7 @@ alpha and the two are blended with one weight, both chosen by an inner cross-val
 of an image, and the images of a visit, never sit on both sides). The fitted map lives in buffers, so checkpoints,
 `rebuild_head`, prediction and ensembles use the module's forward like any other head.
 
-Training (`biomass_cache.train.fit_closed_form`) calls `pooled(tokens)` on every stored view of the training images
+Training (`biomass_cache.train.loop.fit_closed_form`) calls `pooled(tokens)` on every stored view of the training images
 once, then `fit(features, y, groups)`.
 """
 
@@ -23,8 +23,8 @@ from sklearn.preprocessing import RobustScaler
 
 from biomass_cache.heads.registry import register_head
 from biomass_cache.heads.common import FusedHead
-from biomass_cache.metrics import competition_r2
-from biomass_cache.targets import components_to_targets, to_density, to_grams
+from biomass_cache.common.metrics import competition_r2
+from biomass_cache.common.targets import components_to_targets, to_density, to_grams
 
 POOLS = ("mean", "max", "min", "gem")
 GEM_P = 3.0

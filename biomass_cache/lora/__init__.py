@@ -1,6 +1,6 @@
 """The LoRA path: adapt the last K blocks of the frozen DINOv3 backbone with peft adapters, running it live.
 
-Everything but the token source is stage two's (`biomass_cache.cv.cross_validate`): heads, losses, mixup,
+Everything but the token source is stage two's (`biomass_cache.train.crossval.cross_validate`): heads, losses, mixup,
 uncertainty weighting, PCGrad, EMA, folds, metrics and the run folder. Here the tokens come from `LiveTokens`, an
 nn.Module whose trainable parameters are the adapters only; it runs either the whole backbone on augmented pixels (a
 fresh view per epoch) or, with a prefix cache (`data.build_prefix_cache`), only blocks [depth-K, depth) on the
@@ -18,12 +18,10 @@ checked on load. Scale-out: `torchrun --nproc-per-node N train_heads.py --lora .
 | `checkpoint.py` | save and load adapter + head checkpoints |
 | `predict.py` | predictions of a checkpoint and of an ensemble member |
 | `train.py` | `run_lora`: cross-validation on one process or under torchrun |
-| `cli.py` | `biomass lora` |
 """
 
 from biomass_cache.lora.adapters import adapter_state, base_state, inject_lora, reset_adapters
 from biomass_cache.lora.checkpoint import base_identity, load_checkpoint, lora_fingerprint, save_checkpoint
-from biomass_cache.lora.cli import lora_command
 from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.predict import predict_images, predict_member
@@ -32,6 +30,6 @@ from biomass_cache.lora.train import run_lora
 
 __all__ = [
     "LiveDataset", "LiveTokens", "EpochSampler", "LoraSettings", "adapter_state", "base_identity", "base_state",
-    "build_prefix_cache", "inject_lora", "load_checkpoint", "load_settings", "lora_command", "lora_fingerprint",
+    "build_prefix_cache", "inject_lora", "load_checkpoint", "load_settings", "lora_fingerprint",
     "predict_images", "predict_member", "reset_adapters", "run_lora", "save_checkpoint",
 ]

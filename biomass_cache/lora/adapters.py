@@ -7,15 +7,15 @@ import math
 import torch
 from torch import nn
 
-from biomass_cache.backbone import Backbone
-from biomass_cache.data import DataError
+from biomass_cache.backbone.vit import Backbone
+from biomass_cache.common.data import DataError
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks, target_regex
 
 
 def is_lora_layer(module: nn.Module) -> bool:
     """Whether peft turned `module` into a LoRA layer. peft (and the transformers it loads, seconds of start-up) is
     imported only here and in `inject_lora`, so commands that never touch LoRA start without it."""
-    from peft.tuners.lora import LoraLayer  # after biomass_cache.backbone, which makes timm/torchvision importable
+    from peft.tuners.lora import LoraLayer  # after biomass_cache.backbone.vit, which makes timm/torchvision importable
 
     return isinstance(module, LoraLayer)
 

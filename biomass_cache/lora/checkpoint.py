@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from biomass_cache import runs
-from biomass_cache.backbone import Backbone, backbone_fingerprint, create_backbone, resolve_layers
-from biomass_cache.content import sha256_file
-from biomass_cache.data import DataError
-from biomass_cache.fingerprint import of_lora
-from biomass_cache.io import atomic_path, write_json
+from biomass_cache.train import runs
+from biomass_cache.backbone.vit import Backbone, backbone_fingerprint, create_backbone, resolve_layers
+from biomass_cache.common.content import sha256_file
+from biomass_cache.common.data import DataError
+from biomass_cache.store.fingerprint import of_lora
+from biomass_cache.common.io import atomic_path, write_json
 from biomass_cache.lora.adapters import adapter_state, inject_lora
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
-from biomass_cache.precision import check_precision
-from biomass_cache.targets import ZScore
+from biomass_cache.backbone.precision import check_precision
+from biomass_cache.common.targets import ZScore
 
 ADAPTER_PREFIX, HEAD_PREFIX = "backbone.", "head."
 

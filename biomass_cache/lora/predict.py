@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from biomass_cache import inference
-from biomass_cache.dataset import AuxSpec
+from biomass_cache.train import inference
+from biomass_cache.train.dataset import AuxSpec
 from biomass_cache.lora.checkpoint import load_checkpoint
 from biomass_cache.lora.data import LiveDataset, live_loader
-from biomass_cache.targets import components_to_targets
+from biomass_cache.common.targets import components_to_targets
 
 
 def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: str = "test",
@@ -33,7 +33,7 @@ def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progres
                    precision: str | None = None) -> np.ndarray:
     """(N, 5) grams of a LoRA ensemble member (`ensemble_members.ResolvedMember`) for the test images of `table`, in order:
     every fold model on the TTA views (clean and flips), components averaged over views and folds."""
-    from biomass_cache.views import TTA_VIEWS
+    from biomass_cache.backbone.views import TTA_VIEWS
 
     comps = [predict_images(path, data_dir, table, split="test", views=range(len(TTA_VIEWS)),
                             weights=rm.extract["weights"], device=device, precision=precision)[:, :3]

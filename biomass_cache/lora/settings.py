@@ -7,11 +7,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from biomass_cache.config import Config, check_table, check_values, is_int, is_number, read_config
-from biomass_cache.data import DataError
-from biomass_cache.extract import EXTRACT_RULES
-from biomass_cache.precision import check_precision
-from biomass_cache.views import parse_view_size
+from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
+from biomass_cache.common.data import DataError
+from biomass_cache.extract.pipeline import EXTRACT_RULES
+from biomass_cache.backbone.precision import check_precision
+from biomass_cache.backbone.views import parse_view_size
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""How every command reports a mistake: one `error: ...` line on stderr and exit status 2, never a traceback.
+
+User errors are `DataError` (and its subclasses: StoreError, EnsembleError, SubmissionError, WeightsError), click's
+usage errors (a bad option value, an unknown option) and the OSErrors a user's environment causes about a named
+path (disk full, read-only, no permission, no such file). Anything else is a bug and keeps its traceback; so do
+user errors under `biomass --debug` or with BIOMASS_DEBUG=1 in the environment (the scripts have no --debug).
+The mapping sits in the click command classes, so it covers parsing, option validation and the command body alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+try:  # recent typer versions carry its own copy of click, whose exceptions its commands raise
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:
+    from click import ClickException, UsageError
+
+from biomass_cache.common.data import DataError
+
+EXIT_USER_ERROR = 2
+DEBUG_KEY = "biomass.debug"  # click context meta: set by `biomass --debug`
+DEBUG_ENV = "BIOMASS_DEBUG"
+# errno -> what to do about it
+PATH_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+    errno.EROFS: "read-only file system: write elsewhere",
+    errno.EACCES: "permission denied: fix the permissions or use another path",
+    errno.EPERM: "operation not permitted: fix the permissions or use another path",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.EISDIR: "is a directory, a file was expected: check the path",
+}
+
+
+class UserError(ClickException):
+    """A user error on its way out: click prints it with `show` and exits with `exit_code`."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def show(self, file=None) -> None:  # noqa: ARG002 (click's signature)
+        typer.echo(f"error: {self.format_message()}", err=True)
+
+
+def debug_wanted(ctx: typer.Context | None) -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or bool(ctx is not None and ctx.meta.get(DEBUG_KEY))
+
+
+def path_error_text(e: OSError) -> str | None:
+    """`PATH: what happened: what to do` for an OSError about a named path the user controls, else None."""
+    hint = PATH_ERRORS.get(e.errno)
+    if hint is None or not e.filename:
+        return None
+    return f"{e.filename}: {hint}"
+
+
+@contextmanager
+def user_errors(ctx: typer.Context | None) -> Iterator[None]:
+    """Turn the user errors raised inside into a `UserError` (unless debugging); let bugs through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        raise UserError(e.format_message() + where) from None
+    except DataError as e:
+        if debug_wanted(ctx):
+            raise
+        raise UserError(str(e)) from None
+    except OSError as e:
+        text = path_error_text(e)
+        if text is None or debug_wanted(ctx):
+            raise
+        raise UserError(text) from None
+
+
+class OneLineErrorsMixin:
+    """For a click command or group: user errors become one `error:` line (see the module docstring)."""
+
+    def make_context(self, *args, **kwargs) -> typer.Context:
+        with user_errors(None):
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context):
+        with user_errors(ctx):
+            return super().invoke(ctx)
+
+
+class BiomassGroup(OneLineErrorsMixin, TyperGroup):
+    """The `biomass` app's group class."""
+
+
+class BiomassCommand(OneLineErrorsMixin, TyperCommand):
+    """One command: run as a script (extract_features.py, train_heads.py, submit.py, python -m ...) or as a
+    sub-command of the `biomass` group (cli.py)."""
+
+
+def script_app(command: Callable[..., None], name: str | None = None, help: str | None = None) -> typer.Typer:
+    """A one-command app with the same error reporting and plain (non-rich) help as the `biomass` app."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command(name, help=help, cls=BiomassCommand)(command)
+    return app

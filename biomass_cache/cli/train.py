@@ -1,0 +1,56 @@
+"""`biomass train` (train_heads.py): the command line of stage two, beside train_config.py (the settings), train.py
+(the loop) and cv.py (folds, token sources, run folder); its options shared with `biomass lora` are declared once in
+options.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from biomass_cache.train.crossval import run_training
+from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides
+from biomass_cache.train.config import TrainConfig, load_config, resolve
+
+
+def train_command(
+    cache: Path = TRAIN_OPTIONS["cache"],
+    data: Path = TRAIN_OPTIONS["data"],
+    out: Path = typer.Option(..., "--out", help="Run folder to write (a folds.csv in it is reused)."),
+    head: Optional[str] = typer.Option(None, "--head", help="Head name(s), comma-separated: trained side by side "
+                                       f"({TrainConfig.head})."),
+    folds: Optional[int] = TRAIN_OPTIONS["folds"],
+    folds_csv: Optional[Path] = TRAIN_OPTIONS["folds_csv"],
+    full: bool = TRAIN_OPTIONS["full"],
+    epochs: Optional[int] = TRAIN_OPTIONS["epochs"],
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
+    batch_size: Optional[int] = TRAIN_OPTIONS["batch_size"],
+    lr: Optional[float] = TRAIN_OPTIONS["lr"],
+    seed: Optional[int] = TRAIN_OPTIONS["seed"],
+    device: Optional[str] = TRAIN_OPTIONS["device"],
+    workers: Optional[int] = TRAIN_OPTIONS["workers"],
+    preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
+                                           help="Keep the tokens in RAM (auto: when they fit)."),
+    mixup: Optional[bool] = TRAIN_OPTIONS["mixup"],
+    uw: Optional[bool] = TRAIN_OPTIONS["uw"],
+    pcgrad: Optional[bool] = TRAIN_OPTIONS["pcgrad"],
+    ema: Optional[bool] = TRAIN_OPTIONS["ema"],
+    aux: Optional[bool] = TRAIN_OPTIONS["aux"],
+    interval_bins: Optional[int] = TRAIN_OPTIONS["interval_bins"],
+    stratify: Optional[bool] = TRAIN_OPTIONS["stratify"],
+    no_plots: bool = TRAIN_OPTIONS["no_plots"],
+    overwrite: bool = TRAIN_OPTIONS["overwrite"],
+) -> None:
+    """Train readout heads on cached tokens with grouped K-fold CV; writes checkpoints, OOF and metrics.
+
+    Options left out take the --config file's value, else the default shown in parentheses.
+    """
+    base, sweep, extract = load_config(config)
+    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                   workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
+                                   aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
+    heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
+    cfg, members = resolve(base, sweep, overrides, heads)
+    run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
+                 strict_folds=folds is not None or "folds" in base, overwrite=overwrite)

@@ -1,0 +1,301 @@
+"""Cache reduction: a derived token store with fewer channels and, optionally, a coarser patch grid.
+
+Per layer, the tokens are layer-normed (no affine, as the heads do), average-pooled P x P over the patch grid, then
+projected on the top K principal components fitted on the clean view of the training store's images. The result is
+an ordinary token store (same format, readable with plain zarr) whose fingerprint chains the parent's with the
+reduction settings and the projection's sha256; it also holds the projection itself (`reduction_mean`,
+`reduction_components`), so test stores are reduced with exactly the same matrices. Stage two then reads and
+computes a fraction of the full cache (docs: the scale benchmark).
+
+The PCA sees every training image (no labels), including the images of each fold's validation set: like the
+backbone, it is an unsupervised transform of the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from biomass_cache.common.config import read_config
+from biomass_cache.common.data import DataError
+from biomass_cache.store.fingerprint import reduced, relaxed_diff
+from biomass_cache.common.io import atomic_path, write_json
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.store.handle import TokenStore
+
+METHOD = "pca-layernorm"
+DEFAULT_DIM = 128
+DEFAULT_POOL = "auto"  # the coarsest pooling that keeps at least MIN_GRID patches
+MIN_GRID = (14, 28)  # rows, cols: the grid at which the quality benchmark measured (docs: benchmarks)
+DEFAULT_FIT_TOKENS = 100_000  # tokens per layer the PCA is fitted on (a random subset of the pooled clean views)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A fitted reduction: per-layer mean (L, C) and components (L, C, K) of the layer-normed, pooled tokens."""
+
+    layers: list[int]
+    mean: np.ndarray
+    components: np.ndarray
+    pool: int
+    parent_fingerprint: dict  # of the store it was fitted on
+    parent_grid: tuple[int, int]
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.parent_grid[0] // self.pool, self.parent_grid[1] // self.pool
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256(json.dumps({"layers": self.layers, "pool": self.pool, "method": METHOD}).encode())
+        for a in (self.mean, self.components):
+            h.update(np.ascontiguousarray(a, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+    def settings(self) -> dict:
+        return {"method": METHOD, "dim": self.dim, "pool": self.pool, "projection_sha256": self.sha256}
+
+    def fingerprint(self, parent: dict) -> dict:
+        return reduced(parent, self.settings())
+
+    def check_parent(self, store: TokenStore, ignore: Sequence[str] = ()) -> None:
+        """Refuse a store whose tokens were made otherwise than those the projection was fitted on (but for the
+        fingerprint keys `ignore` names: the compute precision, when the user chose another one)."""
+        diff = relaxed_diff(self.parent_fingerprint, store.fingerprint, ignore)
+        if diff:
+            raise DataError(f"{store.path}: its tokens were extracted with another configuration than the store "
+                            "the projection was fitted on (fitted on -> this store): " + "; ".join(diff))
+        if store.layers != self.layers or store.channels != self.channels or tuple(store.grid) != self.parent_grid:
+            raise DataError(f"{store.path}: layers {store.layers}, {store.channels} channels, grid {store.grid}; "
+                            f"the projection needs {self.layers}, {self.channels}, {self.parent_grid}")
+
+    @torch.no_grad()
+    def apply(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., L, T, C) float32 tokens of the parent grid -> (..., L, T', K) reduced tokens."""
+        comps = torch.from_numpy(self.components)
+        projected = F.layer_norm(tokens, tokens.shape[-1:]) @ comps  # linear, so it commutes with the pooling
+        return pool_tokens(projected, self.parent_grid, self.pool) - (torch.from_numpy(self.mean)[:, None] @ comps)
+
+    # ---- artefacts ----------------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {**self.settings(), "layers": self.layers, "parent_grid": list(self.parent_grid),
+                "channels": self.channels, "parent_fingerprint": self.parent_fingerprint}
+
+    def save(self, path: Path) -> None:
+        """`path`.safetensors (mean, components) then `path`.json (what they are): a run folder's copy."""
+        path = Path(path)
+        with atomic_path(path.with_suffix(".safetensors")) as tmp:
+            save_file({"mean": self.mean, "components": self.components}, str(tmp))
+        write_json(path.with_suffix(".json"), self.describe())
+
+    @classmethod
+    def load(cls, path: Path) -> "Reduction":
+        path = Path(path)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            arrays = load_file(str(path.with_suffix(".safetensors")))
+            red = cls(list(meta["layers"]), arrays["mean"], arrays["components"], int(meta["pool"]),
+                      meta["parent_fingerprint"], tuple(meta["parent_grid"]))
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise DataError(f"{path.with_suffix('.json')}: not a readable reduction ({e})") from e
+        if red.sha256 != meta.get("projection_sha256"):
+            raise DataError(f"{path.with_suffix('.safetensors')}: the projection's sha256 differs from the one "
+                            f"recorded in {path.with_suffix('.json').name} (file changed?)")
+        return red
+
+    @classmethod
+    def of_store(cls, store: TokenStore) -> Optional["Reduction"]:
+        """The reduction a derived store was made with (None for a store straight from extraction)."""
+        meta = store.attrs.get("reduction")
+        if meta is None:
+            return None
+        red = cls(list(meta["layers"]), store.read_extra("reduction_mean"), store.read_extra("reduction_components"),
+                  int(meta["pool"]), meta["parent_fingerprint"], tuple(meta["parent_grid"]))
+        if red.sha256 != meta["projection_sha256"]:
+            raise DataError(f"{store.path}: its projection arrays do not match the recorded sha256 (store damaged)")
+        return red
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
+    """P x P average pooling of (..., T, C) row-major patch tokens on `grid` -> (..., T / P^2, C)."""
+    if pool == 1:
+        return tokens
+    lead, c = tokens.shape[:-2], tokens.shape[-1]
+    x = tokens.reshape(-1, *grid, c).permute(0, 3, 1, 2)  # channels-last memory: avg_pool2d's fast path
+    return F.avg_pool2d(x, pool).permute(0, 2, 3, 1).reshape(*lead, -1, c)
+
+
+def auto_pool(grid: tuple[int, int]) -> int:
+    """The largest P dividing the grid that leaves at least MIN_GRID patches (1 for a grid of MIN_GRID or less)."""
+    return max(p for p in range(1, min(grid) + 1)
+               if grid[0] % p == 0 and grid[1] % p == 0 and grid[0] // p >= MIN_GRID[0]
+               and grid[1] // p >= MIN_GRID[1]) if grid[0] >= MIN_GRID[0] and grid[1] >= MIN_GRID[1] else 1
+
+
+def resolve_pool(pool: int | str, grid: tuple[int, int]) -> int:
+    if pool == "auto":
+        return auto_pool(grid)
+    try:
+        return int(pool)
+    except (TypeError, ValueError):
+        raise DataError(f"--pool {pool!r}: must be 'auto' or a whole number") from None
+
+
+def _check_settings(store: TokenStore, dim: int, pool: int) -> None:
+    if not 1 <= dim <= store.channels:
+        raise DataError(f"--dim {dim}: must be between 1 and the {store.channels} channels of {store.path}")
+    if pool < 1 or store.grid[0] % pool or store.grid[1] % pool:
+        raise DataError(f"--pool {pool}: must be >= 1 and divide the patch grid {list(store.grid)} of {store.path} "
+                        "(--pool 1 keeps the grid)")
+
+
+def usable_images(store: TokenStore) -> list[int]:
+    """Store rows of every image not marked bad; all its views must be done (else: resume the extraction)."""
+    done, bad = store.done(), store.bad_ids
+    rows = [i for i, iid in enumerate(store.image_ids) if iid not in bad]
+    missing = [store.image_ids[i] for i in rows if not done[i].all()]
+    if missing:
+        raise DataError(f"{store.path}: {len(missing)} image(s) are not completely extracted, e.g. {missing[:5]}; "
+                        "resume the extraction (biomass extract with the same options) before reducing")
+    if not rows:
+        raise DataError(f"{store.path}: no extracted image to fit a reduction on")
+    return rows
+
+
+def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = DEFAULT_POOL,
+                  fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True) -> Reduction:
+    """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer)."""
+    pool = resolve_pool(pool, tuple(store.grid))
+    _check_settings(store, dim, pool)
+    rows = usable_images(store)
+    n_layers, c = len(store.layers), store.channels
+    per_image = max(1, -(-fit_tokens // len(rows)))
+    gram = torch.zeros(n_layers, c, c, dtype=torch.float64)
+    total = torch.zeros(n_layers, c, dtype=torch.float64)
+    count = 0
+    rng = np.random.default_rng(seed)
+    for i in tqdm(rows, desc="fit PCA", disable=not progress, leave=False):
+        x = pool_tokens(F.layer_norm(torch.from_numpy(store.read(i, 0)), (c,)), store.grid, pool)
+        if x.shape[1] > per_image:
+            x = x[:, torch.from_numpy(np.sort(rng.choice(x.shape[1], per_image, replace=False)))]
+        gram += (x.transpose(1, 2) @ x).double()
+        total += x.sum(dim=1).double()
+        count += x.shape[1]
+    mean = total / count
+    cov = gram / count - mean[:, :, None] * mean[:, None, :]
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    comps = vectors.flip(-1)[..., :dim]
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))  # deterministic sign
+    comps = comps * torch.where(signs == 0, 1.0, signs)
+    return Reduction(store.layers, mean.float().numpy(), comps.float().contiguous().numpy(), pool,
+                     store.fingerprint, tuple(store.grid))
+
+
+def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bool = False,
+                 progress: bool = True, ignore: Sequence[str] = ()) -> TokenStore:
+    """Write the reduced store at `out`: built under a temporary name and renamed when every sample is in.
+    `ignore`: fingerprint keys in which `src` may differ from the store the projection was fitted on."""
+    out = Path(out)
+    reduction.check_parent(src, ignore)
+    rows = usable_images(src)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.resolve() == src.path.resolve():
+        raise DataError(f"--out {out} is the input store itself; choose another path")
+    dtype = "bfloat16" if src.storage_dtype == "bfloat16" else "float16"
+    spec = StoreSpec(image_ids=src.image_ids, n_views=src.n_views, layers=src.layers, grid=reduction.grid,
+                     channels=reduction.dim, fingerprint=reduction.fingerprint(src.fingerprint), split=src.split,
+                     dtype=dtype, random_weights=src.random_weights)
+    tmp = out.with_name(f".{out.name}.reducing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        store = create_store(tmp, spec)
+        store.write_extra("reduction_mean", reduction.mean)
+        store.write_extra("reduction_components", reduction.components)
+        store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
+                        weights_path=src.weights_path)
+        for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
+            store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
+                                              for v in range(src.n_views)]))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_store(out)
+
+
+def reduction_of(path: Path) -> Reduction:
+    """The reduction held by a reduced store or saved in a run folder (`RUN/reduction.json`)."""
+    path = Path(path)
+    if (path / "reduction.json").is_file():
+        return Reduction.load(path / "reduction")
+    red = Reduction.of_store(open_store(path))
+    if red is None:
+        raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json")
+    return red
+
+
+CONFIG_KEYS = {"dim": DEFAULT_DIM, "pool": DEFAULT_POOL, "fit_tokens": DEFAULT_FIT_TOKENS}
+
+
+def load_settings(path: Path | None) -> dict:
+    """The [reduce] table of a TOML config (configs/default.toml), over the defaults; unknown keys are refused."""
+    conf = read_config(path, suffixes=None)
+    table = conf.section("reduce")
+    conf.check_keys(table, CONFIG_KEYS, "[reduce]")
+    bad = [k for k, v in table.items() if (not isinstance(v, int) or isinstance(v, bool))
+           and not (k == "pool" and v == "auto")]
+    if bad:
+        raise conf.error(f"{bad} must be whole numbers (pool: or \"auto\")", "[reduce]")
+    return {**CONFIG_KEYS, **table}
+
+
+def reduce_command(
+    cache: Path = typer.Option(..., "--cache", help="Token store to reduce (written by `biomass extract`)."),
+    out: Path = typer.Option(..., "--out", help="Reduced token store to write."),
+    dim: Optional[int] = typer.Option(None, "--dim", help=f"Channels kept per layer, PCA components ({DEFAULT_DIM})."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="P x P average pooling of the patch grid; 1 = none; "
+                                       f"auto = the coarsest that keeps {MIN_GRID[0]} x {MIN_GRID[1]} patches "
+                                       f"({DEFAULT_POOL})."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Apply the projection of this reduced store or run "
+                                        "folder instead of fitting one (e.g. for a test store)."),
+    fit_tokens: Optional[int] = typer.Option(None, "--fit-tokens", help="Tokens per layer the PCA is fitted on "
+                                             f"({DEFAULT_FIT_TOKENS})."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config whose [reduce] table sets the "
+                                          "defaults (see configs/default.toml)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out store."),
+) -> None:
+    """Derive a smaller token store: per-layer PCA of the layer-normed tokens and P x P pooling of the grid."""
+    given = {k: v for k, v in dict(dim=dim, pool=pool, fit_tokens=fit_tokens).items() if v is not None}
+    settings = {**load_settings(config), **given}
+    if settings["fit_tokens"] < 1:
+        raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
+    src = open_store(cache)
+    reduction = reduction_of(like) if like is not None else fit_reduction(src, settings["dim"], settings["pool"],
+                                                                          settings["fit_tokens"])
+    store = reduce_store(src, reduction, out, overwrite=overwrite)
+    size = store.nbytes_on_disk()
+    typer.echo(f"reduced {cache} ({src.channels} channels, grid {list(src.grid)}) -> {out} ({reduction.dim} "
+               f"channels, grid {list(store.grid)}, {size / 1e9:.2f} GB, {src.nbytes_on_disk() / max(size, 1):.1f}x "
+               f"smaller); projection sha256 {reduction.sha256[:12]}")

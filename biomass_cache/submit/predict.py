@@ -1,0 +1,213 @@
+"""Predictions for any folder of quadrat photos (no CSV): grams and g/m^2 per photo, optional density-map PNGs.
+
+The photos are described by a temporary Kaggle-like test.csv (image_id = file stem, absolute image paths), so
+the very same ensemble machinery as `biomass submit` runs on them: test caches per backbone (reused), member
+predictions (cached), aggregation in component space.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import typer
+from tqdm.auto import tqdm
+
+from biomass_cache.train import inference
+from biomass_cache.common.data import SEP, DataError, load_image
+from biomass_cache.common.distributed import resolve_device
+from biomass_cache.submit.spec import EnsembleSpec, spec_from_options
+from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
+from biomass_cache.common.io import atomic_path, write_csv
+from biomass_cache.submit.submission import parse_devices
+from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
+
+
+def list_photos(photo_dir: Path) -> list[Path]:
+    """The JPEG/PNG files of a folder (not recursive), sorted; ids (file stems) must be unique."""
+    if not photo_dir.is_dir():
+        raise DataError(f"{photo_dir}: not a folder of photos")
+    photos = sorted(p for p in photo_dir.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not photos:
+        raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
+    seen: dict[str, Path] = {}
+    for p in photos:
+        if p.stem in seen:
+            raise DataError(f"{photo_dir}: {seen[p.stem].name} and {p.name} would share the image id {p.stem!r}")
+        if SEP in p.stem or "," in p.stem:
+            raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
+        seen[p.stem] = p
+    return photos
+
+
+def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad: bool
+                 ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Decode every photo once (as extraction will) before anything is written: returns (readable photos,
+    [(unreadable photo, reason)]); without `skip_bad` the first unreadable photo is a DataError. Warns, once per
+    photo, when its aspect ratio differs from a model input's (W, H) by more than ASPECT_TOLERANCE: the photo is
+    resized to the input, so its content is stretched."""
+    good, bad = [], []
+    smallest = min(input_sizes, default=None)
+    for p in photos:
+        try:
+            image = load_image(p, at_least=smallest)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e}; --skip-bad skips unreadable photos and lists them at the end") from None
+            bad.append((p, str(e)))
+            continue
+        good.append(p)
+        ratio = image.width / image.height
+        for w, h in sorted(input_sizes):
+            if abs(ratio / (w / h) - 1) > ASPECT_TOLERANCE:
+                typer.echo(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
+                           f"{w / h:.2f} ({w}x{h}): the photo is stretched to fit; crop it to {w}:{h} for "
+                           "undistorted predictions and density maps", err=True)
+                break
+    if not good:
+        raise DataError(f"none of the {len(photos)} photos could be read (first: {bad[0][1]})")
+    return good, bad
+
+
+def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
+    """The (W, H) model inputs of the ensemble's members (those whose run records one)."""
+    from biomass_cache.submit.members import resolve_member
+
+    found = (resolve_member(m, spec.weights_files).extract.get("size") for m in spec.members)
+    return {(int(s[0]), int(s[1])) for s in found if s}
+
+
+def write_photo_table(photos: list[Path], data_dir: Path) -> Path:
+    """A Kaggle-format test.csv for the photos, image paths absolute; returns its path."""
+    rows = [(f"{p.stem}{SEP}{t}", str(p.resolve()), t) for p in photos for t in sorted(TARGETS)]
+    path = data_dir / "test.csv"
+    write_csv(path, pd.DataFrame(rows, columns=["sample_id", "image_path", "target_name"]))
+    return path
+
+
+def predictions_table(result: EnsembleResult, photos: list[Path]) -> pd.DataFrame:
+    """One row per photo: the 5 targets in grams and as areal densities (g/m^2 of the 70 x 30 cm quadrat)."""
+    density = to_density(result.grams)
+    return pd.DataFrame({
+        "image_id": result.image_ids,
+        "file": [str(p) for p in photos],
+        **{t: result.grams[:, j] for j, t in enumerate(TARGETS)},
+        **{f"{t}_per_m2": density[:, j] for j, t in enumerate(TARGETS)},
+    })
+
+
+def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | None:
+    """(N, 3, rows, cols) g/m^2 maps on the clean view, averaged over the fold models of the members whose heads
+    draw maps (`has_maps`).
+
+    None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
+    """
+    from biomass_cache.submit.members import load_checked_heads, store_positions
+
+    maps = []
+    for rm, store in zip(result.resolved, result.stores):
+        if store is None:
+            continue
+        rows = store_positions(store, result.image_ids)
+        for head, meta in load_checked_heads(rm, store):
+            if not head.has_maps:
+                break
+            maps.append(inference.predict_store(head, meta, store, rows, views=0, device=device, ignore=rm.ignore,
+                                                maps=True).maps)
+    if not maps:
+        return None
+    shapes = {m.shape for m in maps}
+    if len(shapes) > 1:
+        raise DataError(f"density maps of the members have different shapes {sorted(shapes)}; use --maps with "
+                        f"members on one patch grid")
+    return np.mean(maps, axis=0)
+
+
+def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.ndarray) -> None:
+    """The photo with the predicted total density (clover + dead + green, g/m^2) overlaid, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = load_image(photo)
+    total = density_map.sum(axis=0)
+    fig, ax = plt.subplots(figsize=(8, 8 * image.height / image.width + 0.8), dpi=100)
+    ax.imshow(image)
+    overlay = ax.imshow(total, cmap="magma", alpha=0.55, extent=(0, image.width, image.height, 0),
+                        interpolation="bilinear")
+    fig.colorbar(overlay, ax=ax, fraction=0.03, pad=0.01, label="predicted dry biomass, g/m$^2$")
+    clover, dead, green, _, total_g = grams
+    ax.set_title(f"{photo.stem}: total {total_g:.1f} g (clover {clover:.1f}, dead {dead:.1f}, green {green:.1f})",
+                 fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
+                   maps: bool = False, device: str = "cpu", progress: bool = True,
+                   train_csv: str | Path | None = None, skip_bad: bool = False, precision: str | None = None,
+                   devices: list[str] | None = None) -> pd.DataFrame:
+    """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`.
+
+    With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`)."""
+    photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
+    photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
+    with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
+        write_photo_table(photos, Path(tmp))
+        result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
+                              precision=precision, devices=devices)
+    table = predictions_table(result, photos)
+    write_csv(out, table)
+    if maps:
+        dmaps = density_maps(result, device)
+        if dmaps is None:
+            raise DataError("--maps needs at least one member with a density head (head 'density')")
+        folder = out.with_name(f"{out.stem}_maps")
+        for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
+            save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])
+        typer.echo(f"density maps: {folder}/ ({len(photos)} PNG)")
+    typer.echo(f"predictions for {len(photos)} photos: {out} (grams and g/m^2; quadrat area {PLOT_AREA_M2} m^2)")
+    if bad:
+        typer.echo(f"skipped {len(bad)} unreadable photo(s):", err=True)
+        for _, reason in bad:
+            typer.echo(f"  {reason}", err=True)
+    return table
+
+
+def predict_command(
+    photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
+    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
+    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per photo."),
+    maps: bool = typer.Option(False, "--maps", help="Also write a PNG per photo with the density map overlaid "
+                              "(members with density heads), into <out stem>_maps/."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches and member predictions "
+                                            "are kept and reused [the folder of --out]."),
+    train_csv: Optional[Path] = typer.Option(None, "--train-csv", help="train.csv with the labels of the "
+                                             "members' OOF predictions (for aggregation 'oof' and OOF scores)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
+                                          "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
+                                          "config or the ensemble file names them)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out photos that cannot be read and list them "
+                                  "at the end (default: stop at the first, naming it)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
+                                          "cuda:0,cuda:1 [one device]."),
+) -> None:
+    """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
+    device = str(resolve_device(device))
+    spec = spec_from_options(ensemble, members, weights=weights)
+    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
+                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))

@@ -1,0 +1,339 @@
+"""Stage two's cross-validation: folds, the token source and the run folder (`biomass train` is train_cli.py).
+
+`cross_validate` trains every member of a sweep fold by fold with train.py's loop (`train_fold`), then writes the
+run folder (runs.py): checkpoints, OOF predictions, metrics, history, plots. Where tokens come from is a small
+`TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and save): here a token cache
+(`cache_source`, `run_training`); the LoRA path (biomass_cache.lora) passes a live adapted backbone, whose adapters
+train with the head, and reuses everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import typer
+from tqdm.auto import tqdm
+
+from biomass_cache.train import inference, runs
+from biomass_cache.common.data import DataError, read_training_table
+from biomass_cache.train.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.common.distributed import resolve_device
+from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
+from biomass_cache.common.metrics import collapsed_targets
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
+from biomass_cache.train.config import TrainConfig
+
+# settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
+GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
+                 "ema", "ema_decay", "mixup", "mixup_alpha", "mixup_prob", "uw", "pcgrad", "max_nonfinite",
+                 "interval_bins", "interval_weight", "interval_blend")
+
+
+# ------------------------------------------------------------------------------- cross-validation and run folder
+def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, folds_csv: Path | None,
+                    strict: bool, stratify: bool = False, csv: Path | None = None) -> np.ndarray:
+    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds (`stratify`: each State
+    spread over the folds) of the table read from `csv`; saved in the run (created here, once the split is valid).
+
+    A reused file sets the number of folds; with `strict` (--folds given) it must have exactly `n_folds`.
+    """
+    source = folds_csv or (out / "folds.csv" if (out / "folds.csv").is_file() else None)
+    if source is not None:
+        folds = read_folds(source, table)
+        found = sorted(set(folds.tolist()))
+        if found != list(range(len(found))) or len(found) < 2 or (strict and len(found) != n_folds):
+            raise DataError(f"{source}: has folds {found}; expected 0..K-1 with K >= 2"
+                            + (f" and K = --folds {n_folds}" if strict else ""))
+        tqdm.write(f"using the {len(found)} folds of {source}")
+    else:
+        try:
+            folds = grouped_folds(table, n_splits=n_folds, seed=seed, stratify=stratify)
+        except DataError as e:
+            raise DataError(f"{csv}: {e}" if csv else str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_folds(out / "folds.csv", table, folds)
+    return folds
+
+
+def _table_text(rows: list[tuple[str, dict]]) -> str:
+    cols = ["competition_r2", "log_r2"] + [f"R2 {t.removesuffix('_g')}" for t in TARGETS]
+    lines = [f"{'':<18}" + "".join(f"{c:>15}" for c in cols)]
+    for label, s in rows:
+        vals = [s["competition_r2"], s["log_r2"], *(s["per_target_r2"][t] for t in TARGETS)]
+        lines.append(f"{label:<18}" + "".join(f"{v:>15.4f}" if v is not None else f"{'-':>15}" for v in vals))
+    return "\n".join(lines)
+
+
+def _no_barrier() -> None:
+    """One process: nothing to wait for."""
+
+
+@dataclass
+class TokenSource:
+    """Where a run's tokens come from: a token cache (`cache_source`) or a live adapted backbone (biomass_cache.lora).
+
+    The loader factories take (table rows, fold seed, aux encoding) / (rows, aux) and yield batches of the
+    contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
+    trained head's OOF grams (its `meta["tta"]` views); `save(json_path, head, meta)` writes its checkpoint.
+    `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
+    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. `fit_loader(rows, aux)`
+    yields every stored view of the rows once, for closed-form heads (None: the source cannot fit them). Under
+    torchrun, `rank`, `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0
+    writes files.
+    """
+
+    layers: list[int]  # block indices of the tokens `tokens_fn` returns
+    signature: dict  # {"channels": C, "grid": [rows, cols]}
+    fingerprint: dict  # what determined the tokens (checked when a checkpoint meets a cache)
+    config: dict  # config.json's description of the source (cache or LoRA settings, data, device)
+    device: torch.device
+    train_loader: Callable[[np.ndarray, int, AuxSpec], Iterable[dict]]
+    val_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]]
+    tokens_fn: Callable[[dict], torch.Tensor]
+    predict: Callable[[torch.nn.Module, dict, np.ndarray], np.ndarray]
+    save: Callable[[Path, torch.nn.Module, dict], None] = runs.save_head
+    extra: torch.nn.Module | None = None
+    rank: int = 0
+    barrier: Callable[[], None] = _no_barrier
+    sync: Callable[[list[torch.nn.Parameter]], None] | None = None
+    write_artefacts: Callable[[Path], None] | None = None  # files the run folder needs beside config.json
+    fit_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]] | None = None
+
+
+def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
+                 extract: dict | None = None) -> TokenSource:
+    """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
+    from biomass_cache.store.reduce import Reduction
+
+    layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
+    if not set(layers) <= set(store.layers):
+        raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
+                        f"(it has {store.layers}); fix [train] layers or re-extract with them")
+    device = resolve_device(cfg.device)
+    bad_tta = [n for n, m in members_cfg.items() if m.tta != "all" and not 0 <= m.tta < store.n_views]
+    if bad_tta:
+        raise DataError(f"tta of {bad_tta} must be 'all' or a view index below {store.n_views} (views of "
+                        f"{store.path})")
+    signature = {"channels": store.channels, "grid": list(store.grid)}
+    views = list(range(store.n_views))
+    every = store_rows(store, list(table["image_id"]), views)
+    preload = Preloaded.wanted(cfg.preload, store, len(every), len(views), len(layers))
+
+    @functools.cache
+    def shared() -> Preloaded | None:
+        """The run's tokens in RAM, read at the first fold's first use (not for a run refused before it) and
+        shared by every fold."""
+        return Preloaded.load(store, every, views, layers) if preload else None
+
+    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
+        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared())
+        return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
+
+    def val_loader(rows: np.ndarray, aux: AuxSpec, view: int = 0):
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=view, aux=aux, preloaded=shared())
+        return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
+
+    def fit_loader(rows: np.ndarray, aux: AuxSpec):
+        return itertools.chain.from_iterable(val_loader(rows, aux, v) for v in views)
+
+    def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
+        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"],
+                                       batch_size=cfg.eval_batch_size, device=str(device), preloaded=shared()).grams
+
+    config = {"extract": extract or {},
+              "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
+                        **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
+                        "random_weights": store.random_weights, "weights_path": store.weights_path},
+              "device": str(device), "preloaded": preload}
+    reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
+    return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
+                       lambda b: b["tokens"].to(device, non_blocking=True), predict,
+                       write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"),
+                       fit_loader=fit_loader)
+
+
+def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
+                   members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
+                   strict_folds: bool = False, overwrite: bool = False,
+                   on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
+    """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
+    return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
+    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir);
+    `on_epoch(rows)`: each epoch's history rows (with their fold), see `train_fold`."""
+    if source.extra is not None and len(members_cfg) != 1:
+        raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
+    writer = source.rank == 0
+    check_heads(source, table, members_cfg)
+    truth = table[list(TARGETS)].to_numpy(float)
+    baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
+    inner = inner_groups(table)  # closed-form heads: groups of their inner CV
+    out = Path(out)
+    if writer:
+        for p in runs.prepare_run_dir(out, overwrite):
+            tqdm.write(f"--overwrite: deleted {p} of the earlier run")
+    if cfg.full:
+        plan = [("full", -1, np.arange(len(table)), None)]
+    else:
+        if writer:
+            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds, cfg.stratify,
+                                    Path(data) / "train.csv")
+        source.barrier()
+        if not writer:
+            folds = read_folds(out / "folds.csv", table)
+        cfg = replace(cfg, folds=int(folds.max()) + 1)
+        members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
+        plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
+                                **source.config, "data": str(data), "torch": torch.__version__})
+        if source.write_artefacts is not None:
+            source.write_artefacts(out)
+
+    oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
+    per_fold: dict[str, dict] = {n: {} for n in members_cfg}
+    history: list[dict] = []
+    for fold_name, k, tr, va in plan:
+        fold_seed = cfg.seed * 1000 + k + 1
+        seed_everything(fold_seed)
+        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)  # the fold's training images only
+        if source.extra is not None:
+            source.extra.reset(fold_seed)
+        train_loader = source.train_loader(tr, fold_seed, aux)
+        val_loader = None if va is None else source.val_loader(va, aux)
+        groups = source.extra.param_groups() if source.extra is not None else ()
+        members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
+                                fold_seed + 7919 * j, source.device, groups, truth[tr])
+                   for j, (n, m) in enumerate(members_cfg.items())]
+        rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
+                          cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
+                          extra=source.extra, baseline_grams=baseline, sync=source.sync,
+                          on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
+                          fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner)
+        history += [{"fold": fold_name, **r} for r in rows]
+        for m in members:
+            meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
+                    "aux": aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
+                    **source.signature, "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(tr),
+                    "skipped_steps": m.skipped}
+            with ema_weights(m):
+                if va is not None:
+                    oof[m.name][va] = source.predict(m.eval_head, meta, va)
+                    per_fold[m.name][fold_name] = meta["metrics"] = scores(truth[va], oof[m.name][va], baseline)
+                if writer:
+                    source.save(out / fold_name / f"{m.name}.json", m.eval_head.cpu(), meta)
+        if writer:
+            runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
+    source.barrier()
+
+    if cfg.full:
+        metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
+        if writer:
+            runs.write_metrics(out, metrics)
+            tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
+            write_plots(out, data, cfg)
+        return metrics
+    pooled = {n: scores(truth, oof[n]) for n in members_cfg}
+    ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
+    collapsed = {n: collapsed_folds(truth, oof[n], plan) for n in members_cfg}
+    heads_metrics = {n: {**pooled[n], "folds": per_fold[n], "collapsed": collapsed[n]} for n in members_cfg}
+    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
+    if not writer:
+        return metrics
+    for n in members_cfg:
+        runs.write_oof(out / f"oof_{n}.csv", table["image_id"], oof[n])
+    runs.write_oof(out / "oof.csv", table["image_id"], oof[ranking[0]])
+    runs.write_metrics(out, metrics)
+    for n in ranking:
+        tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
+    if len(ranking) > 1:
+        tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
+    warn_collapsed(collapsed)
+    write_plots(out, data, cfg)
+    tqdm.write(f"\nrun folder: {out}")
+    return metrics
+
+
+def _with_fold(on_epoch: Callable[[list[dict]], None], fold_name: str) -> Callable[[list[dict]], None]:
+    return lambda rows: on_epoch([{"fold": fold_name, **r} for r in rows])
+
+
+def check_heads(source: TokenSource, table: pd.DataFrame, members_cfg: dict[str, TrainConfig]) -> None:
+    """Build every member's head once, so a head setting it refuses (head_kwargs) stops the run before anything
+    is written, naming the member. A closed-form head needs a source that can fit it; the gradient-training
+    settings it ignores are listed when they differ from the defaults."""
+    every = np.arange(len(table))
+    zscore, aux = fit_zscore(table, every), AuxSpec.fit(table, every)
+    for name, m in members_cfg.items():
+        try:
+            member = build_member(name, m, source.layers, source.signature, zscore, aux, 1, 0, torch.device("cpu"),
+                                  train_grams=table[list(TARGETS)].to_numpy(float))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"member {name!r}: head {m.head!r} with head_kwargs {m.head_kwargs} and layers "
+                            f"{m.layers or source.layers}: {e}") from None
+        if not member.closed_form:
+            continue
+        if source.fit_loader is None:
+            raise DataError(f"member {name!r}: head {m.head!r} is fitted in closed form on stored token views; this "
+                            "token source (a live backbone trained by gradients) cannot fit it: use another head")
+        ignored = [f"{k}={getattr(m, k)}" for k in GRADIENT_KEYS if getattr(m, k) != getattr(TrainConfig(), k)]
+        if ignored:
+            tqdm.write(f"note: member {name!r} (head {m.head}) is fitted in closed form and ignores the gradient-"
+                       f"training settings {', '.join(ignored)}")
+
+
+def inner_groups(table: pd.DataFrame) -> np.ndarray:
+    """Group code per table row for a closed-form head's inner CV: the (Sampling_Date, State) visit, like the
+    outer folds; the image itself where the table has no visit (folds from --folds-csv)."""
+    try:
+        return pd.factorize(visit_groups(table))[0]
+    except DataError:
+        return np.arange(len(table))
+
+
+def collapsed_folds(truth: np.ndarray, oof: np.ndarray, plan: list) -> list[dict]:
+    """[{"fold": "fold3", "targets": [...]}] for every fold whose OOF predictions are constant where the truth
+    varies (a dead model: `biomass submit` refuses such a member unless told otherwise)."""
+    found = [(name, collapsed_targets(truth[va], oof[va])) for name, _, _, va in plan if va is not None]
+    return [{"fold": name, "targets": targets} for name, targets in found if targets]
+
+
+def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
+    """The loud part of the run summary: which head's folds predict a constant."""
+    for head, folds in collapsed.items():
+        for c in folds:
+            typer.secho(f"\nWARNING: head {head} {c['fold']} predicts a CONSTANT for {', '.join(c['targets'])} "
+                        "(the model collapsed; recorded as `collapsed` in metrics.json). `biomass submit` refuses "
+                        "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).",
+                        fg="red", bold=True, err=True)
+
+
+def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
+    if cfg.plots:
+        from biomass_cache.train.plots import plot_run
+
+        tqdm.write("plots: " + ", ".join(str(p) for p in plot_run(out, data)))
+
+
+def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
+                 folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
+                 overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
+    """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
+    from biomass_cache.store.layout import open_store
+
+    store = open_store(cache)
+    table = read_training_table(Path(data) / "train.csv", check_images=False)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    source = cache_source(store, table, cfg, members_cfg, extract)
+    if store.random_weights:
+        tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
+    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite, on_epoch)

@@ -1,0 +1,276 @@
+"""Stage two's input: cached tokens of the selected layers joined with targets and metadata by image_id.
+
+View sampling is the augmentation: every epoch each training image shows one of its stored views, chosen by a
+deterministic function of (seed, epoch, row) so a run is reproducible with any number of DataLoader workers.
+Evaluation reads one fixed view (0 = clean; the TTA views at predict time).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from biomass_cache.common.data import DataError
+from biomass_cache.common.targets import TARGETS, to_density
+
+MAX_LISTED = 5
+PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
+LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index", "weight")
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """How the auxiliary labels are encoded: the State vocabulary and NDVI z-score (training split only)."""
+
+    states: tuple[str, ...]
+    ndvi_mean: float
+    ndvi_std: float
+
+    @classmethod
+    def fit(cls, table: pd.DataFrame, rows: Sequence[int]) -> "AuxSpec":
+        states = tuple(sorted(table["State"].dropna().astype(str).unique())) if "State" in table else ()
+        ndvi = table["Pre_GSHH_NDVI"].to_numpy(float)[list(rows)] if "Pre_GSHH_NDVI" in table else np.array([])
+        ndvi = ndvi[np.isfinite(ndvi)]
+        std = float(ndvi.std()) if len(ndvi) > 1 else 1.0
+        return cls(states, float(ndvi.mean()) if len(ndvi) else 0.0, std if std > 1e-8 else 1.0)
+
+    def to_dict(self) -> dict:
+        return {"states": list(self.states), "ndvi_mean": self.ndvi_mean, "ndvi_std": self.ndvi_std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AuxSpec":
+        return cls(tuple(d["states"]), float(d["ndvi_mean"]), float(d["ndvi_std"]))
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The training labels of some table rows, as the batch contract wants them (missing -> 0 with a False mask)."""
+
+    y: np.ndarray  # (N, 5) areal densities g/m^2
+    y_mask: np.ndarray
+    height: np.ndarray  # cm
+    height_mask: np.ndarray
+    ndvi_z: np.ndarray
+    ndvi_mask: np.ndarray
+    state: np.ndarray  # int64 code in AuxSpec.states, -1 = unknown
+    index: np.ndarray  # row index into the data table
+    weight: np.ndarray  # float32 weight of the sample in every loss (1; pseudo-labelled test images: less)
+
+    def item(self, k: int) -> dict[str, torch.Tensor]:
+        """Sample k's labels as tensors (the batch keys besides the tokens)."""
+        return {name: torch.as_tensor(getattr(self, name)[k]) for name in LABEL_KEYS}
+
+
+def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec, weight: float = 1.0) -> Labels:
+    """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows);
+    every sample's loss weight is `weight`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    sub, n = table.iloc[indices], len(indices)
+    y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
+    height = sub["Height_Ave_cm"].to_numpy(float) if "Height_Ave_cm" in sub else np.full(n, np.nan)
+    ndvi = sub["Pre_GSHH_NDVI"].to_numpy(float) if "Pre_GSHH_NDVI" in sub else np.full(n, np.nan)
+    code = {s: k for k, s in enumerate(aux.states)}
+    states = sub["State"].astype(str) if "State" in sub else pd.Series([""] * n)
+    return Labels(
+        y=np.nan_to_num(y).astype(np.float32), y_mask=np.isfinite(y),
+        height=np.nan_to_num(height).astype(np.float32), height_mask=np.isfinite(height),
+        ndvi_z=np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32), ndvi_mask=np.isfinite(ndvi),
+        state=np.array([code.get(s, -1) for s in states], dtype=np.int64), index=indices,
+        weight=np.full(n, weight, dtype=np.float32),
+    )
+
+
+def store_rows(store, image_ids: Sequence[str], views: Sequence[int]) -> np.ndarray:
+    """Store index of every image id; an id that is absent, marked bad or not done in `views` is an error."""
+    position = {iid: k for k, iid in enumerate(store.image_ids)}
+    absent = [i for i in image_ids if i not in position]
+    if absent:
+        raise DataError(
+            f"{len(absent)} image(s) of the data table are not in the token store {store.path}: "
+            f"{absent[:MAX_LISTED]} (extract them first, or point --cache at the store built from this data)"
+        )
+    idx = np.array([position[i] for i in image_ids], dtype=np.int64)
+    done = store.done()[idx][:, list(views)].all(axis=1)
+    if not done.all():
+        missing = [image_ids[k] for k in np.flatnonzero(~done)]
+        bad = {i: store.bad_ids[i] for i in missing if i in store.bad_ids}
+        raise DataError(
+            f"{len(missing)} image(s) are not completely extracted in {store.path} (views {list(views)}): "
+            f"{missing[:MAX_LISTED]}" + (f"; marked bad: {dict(list(bad.items())[:MAX_LISTED])}" if bad else "")
+            + " (resume the extraction, or remove these images from the table)"
+        )
+    return idx
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def view_for(seed: int, epoch: int, row: int, n_views: int) -> int:
+    """The view a training image shows in an epoch: independent of worker count and iteration order."""
+    return int(np.random.default_rng([seed, epoch, row]).integers(n_views))
+
+
+@dataclass
+class Preloaded:
+    """Tokens of some store rows held in RAM as stored (float16 stays float16), read once and shared by every
+    dataset of a run (all folds, training and validation, OOF predictions)."""
+
+    tokens: np.ndarray  # (rows, views, layers, T, C)
+    position: dict[int, int]  # store row -> index into `tokens`
+    views: list[int]
+    layers: list[int]
+
+    @staticmethod
+    def nbytes(store, n_rows: int, n_views: int, n_layers: int) -> int:
+        """Bytes the tokens of `n_rows` images take once preloaded."""
+        rows, cols = store.grid
+        itemsize = 2 if store.storage_dtype == "float16" else 4
+        return n_rows * n_views * n_layers * rows * cols * store.channels * itemsize
+
+    @classmethod
+    def wanted(cls, preload: bool | str, store, n_rows: int, n_views: int, n_layers: int) -> bool:
+        """True, False, or "auto": when the tokens fit in PRELOAD_RAM_FRACTION of the available RAM."""
+        if preload == "auto":
+            return cls.nbytes(store, n_rows, n_views, n_layers) < PRELOAD_RAM_FRACTION * available_ram()
+        if preload not in (True, False):
+            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
+        return preload
+
+    @classmethod
+    def load(cls, store, rows: Sequence[int], views: Sequence[int], layers: Sequence[int]) -> "Preloaded":
+        from tqdm.auto import tqdm
+
+        dtype = np.float16 if store.storage_dtype == "float16" else np.float32  # float16 stays exact
+        grid_rows, cols = store.grid
+        out = np.empty((len(rows), len(views), len(layers), grid_rows * cols, store.channels), dtype=dtype)
+        for k in tqdm(range(len(rows)), desc="preload tokens", leave=False, disable=len(rows) < 64):
+            for j, v in enumerate(views):
+                out[k, j] = store.read(int(rows[k]), v, layers)
+        return cls(out, {int(r): k for k, r in enumerate(rows)}, list(views), list(layers))
+
+    def sample(self, row: int, view: int, layer_pos: list[int] | None) -> np.ndarray:
+        x = self.tokens[self.position[row], self.views.index(view)]
+        return x if layer_pos is None else x[layer_pos]
+
+
+class TokenDataset(Dataset):
+    """Samples of `table` rows `indices`: tokens (L, T, C) float32 of `layers` plus targets and aux labels.
+
+    Targets are areal densities (g/m^2); missing ones are 0 with a False mask. `train=True` draws one stored
+    view per epoch (call `set_epoch`); otherwise `view` is read. Tokens come from `preloaded` (shared by a run),
+    else from RAM when `preload` (True, False or "auto") says so, else from the store at each read. `weight`:
+    every sample's weight in the losses (the batch key "weight").
+    """
+
+    def __init__(
+        self,
+        store,
+        table: pd.DataFrame,
+        indices: Sequence[int],
+        layers: Sequence[int],
+        train: bool,
+        seed: int,
+        preload: bool | str = False,
+        view: int = 0,
+        aux: AuxSpec | None = None,
+        preloaded: Preloaded | None = None,
+        weight: float = 1.0,
+    ):
+        self.store, self.train, self.seed, self.epoch = store, train, seed, 0
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.layers = [int(l) for l in layers]
+        unknown = [l for l in self.layers if l not in store.layers]
+        if unknown:
+            raise DataError(f"layers {unknown} are not in the token store {store.path} (it has {store.layers})")
+        if not train and not 0 <= view < store.n_views:
+            raise DataError(f"view {view} does not exist in {store.path} ({store.n_views} views)")
+        self.views = list(range(store.n_views)) if train else [view]
+        self.rows = store_rows(store, list(table["image_id"].iloc[self.indices]), self.views)
+        self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices), weight)
+        if preloaded is None and Preloaded.wanted(preload, store, len(self.rows), len(self.views), len(self.layers)):
+            preloaded = Preloaded.load(store, self.rows, self.views, self.layers)
+        self.preloaded = preloaded
+        self.layer_pos = None
+        if preloaded is not None and preloaded.layers != self.layers:
+            self.layer_pos = [preloaded.layers.index(l) for l in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes the selected tokens take in RAM once preloaded."""
+        return Preloaded.nbytes(self.store, len(self.rows), len(self.views), len(self.layers))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def view_of(self, k: int) -> int:
+        return view_for(self.seed, self.epoch, int(self.indices[k]), len(self.views)) if self.train else self.views[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        view = self.view_of(k)
+        if self.preloaded is not None:
+            x = self.preloaded.sample(int(self.rows[k]), view, self.layer_pos)
+            tokens = torch.from_numpy(np.ascontiguousarray(x)).float()  # torch's cast: far faster than numpy's
+        else:
+            tokens = torch.from_numpy(self.store.read(int(self.rows[k]), view, self.layers))
+        return {"tokens": tokens, **self.labels.item(k)}
+
+    def __getstate__(self) -> dict:
+        """Workers reopen the store by path instead of pickling an open Zarr group."""
+        state = dict(self.__dict__)
+        state["store"] = str(self.store.path)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from biomass_cache.store.layout import open_store
+
+        self.__dict__.update(state)
+        self.store = open_store(state["store"])
+
+
+class ConcatTokens(ConcatDataset):
+    """Several TokenDatasets as one training set (a run's images and pseudo-labelled images of another store):
+    `set_epoch` reaches every part; `preloaded` is None unless every part's tokens are in RAM."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.datasets:
+            ds.set_epoch(epoch)
+
+    @property
+    def preloaded(self) -> list[Preloaded] | None:
+        parts = [ds.preloaded for ds in self.datasets]
+        return None if any(p is None for p in parts) else parts
+
+
+def make_loader(ds: TokenDataset | ConcatTokens, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+    """Batches in a seeded order; workers stream from disk with prefetch (none needed once preloaded).
+
+    Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.
+    """
+    workers = 0 if ds.preloaded is not None else workers
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=workers,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
