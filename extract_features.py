@@ -4,8 +4,8 @@
 Several GPUs: torchrun --nproc-per-node N extract_features.py ...
 """
 
+from biomass_cache.cli import run
 from biomass_cache.cli.extract import extract_command
-from biomass_cache.common.runtime import run
 
 if __name__ == "__main__":
     run(extract_command)

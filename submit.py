@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Submission: ensemble trained heads on the test images, write a validated submission.csv (= `biomass submit`)."""
 
-from biomass_cache.common.runtime import run
-from biomass_cache.submit.submission import submit_command
+from biomass_cache.cli import run
+from biomass_cache.cli.submit import submit_command
 
 if __name__ == "__main__":
     run(submit_command)

@@ -8,8 +8,8 @@ See `python train_heads.py --lora --help` for its options.
 
 import sys
 
+from biomass_cache.cli import run
 from biomass_cache.cli.lora import lora_command
-from biomass_cache.common.runtime import run
 from biomass_cache.cli.train import train_command
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,15 +29,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.backbone.vit import create_backbone, forward_tokens, resolve_layers  # noqa: E402
-from biomass_cache.common.data import read_long_csv  # noqa: E402
-from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store.layout import STORAGE_DTYPES  # noqa: E402
-from biomass_cache.synth.generate import generate  # noqa: E402
-from biomass_cache.backbone.views import load_photo, make_view  # noqa: E402
+from biomass_cache.backbone.vit import create_backbone, forward_tokens, resolve_layers
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.common.io import write_json
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.layout import STORAGE_DTYPES
+from biomass_cache.synth.generate import generate
+from biomass_cache.backbone.views import load_photo, make_view
 
 BACKBONE = "vit_small_patch16_dinov3"
 PHOTO = (2000, 1000)

@@ -36,14 +36,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.extract.pipeline import default_layers, extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.common.io import write_json
+from biomass_cache.backbone.precision import autocast
+from biomass_cache.store.layout import open_store
+from biomass_cache.synth.generate import generate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from biomass_cache.backbone.vit import create_backbone, forward_tokens  # noqa: E402
-from biomass_cache.extract.pipeline import ExtractConfig, default_layers, extract  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.backbone.precision import autocast  # noqa: E402
-from biomass_cache.store.layout import open_store  # noqa: E402
-from biomass_cache.synth.generate import generate  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "gpu.json"
 VIEWS, BATCH = 4, 32
@@ -127,7 +128,7 @@ def stage_two(args: argparse.Namespace, images: int, epochs: int) -> dict:
     table = write_data(work / "data", images)
     build_s = build_store(work / "full.zarr", table, channels, layers)
     run = work / "run"
-    cmd = [sys.executable, "-m", "biomass_cache.cli", "train", "--cache", str(work / "full.zarr"), "--data",
+    cmd = [sys.executable, "-m", "biomass_cache", "train", "--cache", str(work / "full.zarr"), "--data",
            str(work / "data"), "--out", str(run), "--head", "density", "--folds", "5", "--epochs", str(epochs),
            "--device", str(args.device), "--no-plots", "--overwrite"]
     t = time.perf_counter()

@@ -10,7 +10,7 @@ and mlp heads on the full tokens beside the same heads on reduced copies of the 
 PCA channels and a pooled grid), `reduce_large` (896 x 448 views, a 28 x 56 grid: the density head on the full
 tokens beside the reduction `--pool auto` picks there, 2 x 2 to 14 x 28, as at 960 x 480), `quick` (a smoke run),
 `transfer` (whether defaults hold across data: one cell per (training size, generator style, seed), each with its
-own data, cache and grouped folds; in every cell the colour-statistics ridge (colour_baseline.py) and the selected
+own data, cache and grouped folds; in every cell the colour-statistics ridge (train/baseline.py) and the selected
 contenders, `--contenders`, on that cell's folds; `--quick` runs a reduced version), `techniques` (the full
 preset's training photos, cache and folds, with 40 test photos for the pseudo-labels: the density head beside the
 interval-classification auxiliary, the ridge head, their ensembles, a cache of 2 tiles per view and pseudo-labels;
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -43,21 +42,21 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.train import runs  # noqa: E402
-from biomass_cache.submit.aggregate import cross_fitted, fit_stack, stack_predict, weighted_mean  # noqa: E402
-from biomass_cache.train.crossval import run_training  # noqa: E402
-from biomass_cache.common.data import read_long_csv  # noqa: E402
-from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
-from biomass_cache.common.folds import grouped_folds, write_folds  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.metrics import competition_r2, per_target_r2  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store.layout import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth.generate import STYLES, colour_features, generate  # noqa: E402
-from biomass_cache.common.targets import TARGETS  # noqa: E402
-from biomass_cache.train.config import TrainConfig  # noqa: E402
-from colour_baseline import STAT_NAMES, colour_stats_of, ridge_inner_cv_oof  # noqa: E402
+from biomass_cache.train import runs
+from biomass_cache.submit.aggregate import cross_fitted, fit_stack, stack_predict, weighted_mean
+from biomass_cache.train.crossval import run_training
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.common.folds import grouped_folds, write_folds
+from biomass_cache.common.io import write_json
+from biomass_cache.common.metrics import competition_r2, per_target_r2
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.synth.generate import STYLES, generate
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.train.baseline import STAT_NAMES, colour_stats_of, ridge_inner_cv_oof
+from biomass_cache.train.config import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 BACKBONE, LAYERS, VIEWS, FOLDS = "vit_small_patch16_dinov3", [5, 8, 11], 4, 5
@@ -262,7 +261,7 @@ def scored(model: str, y: np.ndarray, oof: np.ndarray, **extra) -> dict:
 
 
 def baseline_rows(data: Path, f16: Path, table: pd.DataFrame, y: np.ndarray, folds: np.ndarray) -> list[dict]:
-    """The mean predictor, the colour-statistics ridge (colour_baseline.py) and ridge on pooled tokens, on `folds`."""
+    """The mean predictor, the colour-statistics ridge (train/baseline.py) and ridge on pooled tokens, on `folds`."""
     colour_oof, alphas = ridge_inner_cv_oof(colour_stats_of([data / p for p in table["image_path"]]), y, folds)
     return [scored("mean predictor", y, mean_oof(y, folds)),
             scored(COLOUR_RIDGE, y, colour_oof, alphas=alphas),
@@ -443,8 +442,8 @@ def main() -> None:
 
     rows = [
         scored("mean predictor", y, mean_oof(y, folds)),
-        scored("ridge on colour statistics (14 features)", y,
-               ridge_oof(np.stack([colour_features(data / p) for p in table["image_path"]]), y, folds)),
+        scored(f"ridge on colour statistics ({len(STAT_NAMES)} features)", y,
+               ridge_oof(colour_stats_of([data / p for p in table["image_path"]]), y, folds)),
         scored(f"ridge on mean-pooled view-0 tokens ({len(LAYERS)} layers)", y,
                ridge_oof(pooled_tokens(f16, list(table["image_id"])), y, folds)),
     ]

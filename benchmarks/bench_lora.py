@@ -10,7 +10,6 @@ Writes benchmarks/results/lora.json and prints a markdown table. `python benchma
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -19,16 +18,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.backbone.vit import create_backbone  # noqa: E402
-from biomass_cache.train.crossval import run_training  # noqa: E402
-from biomass_cache.common.data import read_long_csv  # noqa: E402
-from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.lora import LiveTokens, LoraSettings, build_prefix_cache, inject_lora, run_lora  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.synth.generate import generate  # noqa: E402
-from biomass_cache.train.config import TrainConfig  # noqa: E402
+from biomass_cache.backbone.vit import create_backbone
+from biomass_cache.train.crossval import run_training
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.common.io import write_json
+from biomass_cache.lora import LiveTokens, LoraSettings, build_prefix_cache, inject_lora, run_lora
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.synth.generate import generate
+from biomass_cache.train.config import TrainConfig
 
 N_IMAGES, SIZE, LAYERS, BLOCKS, EPOCHS = 16, (224, 112), [7, 9, 11], 4, 2
 OUT = Path(__file__).parent / "results"

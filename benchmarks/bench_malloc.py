@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.synth.generate import generate  # noqa: E402
+from biomass_cache.common.io import write_json
+from biomass_cache.synth.generate import generate
 
 BACKBONE, SIZE, LAYERS, BATCH = "vit_small_patch16_dinov3", (448, 224), [5, 8, 11], 8
 CHILD = """
@@ -66,7 +65,6 @@ print(json.dumps({{"tuned": tuned, "passes": out, "max_rss_mb": r1.ru_maxrss / 1
 
 def child(mode: str, what: str, views: int, passes: int, data: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", CHILD, mode, what, str(views), str(passes), str(data)], env=env,
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from biomass_cache.common.io import write_json
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.synth.blades import sample_labels
+from biomass_cache.common.targets import TARGETS, to_density
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store.layout import StoreSpec, create_store, open_store  # noqa: E402
-from biomass_cache.synth.blades import sample_labels  # noqa: E402
-from biomass_cache.common.targets import TARGETS, to_density  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "scale.json"
 SHAPES = {"vitl": ("ViT-L", 1024, [11, 17, 23]), "vit7b": ("ViT-7B", 4096, [23, 31, 39])}
@@ -206,7 +206,7 @@ def run_shape(key: str, n: int, work: Path, heads: list[str], quick: bool) -> di
     print(f"{name}: store {full_store.nbytes_on_disk() / 1e9:.1f} GB ({n} images) built in {build_s:.0f} s",
           flush=True)
     shutil.rmtree(reduced, ignore_errors=True)
-    red = child([sys.executable, "-m", "biomass_cache.cli", "reduce", "--cache", str(full), "--out", str(reduced)])
+    red = child([sys.executable, "-m", "biomass_cache", "reduce", "--cache", str(full), "--out", str(reduced)])
     red_store = open_store(reduced)
     n_train = round(n * (FOLDS - 1) / FOLDS)
     steps = -(-n_train // BATCH)
@@ -237,7 +237,7 @@ def run_shape(key: str, n: int, work: Path, heads: list[str], quick: bool) -> di
         run = work / key / f"run_{head}"
         shutil.rmtree(run, ignore_errors=True)
         epochs = ["--epochs", "2"] if quick else []
-        r = child([sys.executable, "-m", "biomass_cache.cli", "train", "--cache", str(reduced), "--data", str(data),
+        r = child([sys.executable, "-m", "biomass_cache", "train", "--cache", str(reduced), "--data", str(data),
                    "--head", head, "--folds", str(FOLDS), "--out", str(run), "--no-plots", *epochs])
         hist = pd.read_csv(run / "history.csv")
         metrics = json.loads((run / "metrics.json").read_text())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.backbone.vit import create_backbone, forward_tokens  # noqa: E402
-from biomass_cache.common.data import read_long_csv  # noqa: E402
-from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader  # noqa: E402
-from biomass_cache.extract.pipeline import ExtractConfig, extract  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store.layout import open_store  # noqa: E402
-from biomass_cache.synth.generate import generate  # noqa: E402
-from biomass_cache.train.loop import build_member, fit_zscore, train_fold  # noqa: E402
-from biomass_cache.train.config import TrainConfig  # noqa: E402
-from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view  # noqa: E402
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.common.io import write_json
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.layout import open_store
+from biomass_cache.synth.generate import generate
+from biomass_cache.train.loop import build_member, fit_zscore, train_fold
+from biomass_cache.train.config import TrainConfig
+from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 
 OUT = Path(__file__).parent / "results" / "speed.json"
 BACKBONE, SIZE, LAYERS, PHOTO = "vit_small_patch16_dinov3", (448, 224), [5, 8, 11], (1000, 500)

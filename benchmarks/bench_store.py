@@ -20,7 +20,6 @@ import gc
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,12 +30,11 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.storage import LocalStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.store import layout as st  # noqa: E402
-from biomass_cache.store import handle  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.store.codec import decode  # noqa: E402
+from biomass_cache.store import layout as st
+from biomass_cache.store import handle
+from biomass_cache.common.io import write_json
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.codec import decode
 
 LAYERS, GRID, C = [3, 6, 9], (60, 30), 384
 T = GRID[0] * GRID[1]

@@ -14,7 +14,6 @@ nor the second stage saw, so the tuned score carries no selection bias. Both rep
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import tomllib
@@ -23,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_heads import FOLDS, PRESETS, prepare  # noqa: E402
+from biomass_cache.train.crossval import run_training
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.folds import grouped_folds, write_folds
+from biomass_cache.common.io import write_json
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.train.config import resolve
+from biomass_cache.train.tune import Settings, toml_value, tune
 
-from biomass_cache.train.crossval import run_training  # noqa: E402
-from biomass_cache.common.data import read_long_csv  # noqa: E402
-from biomass_cache.common.folds import grouped_folds, write_folds  # noqa: E402
-from biomass_cache.common.io import write_json  # noqa: E402
-from biomass_cache.common.runtime import keep_freed_memory  # noqa: E402
-from biomass_cache.train.config import resolve  # noqa: E402
-from biomass_cache.train.tune import Settings, toml_value, tune  # noqa: E402
+# A sibling script, not a package module: run as `python benchmarks/bench_tune.py`, Python puts this script's own
+# folder first on sys.path, so bench_heads imports as a top-level module (the one mechanism; no sys.path edits).
+from bench_heads import FOLDS, PRESETS, prepare
 
 OUT = Path(__file__).parent / "results" / "tune.json"
 SPACE = """[space]

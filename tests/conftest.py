@@ -23,7 +23,8 @@ def pipeline(tmp_path_factory):
     """Synthetic data -> tiny random ViT train cache -> 3-fold density + mlp heads, with MC-dropout; returns
     (root, data folder, run folder)."""
     from biomass_cache.train.crossval import run_training
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
     from biomass_cache.synth.generate import generate
     from biomass_cache.train.config import resolve
 

@@ -8,14 +8,9 @@ import safetensors.torch
 import torch
 
 from biomass_cache.common.content import sha256_file
-from biomass_cache.common.data import DataError
-from biomass_cache.backbone.vit import (
-    WeightsError,
-    backbone_fingerprint,
-    create_backbone,
-    forward_tokens,
-    resolve_layers,
-)
+from biomass_cache.common.errors import DataError
+from biomass_cache.backbone.vit import backbone_fingerprint, create_backbone, forward_tokens, resolve_layers
+from biomass_cache.common.errors import WeightsError
 
 TINY = dict(depth=4, embed_dim=64, num_heads=2)
 PLAIN = "vit_small_patch16_dinov3"  # no q/v biases, GELU MLP

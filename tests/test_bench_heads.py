@@ -4,7 +4,6 @@ the synthetic training photos not depending on how many test photos are drawn (t
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from biomass_cache.synth.generate import generate
 from biomass_cache.common.targets import TARGETS, components_to_targets
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_heads imports colour_baseline as its script folder's module
+# benchmarks/ is a folder of scripts, not a package: load bench_heads by its path
 _spec = importlib.util.spec_from_file_location("bench_heads", ROOT / "benchmarks" / "bench_heads.py")
 bh = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bh)

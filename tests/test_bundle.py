@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 import biomass_cache.submit.bundle as bundle
+from biomass_cache.cli import app
 from biomass_cache.submit import bundle_run
 from biomass_cache.submit.spec import load_ensemble
 
@@ -70,6 +72,21 @@ def test_bundle_layout_checksums_and_estimate(pipeline, tmp_path, monkeypatch, c
         bundle.make_bundle(None, str(run / "fold0" / "mlp.json"), out)
 
 
+def test_a_bundle_error_is_one_line_through_the_command_and_a_traceback_under_debug(pipeline, tmp_path, monkeypatch):
+    _, _, run = pipeline
+    out = tmp_path / "taken"
+    out.mkdir()
+    monkeypatch.delenv("BIOMASS_DEBUG", raising=False)
+    args = ["bundle", "--members", str(run / "fold0" / "mlp.json"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {out} already exists; choose another --out or pass "
+                                                  "--overwrite"]
+    debug = CliRunner().invoke(app, ["--debug", *args])
+    assert isinstance(debug.exception, bundle.BundleError)  # --debug keeps the traceback, as for every command
+    assert list(out.iterdir()) == []
+
+
 def registry_reachable(tmp_path: Path) -> bool:
     pin = f"typer=={metadata.version('typer')}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path / "probe"), pin]
@@ -102,7 +119,7 @@ def test_run_submission_offline_in_a_stock_environment(pipeline, tmp_path):
     if not registry_reachable(tmp_path):
         pytest.skip("no package registry reachable: the bundle's wheels cannot be built")
     out = tmp_path / "bundle"
-    app = [sys.executable, "-m", "biomass_cache.cli"]
+    app = [sys.executable, "-m", "biomass_cache"]
     made = subprocess.run([*app, "bundle", "--ensemble", str(ensemble_file(run, tmp_path / "ens.toml")),
                            "--out", str(out)], capture_output=True, text=True, cwd=bundle.PROJECT)
     assert made.returncode == 0, made.stderr

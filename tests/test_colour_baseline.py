@@ -1,21 +1,14 @@
-"""benchmarks/colour_baseline.py: the colour statistics against a hand-computed two-pixel photo; the ridge's
+"""biomass_cache.train.baseline: the colour statistics against a hand-computed two-pixel photo; the ridge's
 inner CV on cases whose answer is known."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from biomass_cache.common.metrics import competition_r2
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("colour_baseline", ROOT / "benchmarks" / "colour_baseline.py")
-cb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cb)
+from biomass_cache.train import baseline as cb
 
 
 def test_colour_stats_of_a_red_and_a_green_pixel(tmp_path):

@@ -13,10 +13,11 @@ import typer
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
-from biomass_cache.common.config import ConfigError, read_config
-from biomass_cache.common.data import DataError
+from biomass_cache.common.config import read_config
+from biomass_cache.common.errors import ConfigError
+from biomass_cache.common.errors import DataError
 from biomass_cache.submit.spec import load_ensemble
-from biomass_cache.cli.extract import load_config_file
+from biomass_cache.extract.config import load_config_file
 from biomass_cache.cli.lora import lora_command
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.cli.options import TRAIN_OPTIONS, default_of, shown

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from biomass_cache.common.data import DataError, load_image, read_long_csv, to_long
+from biomass_cache.common.data import load_image, read_long_csv, to_long
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
 
 ALPHA = sorted(TARGETS)

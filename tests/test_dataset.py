@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader
 from biomass_cache.store.layout import open_store
 from biomass_cache.common.targets import TARGETS, to_density

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.distributed import Ranks, init_ranks, resolve_device, resolve_devices
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from biomass_cache.submit.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
-from biomass_cache.common.config import ConfigError
+from biomass_cache.common.errors import ConfigError
 from biomass_cache.submit.members import resolve_member
-from biomass_cache.submit.spec import EnsembleError, EnsembleSpec, Member, load_ensemble, spec_from_options
+from biomass_cache.submit.spec import EnsembleSpec, Member, load_ensemble, spec_from_options
+from biomass_cache.common.errors import EnsembleError
 from biomass_cache.common.targets import components_to_targets
 from toys import PIPELINE_VIT
 
@@ -142,7 +143,8 @@ def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
 @pytest.mark.slow
 def test_submit_and_predict_end_to_end(pipeline, tmp_path):
     from biomass_cache.submit.predict import predict_photos
-    from biomass_cache.submit.submission import score, submit
+    from biomass_cache.submit.submission import score
+    from biomass_cache.submit.ensemble import submit
 
     root, data, run = pipeline
     spec = spec_from_options(None, f"{run}", None)  # a sweep run folder needs `head`: refused
@@ -168,9 +170,10 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     from safetensors.torch import save_file
 
     from biomass_cache.backbone.vit import create_backbone
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
     from biomass_cache.store.layout import open_store
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.submit.ensemble import submit
     from biomass_cache.train.crossval import run_training
     from biomass_cache.train.config import resolve
 
@@ -194,7 +197,7 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 
 def test_mc_dropout_refuses_a_head_without_dropout():
     import biomass_cache.heads as heads
-    from biomass_cache.common.data import DataError
+    from biomass_cache.common.errors import DataError
     from biomass_cache.train.inference import enable_mc_dropout
     from biomass_cache.common.targets import ZScore
 
@@ -243,8 +246,8 @@ def test_predict_other_photos_under_the_same_names_is_not_answered_from_the_cach
 def test_submit_with_a_changed_photo_and_a_reused_work_dir(pipeline, tmp_path):
     import shutil
 
-    from biomass_cache.common.data import DataError
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.common.errors import DataError
+    from biomass_cache.submit.ensemble import submit
 
     _, data, run = pipeline
     copy = tmp_path / "data"
@@ -292,7 +295,7 @@ def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     import shutil
 
     from biomass_cache.train.crossval import run_training
-    from biomass_cache.common.data import DataError
+    from biomass_cache.common.errors import DataError
     from biomass_cache.train.config import resolve
 
     root, data, run = pipeline
@@ -315,7 +318,7 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
     from typer.testing import CliRunner
 
     from biomass_cache.cli.errors import script_app
-    from biomass_cache.submit.submission import submit_command
+    from biomass_cache.cli.submit import submit_command
 
     root, data, run = pipeline
     assert all(h["collapsed"] == [] for h in json.loads((run / "metrics.json").read_text())["heads"].values())
@@ -345,7 +348,8 @@ def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
     """Members trained on caches of two different tiny backbones (widths 64 and 32): each gets its own test cache."""
     import biomass_cache.submit.ensemble as ens
     from biomass_cache.train.crossval import run_training
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
     from biomass_cache.train.config import resolve
 
     root, data, run = pipeline
@@ -408,7 +412,7 @@ def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     import biomass_cache.submit.ensemble as ens
     from biomass_cache.train.crossval import run_training
     from biomass_cache.submit.predict import predict_photos
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.submit.ensemble import submit
     from biomass_cache.train.config import resolve
 
     root, data, run = pipeline

@@ -14,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
 from biomass_cache.common.folds import grouped_folds
 from toys import huge_jpeg, make_toy
@@ -133,7 +134,7 @@ def test_debug_shows_the_traceback(toy, tmp_path):
 
 
 def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
-    import biomass_cache.synth.generate as synth
+    import biomass_cache.cli.synth as synth
 
     def broken(*a, **k):
         raise KeyError("an internal key")
@@ -146,7 +147,7 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only file system"),
                                             (errno.EACCES, "permission denied")])
 def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
-    import biomass_cache.synth.generate as synth
+    import biomass_cache.cli.synth as synth
 
     target = tmp_path / "d" / "train.csv"
 
@@ -202,7 +203,8 @@ def test_bad_lora_options(toy, tmp_path):
 def run(tmp_path_factory):
     """Synthetic photos -> tiny random-ViT cache -> 2-fold density head without dropout (a few seconds)."""
     from biomass_cache.train.crossval import run_training
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
     from biomass_cache.synth.generate import generate
     from biomass_cache.train.config import resolve
 

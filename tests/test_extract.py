@@ -19,12 +19,13 @@ from typer.testing import CliRunner
 
 import biomass_cache
 from biomass_cache.backbone.vit import create_backbone, forward_tokens
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
 from biomass_cache.extract.pipeline import default_layers, extract
 from biomass_cache.cli.extract import extract_command
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.handle import StoreError, TokenStore
+from biomass_cache.store.handle import TokenStore
+from biomass_cache.common.errors import StoreError
 from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import ROOT, assert_same_arrays, cfg_json, config, write_data

@@ -12,11 +12,12 @@ import timm
 
 import biomass_cache
 from biomass_cache.backbone.vit import create_backbone
-from biomass_cache.store.fingerprint import (PRECISION_KEYS, Fingerprint, FingerprintError, diff, inherited_settings,
-                                       of_extraction, of_lora, of_prefix_cache, reduced, relaxed_diff, root)
+from biomass_cache.store.fingerprint import (PRECISION_KEYS, Fingerprint, diff, inherited_settings, of_extraction,
+                                             of_lora, of_prefix_cache, reduced, relaxed_diff, root)
+from biomass_cache.common.errors import FingerprintError
 from biomass_cache.lora import LoraSettings, lora_fingerprint
 from biomass_cache.store.layout import create_store, open_store
-from biomass_cache.store.handle import StoreError
+from biomass_cache.common.errors import StoreError
 from biomass_cache.backbone.views import ViewPolicy
 from toys import EXTRACT_TINY as TINY
 from toys import config

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
 
 

@@ -114,7 +114,7 @@ def test_the_command_list_imports_no_command():
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "assert all(name in r.output for name in COMMANDS); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'sklearn', 'zarr', 'peft') "
-            "or m in {'biomass_cache.' + module for module, _, _ in COMMANDS.values()}))")
+            "or m in {'biomass_cache.cli.' + module for module, _, _ in COMMANDS.values()}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -130,4 +130,46 @@ def test_every_listed_command_resolves_to_its_function():
     for name, (module, function, text) in COMMANDS.items():
         command = group.get_command(ctx, name)
         assert command.name == name and command.help == text
-        assert command.callback.__module__ == f"biomass_cache.{module}" and command.callback.__name__ == function
+        assert command.callback.__module__ == f"biomass_cache.cli.{module}" and command.callback.__name__ == function
+
+
+# The stages, bottom to top: a folder imports only itself and the folders before it (and the package root, for
+# __version__); `python -m biomass_cache` (__main__) is the command line too.
+LAYERS = ("common", "synth", "backbone", "heads", "store", "extract", "train", "lora", "submit", "cli")
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1  # the package root: the version only
+    return len(LAYERS) - 1 if parts[1] == "__main__" else LAYERS.index(parts[1])
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_layer_rule_on_hand_made_graphs():
+    assert layer_violations({"biomass_cache.store.x": {"biomass_cache.common.y", "biomass_cache.backbone.z"}}) == []
+    assert layer_violations({"biomass_cache.train.x": {"biomass_cache.submit.y"}}) == [
+        "biomass_cache.train.x -> biomass_cache.submit.y"]
+    assert layer_violations({"biomass_cache": {"biomass_cache.common.y"}}) == ["biomass_cache -> biomass_cache.common.y"]
+
+
+def test_every_module_sits_in_a_stage_folder_and_imports_only_the_stages_below():
+    graph = import_graph()
+    loose = [m for m in graph if m.count(".") == 1 and m.split(".")[1] not in (*LAYERS, "__main__")]
+    assert not loose, f"modules outside the stage folders: {loose}"
+    assert not layer_violations(graph)
+
+
+def test_only_the_command_line_imports_typer_or_click():
+    found = []
+    for name, path in module_files().items():
+        if name.split(".")[1:2] == ["cli"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{name}: {n}" for n in names if n.split(".")[0] in ("typer", "click")]
+    assert not found

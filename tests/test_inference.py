@@ -9,7 +9,8 @@ import torch
 
 import biomass_cache.heads as heads
 from biomass_cache.train import inference, runs
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.train.dataset import AuxSpec
 from biomass_cache.store.layout import open_store
 from biomass_cache.common.targets import components_to_targets, to_grams

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from biomass_cache.backbone.vit import create_backbone, forward_tokens
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.train.dataset import AuxSpec
 from biomass_cache.lora.data import LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
@@ -179,8 +180,9 @@ def test_reload_refuses_another_base(run, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_is_an_ensemble_member(run, data, tmp_path):
-    from biomass_cache.submit.spec import EnsembleError, spec_from_options
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.submit.spec import spec_from_options
+    from biomass_cache.common.errors import EnsembleError
+    from biomass_cache.submit.ensemble import submit
 
     with pytest.raises(DataError, match="a LoRA checkpoint.*lora.load_checkpoint"):
         load_head(run / "fold0" / "density.json")

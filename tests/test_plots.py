@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from biomass_cache.train.crossval import run_training
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.train.plots import plot_run
 from biomass_cache.store.layout import open_store
 from biomass_cache.train.config import resolve

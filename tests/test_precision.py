@@ -3,6 +3,8 @@ overflow stopping with nothing marked done, and `--devices cpu,cpu` writing the 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ from biomass_cache.backbone.vit import create_backbone, forward_tokens, place_ba
 from biomass_cache.submit.members import _extract_settings
 from biomass_cache.extract.pipeline import extract
 from biomass_cache.cli.extract import extract_command
-from biomass_cache.backbone.precision import (COMPUTE, NonFiniteError, check_finite, precision_of_compute,
-                                     resolve_precision)
+from biomass_cache.backbone.precision import COMPUTE, check_finite, precision_of_compute, resolve_precision
+from biomass_cache.common.errors import NonFiniteError
 from biomass_cache.store.layout import open_store
 from toys import assert_same_arrays, config, write_data
 
@@ -62,6 +64,7 @@ def test_fp16_on_cpu_is_in_the_fingerprint_and_close_to_fp32(tmp_path):
 
 @pytest.mark.slow
 def test_forced_fp16_overflow_is_a_clear_error_with_nothing_done(tmp_path, monkeypatch):
+    """Through the command: one `error:` line naming the image, the block and what to do; exit status 2."""
     write_data(tmp_path / "data", 3)
     real = extract_module.create_backbone
 
@@ -72,13 +75,20 @@ def test_forced_fp16_overflow_is_a_clear_error_with_nothing_done(tmp_path, monke
         return bb
 
     monkeypatch.setattr(extract_module, "create_backbone", huge)
-    cfg = config(tmp_path, precision="fp16", device="cpu", norm=False, batch_size=3)
-    with pytest.raises(NonFiniteError, match=r"image 'ID1000' at cached block 0 .*fp16 overflowed.*bf16.*fp32"):
-        extract(cfg, progress=False)
-    assert not open_store(cfg.out).done().any()
-    out = extract(config(tmp_path, out=tmp_path / "fp32.zarr", precision="fp32", norm=False, dtype="bfloat16"),
-                  progress=False)
-    assert out["samples_done"] == 9  # the same weights are finite in fp32
+    monkeypatch.delenv("BIOMASS_DEBUG", raising=False)
+    out = tmp_path / "fp16.zarr"
+    result = cli(tmp_path, "--out", str(out), "--precision", "fp16", "--device", "cpu", "--no-norm")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"image 'ID1000' at cached block 0 .*fp16 overflowed.*bf16.*fp32",
+                                          errors[0]), result.stderr
+    assert not open_store(out).done().any()
+    with pytest.raises(NonFiniteError):  # the library raises the error type the command reports
+        extract(config(tmp_path, out=tmp_path / "lib.zarr", precision="fp16", device="cpu", norm=False),
+                progress=False)
+    done = extract(config(tmp_path, out=tmp_path / "fp32.zarr", precision="fp32", norm=False, dtype="bfloat16"),
+                   progress=False)
+    assert done["samples_done"] == 9  # the same weights are finite in fp32
 
 
 def test_check_finite_names_the_image_of_the_bad_row():

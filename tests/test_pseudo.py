@@ -20,7 +20,8 @@ N_TRAIN, N_TEST = 24, 6
 def members(tmp_path_factory):
     """Synthetic data -> tiny random ViT train cache -> two 2-fold runs (density, mlp) sharing their folds."""
     from biomass_cache.train.crossval import run_training
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
     from biomass_cache.synth.generate import generate
     from biomass_cache.train.config import resolve
 
@@ -127,7 +128,7 @@ def test_training_batches_hold_the_fold_rows_and_every_test_image_at_its_weight(
 @pytest.mark.slow
 def test_pseudo_end_to_end_gives_an_honest_run_and_a_submit_member(members, tmp_path):
     from biomass_cache.submit.spec import spec_from_options
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.submit.ensemble import submit
 
     root, data, runs = members
     out, work = tmp_path / "pseudo", tmp_path / "work"

@@ -18,12 +18,15 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from biomass_cache.common.data import DataError, load_image
+from biomass_cache.common.data import load_image
+from biomass_cache.common.errors import DataError
 from biomass_cache.extract.pipeline import extract
 from biomass_cache.store.layout import create_store, open_store
-from biomass_cache.store.handle import StoreError
-from biomass_cache.store.verify import verify, verify_command
-from biomass_cache.store.lock import StoreLockedError, WriterLock
+from biomass_cache.common.errors import StoreError
+from biomass_cache.store.verify import verify
+from biomass_cache.cli.verify import verify_command
+from biomass_cache.store.lock import WriterLock
+from biomass_cache.common.errors import StoreLockedError
 from toys import ROOT, assert_same_arrays, cfg_json, chunk_offset, config, huge_jpeg, write_data
 from toys import store_spec as spec
 from toys import store_tokens as tokens

@@ -17,9 +17,10 @@ from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
 from biomass_cache.train import runs
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
-from biomass_cache.store.reduce import Reduction, fit_reduction, pool_tokens, reduce_command, reduce_store, reduction_of
+from biomass_cache.store.reduce import Reduction, fit_reduction, pool_tokens, reduce_store, reduction_of
+from biomass_cache.cli.reduce import reduce_command
 from biomass_cache.store.layout import StoreSpec, create_store, open_store
 from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
 
@@ -182,8 +183,9 @@ def test_submit_from_a_run_on_a_reduced_store(tmp_path):
     reduced with the run's projection, and a second submission reuses both."""
     from biomass_cache.train.crossval import run_training
     from biomass_cache.submit.spec import spec_from_options
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
-    from biomass_cache.submit.submission import submit
+    from biomass_cache.extract.pipeline import extract
+    from biomass_cache.extract.config import ExtractConfig
+    from biomass_cache.submit.ensemble import submit
     from biomass_cache.synth.generate import generate
     from biomass_cache.train.config import resolve
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import biomass_cache.heads as heads
 from biomass_cache.train import runs
 from biomass_cache.cli.train import train_command
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.heads.ridge import kernel_ridge_cv, pool_tokens, ridge_fit
 from biomass_cache.train.inference import components_to_grams, predict_store
 from biomass_cache.common.metrics import competition_r2

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from biomass_cache.submit.aggregate import cross_fitted, fit_stack, fit_weights, stack_predict, weighted_mean
-from biomass_cache.common.config import ConfigError
+from biomass_cache.common.errors import ConfigError
 from biomass_cache.submit.spec import load_ensemble
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.targets import components_to_targets
@@ -131,7 +131,8 @@ def test_submit_stack_and_oof_report_a_cross_fitted_score(pipeline, tmp_path):
     from biomass_cache.common.data import read_long_csv
     from biomass_cache.cli.errors import script_app
     from biomass_cache.common.metrics import competition_r2
-    from biomass_cache.submit.submission import long_to_wide, read_long_file, submit_command
+    from biomass_cache.submit.submission import long_to_wide, read_long_file
+    from biomass_cache.cli.submit import submit_command
     from biomass_cache.common.targets import COMPONENTS, TARGETS
 
     root, data, run = pipeline
@@ -178,7 +179,7 @@ def test_fitted_aggregations_refuse_members_cross_validated_on_different_folds(p
     from typer.testing import CliRunner
 
     from biomass_cache.cli.errors import script_app
-    from biomass_cache.submit.submission import submit_command
+    from biomass_cache.cli.submit import submit_command
 
     root, data, run = pipeline
     other = tmp_path / "run"

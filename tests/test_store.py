@@ -21,8 +21,9 @@ from biomass_cache.store import layout as st
 from biomass_cache.store import handle
 from biomass_cache.store.shards import ShardGeometry
 from biomass_cache.store.layout import StoreSpec, create_store, open_store
-from biomass_cache.store.handle import StoreError
-from biomass_cache.store.verify import verify, verify_command
+from biomass_cache.common.errors import StoreError
+from biomass_cache.store.verify import verify
+from biomass_cache.cli.verify import verify_command
 from toys import STORE_C as C
 from toys import STORE_FP as FP
 from toys import STORE_LAYERS as LAYERS

@@ -2,13 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biomass_cache.submit.submission import (
-    SubmissionError,
-    expected_sample_ids,
-    score,
-    validate_submission,
-    write_submission,
-)
+from biomass_cache.submit.submission import expected_sample_ids, score, validate_submission, write_submission
+from biomass_cache.common.errors import SubmissionError
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.targets import TARGETS, components_to_targets
 

@@ -13,10 +13,12 @@ from sklearn.model_selection import KFold, cross_val_predict
 from typer.testing import CliRunner
 
 from biomass_cache.common.data import read_long_csv
-from biomass_cache.synth.generate import colour_features, generate, parse_photo_size, synth_command
+from biomass_cache.synth.generate import generate
+from biomass_cache.cli.synth import parse_photo_size, synth_command
 from biomass_cache.synth.blades import sample_labels
 from biomass_cache.synth.canopy import sample_labels_canopy
 from biomass_cache.common.targets import TARGETS
+from biomass_cache.train.baseline import colour_stats_of
 
 TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm",
                  "target_name", "target"]
@@ -188,11 +190,11 @@ def test_groups_scale_with_n():
     ("canopy", {"Dry_Total_g": 0.3, "GDM_g": 0.3, "Dry_Clover_g": 0.3, "Dry_Green_g": 0.3}),
 ])
 def test_pictures_carry_the_labels(tmp_path, style, floors):
-    """Ridge on simple colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
+    """Ridge on the baseline's colour statistics predicts out-of-fold biomass: the painter draws what is labelled."""
     out = tmp_path / "signal"
     generate(out, n_train=150, n_test=1, seed=0, size=(200, 100), progress=False, style=style)
     table = read_long_csv(out / "train.csv")
-    x = np.stack([colour_features(out / p) for p in table["image_path"]])
+    x = colour_stats_of([out / p for p in table["image_path"]])
     for name, floor in floors.items():
         y = table[name].to_numpy()
         ridge = RidgeCV(alphas=np.logspace(-3, 3, 13))

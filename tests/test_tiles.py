@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 
 from biomass_cache.backbone.vit import create_backbone, forward_tokens, split_tiles, stitch_tiles
 from biomass_cache.cli import app
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.submit.members import _extract_settings
 from biomass_cache.submit.spec import EnsembleSpec, Member
-from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.store.fingerprint import of_extraction
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.handle import StoreError
+from biomass_cache.common.errors import StoreError
 from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 from toys import EXTRACT_TINY as TINY
 from toys import config, write_data

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from biomass_cache.train import runs
 from biomass_cache.train import loop as train_module
 from biomass_cache.cli.train import train_command
-from biomass_cache.common.data import DataError, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import visit_groups
 from biomass_cache.train.inference import predict_store
 from biomass_cache.common.metrics import competition_r2, log_r2

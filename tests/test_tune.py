@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 optuna = pytest.importorskip("optuna")
 
 from biomass_cache.cli.train import train_command  # noqa: E402
-from biomass_cache.common.data import DataError  # noqa: E402
-from biomass_cache.train.tune import open_storage, tune_command, worker_id  # noqa: E402
+from biomass_cache.common.errors import DataError  # noqa: E402
+from biomass_cache.train.tune import open_storage, worker_id
+from biomass_cache.cli.tune import tune_command  # noqa: E402
 from biomass_cache.train.tune_space import parse_space  # noqa: E402
 from toys import ROOT, make_toy  # noqa: E402
 
@@ -236,7 +237,7 @@ def test_a_killed_trial_is_failed_on_restart_and_keep_top(toy, tmp_path):
 def test_two_processes_share_one_study(toy, tmp_path, kind):
     root, data, store = toy
     url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'shared.log'}"
-    cmd = [sys.executable, "-m", "biomass_cache.cli", "tune", "--cache", str(store), "--data", str(data), "--space",
+    cmd = [sys.executable, "-m", "biomass_cache", "tune", "--cache", str(store), "--data", str(data), "--space",
            str(root / "space.toml"), "--trials", "5", "--out", str(tmp_path / "study"), "--storage", url, "--study",
            "shared", "--top-k", "1", "--seeds", "1", "--pruner", "none"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

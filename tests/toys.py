@@ -12,7 +12,7 @@ import pandas as pd
 import zarr
 from PIL import Image
 
-from biomass_cache.extract.pipeline import ExtractConfig
+from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.store.layout import StoreSpec, create_store
 from biomass_cache.common.targets import TARGETS, to_density
 

@@ -12,15 +12,11 @@ from typing import Sequence
 
 import torch
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError, NonFiniteError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 COMPUTE = {"bf16": "bfloat16-autocast", "fp16": "float16-autocast", "fp32": "float32"}  # fingerprint values
-
-
-class NonFiniteError(ValueError):
-    """The backbone produced inf or NaN tokens (fp16 overflow, or broken weights)."""
 
 
 def check_precision(name: str) -> str:

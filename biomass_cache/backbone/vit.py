@@ -20,7 +20,7 @@ from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 
 from biomass_cache.common.content import sha256_file
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError, WeightsError
 
 BACKBONES = (
     "vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
@@ -33,10 +33,6 @@ BACKBONES = (
 RANDOM = "random"
 # Model kwargs that would change how weights are obtained: set only by this module.
 _RESERVED_OVERRIDES = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
-
-
-class WeightsError(DataError):
-    """A weights file that cannot be read or does not fit the chosen backbone."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from difflib import get_close_matches
+from typing import Callable
 
 import click
 import typer
@@ -14,25 +15,25 @@ import typer
 from biomass_cache.cli.errors import DEBUG_KEY, BiomassGroup, UsageError, script_app
 from biomass_cache.common.runtime import keep_freed_memory
 
-# name -> (module, function, one-line help). A command's module (and torch, timm, sklearn behind it) is imported
-# only when that command runs or shows its help, so `biomass --help` answers at once.
+# name -> (module of biomass_cache.cli, function, one-line help). A command's module (and torch, timm, sklearn behind
+# it) is imported only when that command runs or shows its help, so `biomass --help` answers at once.
 COMMANDS = {
-    "demo": ("cli.demo", "demo_command", "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
-    "synth": ("synth.generate", "synth_command", "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
-    "extract": ("cli.extract", "extract_command",
+    "demo": ("demo", "demo_command", "Run the whole pipeline end to end on synthetic data (random backbone), on the CPU."),
+    "synth": ("synth", "synth_command", "Write a synthetic Kaggle-format pasture dataset (the embedded demo data)."),
+    "extract": ("extract", "extract_command",
                 "Stage one: run the frozen backbone over every view, write tokens to a Zarr store."),
-    "verify": ("store.verify", "verify_command", "Read back a token store; report corrupt chunks and samples not extracted."),
-    "reduce": ("store.reduce", "reduce_command", "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
-    "train": ("cli.train", "train_command", "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
-    "tune": ("train.tune", "tune_command", "Search training settings with Optuna on a token cache; write the winner as best.toml."),
-    "lora": ("cli.lora", "lora_command", "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
-    "submit": ("submit.submission", "submit_command",
+    "verify": ("verify", "verify_command", "Read back a token store; report corrupt chunks and samples not extracted."),
+    "reduce": ("reduce", "reduce_command", "Derive a smaller token store: per-layer PCA channels and a pooled patch grid."),
+    "train": ("train", "train_command", "Stage two: train readout heads on cached tokens with grouped k-fold CV."),
+    "tune": ("tune", "tune_command", "Search training settings with Optuna on a token cache; write the winner as best.toml."),
+    "lora": ("lora", "lora_command", "Train LoRA adapters + a head with the backbone run live (train_heads.py --lora)."),
+    "submit": ("submit", "submit_command",
                "Ensemble trained heads on the test images and write a validated submission.csv."),
-    "pseudo": ("submit.pseudo", "pseudo_command",
+    "pseudo": ("pseudo", "pseudo_command",
                "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
-    "score": ("submit.submission", "score_command", "Score a submission against labels (competition_r2 and log_r2)."),
-    "predict": ("submit.predict", "predict_command", "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
-    "bundle": ("submit.bundle", "bundle_command", "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
+    "score": ("score", "score_command", "Score a submission against labels (competition_r2 and log_r2)."),
+    "predict": ("predict", "predict_command", "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
+    "bundle": ("bundle", "bundle_command", "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
 }
 
 
@@ -46,7 +47,7 @@ class LazyGroup(BiomassGroup):
         if name not in COMMANDS:
             return None
         module, function, text = COMMANDS[name]
-        command = getattr(importlib.import_module(f"biomass_cache.{module}"), function)
+        command = getattr(importlib.import_module(f"biomass_cache.cli.{module}"), function)
         return typer.main.get_command(script_app(command, name, text))
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
@@ -87,5 +88,8 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+def run(command: Callable[..., None]) -> None:
+    """Run one command function as a script (extract_features.py, train_heads.py, submit.py): the same process
+    set-up and one-line user errors as `biomass`."""
+    keep_freed_memory()
+    script_app(command)()

@@ -13,6 +13,21 @@ from pathlib import Path
 
 import typer
 
+from biomass_cache.cli.score import print_scores
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.metrics import competition_r2
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.reduce import fit_reduction, reduce_store
+from biomass_cache.submit.ensemble import submit
+from biomass_cache.submit.spec import EnsembleSpec, Member
+from biomass_cache.submit.submission import long_to_wide, read_long_file, score
+from biomass_cache.synth.generate import generate
+from biomass_cache.train.config import resolve
+from biomass_cache.train.crossval import run_training
+
 RANDOM_NOTE = """\
 NOTE: the backbone here is RANDOMLY INITIALISED (no weights are downloaded), so the scores only show that the
 pipeline works. With real DINOv3 weights and the real competition data the same steps are:
@@ -51,12 +66,6 @@ HEADS = ("density", "mlp")
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoSize | None = None) -> dict:
     """Run every stage into `out`; returns the scores and where every artefact is (`sizes` for tests)."""
-    from biomass_cache.train.crossval import run_training
-    from biomass_cache.submit.spec import EnsembleSpec, Member
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
-    from biomass_cache.submit.submission import print_scores, score, submit
-    from biomass_cache.synth.generate import generate
-    from biomass_cache.train.config import resolve
 
     sz = sizes or (QUICK if quick else FULL)
     out = Path(out)
@@ -81,9 +90,6 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
     step("train cache", t)
 
     if sz.reduce is not None:
-        from biomass_cache.store.reduce import fit_reduction, reduce_store
-        from biomass_cache.store.layout import open_store
-
         t = time.time()
         full, reduced = open_store(cache), out / "cache" / "train_reduced.zarr"
         reduce_store(full, fit_reduction(full, *sz.reduce, progress=progress), reduced, overwrite=True,
@@ -131,10 +137,6 @@ def mean_baseline(data: Path) -> float:
     """competition_r2 of predicting every test image as the training mean: the floor a model must clear."""
     import numpy as np
 
-    from biomass_cache.common.data import read_long_csv
-    from biomass_cache.common.metrics import competition_r2
-    from biomass_cache.submit.submission import long_to_wide, read_long_file
-    from biomass_cache.common.targets import TARGETS
 
     labels = data / "test_labels.csv"
     truth = long_to_wide(read_long_file(labels), str(labels))[list(TARGETS)].to_numpy(float)

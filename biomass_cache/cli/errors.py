@@ -1,6 +1,6 @@
 """How every command reports a mistake: one `error: ...` line on stderr and exit status 2, never a traceback.
 
-User errors are `DataError` (and its subclasses: StoreError, EnsembleError, SubmissionError, WeightsError), click's
+User errors are `DataError` and its subclasses (common/errors.py: every error type a user can cause), click's
 usage errors (a bad option value, an unknown option) and the OSErrors a user's environment causes about a named
 path (disk full, read-only, no permission, no such file). Anything else is a bug and keeps its traceback; so do
 user errors under `biomass --debug` or with BIOMASS_DEBUG=1 in the environment (the scripts have no --debug).
@@ -22,7 +22,7 @@ try:  # recent typer versions carry its own copy of click, whose exceptions its 
 except ImportError:
     from click import ClickException, UsageError
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 
 EXIT_USER_ERROR = 2
 DEBUG_KEY = "biomass.debug"  # click context meta: set by `biomass --debug`

@@ -1,4 +1,5 @@
-"""`biomass extract` (extract_features.py): the command line of stage one, over `extract.ExtractConfig`.
+"""`biomass extract` (extract_features.py; several GPUs: `torchrun --nproc-per-node N -m biomass_cache extract ...`):
+the command line of stage one, over `extract.config.ExtractConfig`.
 
 Settings come from `--config` (a JSON file, or a TOML file's [extract] table) with flags over them.
 """
@@ -6,37 +7,15 @@ Settings come from `--config` (a JSON file, or a TOML file's [extract] table) wi
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from biomass_cache.common.config import Config, check_table, read_config
-from biomass_cache.common.data import DataError
-from biomass_cache.extract.pipeline import EXTRACT_RULES, ExtractConfig, extract
-from biomass_cache.cli.options import default_of, shown
 from biomass_cache.backbone.views import TTA_VIEWS
-
-
-def load_config_file(path: Path | Config) -> dict[str, Any]:
-    """Extraction keys from a JSON or TOML file (a TOML file's [extract] table when it has one), unknown keys
-    refused naming the file."""
-    conf = read_config(path, suffixes=(".toml", ".json"))
-    if "extract" in conf.doc:
-        values, label = conf.section("extract"), "[extract]"
-    else:
-        values, label = dict(conf.doc), None
-    conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
-    check_table(conf, values, "extract", EXTRACT_RULES)
-    return values
-
-
-def parse_layers(text: str, option: str = "--layers") -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise DataError(f"{option} must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
+from biomass_cache.cli.options import default_of, shown
+from biomass_cache.extract.config import ExtractConfig, load_config_file, parse_layers
+from biomass_cache.extract.pipeline import extract
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`biomass lora` (train_heads.py --lora; `python -m biomass_cache.lora`, also under torchrun)."""
+"""`biomass lora` (train_heads.py --lora; under torchrun: `torchrun --nproc-per-node N -m biomass_cache lora ...`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Optional
 import torch.distributed as dist
 import typer
 
+from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
 from biomass_cache.common.config import read_config
-from biomass_cache.cli.extract import parse_layers
+from biomass_cache.extract.config import parse_layers
 from biomass_cache.lora.settings import LoraSettings, load_settings
 from biomass_cache.lora.train import run_lora
-from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
 from biomass_cache.train.config import TrainConfig, load_config, resolve
 
 

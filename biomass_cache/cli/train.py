@@ -1,6 +1,6 @@
-"""`biomass train` (train_heads.py): the command line of stage two, beside train_config.py (the settings), train.py
-(the loop) and cv.py (folds, token sources, run folder); its options shared with `biomass lora` are declared once in
-options.py."""
+"""`biomass train` (train_heads.py): the command line of stage two over train/ (config.py: the settings, loop.py: the
+loop, crossval.py: folds, token sources, run folder); its options shared with `biomass lora` are declared once in
+cli/options.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from biomass_cache.train.crossval import run_training
 from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides
 from biomass_cache.train.config import TrainConfig, load_config, resolve
+from biomass_cache.train.crossval import run_training
 
 
 def train_command(

@@ -2,25 +2,24 @@
 
 `read_config` reads a file once and hands out its sections ([extract], [reduce], [train] with its
 [[train.sweep]] members, [lora]; an ensemble file is a document of its own); each step checks its own keys and
-values (extract.py, reduce.py, train_config.py, lora/settings.py, ensemble_spec.py, tune_space.py) through `Config`, so
+values (extract/config.py, store/reduce.py, train/config.py, lora/settings.py, submit/spec.py, train/tune_space.py)
+through `Config`, so
 every mistake in a file is one `ConfigError` naming the file, the table and the key: one `error:` line on the
-command line (errors.py).
+command line (cli/errors.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tomllib
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from biomass_cache.common.data import DataError
+import tomllib
 
-
-class ConfigError(DataError):
-    """A config, ensemble or space file that cannot be used as written: the message names the file and key."""
+from biomass_cache.common.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -84,10 +83,11 @@ def read_config(path: str | Path | Config | None, what: str = "config", option: 
     return Config(path, doc)
 
 
-# Value rules: key -> (is the value valid, what it must be); each step keeps its own (train_config.RULES,
+# Value rules: key -> (is the value valid, what it must be); each step keeps its own (train.config.RULES,
 # extract.EXTRACT_RULES, lora.settings.LORA_RULES) and checks a file's table and the final settings through these.
 def is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer from a file or from code (numpy's too); never a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def is_number(v: object) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
 
 REQUIRED = ("sample_id", "image_path", "target_name")
@@ -22,10 +23,6 @@ NUMERIC_METADATA = ("Pre_GSHH_NDVI", "Height_Ave_cm")
 SEP = "__"
 MAX_LISTED = 5  # how many offending rows an error message names
 MAX_DECODED_PIXELS = 64_000_000  # 192 MB of RGB: far above any quadrat photo, far below a decompression bomb
-
-
-class DataError(ValueError):
-    """A problem with the user's data, worded so they can find and fix it."""
 
 
 def _lines(rows: Sequence[int] | pd.Index) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 
 
 def resolve_device(name: str, local_rank: int | None = None, flag: str = "--device") -> torch.device:
@@ -104,3 +104,8 @@ def init_ranks(device: str) -> tuple[Ranks, torch.device]:
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
         ranks.owns_group = True
     return ranks, chosen
+
+
+def parse_devices(text: str | None) -> list[str] | None:
+    """`--devices cuda:0,cuda:1` as a list (None: one device)."""
+    return [d.strip() for d in text.split(",") if d.strip()] if text else None

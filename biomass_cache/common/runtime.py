@@ -1,4 +1,5 @@
-"""Process set-up shared by every entry point (the `biomass` CLI, the top-level scripts, `python -m`, torchrun).
+"""Process set-up shared by every entry point (the `biomass` CLI, the top-level scripts, `python -m biomass_cache`,
+torchrun).
 
 glibc's malloc hands freed blocks above a moving threshold back to the kernel (munmap, heap trimming), so the next
 batch faults the same memory in again, page by page. A ViT forward on the CPU frees and reallocates blocks of a few
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-from typing import Callable
 
 MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap and are reused, never munmapped
 TRIM_THRESHOLD = 256 << 20  # free memory at the heap top kept for the next batch
@@ -33,11 +33,3 @@ def keep_freed_memory() -> bool:
     mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     trim_set = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(mmap_set and trim_set)
-
-
-def run(command: Callable[..., None]) -> None:
-    """Run one typer command function as a script (user errors as one `error:` line, see errors.py)."""
-    from biomass_cache.cli.errors import script_app
-
-    keep_freed_memory()
-    script_app(command)()

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from biomass_cache.common.io import write_json
+
 TARGETS = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g", "GDM_g", "Dry_Total_g")
 WEIGHTS = (0.1, 0.1, 0.1, 0.2, 0.5)
 COMPONENTS = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g")
@@ -138,8 +140,6 @@ class ZScore:
         return cls(mean=mean, std=std, names=tuple(d["names"]))
 
     def save(self, path: str | Path) -> None:
-        from biomass_cache.common.io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod

@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from biomass_cache.store.handle import EncodedSample, TokenStore
 
 

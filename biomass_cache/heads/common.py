@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomass_cache.common.targets import COMPONENTS, TOTAL, ZScore, components_to_targets, height_stats, target_stats
 from biomass_cache.heads.intervals import IntervalHead, blend_components, normalise_interval
-from biomass_cache.common.targets import (COMPONENTS, TOTAL, ZScore, components_to_targets, height_stats,
-                                   target_stats)
 
 AUX_KEYS = ("height", "ndvi", "n_states")
 FAN_IN_REF = 256  # `fan_in_lr_scales`: a weight with this fan-in or less trains at the configured learning rate

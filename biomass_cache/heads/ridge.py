@@ -21,10 +21,10 @@ import torch
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import RobustScaler
 
-from biomass_cache.heads.registry import register_head
-from biomass_cache.heads.common import FusedHead
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.targets import components_to_targets, to_density, to_grams
+from biomass_cache.heads.common import FusedHead
+from biomass_cache.heads.registry import register_head
 
 POOLS = ("mean", "max", "min", "gem")
 GEM_P = 3.0

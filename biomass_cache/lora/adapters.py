@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from biomass_cache.backbone.vit import Backbone
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks, target_regex
 
 

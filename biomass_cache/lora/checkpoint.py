@@ -10,17 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from biomass_cache.train import runs
+from biomass_cache.backbone.precision import check_precision
 from biomass_cache.backbone.vit import Backbone, backbone_fingerprint, create_backbone, resolve_layers
 from biomass_cache.common.content import sha256_file
-from biomass_cache.common.data import DataError
-from biomass_cache.store.fingerprint import of_lora
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_json
+from biomass_cache.common.targets import ZScore
+from biomass_cache.heads import rebuild_head
 from biomass_cache.lora.adapters import adapter_state, inject_lora
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
-from biomass_cache.backbone.precision import check_precision
-from biomass_cache.common.targets import ZScore
+from biomass_cache.store.fingerprint import of_lora
+from biomass_cache.train import runs
 
 ADAPTER_PREFIX, HEAD_PREFIX = "backbone.", "head."
 
@@ -51,7 +52,6 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
     """(head, live tokens, meta) from a LoRA checkpoint; the base backbone is rebuilt from `weights` (default: the
     recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides). The
     backbone computes in `precision` (default: the one recorded at training, resolved on `device`)."""
-    from biomass_cache.heads import rebuild_head
 
     json_path = Path(json_path)
     meta = json.loads(json_path.read_text())

@@ -16,12 +16,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from biomass_cache.common.data import DataError
-from biomass_cache.train.dataset import AuxSpec, encode_labels, store_rows, view_for
-from biomass_cache.store.fingerprint import diff as fingerprint_diff, of_prefix_cache
+from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
+from biomass_cache.common.errors import DataError
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
-from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
+from biomass_cache.store.fingerprint import diff as fingerprint_diff
+from biomass_cache.store.fingerprint import of_prefix_cache
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.train.dataset import AuxSpec, encode_labels, store_rows, view_for
 
 
 class LiveDataset(Dataset):
@@ -73,8 +75,6 @@ class LiveDataset(Dataset):
         return {**self.__dict__, "store": None if self.store is None else str(self.store.path)}
 
     def __setstate__(self, state: dict) -> None:
-        from biomass_cache.store.layout import open_store
-
         self.__dict__.update(state)
         self.store = None if state["store"] is None else open_store(state["store"])
 
@@ -110,7 +110,6 @@ def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler
 
 def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):
     """Store, for every image and view, the hidden state entering the first adapted block (resumable)."""
-    from biomass_cache.store.layout import StoreSpec, create_store, open_store
 
     s, start = live.s, live.start
     if start == 0:

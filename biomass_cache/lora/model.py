@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from biomass_cache.backbone.vit import Backbone, resolve_layers, split_tiles, stitch_tiles
-from biomass_cache.common.data import DataError
-from biomass_cache.lora.adapters import adapter_state, is_lora_layer, reset_adapters
-from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 from biomass_cache.backbone.precision import autocast, resolve_precision
 from biomass_cache.backbone.views import validate_tiles
+from biomass_cache.backbone.vit import Backbone, resolve_layers, split_tiles, stitch_tiles
+from biomass_cache.common.errors import DataError
+from biomass_cache.lora.adapters import adapter_state, is_lora_layer, reset_adapters
+from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 
 
 def embed(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

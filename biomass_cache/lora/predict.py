@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from biomass_cache.train import inference
-from biomass_cache.train.dataset import AuxSpec
+from biomass_cache.backbone.views import TTA_VIEWS
+from biomass_cache.common.targets import components_to_targets
 from biomass_cache.lora.checkpoint import load_checkpoint
 from biomass_cache.lora.data import LiveDataset, live_loader
-from biomass_cache.common.targets import components_to_targets
+from biomass_cache.train import inference
+from biomass_cache.train.dataset import AuxSpec
 
 
 def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: str = "test",
@@ -31,9 +32,8 @@ def predict_images(json_path: Path, data_dir: Path, table: pd.DataFrame, split: 
 
 def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progress: bool,
                    precision: str | None = None) -> np.ndarray:
-    """(N, 5) grams of a LoRA ensemble member (`ensemble_members.ResolvedMember`) for the test images of `table`, in order:
+    """(N, 5) grams of a LoRA ensemble member (`members.ResolvedMember`) for the test images of `table`, in order:
     every fold model on the TTA views (clean and flips), components averaged over views and folds."""
-    from biomass_cache.backbone.views import TTA_VIEWS
 
     comps = [predict_images(path, data_dir, table, split="test", views=range(len(TTA_VIEWS)),
                             weights=rm.extract["weights"], device=device, precision=precision)[:, :3]

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
-from biomass_cache.common.data import DataError
-from biomass_cache.extract.pipeline import EXTRACT_RULES
 from biomass_cache.backbone.precision import check_precision
 from biomass_cache.backbone.views import parse_view_size
+from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
+from biomass_cache.common.errors import DataError
+from biomass_cache.extract.config import EXTRACT_RULES
 
 
 @dataclass
@@ -73,7 +73,7 @@ def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings
 
 # the [extract] keys a [lora] section takes over (the same backbone and views)
 EXTRACT_KEYS = ("backbone", "weights", "size", "tiles", "layers", "norm", "precision")
-# [lora] key -> (is the value valid, what it must be), as train_config.RULES; the flags that set them
+# [lora] key -> (is the value valid, what it must be), as train.config.RULES; the flags that set them
 LORA_RULES = {
     "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),

@@ -11,18 +11,19 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from biomass_cache.train import inference
 from biomass_cache.backbone.vit import create_backbone
-from biomass_cache.train.crossval import TokenSource, cross_validate
-from biomass_cache.common.data import DataError, read_training_table
-from biomass_cache.train.dataset import AuxSpec
+from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import init_ranks
+from biomass_cache.common.errors import DataError
 from biomass_cache.lora.adapters import inject_lora
 from biomass_cache.lora.checkpoint import lora_fingerprint, save_checkpoint
 from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.store.layout import open_store
+from biomass_cache.train import inference
+from biomass_cache.train.crossval import TokenSource, cross_validate
+from biomass_cache.train.dataset import AuxSpec
 
 
 # ------------------------------------------------------------------------------------ cross-validation

@@ -1,7 +1,7 @@
 """How token values are stored: float16, bfloat16 as its raw uint16 bits, or int8 with a per-token scale.
 
 `encode` refuses what it cannot store faithfully (NaN, inf, values beyond the float16 range); `decode` gives
-the stored values back as float32, exactly. The token store (token_store.py) writes and reads through these two.
+the stored values back as float32, exactly. The token store (store/handle.py) writes and reads through these two.
 """
 
 from __future__ import annotations

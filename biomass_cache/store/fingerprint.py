@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from biomass_cache import __version__
-from biomass_cache.common.data import DataError
 from biomass_cache.backbone.precision import COMPUTE, precision_of_compute
 from biomass_cache.backbone.views import ViewPolicy
+from biomass_cache.common.errors import FingerprintError
 
 if TYPE_CHECKING:
     from biomass_cache.backbone.vit import Backbone
@@ -30,10 +30,6 @@ PRECISION_KEYS = ("compute",)  # what a test cache may also differ in when the u
 # tiles and precision, see inherited_settings)
 TEST_CACHE_INHERITS = {"size": "size", "layers": "layers", "norm": "norm", "storage_dtype": "dtype",
                        "prefix": "store_prefix", "policy": "policy", "seed": "seed"}
-
-
-class FingerprintError(DataError):
-    """A fingerprint that cannot be read as the record (unknown keys or kind) or lacks what a caller needs."""
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from biomass_cache.common.errors import StoreError
 from biomass_cache.store import fingerprint as fingerprints
-from biomass_cache.common.data import DataError
-from biomass_cache.store.shards import ShardError, ShardGeometry, read_inner_chunks, write_shard
 from biomass_cache.store.codec import CodecError, decode, encode
+from biomass_cache.store.shards import ShardError, ShardGeometry, read_inner_chunks, write_shard
 
 # Chunk files side by side (tokens/c.12.0.0.0.0): one directory per array, nothing nested to create or fsync.
 FLAT_KEYS = {"name": "default", "separator": "."}
@@ -36,10 +36,6 @@ class EncodedSample:
     index: int
     views: int | slice  # one view index, or slice(None): all views
     parts: list[tuple[str, np.ndarray, np.ndarray | None]]  # (array name, stored values, int8 scales or None)
-
-
-class StoreError(DataError):
-    """A path that is not a readable token store, or a request the store cannot honour."""
 
 
 class TokenStore:

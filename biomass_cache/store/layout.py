@@ -17,8 +17,8 @@ photo the tokens came from}, `weights_path` (the weights file they came from).
 An append killed between growing the arrays and recording the ids leaves arrays longer than `image_ids`: rows past
 `image_ids` hold nothing, are ignored by readers and trimmed by the next writer (`trim_unrecorded_tail`).
 
-This module creates and opens stores; token_store.py holds `TokenStore`, the handle on an open store (reads,
-writes, attribute changes). Beside them: token_codec.py (the exact value encoding), shards.py (direct reads and
+This module creates and opens stores; store/handle.py holds `TokenStore`, the handle on an open store (reads,
+writes, attribute changes). Beside them: store/codec.py (the exact value encoding), shards.py (direct reads and
 writes of uncompressed shards), verify.py (`biomass verify`, reading every chunk back).
 """
 
@@ -35,7 +35,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from biomass_cache.store.handle import FLAT_KEYS, StoreError, TokenStore
+from biomass_cache.common.errors import StoreError
+from biomass_cache.store.handle import FLAT_KEYS, TokenStore
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "int8")

@@ -16,11 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from biomass_cache.store.handle import StoreError
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
+from biomass_cache.common.errors import StoreLockedError
 
 
 class WriterLock:

@@ -24,16 +24,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from biomass_cache.common.config import read_config
-from biomass_cache.common.data import DataError
-from biomass_cache.store.fingerprint import reduced, relaxed_diff
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_json
-from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import TokenStore
+from biomass_cache.store.layout import StoreSpec, create_store, open_store
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
@@ -269,33 +268,3 @@ def load_settings(path: Path | None) -> dict:
     if bad:
         raise conf.error(f"{bad} must be whole numbers (pool: or \"auto\")", "[reduce]")
     return {**CONFIG_KEYS, **table}
-
-
-def reduce_command(
-    cache: Path = typer.Option(..., "--cache", help="Token store to reduce (written by `biomass extract`)."),
-    out: Path = typer.Option(..., "--out", help="Reduced token store to write."),
-    dim: Optional[int] = typer.Option(None, "--dim", help=f"Channels kept per layer, PCA components ({DEFAULT_DIM})."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="P x P average pooling of the patch grid; 1 = none; "
-                                       f"auto = the coarsest that keeps {MIN_GRID[0]} x {MIN_GRID[1]} patches "
-                                       f"({DEFAULT_POOL})."),
-    like: Optional[Path] = typer.Option(None, "--like", help="Apply the projection of this reduced store or run "
-                                        "folder instead of fitting one (e.g. for a test store)."),
-    fit_tokens: Optional[int] = typer.Option(None, "--fit-tokens", help="Tokens per layer the PCA is fitted on "
-                                             f"({DEFAULT_FIT_TOKENS})."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config whose [reduce] table sets the "
-                                          "defaults (see configs/default.toml)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out store."),
-) -> None:
-    """Derive a smaller token store: per-layer PCA of the layer-normed tokens and P x P pooling of the grid."""
-    given = {k: v for k, v in dict(dim=dim, pool=pool, fit_tokens=fit_tokens).items() if v is not None}
-    settings = {**load_settings(config), **given}
-    if settings["fit_tokens"] < 1:
-        raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
-    src = open_store(cache)
-    reduction = reduction_of(like) if like is not None else fit_reduction(src, settings["dim"], settings["pool"],
-                                                                          settings["fit_tokens"])
-    store = reduce_store(src, reduction, out, overwrite=overwrite)
-    size = store.nbytes_on_disk()
-    typer.echo(f"reduced {cache} ({src.channels} channels, grid {list(src.grid)}) -> {out} ({reduction.dim} "
-               f"channels, grid {list(store.grid)}, {size / 1e9:.2f} GB, {src.nbytes_on_disk() / max(size, 1):.1f}x "
-               f"smaller); projection sha256 {reduction.sha256[:12]}")

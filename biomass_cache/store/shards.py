@@ -6,7 +6,7 @@ then put the wanted inner chunks straight into the caller's buffers, one preadv 
 the CRC32C of the index and of every chunk as zarr does. Writes build a whole shard (index, then every inner chunk
 in C order, each followed by its CRC32C) with one writev to a temporary file that is renamed into place, as zarr's
 LocalStore does. Plain zarr reads both back: the index says where every chunk is.
-The token store (token_store.py) goes through here whenever `ShardGeometry.plain` says the layout allows it.
+The token store (store/handle.py) goes through here whenever `ShardGeometry.plain` says the layout allows it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def read_inner_chunks(path: Path, grid: tuple[int, ...], coords: list[tuple[int,
 def write_shard(path: Path, chunks: list[np.ndarray], index_at_start: bool) -> None:
     """Write a whole shard whose inner chunks, every one of them, are `chunks` in C order of the shard's chunk grid
     (contiguous little-endian arrays). Written to a temporary file and renamed, so a reader sees the old shard or
-    the new one, never a mix; the caller fsyncs (token_store.py marks a sample done only after that)."""
+    the new one, never a mix; the caller fsyncs (store/handle.py marks a sample done only after that)."""
     crcs = [google_crc32c.value(c).to_bytes(4, "little") for c in chunks]
     n_index = len(chunks) * 16
     index = np.empty((len(chunks), 2), "<u8")

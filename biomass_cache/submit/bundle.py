@@ -22,32 +22,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-import typer
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import biomass_cache
-from biomass_cache.submit import bundle_run
-from biomass_cache.common.content import sha256_file
-from biomass_cache.submit.spec import EnsembleError, spec_from_options
-from biomass_cache.submit.members import ResolvedMember, resolve_member
-from biomass_cache.common.io import write_json
 from biomass_cache.backbone.views import TTA_VIEWS
+from biomass_cache.common.content import sha256_file
+from biomass_cache.common.errors import BundleError
+from biomass_cache.common.io import write_json
+from biomass_cache.submit import bundle_run
+from biomass_cache.submit.members import ResolvedMember, resolve_member
+from biomass_cache.submit.spec import spec_from_options
 
 # What a stock Kaggle GPU notebook image ships (with their dependencies), so the bundle need not carry them.
 STOCK_KAGGLE = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "pillow", "matplotlib",
                 "safetensors", "tqdm")
 PROJECT = Path(biomass_cache.__file__).resolve().parents[1]
 RUN_FILES = ("config.json", "folds.csv", "metrics.json", "reduction.json", "reduction.safetensors")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be made as asked, with the reason."""
 
 
 def closure(requirements: Iterable[str]) -> dict[str, str]:
@@ -238,27 +234,3 @@ def readme(manifest: dict) -> str:
         "Estimated test-time extraction:", *[f"- {line}" for line in manifest["estimate"]],
         "",
     ])
-
-
-def bundle_command(
-    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
-    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file instead of --members."),
-    out: Path = typer.Option(..., "--out", help="Bundle folder to write (upload it as a Kaggle dataset)."),
-    stock: Optional[str] = typer.Option(None, "--stock", help="Packages the notebook image ships, comma-separated "
-                                        f"(they and their dependencies are not bundled) [{','.join(STOCK_KAGGLE)}]."),
-    test_images: Optional[int] = typer.Option(None, "--test-images", help="Number of test images, for the time "
-                                              "estimate."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
-) -> None:
-    """Pack an ensemble for an offline notebook: wheels, checkpoints, run_submission.py, checksums."""
-    try:
-        stock_list = [s.strip() for s in stock.split(",") if s.strip()] if stock else STOCK_KAGGLE
-        manifest = make_bundle(ensemble, members, out, stock_list, test_images, overwrite)
-    except (BundleError, EnsembleError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"bundle: {out} ({manifest['bytes'] / 1e6:.1f} MB; {len(manifest['wheels'])} wheels, "
-               f"{len(manifest['members'])} member(s))")
-    typer.echo("bundled packages: " + ", ".join(f"{n}=={v}" for n, v in manifest["packages"].items()))
-    for line in manifest["estimate"]:
-        typer.echo(f"test-time estimate: {line}")

@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 MANIFEST, CHECKSUMS, ENSEMBLE, WHEELS = "bundle.json", "SHA256SUMS", "ensemble.toml", "wheels"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # the stock image's
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    cmd = [sys.executable, "-m", "biomass_cache.cli", "submit", "--data", str(args.data.resolve()), "--ensemble",
+    cmd = [sys.executable, "-m", "biomass_cache", "submit", "--data", str(args.data.resolve()), "--ensemble",
            str(work / ENSEMBLE), "--out", str(out), "--work-dir", str(work), "--device", device]
     weights = ",".join(w for w in args.weights if w)
     cmd += ["--weights", weights] if weights else []
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"biomass submit failed (exit status {code}, see above)")
 
     import pandas as pd
-    from biomass_cache.submit.submission import expected_sample_ids, validate_submission
+
+    from biomass_cache.submit.submission import expected_sample_ids, validate_submission  # installed by now
 
     sub = pd.read_csv(out, dtype={"sample_id": str})
     try:

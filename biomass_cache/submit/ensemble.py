@@ -1,8 +1,8 @@
 """Running an ensemble: every member predicts the test images (test caches built or reused, predictions cached),
 and the predictions are combined.
 
-The ensemble itself (members, weights, aggregation) is ensemble_spec.py; a member's checkpoints, test cache and
-predictions are ensemble_members.py. Each member's predictions (grams, folds and TTA views averaged) are cached
+The ensemble itself (members, weights, aggregation) is submit/spec.py; a member's checkpoints, test cache and
+predictions are submit/members.py. Each member's predictions (grams, folds and TTA views averaged) are cached
 under `<out_dir>/members/` keyed by `member_key`, so re-aggregating is instant and a photo changed under its old
 name is predicted afresh. Aggregation (biomass_cache.submit.aggregate) happens in component space; a fitted one (`oof`,
 `stack`) is fitted on the members' OOF predictions and also scored cross-fitted over the members' folds.
@@ -17,14 +17,39 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from biomass_cache.submit.aggregate import (VAR_FLOOR, cross_fitted, fit_stack, fit_weights, inverse_variance_mean,
-                                     oof_scores, stack_predict, weighted_mean)
-from biomass_cache.common.data import DataError
-from biomass_cache.submit.members import (ResolvedMember, check_not_collapsed, ensure_test_cache,
-                                            mc_dropout_variance, member_key, oof_file, predict_cache_member,
-                                            resolve_member, store_positions, weights_file, with_backbone_options)
-from biomass_cache.submit.spec import FITTED, EnsembleError, EnsembleSpec
+from biomass_cache.common.content import content_hashes
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.errors import DataError, EnsembleError
+from biomass_cache.common.folds import read_folds
+from biomass_cache.common.io import write_csv, write_json
 from biomass_cache.common.targets import COMPONENTS, TARGETS
+from biomass_cache.lora.predict import predict_member
+from biomass_cache.submit.aggregate import (
+    VAR_FLOOR,
+    cross_fitted,
+    fit_stack,
+    fit_weights,
+    inverse_variance_mean,
+    oof_scores,
+    stack_predict,
+    weighted_mean,
+)
+from biomass_cache.submit.members import (
+    ResolvedMember,
+    check_not_collapsed,
+    ensure_test_cache,
+    mc_dropout_variance,
+    member_key,
+    oof_file,
+    predict_cache_member,
+    resolve_member,
+    store_positions,
+    weights_file,
+    with_backbone_options,
+)
+from biomass_cache.submit.spec import FITTED, EnsembleSpec
+from biomass_cache.submit.submission import write_submission
+from biomass_cache.train.runs import read_oof
 
 
 @dataclass
@@ -55,8 +80,8 @@ def _read_member_csv(path: Path, image_ids: Sequence[str], columns: Sequence[str
 def _cached(path: Path, image_ids: Sequence[str], columns: Sequence[str], compute: Callable[[], np.ndarray],
             what: str) -> np.ndarray:
     """Read `path` if it holds these images, else compute and write it atomically."""
-    from biomass_cache.common.io import write_csv
     from tqdm.auto import tqdm
+
 
     if path.is_file():
         values = _read_member_csv(path, image_ids, columns)
@@ -78,10 +103,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     caches are extracted in the training cache's precision unless `precision` (not "auto") says otherwise, and on
     `devices` when given (one backbone split over them).
     """
-    from biomass_cache.common.data import read_long_csv
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    from biomass_cache.common.content import content_hashes
 
     table = read_long_csv(data_dir / "test.csv")
     ids = table["image_id"].tolist()
@@ -99,8 +122,6 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     for rm in resolved:
         what = f"member {rm.member.name}"
         if rm.kind == "lora":
-            from biomass_cache.lora.predict import predict_member
-
             weights_file(rm)  # a missing weights file is an error before anything runs
             key = member_key(rm, hashes)
             compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress, rm.extract.get("precision"))
@@ -169,8 +190,6 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: b
 
     Returns None when some member has no OOF file or there is no train.csv, unless `required`.
     """
-    from biomass_cache.common.data import read_long_csv
-    from biomass_cache.train.runs import read_oof
 
     files = [oof_file(rm) for rm in resolved]
     if None in files or not train_csv.is_file():
@@ -199,7 +218,6 @@ def oof_folds(resolved: Sequence[ResolvedMember], image_ids: Sequence[str]) -> t
     Members cross-validated on different splits are refused: one member's OOF prediction for a held-out image
     would come from a model trained on images the stacker is scored on, so no split gives an honest score.
     """
-    from biomass_cache.common.folds import read_folds
 
     table = pd.DataFrame({"image_id": list(image_ids)})
     first: tuple[ResolvedMember, Path, np.ndarray] | None = None
@@ -253,3 +271,23 @@ def report_text(result: EnsembleResult) -> str:
     lines += [f"  test cache: {p}" for p in dict.fromkeys(result.caches)]
     lines += [f"  member predictions: {p}" for p in result.member_files]
     return "\n".join(lines)
+
+
+def report_path(out: str | Path) -> Path:
+    """Where submit writes the ensemble's report (weights, OOF scores) beside the submission: NAME.report.json."""
+    return Path(out).with_suffix(".report.json")
+
+
+def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None = None, device: str = "cpu",
+           progress: bool = True, precision: str | None = None, devices: Sequence[str] | None = None):
+    """Run the ensemble on data/test.csv, write the validated submission and its report JSON beside it; returns
+    (EnsembleResult, frame)."""
+
+    data, out = Path(data), Path(out)
+    result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
+                          precision=precision, devices=devices)
+    sub = write_submission(out, result.frame(), data / "test.csv")
+    write_json(report_path(out), {**result.report, "submission": str(out)})
+    print(report_text(result))
+    print(f"submission: {out} ({len(sub)} rows, validated); report: {report_path(out)}")
+    return result, sub

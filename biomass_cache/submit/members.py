@@ -17,11 +17,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from biomass_cache.train import inference, runs
-from biomass_cache.common.data import DataError
-from biomass_cache.submit.spec import EnsembleError, Member
-from biomass_cache.store.fingerprint import PRECISION_KEYS, FingerprintError, inherited_settings
+from biomass_cache.backbone.views import TTA_VIEWS
+from biomass_cache.common.content import sha256_file
+from biomass_cache.common.errors import CollapsedMemberError, DataError, EnsembleError, FingerprintError
 from biomass_cache.common.targets import components_to_targets, to_grams
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.extract.pipeline import extract
+from biomass_cache.store.fingerprint import PRECISION_KEYS, inherited_settings
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.reduce import Reduction, reduce_store
+from biomass_cache.submit.spec import Member
+from biomass_cache.train import inference, runs
+from biomass_cache.train.dataset import store_rows
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,6 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
             raise EnsembleError(f"member {member.name}: its heads were trained on a reduced token store, and the "
                                 f"run folder lacks the projection {reduction} that test tokens must go through")
     return ResolvedMember(member, run_dir, checkpoints, kind, extract, reduction)
-
-
-class CollapsedMemberError(EnsembleError):
-    """A member with a fold model that predicts a constant: it would drag the ensemble towards 0 g."""
 
 
 def check_not_collapsed(rm: ResolvedMember) -> None:
@@ -173,10 +176,6 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes:
     """The member's test cache under out_dir/cache/ for the images `hashes` names: reused when complete and every
     photo's recorded content hash equals the current one, else extracted (only what is missing or changed); then
     reduced with the run's projection when its heads were trained on a reduced store (reduce.py)."""
-    from biomass_cache.extract.pipeline import ExtractConfig, extract
-    from biomass_cache.store.reduce import Reduction, reduce_store
-    from biomass_cache.store.layout import open_store
-    from biomass_cache.backbone.views import TTA_VIEWS
 
     weights = weights_file(rm)
     settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
@@ -218,7 +217,6 @@ def _digest(obj) -> str:
 def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
     the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
-    from biomass_cache.common.content import sha256_file
 
     files = [(sha256_file(p), sha256_file(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract
@@ -267,7 +265,6 @@ def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: 
 
 def store_positions(store, image_ids: Sequence[str]) -> np.ndarray:
     """Row of every image in the store, all TTA views done (a clear error otherwise)."""
-    from biomass_cache.train.dataset import store_rows
 
     return store_rows(store, list(image_ids), range(store.n_views))
 

@@ -7,23 +7,22 @@ predictions (cached), aggregation in component space.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
-import typer
 from tqdm.auto import tqdm
 
-from biomass_cache.train import inference
-from biomass_cache.common.data import SEP, DataError, load_image
-from biomass_cache.common.distributed import resolve_device
-from biomass_cache.submit.spec import EnsembleSpec, spec_from_options
-from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
+from biomass_cache.common.data import SEP, load_image
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_csv
-from biomass_cache.submit.submission import parse_devices
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
+from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
+from biomass_cache.submit.members import load_checked_heads, resolve_member, store_positions
+from biomass_cache.submit.spec import EnsembleSpec
+from biomass_cache.train import inference
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
@@ -66,9 +65,9 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
         ratio = image.width / image.height
         for w, h in sorted(input_sizes):
             if abs(ratio / (w / h) - 1) > ASPECT_TOLERANCE:
-                typer.echo(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
-                           f"{w / h:.2f} ({w}x{h}): the photo is stretched to fit; crop it to {w}:{h} for "
-                           "undistorted predictions and density maps", err=True)
+                print(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
+                      f"{w / h:.2f} ({w}x{h}): the photo is stretched to fit; crop it to {w}:{h} for "
+                      "undistorted predictions and density maps", file=sys.stderr)
                 break
     if not good:
         raise DataError(f"none of the {len(photos)} photos could be read (first: {bad[0][1]})")
@@ -77,7 +76,6 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
 
 def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
     """The (W, H) model inputs of the ensemble's members (those whose run records one)."""
-    from biomass_cache.submit.members import resolve_member
 
     found = (resolve_member(m, spec.weights_files).extract.get("size") for m in spec.members)
     return {(int(s[0]), int(s[1])) for s in found if s}
@@ -108,7 +106,6 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
 
     None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
     """
-    from biomass_cache.submit.members import load_checked_heads, store_positions
 
     maps = []
     for rm, store in zip(result.resolved, result.stores):
@@ -175,39 +172,10 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
         folder = out.with_name(f"{out.stem}_maps")
         for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
             save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])
-        typer.echo(f"density maps: {folder}/ ({len(photos)} PNG)")
-    typer.echo(f"predictions for {len(photos)} photos: {out} (grams and g/m^2; quadrat area {PLOT_AREA_M2} m^2)")
+        print(f"density maps: {folder}/ ({len(photos)} PNG)")
+    print(f"predictions for {len(photos)} photos: {out} (grams and g/m^2; quadrat area {PLOT_AREA_M2} m^2)")
     if bad:
-        typer.echo(f"skipped {len(bad)} unreadable photo(s):", err=True)
+        print(f"skipped {len(bad)} unreadable photo(s):", file=sys.stderr)
         for _, reason in bad:
-            typer.echo(f"  {reason}", err=True)
+            print(f"  {reason}", file=sys.stderr)
     return table
-
-
-def predict_command(
-    photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
-    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
-    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per photo."),
-    maps: bool = typer.Option(False, "--maps", help="Also write a PNG per photo with the density map overlaid "
-                              "(members with density heads), into <out stem>_maps/."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches and member predictions "
-                                            "are kept and reused [the folder of --out]."),
-    train_csv: Optional[Path] = typer.Option(None, "--train-csv", help="train.csv with the labels of the "
-                                             "members' OOF predictions (for aggregation 'oof' and OOF scores)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
-                                          "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
-                                          "config or the ensemble file names them)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out photos that cannot be read and list them "
-                                  "at the end (default: stop at the first, naming it)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
-                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
-                                          "cuda:0,cuda:1 [one device]."),
-) -> None:
-    """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
-    device = str(resolve_device(device))
-    spec = spec_from_options(ensemble, members, weights=weights)
-    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
-                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))

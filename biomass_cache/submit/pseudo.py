@@ -19,28 +19,28 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
-import typer
 from tqdm.auto import tqdm
 
-from biomass_cache.train import runs
-from biomass_cache.train.crossval import TokenSource, cache_source, cross_validate
-from biomass_cache.common.data import DataError, read_training_table
-from biomass_cache.train.dataset import ConcatTokens, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.common.data import read_training_table
+from biomass_cache.common.errors import DataError, EnsembleError
+from biomass_cache.common.folds import read_folds
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.store.fingerprint import diff as fingerprint_diff
+from biomass_cache.store.layout import open_store
 from biomass_cache.submit.ensemble import run_ensemble
 from biomass_cache.submit.members import ResolvedMember, resolve_member
-from biomass_cache.submit.spec import EnsembleError, EnsembleSpec, Member, spec_from_options
-from biomass_cache.common.folds import read_folds
-from biomass_cache.cli.options import TEST_OPTIONS, TRAIN_OPTIONS
-from biomass_cache.submit.submission import parse_devices
-from biomass_cache.common.targets import TARGETS
+from biomass_cache.submit.spec import EnsembleSpec, Member
+from biomass_cache.train import runs
 from biomass_cache.train.config import TrainConfig
+from biomass_cache.train.crossval import TokenSource, cache_source, cross_validate
+from biomass_cache.train.dataset import ConcatTokens, Preloaded, TokenDataset, make_loader, store_rows
 
 DEFAULT_WEIGHT = 0.5
 TEST_VIEW_SEED = 1_000_003  # the test images draw their training views apart from the training images'
@@ -97,10 +97,9 @@ def predict_labels(spec: EnsembleSpec, table: pd.DataFrame, folds: np.ndarray, d
         by_fold, mode = [r.grams for r in results], "per-fold"
     else:
         lacking = [rm.member.name for rm in resolved if not has_folds(rm, table, folds)]
-        typer.secho(f"WARNING: members {lacking} are not run folders with the folds of {resolved[0].run_dir}/"
-                    "folds.csv: every fold is pseudo-labelled by the whole ensemble, whose models saw that fold's "
-                    "validation images (the OOF score is optimistic; recorded in metrics.json `pseudo`)",
-                    fg="yellow", err=True)
+        print(f"WARNING: members {lacking} are not run folders with the folds of {resolved[0].run_dir}/"
+              "folds.csv: every fold is pseudo-labelled by the whole ensemble, whose models saw that fold's "
+              "validation images (the OOF score is optimistic; recorded in metrics.json `pseudo`)", file=sys.stderr)
         results = [run(spec)]
         by_fold, mode = [results[0].grams] * n_folds, "ensemble"
     return PseudoLabels(results[0].image_ids, by_fold, mode, results[0].stores[0])
@@ -157,8 +156,6 @@ def training_config(rm: ResolvedMember, device: str) -> tuple[dict, TrainConfig,
 
 def open_training_cache(config: dict, cache: Path | None, where: Path):
     """The first member's training token store (`cache` if given), refused unless it holds the same tokens."""
-    from biomass_cache.store.fingerprint import diff as fingerprint_diff
-    from biomass_cache.store.layout import open_store
 
     path = Path(cache or config["cache"]["path"])
     if not path.exists():
@@ -210,34 +207,3 @@ def pseudo_train(spec: EnsembleSpec, data: Path, out: Path, rounds: int = 1, wei
                    f"images, weight {weight}) -> {run_dir}")
         labellers = EnsembleSpec((Member(run_dir),), spec.weights_files, allow_collapsed=spec.allow_collapsed)
     return metrics
-
-
-def pseudo_command(
-    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder with train.csv, test.csv and test/."),
-    members: str = typer.Option(..., "--members", help="Run folder(s), comma-separated, whose ensemble labels the "
-                                "test images; the first gives the heads' settings, training cache and folds."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (a `biomass submit --members` member)."),
-    rounds: int = typer.Option(1, "--rounds", help="Label-and-train rounds; each later round labels the test "
-                               "images with the previous round's run."),
-    weight: float = typer.Option(DEFAULT_WEIGHT, "--weight", help="Loss weight of a pseudo-labelled test image "
-                                 "relative to a labelled training image."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="The first member's training token store [the path "
-                                         "its config.json records]."),
-    work_dir: Optional[Path] = TEST_OPTIONS["work_dir"],
-    weights: Optional[str] = TEST_OPTIONS["weights"],
-    device: str = TEST_OPTIONS["device"],
-    precision: Optional[str] = TEST_OPTIONS["precision"],
-    devices: Optional[str] = TEST_OPTIONS["devices"],
-    allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
-    overwrite: bool = TRAIN_OPTIONS["overwrite"],
-) -> None:
-    """Pseudo-label the test images with an ensemble and train heads on train + test tokens (test-time training).
-
-    OOF scores are over the training images only; see docs (Ensembles, submission) for the folds and the leak.
-    """
-    from biomass_cache.common.distributed import resolve_device
-
-    device = str(resolve_device(device))
-    spec = spec_from_options(None, members, weights=weights, allow_collapsed=allow_collapsed)
-    pseudo_train(spec, data, out, rounds, weight, work_dir, device, precision, parse_devices(devices), cache,
-                 overwrite)

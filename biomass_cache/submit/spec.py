@@ -10,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from biomass_cache.submit.aggregate import STACK_ALPHA
 from biomass_cache.common.config import read_config
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import EnsembleError
+from biomass_cache.submit.aggregate import STACK_ALPHA
 
 AGGREGATIONS = ("mean", "mc_dropout", "oof", "stack")
 FITTED = ("oof", "stack")  # aggregations fitted on the members' OOF predictions
-
-
-class EnsembleError(DataError):
-    """An ensemble that cannot be built as described, with the member and file named."""
 
 
 @dataclass(frozen=True)

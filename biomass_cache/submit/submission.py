@@ -7,26 +7,20 @@ a file Kaggle accepts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import typer
 
-from biomass_cache.common.data import MAX_LISTED, SEP, DataError, read_long_csv, to_long
+from biomass_cache.common.data import MAX_LISTED, SEP, read_long_csv, to_long
+from biomass_cache.common.errors import DataError, SubmissionError
 from biomass_cache.common.io import write_csv
 from biomass_cache.common.metrics import score_table
-from biomass_cache.cli.options import TEST_OPTIONS
 from biomass_cache.common.targets import TARGETS
 
 COLUMNS = ["sample_id", "target"]
 IDENTITY_RTOL = 1e-6  # written floats round-trip exactly; this only absorbs the sums' last-bit rounding
-
-
-class SubmissionError(DataError):
-    """A submission (or labels file) that must not be written or scored, with every reason found."""
 
 
 def _some(items: Sequence) -> str:
@@ -166,84 +160,3 @@ def score(submission: str | Path, labels: str | Path) -> dict:
     y_true = long_to_wide(lab, str(labels))
     y_pred = long_to_wide(sub, str(submission)).reindex(index=y_true.index)
     return score_table(y_true.to_numpy(), y_pred.to_numpy())
-
-
-def print_scores(scores: dict, title: str) -> None:
-    typer.echo(f"{title}: competition_r2 = {scores['competition_r2']:.4f}   log_r2 = {scores['log_r2']:.4f}   "
-               f"({scores['n_images']} images)")
-    typer.echo("  per-target R^2 (grams): " + "  ".join(f"{k} {v:.3f}" for k, v in scores["per_target_r2"].items()))
-
-
-def score_command(
-    submission: Path = typer.Argument(..., help="submission.csv to score (sample_id,target)."),
-    labels: Path = typer.Option(..., "--labels", help="True labels in the same long format, e.g. the synthetic "
-                                "generator's test_labels.csv."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
-) -> None:
-    """Score a submission locally: the leaderboard's weighted R^2 (competition_r2) and the log-scale R^2."""
-    scores = score(submission, labels)
-    print_scores(scores, str(submission))
-    if json_out is not None:
-        from biomass_cache.common.io import write_json
-
-        write_json(json_out, scores)
-        typer.echo(f"scores written to {json_out}")
-    else:
-        typer.echo(json.dumps({k: scores[k] for k in ("competition_r2", "log_r2")}))
-
-
-def report_path(out: str | Path) -> Path:
-    """Where submit writes the ensemble's report (weights, OOF scores) beside the submission: NAME.report.json."""
-    return Path(out).with_suffix(".report.json")
-
-
-def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None = None, device: str = "cpu",
-           progress: bool = True, precision: str | None = None, devices: Sequence[str] | None = None):
-    """Run the ensemble on data/test.csv, write the validated submission and its report JSON beside it; returns
-    (EnsembleResult, frame)."""
-    from biomass_cache.submit.ensemble import report_text, run_ensemble
-    from biomass_cache.common.io import write_json
-
-    data, out = Path(data), Path(out)
-    result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
-                          precision=precision, devices=devices)
-    sub = write_submission(out, result.frame(), data / "test.csv")
-    write_json(report_path(out), {**result.report, "submission": str(out)})
-    typer.echo(report_text(result))
-    typer.echo(f"submission: {out} ({len(sub)} rows, validated); report: {report_path(out)}")
-    return result, sub
-
-
-def parse_devices(text: str | None) -> list[str] | None:
-    """`--devices cuda:0,cuda:1` as a list (None: one device)."""
-    return [d.strip() for d in text.split(",") if d.strip()] if text else None
-
-
-def submit_command(
-    data: Path = typer.Option(..., "--data", help="Kaggle-format data folder with test.csv and test/ images."),
-    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated: equal "
-                                          "weights, each member's backbone settings from its config.json."),
-    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file instead of --members "
-                                            "(see configs/ensemble_example.toml)."),
-    out: Path = typer.Option(Path("submission.csv"), "--out", help="The submission file to write."),
-    work_dir: Optional[Path] = TEST_OPTIONS["work_dir"],
-    aggregation: Optional[str] = typer.Option(None, "--aggregation", help="mean | mc_dropout | oof | stack "
-                                              "[the ensemble file's, else mean]."),
-    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", min=1, help="MC-dropout passes per fold model."),
-    weights: Optional[str] = TEST_OPTIONS["weights"],
-    device: str = TEST_OPTIONS["device"],
-    precision: Optional[str] = TEST_OPTIONS["precision"],
-    devices: Optional[str] = TEST_OPTIONS["devices"],
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Score the written file against these labels "
-                                          "(sample_id,target), e.g. the synthetic test_labels.csv."),
-    allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
-) -> None:
-    """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
-    from biomass_cache.submit.spec import spec_from_options
-    from biomass_cache.common.distributed import resolve_device
-
-    device = str(resolve_device(device))
-    spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
-    submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))
-    if labels is not None:
-        print_scores(score(out, labels), f"{out} vs {labels}")

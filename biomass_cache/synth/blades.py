@@ -7,7 +7,7 @@ top-down 70 x 30 cm quadrat photos do: the area covered by green blades, straw-c
 leaves grows with each class's drawn mass (saturating as the cover closes, leaving less brown soil and grey stones
 visible), blades get longer with height, and the drawn mass differs from the label by ~10% multiplicative noise.
 Nuisances: illumination and white balance, soft shadows, slight blur, date stamps, red marker dots and a partly
-visible quadrat frame. The primitives here (groups, label table, noise, date stamp) are shared with `synth_canopy`.
+visible quadrat frame. The primitives here (groups, label table, noise, date stamp) are shared with `synth/canopy.py`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,16 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from biomass_cache.synth.blades import (DRAW_WIDTH, MAX_G, QUADRAT_CM, SPECIES_ALPHA, date_stamp, label_table, plot_groups,
-                                 smooth_noise)
+from biomass_cache.synth.blades import (
+    DRAW_WIDTH,
+    MAX_G,
+    QUADRAT_CM,
+    SPECIES_ALPHA,
+    date_stamp,
+    label_table,
+    plot_groups,
+    smooth_noise,
+)
 
 # ---------------------------------------------------------------- labels
 TOTAL_LOG = (3.63, 0.55)  # mean, sd of the log plot total (g) before the group effect

@@ -2,8 +2,8 @@
 
 Real competition images cannot be downloaded, so this writes a complete data folder in the competition's exact
 formats (train.csv, test.csv, sample_submission.csv, train/*.jpg, test/*.jpg) plus test_labels.csv, the hidden
-answers for local scoring. Two generators (`style`): "blades" (`synth_blades`, the default) and "canopy"
-(`synth_canopy`, an independent one for transfer tests).
+answers for local scoring. Two generators (`style`): "blades" (`synth/blades.py`, the default) and "canopy"
+(`synth/canopy.py`, an independent one for transfer tests).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import typer
-from PIL import Image
 from tqdm import tqdm
 
 from biomass_cache.synth.blades import paint, sample_labels
@@ -89,22 +87,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)  # rename(2) replaces a missing or empty directory
 
 
-def colour_features(path: Path) -> np.ndarray:
-    """Mean/std of RGB and HSV plus the share of green, brown, dark-soil and straw-like pixels of a photo.
-
-    The simple baseline the pictures are checked against (tests) and that heads must beat (bench_heads.py).
-    """
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        rgb = np.asarray(im, np.float32).reshape(-1, 3) / 255
-        hsv = np.asarray(im.convert("HSV"), np.float32).reshape(-1, 3) / 255
-    r, g, b = rgb.T
-    green, brown = (g > r) & (g > b), (r > g) & (g > b)
-    soil = brown & (hsv[:, 2] < 0.5)
-    return np.concatenate([rgb.mean(0), rgb.std(0), hsv.mean(0), hsv.std(0),
-                           [green.mean(), brown.mean(), soil.mean(), (brown & ~soil).mean()]])
-
-
 def _style(name: str) -> tuple[Callable, Callable, tuple[int, ...]]:
     """(label sampler, painter, random-stream key prefix) of a style; the prefix keeps styles' draws independent."""
     styles = {"blades": (sample_labels, paint, ()), "canopy": (sample_labels_canopy, paint_canopy, (1,))}
@@ -117,7 +99,7 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
              progress: bool = True, overwrite: bool = False, style: str = "blades") -> dict:
     """Write a complete synthetic Kaggle-format data folder at out_dir, atomically; return a summary.
 
-    `style` picks the generator (STYLES): "blades" (this module) or "canopy" (`synth_canopy`, an independent one
+    `style` picks the generator (STYLES): "blades" (this module) or "canopy" (`synth/canopy.py`, an independent one
     for transfer tests). Deterministic: the same arguments give byte-identical CSVs and images. The folder is built in a hidden
     sibling and renamed into place, so out_dir is either complete or untouched. The summary's images_per_s
     (painting + JPEG, one process) is wall-clock, so it is lower on a shared CPU.
@@ -161,38 +143,3 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
         "files": {name: str(out_dir / name) for name in
                   ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv", "train", "test")},
     }
-
-
-def parse_photo_size(text: str) -> tuple[int, int]:
-    """'1000x500' -> (1000, 500); anything else is a clear error."""
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 16:
-        raise ValueError(f"--size must be WIDTHxHEIGHT with whole numbers of at least 16 pixels, e.g. 1000x500; "
-                         f"got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def synth_command(
-    out_dir: Path = typer.Argument(..., help="Folder to create (train.csv, test.csv, train/, test/, ...)."),
-    n_train: int = typer.Option(120, "--n-train", min=1, help="Number of training images."),
-    n_test: int = typer.Option(24, "--n-test", min=1, help="Number of test images."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    size: str = typer.Option("1000x500", "--size", help="Image size WxH in pixels (real photos are 2:1)."),
-    style: str = typer.Option("blades", "--style", help="Generator: blades (the default data) or canopy (an "
-                              "independent one, to test whether settings transfer)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace out_dir if it exists and is not empty."),
-) -> None:
-    """Write a synthetic Kaggle-format pasture dataset (images + CSVs + hidden test labels)."""
-    try:
-        wh = parse_photo_size(size)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="'--size'") from e
-    if style not in STYLES:
-        raise typer.BadParameter(f"unknown style {style!r}; choose one of {', '.join(STYLES)}", param_hint="'--style'")
-    try:
-        summary = generate(out_dir, n_train=n_train, n_test=n_test, seed=seed, size=wh, overwrite=overwrite,
-                           style=style)
-    except FileExistsError as e:
-        raise typer.BadParameter(str(e), param_hint="'OUT_DIR'") from e
-    typer.echo(f"synth: {n_train} train + {n_test} test images, {wh[0]}x{wh[1]}, {style} style, seed {seed}, "
-               f"{summary['images_per_s']} images/s -> {out_dir}")

@@ -1,7 +1,7 @@
 """Stage two's settings: `TrainConfig`, the [train] section and its [[train.sweep]] members read from a config file,
 the command line's flags laid over them (`resolve`), and the rules every value must follow.
 
-The training loop that runs these settings is train.py; the `biomass train` command line is train_cli.py.
+The training loop that runs these settings is train/loop.py; the `biomass train` command line is cli/train.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
-from biomass_cache.common.data import DataError
 from biomass_cache.common.distributed import resolve_device
+from biomass_cache.common.errors import DataError
 from biomass_cache.heads import HEADS
 
 

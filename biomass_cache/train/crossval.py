@@ -1,6 +1,6 @@
-"""Stage two's cross-validation: folds, the token source and the run folder (`biomass train` is train_cli.py).
+"""Stage two's cross-validation: folds, the token source and the run folder (`biomass train` is cli/train.py).
 
-`cross_validate` trains every member of a sweep fold by fold with train.py's loop (`train_fold`), then writes the
+`cross_validate` trains every member of a sweep fold by fold with train/loop.py's loop (`train_fold`), then writes the
 run folder (runs.py): checkpoints, OOF predictions, metrics, history, plots. Where tokens come from is a small
 `TokenSource` (loaders, `tokens_fn(batch) -> (B, L, T, C)`, how to predict and save): here a token cache
 (`cache_source`, `run_training`); the LoRA path (biomass_cache.lora) passes a live adapted backbone, whose adapters
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,18 +19,21 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 import torch
-import typer
 from tqdm.auto import tqdm
 
-from biomass_cache.train import inference, runs
-from biomass_cache.common.data import DataError, read_training_table
-from biomass_cache.train.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import resolve_device
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
-from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.reduce import Reduction
+from biomass_cache.train import inference, runs
 from biomass_cache.train.config import TrainConfig
+from biomass_cache.train.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
+from biomass_cache.train.plots import plot_run
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
@@ -111,7 +115,6 @@ class TokenSource:
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  extract: dict | None = None) -> TokenSource:
     """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
-    from biomass_cache.store.reduce import Reduction
 
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
     if not set(layers) <= set(store.layers):
@@ -310,16 +313,13 @@ def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
     """The loud part of the run summary: which head's folds predict a constant."""
     for head, folds in collapsed.items():
         for c in folds:
-            typer.secho(f"\nWARNING: head {head} {c['fold']} predicts a CONSTANT for {', '.join(c['targets'])} "
-                        "(the model collapsed; recorded as `collapsed` in metrics.json). `biomass submit` refuses "
-                        "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).",
-                        fg="red", bold=True, err=True)
+            print(f"\nWARNING: head {head} {c['fold']} predicts a CONSTANT for {', '.join(c['targets'])} "
+                  "(the model collapsed; recorded as `collapsed` in metrics.json). `biomass submit` refuses "
+                  "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).", file=sys.stderr)
 
 
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
     if cfg.plots:
-        from biomass_cache.train.plots import plot_run
-
         tqdm.write("plots: " + ", ".join(str(p) for p in plot_run(out, data)))
 
 
@@ -327,7 +327,6 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
                  overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
-    from biomass_cache.store.layout import open_store
 
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)

@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS, to_density
+from biomass_cache.store.layout import open_store
 
 MAX_LISTED = 5
 PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
@@ -238,8 +239,6 @@ class TokenDataset(Dataset):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        from biomass_cache.store.layout import open_store
-
         self.__dict__.update(state)
         self.store = open_store(state["store"])
 

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from biomass_cache.common.data import DataError
+from biomass_cache.common.errors import DataError
+from biomass_cache.common.targets import components_to_targets, to_grams
+from biomass_cache.heads import enable_mc_dropout as dropout_only_train
 from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader
 from biomass_cache.train.runs import check_compatible
-from biomass_cache.common.targets import components_to_targets, to_grams
 
 
 @dataclass
@@ -43,7 +44,6 @@ def components_to_grams(components: np.ndarray) -> np.ndarray:
 def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
     """Dropout on at inference (heads.enable_mc_dropout), for `samples`; a head without dropout p > 0 has no
     variance to give, which is a DataError naming `where`."""
-    from biomass_cache.heads import enable_mc_dropout as dropout_only_train
 
     if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules()):
         raise DataError(f"{where}: the head has no dropout with p > 0, so MC-dropout has no variance to give")

@@ -2,8 +2,8 @@
 
 Read top to bottom: one head being trained (`SweepMember`) -> one optimisation step -> one fold (every member sees
 the same batches). The settings it runs (`TrainConfig`, the config file's [train] section, the flags over it) are in
-train_config.py; cross-validation, the token sources and the run folder in cv.py; the `biomass train` command line in
-train_cli.py.
+train/config.py; cross-validation, the token sources and the run folder in train/crossval.py; the `biomass train`
+command line in cli/train.py.
 """
 
 from __future__ import annotations
@@ -21,15 +21,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from biomass_cache.train import inference
-from biomass_cache.train.dataset import LABEL_KEYS, AuxSpec
-from biomass_cache.train.losses import (PRIMARY_TASKS, UncertaintyWeighting, combine_losses, manifold_mixup, pcgrad_step,
-                                  split_terms, task_losses)
 from biomass_cache.common.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
+from biomass_cache.common.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
 from biomass_cache.heads import HEADS, create_head
 from biomass_cache.heads.intervals import fit_bins
-from biomass_cache.common.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
+from biomass_cache.train import inference
 from biomass_cache.train.config import TrainConfig
+from biomass_cache.train.dataset import LABEL_KEYS, AuxSpec
+from biomass_cache.train.losses import (
+    PRIMARY_TASKS,
+    UncertaintyWeighting,
+    combine_losses,
+    manifold_mixup,
+    pcgrad_step,
+    split_terms,
+    task_losses,
+)
 
 
 def seed_everything(seed: int) -> None:

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomass_cache.common.targets import WEIGHTS, ZScore, targets_to_total_ratio
-from biomass_cache.common.targets import TOTAL, height_stats, target_stats
+from biomass_cache.common.targets import TOTAL, WEIGHTS, ZScore, height_stats, target_stats, targets_to_total_ratio
 
 PRIMARY_TASKS = ("total", "ratio", "five")
 AUX_TASKS = ("height", "ndvi", "state", "interval")

@@ -22,12 +22,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from biomass_cache.train import inference, runs  # noqa: E402
-from biomass_cache.common.data import DataError, load_image, read_long_csv  # noqa: E402
+from biomass_cache.common.data import load_image, read_long_csv
+from biomass_cache.common.errors import DataError  # noqa: E402
 from biomass_cache.common.folds import read_folds  # noqa: E402
 from biomass_cache.common.io import atomic_path  # noqa: E402
 from biomass_cache.common.metrics import per_target_r2  # noqa: E402
 from biomass_cache.common.targets import COMPONENTS, TARGETS  # noqa: E402
+from biomass_cache.heads import has_maps
+from biomass_cache.store.layout import open_store
+from biomass_cache.train import inference, runs  # noqa: E402
 
 N_MAP_IMAGES = 4
 COMPONENT_CMAPS = ("Blues", "YlOrBr", "Greens")  # clover, dead, green
@@ -172,7 +175,6 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, uw_heads: set[str] |
 
 def _density_member(metrics: dict, run_dir: Path) -> str | None:
     """The best-ranked member whose fold-0 checkpoint is a head that draws density maps."""
-    from biomass_cache.heads import has_maps
 
     for name in metrics.get("ranking") or list(metrics.get("heads", {})):
         ckpt = run_dir / "fold0" / f"{name}.json"
@@ -247,8 +249,6 @@ def plot_run(run_dir: str | Path, data_dir: str | Path, store=None) -> list[Path
     if member is not None and store is None:
         cache = _read_json(run_dir / "config.json").get("cache")  # None for a LoRA run: no cached tokens to map
         if cache is not None:
-            from biomass_cache.store.layout import open_store
-
             store = open_store(cache["path"])
     if member is not None and store is not None:
         written.append(plot_density_maps(run_dir, data_dir, table, member, store, out / "density_maps.png"))

@@ -24,10 +24,13 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from biomass_cache.common.data import DataError
 from biomass_cache.common.content import sha256_file
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_csv, write_json
 from biomass_cache.common.targets import TARGETS, ZScore
+from biomass_cache.heads import check_compatible as check_signature
+from biomass_cache.heads import rebuild_head
+from biomass_cache.store.fingerprint import relaxed_diff
 
 FORMAT_VERSION = 1
 
@@ -44,7 +47,6 @@ def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:
 
 def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a head from its JSON + safetensors (eval mode, CPU) and check it is the head that was saved."""
-    from biomass_cache.heads import rebuild_head
 
     json_path = Path(json_path)
     try:
@@ -80,9 +82,7 @@ def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     A test cache differs from the training cache only in what fingerprint.relaxed_diff allows (TTA views instead of
     augmented ones) and the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
     """
-    from biomass_cache.heads import check_compatible as check_signature
 
-    from biomass_cache.store.fingerprint import relaxed_diff
 
     where = f"head {meta.get('name', '?')} (fold {meta.get('fold', '?')})"
     trained, cache = meta["fingerprint"].get("reduce"), store.fingerprint.get("reduce")

@@ -25,26 +25,25 @@ import os
 import shutil
 import socket
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import typer
+import tomllib
 from tqdm.auto import tqdm
 
-from biomass_cache.train.crossval import run_training
-from biomass_cache.common.data import DataError, read_training_table
-from biomass_cache.store.fingerprint import diff as fingerprint_diff
+from biomass_cache.common.data import read_training_table
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.common.io import atomic_path, write_json
-from biomass_cache.cli.options import TRAIN_OPTIONS
+from biomass_cache.store.fingerprint import diff as fingerprint_diff
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.handle import StoreError
 from biomass_cache.train.config import TrainConfig, resolve
+from biomass_cache.train.crossval import run_training
+from biomass_cache.train.runs import write_history
 from biomass_cache.train.tune_space import Space, parse_space
 
 PRUNERS = ("median", "halving", "none")
@@ -235,8 +234,6 @@ def objective(st: Study, trial) -> float:
         fold_scores[epoch_rows[0]["fold"]] = epoch_rows[0]["val_competition_r2"]
         trial.report(float(np.mean(list(fold_scores.values()))), step=len(rows) - 1)
         if trial.should_prune():
-            from biomass_cache.train.runs import write_history
-
             write_history(run_dir, rows)
             raise optuna.TrialPruned(f"{epoch_rows[0]['fold']} epoch {epoch_rows[0]['epoch']}")
 
@@ -427,35 +424,3 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     tqdm.write("\nsecond stage (top trials re-run with fresh seeds on the study's folds):\n" + _table(summary["rows"]))
     tqdm.write(f"winner: trial {summary['winner']} -> {summary['best_toml']}; plots in {out / 'plots'}")
     return summary
-
-
-def tune_command(
-    cache: Path = TRAIN_OPTIONS["cache"],
-    data: Path = TRAIN_OPTIONS["data"],
-    space: Path = typer.Option(..., "--space", help="TOML search space: a space table of searched keys, a fixed "
-                               "table of shared values (configs/tune_example.toml)."),
-    trials: int = typer.Option(..., "--trials", help="The study's total of finished (completed or pruned) trials, "
-                               "counted over every process sharing the storage."),
-    out: Path = typer.Option(..., "--out", help="Study folder: folds.csv, trials/, plots/, best.toml."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///PATH, journal:PATH (a journal file on a "
-                                          "shared filesystem) or a database URL (default: sqlite in --out)."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name in the storage (default: --out's name)."),
-    pruner: str = typer.Option("median", "--pruner", help="median | halving | none: stop bad trials early."),
-    prune_after: int = typer.Option(5, "--prune-after", help="Median pruner: trials finished before any is pruned."),
-    top_k: int = typer.Option(3, "--top-k", help="Second stage: how many of the best trials are re-run."),
-    seeds: int = typer.Option(3, "--seeds", help="Second stage: fresh seeds per re-run trial (0: none)."),
-    keep: str = typer.Option("all", "--keep", help="all | top: keep every trial's run folder, or the top K only."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds of a new study (default: the space "
-                                        f"file's fixed folds, else {TrainConfig.folds})."),
-    folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="A new study's folds (image_id, fold)."),
-) -> None:
-    """Search training settings with Optuna on a token cache; re-check the best with several seeds; write best.toml.
-
-    Re-running continues the study; several processes (or machines, with a shared --storage) share its trials.
-    """
-    settings = Settings(trials, storage, study, pruner, prune_after, top_k, seeds, keep, folds, folds_csv)
-    try:
-        tune(cache, data, space, out, settings)
-    except (DataError, StoreError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from biomass_cache.common.config import ConfigError, read_config
-from biomass_cache.common.data import DataError
+from biomass_cache.common.config import read_config
+from biomass_cache.common.errors import ConfigError, DataError
+from biomass_cache.heads import HEADS, FusedHead
 from biomass_cache.train.config import TrainConfig, resolve
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int")
@@ -72,7 +73,6 @@ def _scalar(v: Any) -> bool:
 
 def head_options(head: str) -> set[str]:
     """Constructor arguments a config may give head `head` (its own and the shared FusedHead ones)."""
-    from biomass_cache.heads import HEADS, FusedHead
 
     if head not in HEADS:
         raise DataError(f"unknown head {head!r}; available heads: {sorted(HEADS)}")

@@ -1,15 +1,16 @@
-"""The colour-statistics baseline every quality row stands beside: ridge on 33 colour statistics of each photo.
+"""The colour-statistics baseline: the floor a head must beat - ridge on 33 colour statistics of each photo.
 
-A head that does not beat it has learned nothing a colour histogram does not already know. The statistics are
-per-channel mean, std and 10 / 50 / 90 % quantiles in RGB and HSV (0-255 scale), and the excess-green index
-ExG = 2g - r - b on chromatic coordinates (mean, std, share of pixels above 0.1). The ridge penalty is chosen by
-an inner cross-validation over the training folds' own fold labels (grouped, like the outer folds), scored with
-competition_r2, so the baseline sees exactly the folds the heads see.
+It exists because a score means nothing alone: a head that does not beat it has learned nothing a colour histogram
+does not already know. bench_heads.py stands it beside every quality row, and the synthetic-data tests use its
+statistics to check that the painted photos carry the labels. The statistics are per-channel mean, std and
+10 / 50 / 90 % quantiles in RGB and HSV (0-255 scale), and the excess-green index ExG = 2g - r - b on chromatic
+coordinates (mean, std, share of pixels above 0.1). The ridge penalty is chosen by an inner cross-validation over
+the training folds' own fold labels (grouped, like the outer folds), scored with competition_r2, so the baseline
+sees exactly the folds the heads see. It imports only biomass_cache.common, numpy, PIL and sklearn.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,7 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biomass_cache.common.metrics import competition_r2  # noqa: E402
+from biomass_cache.common.metrics import competition_r2
 
 ALPHAS = np.logspace(-3, 5, 17)
 QUANTILES = (0.1, 0.5, 0.9)

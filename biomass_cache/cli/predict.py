@@ -1,0 +1,41 @@
+"""`biomass predict PHOTO_DIR`: predictions (and density maps) for a plain folder of photos (submit/predict.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from biomass_cache.common.distributed import parse_devices, resolve_device
+from biomass_cache.submit.predict import predict_photos
+from biomass_cache.submit.spec import spec_from_options
+
+
+def predict_command(
+    photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
+    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
+    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per photo."),
+    maps: bool = typer.Option(False, "--maps", help="Also write a PNG per photo with the density map overlaid "
+                              "(members with density heads), into <out stem>_maps/."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches and member predictions "
+                                            "are kept and reused [the folder of --out]."),
+    train_csv: Optional[Path] = typer.Option(None, "--train-csv", help="train.csv with the labels of the "
+                                             "members' OOF predictions (for aggregation 'oof' and OOF scores)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
+                                          "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
+                                          "config or the ensemble file names them)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] for the heads."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out photos that cannot be read and list them "
+                                  "at the end (default: stop at the first, naming it)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Backbone precision of the test caches: "
+                                            "auto | bf16 | fp16 | fp32 [each training cache's]."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
+                                          "cuda:0,cuda:1 [one device]."),
+) -> None:
+    """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
+    device = str(resolve_device(device))
+    spec = spec_from_options(ensemble, members, weights=weights)
+    predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
+                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))
