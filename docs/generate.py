@@ -114,7 +114,7 @@ def transfer_rows(d: dict) -> str:
             f"{size(s['photo'])} photos), each with its own data, cache and {s['folds']} grouped folds that every row "
             f"of the cell shares; {s['backbone']}, input {size(s['size'])}, blocks {s['layers']}, {s['views']} views, "
             f"{s['epochs']} epochs, OOF on view {s['tta']}; {s['train_defaults']}. Colour ridge: "
-            f"{s['colour_stats']} colour statistics per photo (`benchmarks/colour_baseline.py`)."
+            f"{s['colour_stats']} colour statistics per photo (`biomass_cache/train/baseline.py`)."
             + (" **A quick (smoke) run: not a measurement.**" if s["quick"] else "")
             + (f" **Cut short: {s['cells_done']} of {s['cells_planned']} cells.**"
                if s.get("cells_done", 0) < s.get("cells_planned", 0) else ""))
