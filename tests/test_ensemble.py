@@ -4,14 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from toys import PIPELINE_VIT
 
+from biomass_cache.common.errors import ConfigError, EnsembleError
+from biomass_cache.common.targets import components_to_targets
 from biomass_cache.submit.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
-from biomass_cache.common.errors import ConfigError
 from biomass_cache.submit.members import resolve_member
 from biomass_cache.submit.spec import EnsembleSpec, Member, load_ensemble, spec_from_options
-from biomass_cache.common.errors import EnsembleError
-from biomass_cache.common.targets import components_to_targets
-from toys import PIPELINE_VIT
 
 
 def five(comps):
@@ -76,8 +75,7 @@ def test_ensemble_file(tmp_path):
 @pytest.mark.slow
 def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
     import biomass_cache.submit.ensemble as ens
-    import biomass_cache.extract.pipeline as extract_module
-
+    import biomass_cache.submit.members as members_module
 
     root, data, run = pipeline
     spec = EnsembleSpec((Member(run, head="density"), Member(run, head="mlp")))
@@ -89,7 +87,7 @@ def test_members_cached_and_caches_reused(pipeline, monkeypatch, tmp_path):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(extract_module, "extract", counting("extract", extract_module.extract))
+    monkeypatch.setattr(members_module, "extract", counting("extract", members_module.extract))
     monkeypatch.setattr(ens, "predict_cache_member", counting("predict", ens.predict_cache_member))
     first = ens.run_ensemble(spec, data, tmp_path, progress=False)
     assert calls == {"extract": 1, "predict": 2}  # one backbone setting -> one test cache for both members
@@ -142,9 +140,9 @@ def test_head_that_does_not_fit_the_cache_is_refused(pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_submit_and_predict_end_to_end(pipeline, tmp_path):
+    from biomass_cache.submit.ensemble import submit
     from biomass_cache.submit.predict import predict_photos
     from biomass_cache.submit.submission import score
-    from biomass_cache.submit.ensemble import submit
 
     root, data, run = pipeline
     spec = spec_from_options(None, f"{run}", None)  # a sweep run folder needs `head`: refused
@@ -170,12 +168,12 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
     from safetensors.torch import save_file
 
     from biomass_cache.backbone.vit import create_backbone
-    from biomass_cache.extract.pipeline import extract
     from biomass_cache.extract.config import ExtractConfig
+    from biomass_cache.extract.pipeline import extract
     from biomass_cache.store.layout import open_store
     from biomass_cache.submit.ensemble import submit
-    from biomass_cache.train.crossval import run_training
     from biomass_cache.train.config import resolve
+    from biomass_cache.train.crossval import run_training
 
     _, data, _ = pipeline
     weights = tmp_path / "w.safetensors"
@@ -198,8 +196,8 @@ def test_the_run_folder_finds_its_weights_file(pipeline, tmp_path):
 def test_mc_dropout_refuses_a_head_without_dropout():
     import biomass_cache.heads as heads
     from biomass_cache.common.errors import DataError
-    from biomass_cache.train.inference import enable_mc_dropout
     from biomass_cache.common.targets import ZScore
+    from biomass_cache.train.inference import enable_mc_dropout
 
     rng = np.random.default_rng(0)
     zscore = ZScore.fit(components_to_targets(rng.gamma(2.0, 20.0, (16, 3))))
@@ -294,9 +292,9 @@ def test_incomplete_run_folder_is_refused(pipeline, tmp_path):
 def test_retraining_into_a_run_folder_refuses_or_overwrites(pipeline, tmp_path):
     import shutil
 
-    from biomass_cache.train.crossval import run_training
     from biomass_cache.common.errors import DataError
     from biomass_cache.train.config import resolve
+    from biomass_cache.train.crossval import run_training
 
     root, data, run = pipeline
     out = tmp_path / "run"
@@ -347,10 +345,10 @@ def test_submit_refuses_a_member_with_a_collapsed_fold(pipeline, tmp_path):
 def test_an_ensemble_of_two_backbones(pipeline, tmp_path):
     """Members trained on caches of two different tiny backbones (widths 64 and 32): each gets its own test cache."""
     import biomass_cache.submit.ensemble as ens
-    from biomass_cache.train.crossval import run_training
-    from biomass_cache.extract.pipeline import extract
     from biomass_cache.extract.config import ExtractConfig
+    from biomass_cache.extract.pipeline import extract
     from biomass_cache.train.config import resolve
+    from biomass_cache.train.crossval import run_training
 
     root, data, run = pipeline
     narrow = dict(depth=1, embed_dim=32, num_heads=2)
@@ -410,10 +408,10 @@ def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     """The closed-form head through the whole second half: trained on the pipeline's cache and folds, submitted
     alone (`--members RUN`), averaged beside a gradient head, and in `biomass predict`."""
     import biomass_cache.submit.ensemble as ens
-    from biomass_cache.train.crossval import run_training
-    from biomass_cache.submit.predict import predict_photos
     from biomass_cache.submit.ensemble import submit
+    from biomass_cache.submit.predict import predict_photos
     from biomass_cache.train.config import resolve
+    from biomass_cache.train.crossval import run_training
 
     root, data, run = pipeline
     ridge = tmp_path / "ridge"

@@ -7,22 +7,24 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import typer
+import tomllib
 from typer.testing import CliRunner
+
+from biomass_cache.cli.errors import script_app
 
 optuna = pytest.importorskip("optuna")
 
+from toys import ROOT, make_toy  # noqa: E402
+
 from biomass_cache.cli.train import train_command  # noqa: E402
+from biomass_cache.cli.tune import tune_command  # noqa: E402
 from biomass_cache.common.errors import DataError  # noqa: E402
 from biomass_cache.train.tune import open_storage, worker_id
-from biomass_cache.cli.tune import tune_command  # noqa: E402
 from biomass_cache.train.tune_space import parse_space  # noqa: E402
-from toys import ROOT, make_toy  # noqa: E402
 
 FIXED = "batch_size = 8\nworkers = 0\nthreads = 1\nfolds = 3\nplots = false\n"
 SPACE = f"""[space]
@@ -45,9 +47,7 @@ def toy(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def invoke(app_fn, *args) -> tuple[int, str]:
-    app = typer.Typer(pretty_exceptions_enable=False)
-    app.command()(app_fn)
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    result = CliRunner().invoke(script_app(app_fn), [str(a) for a in args], catch_exceptions=False)
     return result.exit_code, result.output
 
 
