@@ -34,7 +34,8 @@ import json, resource, sys, time
 from pathlib import Path
 import torch
 from biomass_cache.backbone.vit import create_backbone, forward_tokens
-from biomass_cache.extract.pipeline import ExtractConfig, extract
+from biomass_cache.extract.config import ExtractConfig
+from biomass_cache.extract.pipeline import extract
 from biomass_cache.common.runtime import keep_freed_memory
 mode, what, views, passes, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 tuned = keep_freed_memory() if mode == "tuned" else False

@@ -1,6 +1,6 @@
 """Cache vs live: epoch time of the same head trained on cached tokens or with the backbone run live.
 
-Both arms run stage two's own loop (`train.train_fold`) over the same loader, so the batches, head, optimizer,
+Both arms run stage two's own loop (`train.loop.train_fold`) over the same loader, so the batches, head, optimizer,
 losses (mixup, UW, PCGrad, aux tasks) and EMA are identical; only `tokens_fn` differs: the cached arm moves the
 preloaded float16 tokens of the batch, the live arm decodes the batch's photos, makes the clean view and runs the
 frozen ViT-S (random weights, no grad) on them. For the `density` head (a per-patch MLP on every token of 3 layers:

@@ -100,7 +100,7 @@ class BiomassGroup(OneLineErrorsMixin, TyperGroup):
 
 class BiomassCommand(OneLineErrorsMixin, TyperCommand):
     """One command: run as a script (extract_features.py, train_heads.py, submit.py, python -m ...) or as a
-    sub-command of the `biomass` group (cli.py)."""
+    sub-command of the `biomass` group (cli/__init__.py)."""
 
 
 def script_app(command: Callable[..., None], name: str | None = None, help: str | None = None) -> typer.Typer:

@@ -84,7 +84,7 @@ def read_config(path: str | Path | Config | None, what: str = "config", option: 
 
 
 # Value rules: key -> (is the value valid, what it must be); each step keeps its own (train.config.RULES,
-# extract.EXTRACT_RULES, lora.settings.LORA_RULES) and checks a file's table and the final settings through these.
+# extract.config.EXTRACT_RULES, lora.settings.LORA_RULES) and checks a file's table and the final settings through these.
 def is_int(v: object) -> bool:
     """An integer from a file or from code (numpy's too); never a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -124,6 +124,7 @@ def _is_ints(v: object) -> bool:
     return isinstance(v, (list, tuple)) and all(is_int(x) for x in v)
 
 
+# ExtractConfig key -> (is the value valid, what it must be), as train.config.RULES; the flags that set them
 EXTRACT_RULES = {
     "data_dir": (lambda v: isinstance(v, (str, Path)), "a folder"),
     "out": (lambda v: isinstance(v, (str, Path)), "a .zarr folder"),

@@ -43,8 +43,6 @@ WRITER_THREADS = 2  # shards of different images are independent files: two writ
 QUEUE_BATCHES = 4  # batches computed ahead of the writers (bounds the memory held by finished tokens)
 
 
-# ExtractConfig key -> (is the value valid, what it must be), as train.config.RULES; the flags that set them
-
 
 def default_layers(depth: int) -> list[int]:
     """The middle, three-quarter and last block (distinct, sorted)."""

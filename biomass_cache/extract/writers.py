@@ -2,7 +2,7 @@
 
 Under torchrun every rank takes a share of the images (all views of an image on one rank, the store's race-free
 rule; ranks: biomass_cache.common.distributed). Each rank's finished tokens go to writer threads through a bounded queue
-(`Writer`), so the backbone never waits on the disk. Decoding runs in DataLoader workers (extract.py).
+(`Writer`), so the backbone never waits on the disk. Decoding runs in DataLoader workers (extract/pipeline.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class Fingerprint:
     """What determined a set of tokens. The field order is the stored JSON's key order; None = absent."""
 
     kind: str | None = None  # KINDS
-    backbone: dict | None = None  # backbone.backbone_fingerprint: name, weights sha256 or random seed, overrides, ...
+    backbone: dict | None = None  # backbone.vit.backbone_fingerprint: name, weights sha256 or random seed, overrides, ...
     size: tuple[int, int] | None = None  # backbone input (width, height)
     grid: tuple[int, int] | None = None  # patch grid (rows, cols), tiles stitched
     tiles: int = 1  # side-by-side pieces run through the backbone alone

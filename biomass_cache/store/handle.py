@@ -1,8 +1,8 @@
-"""The handle on an open token store (`TokenStore`, from `store.open_store` or `store.create_store`): its attributes,
+"""The handle on an open token store (`TokenStore`, from `layout.open_store` or `layout.create_store`): its attributes,
 encoding and durable writes of samples, reads of tokens and prefix tokens by layer, and the rank-0 changes to the
 group attributes (appending, resetting and marking images, content hashes, the weights path).
 
-The layout the handle reads and writes is described in store.py.
+The layout the handle reads and writes is described in store/layout.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from biomass_cache.common.errors import DataError, EnsembleError
 from biomass_cache.common.folds import read_folds
 from biomass_cache.common.io import write_csv, write_json
 from biomass_cache.common.targets import COMPONENTS, TARGETS
-from biomass_cache.lora.predict import predict_member
 from biomass_cache.submit.aggregate import (
     VAR_FLOOR,
     cross_fitted,
@@ -124,6 +123,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         if rm.kind == "lora":
             weights_file(rm)  # a missing weights file is an error before anything runs
             key = member_key(rm, hashes)
+            from biomass_cache.lora.predict import predict_member  # the LoRA path (peft, plots) only for its members
+
             compute = lambda rm=rm: predict_member(rm, table, data_dir, device, progress, rm.extract.get("precision"))
             store = rows = None
         else:

@@ -48,7 +48,7 @@ CLOVER_RGB = np.array([40, 92, 72], np.float32)
 
 
 def sample_labels_canopy(n: int, rng: np.random.Generator) -> tuple:
-    """Sample n plots of the canopy style: (table, drawn masses), as `synth.sample_labels` returns them."""
+    """Sample n plots of the canopy style: (table, drawn masses), as `synth.blades.sample_labels` returns them."""
     g = plot_groups(n, rng)
     total = np.clip(g["level"].to_numpy() * np.exp(rng.normal(*TOTAL_LOG, n)), 1.0, MAX_G["Dry_Total_g"])
     species, state = g["Species"].to_numpy(), g["State"].to_numpy()

@@ -33,7 +33,6 @@ from biomass_cache.train import inference, runs
 from biomass_cache.train.config import TrainConfig
 from biomass_cache.train.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
 from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
-from biomass_cache.train.plots import plot_run
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
@@ -320,6 +319,8 @@ def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
 
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
     if cfg.plots:
+        from biomass_cache.train.plots import plot_run  # matplotlib (and its Agg backend) only when plots are drawn
+
         tqdm.write("plots: " + ", ".join(str(p) for p in plot_run(out, data)))
 
 

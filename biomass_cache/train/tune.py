@@ -1,6 +1,6 @@
 """`biomass tune`: an Optuna study over `[train]` settings on a token cache, then a multi-seed re-check of the best.
 
-Every trial is a grouped k-fold run (cv.run_training) on the study folder's folds.csv, scored by its pooled OOF
+Every trial is a grouped k-fold run (train.crossval.run_training) on the study folder's folds.csv, scored by its pooled OOF
 competition_r2. While a trial trains it reports, after every (fold, epoch), the mean of its folds' latest validation
 scores (finished folds: their last epoch; the running fold: this epoch) at step = epochs done so far, so a pruner
 compares trials on the same fold at the same epoch and stops bad ones early (with `epochs` searched: at equal
