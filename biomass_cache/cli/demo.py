@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from biomass_cache.cli.score import print_scores
@@ -66,7 +67,6 @@ HEADS = ("density", "mlp")
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoSize | None = None) -> dict:
     """Run every stage into `out`; returns the scores and where every artefact is (`sizes` for tests)."""
-
     sz = sizes or (QUICK if quick else FULL)
     out = Path(out)
     t0 = time.time()
@@ -135,9 +135,6 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
 
 def mean_baseline(data: Path) -> float:
     """competition_r2 of predicting every test image as the training mean: the floor a model must clear."""
-    import numpy as np
-
-
     labels = data / "test_labels.csv"
     truth = long_to_wide(read_long_file(labels), str(labels))[list(TARGETS)].to_numpy(float)
     mean = read_long_csv(data / "train.csv", check_images=False)[list(TARGETS)].mean().to_numpy(float)

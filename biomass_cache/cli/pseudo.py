@@ -37,7 +37,6 @@ def pseudo_command(
 
     OOF scores are over the training images only; see docs (Ensembles, submission) for the folds and the leak.
     """
-
     device = str(resolve_device(device))
     spec = spec_from_options(None, members, weights=weights, allow_collapsed=allow_collapsed)
     pseudo_train(spec, data, out, rounds, weight, work_dir, device, precision, parse_devices(devices), cache,

@@ -35,7 +35,6 @@ def submit_command(
     allow_collapsed: bool = TEST_OPTIONS["allow_collapsed"],
 ) -> None:
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
-
     device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
     submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))

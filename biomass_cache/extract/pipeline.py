@@ -217,7 +217,6 @@ def _refresh(store: TokenStore, cfg: ExtractConfig, table, lock: WriterLock, say
     """Reset the images to redo (corrupt data with `recheck`, a photo changed since it was extracted or marked
     bad, every bad image with `retry_bad`), then record every photo's content hash."""
     if cfg.recheck:  # first: a corrupt `done` chunk stops everything that reads it
-
         report = verify(store.path, progress=False)
         if report.broken_images:
             say(f"--recheck: {len(report.corrupt)} corrupt or missing chunk(s) in {len(report.broken_images)} "

@@ -52,7 +52,6 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
     """(head, live tokens, meta) from a LoRA checkpoint; the base backbone is rebuilt from `weights` (default: the
     recorded path) and must be the one the adapters were trained on (name, weights sha256, seed, overrides). The
     backbone computes in `precision` (default: the one recorded at training, resolved on `device`)."""
-
     json_path = Path(json_path)
     meta = json.loads(json_path.read_text())
     if meta.get("kind") != "lora":

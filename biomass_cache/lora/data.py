@@ -110,7 +110,6 @@ def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler
 
 def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):
     """Store, for every image and view, the hidden state entering the first adapted block (resumable)."""
-
     s, start = live.s, live.start
     if start == 0:
         raise DataError("--lora-prefix-cache needs at least one frozen block before the adapted ones "

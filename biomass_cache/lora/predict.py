@@ -34,7 +34,6 @@ def predict_member(rm, table: pd.DataFrame, data_dir: Path, device: str, progres
                    precision: str | None = None) -> np.ndarray:
     """(N, 5) grams of a LoRA ensemble member (`members.ResolvedMember`) for the test images of `table`, in order:
     every fold model on the TTA views (clean and flips), components averaged over views and folds."""
-
     comps = [predict_images(path, data_dir, table, split="test", views=range(len(TTA_VIEWS)),
                             weights=rm.extract["weights"], device=device, precision=precision)[:, :3]
              for path in tqdm(rm.checkpoints, desc=f"LoRA member {rm.member.name}", unit="fold", disable=not progress)]

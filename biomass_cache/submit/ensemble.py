@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from biomass_cache.common.content import content_hashes
 from biomass_cache.common.data import read_long_csv
@@ -79,9 +80,6 @@ def _read_member_csv(path: Path, image_ids: Sequence[str], columns: Sequence[str
 def _cached(path: Path, image_ids: Sequence[str], columns: Sequence[str], compute: Callable[[], np.ndarray],
             what: str) -> np.ndarray:
     """Read `path` if it holds these images, else compute and write it atomically."""
-    from tqdm.auto import tqdm
-
-
     if path.is_file():
         values = _read_member_csv(path, image_ids, columns)
         if values is not None:
@@ -102,7 +100,6 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     caches are extracted in the training cache's precision unless `precision` (not "auto") says otherwise, and on
     `devices` when given (one backbone split over them).
     """
-
     data_dir, out_dir = Path(data_dir), Path(out_dir)
 
     table = read_long_csv(data_dir / "test.csv")
@@ -191,7 +188,6 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: b
 
     Returns None when some member has no OOF file or there is no train.csv, unless `required`.
     """
-
     files = [oof_file(rm) for rm in resolved]
     if None in files or not train_csv.is_file():
         if not required:
@@ -219,7 +215,6 @@ def oof_folds(resolved: Sequence[ResolvedMember], image_ids: Sequence[str]) -> t
     Members cross-validated on different splits are refused: one member's OOF prediction for a held-out image
     would come from a model trained on images the stacker is scored on, so no split gives an honest score.
     """
-
     table = pd.DataFrame({"image_id": list(image_ids)})
     first: tuple[ResolvedMember, Path, np.ndarray] | None = None
     for rm in resolved:
@@ -283,7 +278,6 @@ def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None 
            progress: bool = True, precision: str | None = None, devices: Sequence[str] | None = None):
     """Run the ensemble on data/test.csv, write the validated submission and its report JSON beside it; returns
     (EnsembleResult, frame)."""
-
     data, out = Path(data), Path(out)
     result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
                           precision=precision, devices=devices)

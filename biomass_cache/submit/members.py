@@ -176,7 +176,6 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes:
     """The member's test cache under out_dir/cache/ for the images `hashes` names: reused when complete and every
     photo's recorded content hash equals the current one, else extracted (only what is missing or changed); then
     reduced with the run's projection when its heads were trained on a reduced store (reduce.py)."""
-
     weights = weights_file(rm)
     settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
@@ -217,7 +216,6 @@ def _digest(obj) -> str:
 def member_key(rm: ResolvedMember, hashes: dict[str, str | None], store=None) -> str:
     """What a member's cached predictions depend on: its checkpoint files, the cache fingerprint (cache kind) or
     the backbone settings (lora kind), the images and their photos' contents (`hashes`: id -> sha256)."""
-
     files = [(sha256_file(p), sha256_file(p.with_suffix(".safetensors"))) for p in rm.checkpoints]
     source = store.fingerprint if store is not None else rm.extract
     return _digest({"checkpoints": files, "source": source, "images": list(hashes), "kind": rm.kind,
@@ -265,7 +263,6 @@ def mc_dropout_variance(rm: ResolvedMember, store, rows: np.ndarray, n_samples: 
 
 def store_positions(store, image_ids: Sequence[str]) -> np.ndarray:
     """Row of every image in the store, all TTA views done (a clear error otherwise)."""
-
     return store_rows(store, list(image_ids), range(store.n_views))
 
 

@@ -76,7 +76,6 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
 
 def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
     """The (W, H) model inputs of the ensemble's members (those whose run records one)."""
-
     found = (resolve_member(m, spec.weights_files).extract.get("size") for m in spec.members)
     return {(int(s[0]), int(s[1])) for s in found if s}
 
@@ -106,7 +105,6 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
 
     None when no member has a head that gives maps. Members on different patch grids cannot be averaged.
     """
-
     maps = []
     for rm, store in zip(result.resolved, result.stores):
         if store is None:

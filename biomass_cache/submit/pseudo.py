@@ -156,7 +156,6 @@ def training_config(rm: ResolvedMember, device: str) -> tuple[dict, TrainConfig,
 
 def open_training_cache(config: dict, cache: Path | None, where: Path):
     """The first member's training token store (`cache` if given), refused unless it holds the same tokens."""
-
     path = Path(cache or config["cache"]["path"])
     if not path.exists():
         raise DataError(f"{path}: the training token cache of {where} not found; give its path with --cache")

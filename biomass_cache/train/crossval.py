@@ -114,7 +114,6 @@ class TokenSource:
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  extract: dict | None = None) -> TokenSource:
     """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
-
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
     if not set(layers) <= set(store.layers):
         raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
@@ -328,7 +327,6 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
                  overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
-
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)
     if cfg.threads > 0:

@@ -44,7 +44,6 @@ def components_to_grams(components: np.ndarray) -> np.ndarray:
 def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
     """Dropout on at inference (heads.enable_mc_dropout), for `samples`; a head without dropout p > 0 has no
     variance to give, which is a DataError naming `where`."""
-
     if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules()):
         raise DataError(f"{where}: the head has no dropout with p > 0, so MC-dropout has no variance to give")
     dropout_only_train(head)

@@ -175,7 +175,6 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, uw_heads: set[str] |
 
 def _density_member(metrics: dict, run_dir: Path) -> str | None:
     """The best-ranked member whose fold-0 checkpoint is a head that draws density maps."""
-
     for name in metrics.get("ranking") or list(metrics.get("heads", {})):
         ckpt = run_dir / "fold0" / f"{name}.json"
         if ckpt.is_file() and has_maps(_read_json(ckpt).get("head", {})):

@@ -47,7 +47,6 @@ def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:
 
 def load_head(json_path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a head from its JSON + safetensors (eval mode, CPU) and check it is the head that was saved."""
-
     json_path = Path(json_path)
     try:
         meta = json.loads(json_path.read_text())
@@ -82,8 +81,6 @@ def check_compatible(meta: dict, store, ignore: Sequence[str] = ()) -> None:
     A test cache differs from the training cache only in what fingerprint.relaxed_diff allows (TTA views instead of
     augmented ones) and the fingerprint keys `ignore` names (the compute precision, when the user chose another one).
     """
-
-
     where = f"head {meta.get('name', '?')} (fold {meta.get('fold', '?')})"
     trained, cache = meta["fingerprint"].get("reduce"), store.fingerprint.get("reduce")
     if trained and not cache:

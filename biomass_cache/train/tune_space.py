@@ -73,7 +73,6 @@ def _scalar(v: Any) -> bool:
 
 def head_options(head: str) -> set[str]:
     """Constructor arguments a config may give head `head` (its own and the shared FusedHead ones)."""
-
     if head not in HEADS:
         raise DataError(f"unknown head {head!r}; available heads: {sorted(HEADS)}")
     names = {n for cls in (HEADS[head], FusedHead) for n, p in inspect.signature(cls.__init__).parameters.items()
