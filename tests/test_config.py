@@ -47,6 +47,13 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
     ("train", '[train]\n[[train.sweep]]\nname = "x"\nlr = "fast"\n',
      ["c.toml: member 'x': lr must be a number > 0, got 'fast' ([train.sweep] lr)"]),
     ("train", "train = 3\n", ["c.toml train: must be a table", "got 3"]),
+    ("train", "[trian]\nepochs = 1\n", ["c.toml: unknown table [trian]; did you mean [train]?"]),
+    ("train", "epochs = 1\n[train]\nlr = 0.1\n", ["c.toml: key(s) ['epochs'] sit outside any table"]),
+    ("train", "epochs = 1\n", ["c.toml: key(s) ['epochs'] sit outside any table", "[train] here"]),
+    ("extract", "[extracts]\nviews = 2\n", ["c.toml: unknown table [extracts]; did you mean [extract]?"]),
+    ("lora", "[lora]\nrank = 4\n[ensemble]\n", ["c.toml: unknown table [ensemble]; a config file holds"]),
+    ("lora", "rank = 4\n", ["c.toml: key(s) ['rank'] sit outside any table"]),
+    ("reduce", "[reduse]\ndim = 3\n", ["c.toml: unknown table [reduse]; did you mean [reduce]?"]),
     ("extract", "[extract]\nbogus = 1\n", ["c.toml [extract]: unknown key(s) ['bogus']"]),
     ("extract", "[extract]\nviews = 0\n", ["c.toml: views must be an integer >= 1, got 0 ([extract] views)"]),
     ("extract", '[extract]\nviews = "4"\n', ["c.toml: views must be an integer >= 1, got '4' ([extract] views)"]),
@@ -80,6 +87,16 @@ def test_every_loader_names_the_file_and_key(tmp_path, loader, body, fragments):
     for fragment in fragments:
         assert fragment in str(info.value)
     assert isinstance(info.value, DataError)  # the CLI's user error: one `error:` line
+
+
+def test_the_flat_form_is_extract_keys_alone(tmp_path):
+    """A file of keys outside any table is read by extract, checked key by key; the other loaders refuse it."""
+    path = tmp_path / "c.toml"
+    path.write_text("views = 2\n")
+    assert load_config_file(path) == {"views": 2}
+    path.write_text("epochs = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epochs'\]"):
+        load_config_file(path)
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from biomass_cache.common.data import load_image, read_long_csv, to_long
+from biomass_cache.common.data import read_long_csv, to_long
+from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
 
@@ -28,7 +29,7 @@ def folder(tmp_path):
     (tmp_path / "train").mkdir()
     ids = ["ID1011485656", "ID1012260530", "ID1025234388"]
     for iid in ids:
-        Image.new("RGB", (20, 10), (40, 120, 30)).save(tmp_path / "train" / f"{iid}.jpg")
+        Image.new("RGB", (32, 16), (40, 120, 30)).save(tmp_path / "train" / f"{iid}.jpg")
     long_rows(ids).to_csv(tmp_path / "train.csv", index=False)
     return tmp_path
 
@@ -105,10 +106,29 @@ def test_to_long_refuses_unknown_ids(folder):
 
 
 def test_load_image_errors(folder):
-    assert load_image(folder / "train" / "ID1011485656.jpg").size == (20, 10)
+    assert load_image(folder / "train" / "ID1011485656.jpg").size == (32, 16)
     with pytest.raises(DataError, match="not found"):
         load_image(folder / "nope.jpg")
     bad = folder / "train" / "bad.jpg"
     bad.write_bytes((folder / "train" / "ID1011485656.jpg").read_bytes()[:200])
     with pytest.raises(DataError, match="bad.jpg: corrupt or truncated"):
         load_image(bad)
+
+
+@pytest.mark.parametrize("image_path", ["../elsewhere/ID1.jpg", "train/../../ID1.jpg", "/abs/ID1.jpg",
+                                        "C:\\photos\\ID1.jpg", "..\\up\\ID1.jpg"])
+def test_image_paths_stay_inside_the_data_folder(folder, image_path):
+    """`../` in train.csv read a photo from outside the data folder without a word."""
+    df = long_rows(["ID1"])
+    df["image_path"] = image_path
+    write(folder, df)
+    with pytest.raises(DataError, match=r"train.csv: image_path leaves the CSV's folder on line\(s\) 2, 3, 4, 5, 6 "
+                                        rf"\(line 2: {repr(image_path).replace(chr(92), chr(92) * 2)}\)"):
+        read_long_csv(folder / "train.csv", check_images=False)
+
+
+def test_a_subfolder_and_a_dotted_name_are_inside(folder):
+    df = long_rows(["ID1011485656"])
+    df["image_path"] = "./train/ID1011485656.jpg"
+    write(folder, df)
+    assert read_long_csv(folder / "train.csv")["image_path"].tolist() == ["./train/ID1011485656.jpg"]

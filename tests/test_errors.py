@@ -18,6 +18,7 @@ from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
 from biomass_cache.common.folds import grouped_folds
+from biomass_cache.submit.predict import check_photos
 from toys import huge_jpeg, make_toy
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-plots", "--device", "cpu"]
@@ -274,6 +275,21 @@ def test_predict_warns_about_a_photo_of_another_shape(run, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "portrait.jpg: aspect ratio (width/height) 0.67" in warnings[0]
     assert "64x32" in warnings[0] and "crop it to 64:32" in warnings[0]
+
+
+def test_photos_are_checked_before_any_forward_pass(tmp_path, capsys):
+    """A photo too small to show a quadrat is refused (a 1x1 got a prediction); one enlarged more than 4x to the
+    model input is warned about; both before anything is extracted."""
+    Image.new("RGB", (1, 1), (90, 140, 60)).save(tmp_path / "dot.png")
+    Image.new("RGB", (200, 100), (90, 140, 60)).save(tmp_path / "thumb.jpg")
+    Image.new("RGB", (480, 240), (90, 140, 60)).save(tmp_path / "half.jpg")
+    with pytest.raises(DataError, match=r"dot.png: 1x1 px is too small to show a quadrat.*--skip-bad"):
+        check_photos([tmp_path / "dot.png"], {(960, 480)}, skip_bad=False)
+    good, bad = check_photos(sorted(tmp_path.iterdir()), {(960, 480)}, skip_bad=True)
+    assert [p.name for p in good] == ["half.jpg", "thumb.jpg"] and [p.name for p, _ in bad] == ["dot.png"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "thumb.jpg: 200x100 px is enlarged more than 4x to the model input 960x480" in \
+        warnings[0]
 
 
 def test_verify_and_demo_errors(tmp_path):

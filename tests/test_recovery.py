@@ -18,7 +18,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from biomass_cache.common.data import load_image
+from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.extract.pipeline import extract
 from biomass_cache.store.layout import create_store, open_store

@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms import InterpolationMode
 
-from biomass_cache.common.data import load_image
+from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

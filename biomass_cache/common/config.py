@@ -10,6 +10,7 @@ command line (cli/errors.py).
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import numbers
@@ -20,6 +21,9 @@ from typing import Any, Iterable
 import tomllib
 
 from biomass_cache.common.errors import ConfigError, DataError
+
+# The tables of a config file (configs/default.toml); anything else at its top is a typo to refuse, not to skip.
+CONFIG_TABLES = ("extract", "reduce", "train", "lora")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,12 @@ class Config:
         return ConfigError(f"{self.where(table, key)}: {message}")
 
     def section(self, name: str) -> dict:
-        """A copy of the table `name` ({} when absent); a value that is not a table is refused."""
+        """A copy of the table `name` ({} when absent); a value that is not a table is refused, and so is a file
+        of keys outside any table (only `extract --config` reads that flat form, through load_config_file)."""
+        loose = sorted(k for k, v in self.doc.items() if not isinstance(v, dict))
+        if loose and name not in self.doc:
+            raise self.error(f"key(s) {loose} sit outside any table, so this command would not read them; put them "
+                             f"under the table they belong to ([{name}] here)")
         table = self.doc.get(name, {})
         if not isinstance(table, dict):
             raise self.error(f"must be a table (a [{name}] header with keys under it), got {table!r}", key=name)
@@ -52,12 +61,14 @@ class Config:
 
 
 def read_config(path: str | Path | Config | None, what: str = "config", option: str = "--config",
-                suffixes: tuple[str, ...] | None = (".toml",), see: str = "configs/default.toml") -> Config:
+                suffixes: tuple[str, ...] | None = (".toml",), see: str = "configs/default.toml",
+                tables: tuple[str, ...] | None = CONFIG_TABLES) -> Config:
     """Read a TOML file (JSON where ".json" is among `suffixes`; None: any name, read as TOML) once; a Config
     passes through.
 
     `what`, `option` and `see` only word the errors: another suffix, a missing file, a file that does not parse,
-    a document that is not a table.
+    a document that is not a table. With `tables`, a table outside them ([trian]) is refused with the nearest
+    name, and so are keys outside any table beside tables.
     """
     if path is None:
         return Config()
@@ -80,7 +91,27 @@ def read_config(path: str | Path | Config | None, what: str = "config", option: 
                           ) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a table of keys, got {type(doc).__name__}")
-    return Config(path, doc)
+    conf = Config(path, doc)
+    if tables is not None:
+        check_tables(conf, tables)
+    return conf
+
+
+def check_tables(conf: Config, tables: tuple[str, ...]) -> None:
+    """Refuse a table no step reads, and keys outside any table in a file that has tables (TOML puts keys written
+    above the first header there). A file of keys alone is the flat form; whoever reads it checks the keys."""
+    found = [k for k, v in conf.doc.items() if isinstance(v, dict)]
+    allowed = ", ".join(f"[{t}]" for t in tables)
+    for name in found:
+        if name not in tables:
+            near = difflib.get_close_matches(name, tables, n=1)
+            hint = f"did you mean [{near[0]}]? " if near else ""
+            raise conf.error(f"unknown table [{name}]; {hint}a config file holds the tables {allowed} (see "
+                             "configs/default.toml)")
+    loose = sorted(k for k, v in conf.doc.items() if not isinstance(v, dict) and k not in tables)
+    if found and loose:
+        raise conf.error(f"key(s) {loose} sit outside any table (above the first [header]), so no command reads "
+                         f"them; move them under the table they belong to ({allowed})")
 
 
 # Value rules: key -> (is the value valid, what it must be); each step keeps its own (train.config.RULES,

@@ -7,12 +7,11 @@ silently. CSV line numbers count the header as line 1, so the first data row is 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
@@ -22,7 +21,6 @@ METADATA = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm
 NUMERIC_METADATA = ("Pre_GSHH_NDVI", "Height_Ave_cm")
 SEP = "__"
 MAX_LISTED = 5  # how many offending rows an error message names
-MAX_DECODED_PIXELS = 64_000_000  # 192 MB of RGB: far above any quadrat photo, far below a decompression bomb
 
 
 def _lines(rows: Sequence[int] | pd.Index) -> str:
@@ -55,6 +53,13 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
         empty = raw.index[raw[col].str.strip() == ""]
         if len(empty):
             raise DataError(f"{path}: empty {col} on line(s) {_lines(empty)}")
+
+    outside = raw.index[raw["image_path"].map(_leaves_folder)]
+    if len(outside):
+        r = outside[0]
+        raise DataError(f"{path}: image_path leaves the CSV's folder on line(s) {_lines(outside)} (line {r + 2}: "
+                        f"{raw.at[r, 'image_path']!r}); image paths are relative to {path.parent} and stay inside "
+                        "it: move or link the photos into that folder")
 
     unknown = raw.index[~raw["target_name"].isin(TARGETS)]
     if len(unknown):
@@ -131,6 +136,12 @@ def read_long_csv(path: str | Path, check_images: bool = True) -> pd.DataFrame:
     return table
 
 
+def _leaves_folder(image_path: str) -> bool:
+    """An absolute path, a drive, or a `..` step: the photo would be read from outside the data folder."""
+    posix = PurePosixPath(image_path.replace("\\", "/"))
+    return posix.is_absolute() or ".." in posix.parts or bool(PureWindowsPath(image_path).drive)
+
+
 def read_training_table(path: str | Path, check_images: bool = True) -> pd.DataFrame:
     """`read_long_csv` of a file to train on: it must carry the labels (a `target` column)."""
     table = read_long_csv(path, check_images=check_images)
@@ -173,34 +184,3 @@ def to_long(table: pd.DataFrame, sample_ids: Sequence[str] | None = None) -> pd.
     if unknown:
         raise DataError(f"no prediction for {len(unknown)} sample_id(s): {unknown[:MAX_LISTED]}")
     return pd.DataFrame({"sample_id": list(sample_ids), "target": indexed.loc[list(sample_ids)].to_numpy()})
-
-
-def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
-    """Open an image fully (so truncation shows up here, not later) as RGB. With `at_least` (W, H), a JPEG is
-    decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps it at least that size (PIL's draft).
-
-    The size to decode is checked from the header first: above MAX_DECODED_PIXELS (after the draft scale) the
-    photo is refused as a DataError, like PIL's decompression bombs, instead of being decoded whole."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
-            with Image.open(path) as im:
-                if at_least is not None:
-                    im.draft(None, at_least)
-                w, h = im.size
-                if w * h > MAX_DECODED_PIXELS:
-                    raise _TooLarge(f"{w}x{h} px to decode")
-                im.load()
-                return im if im.mode == "RGB" else im.convert("RGB")
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: image file not found") from e
-    except (_TooLarge, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: image too large ({e}; the limit is {MAX_DECODED_PIXELS / 1e6:.0f} Mpx after "
-                        "JPEG draft scaling); downscale the photo") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: corrupt or truncated image ({e})") from e
-
-
-class _TooLarge(Exception):
-    """A photo whose header announces more pixels than load_image decodes."""

@@ -1,12 +1,13 @@
 """Predictions for any folder of quadrat photos (no CSV): grams and g/m^2 per photo, optional density-map PNGs.
 
-The photos are described by a temporary Kaggle-like test.csv (image_id = file stem, absolute image paths), so
+The photos are described by a temporary Kaggle-like test.csv (image_id = file stem, the photos linked in beside it), so
 the very same ensemble machinery as `biomass submit` runs on them: test caches per backbone (reused), member
 predictions (cached), aggregation in component space.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from biomass_cache.common.data import SEP, load_image
+from biomass_cache.common.data import SEP
+from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_csv
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
@@ -26,6 +28,7 @@ from biomass_cache.train import inference
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
+MAX_ENLARGE = 4  # a photo enlarged more than this to the model input shows the backbone blur
 
 
 def list_photos(photo_dir: Path) -> list[Path]:
@@ -49,8 +52,8 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
                  ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Decode every photo once (as extraction will) before anything is written: returns (readable photos,
     [(unreadable photo, reason)]); without `skip_bad` the first unreadable photo is a DataError. Warns, once per
-    photo, when its aspect ratio differs from a model input's (W, H) by more than ASPECT_TOLERANCE: the photo is
-    resized to the input, so its content is stretched."""
+    photo, when its aspect ratio differs from a model input's (W, H) by more than ASPECT_TOLERANCE (the photo is
+    resized to the input, so its content is stretched) and when it is enlarged more than MAX_ENLARGE times."""
     good, bad = [], []
     smallest = min(input_sizes, default=None)
     for p in photos:
@@ -63,6 +66,10 @@ def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad
             continue
         good.append(p)
         ratio = image.width / image.height
+        if smallest and min(image.width / smallest[0], image.height / smallest[1]) < 1 / MAX_ENLARGE:
+            print(f"warning: {p}: {image.width}x{image.height} px is enlarged more than {MAX_ENLARGE}x to the model "
+                  f"input {smallest[0]}x{smallest[1]}: the backbone sees blur, not pasture; use the original photo",
+                  file=sys.stderr)
         for w, h in sorted(input_sizes):
             if abs(ratio / (w / h) - 1) > ASPECT_TOLERANCE:
                 print(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
@@ -81,8 +88,15 @@ def input_sizes(spec: EnsembleSpec) -> set[tuple[int, int]]:
 
 
 def write_photo_table(photos: list[Path], data_dir: Path) -> Path:
-    """A Kaggle-format test.csv for the photos, image paths absolute; returns its path."""
-    rows = [(f"{p.stem}{SEP}{t}", str(p.resolve()), t) for p in photos for t in sorted(TARGETS)]
+    """A Kaggle-format test.csv for the photos in `data_dir`, each photo linked in as photos/NAME (copied where
+    links are not allowed), since a data folder's image paths stay inside it; returns its path."""
+    (data_dir / "photos").mkdir()
+    for p in photos:
+        try:
+            (data_dir / "photos" / p.name).symlink_to(p.resolve())
+        except OSError:
+            shutil.copyfile(p, data_dir / "photos" / p.name)
+    rows = [(f"{p.stem}{SEP}{t}", f"photos/{p.name}", t) for p in photos for t in sorted(TARGETS)]
     path = data_dir / "test.csv"
     write_csv(path, pd.DataFrame(rows, columns=["sample_id", "image_path", "target_name"]))
     return path

@@ -64,7 +64,7 @@ TOP_KEYS = {"aggregation", "mc_samples", "mc_seed", "stack_alpha", "weights", "m
 def load_ensemble(path: str | Path) -> EnsembleSpec:
     """Parse an ensemble TOML file; unknown keys are errors (a typo must not silently change the ensemble). Every
     mistake in the file is a ConfigError naming it."""
-    conf = read_config(path, what="ensemble", option="--ensemble", suffixes=None,
+    conf = read_config(path, what="ensemble", option="--ensemble", suffixes=None, tables=None,
                        see="configs/ensemble_example.toml")
     raw = conf.doc
     conf.check_keys(raw, TOP_KEYS)

@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from biomass_cache.common.data import load_image, read_long_csv
+from biomass_cache.common.data import read_long_csv
+from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError  # noqa: E402
 from biomass_cache.common.folds import read_folds  # noqa: E402
 from biomass_cache.common.io import atomic_path  # noqa: E402

@@ -115,7 +115,8 @@ def _param(where: str, name: str, spec: Any) -> Param:
 
 def parse_space(path: Path) -> Space:
     """Read and check a space file: [space] searched keys, [fixed] shared [train] values; see docs/tune.md."""
-    doc = read_config(path, what="space", option="--space", suffixes=None, see="configs/tune_example.toml").doc
+    doc = read_config(path, what="space", option="--space", suffixes=None, see="configs/tune_example.toml",
+                      tables=None).doc
     if set(doc) - {"space", "fixed"}:
         raise ConfigError(f"{path}: unknown section(s) {sorted(set(doc) - {'space', 'fixed'})}; allowed: [space], "
                         "[fixed]")

@@ -1,0 +1,130 @@
+"""Photos decoded as a person sees them: upright (EXIF orientation), in sRGB (an embedded colour profile applied),
+8 bits a channel (16-bit photos scaled, not clipped), or refused with the reason and what to do.
+
+Every path that reads a photo (extraction, live LoRA, prediction, plots) goes through `load_image`, so one photo
+is one set of pixels everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, UnidentifiedImageError
+
+from biomass_cache.common.errors import DataError
+
+MAX_DECODED_PIXELS = 64_000_000  # 192 MB of RGB: far above any quadrat photo, far below a decompression bomb
+MIN_SIDE = 16  # px: one backbone patch; a smaller photo cannot show a quadrat
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+NOT_PILLOW = {".heic": "HEIC", ".heif": "HEIF", ".dng": "raw DNG", ".cr2": "raw CR2", ".nef": "raw NEF",
+              ".arw": "raw ARW"}
+SRGB = ImageCms.createProfile("sRGB")
+# EXIF orientation -> the transpose that stands the photo upright (what ImageOps.exif_transpose does, without
+# re-reading the EXIF block or copying it along).
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+
+
+def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Open a photo fully (so truncation shows up here, not later) as the 8-bit RGB picture a viewer shows. With
+    `at_least` (W, H, as the photo is seen), a JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that
+    keeps it at least that size (PIL's draft).
+
+    The size to decode is checked from the header first: above MAX_DECODED_PIXELS (after the draft scale) the
+    photo is refused, like PIL's decompression bombs, instead of being decoded whole."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(path) as im:
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1 and im.format != "MPO":  # MPO: a camera JPEG with extra views; the first is the photo
+                    raise DataError(f"{path}: holds {frames} frames (an animation or a multi-page file); save the "
+                                    "one frame to use as a JPEG or PNG")
+                turned = orientation(im) in TURNED
+                if at_least is not None:
+                    im.draft(None, at_least[::-1] if turned else at_least)
+                w, h = im.size
+                if w * h > MAX_DECODED_PIXELS:
+                    raise DataError(f"{path}: image too large ({w}x{h} px to decode; the limit is "
+                                    f"{MAX_DECODED_PIXELS / 1e6:.0f} Mpx after JPEG draft scaling); downscale the "
+                                    "photo")
+                im.load()
+                return as_seen(im, path)
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image file not found") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large ({e}; the limit is {MAX_DECODED_PIXELS / 1e6:.0f} Mpx after JPEG "
+                        "draft scaling); downscale the photo") from e
+    except UnidentifiedImageError as e:
+        kind = NOT_PILLOW.get(path.suffix.lower())
+        what = f"a {kind} photo, which Pillow cannot read" if kind else "not an image Pillow can read"
+        raise DataError(f"{path}: {what}; convert it to JPEG or PNG") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored; 2-8: mirrored and/or turned), 1 when absent or unreadable."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, TypeError):  # a broken EXIF block: the pixels still stand as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def as_seen(im: Image.Image, path: Path) -> Image.Image:
+    """The decoded image in 8-bit RGB, upright and in sRGB; a photo with no faithful 8-bit RGB form is refused."""
+    turn = orientation(im)
+    profile = im.info.get("icc_profile")
+    if im.mode == "F":
+        raise DataError(f"{path}: floating-point pixels (a measurement, not a photo); save it as an 8- or "
+                        "16-bit RGB or grayscale image")
+    if im.mode in SIXTEEN_BIT or im.mode == "I":
+        values = np.asarray(im, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{path}: 32-bit integer pixels (values {values.min()}..{values.max()}) have no "
+                            "standard brightness; save it as an 8- or 16-bit image")
+        im = Image.fromarray(np.rint(values / 257).astype(np.uint8), "L")  # 65535 -> 255, as a viewer scales
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ALPHA:
+        alpha = im.getchannel(im.mode[-1])
+        low = alpha.getextrema()[0]
+        if low < 255:
+            share = float(np.mean(np.asarray(alpha) < 255))
+            raise DataError(f"{path}: {share:.0%} of its pixels are transparent, and a viewer would show its "
+                            "background there; save the photo without transparency (JPEG, or PNG without alpha)")
+    if profile and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        im = to_srgb(im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode)), profile, path)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    if turn != 1:
+        im = im.transpose(TRANSPOSE[turn])
+    if min(im.size) < MIN_SIDE:
+        raise DataError(f"{path}: {im.width}x{im.height} px is too small to show a quadrat (each side needs at "
+                        f"least {MIN_SIDE} px, one backbone patch); use the original photo")
+    return im
+
+
+def to_srgb(im: Image.Image, profile: bytes, path: Path) -> Image.Image:
+    """The pixels under their embedded colour profile, converted to sRGB (what a colour-managed viewer shows; the
+    backbone learned from sRGB pictures). An sRGB profile changes nothing; an unreadable one is skipped, warned."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if "srgb" in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
+            return im
+        return ImageCms.profileToProfile(im, source, SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        print(f"warning: {path}: its embedded colour profile cannot be read ({e}); its pixels are taken as sRGB",
+              file=sys.stderr)
+        return im
