@@ -92,8 +92,8 @@ def test_every_loader_names_the_file_and_key(tmp_path, loader, body, fragments):
 def test_the_flat_form_is_extract_keys_alone(tmp_path):
     """A file of keys outside any table is read by extract, checked key by key; the other loaders refuse it."""
     path = tmp_path / "c.toml"
-    path.write_text("views = 2\n")
-    assert load_config_file(path) == {"views": 2}
+    path.write_text("views = 2\npolicy = { p_hflip = 0.25 }\n")  # a table-valued key is no table of the file
+    assert load_config_file(path) == {"views": 2, "policy": {"p_hflip": 0.25}}
     path.write_text("epochs = 2\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epochs'\]"):
         load_config_file(path)

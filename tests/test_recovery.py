@@ -25,8 +25,8 @@ from biomass_cache.store.layout import create_store, open_store
 from biomass_cache.common.errors import StoreError
 from biomass_cache.store.verify import verify
 from biomass_cache.cli.verify import verify_command
-from biomass_cache.store.lock import WriterLock
-from biomass_cache.common.errors import StoreLockedError
+from biomass_cache.common.lock import WriterLock
+from biomass_cache.common.errors import LockedError
 from toys import ROOT, assert_same_arrays, cfg_json, chunk_offset, config, huge_jpeg, write_data
 from toys import store_spec as spec
 from toys import store_tokens as tokens
@@ -118,9 +118,9 @@ extract(ExtractConfig(**{cfg_json(cfg)!r}), progress=False)
 def test_a_second_writer_is_refused_naming_the_holder(finished, tmp_path):
     cfg, ids = finished
     with WriterLock(cfg.out):
-        with pytest.raises(StoreLockedError, match=rf"being written by pid {os.getpid()} on "):
+        with pytest.raises(LockedError, match=rf"being written by pid {os.getpid()} on "):
             extract(config(tmp_path, retry_bad=True), progress=False)
-        with pytest.raises(StoreLockedError, match="being written"):
+        with pytest.raises(LockedError, match="being written"):
             extract(config(tmp_path, overwrite=True), progress=False)
     assert extract(cfg, progress=False)["views_extracted"] == 0  # released: runs again
 
@@ -272,4 +272,4 @@ def test_leftovers_of_killed_runs_are_removed(finished, tmp_path):
     assert not old.exists() and not partial.exists()
     assert not list(tmp_path.glob(".tokens.zarr.*-*"))
     extract(config(tmp_path, overwrite=True, batch_size=3), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tokens.zarr.lock", "data", "tokens.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tokens.zarr"]  # no lock file left

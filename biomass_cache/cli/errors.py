@@ -4,6 +4,8 @@ User errors are `DataError` and its subclasses (common/errors.py: every error ty
 usage errors (a bad option value, an unknown option) and the OSErrors a user's environment causes about a named
 path (disk full, read-only, no permission, no such file). Anything else is a bug and keeps its traceback; so do
 user errors under `biomass --debug` or with BIOMASS_DEBUG=1 in the environment (the scripts have no --debug).
+A command stopped by Ctrl-C or SIGTERM cleans up (SIGTERM raises like Ctrl-C while a command runs) and says so in
+one line, with exit status 130 or 143.
 The mapping sits in the click command classes, so it covers parsing, option validation and the command body alike.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -23,6 +26,7 @@ except ImportError:
     from click import ClickException, UsageError
 
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.signals import Terminated, sigterm_raises
 
 EXIT_USER_ERROR = 2
 DEBUG_KEY = "biomass.debug"  # click context meta: set by `biomass --debug`
@@ -37,13 +41,17 @@ PATH_ERRORS = {
     errno.ENOENT: "no such file or directory: check the path",
     errno.ENOTDIR: "a part of the path is not a directory: check the path",
     errno.EISDIR: "is a directory, a file was expected: check the path",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit or write elsewhere",
 }
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # worth one line even when the error names no file
 
 
 class UserError(ClickException):
     """A user error on its way out: click prints it with `show` and exits with `exit_code`."""
 
-    exit_code = EXIT_USER_ERROR
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:  # noqa: ARG002 (click's signature)
         typer.echo(f"error: {self.format_message()}", err=True)
@@ -54,11 +62,12 @@ def debug_wanted(ctx: typer.Context | None) -> bool:
 
 
 def path_error_text(e: OSError) -> str | None:
-    """`PATH: what happened: what to do` for an OSError about a named path the user controls, else None."""
+    """`PATH: what happened: what to do` for an OSError about a named path the user controls (a full disk even
+    unnamed: zarr's and the OS's writes do not always carry the file), else None."""
     hint = PATH_ERRORS.get(e.errno)
-    if hint is None or not e.filename:
+    if hint is None or not (e.filename or e.errno in DISK_FULL):
         return None
-    return f"{e.filename}: {hint}"
+    return f"{e.filename}: {hint}" if e.filename else f"while writing: {hint} ({e.strerror or e})"
 
 
 @contextmanager
@@ -80,6 +89,12 @@ def user_errors(ctx: typer.Context | None) -> Iterator[None]:
         if text is None or debug_wanted(ctx):
             raise
         raise UserError(text) from None
+    except KeyboardInterrupt as e:
+        if debug_wanted(ctx):
+            raise
+        if isinstance(e, Terminated):
+            raise UserError("terminated (SIGTERM)", 128 + signal.SIGTERM) from None
+        raise UserError("interrupted (Ctrl-C)", 128 + signal.SIGINT) from None
 
 
 class OneLineErrorsMixin:
@@ -90,7 +105,7 @@ class OneLineErrorsMixin:
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: typer.Context):
-        with user_errors(ctx):
+        with user_errors(ctx), sigterm_raises():
             return super().invoke(ctx)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from biomass_cache.common.io import write_json
+from biomass_cache.common.io import check_output_file, write_json
 from biomass_cache.submit.submission import score
 
 
@@ -25,6 +25,8 @@ def score_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
 ) -> None:
     """Score a submission locally: the leaderboard's weighted R^2 (competition_r2) and the log-scale R^2."""
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     scores = score(submission, labels)
     print_scores(scores, str(submission))
     if json_out is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from biomass_cache.common.config import MAX_SEED
 from biomass_cache.synth.generate import STYLES, generate
 
 
@@ -22,7 +23,8 @@ def synth_command(
     out_dir: Path = typer.Argument(..., help="Folder to create (train.csv, test.csv, train/, test/, ...)."),
     n_train: int = typer.Option(120, "--n-train", min=1, help="Number of training images."),
     n_test: int = typer.Option(24, "--n-test", min=1, help="Number of test images."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Random seed; the same seed gives byte-identical "
+                             "files."),
     size: str = typer.Option("1000x500", "--size", help="Image size WxH in pixels (real photos are 2:1)."),
     style: str = typer.Option("blades", "--style", help="Generator: blades (the default data) or canopy (an "
                               "independent one, to test whether settings transfer)."),

@@ -43,10 +43,9 @@ class Config:
     def section(self, name: str) -> dict:
         """A copy of the table `name` ({} when absent); a value that is not a table is refused, and so is a file
         of keys outside any table (only `extract --config` reads that flat form, through load_config_file)."""
-        loose = sorted(k for k, v in self.doc.items() if not isinstance(v, dict))
-        if loose and name not in self.doc:
-            raise self.error(f"key(s) {loose} sit outside any table, so this command would not read them; put them "
-                             f"under the table they belong to ([{name}] here)")
+        if self.doc and not any(k in CONFIG_TABLES for k in self.doc):
+            raise self.error(f"key(s) {sorted(self.doc)} sit outside any table, so this command would not read "
+                             f"them; put them under the table they belong to ([{name}] here)")
         table = self.doc.get(name, {})
         if not isinstance(table, dict):
             raise self.error(f"must be a table (a [{name}] header with keys under it), got {table!r}", key=name)
@@ -98,18 +97,19 @@ def read_config(path: str | Path | Config | None, what: str = "config", option: 
 
 
 def check_tables(conf: Config, tables: tuple[str, ...]) -> None:
-    """Refuse a table no step reads, and keys outside any table in a file that has tables (TOML puts keys written
-    above the first header there). A file of keys alone is the flat form; whoever reads it checks the keys."""
-    found = [k for k, v in conf.doc.items() if isinstance(v, dict)]
+    """Refuse a table no step reads ([trian]), and keys outside any table in a file that has tables (TOML puts keys
+    written above the first header there). A file without any of `tables` is the flat form (extract's keys, whose
+    reader checks them); there only a near miss of a table name is refused."""
+    structured = any(k in tables for k in conf.doc)
     allowed = ", ".join(f"[{t}]" for t in tables)
-    for name in found:
-        if name not in tables:
-            near = difflib.get_close_matches(name, tables, n=1)
+    for name, value in conf.doc.items():
+        near = difflib.get_close_matches(name, tables, n=1)
+        if isinstance(value, dict) and name not in tables and (structured or near):
             hint = f"did you mean [{near[0]}]? " if near else ""
             raise conf.error(f"unknown table [{name}]; {hint}a config file holds the tables {allowed} (see "
                              "configs/default.toml)")
     loose = sorted(k for k, v in conf.doc.items() if not isinstance(v, dict) and k not in tables)
-    if found and loose:
+    if structured and loose:
         raise conf.error(f"key(s) {loose} sit outside any table (above the first [header]), so no command reads "
                          f"them; move them under the table they belong to ({allowed})")
 
@@ -119,6 +119,10 @@ def check_tables(conf: Config, tables: tuple[str, ...]) -> None:
 def is_int(v: object) -> bool:
     """An integer from a file or from code (numpy's too); never a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take seeds from 0; fold seeds (seed * 1000 + k) stay in 64 bits
+SEED_RULE = (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 
 
 def is_number(v: object) -> bool:

@@ -28,8 +28,8 @@ class StoreError(DataError):
     """A path that is not a readable token store, or a request the store cannot honour."""
 
 
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
+class LockedError(DataError):
+    """Another process is writing the output (a token store, a run folder)."""
 
 
 class FingerprintError(DataError):

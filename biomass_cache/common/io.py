@@ -1,7 +1,9 @@
-"""Atomic file writes: every artefact appears whole or not at all."""
+"""Atomic file writes: every artefact appears whole or not at all; a write that fails names the file it was
+writing (a full disk says which output), never a temporary name nor nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -11,6 +13,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from biomass_cache.common.errors import DataError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -19,11 +23,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path, also=tmp):
+            yield tmp
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def writing(path: str | Path, also: str | Path | None = None) -> Iterator[None]:
+    """OSErrors raised inside that name no file (os.writev, zarr's stores, a full disk), or name the temporary
+    `also`, are raised again naming `path`: the output the user chose."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and (e.filename is None or (also is not None and str(e.filename) == str(also))):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Refuse, before any work, an output file that could never be written: a folder's name, or one under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{option} {path}: is a folder; give a file name (e.g. {path / 'submission.csv'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"{option} {path}: {parent} is a file, not a folder")
 
 
 def _plain(value: Any) -> Any:
@@ -36,6 +65,11 @@ def _plain(value: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_csv(path: str | Path, df: pd.DataFrame, **kwargs: Any) -> None:

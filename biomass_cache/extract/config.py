@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from biomass_cache.backbone.precision import PRECISIONS
 from biomass_cache.backbone.views import SPLITS, TTA_VIEWS, ViewPolicy, parse_view_size, validate_size, validate_tiles
-from biomass_cache.common.config import Config, check_table, check_values, is_int, read_config
+from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, read_config
 from biomass_cache.common.distributed import parse_devices
 from biomass_cache.common.errors import DataError
 from biomass_cache.store.layout import STORAGE_DTYPES
@@ -136,7 +136,7 @@ EXTRACT_RULES = {
     "layers": (lambda v: v is None or (_is_ints(v) and len(v) > 0), "a list of block indices"),
     "norm": (lambda v: isinstance(v, bool), "true or false"),
     "views": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": (is_int, "an integer"),
+    "seed": SEED_RULE,
     "device": (lambda v: v in DEVICES, f"one of {list(DEVICES)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
     "devices": (lambda v: v is None or isinstance(v, str) or _is_strs(v), "a list of devices, e.g. cuda:0,cuda:1"),

@@ -31,12 +31,13 @@ from biomass_cache.common.content import content_hashes
 from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.distributed import Ranks, init_ranks, resolve_devices
 from biomass_cache.common.errors import DataError, StoreError
+from biomass_cache.common.io import writing
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.extract.writers import Item, Writer
 from biomass_cache.store.fingerprint import Fingerprint, of_extraction
 from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
-from biomass_cache.store.lock import WriterLock
+from biomass_cache.common.lock import WriterLock
 from biomass_cache.store.verify import verify
 
 WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
@@ -98,7 +99,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     ranks, device = init_ranks(cfg.device)
     try:
-        with ExitStack() as held:  # rank 0 holds the store's writer lock for the whole run
+        with ExitStack() as held, writing(cfg.out):  # rank 0 holds the store's writer lock for the whole run
             return _extract(cfg, ranks, device, progress, start, held)
     finally:
         if ranks.owns_group:
@@ -187,15 +188,12 @@ def _prepare_store(cfg: ExtractConfig, table, layers: list[int], grid: tuple[int
             say(f"appending {len(new)} new image(s) from {csv} to {cfg.out}")
             store.append_images(new)
     else:
-        if cfg.out.exists():  # refuse to replace a store another run is writing
-            with WriterLock(cfg.out):
-                pass
+        lock = held.enter_context(WriterLock(cfg.out))  # before replacing a store another run may be writing
         spec = StoreSpec(image_ids=image_ids, n_views=cfg.views, layers=layers, grid=grid, channels=backbone.embed_dim,
                          fingerprint=fingerprint.to_dict(), split=cfg.split, dtype=cfg.dtype,
                          n_prefix=backbone.n_prefix * cfg.tiles if cfg.store_prefix else 0,
                          random_weights=backbone.weights_sha256 == "random")
         create_store(cfg.out, spec, overwrite=cfg.overwrite)
-        lock = held.enter_context(WriterLock(cfg.out))
         store = open_store(cfg.out, mode="r+")
     if lock.held:
         for stray in store.path.rglob("*.partial"):  # temp files of writes killed midway

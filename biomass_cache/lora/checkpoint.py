@@ -7,14 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from biomass_cache.backbone.precision import check_precision
 from biomass_cache.backbone.vit import Backbone, backbone_fingerprint, create_backbone, resolve_layers
 from biomass_cache.common.content import sha256_file
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, write_json
+from biomass_cache.common.io import write_bytes, write_json
 from biomass_cache.common.targets import ZScore
 from biomass_cache.heads import rebuild_head
 from biomass_cache.lora.adapters import adapter_state, inject_lora
@@ -42,8 +42,7 @@ def save_checkpoint(json_path: Path, head: nn.Module, meta: dict, live: LiveToke
     tensors = {HEAD_PREFIX + k: v for k, v in head.state_dict().items()}
     tensors |= {ADAPTER_PREFIX + k: v for k, v in adapter_state(live.model).items()}
     weights = json_path.with_suffix(".safetensors")
-    with atomic_path(weights) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    write_bytes(weights, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
     write_json(json_path, {**meta, "kind": "lora", "base": base_identity(live.bb), "lora": asdict(live.s),
                            "weights_sha256": sha256_file(weights), "format_version": runs.FORMAT_VERSION})
 

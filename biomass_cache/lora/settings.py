@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from biomass_cache.backbone.precision import check_precision
 from biomass_cache.backbone.views import parse_view_size
-from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
+from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, is_number, read_config
 from biomass_cache.common.errors import DataError
 from biomass_cache.extract.config import EXTRACT_RULES
 
@@ -75,6 +75,8 @@ def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings
 EXTRACT_KEYS = ("backbone", "weights", "size", "tiles", "layers", "norm", "precision")
 # [lora] key -> (is the value valid, what it must be), as train.config.RULES; the flags that set them
 LORA_RULES = {
+    "backbone_seed": SEED_RULE,
+    "view_seed": SEED_RULE,
     "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),

@@ -21,7 +21,7 @@ from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cach
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.store.layout import open_store
-from biomass_cache.train import inference
+from biomass_cache.train import inference, runs
 from biomass_cache.train.crossval import TokenSource, cross_validate
 from biomass_cache.train.dataset import AuxSpec
 
@@ -45,38 +45,39 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
     if s.weights != "random":  # recorded absolute, so the run folder finds its base backbone from anywhere
         s = replace(s, weights=str(Path(s.weights).resolve()))
     data, out = Path(data), Path(out)
-    table = read_training_table(data / "train.csv")
-    bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
-    inject_lora(bb, s)
-    live = LiveTokens(bb, s, device)
-    prefix = None
-    if s.prefix_cache:
-        live.check_prefix_layers()
-        if rank == 0:
-            build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
-        ranks.barrier()
-        prefix = open_store(s.prefix_cache)
-    per_rank = cfg.batch_size // world
+    with runs.claim_run_dir(out, overwrite, rank == 0):  # before the backbone loads
+        table = read_training_table(data / "train.csv")
+        bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
+        inject_lora(bb, s)
+        live = LiveTokens(bb, s, device)
+        prefix = None
+        if s.prefix_cache:
+            live.check_prefix_layers()
+            if rank == 0:
+                build_prefix_cache(Path(s.prefix_cache), table, data, live, progress)
+            ranks.barrier()
+            prefix = open_store(s.prefix_cache)
+        per_rank = cfg.batch_size // world
 
-    def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-        ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
-        return live_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
+        def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
+            ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
+            return live_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
 
-    def val_loader(rows: np.ndarray, aux: AuxSpec):
-        ds = LiveDataset(table, rows, data, s, train=False, seed=0, aux=aux, prefix=prefix, view=0)
-        return live_loader(ds, cfg.eval_batch_size, cfg.workers)
+        def val_loader(rows: np.ndarray, aux: AuxSpec):
+            ds = LiveDataset(table, rows, data, s, train=False, seed=0, aux=aux, prefix=prefix, view=0)
+            return live_loader(ds, cfg.eval_batch_size, cfg.workers)
 
-    def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
-        loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
-        return inference.predict_loader(head, loader, live).grams
+        def predict(head: nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
+            loader = val_loader(rows, AuxSpec.from_dict(meta["aux"]))
+            return inference.predict_loader(head, loader, live).grams
 
-    fingerprint = lora_fingerprint(bb, s)
-    source = TokenSource(
-        layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
-        config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
-        device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
-        save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=ranks.barrier,
-        sync=ranks.average_gradients if world > 1 else None)
-    if bb.weights_sha256 == "random" and rank == 0:
-        tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds, overwrite)
+        fingerprint = lora_fingerprint(bb, s)
+        source = TokenSource(
+            layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
+            config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
+            device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
+            save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=ranks.barrier,
+            sync=ranks.average_gradients if world > 1 else None)
+        if bb.weights_sha256 == "random" and rank == 0:
+            tqdm.write("NOTE: LoRA on a RANDOMLY INITIALISED backbone: scores are a demo only")
+        return cross_validate(source, table, data, out, cfg, {cfg.head: cfg}, folds_csv, strict_folds)

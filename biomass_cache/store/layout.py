@@ -181,13 +181,14 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:
-    """Delete what a killed `create_store` left beside `path` (`.NAME.creating-PID`, `.NAME.old-PID`: a whole old
-    store being deleted) when process PID is gone; returns what was removed."""
+    """Delete what a killed `create_store`, `reduce_store` or training run left beside `path` (`.NAME.creating-PID`,
+    `.NAME.old-PID`: a whole old store being deleted, `.NAME.reducing-PID`, `.NAME.replaced-PID`: the run a killed
+    run was replacing) when process PID is gone; returns what was removed."""
     path = Path(path)
     removed = []
     for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
         kind, _, pid = leftover.name[len(path.name) + 2:].rpartition("-")
-        if kind in ("creating", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("creating", "old", "reducing", "replaced") and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     return removed

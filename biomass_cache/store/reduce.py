@@ -24,15 +24,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from tqdm.auto import tqdm
 
 from biomass_cache.common.config import read_config
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, write_json
+from biomass_cache.common.io import write_bytes, write_json, writing
+from biomass_cache.common.lock import WriterLock
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import TokenStore
-from biomass_cache.store.layout import StoreSpec, create_store, open_store
+from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
@@ -103,8 +104,7 @@ class Reduction:
     def save(self, path: Path) -> None:
         """`path`.safetensors (mean, components) then `path`.json (what they are): a run folder's copy."""
         path = Path(path)
-        with atomic_path(path.with_suffix(".safetensors")) as tmp:
-            save_file({"mean": self.mean, "components": self.components}, str(tmp))
+        write_bytes(path.with_suffix(".safetensors"), save({"mean": self.mean, "components": self.components}))
         write_json(path.with_suffix(".json"), self.describe())
 
     @classmethod
@@ -225,22 +225,24 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
     spec = StoreSpec(image_ids=src.image_ids, n_views=src.n_views, layers=src.layers, grid=reduction.grid,
                      channels=reduction.dim, fingerprint=reduction.fingerprint(src.fingerprint), split=src.split,
                      dtype=dtype, random_weights=src.random_weights)
-    tmp = out.with_name(f".{out.name}.reducing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        store = create_store(tmp, spec)
-        store.write_extra("reduction_mean", reduction.mean)
-        store.write_extra("reduction_components", reduction.components)
-        store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
-                        weights_path=src.weights_path)
-        for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
-            store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
-                                              for v in range(src.n_views)]))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with WriterLock(out), writing(out):  # one writer of `out`; a full disk names it
+        for leftover in remove_leftovers(out):
+            print(f"removed {leftover}, left behind by an interrupted run")
+        tmp = out.with_name(f".{out.name}.reducing-{os.getpid()}")
+        try:
+            store = create_store(tmp, spec)
+            store.write_extra("reduction_mean", reduction.mean)
+            store.write_extra("reduction_components", reduction.components)
+            store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
+                            weights_path=src.weights_path)
+            for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
+                store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
+                                                  for v in range(src.n_views)]))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return open_store(out)
 
 

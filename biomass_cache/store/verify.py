@@ -16,7 +16,7 @@ from tqdm import tqdm
 from biomass_cache.common.errors import StoreError
 from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.layout import BF16_NAN_BITS, open_store
-from biomass_cache.store.lock import WriterLock
+from biomass_cache.common.lock import WriterLock
 
 
 @dataclass

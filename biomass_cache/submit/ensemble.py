@@ -22,7 +22,7 @@ from biomass_cache.common.content import content_hashes
 from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.errors import DataError, EnsembleError
 from biomass_cache.common.folds import read_folds
-from biomass_cache.common.io import write_csv, write_json
+from biomass_cache.common.io import check_output_file, write_csv, write_json
 from biomass_cache.common.targets import COMPONENTS, TARGETS
 from biomass_cache.submit.aggregate import (
     VAR_FLOOR,
@@ -36,6 +36,7 @@ from biomass_cache.submit.aggregate import (
 )
 from biomass_cache.submit.members import (
     ResolvedMember,
+    check_mc_dropout,
     check_not_collapsed,
     ensure_test_cache,
     mc_dropout_variance,
@@ -107,9 +108,11 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     hashes = content_hashes({i: data_dir / p for i, p in zip(ids, table["image_path"])})  # the caches' keys
     resolved = [with_backbone_options(resolve_member(m, spec.weights_files), precision, devices)
                 for m in spec.members]
-    if not spec.allow_collapsed:
-        for rm in resolved:
+    for rm in resolved:  # what can be refused is refused before any test image is predicted
+        if not spec.allow_collapsed:
             check_not_collapsed(rm)
+        if spec.aggregation == "mc_dropout":
+            check_mc_dropout(rm)
     fitted = spec.aggregation in FITTED  # OOF inputs and folds checked before any test image is predicted
     oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted,
                       aggregation=spec.aggregation)
@@ -135,8 +138,6 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         preds.append(_cached(path, ids, TARGETS, compute, what))
         files.append(path)
         if spec.aggregation == "mc_dropout":
-            if store is None:
-                raise EnsembleError(f"{what}: mc_dropout aggregation needs heads on a token cache, not LoRA members")
             var_path = out_dir / "members" / f"{key}-mc{spec.mc_samples}-seed{spec.mc_seed}.csv"
             var = lambda rm=rm, store=store, rows=rows: mc_dropout_variance(
                 rm, store, rows, spec.mc_samples, spec.mc_seed, device)
@@ -279,6 +280,8 @@ def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None 
     """Run the ensemble on data/test.csv, write the validated submission and its report JSON beside it; returns
     (EnsembleResult, frame)."""
     data, out = Path(data), Path(out)
+    check_output_file(out, "--out")
+    check_output_file(report_path(out), "--out (its report)")
     result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
                           precision=precision, devices=devices)
     sub = write_submission(out, result.frame(), data / "test.csv")

@@ -23,6 +23,7 @@ from biomass_cache.common.errors import CollapsedMemberError, DataError, Ensembl
 from biomass_cache.common.targets import components_to_targets, to_grams
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.extract.pipeline import extract
+from biomass_cache.heads import has_maps
 from biomass_cache.store.fingerprint import PRECISION_KEYS, inherited_settings
 from biomass_cache.store.layout import open_store
 from biomass_cache.store.reduce import Reduction, reduce_store
@@ -107,6 +108,21 @@ def check_not_collapsed(rm: ResolvedMember) -> None:
             f"member {rm.member.name}: head {head} " + "; ".join(f"{c['fold']} predicts a constant for "
                                                                  f"{', '.join(c['targets'])}" for c in bad)
             + f" (recorded in {metrics}); retrain it, leave it out, or pass --allow-collapsed to use it anyway")
+
+
+def check_mc_dropout(rm: ResolvedMember) -> None:
+    """Refuse, before any test image is predicted, a member MC-dropout cannot sample: a LoRA member (no token
+    cache to sample on) or a checkpoint whose head has no dropout."""
+    if rm.kind == "lora":
+        raise EnsembleError(f"member {rm.member.name}: mc_dropout aggregation needs heads on a token cache, not LoRA "
+                            "members")
+    for path in rm.checkpoints:
+        inference.enable_mc_dropout(runs.load_head(path)[0], f"member {rm.member.name}, checkpoint {path}")
+
+
+def draws_maps(rm: ResolvedMember) -> bool:
+    """Whether every checkpoint of the member has a head that draws density maps (read from the JSONs alone)."""
+    return rm.kind == "cache" and all(has_maps(_read_json(p).get("head", {})) for p in rm.checkpoints)
 
 
 def with_backbone_options(rm: ResolvedMember, precision: str | None, devices: Sequence[str] | None) -> ResolvedMember:

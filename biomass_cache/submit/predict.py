@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import SEP
 from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, write_csv
+from biomass_cache.common.io import atomic_path, check_output_file, write_csv
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
-from biomass_cache.submit.members import load_checked_heads, resolve_member, store_positions
+from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
 from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import inference
 
@@ -170,17 +170,19 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
 
     With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`)."""
     photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
+    check_output_file(out, "--out")
+    if maps and not any(draws_maps(resolve_member(m, spec.weights_files)) for m in spec.members):
+        raise DataError("--maps needs at least one member whose head draws density maps (head 'density'); "
+                        f"none of {[m.name for m in spec.members]} has one")
     photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
         write_photo_table(photos, Path(tmp))
         result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
                               precision=precision, devices=devices)
+    dmaps = density_maps(result, device) if maps else None  # before any output: a failure leaves none
     table = predictions_table(result, photos)
     write_csv(out, table)
-    if maps:
-        dmaps = density_maps(result, device)
-        if dmaps is None:
-            raise DataError("--maps needs at least one member with a density head (head 'density')")
+    if dmaps is not None:
         folder = out.with_name(f"{out.stem}_maps")
         for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
             save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])

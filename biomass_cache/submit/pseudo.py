@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -184,25 +185,25 @@ def pseudo_train(spec: EnsembleSpec, data: Path, out: Path, rounds: int = 1, wei
     folds_csv = first.run_dir / "folds.csv"
     folds = read_folds(folds_csv, table)
     dirs = [out / "rounds" / f"round{r}" for r in range(1, rounds)] + [out]
-    for d in dirs:  # refused (or cleared with --overwrite) before anything trains
-        for p in runs.prepare_run_dir(d, overwrite):
-            tqdm.write(f"--overwrite: deleted {p} of the earlier run")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    labellers, metrics = spec, {}
-    for r, run_dir in enumerate(dirs, start=1):
-        labels = predict_labels(labellers, table, folds, data, work_dir, device, precision, devices, progress)
-        info = {"round": r, "rounds": rounds, "weight": weight, "n_test": len(labels.image_ids),
-                "n_train": len(table), "labels": labels.mode, "labelled_by": [m.name for m in labellers.members],
-                "note": NOTES[labels.mode]}
-        base = cache_source(store, table, cfg, members_cfg, config.get("extract"))
-        base.config["pseudo"] = info
-        metrics = cross_validate(pseudo_source(base, labels, folds, weight, cfg), table, data, run_dir, cfg,
-                                 members_cfg, folds_csv=folds_csv)  # run_dir was prepared above
-        metrics["pseudo"] = info
-        runs.write_metrics(run_dir, metrics)
-        tqdm.write(f"round {r}/{rounds}: pooled OOF competition_r2 {metrics['competition_r2']:.4f} on the "
-                   f"{len(table)} training images ({labels.mode} pseudo-labels of {len(labels.image_ids)} test "
-                   f"images, weight {weight}) -> {run_dir}")
-        labellers = EnsembleSpec((Member(run_dir),), spec.weights_files, allow_collapsed=spec.allow_collapsed)
-    return metrics
+    with ExitStack() as held:
+        for d in reversed(dirs):  # every round's folder held (refused, or cleared with --overwrite) before any
+            held.enter_context(runs.claim_run_dir(d, overwrite))  # training; `out` first, as it holds the rounds
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        labellers, metrics = spec, {}
+        for r, run_dir in enumerate(dirs, start=1):
+            labels = predict_labels(labellers, table, folds, data, work_dir, device, precision, devices, progress)
+            info = {"round": r, "rounds": rounds, "weight": weight, "n_test": len(labels.image_ids),
+                    "n_train": len(table), "labels": labels.mode, "labelled_by": [m.name for m in labellers.members],
+                    "note": NOTES[labels.mode]}
+            base = cache_source(store, table, cfg, members_cfg, config.get("extract"))
+            base.config["pseudo"] = info
+            metrics = cross_validate(pseudo_source(base, labels, folds, weight, cfg), table, data, run_dir, cfg,
+                                     members_cfg, folds_csv=folds_csv)
+            metrics["pseudo"] = info
+            runs.write_metrics(run_dir, metrics)
+            tqdm.write(f"round {r}/{rounds}: pooled OOF competition_r2 {metrics['competition_r2']:.4f} on the "
+                       f"{len(table)} training images ({labels.mode} pseudo-labels of {len(labels.image_ids)} test "
+                       f"images, weight {weight}) -> {run_dir}")
+            labellers = EnsembleSpec((Member(run_dir),), spec.weights_files, allow_collapsed=spec.allow_collapsed)
+        return metrics

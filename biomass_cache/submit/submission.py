@@ -120,7 +120,7 @@ def read_long_file(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise SubmissionError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype={"sample_id": str})
+        df = pd.read_csv(path, dtype={"sample_id": str, "target": str}, keep_default_na=False)  # text to quote
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise SubmissionError(f"{path}: not a readable CSV ({e}); expected a header sample_id,target and one row "
                               "per sample") from None
@@ -130,8 +130,12 @@ def read_long_file(path: str | Path) -> pd.DataFrame:
     if len(dup):
         raise SubmissionError(f"{path}: duplicated sample_id(s) {_some(dup)}")
     values = pd.to_numeric(df["target"], errors="coerce")
-    if values.isna().any() or not np.isfinite(values).all():
-        raise SubmissionError(f"{path}: non-numeric or non-finite target for {_some(df['sample_id'][values.isna()])}")
+    bad = ~np.isfinite(values.to_numpy(float))  # NaN where not a number, inf where 1e400 overflowed
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise SubmissionError(f"{path}: non-numeric or non-finite target for {_some(df['sample_id'].iloc[rows])} "
+                              f"(line {rows[0] + 2}: {df['target'].iloc[rows[0]]!r}); every target must be a finite "
+                              "number of grams")
     return df[COLUMNS].assign(target=values.astype(float))
 
 

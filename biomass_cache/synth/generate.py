@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from biomass_cache.synth.blades import paint, sample_labels
 from biomass_cache.synth.canopy import paint_canopy, sample_labels_canopy
+from biomass_cache.common.io import writing
 from biomass_cache.common.targets import TARGETS
 
 CSV_TARGETS = tuple(sorted(TARGETS))  # Kaggle's files list an image's targets alphabetically
@@ -115,26 +116,27 @@ def generate(out_dir: Path, n_train: int = 120, n_test: int = 24, seed: int = 0,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     start = time.perf_counter()
-    try:
-        ids = _image_ids(n_train + n_test, _rng(seed, *key, 0))
-        tables = {}
-        with tqdm(total=n_train + n_test, desc="synth", unit="img", disable=not progress) as bar:
-            for code, (split, split_ids) in enumerate([("train", ids[:n_train]), ("test", ids[n_train:])]):
-                table, drawn = sampler(len(split_ids), _rng(seed, *key, 1, code))
-                tables[split] = table.assign(image_id=split_ids)
-                (tmp / split).mkdir()
-                for i, image_id in enumerate(split_ids):
-                    img = painter(_rng(seed, *key, 2, code, i), (width, height), drawn[i],
-                                float(table.at[i, "Height_Ave_cm"]), table.at[i, "Sampling_Date"])
-                    img.save(tmp / split / f"{image_id}.jpg", format="JPEG", quality=90)
-                    bar.update()
-        _write_csvs(tmp, tables["train"], tables["test"])
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(out_dir):  # a full disk names out_dir, not the hidden folder being filled
+        try:
+            ids = _image_ids(n_train + n_test, _rng(seed, *key, 0))
+            tables = {}
+            with tqdm(total=n_train + n_test, desc="synth", unit="img", disable=not progress) as bar:
+                for code, (split, split_ids) in enumerate([("train", ids[:n_train]), ("test", ids[n_train:])]):
+                    table, drawn = sampler(len(split_ids), _rng(seed, *key, 1, code))
+                    tables[split] = table.assign(image_id=split_ids)
+                    (tmp / split).mkdir()
+                    for i, image_id in enumerate(split_ids):
+                        img = painter(_rng(seed, *key, 2, code, i), (width, height), drawn[i],
+                                    float(table.at[i, "Height_Ave_cm"]), table.at[i, "Sampling_Date"])
+                        img.save(tmp / split / f"{image_id}.jpg", format="JPEG", quality=90)
+                        bar.update()
+            _write_csvs(tmp, tables["train"], tables["test"])
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile
+            _move_into_place(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     seconds = time.perf_counter() - start
     return {
         "out_dir": str(out_dir), "n_train": n_train, "n_test": n_test, "seed": seed, "style": style,

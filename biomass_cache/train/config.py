@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from biomass_cache.common.config import Config, check_table, check_values, is_int, is_number, read_config
+from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, is_number, read_config
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
 from biomass_cache.heads import HEADS
@@ -102,11 +102,12 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 
 
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
-FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "stratify", "epochs", "batch_size", "lr", "device",
+FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "seed", "stratify", "epochs", "batch_size", "lr", "device",
                                                  "workers", "preload", "interval_bins")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "seed": SEED_RULE,
     "stratify": (lambda v: isinstance(v, bool), "true or false"),
     "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),

@@ -163,12 +163,10 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                    members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False, overwrite: bool = False,
-                   on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
+                   strict_folds: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
     return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
-    An earlier run's results in `out` are refused, or deleted with `overwrite` (runs.prepare_run_dir);
-    `on_epoch(rows)`: each epoch's history rows (with their fold), see `train_fold`."""
+    The caller holds `out` (runs.claim_run_dir) from before its expensive start; `on_epoch(rows)`: each epoch's history rows (with their fold), see `train_fold`."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
@@ -177,9 +175,6 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
     inner = inner_groups(table)  # closed-form heads: groups of their inner CV
     out = Path(out)
-    if writer:
-        for p in runs.prepare_run_dir(out, overwrite):
-            tqdm.write(f"--overwrite: deleted {p} of the earlier run")
     if cfg.full:
         plan = [("full", -1, np.arange(len(table)), None)]
     else:
@@ -325,13 +320,16 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
-                 overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
-    """Stage two: cross-validate every member on the token cache `cache`; see `cross_validate`."""
+                 overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None,
+                 stops: tuple[type[BaseException], ...] = ()) -> dict:
+    """Stage two: cross-validate every member on the token cache `cache` into the run folder `out`, held from
+    the start (runs.claim_run_dir, where `stops` are explained); see `cross_validate`."""
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    source = cache_source(store, table, cfg, members_cfg, extract)
-    if store.random_weights:
-        tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-    return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, overwrite, on_epoch)
+    with runs.claim_run_dir(out, overwrite, stops=stops):
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        source = cache_source(store, table, cfg, members_cfg, extract)
+        if store.random_weights:
+            tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
+        return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, on_epoch)

@@ -15,22 +15,27 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from biomass_cache.common.content import sha256_file
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, write_csv, write_json
+from biomass_cache.common.io import write_bytes, write_csv, write_json, writing
+from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.targets import TARGETS, ZScore
 from biomass_cache.heads import check_compatible as check_signature
 from biomass_cache.heads import rebuild_head
 from biomass_cache.store.fingerprint import relaxed_diff
+from biomass_cache.store.layout import remove_leftovers
 
 FORMAT_VERSION = 1
 
@@ -40,8 +45,7 @@ def save_head(json_path: str | Path, head: torch.nn.Module, meta: dict) -> None:
     json_path = Path(json_path)
     weights = json_path.with_suffix(".safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(tensors, tmp)
+    write_bytes(weights, save(tensors))
     write_json(json_path, {**meta, "weights_sha256": sha256_file(weights), "format_version": FORMAT_VERSION})
 
 
@@ -132,19 +136,73 @@ RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.js
            "full", "plots")  # folds.csv stays
 
 
+def saved_models(run_dir: Path) -> list[Path]:
+    """What makes a folder an earlier run worth keeping: its metrics, or a fold model it saved."""
+    return sorted([*run_dir.glob("metrics.json"), *run_dir.glob("fold*/*.json"), *run_dir.glob("full/*.json")])
+
+
 def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> list[Path]:
-    """Make `run_dir` ready for a new training run. A folder holding an earlier run's results is refused (its old
-    heads would sit beside the new ones as ensemble members), unless `overwrite`: then those results are deleted
-    (returned); folds.csv is kept and reused either way."""
+    """The earlier files in `run_dir` a new training run replaces (folds.csv is kept and reused). A folder holding
+    an earlier run's models or metrics is refused (its old heads would sit beside the new ones as ensemble
+    members), unless `overwrite`; the leftovers of a run stopped before it saved a model are replaced either way."""
     run_dir = Path(run_dir)
     old = sorted(p for pattern in RESULTS for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
-    if old and not overwrite:
+    if saved_models(run_dir) and not overwrite:
         raise DataError(f"{run_dir} already holds a training run ({', '.join(p.name for p in old[:6])}); "
-                        "write to another --out, or pass --overwrite to delete that run's results (folds.csv is "
-                        "kept and reused)")
-    for p in old:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                        "write to another --out, or pass --overwrite to replace that run (folds.csv is kept and "
+                        "reused)")
     return old
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
+                  stops: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Hold `run_dir` for one training run (`writer`: rank 0; the other ranks write nothing) from before its
+    expensive start to its end. Its writer lock refuses a second run on it instead of mixing the two. The earlier
+    run (`prepare_run_dir`) is set aside and deleted when this run ends well; a run that fails or is stopped before
+    it saves a model leaves the folder as it found it, the earlier run put back. One that saved fold models keeps
+    them and says so. `stops`: exceptions that end a run by design (a pruned tuning trial): what it saved stays,
+    unsaid."""
+    if not writer:
+        yield
+        return
+    run_dir = Path(run_dir)
+    with WriterLock(run_dir, "two runs would mix their models in one folder"):
+        for leftover in remove_leftovers(run_dir):
+            print(f"removed {leftover}, left behind by a killed run")
+        existed, had_folds = run_dir.exists(), (run_dir / "folds.csv").exists()
+        aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+        old = prepare_run_dir(run_dir, overwrite)
+        if old:
+            aside.mkdir()
+            for p in old:
+                os.replace(p, aside / p.name)
+            print(f"{'--overwrite: ' if overwrite else ''}the earlier files {[p.name for p in old]} are set aside "
+                  f"until this run ends")
+        try:
+            with writing(run_dir):
+                yield
+        except stops:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        except BaseException:
+            kept = sorted(p for p in run_dir.rglob("*.json") if p.parent.name == "full"
+                          or (p.parent.name.startswith("fold") and p.parent.name[4:].isdigit()))
+            if kept:
+                print(f"{run_dir}: the run stopped after saving {', '.join(str(p.relative_to(run_dir)) for p in kept)}"
+                      "; they stay (each works as a one-checkpoint member), but the run is unfinished: rerun it "
+                      "with --overwrite", file=sys.stderr)
+            else:
+                made = [p for pattern in RESULTS for p in run_dir.glob(pattern)]
+                for p in made + ([] if had_folds else [run_dir / "folds.csv"]):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                for p in old:
+                    os.replace(aside / p.name, p)
+                if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir: Path, head: str) -> list[Path]:

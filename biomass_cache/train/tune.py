@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from biomass_cache.common.data import read_training_table
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.common.io import atomic_path, write_json
+from biomass_cache.common.signals import HeldStop, held_stops
 from biomass_cache.store.fingerprint import diff as fingerprint_diff
 from biomass_cache.store.layout import open_store
 from biomass_cache.train.config import TrainConfig, resolve
@@ -194,6 +195,7 @@ class Study:
     out: Path
     settings: Settings
     n_folds: int
+    stop: HeldStop = field(default_factory=HeldStop)  # Ctrl-C / SIGTERM, raised only inside a trial (see tune)
 
     def finished(self) -> list:
         state = _optuna().trial.TrialState
@@ -207,7 +209,7 @@ class Study:
     def run(self, train: dict, run_dir: Path, on_epoch=None) -> dict:
         cfg, members = resolve(train, [], {"plots": False, "folds": self.n_folds}, None)
         return run_training(self.cache, self.data, run_dir, cfg, members, folds_csv=self.out / "folds.csv",
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, stops=(_optuna().TrialPruned,))
 
 
 def trial_dir(out: Path, number: int) -> Path:
@@ -225,11 +227,13 @@ def objective(st: Study, trial) -> float:
         trial.set_user_attr("surplus", True)
         st.study.stop()
         raise Surplus(f"the study's {st.settings.trials} trials are finished or running elsewhere")
+    st.stop.check()
     train = st.space.train_section(trial)
     trial.set_user_attr("train", train)
     run_dir, rows, fold_scores = trial_dir(st.out, trial.number), [], {}
 
     def report(epoch_rows: list[dict]) -> None:
+        st.stop.check()
         rows.extend(epoch_rows)
         fold_scores[epoch_rows[0]["fold"]] = epoch_rows[0]["val_competition_r2"]
         trial.report(float(np.mean(list(fold_scores.values()))), step=len(rows) - 1)
@@ -396,8 +400,11 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     if len(st.finished()) < settings.trials:
         enough = optuna.study.MaxTrialsCallback(settings.trials, states=(state.COMPLETE, state.PRUNED))
         # failed trials (diverged) do not count; starting at most 2N ends a space where every trial fails
-        study.optimize(lambda trial: objective(st, trial), n_trials=2 * settings.trials,
-                       catch=(Surplus, FloatingPointError), callbacks=[enough, lambda _, trial: progress(st, trial)])
+        # A stop raised inside optuna's storage writes leaves it broken (UnboundLocalError): stops are held and
+        # raised inside the trial, at its start or an epoch's end; optuna then records the trial failed.
+        with held_stops() as st.stop:
+            study.optimize(lambda trial: objective(st, trial), n_trials=2 * settings.trials,
+                           catch=(Surplus, FloatingPointError), callbacks=[enough, lambda _, trial: progress(st, trial)])
     plots = write_plots(st)
     fail_dead_trials(study)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))]
