@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from biomass_cache.common.errors import ConfigError, EnsembleError
 from biomass_cache.common.targets import components_to_targets
 from biomass_cache.submit.aggregate import fit_weights, inverse_variance_mean, oof_scores, weighted_mean
 from biomass_cache.submit.members import resolve_member
-from biomass_cache.submit.spec import EnsembleSpec, Member, load_ensemble, spec_from_options
+from biomass_cache.submit.spec import EnsembleSpec, Member, load_ensemble, parse_member, spec_from_options
 
 
 def five(comps):
@@ -146,10 +147,13 @@ def test_submit_and_predict_end_to_end(pipeline, tmp_path):
 
     root, data, run = pipeline
     spec = spec_from_options(None, f"{run}", None)  # a sweep run folder needs `head`: refused
-    with pytest.raises(EnsembleError, match=r"several heads \['density', 'mlp'\]"):
+    best = json.loads((run / "metrics.json").read_text())["best"]
+    with pytest.raises(EnsembleError, match=rf"several heads \['density', 'mlp'\]; say which: --members {run}:{best} "
+                                            r"\(the run's best\)"):
         submit(spec, data, tmp_path / "submission.csv", progress=False)
     ens_file = tmp_path / "ens.toml"
     ens_file.write_text(f'[[member]]\npath = "{run}"\nhead = "density"\n[[member]]\npath = "{run}"\nhead = "mlp"\n')
+    assert spec_from_options(None, f"{run}:density,{run}:mlp") == spec_from_options(ens_file, None)
     submit(spec_from_options(ens_file, None), data, tmp_path / "submission.csv", progress=False)
     scores = score(tmp_path / "submission.csv", data / "test_labels.csv")
     assert scores["competition_r2"] > 0
@@ -432,3 +436,14 @@ def test_a_ridge_run_is_a_submit_and_predict_member(pipeline, tmp_path):
     np.testing.assert_allclose(table["Dry_Total_g"], parts.sum(axis=1), rtol=1e-9)
     ridge_total = dict(zip(result.image_ids, result.member_grams[1][:, 4]))
     np.testing.assert_allclose(table["Dry_Total_g"], [ridge_total[i] for i in table["image_id"]], rtol=1e-6)
+
+
+def test_members_pick_a_head_with_a_colon(tmp_path):
+    """`--members RUN:HEAD` is the flag's way to the ensemble file's `head = ...`; an existing path wins."""
+    assert parse_member("runs/demo:density") == Member(Path("runs/demo"), head="density")
+    assert parse_member("runs/demo") == Member(Path("runs/demo"))
+    assert parse_member("runs/demo/fold0/mlp.json") == Member(Path("runs/demo/fold0/mlp.json"))
+    odd = tmp_path / "run:x"
+    odd.mkdir()
+    assert parse_member(str(odd)) == Member(odd)  # a folder whose name has a colon
+    assert parse_member("runs/a:b/c") == Member(Path("runs/a:b/c"))  # not a head name: a path

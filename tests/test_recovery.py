@@ -190,7 +190,9 @@ def test_verify_repair_then_extract(finished, tmp_path):
     _flip(store.shard_path("tokens", 0, 0), 3)  # the shard index
     (cfg.out / "tokens" / "c.3.0.0.0.0.abc.partial").write_bytes(b"half a shard")
     result = CliRunner().invoke(_verify_app(), [str(cfg.out), "--repair"])
-    assert result.exit_code == 1 and "repaired: 1 image(s) reset ['ID1000']" in result.output
+    assert result.exit_code == 0 and "repaired: 1 image(s) reset ['ID1000'], 1 temp file(s) deleted" in result.output
+    assert "0 corrupt chunk(s)\nre-run the same `biomass extract`" in result.output
+    assert result.output.strip().splitlines()[-1] == "REPAIRED"
     assert not list(cfg.out.rglob("*.partial"))
     assert open_store(cfg.out).done()[0].tolist() == [False] * 3
     assert extract(cfg, progress=False)["images_extracted"] == 1

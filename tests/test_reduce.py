@@ -222,7 +222,7 @@ def test_the_config_table_sets_the_defaults_and_flags_override_it(toy, tmp_path)
     config.write_text("[reduce]\ndims = 3\n")
     result = cli("--cache", path, "--out", tmp_path / "c.zarr", "--config", config)
     assert result.exit_code == 2 and "unknown key(s) ['dims']" in result.output and not (tmp_path / "c.zarr").exists()
-    default = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    default = Path(__file__).resolve().parents[1] / "configs" / "cpu_demo.toml"
     from biomass_cache.store.reduce import load_settings
     assert load_settings(default) == {"dim": 128, "pool": "auto", "fit_tokens": 100000}
 

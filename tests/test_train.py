@@ -226,7 +226,7 @@ def _toml(tmp_path: Path, body: str) -> Path:
 
 
 def test_config_resolution(tmp_path):
-    base, sweep, extract = load_config(ROOT / "configs" / "default.toml")
+    base, sweep, extract = load_config(ROOT / "configs" / "cpu_demo.toml")
     assert TrainConfig(**base) == TrainConfig()  # the documented defaults are the code's defaults
     assert extract["backbone"] == "vit_small_patch16_dinov3"
     ref, _, ref_extract = load_config(ROOT / "configs" / "reference_vit7b.toml")

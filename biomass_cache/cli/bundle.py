@@ -11,7 +11,8 @@ from biomass_cache.submit.bundle import STOCK_KAGGLE, make_bundle
 
 
 def bundle_command(
-    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
+    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights; RUN:HEAD "
+                                          "picks one head of a run that trained several."),
     ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file instead of --members."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write (upload it as a Kaggle dataset)."),
     stock: Optional[str] = typer.Option(None, "--stock", help="Packages the notebook image ships, comma-separated "

@@ -39,8 +39,9 @@ pipeline works. With real DINOv3 weights and the real competition data the same 
   biomass submit  --data DATA_DIR --members runs/density --weights vit_small_patch16_dinov3=PATH.pth \\
                   --out submission.csv                           (the same as: python submit.py ...)
 The test cache is extracted by `submit` with the settings recorded in the run folder and that weights file
-(sha256 checked against the training cache), then reduced with the run's projection. Several heads or runs: an ensemble file (--ensemble FILE, see
-configs/ensemble_example.toml)."""
+(sha256 checked against the training cache), then reduced with the run's projection. A run that trained several
+heads (like this demo's) is submitted one head at a time or together: --members RUN:density,RUN:mlp; weights per
+member: an ensemble file (--ensemble FILE, see configs/ensemble_example.toml)."""
 
 
 @dataclass(frozen=True)

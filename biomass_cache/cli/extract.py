@@ -36,7 +36,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def _help(text: str, name: str) -> str:
     """An option's help ending in the ExtractConfig default it falls back to."""
-    return f"{text} (default: {shown(default_of(ExtractConfig, name))})."
+    return f"{text} (default: {shown(default_of(ExtractConfig, name))}, unless the --config file sets it)."
 
 
 def extract_command(

@@ -15,7 +15,8 @@ from biomass_cache.submit.spec import spec_from_options
 def predict_command(
     photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
     ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
-    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights."),
+    members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights; RUN:HEAD "
+                                          "picks one head of a run that trained several."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per photo."),
     maps: bool = typer.Option(False, "--maps", help="Also write a PNG per photo with the density map overlaid "
                               "(members with density heads), into <out stem>_maps/."),

@@ -17,7 +17,8 @@ from biomass_cache.submit.spec import spec_from_options
 def pseudo_command(
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder with train.csv, test.csv and test/."),
     members: str = typer.Option(..., "--members", help="Run folder(s), comma-separated, whose ensemble labels the "
-                                "test images; the first gives the heads' settings, training cache and folds."),
+                                "test images; the first gives the heads' settings, training cache and folds; "
+                                "RUN:HEAD picks one head of a run that trained several."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (a `biomass submit --members` member)."),
     rounds: int = typer.Option(1, "--rounds", help="Label-and-train rounds; each later round labels the test "
                                "images with the previous round's run."),

@@ -33,7 +33,7 @@ def reduce_command(
     fit_tokens: Optional[int] = typer.Option(None, "--fit-tokens", help="Tokens per layer the PCA is fitted on "
                                              f"({DEFAULT_FIT_TOKENS})."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config whose [reduce] table sets the "
-                                          "defaults (see configs/default.toml)."),
+                                          "defaults (see configs/cpu_demo.toml)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out store."),
 ) -> None:
     """Derive a smaller token store: per-layer PCA of the layer-normed tokens and P x P pooling of the grid."""

@@ -18,7 +18,8 @@ from biomass_cache.submit.submission import score
 def submit_command(
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder with test.csv and test/ images."),
     members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated: equal "
-                                          "weights, each member's backbone settings from its config.json."),
+                                          "weights, each member's backbone settings from its config.json; "
+                                          "RUN:HEAD picks one head of a run that trained several."),
     ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file instead of --members "
                                             "(see configs/ensemble_example.toml)."),
     out: Path = typer.Option(Path("submission.csv"), "--out", help="The submission file to write."),

@@ -24,7 +24,7 @@ def train_command(
     folds_csv: Optional[Path] = TRAIN_OPTIONS["folds_csv"],
     full: bool = TRAIN_OPTIONS["full"],
     epochs: Optional[int] = TRAIN_OPTIONS["epochs"],
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/default.toml)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/cpu_demo.toml)."),
     batch_size: Optional[int] = TRAIN_OPTIONS["batch_size"],
     lr: Optional[float] = TRAIN_OPTIONS["lr"],
     seed: Optional[int] = TRAIN_OPTIONS["seed"],

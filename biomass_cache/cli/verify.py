@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from biomass_cache.store.verify import repair, verify
+from biomass_cache.store.verify import VerifyReport, repair, verify
 
 
 def verify_command(
@@ -17,12 +17,33 @@ def verify_command(
 ) -> None:
     """Read back every chunk of a token store; report corrupt chunks and samples not extracted.
 
-    Exits with status 1 when any sample is missing or any chunk is corrupt (also after --repair: the repaired
-    images still need extracting; 2: no readable store there).
+    Exit status: 0 when every sample is extracted and every chunk reads back, or when --repair left no corrupt
+    chunk (the repaired images then only need extracting again); 1 when a sample is missing or a chunk corrupt;
+    2 when there is no readable store.
     """
     report = verify(store)
-    if repair_ and (report.broken_images or report.stray):
-        repair(report)
+    print_report(report)
+    if not (repair_ and (report.broken_images or report.stray)):
+        typer.echo("OK" if report.ok else "FAILED")
+        if not report.ok:
+            raise typer.Exit(1)
+        return
+    repair(report)
+    after = verify(report.path)  # what the repair left: no corruption, only samples to extract
+    typer.echo(f"repaired: {len(report.broken_images)} image(s) reset {report.broken_images[:5]}, "
+               f"{len(report.stray)} temp file(s) deleted; now {after.n_done}/{after.n_samples} samples done, "
+               f"{len(after.corrupt)} corrupt chunk(s)")
+    if after.corrupt:
+        print_report(after)
+        typer.echo("FAILED")
+        raise typer.Exit(1)
+    if after.missing:
+        typer.echo(f"re-run the same `biomass extract` command to extract the {len(after.missing)} missing "
+                   "sample(s)")
+    typer.echo("REPAIRED")
+
+
+def print_report(report: VerifyReport) -> None:
     typer.echo(f"{report.path}: {report.n_done}/{report.n_samples} samples done, {len(report.missing)} missing, "
                f"{len(report.corrupt)} corrupt chunk(s), {len(report.bad)} image(s) marked bad")
     for iid, v in report.missing[:20]:
@@ -34,9 +55,3 @@ def verify_command(
     if report.stray:
         typer.echo(f"  {len(report.stray)} leftover temp file(s) of interrupted writes (harmless), e.g. "
                    f"{report.stray[0]}")
-    if repair_ and report.broken_images:
-        typer.echo(f"repaired: {len(report.broken_images)} image(s) reset {report.broken_images[:5]}; re-run the "
-                   "same `biomass extract` command to re-extract them")
-    typer.echo("OK" if report.ok else "FAILED")
-    if not report.ok:
-        raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""The one reader of the TOML files a user writes: a config (configs/default.toml), an ensemble file, a search space.
+"""The one reader of the TOML files a user writes: a config (configs/cpu_demo.toml), an ensemble file, a search space.
 
 `read_config` reads a file once and hands out its sections ([extract], [reduce], [train] with its
 [[train.sweep]] members, [lora]; an ensemble file is a document of its own); each step checks its own keys and
@@ -22,7 +22,7 @@ import tomllib
 
 from biomass_cache.common.errors import ConfigError, DataError
 
-# The tables of a config file (configs/default.toml); anything else at its top is a typo to refuse, not to skip.
+# The tables of a config file (configs/cpu_demo.toml); anything else at its top is a typo to refuse, not to skip.
 CONFIG_TABLES = ("extract", "reduce", "train", "lora")
 
 
@@ -60,7 +60,7 @@ class Config:
 
 
 def read_config(path: str | Path | Config | None, what: str = "config", option: str = "--config",
-                suffixes: tuple[str, ...] | None = (".toml",), see: str = "configs/default.toml",
+                suffixes: tuple[str, ...] | None = (".toml",), see: str = "configs/cpu_demo.toml",
                 tables: tuple[str, ...] | None = CONFIG_TABLES) -> Config:
     """Read a TOML file (JSON where ".json" is among `suffixes`; None: any name, read as TOML) once; a Config
     passes through.
@@ -107,7 +107,7 @@ def check_tables(conf: Config, tables: tuple[str, ...]) -> None:
         if isinstance(value, dict) and name not in tables and (structured or near):
             hint = f"did you mean [{near[0]}]? " if near else ""
             raise conf.error(f"unknown table [{name}]; {hint}a config file holds the tables {allowed} (see "
-                             "configs/default.toml)")
+                             "configs/cpu_demo.toml)")
     loose = sorted(k for k, v in conf.doc.items() if not isinstance(v, dict) and k not in tables)
     if structured and loose:
         raise conf.error(f"key(s) {loose} sit outside any table (above the first [header]), so no command reads "

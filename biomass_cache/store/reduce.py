@@ -261,7 +261,7 @@ CONFIG_KEYS = {"dim": DEFAULT_DIM, "pool": DEFAULT_POOL, "fit_tokens": DEFAULT_F
 
 
 def load_settings(path: Path | None) -> dict:
-    """The [reduce] table of a TOML config (configs/default.toml), over the defaults; unknown keys are refused."""
+    """The [reduce] table of a TOML config (configs/cpu_demo.toml), over the defaults; unknown keys are refused."""
     conf = read_config(path, suffixes=None)
     table = conf.section("reduce")
     conf.check_keys(table, CONFIG_KEYS, "[reduce]")

@@ -60,8 +60,9 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
         fold = sorted(run_dir.glob("fold*/*.json")) or sorted(run_dir.glob("full/*.json"))
         names = sorted({p.stem for p in fold})
         if member.head is None and len(names) > 1:
-            raise EnsembleError(f"member {member.name}: the run folder holds several heads {names}; "
-                                f"say which with `head = \"...\"`")
+            raise EnsembleError(f"member {member.name}: the run folder holds several heads {names}; say which: "
+                                f"--members {member.path}:{_best_head(run_dir) or names[0]} (the run's best), or "
+                                f"`head = \"...\"` in an ensemble file")
         wanted = member.head or (names[0] if names else None)
         if wanted not in names:
             raise EnsembleError(f"member {member.name}: no head checkpoint {wanted or '*'}.json under "

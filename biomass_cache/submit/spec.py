@@ -5,6 +5,7 @@ command line's `--members`; every mistake is one error naming the file or the op
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def load_ensemble(path: str | Path) -> EnsembleSpec:
         raise conf.error(f"mc_samples and mc_seed must be integers, stack_alpha a number ({e})") from None
 
 
+def parse_member(text: str) -> Member:
+    """`RUN_DIR`, `RUN_DIR:HEAD` (one head of a run that trained several) or a checkpoint `RUN/foldK/HEAD.json`."""
+    path, colon, head = text.rpartition(":")
+    if colon and path and re.fullmatch(r"[A-Za-z_][\w-]*", head) and not Path(text).exists():
+        return Member(Path(path), head=head)
+    return Member(Path(text))
+
+
 def spec_from_options(ensemble: str | Path | None, members: str | None, aggregation: str | None = None,
                       mc_samples: int | None = None, weights: str | None = None,
                       allow_collapsed: bool = False) -> EnsembleSpec:
@@ -107,7 +116,7 @@ def spec_from_options(ensemble: str | Path | None, members: str | None, aggregat
     if ensemble is not None:
         spec = load_ensemble(ensemble)
     else:
-        spec = EnsembleSpec(tuple(Member(Path(p.strip())) for p in members.split(",") if p.strip()))
+        spec = EnsembleSpec(tuple(parse_member(p.strip()) for p in members.split(",") if p.strip()))
     overrides = {k: v for k, v in dict(aggregation=aggregation, mc_samples=mc_samples).items() if v is not None}
     if allow_collapsed:
         overrides["allow_collapsed"] = True

@@ -18,7 +18,7 @@ from biomass_cache.heads import HEADS
 
 @dataclass
 class TrainConfig:
-    """Every training setting; configs/default.toml documents each key (section [train])."""
+    """Every training setting; configs/cpu_demo.toml documents each key (section [train])."""
 
     head: str = "density"  # a name in heads.HEADS
     head_kwargs: dict = field(default_factory=dict)  # passed to heads.create_head

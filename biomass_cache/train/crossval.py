@@ -252,6 +252,11 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
         tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
     if len(ranking) > 1:
         tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
+    sizes = sorted({len(va) for _, _, _, va in plan})
+    tqdm.write(f"(each fold scores {sizes[0]}{f'-{sizes[-1]}' if len(sizes) > 1 else ''} images: per-fold R^2 is "
+               "noisy. Below 0: worse than that fold's mean; a target that barely varies within a fold divides by "
+               "a tiny variance and can read -10 or -100; '-': constant in the fold. Compare runs by the pooled "
+               "OOF row.)")
     warn_collapsed(collapsed)
     write_plots(out, data, cfg)
     tqdm.write(f"\nrun folder: {out}")
