@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ def toy(tmp_path_factory) -> tuple[Path, Path, Path]:
     (["--head", "nope"], ["head must be one of", "'nope'"]),
     (["--epochs", "two"], ["'--epochs'", "valid integer"]),  # click's own validation, same one line
     (["--bogus"], ["No such option: --bogus"]),
+    (["--seed", "-1"], ["seed must be an integer from 0 to 4294967295, got -1 (--seed or [train] seed)"]),
 ])
 def test_bad_train_options(toy, tmp_path, args, fragments):
     root, data, store = toy
@@ -90,6 +92,7 @@ def test_config_that_is_not_toml(toy, tmp_path):
     ("[train]\nhead_kwargs = { dropout = 2.0 }\n", ["dropout must be in [0, 1)"]),
     ("[train]\nlayers = [99]\n", ["layers [99] are not in the token store"]),
     ("[train]\nwarmup_frac = 1.5\n", ["warmup_frac must be a number in [0, 1), got 1.5 ([train] warmup_frac)"]),
+    ("[trian]\nepochs = 1\n", ["c.toml: unknown table [trian]; did you mean [train]?"]),
 ])
 def test_bad_config_values(toy, tmp_path, config, fragments):
     root, data, store = toy
@@ -148,6 +151,7 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only file system"),
                                             (errno.EACCES, "permission denied")])
 def test_disk_full_and_read_only(monkeypatch, tmp_path, code, fragment):
+    """The mapping from errno to advice (the real faults, on real processes: test_faults.py)."""
     import biomass_cache.cli.synth as synth
 
     target = tmp_path / "d" / "train.csv"
@@ -295,3 +299,35 @@ def test_photos_are_checked_before_any_forward_pass(tmp_path, capsys):
 def test_verify_and_demo_errors(tmp_path):
     assert_user_error(biomass("verify", tmp_path / "nothing.zarr"), "nothing.zarr: no token store here")
     assert_user_error(biomass("synth", tmp_path / "d", "--size", "64by32"), "'--size'", "WIDTHxHEIGHT")
+
+
+def test_an_unnamed_write_error_is_named_after_the_output(tmp_path):
+    """os.writev, zarr and safetensors raise a full disk without a file name: the output the user chose is named."""
+    from biomass_cache.cli.errors import path_error_text
+    from biomass_cache.common.io import atomic_path, writing
+
+    with pytest.raises(OSError) as info, writing(tmp_path / "store.zarr"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert path_error_text(info.value) == f"{tmp_path / 'store.zarr'}: the disk is full: free space or write elsewhere"
+    with pytest.raises(OSError) as info, atomic_path(tmp_path / "sub.csv") as tmp:
+        raise OSError(errno.EFBIG, "File too large", str(tmp))
+    assert info.value.filename == str(tmp_path / "sub.csv") and not list(tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError) as info, writing(tmp_path / "out"):
+        open(tmp_path / "missing.txt")
+    assert info.value.filename == str(tmp_path / "missing.txt")  # an error about another file keeps its name
+    assert path_error_text(OSError(errno.ENOSPC, "No space left on device")) == (
+        "while writing: the disk is full: free space or write elsewhere (No space left on device)")
+    assert path_error_text(OSError(errno.EACCES, "Permission denied")) is None  # unnamed and no disk: a bug
+
+
+def test_the_writer_lock_file_goes_with_its_holder(tmp_path):
+    from biomass_cache.common.errors import LockedError
+    from biomass_cache.common.lock import WriterLock
+
+    with WriterLock(tmp_path / "run") as lock:
+        assert lock.held and (tmp_path / ".run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(LockedError, match=r"run is being written by pid \d+ .*\(two runs would mix\)"):
+            WriterLock(tmp_path / "run", "two runs would mix").__enter__()
+    assert not list(tmp_path.iterdir())
+    with WriterLock(tmp_path / "run"):  # free again
+        pass

@@ -275,3 +275,32 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(toy, tmp_path, monkeypatc
     trials = load(tmp_path / "nan").trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert "trial 0: failed (head " in output and "3 non-finite losses in a row" in trials[0].user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_optunas_storage_stops_cleanly_and_resumes(toy, tmp_path, monkeypatch):
+    """A real SIGINT landing while optuna writes a trial's state (it broke optuna: UnboundLocalError
+    `updated_state`, exit 1): held until the next trial's start, then one `error: interrupted` line, exit 130; the
+    same command continues the study."""
+    import signal
+
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    sent = []
+
+    def interrupted_write(self, *args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", interrupted_write)
+    out = tmp_path / "ctrl-c"
+    root, data, store = toy
+    result = CliRunner().invoke(script_app(tune_command), [str(a) for a in (
+        "--cache", store, "--data", data, "--out", out, "--space", root / "space.toml", "--trials", 2, "--seeds", 0,
+        "--top-k", 1)])
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)"
+    assert "UnboundLocalError" not in result.output and sent
+    states = [t.state for t in load(out).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]  # the 2nd stopped at its start
+    code, output = tune(toy, out, "--space", toy[0] / "space.toml", "--trials", 2, "--seeds", 0, "--top-k", 1)
+    assert code == 0 and len(finished(load(out))) == 2 and (out / "best.toml").is_file(), output

@@ -12,7 +12,7 @@ from typing import Callable
 import click
 import typer
 
-from biomass_cache.cli.errors import DEBUG_KEY, BiomassGroup, UsageError, script_app
+from biomass_cache.cli.errors import DEBUG_KEY, BiomassGroup, UsageError, run_app, script_app
 from biomass_cache.common.runtime import keep_freed_memory
 
 # name -> (module of biomass_cache.cli, function, one-line help). A command's module (and torch, timm, sklearn behind
@@ -85,11 +85,11 @@ def options(ctx: typer.Context,
 
 def main() -> None:
     keep_freed_memory()
-    app()
+    run_app(app)
 
 
 def run(command: Callable[..., None]) -> None:
     """Run one command function as a script (extract_features.py, train_heads.py, submit.py): the same process
     set-up and one-line user errors as `biomass`."""
     keep_freed_memory()
-    script_app(command)()
+    run_app(script_app(command))

@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import typer
+from tqdm import tqdm
 from typer.core import TyperCommand, TyperGroup
 
 try:  # recent typer versions carry its own copy of click, whose exceptions its commands raise
@@ -54,6 +56,8 @@ class UserError(ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:  # noqa: ARG002 (click's signature)
+        for bar in list(getattr(tqdm, "_instances", ())):  # progress bars cut short end their line first, so the
+            bar.close()  # error is a line of its own, and the last one
         typer.echo(f"error: {self.format_message()}", err=True)
 
 
@@ -116,6 +120,20 @@ class BiomassGroup(OneLineErrorsMixin, TyperGroup):
 class BiomassCommand(OneLineErrorsMixin, TyperCommand):
     """One command: run as a script (extract_features.py, train_heads.py, submit.py, python -m ...) or as a
     sub-command of the `biomass` group (cli/__init__.py)."""
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run a command line app as the process's main program. A command stopped by Ctrl-C or SIGTERM has cleaned up
+    and said so by the time its exit status comes back: the process leaves at once, without the exit-time noise of
+    work it abandoned (zarr's I/O loop thread reporting the read it never finished)."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
 
 
 def script_app(command: Callable[..., None], name: str | None = None, help: str | None = None) -> typer.Typer:

@@ -1,0 +1,190 @@
+"""Faults injected where they really happen, on real processes: a file-size limit (RLIMIT_FSIZE, `ulimit -f`) and
+a full tmpfs under every command that writes, Ctrl-C and SIGTERM sent to a running command, two commands on one
+output. Each ends in one `error:` line with its exit status and leaves nothing half-made: the output as it was,
+or a run or store the same command resumes."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from biomass_cache.cli import app
+from toys import PIPELINE_VIT, ROOT
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ("--epochs", 2, "--folds", 2, "--batch-size", 8, "--workers", 0, "--no-plots")
+EXTRACT = ("[extract]\nbackbone = \"vit_small_patch16_dinov3\"\nweights = \"random\"\nsize = [64, 32]\n"
+           "layers = [0, 1]\nviews = 2\nbatch_size = 4\nnum_workers = 0\noverrides = { depth = %d, embed_dim = %d, "
+           "num_heads = %d }\n" % (PIPELINE_VIT["depth"], PIPELINE_VIT["embed_dim"], PIPELINE_VIT["num_heads"]))
+
+
+def start(*args, limit: int | None = None) -> subprocess.Popen:
+    """`python -m biomass_cache ARGS` in its own process; with `limit`, no file it writes may exceed that many bytes
+    (Python ignores SIGXFSZ, so the write fails with EFBIG as on a full disk)."""
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.Popen([sys.executable, "-m", "biomass_cache", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limited if limit else None,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def biomass(*args, limit: int | None = None) -> tuple[int, str]:
+    proc = start(*args, limit=limit)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out + err
+
+
+def last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    end = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ full disk, every writer
+def test_a_file_size_limit_is_one_line_naming_the_output(pipeline, tmp_path):
+    root, data, run = pipeline
+    before = listing(tmp_path)
+    procs = [start("synth", tmp_path / "synth", "--n-train", 4, "--n-test", 2, "--size", "512x256", limit=8192),
+             start("score", data / "test_labels.csv", "--labels", data / "test_labels.csv", "--json",
+                   tmp_path / "scores.json", limit=64),
+             # train: config.json and folds.csv fit under 20 kB, fold 0's density head (70 kB) does not
+             start("train", "--cache", root / "train.zarr", "--data", data, "--out", tmp_path / "run", *TRAIN,
+                   limit=20_000)]
+    (synth, score, train) = [("".join(p.communicate(timeout=300)), p.returncode)[::-1] for p in procs]
+    for code, output in (synth, score, train):
+        assert code == 2 and "Traceback" not in output and "SafetensorError" not in output, output
+    assert last_line(synth[1]) == (f"error: {tmp_path / 'synth'}: the file is larger than this process may write "
+                                   "(ulimit -f): raise the limit or write elsewhere")
+    assert last_line(score[1]).startswith(f"error: {tmp_path / 'scores.json'}: the file is larger")
+    assert last_line(train[1]).startswith(f"error: {tmp_path / 'run'}/") and "ulimit -f" in last_line(train[1])
+    assert listing(tmp_path) == before  # no data folder, no run folder (the rerun needs no --overwrite), no temp
+
+
+def test_a_full_store_resumes_bit_identical(pipeline, tmp_path):
+    _, data, _ = pipeline
+    (tmp_path / "c.toml").write_text(EXTRACT.replace("views = 2", "views = 8"))  # 16 kB shards, smaller metadata
+    full = tmp_path / "full.zarr"
+    assert CliRunner().invoke(app, ["extract", "--config", str(tmp_path / "c.toml"), "--data", str(data), "--out",
+                                    str(full)]).exit_code == 0
+    cut = tmp_path / "cut.zarr"
+    code, output = biomass("extract", "--config", tmp_path / "c.toml", "--data", data, "--out", cut, limit=12_000)
+    assert code == 2 and "Traceback" not in output, output
+    assert last_line(output).startswith(f"error: {cut}") and "ulimit -f" in last_line(output)
+    assert not list(tmp_path.glob(".cut.zarr.lock"))
+    code, output = biomass("extract", "--config", tmp_path / "c.toml", "--data", data, "--out", cut)
+    assert code == 0, output
+    for shard in (full / "tokens").iterdir():
+        assert (cut / "tokens" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_a_full_tmpfs_names_the_store(pipeline, tmp_path):
+    """ENOSPC from a real 1 MB tmpfs (in a private mount namespace: no privileges needed where user namespaces are
+    allowed; skipped elsewhere)."""
+    _, data, _ = pipeline
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no unshare -rm here: cannot mount a private tmpfs")
+    (tmp_path / "c.toml").write_text(EXTRACT.replace("views = 2", "views = 8"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && {sys.executable} -m biomass_cache extract --config "
+              f"{tmp_path / 'c.toml'} --data {data} --out {disk / 'train.zarr'}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output
+    assert last_line(output).startswith(f"error: {disk / 'train.zarr'}") and "the disk is full" in last_line(output)
+
+
+def test_submit_out_that_cannot_be_written_is_refused_before_any_work(pipeline, tmp_path):
+    _, data, run = pipeline
+    (tmp_path / "s1").mkdir()
+    code, output = biomass("submit", "--data", data, "--members", f"{run}:density", "--out", tmp_path / "s1",
+                           "--work-dir", tmp_path / "work")
+    assert code == 2 and last_line(output) == (f"error: --out {tmp_path / 's1'}: is a folder; give a file name "
+                                               f"(e.g. {tmp_path / 's1' / 'submission.csv'})")
+    assert not (tmp_path / "work").exists()
+    done = CliRunner().invoke(app, ["submit", "--data", str(data), "--members", f"{run}:density", "--out",
+                                    str(tmp_path / "sub.csv"), "--work-dir", str(tmp_path / "work")])
+    assert done.exit_code == 0, done.output
+    (tmp_path / "sub.csv").unlink()  # again, the test cache and member predictions cached: only the CSV is written
+    code, output = biomass("submit", "--data", data, "--members", f"{run}:density", "--out", tmp_path / "sub.csv",
+                           "--work-dir", tmp_path / "work", limit=512)
+    assert code == 2 and last_line(output).startswith(f"error: {tmp_path / 'sub.csv'}: the file is larger"), output
+    assert not (tmp_path / "sub.csv").exists() and not list(tmp_path.glob(".sub.csv*"))
+
+
+# ------------------------------------------------------------------------ one writer of a run folder, Ctrl-C, SIGTERM
+@pytest.mark.parametrize("sig, code, text", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_stopped_training_leaves_the_folder_as_it_found_it(pipeline, tmp_path, sig, code, text):
+    """A second `train --overwrite` on a folder being trained is refused (both exited 0, the folder holding only
+    the second run). Stopped before any fold model is saved, a run leaves no new folder, and with --overwrite
+    puts the earlier run back byte for byte."""
+    root, data, _ = pipeline
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", "--cache", str(root / "train.zarr"), "--data", str(data), "--out",
+                                    str(out), *map(str, TRAIN)]).exit_code == 0
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for target, extra in ((tmp_path / "new", ()), (out, ("--overwrite",))):
+        args = ("train", "--cache", root / "train.zarr", "--data", data, "--out", target, *extra, "--epochs",
+                100_000, *TRAIN[2:])
+        proc = start(*args)
+        wait_for(tmp_path / f".run.replaced-{proc.pid}" if extra else target / "config.json", proc)  # claimed
+        if extra and sig == signal.SIGINT:
+            second, output = biomass(*args)
+            assert second == 2 and f"error: {out} is being written by pid {proc.pid} on " in last_line(output)
+            assert "two runs would mix their models in one folder" in last_line(output)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code and last_line(err) == f"error: {text}" and "Traceback" not in err, err
+        assert not list(tmp_path.glob(".*"))  # no lock file, no set-aside run
+    assert not (tmp_path / "new").exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+
+
+def test_sigterm_during_reduce_removes_its_temporary_store(pipeline, tmp_path, monkeypatch):
+    """A real SIGTERM to this process while `biomass reduce` writes: the temporary store goes; a leftover of a
+    killed reduce (its process gone) is removed by the next one."""
+    from biomass_cache.store import reduce as red
+
+    root, _, _ = pipeline
+    apply = red.Reduction.apply
+
+    def apply_then_terminate(self, tokens):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return apply(self, tokens)
+
+    monkeypatch.setattr(red.Reduction, "apply", apply_then_terminate)
+    out = tmp_path / "r.zarr"
+    result = CliRunner().invoke(app, ["reduce", "--cache", str(root / "train.zarr"), "--out", str(out), "--dim", "8"])
+    assert result.exit_code == 143 and last_line(result.output) == "error: terminated (SIGTERM)", result.output
+    assert listing(tmp_path) == []
+    monkeypatch.setattr(red.Reduction, "apply", apply)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".r.zarr.reducing-{dead}" / "tokens").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["reduce", "--cache", str(root / "train.zarr"), "--out", str(out), "--dim", "8"])
+    assert result.exit_code == 0, result.output
+    assert f"removed {tmp_path / f'.r.zarr.reducing-{dead}'}" in result.output and listing(tmp_path)[0] == "r.zarr"
+    assert not list(tmp_path.glob(".*"))
