@@ -331,3 +331,48 @@ def test_the_writer_lock_file_goes_with_its_holder(tmp_path):
     assert not list(tmp_path.iterdir())
     with WriterLock(tmp_path / "run"):  # free again
         pass
+
+
+def test_a_photo_folder_as_phones_and_file_managers_leave_it(tmp_path, capsys):
+    """Hidden files (macOS `._NAME.jpg`, .DS_Store) are left out; a HEIC photo is listed, so that it is refused
+    with its reason; anything else is named once, never passed over in silence."""
+    from biomass_cache.submit.predict import list_photos
+
+    Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "b.TIF")
+    (tmp_path / "._a.jpg").write_bytes(b"\0\5\26\7AppleDouble")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "c.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (tmp_path / "notes.txt").write_text("field notes")
+    (tmp_path / "raw").mkdir()
+    assert [p.name for p in list_photos(tmp_path)] == ["a.jpg", "b.TIF", "c.heic"]
+    assert "2 entries that are not photos left out: ['notes.txt', 'raw/']" in capsys.readouterr().err
+    good, bad = check_photos(list_photos(tmp_path), {(64, 32)}, skip_bad=True)
+    assert [p.name for p in good] == ["a.jpg", "b.TIF"] and "a HEIC photo, which Pillow cannot read" in bad[0][1]
+
+
+def test_out_of_memory_is_one_line(monkeypatch):
+    import biomass_cache.cli.synth as synth
+
+    def exhausted(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(synth, "generate", exhausted)
+    assert_user_error(biomass("synth", "d"), "out of memory: use a smaller --batch-size")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`biomass score ... | head -1`: the reader is gone before the scores are printed (click's own handling: exit
+    status 1, nothing on stderr)."""
+    import subprocess
+    import sys
+
+    labels = tmp_path / "labels.csv"
+    targets = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g", "GDM_g", "Dry_Total_g")
+    labels.write_text("sample_id,target\n" + "".join(f"ID{i}__{t},{i + k}\n" for i in range(5)
+                                                      for k, t in enumerate(targets)))
+    proc = subprocess.Popen([sys.executable, "-m", "biomass_cache", "score", str(labels), "--labels", str(labels)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 1 and err == "", err

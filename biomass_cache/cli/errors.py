@@ -4,6 +4,7 @@ User errors are `DataError` and its subclasses (common/errors.py: every error ty
 usage errors (a bad option value, an unknown option) and the OSErrors a user's environment causes about a named
 path (disk full, read-only, no permission, no such file). Anything else is a bug and keeps its traceback; so do
 user errors under `biomass --debug` or with BIOMASS_DEBUG=1 in the environment (the scripts have no --debug).
+Running out of memory (host or GPU) or of file descriptors is a limit of the machine, not a bug: one line too.
 A command stopped by Ctrl-C or SIGTERM cleans up (SIGTERM raises like Ctrl-C while a command runs) and says so in
 one line, with exit status 130 or 143.
 The mapping sits in the click command classes, so it covers parsing, option validation and the command body alike.
@@ -45,7 +46,13 @@ PATH_ERRORS = {
     errno.EISDIR: "is a directory, a file was expected: check the path",
     errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit or write elsewhere",
 }
+RESOURCE_ERRORS = {  # errno -> what to do, with or without a file name
+    errno.EMFILE: "too many open files for this process (ulimit -n): raise the limit or use fewer --workers",
+    errno.ENFILE: "too many open files on this machine: close some, or use fewer --workers",
+}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # worth one line even when the error names no file
+OUT_OF_MEMORY = ("out of memory: use a smaller --batch-size or fewer --workers (train: --preload false keeps the "
+                 "tokens on disk), or a machine with more memory")
 
 
 class UserError(ClickException):
@@ -68,6 +75,8 @@ def debug_wanted(ctx: typer.Context | None) -> bool:
 def path_error_text(e: OSError) -> str | None:
     """`PATH: what happened: what to do` for an OSError about a named path the user controls (a full disk even
     unnamed: zarr's and the OS's writes do not always carry the file), else None."""
+    if e.errno in RESOURCE_ERRORS:
+        return RESOURCE_ERRORS[e.errno]
     hint = PATH_ERRORS.get(e.errno)
     if hint is None or not (e.filename or e.errno in DISK_FULL):
         return None
@@ -93,6 +102,14 @@ def user_errors(ctx: typer.Context | None) -> Iterator[None]:
         if text is None or debug_wanted(ctx):
             raise
         raise UserError(text) from None
+    except MemoryError:
+        if debug_wanted(ctx):
+            raise
+        raise UserError(OUT_OF_MEMORY) from None
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, without importing torch here
+        if type(e).__name__ != "OutOfMemoryError" or debug_wanted(ctx):
+            raise
+        raise UserError(f"GPU {OUT_OF_MEMORY} ({str(e).splitlines()[0]})") from None
     except KeyboardInterrupt as e:
         if debug_wanted(ctx):
             raise

@@ -26,18 +26,25 @@ from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve
 from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import inference
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+# what cameras, phones and editors save; HEIC is listed so that it is refused with its reason, never passed over
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".mpo", ".heic", ".heif")
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
 MAX_ENLARGE = 4  # a photo enlarged more than this to the model input shows the backbone blur
 
 
 def list_photos(photo_dir: Path) -> list[Path]:
-    """The JPEG/PNG files of a folder (not recursive), sorted; ids (file stems) must be unique."""
+    """The photo files of a folder (not recursive, hidden files such as macOS's `._NAME.jpg` left out), sorted;
+    ids (file stems) must be unique. What else the folder holds is named, not passed over in silence."""
     if not photo_dir.is_dir():
         raise DataError(f"{photo_dir}: not a folder of photos")
-    photos = sorted(p for p in photo_dir.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    entries = sorted(p for p in photo_dir.iterdir() if not p.name.startswith("."))
+    photos = [p for p in entries if p.suffix.lower() in PHOTO_SUFFIXES and not p.is_dir()]  # broken links: refused
     if not photos:
         raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in photos]
+    if others:
+        print(f"note: {photo_dir}: {len(others)} entr{'y' if len(others) == 1 else 'ies'} that are not photos "
+              f"left out: {others[:5]}{' ...' if len(others) > 5 else ''}", file=sys.stderr)
     seen: dict[str, Path] = {}
     for p in photos:
         if p.stem in seen:
