@@ -92,8 +92,9 @@ def test_a_full_store_resumes_bit_identical(pipeline, tmp_path):
     assert code == 2 and "Traceback" not in output, output
     assert last_line(output).startswith(f"error: {cut}") and "ulimit -f" in last_line(output)
     assert not list(tmp_path.glob(".cut.zarr.lock"))
-    code, output = biomass("extract", "--config", tmp_path / "c.toml", "--data", data, "--out", cut)
-    assert code == 0, output
+    resumed = CliRunner().invoke(app, ["extract", "--config", str(tmp_path / "c.toml"), "--data", str(data), "--out",
+                                       str(cut)])
+    assert resumed.exit_code == 0, resumed.output
     for shard in (full / "tokens").iterdir():
         assert (cut / "tokens" / shard.name).read_bytes() == shard.read_bytes()
 
@@ -119,10 +120,10 @@ def test_a_full_tmpfs_names_the_store(pipeline, tmp_path):
 def test_submit_out_that_cannot_be_written_is_refused_before_any_work(pipeline, tmp_path):
     _, data, run = pipeline
     (tmp_path / "s1").mkdir()
-    code, output = biomass("submit", "--data", data, "--members", f"{run}:density", "--out", tmp_path / "s1",
-                           "--work-dir", tmp_path / "work")
-    assert code == 2 and last_line(output) == (f"error: --out {tmp_path / 's1'}: is a folder; give a file name "
-                                               f"(e.g. {tmp_path / 's1' / 'submission.csv'})")
+    refused = CliRunner().invoke(app, ["submit", "--data", str(data), "--members", f"{run}:density", "--out",
+                                       str(tmp_path / "s1"), "--work-dir", str(tmp_path / "work")])
+    assert refused.exit_code == 2 and last_line(refused.output) == (
+        f"error: --out {tmp_path / 's1'}: is a folder; give a file name (e.g. {tmp_path / 's1' / 'submission.csv'})")
     assert not (tmp_path / "work").exists()
     done = CliRunner().invoke(app, ["submit", "--data", str(data), "--members", f"{run}:density", "--out",
                                     str(tmp_path / "sub.csv"), "--work-dir", str(tmp_path / "work")])
@@ -135,23 +136,22 @@ def test_submit_out_that_cannot_be_written_is_refused_before_any_work(pipeline, 
 
 
 # ------------------------------------------------------------------------ one writer of a run folder, Ctrl-C, SIGTERM
-@pytest.mark.parametrize("sig, code, text", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_a_stopped_training_leaves_the_folder_as_it_found_it(pipeline, tmp_path, sig, code, text):
-    """A second `train --overwrite` on a folder being trained is refused (both exited 0, the folder holding only
-    the second run). Stopped before any fold model is saved, a run leaves no new folder, and with --overwrite
-    puts the earlier run back byte for byte."""
+def test_a_stopped_training_leaves_the_folder_as_it_found_it(pipeline, tmp_path):
+    """Ctrl-C before any fold model is saved: the new folder disappears. SIGTERM to a `train --overwrite`: the
+    earlier run is put back byte for byte, so the rerun needs no --overwrite. Meanwhile a second `train --overwrite`
+    on that folder is refused (both exited 0, the folder holding only the second run)."""
     root, data, _ = pipeline
     out = tmp_path / "run"
     assert CliRunner().invoke(app, ["train", "--cache", str(root / "train.zarr"), "--data", str(data), "--out",
                                     str(out), *map(str, TRAIN)]).exit_code == 0
     earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for target, extra in ((tmp_path / "new", ()), (out, ("--overwrite",))):
+    for target, extra, sig, code, text in ((tmp_path / "new", (), signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                           (out, ("--overwrite",), signal.SIGTERM, 143, "terminated (SIGTERM)")):
         args = ("train", "--cache", root / "train.zarr", "--data", data, "--out", target, *extra, "--epochs",
                 100_000, *TRAIN[2:])
         proc = start(*args)
         wait_for(tmp_path / f".run.replaced-{proc.pid}" if extra else target / "config.json", proc)  # claimed
-        if extra and sig == signal.SIGINT:
+        if extra:
             second, output = biomass(*args)
             assert second == 2 and f"error: {out} is being written by pid {proc.pid} on " in last_line(output)
             assert "two runs would mix their models in one folder" in last_line(output)
