@@ -304,3 +304,22 @@ def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
             rows = folds == k
             fold_r2 = m["folds"][f"fold{k}"]["competition_r2"]
             assert fold_r2 > competition_r2(truth[rows], mean_pred[rows]) + 0.05, (name, k, fold_r2)
+
+
+def test_eval_every_changes_what_is_validated_not_what_is_trained(sweep_run, toy, tmp_path):
+    """Validation only reads the (EMA) weights: validating every 5th epoch (and the last) gives the same OOF
+    predictions and checkpoints as every epoch, with validation columns on epochs 5, 10, 15, 16 only."""
+    root, data, store = toy
+    out = tmp_path / "sparse"
+    train("--cache", store, "--data", data, "--out", out, "--head", "density,mlp", "--folds", 3, "--epochs", 16,
+          "--lr", 3e-3, "--eval-every", 5, *FAST)
+    for name in ("oof_density.csv", "oof_mlp.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(sweep_run / name))
+    for fold in ("fold0", "fold1", "fold2"):
+        assert (out / fold / "mlp.safetensors").read_bytes() == (sweep_run / fold / "mlp.safetensors").read_bytes()
+    sparse, full = pd.read_csv(out / "history.csv"), pd.read_csv(sweep_run / "history.csv")
+    assert sorted(set(sparse.dropna(subset=["val_competition_r2"])["epoch"])) == [5, 10, 15, 16]
+    assert full["val_competition_r2"].notna().all() and len(sparse) == len(full)
+    validated = sparse["val_competition_r2"].notna().to_numpy()
+    np.testing.assert_allclose(sparse["val_competition_r2"][validated], full["val_competition_r2"][validated])
+    np.testing.assert_allclose(sparse["train_loss"], full["train_loss"])

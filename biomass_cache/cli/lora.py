@@ -38,6 +38,7 @@ def lora_command(
     folds_csv: Optional[Path] = TRAIN_OPTIONS["folds_csv"],
     full: bool = TRAIN_OPTIONS["full"],
     epochs: Optional[int] = TRAIN_OPTIONS["epochs"],
+    eval_every: Optional[int] = TRAIN_OPTIONS["eval_every"],
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
     lora_blocks: Optional[int] = _lora("--lora-blocks", "Adapt the last K blocks", "blocks"),
     lora_rank: Optional[int] = _lora("--lora-rank", "LoRA rank", "rank"),
@@ -81,8 +82,8 @@ def lora_command(
     """
     conf = read_config(config)
     base, _, _ = load_config(conf)
-    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux,
+    overrides = cli_overrides(dict(folds=folds, epochs=epochs, eval_every=eval_every, batch_size=batch_size, lr=lr,
+                                   seed=seed, device=device, workers=workers, head=head, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema, aux=aux,
                                    interval_bins=interval_bins, stratify=stratify),
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)

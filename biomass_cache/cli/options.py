@@ -48,6 +48,8 @@ TRAIN_OPTIONS = {
     "folds_csv": typer.Option(None, "--folds-csv", help="Reuse this folds.csv (image_id, fold)."),
     "full": typer.Option(False, "--full", help="Train on all images (no cross-validation)."),
     "epochs": _train("--epochs", "Epochs", "epochs"),
+    "eval_every": _train("--eval-every", "Validate every N epochs (and the last); training is the same whatever N",
+                         "eval_every"),
     "batch_size": _train("--batch-size", "Batch size", "batch_size", "lora under torchrun: the global batch"),
     "lr": _train("--lr", "Peak learning rate of the heads", "lr"),
     "seed": _train("--seed", "Seed of folds, views, init and mixup", "seed"),

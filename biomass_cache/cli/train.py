@@ -24,6 +24,7 @@ def train_command(
     folds_csv: Optional[Path] = TRAIN_OPTIONS["folds_csv"],
     full: bool = TRAIN_OPTIONS["full"],
     epochs: Optional[int] = TRAIN_OPTIONS["epochs"],
+    eval_every: Optional[int] = TRAIN_OPTIONS["eval_every"],
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (see configs/cpu_demo.toml)."),
     batch_size: Optional[int] = TRAIN_OPTIONS["batch_size"],
     lr: Optional[float] = TRAIN_OPTIONS["lr"],
@@ -47,8 +48,8 @@ def train_command(
     Options left out take the --config file's value, else the default shown in parentheses.
     """
     base, sweep, extract = load_config(config)
-    overrides = cli_overrides(dict(folds=folds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
+    overrides = cli_overrides(dict(folds=folds, epochs=epochs, eval_every=eval_every, batch_size=batch_size, lr=lr,
+                                   seed=seed, device=device, workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
                                    aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)

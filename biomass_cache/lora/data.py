@@ -105,7 +105,8 @@ def live_loader(ds: LiveDataset, batch_size: int, workers: int, sampler: Sampler
     """Batches of live samples in `sampler`'s order (EpochSampler: seeded, sharded over ranks) or in table order;
     unlike a token-store loader (dataset.make_loader) no shuffle of its own and the DataLoader's default prefetch."""
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      generator=torch.Generator().manual_seed(0))  # not the global RNG: see dataset.make_loader
 
 
 def build_prefix_cache(path: Path, table: pd.DataFrame, data_dir: Path, live: LiveTokens, progress: bool = True):

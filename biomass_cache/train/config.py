@@ -29,6 +29,7 @@ class TrainConfig:
     epochs: int = 120  # the heads need ~1000 steps (benchmarks/bench_heads.py)
     batch_size: int = 16
     eval_batch_size: int = 64
+    eval_every: int = 1  # validate every N epochs (the last one always): validation only reads, never steers training
     lr: float = 4e-3
     uw_lr: float = 1e-2  # uncertainty-weighting log-variances: own optimizer group
     weight_decay: float = 0.05
@@ -57,8 +58,8 @@ class TrainConfig:
 
 
 # keys every member of a sweep shares (they define the batches); the others may differ per member
-SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_size", "tta", "seed", "device", "threads",
-               "workers", "preload", "plots")
+SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_size", "eval_every", "tta", "seed",
+               "device", "threads", "workers", "preload", "plots")
 
 
 def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
@@ -102,14 +103,15 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 
 
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
-FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "seed", "stratify", "epochs", "batch_size", "lr", "device",
-                                                 "workers", "preload", "interval_bins")}
+FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "seed", "stratify", "epochs", "eval_every",
+                                                 "batch_size", "lr", "device", "workers", "preload", "interval_bins")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "seed": SEED_RULE,
     "stratify": (lambda v: isinstance(v, bool), "true or false"),
     "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval_batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "lr": (lambda v: is_number(v) and v > 0, "a number > 0"),

@@ -213,7 +213,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                           cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
                           extra=source.extra, baseline_grams=baseline, sync=source.sync,
                           on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
-                          fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner)
+                          fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner,
+                          eval_every=cfg.eval_every)
         history += [{"fold": fold_name, **r} for r in rows]
         for m in members:
             meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),

@@ -261,13 +261,15 @@ def make_loader(ds: TokenDataset | ConcatTokens, batch_size: int, shuffle: bool,
     """Batches in a seeded order; workers stream from disk with prefetch (none needed once preloaded).
 
     Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.
+    Every loader has a generator of its own, even unshuffled: a DataLoader without one draws its workers' base seed
+    from the global RNG, so how often a run validates would change its dropout masks.
     """
     workers = 0 if ds.preloaded is not None else workers
     return DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),

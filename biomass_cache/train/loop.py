@@ -338,12 +338,15 @@ def train_fold(
     on_epoch: Callable[[list[dict]], None] | None = None,
     fit_loader: Iterable[dict] | None = None,
     groups: np.ndarray | None = None,
+    eval_every: int = 1,
 ) -> list[dict]:
-    """Train all members on the same batches; after each epoch score each (EMA) member on the validation set.
+    """Train all members on the same batches; every `eval_every` epochs and after the last, score each (EMA) member
+    on the validation set (it only reads the weights: the training is the same whatever `eval_every`).
 
     Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
     `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`;
-    `on_epoch(rows)` sees each epoch's history rows (a tuning trial reports them and may stop the fold by raising).
+    `on_epoch(rows)` sees each epoch's history rows, with validation columns in the validated epochs (a tuning
+    trial reports those and may stop the fold by raising).
     Closed-form members are fitted first on `fit_loader` with `groups` (`fit_closed_form`): one history row each.
     """
     vals: dict[str, float] = {}
@@ -380,7 +383,7 @@ def train_fold(
             row = {"epoch": epoch + 1, "head": m.name, "lr": m.cfg.lr * m.sched.lr_lambdas[0](m.sched.last_epoch),
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
-            if val_loader is not None:
+            if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 row.update(validate(m, val_loader, val_truth, tokens_fn, baseline_grams))
                 vals[m.name] = row["val_competition_r2"]
             history.append(row)

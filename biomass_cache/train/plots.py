@@ -162,7 +162,7 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, uw_heads: set[str] |
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     colours = _colours(history["head"])
     for ax, (col, title) in zip(axes[0], panels):
-        for head, rows in history.groupby("head", sort=False):
+        for head, rows in history.dropna(subset=[col]).groupby("head", sort=False):  # validated epochs (eval_every)
             for _, fold in rows.groupby("fold"):
                 ax.plot(fold["epoch"], fold[col], color=colours[head], lw=0.8, alpha=0.35)
             mean = rows.groupby("epoch")[col].mean()

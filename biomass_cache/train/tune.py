@@ -234,6 +234,8 @@ def objective(st: Study, trial) -> float:
 
     def report(epoch_rows: list[dict]) -> None:
         st.stop.check()
+        if "val_competition_r2" not in epoch_rows[0]:  # an epoch between two validations (eval_every)
+            return
         rows.extend(epoch_rows)
         fold_scores[epoch_rows[0]["fold"]] = epoch_rows[0]["val_competition_r2"]
         trial.report(float(np.mean(list(fold_scores.values()))), step=len(rows) - 1)
