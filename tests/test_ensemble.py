@@ -447,3 +447,6 @@ def test_members_pick_a_head_with_a_colon(tmp_path):
     odd.mkdir()
     assert parse_member(str(odd)) == Member(odd)  # a folder whose name has a colon
     assert parse_member("runs/a:b/c") == Member(Path("runs/a:b/c"))  # not a head name: a path
+    for text in ("runs/a:density,,runs/a:mlp", "runs/a,"):
+        with pytest.raises(EnsembleError, match="has an empty entry"):
+            spec_from_options(None, text)

@@ -376,3 +376,23 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(60) == 1 and err == "", err
+
+
+def test_machine_limits_torch_reports_are_one_line():
+    """The text torch gives (worker shared memory over `ulimit -f` or a full /dev/shm, seen on real runs; GPU out
+    of memory) maps to what to do; any other RuntimeError stays a bug."""
+    from biomass_cache.cli.errors import runtime_error_text
+
+    shm = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\nRuntimeError: "
+                       "unable to resize file </torch_22033_1417_0> to the right size: File too large (27)")
+    assert "use --workers 0" in runtime_error_text(shm)
+    full = RuntimeError("unable to write to file </torch_18_1958557598_0>: No space left on device (28)")
+    assert "docker --shm-size" in runtime_error_text(full)
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    assert runtime_error_text(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")) == (
+        "GPU out of memory: use a smaller --batch-size or fewer --workers (train: --preload false keeps the tokens on "
+        "disk), or a machine with more memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert runtime_error_text(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

@@ -188,3 +188,25 @@ def test_sigterm_during_reduce_removes_its_temporary_store(pipeline, tmp_path, m
     assert result.exit_code == 0, result.output
     assert f"removed {tmp_path / f'.r.zarr.reducing-{dead}'}" in result.output and listing(tmp_path)[0] == "r.zarr"
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_killed_overwrite_gives_the_earlier_run_back(pipeline, tmp_path):
+    """`kill -9` while `train --overwrite` runs leaves the earlier run set aside (.run.replaced-PID): the next claim
+    of the folder puts it back byte for byte instead of deleting it as a leftover."""
+    root, data, _ = pipeline
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", "--cache", str(root / "train.zarr"), "--data", str(data), "--out",
+                                    str(out), *map(str, TRAIN)]).exit_code == 0
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = start("train", "--cache", root / "train.zarr", "--data", data, "--out", out, "--overwrite", "--epochs",
+                 100_000, *TRAIN[2:])
+    wait_for(tmp_path / f".run.replaced-{proc.pid}", proc)
+    wait_for(out / "config.json", proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    again = CliRunner().invoke(app, ["train", "--cache", str(root / "train.zarr"), "--data", str(data), "--out",
+                                     str(out), *map(str, TRAIN)])
+    assert again.exit_code == 2 and "already holds a training run" in again.output
+    assert f"put back the earlier run that a killed run (pid {proc.pid}) had set aside" in again.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert not list(tmp_path.glob(".*"))

@@ -83,3 +83,20 @@ def test_score_matches_metric_and_refuses_other_ids(tmp_path, test_csv):
     write_long(tmp_path / "labels.csv", truth.iloc[1:])
     with pytest.raises(SubmissionError, match="5 only in the submission.*ID1001__"):
         score(tmp_path / "submission.csv", tmp_path / "labels.csv")
+
+
+@pytest.mark.parametrize("value, match", [
+    ("1e400", r"non-numeric or non-finite target for \['ID1001__Dry_Clover_g'\] \(line 2: '1e400'\)"),
+    ("", r"non-numeric or non-finite target for \['ID1001__Dry_Clover_g'\] \(line 2: ''\)"),
+    ("abc", r"\(line 2: 'abc'\)"),
+    ("1e300", r"the errors overflow, so no score exists: line 2 predicts 1e\+300 g for ID1001__Dry_Clover_g"),
+])
+def test_score_names_the_line_of_a_value_it_cannot_score(tmp_path, value, match):
+    """`1e400` named no row ([]); a finite 1e300 scored -inf and wrote -Infinity into the JSON."""
+    write_long(tmp_path / "labels.csv", predictions(seed=1))
+    write_long(tmp_path / "submission.csv", predictions(seed=2))
+    lines = (tmp_path / "submission.csv").read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + "," + value
+    (tmp_path / "submission.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SubmissionError, match=match):
+        score(tmp_path / "submission.csv", tmp_path / "labels.csv")

@@ -323,3 +323,22 @@ def test_eval_every_changes_what_is_validated_not_what_is_trained(sweep_run, toy
     validated = sparse["val_competition_r2"].notna().to_numpy()
     np.testing.assert_allclose(sparse["val_competition_r2"][validated], full["val_competition_r2"][validated])
     np.testing.assert_allclose(sparse["train_loss"], full["train_loss"])
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_replacing_run_that_stops_puts_the_earlier_run_back(tmp_path, stop):
+    """Even after it saved fold models: a finished run is worth more than a partial one that replaced it."""
+    out = tmp_path / "run"
+    (out / "fold0").mkdir(parents=True)
+    for name, text in (("config.json", "old"), ("metrics.json", "{}"), ("folds.csv", "image_id,fold\n"),
+                       ("fold0/density.json", "old model")):
+        (out / name).write_text(text)
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(stop), runs.claim_run_dir(out, overwrite=True):
+        assert not (out / "metrics.json").exists() and (out / "folds.csv").is_file()
+        (out / "fold0").mkdir()
+        (out / "fold0" / "density.json").write_text("new model")
+        (out / "folds.csv").write_text("image_id,fold\nrewritten,0\n")
+        raise stop()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert not list(tmp_path.glob(".*"))

@@ -83,6 +83,19 @@ def path_error_text(e: OSError) -> str | None:
     return f"{e.filename}: {hint}" if e.filename else f"while writing: {hint} ({e.strerror or e})"
 
 
+def runtime_error_text(e: RuntimeError) -> str | None:
+    """The RuntimeErrors torch raises for a limit of the machine: GPU memory, and the shared memory DataLoader
+    workers pass batches through (/dev/shm, `</torch_...>` files: full in small containers, or over `ulimit -f`)."""
+    message = str(e)
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return f"GPU {OUT_OF_MEMORY} ({message.splitlines()[0]})"
+    if "</torch_" in message and any(f"({code})" in message for code in (errno.EFBIG, errno.ENOSPC)):
+        return ("the DataLoader workers could not pass a batch through shared memory (/dev/shm is full, or over "
+                "ulimit -f): use --workers 0, or give the machine or container more shared memory (docker "
+                "--shm-size)")
+    return None
+
+
 @contextmanager
 def user_errors(ctx: typer.Context | None) -> Iterator[None]:
     """Turn the user errors raised inside into a `UserError` (unless debugging); let bugs through."""
@@ -106,10 +119,11 @@ def user_errors(ctx: typer.Context | None) -> Iterator[None]:
         if debug_wanted(ctx):
             raise
         raise UserError(OUT_OF_MEMORY) from None
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, without importing torch here
-        if type(e).__name__ != "OutOfMemoryError" or debug_wanted(ctx):
+    except RuntimeError as e:
+        text = runtime_error_text(e)
+        if text is None or debug_wanted(ctx):
             raise
-        raise UserError(f"GPU {OUT_OF_MEMORY} ({str(e).splitlines()[0]})") from None
+        raise UserError(text) from None
     except KeyboardInterrupt as e:
         if debug_wanted(ctx):
             raise

@@ -36,11 +36,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextmanager
 def writing(path: str | Path, also: str | Path | None = None) -> Iterator[None]:
     """OSErrors raised inside that name no file (os.writev, zarr's stores, a full disk), or name the temporary
-    `also`, are raised again naming `path`: the output the user chose."""
+    file or folder `also` (or a file in it), are raised again naming `path`: the output the user chose."""
     try:
         yield
     except OSError as e:
-        if e.errno is not None and (e.filename is None or (also is not None and str(e.filename) == str(also))):
+        name, temporary = str(e.filename), str(also)
+        if e.errno is not None and (e.filename is None or (also is not None and (
+                name == temporary or name.startswith(temporary + os.sep)))):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 

@@ -8,6 +8,7 @@ is one set of pixels everywhere.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 NOT_PILLOW = {".heic": "HEIC", ".heif": "HEIF", ".dng": "raw DNG", ".cr2": "raw CR2", ".nef": "raw NEF",
               ".arw": "raw ARW"}
 SRGB = ImageCms.createProfile("sRGB")
+WARNED: set[Path] = set()  # photos whose unreadable colour profile this process has reported
 # EXIF orientation -> the transpose that stands the photo upright (what ImageOps.exif_transpose does, without
 # re-reading the EXIF block or copying it along).
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -61,6 +63,8 @@ def load_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Ima
     except DataError:
         raise
     except FileNotFoundError as e:
+        if path.is_symlink():
+            raise DataError(f"{path}: a broken link (to {os.readlink(path)}); link it to the photo again") from e
         raise DataError(f"{path}: image file not found") from e
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: image too large ({e}; the limit is {MAX_DECODED_PIXELS / 1e6:.0f} Mpx after JPEG "
@@ -89,21 +93,22 @@ def as_seen(im: Image.Image, path: Path) -> Image.Image:
     if im.mode == "F":
         raise DataError(f"{path}: floating-point pixels (a measurement, not a photo); save it as an 8- or "
                         "16-bit RGB or grayscale image")
+    if im.mode == "I" and im.format != "PNG":  # a PNG holds at most 16 bits; a 32-bit TIFF may hold any range
+        raise DataError(f"{path}: 32-bit integer pixels have no standard brightness (a viewer could show them all "
+                        "black or all white); save it as an 8- or 16-bit image")
     if im.mode in SIXTEEN_BIT or im.mode == "I":
         values = np.asarray(im, dtype=np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise DataError(f"{path}: 32-bit integer pixels (values {values.min()}..{values.max()}) have no "
-                            "standard brightness; save it as an 8- or 16-bit image")
-        im = Image.fromarray(np.rint(values / 257).astype(np.uint8), "L")  # 65535 -> 255, as a viewer scales
+        im = Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8), "L")  # 65535 -> 255
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ALPHA:
         alpha = im.getchannel(im.mode[-1])
         low = alpha.getextrema()[0]
         if low < 255:
-            share = float(np.mean(np.asarray(alpha) < 255))
-            raise DataError(f"{path}: {share:.0%} of its pixels are transparent, and a viewer would show its "
-                            "background there; save the photo without transparency (JPEG, or PNG without alpha)")
+            clear = int(np.count_nonzero(np.asarray(alpha) < 255))
+            raise DataError(f"{path}: {clear} of its {alpha.width * alpha.height} pixels are transparent, and a "
+                            "viewer would show its background there; save the photo without transparency (JPEG, or "
+                            "PNG without alpha)")
     if profile and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
         im = to_srgb(im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode)), profile, path)
     if im.mode != "RGB":
@@ -125,6 +130,9 @@ def to_srgb(im: Image.Image, profile: bytes, path: Path) -> Image.Image:
             return im
         return ImageCms.profileToProfile(im, source, SRGB, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
-        print(f"warning: {path}: its embedded colour profile cannot be read ({e}); its pixels are taken as sRGB",
-              file=sys.stderr)
+        where = path.resolve()  # the photo itself, not a link to it (predict's temporary folder)
+        if where not in WARNED:  # once per photo: a forked worker inherits what its parent said
+            WARNED.add(where)
+            print(f"warning: {where}: its embedded colour profile cannot be read ({e}); its pixels are taken as "
+                  "sRGB", file=sys.stderr)
         return im

@@ -181,20 +181,20 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:
-    """Delete what a killed `create_store`, `reduce_store` or training run left beside `path` (`.NAME.creating-PID`,
-    `.NAME.old-PID`: a whole old store being deleted, `.NAME.reducing-PID`, `.NAME.replaced-PID`: the run a killed
-    run was replacing) when process PID is gone; returns what was removed."""
+    """Delete what a killed `create_store` or `reduce_store` left beside `path` (`.NAME.creating-PID`, `.NAME.old-PID`:
+    a whole old store being deleted, `.NAME.reducing-PID`) when process PID is gone; returns what was removed."""
     path = Path(path)
     removed = []
     for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
         kind, _, pid = leftover.name[len(path.name) + 2:].rpartition("-")
-        if kind in ("creating", "old", "reducing", "replaced") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("creating", "old", "reducing") and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` (of this machine) still runs."""
     if pid == os.getpid():
         return False
     try:

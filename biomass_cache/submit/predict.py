@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import SEP
 from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, check_output_file, write_csv
+from biomass_cache.common.io import atomic_path, check_output_file, write_csv, writing
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
@@ -27,7 +27,7 @@ from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import inference
 
 # what cameras, phones and editors save; HEIC is listed so that it is refused with its reason, never passed over
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".mpo", ".heic", ".heif")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".mpo", ".heic", ".heif")
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
 MAX_ENLARGE = 4  # a photo enlarged more than this to the model input shows the backbone blur
 
@@ -182,7 +182,7 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
         raise DataError("--maps needs at least one member whose head draws density maps (head 'density'); "
                         f"none of {[m.name for m in spec.members]} has one")
     photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
-    with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp, writing(out, also=tmp):
         write_photo_table(photos, Path(tmp))
         result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
                               precision=precision, devices=devices)

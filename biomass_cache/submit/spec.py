@@ -116,7 +116,11 @@ def spec_from_options(ensemble: str | Path | None, members: str | None, aggregat
     if ensemble is not None:
         spec = load_ensemble(ensemble)
     else:
-        spec = EnsembleSpec(tuple(parse_member(p.strip()) for p in members.split(",") if p.strip()))
+        entries = [p.strip() for p in members.split(",")]
+        if not all(entries):
+            raise EnsembleError(f"--members {members!r} has an empty entry (two commas, or one at an end): give "
+                                "RUN_DIR[:HEAD] entries separated by single commas")
+        spec = EnsembleSpec(tuple(parse_member(p) for p in entries))
     overrides = {k: v for k, v in dict(aggregation=aggregation, mc_samples=mc_samples).items() if v is not None}
     if allow_collapsed:
         overrides["allow_collapsed"] = True

@@ -163,4 +163,11 @@ def score(submission: str | Path, labels: str | Path) -> dict:
         )
     y_true = long_to_wide(lab, str(labels))
     y_pred = long_to_wide(sub, str(submission)).reindex(index=y_true.index)
-    return score_table(y_true.to_numpy(), y_pred.to_numpy())
+    with np.errstate(over="ignore"):
+        scores = score_table(y_true.to_numpy(), y_pred.to_numpy())
+    if not np.isfinite(scores["competition_r2"]):  # finite values whose squared errors overflow (1e300 g)
+        r = int(np.argmax(np.abs(sub["target"].to_numpy())))
+        raise SubmissionError(f"{submission}: the errors overflow, so no score exists: line {r + 2} predicts "
+                              f"{sub['target'].iloc[r]:g} g for {sub['sample_id'].iloc[r]}; targets are grams of one "
+                              "quadrat")
+    return scores

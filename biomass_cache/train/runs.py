@@ -35,7 +35,7 @@ from biomass_cache.common.targets import TARGETS, ZScore
 from biomass_cache.heads import check_compatible as check_signature
 from biomass_cache.heads import rebuild_head
 from biomass_cache.store.fingerprint import relaxed_diff
-from biomass_cache.store.layout import remove_leftovers
+from biomass_cache.store.layout import alive
 
 FORMAT_VERSION = 1
 
@@ -132,8 +132,8 @@ def write_history(run_dir: str | Path, rows: list[dict]) -> None:
 
 
 
-RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.json", "history.csv", "oof*.csv", "fold*",
-           "full", "plots")  # folds.csv stays
+RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.json", "history.csv", "oof*.csv",
+           "fold[0-9]*", "full", "plots")  # folds.csv stays
 
 
 def saved_models(run_dir: Path) -> list[Path]:
@@ -159,17 +159,21 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
                   stops: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Hold `run_dir` for one training run (`writer`: rank 0; the other ranks write nothing) from before its
     expensive start to its end. Its writer lock refuses a second run on it instead of mixing the two. The earlier
-    run (`prepare_run_dir`) is set aside and deleted when this run ends well; a run that fails or is stopped before
-    it saves a model leaves the folder as it found it, the earlier run put back. One that saved fold models keeps
-    them and says so. `stops`: exceptions that end a run by design (a pruned tuning trial): what it saved stays,
-    unsaid."""
+    run (`prepare_run_dir`) is set aside, with a copy of folds.csv, and deleted when this run ends well; a run that
+    fails or is stopped leaves the folder as it found it: the earlier run put back (whatever this one saved), or,
+    in a folder without one, nothing unless it saved fold models, which stay and are named. A run killed outright
+    (`kill -9`, a power cut) has its set-aside run put back by the next claim. `stops`: exceptions that end a run
+    by design (a pruned tuning trial): what it saved stays, unsaid."""
     if not writer:
         yield
         return
     run_dir = Path(run_dir)
     with WriterLock(run_dir, "two runs would mix their models in one folder"):
-        for leftover in remove_leftovers(run_dir):
-            print(f"removed {leftover}, left behind by a killed run")
+        for stale in sorted(run_dir.parent.glob(f".{run_dir.name}.replaced-*")):
+            pid = stale.name.rpartition("-")[2]
+            if pid.isdigit() and not alive(int(pid)):
+                put_back(run_dir, stale)
+                print(f"{run_dir}: put back the earlier run that a killed run (pid {pid}) had set aside")
         existed, had_folds = run_dir.exists(), (run_dir / "folds.csv").exists()
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
         old = prepare_run_dir(run_dir, overwrite)
@@ -177,6 +181,8 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
             aside.mkdir()
             for p in old:
                 os.replace(p, aside / p.name)
+            if had_folds:
+                shutil.copy2(run_dir / "folds.csv", aside / "folds.csv")
             print(f"{'--overwrite: ' if overwrite else ''}the earlier files {[p.name for p in old]} are set aside "
                   f"until this run ends")
         try:
@@ -188,7 +194,12 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
         except BaseException:
             kept = sorted(p for p in run_dir.rglob("*.json") if p.parent.name == "full"
                           or (p.parent.name.startswith("fold") and p.parent.name[4:].isdigit()))
-            if kept:
+            if old:
+                put_back(run_dir, aside)
+                print(f"{run_dir}: the run stopped; the earlier run is back as it was"
+                      + (f" (this run's {', '.join(str(p.relative_to(run_dir)) for p in kept)} discarded)"
+                         if kept else ""), file=sys.stderr)
+            elif kept:
                 print(f"{run_dir}: the run stopped after saving {', '.join(str(p.relative_to(run_dir)) for p in kept)}"
                       "; they stay (each works as a one-checkpoint member), but the run is unfinished: rerun it "
                       "with --overwrite", file=sys.stderr)
@@ -196,13 +207,20 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
                 made = [p for pattern in RESULTS for p in run_dir.glob(pattern)]
                 for p in made + ([] if had_folds else [run_dir / "folds.csv"]):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                for p in old:
-                    os.replace(aside / p.name, p)
                 if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
                     run_dir.rmdir()
-            shutil.rmtree(aside, ignore_errors=True)
             raise
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def put_back(run_dir: Path, aside: Path) -> None:
+    """Replace what a stopped run wrote in `run_dir` by the earlier run it had set aside in `aside`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in (p for pattern in RESULTS for p in run_dir.glob(pattern)):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in aside.iterdir():
+        os.replace(p, run_dir / p.name)
+    aside.rmdir()
 
 
 def complete_checkpoints(run_dir: Path, head: str) -> list[Path]:
