@@ -54,7 +54,9 @@ def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, fol
         found = sorted(set(folds.tolist()))
         if found != list(range(len(found))) or len(found) < 2 or (strict and len(found) != n_folds):
             raise DataError(f"{source}: has folds {found}; expected 0..K-1 with K >= 2"
-                            + (f" and K = --folds {n_folds}" if strict else ""))
+                            + (f" and K = --folds {n_folds}" if strict else "")
+                            + ("; a run folder keeps its folds: remove the file, or write to another --out, for new "
+                               "ones" if source == out / "folds.csv" else ""))
         tqdm.write(f"using the {len(found)} folds of {source}")
     else:
         try:
