@@ -346,7 +346,7 @@ def test_a_photo_folder_as_phones_and_file_managers_leave_it(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("field notes")
     (tmp_path / "raw").mkdir()
     assert [p.name for p in list_photos(tmp_path)] == ["a.jpg", "b.TIF", "c.heic"]
-    assert "2 entries that are not photos left out: ['notes.txt', 'raw/']" in capsys.readouterr().err
+    assert "left out 2 entries that are not photos: ['notes.txt', 'raw/']" in capsys.readouterr().err
     good, bad = check_photos(list_photos(tmp_path), {(64, 32)}, skip_bad=True)
     assert [p.name for p in good] == ["a.jpg", "b.TIF"] and "a HEIC photo, which Pillow cannot read" in bad[0][1]
 

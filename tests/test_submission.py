@@ -46,6 +46,8 @@ def test_write_follows_test_csv_order_and_holds_identities(tmp_path, test_csv):
         (lambda p: p.assign(Dry_Dead_g=[np.nan, 1.0, 1.0, 1.0]), "non-finite"),
         (lambda p: p.assign(Dry_Clover_g=-p["Dry_Clover_g"]), "negative"),
         (lambda p: p.assign(GDM_g=p["GDM_g"] + 1.0), "GDM_g does not equal"),
+        (lambda p: p.assign(Dry_Total_g=[3.04e27, 1.0, 1.0, 1.0]),  # a diverged model (lr 1e12) was "validated"
+         r"1 target\(s\) above 100000 g, no plant mass .*a diverged model\? .*up to 3.04e\+27 g"),
     ],
 )
 def test_invalid_predictions_write_nothing(tmp_path, test_csv, breakage, message):

@@ -122,7 +122,7 @@ def test_bad_space_or_storage_is_one_error_line(toy, tmp_path):
     assert code == 2 and out.startswith("error: ") and "empty range" in out and "Traceback" not in out
     code, out = tune(toy, tmp_path / "s", "--space", root / "space.toml", "--trials", 1, "--storage",
                      "nosuchdb://host/x")
-    assert code == 2 and out.startswith("error: --storage nosuchdb://host/x: cannot open the storage")
+    assert code == 2 and out.startswith("error: the study's storage nosuchdb://host/x cannot be opened")
 
 
 # --------------------------------------------------------------------------------------------- a tiny real study

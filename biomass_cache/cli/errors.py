@@ -91,8 +91,10 @@ def runtime_error_text(e: RuntimeError) -> str | None:
         return f"GPU {OUT_OF_MEMORY} ({message.splitlines()[0]})"
     if "</torch_" in message and any(f"({code})" in message for code in (errno.EFBIG, errno.ENOSPC)):
         return ("the DataLoader workers could not pass a batch through shared memory (/dev/shm is full, or over "
-                "ulimit -f): use --workers 0, or give the machine or container more shared memory (docker "
-                "--shm-size)")
+                "ulimit -f): use fewer workers (--workers 0 where the command has it, else [extract] num_workers = "
+                "0), or give the machine or container more shared memory (docker --shm-size)")
+    if "Too many open files" in message:  # the DataLoader's words for EMFILE
+        return RESOURCE_ERRORS[errno.EMFILE]
     return None
 
 
@@ -156,7 +158,8 @@ class BiomassCommand(OneLineErrorsMixin, TyperCommand):
 def run_app(app: typer.Typer) -> None:
     """Run a command line app as the process's main program. A command stopped by Ctrl-C or SIGTERM has cleaned up
     and said so by the time its exit status comes back: the process leaves at once, without the exit-time noise of
-    work it abandoned (zarr's I/O loop thread reporting the read it never finished)."""
+    work it abandoned (zarr's I/O loop thread reporting the read it never finished). A command that ended on its
+    own keeps its exit status: stops during the interpreter's shutdown are ignored."""
     try:
         app()
     except SystemExit as e:
@@ -164,6 +167,8 @@ def run_app(app: typer.Typer) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(e.code)
+        for s in (signal.SIGINT, signal.SIGTERM):  # the command has ended: a stop while Python shuts down would
+            signal.signal(s, signal.SIG_IGN)  # turn a finished command's exit status into 130/143
         raise
 
 

@@ -13,7 +13,7 @@ from biomass_cache.submit.spec import spec_from_options
 
 
 def predict_command(
-    photo_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG quadrat photos (no CSV needed)."),
+    photo_dir: Path = typer.Argument(..., help="Folder of quadrat photos: JPEG, PNG, TIFF, WebP, BMP, GIF (no CSV needed)."),
     ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (configs/...)."),
     members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights; RUN:HEAD "
                                           "picks one head of a run that trained several."),

@@ -16,19 +16,33 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM as an exception: a KeyboardInterrupt, so code that cleans up after Ctrl-C cleans up after it too."""
 
 
+TERMINATED = threading.Event()  # set by SIGTERM, so a raise that code swallowed is raised again at `check_stop`
+
+
 def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    TERMINATED.set()
     raise Terminated()
+
+
+def check_stop() -> None:
+    """Raise the SIGTERM again if it was swallowed: a signal's exception may land in code that ignores exceptions
+    (Python's at-fork hooks when a DataLoader starts its workers, finalizers). Long loops call this per batch."""
+    if TERMINATED.is_set():
+        raise Terminated()
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within: SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be handled: no change)."""
+    """Within: SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be handled: no change);
+    one whose exception was swallowed is raised when the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
+        check_stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -32,6 +32,7 @@ from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.distributed import Ranks, init_ranks, resolve_devices
 from biomass_cache.common.errors import DataError, StoreError
 from biomass_cache.common.io import writing
+from biomass_cache.common.signals import check_stop
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.extract.writers import Item, Writer
 from biomass_cache.store.fingerprint import Fingerprint, of_extraction
@@ -276,6 +277,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, layers: list[int], store: Token
                desc=f"extract {cfg.split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""))
     try:
         for batch in loader:
+            check_stop()
             for item, reason in batch["bad"]:
                 if not cfg.skip_bad:
                     raise DataError(f"{reason} (image {item.image_id!r}; nothing was written for it; "

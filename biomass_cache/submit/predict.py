@@ -43,8 +43,9 @@ def list_photos(photo_dir: Path) -> list[Path]:
         raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
     others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in photos]
     if others:
-        print(f"note: {photo_dir}: {len(others)} entr{'y' if len(others) == 1 else 'ies'} that are not photos "
-              f"left out: {others[:5]}{' ...' if len(others) > 5 else ''}", file=sys.stderr)
+        print(f"note: {photo_dir}: left out {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
+              f"{'is not a photo' if len(others) == 1 else 'are not photos'}: {others[:5]}"
+              f"{' ...' if len(others) > 5 else ''}", file=sys.stderr)
     seen: dict[str, Path] = {}
     for p in photos:
         if p.stem in seen:

@@ -47,6 +47,9 @@ def split_sample_ids(sample_ids: pd.Series, where: str) -> pd.DataFrame:
     return pd.DataFrame({"image_id": parts[0], "target_name": parts[1]})
 
 
+MAX_GRAMS = 1e5  # 100 kg of dry matter on 0.21 m^2: far above any pasture (the real maximum is a few hundred g)
+
+
 def validate_submission(sub: pd.DataFrame, sample_ids: Sequence[str], where: str = "submission") -> None:
     """Raise SubmissionError listing everything wrong with `sub` against the expected `sample_ids`."""
     if list(sub.columns) != COLUMNS:
@@ -72,6 +75,10 @@ def validate_submission(sub: pd.DataFrame, sample_ids: Sequence[str], where: str
     negative = ids[values < 0]
     if len(negative):
         problems.append(f"{len(negative)} negative target(s): {_some(negative)}")
+    absurd = ids[values > MAX_GRAMS]
+    if len(absurd):
+        problems.append(f"{len(absurd)} target(s) above {MAX_GRAMS:g} g, no plant mass of a 70 x 30 cm quadrat (a "
+                        f"diverged model? retrain with a lower --lr): {_some(absurd)}, up to {np.nanmax(values):.3g} g")
     if not problems:
         problems += _identity_problems(ids, values, where)
     if problems:

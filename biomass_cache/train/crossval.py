@@ -68,6 +68,9 @@ def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, fol
     return folds
 
 
+DIVERGED_R2 = -10.0  # a pooled OOF score this far below the mean predictor's (0) is a diverged model, not a weak one
+
+
 def _table_text(rows: list[tuple[str, dict]]) -> str:
     cols = ["competition_r2", "log_r2"] + [f"R2 {t.removesuffix('_g')}" for t in TARGETS]
     lines = [f"{'':<18}" + "".join(f"{c:>15}" for c in cols)]
@@ -261,6 +264,9 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                "a tiny variance and can read -10 or -100; '-': constant in the fold. Compare runs by the pooled "
                "OOF row.)")
     warn_collapsed(collapsed)
+    for n in (n for n in ranking if pooled[n]["competition_r2"] < DIVERGED_R2):
+        print(f"\nWARNING: head {n} DIVERGED (pooled OOF competition_r2 {pooled[n]['competition_r2']:.3g}): its "
+              "predictions are far off any plant mass; retrain it with a lower --lr", file=sys.stderr)
     write_plots(out, data, cfg)
     tqdm.write(f"\nrun folder: {out}")
     return metrics

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from biomass_cache.common.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
+from biomass_cache.common.signals import check_stop
 from biomass_cache.common.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
 from biomass_cache.heads import HEADS, create_head
 from biomass_cache.heads.intervals import fit_bins
@@ -366,6 +367,7 @@ def train_fold(
         if extra is not None:
             extra.train()
         for batch in train_loader:
+            check_stop()
             tokens = tokens_fn(batch)  # read once, shared by every member
             batch = {k: v.to(tokens.device) for k, v in batch.items() if k in LABEL_KEYS}
             for m in members:

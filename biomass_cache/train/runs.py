@@ -133,7 +133,7 @@ def write_history(run_dir: str | Path, rows: list[dict]) -> None:
 
 
 RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.json", "history.csv", "oof*.csv",
-           "fold[0-9]*", "full", "plots")  # folds.csv stays
+           "fold[0-9]*", "full", "plots", "rounds")  # folds.csv stays; rounds/: a pseudo run's earlier rounds
 
 
 def saved_models(run_dir: Path) -> list[Path]:
@@ -169,11 +169,7 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
         return
     run_dir = Path(run_dir)
     with WriterLock(run_dir, "two runs would mix their models in one folder"):
-        for stale in sorted(run_dir.parent.glob(f".{run_dir.name}.replaced-*")):
-            pid = stale.name.rpartition("-")[2]
-            if pid.isdigit() and not alive(int(pid)):
-                put_back(run_dir, stale)
-                print(f"{run_dir}: put back the earlier run that a killed run (pid {pid}) had set aside")
+        put_back_killed(run_dir)
         existed, had_folds = run_dir.exists(), (run_dir / "folds.csv").exists()
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
         old = prepare_run_dir(run_dir, overwrite)
@@ -213,6 +209,25 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def killed(path: Path) -> bool:
+    """Whether `path` (`.NAME.KIND-PID`) was left by a process that is gone."""
+    pid = path.name.rpartition("-")[2]
+    return pid.isdigit() and not alive(int(pid))
+
+
+def put_back_killed(run_dir: Path) -> None:
+    """Undo what killed runs left in and beside `run_dir`: the earlier runs they had set aside
+    (`.NAME.replaced-PID`, also of a pseudo run's rounds inside it) go back, their temporary files go."""
+    for pattern_dir, pattern in ((run_dir.parent, f".{run_dir.name}.replaced-*"), (run_dir, "**/.*.replaced-*")):
+        for stale in sorted(p for p in pattern_dir.glob(pattern) if p.is_dir() and killed(p)):
+            target = stale.with_name(stale.name[1:].rpartition(".replaced-")[0])
+            put_back(target, stale)
+            print(f"{target}: put back the earlier run that a killed run (pid {stale.name.rpartition('-')[2]}) "
+                  "had set aside")
+    for stray in (p for p in run_dir.glob("**/.*.tmp-*") if p.is_file() and killed(p)):
+        stray.unlink()
+
+
 def put_back(run_dir: Path, aside: Path) -> None:
     """Replace what a stopped run wrote in `run_dir` by the earlier run it had set aside in `aside`."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +245,11 @@ def complete_checkpoints(run_dir: Path, head: str) -> list[Path]:
     try:
         metrics = json.loads(metrics_path.read_text())
     except FileNotFoundError:
+        aside = [p.name for p in run_dir.parent.glob(f".{run_dir.name}.replaced-*") if killed(p)]
+        if aside:
+            raise DataError(f"{run_dir}: a killed `--overwrite` run left it half-made, its earlier run set aside in "
+                            f"{aside[0]}; any `biomass train` (or lora, pseudo) on {run_dir} puts the earlier run "
+                            "back first") from None
         raise DataError(f"{run_dir}: the run did not finish (no metrics.json); re-run its training, or name one "
                         "checkpoint (RUN/foldK/HEAD.json) as the member to use it alone") from None
     except (OSError, json.JSONDecodeError) as e:

@@ -76,7 +76,11 @@ def open_storage(url: str):
             return optuna.storages.RDBStorage(url)
         except Exception as e:  # any driver, path or URL error: the storage cannot be used
             if attempt == 2 or url.startswith("journal:"):
-                raise DataError(f"--storage {url}: cannot open the storage ({type(e).__name__}: {e}); give "
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"  # not the SQL that failed
+                if any(words in str(e) for words in ("disk is full", "disk I/O error", "File too large")):
+                    raise DataError(f"the study's storage {url} cannot be written ({reason}): free space or raise "
+                                    "ulimit -f, or give the study another --out or --storage") from e
+                raise DataError(f"the study's storage {url} cannot be opened ({reason}); give --storage "
                                 "sqlite:///PATH, journal:PATH or a database URL") from e
             time.sleep(1 + attempt)
 
