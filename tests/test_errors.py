@@ -385,7 +385,7 @@ def test_machine_limits_torch_reports_are_one_line():
 
     shm = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\nRuntimeError: "
                        "unable to resize file </torch_22033_1417_0> to the right size: File too large (27)")
-    assert "use --workers 0" in runtime_error_text(shm)
+    assert "use fewer workers (--workers 0 where the command has it" in runtime_error_text(shm)
     full = RuntimeError("unable to write to file </torch_18_1958557598_0>: No space left on device (28)")
     assert "docker --shm-size" in runtime_error_text(full)
 
@@ -396,3 +396,25 @@ def test_machine_limits_torch_reports_are_one_line():
         "GPU out of memory: use a smaller --batch-size or fewer --workers (train: --preload false keeps the tokens on "
         "disk), or a machine with more memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert runtime_error_text(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_a_sigterm_swallowed_by_a_hook_is_raised_again():
+    """A signal's exception can land in code that ignores exceptions (the at-fork hook of a starting DataLoader
+    worker, a finalizer): the stop is raised again at the next batch, or when the command ends."""
+    import signal
+
+    from biomass_cache.common.signals import Terminated, check_stop, sigterm_raises
+
+    with pytest.raises(Terminated), sigterm_raises():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Terminated:
+            pass  # swallowed, as "Exception ignored in: <function _releaseLock ...>" does
+        check_stop()
+    with pytest.raises(Terminated), sigterm_raises():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Terminated:
+            pass  # and no batch follows: the end of the command raises it
+    with sigterm_raises():  # a new command starts without the old stop
+        check_stop()
