@@ -93,9 +93,13 @@ def bundled_packages(stock: Iterable[str], project: Path = PROJECT) -> dict[str,
 def _pip(args: list[str], what: str) -> None:
     result = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-        raise BundleError(f"{what} failed (pip {' '.join(args[:2])} ..., exit status {result.returncode}; a "
-                          f"package registry must be reachable to build the bundle):\n{tail}")
+        output = (result.stdout + result.stderr).strip()
+        disk = next((words for errno_text, words in (("[Errno 27]", "over this process's file-size limit (ulimit -f)"),
+                                                     ("[Errno 28]", "on a full disk")) if errno_text in output), None)
+        cause = f"pip could not write {disk}" if disk else "a package registry must be reachable to build the bundle"
+        tail = "\n".join(output.splitlines()[-8:])
+        raise BundleError(f"{what} failed (pip {' '.join(args[:2])} ..., exit status {result.returncode}; {cause}):"
+                          f"\n{tail}")
 
 
 def build_wheels(packages: dict[str, str], wheels: Path, project: Path = PROJECT) -> list[Path]:

@@ -76,7 +76,8 @@ def _table_text(rows: list[tuple[str, dict]]) -> str:
     lines = [f"{'':<18}" + "".join(f"{c:>15}" for c in cols)]
     for label, s in rows:
         vals = [s["competition_r2"], s["log_r2"], *(s["per_target_r2"][t] for t in TARGETS)]
-        lines.append(f"{label:<18}" + "".join(f"{v:>15.4f}" if v is not None else f"{'-':>15}" for v in vals))
+        lines.append(f"{label:<18}" + "".join(f"{'-':>15}" if v is None else f"{v:>15.4f}" if abs(v) < 1e6
+                                              else f"{v:>15.3g}" for v in vals))  # a diverged head's -1e52 fits
     return "\n".join(lines)
 
 
@@ -171,7 +172,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                    strict_folds: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
     return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
-    The caller holds `out` (runs.claim_run_dir) from before its expensive start; `on_epoch(rows)`: each epoch's history rows (with their fold), see `train_fold`."""
+    The caller holds `out` (runs.claim_run_dir) from before its expensive start; `on_epoch(rows)`: each epoch's
+    history rows (with their fold), see `train_fold`."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
