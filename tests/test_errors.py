@@ -340,15 +340,16 @@ def test_a_photo_folder_as_phones_and_file_managers_leave_it(tmp_path, capsys):
 
     Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "a.jpg")
     Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "b.TIF")
+    Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "d.gif")  # a still GIF is a picture
     (tmp_path / "._a.jpg").write_bytes(b"\0\5\26\7AppleDouble")
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "c.heic").write_bytes(b"\0\0\0\x18ftypheic")
     (tmp_path / "notes.txt").write_text("field notes")
     (tmp_path / "raw").mkdir()
-    assert [p.name for p in list_photos(tmp_path)] == ["a.jpg", "b.TIF", "c.heic"]
+    assert [p.name for p in list_photos(tmp_path)] == ["a.jpg", "b.TIF", "c.heic", "d.gif"]
     assert "left out 2 entries that are not photos: ['notes.txt', 'raw/']" in capsys.readouterr().err
     good, bad = check_photos(list_photos(tmp_path), {(64, 32)}, skip_bad=True)
-    assert [p.name for p in good] == ["a.jpg", "b.TIF"] and "a HEIC photo, which Pillow cannot read" in bad[0][1]
+    assert [p.name for p in good] == ["a.jpg", "b.TIF", "d.gif"] and "a HEIC photo, which Pillow cannot" in bad[0][1]
 
 
 def test_out_of_memory_is_one_line(monkeypatch):
