@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | Path, kind: str) -> Iterator[Path]:
+    """Yield a temporary sibling `.NAME.KIND-PID` (not yet created) to build a folder in; it replaces `path` only if
+    the block succeeds, and never outlives the block. Failures name `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(path, also=tmp):
+            yield tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

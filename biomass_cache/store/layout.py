@@ -186,15 +186,20 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     path = Path(path)
     removed = []
     for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
-        kind, _, pid = leftover.name[len(path.name) + 2:].rpartition("-")
-        if kind in ("creating", "old", "reducing") and pid.isdigit() and not alive(int(pid)):
+        kind = leftover.name[len(path.name) + 2:].rpartition("-")[0]
+        if kind in ("creating", "old", "reducing") and left_by_killed(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     return removed
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` (of this machine) still runs."""
+def left_by_killed(path: Path) -> bool:
+    """Whether `path` (`.NAME.KIND-PID`) was left by a process of this machine that is gone."""
+    pid = path.name.rpartition("-")[2]
+    return pid.isdigit() and not _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False
     try:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache.common.config import read_config
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import write_bytes, write_json, writing
+from biomass_cache.common.io import atomic_folder, write_bytes, write_json
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import TokenStore
@@ -225,11 +223,10 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
     spec = StoreSpec(image_ids=src.image_ids, n_views=src.n_views, layers=src.layers, grid=reduction.grid,
                      channels=reduction.dim, fingerprint=reduction.fingerprint(src.fingerprint), split=src.split,
                      dtype=dtype, random_weights=src.random_weights)
-    with WriterLock(out), writing(out):  # one writer of `out`; a full disk names it
+    with WriterLock(out):  # one writer of `out`
         for leftover in remove_leftovers(out):
             print(f"removed {leftover}, left behind by an interrupted run")
-        tmp = out.with_name(f".{out.name}.reducing-{os.getpid()}")
-        try:
+        with atomic_folder(out, "reducing") as tmp:
             store = create_store(tmp, spec)
             store.write_extra("reduction_mean", reduction.mean)
             store.write_extra("reduction_components", reduction.components)
@@ -238,11 +235,6 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
             for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
                 store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
                                                   for v in range(src.n_views)]))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return open_store(out)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import biomass_cache
 from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.common.content import sha256_file
 from biomass_cache.common.errors import BundleError
-from biomass_cache.common.io import write_json, writing
+from biomass_cache.common.io import atomic_folder, write_json
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.submit import bundle_run
 from biomass_cache.submit.members import ResolvedMember, resolve_member
@@ -186,34 +185,26 @@ def make_bundle(ensemble: Optional[Path], members: Optional[str], out: Path, sto
         raise BundleError(f"{out} already exists; choose another --out or pass --overwrite")
     stock = sorted(canonicalize_name(s) for s in stock)
     packages = bundled_packages(stock)
-    with WriterLock(out, "two bundles would mix their files"), writing(out):
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    with WriterLock(out, "two bundles would mix their files"), atomic_folder(out, "partial") as tmp:
         tmp.mkdir(parents=True)
-        try:
-            wheels = build_wheels(packages, tmp / bundle_run.WHEELS)
-            copied = [copy_member(rm, tmp, k) for k, rm in enumerate(resolved, start=1)]
-            doc = {"aggregation": spec.aggregation, "mc_samples": spec.mc_samples, "mc_seed": spec.mc_seed,
-                   "stack_alpha": spec.stack_alpha,
-                   "member": [{"path": c.path, "weight": c.member.member.weight, "head": c.member.member.head}
-                              for c in copied]}
-            (tmp / bundle_run.ENSEMBLE).write_text(bundle_run.toml_ensemble(doc))
-            shutil.copy2(Path(bundle_run.__file__), tmp / "run_submission.py")
-            backbones = {rm.extract["backbone"]: rm.extract["weights_sha256"] for rm in resolved}
-            estimate = estimate_lines(copied, test_images)
-            manifest = {"version": biomass_cache.__version__, "python": list(sys.version_info[:2]), "stock": stock,
-                        "packages": packages, "wheels": [w.name for w in wheels], "backbones": backbones,
-                        "members": [c.path for c in copied], "estimate": estimate}
-            write_json(tmp / bundle_run.MANIFEST, manifest)
-            (tmp / "README.md").write_text(readme(manifest))
-            sums = [f"{sha256_file(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*"))
-                    if p.is_file()]
-            (tmp / bundle_run.CHECKSUMS).write_text("\n".join(sums) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        wheels = build_wheels(packages, tmp / bundle_run.WHEELS)
+        copied = [copy_member(rm, tmp, k) for k, rm in enumerate(resolved, start=1)]
+        doc = {"aggregation": spec.aggregation, "mc_samples": spec.mc_samples, "mc_seed": spec.mc_seed,
+               "stack_alpha": spec.stack_alpha,
+               "member": [{"path": c.path, "weight": c.member.member.weight, "head": c.member.member.head}
+                          for c in copied]}
+        (tmp / bundle_run.ENSEMBLE).write_text(bundle_run.toml_ensemble(doc))
+        shutil.copy2(Path(bundle_run.__file__), tmp / "run_submission.py")
+        backbones = {rm.extract["backbone"]: rm.extract["weights_sha256"] for rm in resolved}
+        estimate = estimate_lines(copied, test_images)
+        manifest = {"version": biomass_cache.__version__, "python": list(sys.version_info[:2]), "stock": stock,
+                    "packages": packages, "wheels": [w.name for w in wheels], "backbones": backbones,
+                    "members": [c.path for c in copied], "estimate": estimate}
+        write_json(tmp / bundle_run.MANIFEST, manifest)
+        (tmp / "README.md").write_text(readme(manifest))
+        sums = [f"{sha256_file(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*"))
+                if p.is_file()]
+        (tmp / bundle_run.CHECKSUMS).write_text("\n".join(sums) + "\n")
     return manifest | {"bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
 
 

@@ -35,7 +35,7 @@ from biomass_cache.common.targets import TARGETS, ZScore
 from biomass_cache.heads import check_compatible as check_signature
 from biomass_cache.heads import rebuild_head
 from biomass_cache.store.fingerprint import relaxed_diff
-from biomass_cache.store.layout import alive
+from biomass_cache.store.layout import left_by_killed
 
 FORMAT_VERSION = 1
 
@@ -136,6 +136,16 @@ RESULTS = ("config.json", "reduction.json", "reduction.safetensors", "metrics.js
            "fold[0-9]*", "full", "plots", "rounds")  # folds.csv stays; rounds/: a pseudo run's earlier rounds
 
 
+def results(run_dir: Path) -> list[Path]:
+    """The files and folders of a run in `run_dir` (RESULTS), folds.csv aside."""
+    return sorted(p for pattern in RESULTS for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+
+
+def remove(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def saved_models(run_dir: Path) -> list[Path]:
     """What makes a folder an earlier run worth keeping: its metrics, or a fold model it saved."""
     return sorted([*run_dir.glob("metrics.json"), *run_dir.glob("fold*/*.json"), *run_dir.glob("full/*.json")])
@@ -146,7 +156,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> list[Path]:
     an earlier run's models or metrics is refused (its old heads would sit beside the new ones as ensemble
     members), unless `overwrite`; the leftovers of a run stopped before it saved a model are replaced either way."""
     run_dir = Path(run_dir)
-    old = sorted(p for pattern in RESULTS for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+    old = results(run_dir)
     if saved_models(run_dir) and not overwrite:
         raise DataError(f"{run_dir} already holds a training run ({', '.join(p.name for p in old[:6])}); "
                         "write to another --out, or pass --overwrite to replace that run (folds.csv is kept and "
@@ -200,39 +210,30 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool, writer: bool = True,
                       "; they stay (each works as a one-checkpoint member), but the run is unfinished: rerun it "
                       "with --overwrite", file=sys.stderr)
             else:
-                made = [p for pattern in RESULTS for p in run_dir.glob(pattern)]
-                for p in made + ([] if had_folds else [run_dir / "folds.csv"]):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                remove(results(run_dir) + ([] if had_folds else [run_dir / "folds.csv"]))
                 if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
                     run_dir.rmdir()
             raise
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def killed(path: Path) -> bool:
-    """Whether `path` (`.NAME.KIND-PID`) was left by a process that is gone."""
-    pid = path.name.rpartition("-")[2]
-    return pid.isdigit() and not alive(int(pid))
-
-
 def put_back_killed(run_dir: Path) -> None:
     """Undo what killed runs left in and beside `run_dir`: the earlier runs they had set aside
     (`.NAME.replaced-PID`, also of a pseudo run's rounds inside it) go back, their temporary files go."""
     for pattern_dir, pattern in ((run_dir.parent, f".{run_dir.name}.replaced-*"), (run_dir, "**/.*.replaced-*")):
-        for stale in sorted(p for p in pattern_dir.glob(pattern) if p.is_dir() and killed(p)):
+        for stale in sorted(p for p in pattern_dir.glob(pattern) if p.is_dir() and left_by_killed(p)):
             target = stale.with_name(stale.name[1:].rpartition(".replaced-")[0])
             put_back(target, stale)
             print(f"{target}: put back the earlier run that a killed run (pid {stale.name.rpartition('-')[2]}) "
                   "had set aside")
-    for stray in (p for p in run_dir.glob("**/.*.tmp-*") if p.is_file() and killed(p)):
+    for stray in (p for p in run_dir.glob("**/.*.tmp-*") if p.is_file() and left_by_killed(p)):
         stray.unlink()
 
 
 def put_back(run_dir: Path, aside: Path) -> None:
     """Replace what a stopped run wrote in `run_dir` by the earlier run it had set aside in `aside`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for p in (p for pattern in RESULTS for p in run_dir.glob(pattern)):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    remove(results(run_dir))
     for p in aside.iterdir():
         os.replace(p, run_dir / p.name)
     aside.rmdir()
@@ -245,7 +246,7 @@ def complete_checkpoints(run_dir: Path, head: str) -> list[Path]:
     try:
         metrics = json.loads(metrics_path.read_text())
     except FileNotFoundError:
-        aside = [p.name for p in run_dir.parent.glob(f".{run_dir.name}.replaced-*") if killed(p)]
+        aside = [p.name for p in run_dir.parent.glob(f".{run_dir.name}.replaced-*") if left_by_killed(p)]
         if aside:
             raise DataError(f"{run_dir}: a killed `--overwrite` run left it half-made, its earlier run set aside in "
                             f"{aside[0]}; any `biomass train` (or lora, pseudo) on {run_dir} puts the earlier run "
