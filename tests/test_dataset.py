@@ -61,14 +61,17 @@ def test_preload_matches_streaming_and_workers(toy):
     rows = list(range(10))
     streamed = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=False)
     loaded = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload=True)
-    assert loaded.preloaded is not None and loaded.preloaded.tokens.dtype == np.float16
+    assert loaded.bank is not None and loaded.bank.tokens.dtype == torch.float32 and not loaded.bank.normed
     auto = TokenDataset(store, table, rows, LAYERS, train=True, seed=1, preload="auto")
-    assert auto.preloaded is not None  # a few KB always fit
-    for ds in (streamed, loaded):
+    assert auto.bank is not None  # a few KB always fit
+    one_layer = TokenDataset(store, table, rows, LAYERS[1:], train=True, seed=1, bank=loaded.bank)
+    for ds in (streamed, loaded, one_layer):
         ds.set_epoch(2)
-    a = torch.cat([b["tokens"] for b in make_loader(streamed, 4, shuffle=False, seed=0, workers=2)])
-    b = torch.cat([b["tokens"] for b in make_loader(loaded, 4, shuffle=False, seed=0, workers=0)])
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a, b, c = (torch.cat([ds.tokens_fn("cpu")(b) for b in make_loader(ds, 4, shuffle=False, seed=0, workers=w)])
+               for ds, w in ((streamed, 2), (loaded, 0), (one_layer, 0)))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the bank's gather is the store's tokens, in order
+    torch.testing.assert_close(a[:, 1:], c, rtol=0, atol=0)  # a dataset of fewer layers reads its own
+    assert loaded[0].keys() >= {"bank_row", "bank_view"} and "tokens" not in loaded[0]
 
 
 def test_mismatches_are_clear_errors(tmp_path, toy):

@@ -144,7 +144,7 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
     run_training(tmp_path / "red.zarr", data, tmp_path / "run", cfg, members)
     assert reduction_of(tmp_path / "run").sha256 == reduction_of(tmp_path / "red.zarr").sha256
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["preloaded"] is True and "reduce" in config["cache"]["fingerprint"]
+    assert "held on cpu" in config["tokens"] and "reduce" in config["cache"]["fingerprint"]
     _, meta = runs.load_head(tmp_path / "run" / "fold0" / "density.json")
     with pytest.raises(DataError, match=r"trained on a reduced token store .*pca-layernorm.*is not reduced: "
                                         r"reduce it with `biomass reduce"):

@@ -195,7 +195,7 @@ def test_pruned_trials_stop_early(toy, tmp_path):
     """A trial that cannot learn (tiny lr), after one that does: the median pruner stops it within fold 0."""
     root, _, _ = toy
     out = tmp_path / "prune"
-    space = write(tmp_path, f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nepochs = 4\n{FIXED}")
+    space = write(tmp_path, f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nepochs = 4\neval_every = 1\n{FIXED}")
     out.mkdir()
     study = optuna.create_study(study_name="prune", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
     study.enqueue_trial({"lr": 3e-2})

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides
+from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
 from biomass_cache.train.config import TrainConfig, load_config, resolve
 from biomass_cache.train.crossval import run_training
 
@@ -32,7 +32,10 @@ def train_command(
     device: Optional[str] = TRAIN_OPTIONS["device"],
     workers: Optional[int] = TRAIN_OPTIONS["workers"],
     preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
-                                           help="Keep the tokens in RAM (auto: when they fit)."),
+                                           help="Hold the tokens on the device or in RAM (auto: when they fit)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=with_default(
+        "Compute precision of the heads: auto (bf16 where the GPU or CPU computes it natively) | bf16 | fp32",
+        TrainConfig, "precision")),
     mixup: Optional[bool] = TRAIN_OPTIONS["mixup"],
     uw: Optional[bool] = TRAIN_OPTIONS["uw"],
     pcgrad: Optional[bool] = TRAIN_OPTIONS["pcgrad"],
@@ -49,7 +52,8 @@ def train_command(
     """
     base, sweep, extract = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, eval_every=eval_every, batch_size=batch_size, lr=lr,
-                                   seed=seed, device=device, workers=workers, preload=preload, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
+                                   seed=seed, device=device, workers=workers, preload=preload,
+                                   precision=precision, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
                                    aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)

@@ -12,7 +12,7 @@ from torch import nn
 
 from biomass_cache.common.targets import ZScore
 from biomass_cache.heads import density, mlp, ridge, vitdet  # noqa: F401  (registers the built-in heads)
-from biomass_cache.heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature
+from biomass_cache.heads.common import FusedHead, check_compatible, enable_mc_dropout, head_signature, run_head
 from biomass_cache.heads.registry import HEADS, register_head
 
 
@@ -52,5 +52,5 @@ def count_parameters(head: nn.Module) -> int:
 
 __all__ = [
     "HEADS", "register_head", "create_head", "rebuild_head", "check_compatible", "head_signature", "enable_mc_dropout",
-    "count_parameters", "FusedHead", "has_maps",
+    "count_parameters", "FusedHead", "has_maps", "run_head",
 ]

@@ -86,10 +86,16 @@ class FusedHead(nn.Module):
     five targets on the same features; a blend > 0 mixes their expected value into the components. A head whose
     `layer_components` returns maps sets `has_maps = True`: callers ask the head (or `heads.has_maps(config)` for a
     checkpoint), never its name.
+
+    A head whose first step is the parameter-free LayerNorm of the tokens over their channels sets `input_norm =
+    True`: `forward` applies it, unless told the tokens are `normed` already (a run's token bank normalises them
+    once). Under autocast (bf16 training) only `layer_components` runs in the lower precision: the fusion, the
+    five targets, intervals and auxiliary heads are computed in fp32.
     """
 
     name = "base"
     has_maps = False  # True: forward(tokens, return_maps=True) gives "density_map"
+    input_norm = False  # True: the head starts with F.layer_norm(tokens) without parameters (see above)
 
     def __init__(
         self,
@@ -222,7 +228,8 @@ class FusedHead(nn.Module):
     def layer_components(
         self, tokens: torch.Tensor, return_maps: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(components (B, L, 3), maps (B, L, 3, rows, cols) or None, shared features (B, L, D))."""
+        """(components (B, L, 3), maps (B, L, 3, rows, cols) or None, shared features (B, L, D) or, when not
+        `uses_features`, None)."""
         raise NotImplementedError
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
@@ -232,9 +239,24 @@ class FusedHead(nn.Module):
             raise ValueError(f"{self.name} head expects tokens (B, L, T, C) = (B, {want[0]}, {want[1]}, {want[2]}) "
                              f"for grid {self.grid}, got {tuple(tokens.shape)}")
 
-    def forward(self, tokens: torch.Tensor, return_maps: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, return_maps: bool = False, normed: bool = False) -> dict[str, torch.Tensor]:
         self.check_tokens(tokens)
+        if self.input_norm and not normed:
+            tokens = F.layer_norm(tokens, tokens.shape[-1:])
         per_layer, maps, features = self.layer_components(tokens, return_maps)
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.fuse(per_layer.float(), None if maps is None else maps.float(),
+                             None if features is None else features.float(), return_maps)
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the shared features are read (by the auxiliary or interval heads): `layer_components` may skip
+        computing them (None) otherwise."""
+        return self.aux_heads is not None or self.interval_head is not None
+
+    def fuse(self, per_layer: torch.Tensor, maps: torch.Tensor | None, features: torch.Tensor | None,
+             return_maps: bool) -> dict[str, torch.Tensor]:
+        """`layer_components`' outputs -> the contract outputs (fp32)."""
         weights = torch.softmax(self.fusion_logits, dim=0)
         components = torch.einsum("blk,l->bk", per_layer, weights)
         interval_logits = None if self.interval_head is None else self.interval_head(features)
@@ -261,6 +283,13 @@ class FusedHead(nn.Module):
         if interval_logits is not None:
             out["interval_logits"] = interval_logits
         return out
+
+
+def run_head(head: nn.Module, tokens: torch.Tensor, normed: bool = False, **kw: Any) -> dict[str, torch.Tensor]:
+    """The one way to call a head on tokens: in bf16 autocast when the tokens are bf16 (a bf16 run's bank);
+    `normed`: the tokens had the head's input LayerNorm applied already (`FusedHead.input_norm`)."""
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.dtype == torch.bfloat16):
+        return head(tokens, normed=normed, **kw)
 
 
 def head_signature(head: nn.Module | Mapping[str, Any]) -> dict[str, Any]:

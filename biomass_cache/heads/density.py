@@ -7,8 +7,8 @@ The shared features (read by the auxiliary heads) are the per-patch hidden activ
 CPU cost is per token (3 layers x every patch), so the defaults are the cheapest that scored as well on the quality
 bar (benchmarks/bench_heads.py; docs: Benchmarks): hidden 128 (256 scores a little more at about twice the step
 time), no dropout (dropout masks on every token cost much of the step), and one LayerNorm without affine parameters over
-all layers' tokens (a Linear follows, so an affine adds nothing it cannot express; without one, no gradient flows
-into the tokens).
+the tokens (`input_norm`: a Linear follows, so an affine adds nothing it cannot express; without one, no gradient
+flows into the tokens; a run's token bank applies it once instead of at every step).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class PatchMLP(nn.Module):
 @register_head("density")
 class DensityHead(FusedHead):
     has_maps = True
+    input_norm = True
 
     def __init__(self, *, hidden: int = 128, dropout: float = 0.0, **common):
         super().__init__(features=hidden, dropout=dropout, **common)
@@ -50,12 +51,14 @@ class DensityHead(FusedHead):
     def layer_components(
         self, tokens: torch.Tensor, return_maps: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        tokens = F.layer_norm(tokens, tokens.shape[-1:])  # one call on the contiguous tensor, not one per layer
-        hidden = [m.body(tokens[:, l]) for l, m in enumerate(self.per_layer)]  # each (B, T, hidden)
-        dens = torch.stack([F.softplus(m.out(h)) for m, h in zip(self.per_layer, hidden)], dim=1)
+        by_layer = tokens.transpose(0, 1)  # (L, B, T, C): each layer's tokens contiguous when they come from a bank
+        hidden = [m.body(by_layer[l]) for l, m in enumerate(self.per_layer)]  # each (B, T, hidden)
+        dens = torch.stack([F.softplus(m.out(h).float()) for m, h in zip(self.per_layer, hidden)], dim=1)
         dens = dens * self.scale()  # (B, L, T, 3) g/m^2
         maps = None
         if return_maps:
             b, n_layers = dens.shape[:2]
             maps = tokens_to_grid(dens.flatten(0, 1), self.grid).reshape(b, n_layers, 3, *self.grid)
-        return dens.mean(dim=2), maps, torch.stack([h.mean(dim=1) for h in hidden], dim=1)
+        features = torch.stack([h.mean(dim=1, dtype=torch.float32) for h in hidden], dim=1) if self.uses_features \
+            else None  # a pass over every hidden activation, worth skipping when nothing reads it
+        return dens.mean(dim=2), maps, features

@@ -39,9 +39,10 @@ from biomass_cache.submit.ensemble import run_ensemble
 from biomass_cache.submit.members import ResolvedMember, resolve_member
 from biomass_cache.submit.spec import EnsembleSpec, Member
 from biomass_cache.train import runs
+from biomass_cache.train.bank import TokenBank, plan_bank
 from biomass_cache.train.config import TrainConfig
 from biomass_cache.train.crossval import TokenSource, cache_source, cross_validate
-from biomass_cache.train.dataset import ConcatTokens, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.train.dataset import ConcatTokens, TokenDataset, make_loader, store_rows
 
 DEFAULT_WEIGHT = 0.5
 TEST_VIEW_SEED = 1_000_003  # the test images draw their training views apart from the training images'
@@ -114,18 +115,25 @@ def pseudo_source(base: TokenSource, labels: PseudoLabels, folds: np.ndarray, we
     views = list(range(store.n_views))
 
     @functools.cache
-    def shared() -> Preloaded | None:
-        """The test tokens in RAM (when `cfg.preload` says so), read once and shared by every fold."""
-        if not Preloaded.wanted(cfg.preload, store, n_test, len(views), len(base.layers)):
+    def shared() -> TokenBank | None:
+        """The test tokens held like the training tokens (`base.bank_plan`), read once and shared by every fold."""
+        held = base.bank_plan
+        if held is None:
             return None
-        return Preloaded.load(store, store_rows(store, labels.image_ids, views), views, base.layers)
+        plan, refused = plan_bank(store, n_test, len(views), len(base.layers), base.device,
+                                  "bf16" if held.dtype == torch.bfloat16 else "fp32", held.normed)
+        if plan is None or (plan.dtype, plan.normed) != (held.dtype, held.normed):
+            raise DataError(f"the test tokens of {store.path} do not fit beside the training tokens ({held.describe()}"
+                            f"; {'; '.join(refused)}): pseudo-label with preload = false in the first member's "
+                            "training settings, or `biomass reduce` both stores")
+        return TokenBank.load(store, store_rows(store, labels.image_ids, views), views, base.layers, plan)
 
     def train_loader(rows: np.ndarray, seed: int, aux):
         left_out = sorted(set(range(len(labels.by_fold))) - set(folds[rows].tolist()))
         if len(left_out) != 1:
             raise ValueError(f"training rows leave out folds {left_out}; pseudo-labels need exactly one")
         test = TokenDataset(store, labels.frame(left_out[0]), range(n_test), base.layers, train=True,
-                            seed=seed + TEST_VIEW_SEED, aux=aux, preloaded=shared(), weight=weight)
+                            seed=seed + TEST_VIEW_SEED, aux=aux, bank=shared(), weight=weight)
         both = ConcatTokens([base.train_loader(rows, seed, aux).dataset, test])
         return make_loader(both, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
 

@@ -14,6 +14,7 @@ from biomass_cache.common.config import SEED_RULE, Config, check_table, check_va
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
 from biomass_cache.heads import HEADS
+from biomass_cache.train.bank import PRECISIONS
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TrainConfig:
     epochs: int = 120  # the heads need ~1000 steps (benchmarks/bench_heads.py)
     batch_size: int = 16
     eval_batch_size: int = 64
-    eval_every: int = 1  # validate every N epochs (the last one always): validation only reads, never steers training
+    eval_every: int = 5  # validate every N epochs (the last one always): validation only reads, never steers training
     lr: float = 4e-3
     uw_lr: float = 1e-2  # uncertainty-weighting log-variances: own optimizer group
     weight_decay: float = 0.05
@@ -52,14 +53,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch (0 = torch's default); 1 is fastest for small heads on a busy CPU
     workers: int = 2  # DataLoader workers when streaming from disk
-    preload: bool | str = "auto"  # keep the tokens in RAM: true | false | "auto" (when they fit)
+    preload: bool | str = "auto"  # hold the tokens on the device or in RAM: true | false | "auto" (when they fit)
+    precision: str = "auto"  # auto | bf16 | fp32: auto = bf16 where the GPU or CPU computes it natively
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     plots: bool = True  # write RUN/plots/*.png at the end (plots.plot_run); needs the photos under the data folder
 
 
 # keys every member of a sweep shares (they define the batches); the others may differ per member
 SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_size", "eval_every", "tta", "seed",
-               "device", "threads", "workers", "preload", "plots")
+               "device", "threads", "workers", "preload", "precision", "plots")
 
 
 def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
@@ -104,7 +106,8 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
 FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "seed", "stratify", "epochs", "eval_every",
-                                                 "batch_size", "lr", "device", "workers", "preload", "interval_bins")}
+                                                 "batch_size", "lr", "device", "workers", "preload", "precision",
+                                                 "interval_bins")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
@@ -127,6 +130,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "threads": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = torch's default)"),
     "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
+    "precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
     "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "interval_bins": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
     "interval_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),

@@ -27,11 +27,13 @@ from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
+from biomass_cache.heads import HEADS
 from biomass_cache.store.layout import open_store
 from biomass_cache.store.reduce import Reduction
 from biomass_cache.train import inference, runs
 from biomass_cache.train.config import TrainConfig
-from biomass_cache.train.dataset import AuxSpec, Preloaded, TokenDataset, make_loader, store_rows
+from biomass_cache.train.bank import DTYPES, BankPlan, TokenBank, plan_bank, training_precision
+from biomass_cache.train.dataset import AuxSpec, TokenDataset, batch_tokens, make_loader, store_rows
 from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
@@ -115,11 +117,18 @@ class TokenSource:
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None
     write_artefacts: Callable[[Path], None] | None = None  # files the run folder needs beside config.json
     fit_loader: Callable[[np.ndarray, AuxSpec], Iterable[dict]] | None = None
+    bank_plan: BankPlan | None = None  # how the tokens are held (bank.py); None: streamed, or not from a cache
+
+    @property
+    def normed(self) -> bool:
+        """`tokens_fn` gives tokens with the heads' input LayerNorm applied (heads.run_head)."""
+        return self.bank_plan is not None and self.bank_plan.normed
 
 
 def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  extract: dict | None = None) -> TokenSource:
-    """Tokens read from a token store (the layers every member asks for), moved to the device per batch."""
+    """Tokens read from a token store (the layers every member asks for), held in a bank (bank.py) where they fit
+    (`preload` true or "auto"), else streamed from the store and moved to the device per batch."""
     layers = sorted({l for m in members_cfg.values() for l in (m.layers or store.layers)})
     if not set(layers) <= set(store.layers):
         raise DataError(f"layers {sorted(set(layers) - set(store.layers))} are not in the token store {store.path} "
@@ -132,39 +141,70 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
     signature = {"channels": store.channels, "grid": list(store.grid)}
     views = list(range(store.n_views))
     every = store_rows(store, list(table["image_id"]), views)
-    preload = Preloaded.wanted(cfg.preload, store, len(every), len(views), len(layers))
+    precision, plan = token_plan(store, len(every), len(views), len(layers), device, cfg, members_cfg)
+    dtype = DTYPES[precision]
 
     @functools.cache
-    def shared() -> Preloaded | None:
-        """The run's tokens in RAM, read at the first fold's first use (not for a run refused before it) and
-        shared by every fold."""
-        return Preloaded.load(store, every, views, layers) if preload else None
+    def shared() -> TokenBank | None:
+        """The run's tokens, loaded at the first fold's first use (not for a run refused before it) and shared by
+        every fold."""
+        return None if plan is None else TokenBank.load(store, every, views, layers, plan)
 
     def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, preloaded=shared())
+        ds = TokenDataset(store, table, rows, layers, train=True, seed=seed, aux=aux, bank=shared())
         return make_loader(ds, cfg.batch_size, shuffle=True, seed=seed, workers=cfg.workers)
 
     def val_loader(rows: np.ndarray, aux: AuxSpec, view: int = 0):
-        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=view, aux=aux, preloaded=shared())
+        ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=view, aux=aux, bank=shared())
         return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
 
     def fit_loader(rows: np.ndarray, aux: AuxSpec):
         return itertools.chain.from_iterable(val_loader(rows, aux, v) for v in views)
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
-        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"],
-                                       batch_size=cfg.eval_batch_size, device=str(device), preloaded=shared()).grams
+        """OOF grams exactly as `biomass predict` gives them (fp32 on the stored tokens): from the bank unless it
+        holds bf16 values, which the stored tokens are not."""
+        bank = None if plan is None or plan.dtype == torch.bfloat16 else shared()
+        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
+                                       device=str(device), workers=cfg.workers, bank=bank).grams
 
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
                         **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
                         "random_weights": store.random_weights, "weights_path": store.weights_path},
-              "device": str(device), "preloaded": preload}
+              "device": str(device), "precision": precision,
+              "tokens": "streamed from the store" if plan is None else plan.describe()}
     reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
     return TokenSource(layers, signature, store.fingerprint, config, device, train_loader, val_loader,
-                       lambda b: b["tokens"].to(device, non_blocking=True), predict,
+                       lambda b: batch_tokens(b, shared(), device, dtype), predict,
                        write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"),
-                       fit_loader=fit_loader)
+                       fit_loader=fit_loader, bank_plan=plan)
+
+
+def token_plan(store, n_rows: int, n_views: int, n_layers: int, device: torch.device, cfg: TrainConfig,
+               members_cfg: dict[str, TrainConfig]) -> tuple[str, BankPlan | None]:
+    """(compute precision, where the run's tokens are held: None = streamed from the store).
+
+    bf16 only where every member trains by gradients (a closed-form head solves in fp32); the LayerNorm applied
+    once where every member's head starts with it and none mixes raw tokens (mixup). `preload` false streams;
+    "auto" streams what does not fit, saying so; true refuses it.
+    """
+    heads = [HEADS[m.head] for m in members_cfg.values()]
+    precision = training_precision(cfg.precision, device)
+    if any(getattr(h, "closed_form", False) for h in heads):
+        precision = "fp32"
+    if cfg.preload is False:
+        return precision, None
+    norm = all(h.input_norm for h in heads) and not any(m.mixup for m in members_cfg.values())
+    plan, refused = plan_bank(store, n_rows, n_views, n_layers, device, precision, norm)
+    if plan is None:
+        advice = "`biomass reduce` the store (about 30x smaller), or train on a device with more memory"
+        if cfg.preload is True:
+            raise DataError(f"the tokens of {store.path} do not fit: {'; '.join(refused)}; {advice}, or set "
+                            "preload false (stream them from the store, far slower)")
+        tqdm.write(f"note: the tokens of {store.path} do not fit ({'; '.join(refused)}): streaming them from the "
+                   f"store at every epoch, far slower; {advice}")
+    return precision, plan
 
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
@@ -221,7 +261,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                           extra=source.extra, baseline_grams=baseline, sync=source.sync,
                           on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
                           fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner,
-                          eval_every=cfg.eval_every)
+                          eval_every=cfg.eval_every, normed=source.normed)
         history += [{"fold": fold_name, **r} for r in rows]
         for m in members:
             meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),

@@ -7,9 +7,10 @@ Evaluation reads one fixed view (0 = clean; the TTA views at predict time).
 
 from __future__ import annotations
 
-import os
+import bisect
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS, to_density
 from biomass_cache.store.layout import open_store
+from biomass_cache.train.bank import TokenBank, bank_nbytes, plan_bank
 
 MAX_LISTED = 5
-PRELOAD_RAM_FRACTION = 0.5  # "auto" preloads when the selected tokens fit in this share of available RAM
 LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index", "weight")
 
 
@@ -67,6 +68,10 @@ class Labels:
         """Sample k's labels as tensors (the batch keys besides the tokens)."""
         return {name: torch.as_tensor(getattr(self, name)[k]) for name in LABEL_KEYS}
 
+    def batch(self, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The labels of samples `ks`, batched as the DataLoader would collate their `item`s."""
+        return {name: torch.from_numpy(getattr(self, name)[list(ks)]) for name in LABEL_KEYS}
+
 
 def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec, weight: float = 1.0) -> Labels:
     """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows);
@@ -109,73 +114,20 @@ def store_rows(store, image_ids: Sequence[str], views: Sequence[int]) -> np.ndar
     return idx
 
 
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations (Linux MemAvailable, else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def view_for(seed: int, epoch: int, row: int, n_views: int) -> int:
     """The view a training image shows in an epoch: independent of worker count and iteration order."""
     return int(np.random.default_rng([seed, epoch, row]).integers(n_views))
 
 
-@dataclass
-class Preloaded:
-    """Tokens of some store rows held in RAM as stored (float16 stays float16), read once and shared by every
-    dataset of a run (all folds, training and validation, OOF predictions)."""
-
-    tokens: np.ndarray  # (rows, views, layers, T, C)
-    position: dict[int, int]  # store row -> index into `tokens`
-    views: list[int]
-    layers: list[int]
-
-    @staticmethod
-    def nbytes(store, n_rows: int, n_views: int, n_layers: int) -> int:
-        """Bytes the tokens of `n_rows` images take once preloaded."""
-        rows, cols = store.grid
-        itemsize = 2 if store.storage_dtype == "float16" else 4
-        return n_rows * n_views * n_layers * rows * cols * store.channels * itemsize
-
-    @classmethod
-    def wanted(cls, preload: bool | str, store, n_rows: int, n_views: int, n_layers: int) -> bool:
-        """True, False, or "auto": when the tokens fit in PRELOAD_RAM_FRACTION of the available RAM."""
-        if preload == "auto":
-            return cls.nbytes(store, n_rows, n_views, n_layers) < PRELOAD_RAM_FRACTION * available_ram()
-        if preload not in (True, False):
-            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
-        return preload
-
-    @classmethod
-    def load(cls, store, rows: Sequence[int], views: Sequence[int], layers: Sequence[int]) -> "Preloaded":
-        from tqdm.auto import tqdm
-
-        dtype = np.float16 if store.storage_dtype == "float16" else np.float32  # float16 stays exact
-        grid_rows, cols = store.grid
-        out = np.empty((len(rows), len(views), len(layers), grid_rows * cols, store.channels), dtype=dtype)
-        for k in tqdm(range(len(rows)), desc="preload tokens", leave=False, disable=len(rows) < 64):
-            for j, v in enumerate(views):
-                out[k, j] = store.read(int(rows[k]), v, layers)
-        return cls(out, {int(r): k for k, r in enumerate(rows)}, list(views), list(layers))
-
-    def sample(self, row: int, view: int, layer_pos: list[int] | None) -> np.ndarray:
-        x = self.tokens[self.position[row], self.views.index(view)]
-        return x if layer_pos is None else x[layer_pos]
-
-
 class TokenDataset(Dataset):
-    """Samples of `table` rows `indices`: tokens (L, T, C) float32 of `layers` plus targets and aux labels.
+    """Samples of `table` rows `indices`: tokens (L, T, C) of `layers` plus targets and aux labels.
 
     Targets are areal densities (g/m^2); missing ones are 0 with a False mask. `train=True` draws one stored
-    view per epoch (call `set_epoch`); otherwise `view` is read. Tokens come from `preloaded` (shared by a run),
-    else from RAM when `preload` (True, False or "auto") says so, else from the store at each read. `weight`:
-    every sample's weight in the losses (the batch key "weight").
+    view per epoch (call `set_epoch`); otherwise `view` is read. With a `bank` (bank.py; shared by a run, or loaded
+    here when `preload` (True, False or "auto") says so and the tokens fit in RAM) a sample is its labels and where
+    its tokens are in the bank ("bank_row", "bank_view"): `tokens_fn` gathers a whole batch there at once. Without
+    one, a sample carries its tokens (float32) read from the store. `weight`: every sample's weight in the losses
+    (the batch key "weight").
     """
 
     def __init__(
@@ -189,7 +141,7 @@ class TokenDataset(Dataset):
         preload: bool | str = False,
         view: int = 0,
         aux: AuxSpec | None = None,
-        preloaded: Preloaded | None = None,
+        bank: TokenBank | None = None,
         weight: float = 1.0,
     ):
         self.store, self.train, self.seed, self.epoch = store, train, seed, 0
@@ -203,16 +155,20 @@ class TokenDataset(Dataset):
         self.views = list(range(store.n_views)) if train else [view]
         self.rows = store_rows(store, list(table["image_id"].iloc[self.indices]), self.views)
         self.labels = encode_labels(table, self.indices, aux or AuxSpec.fit(table, self.indices), weight)
-        if preloaded is None and Preloaded.wanted(preload, store, len(self.rows), len(self.views), len(self.layers)):
-            preloaded = Preloaded.load(store, self.rows, self.views, self.layers)
-        self.preloaded = preloaded
-        self.layer_pos = None
-        if preloaded is not None and preloaded.layers != self.layers:
-            self.layer_pos = [preloaded.layers.index(l) for l in self.layers]
+        if bank is None and preload is not False:
+            plan, refused = plan_bank(store, len(self.rows), len(self.views), len(self.layers), torch.device("cpu"),
+                                      "fp32", norm=False)
+            if plan is None and preload is True:
+                raise DataError(f"the tokens of {store.path} do not fit in RAM ({'; '.join(refused)}): use "
+                                "preload false (stream them from the store), or `biomass reduce` the store")
+            bank = None if plan is None else TokenBank.load(store, self.rows, self.views, self.layers, plan)
+        self.bank = bank
+        self.layer_pos = None if bank is None or bank.layers == self.layers else [
+            bank.layers.index(l) for l in self.layers]
 
-    def nbytes(self) -> int:
-        """Bytes the selected tokens take in RAM once preloaded."""
-        return Preloaded.nbytes(self.store, len(self.rows), len(self.views), len(self.layers))
+    def nbytes(self, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes the selected tokens take in a bank of `dtype`."""
+        return bank_nbytes(self.store, len(self.rows), len(self.views), len(self.layers), dtype)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -224,13 +180,33 @@ class TokenDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            return {"tokens": self.sample_tokens(k), **self.labels.item(k)}
+        where = {"bank_row": torch.tensor(self.bank.position[int(self.rows[k])]),
+                 "bank_view": torch.tensor(self.bank.views.index(self.view_of(k)))}
+        return {**where, **self.labels.item(k)}
+
+    def __getitems__(self, ks: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch at once (the DataLoader's batched fetch, with `make_loader`'s pass-through collate): the
+        samples `__getitem__` gives, collated, without a tensor per sample and label."""
+        if self.bank is None:
+            return {"tokens": torch.stack([self.sample_tokens(k) for k in ks]), **self.labels.batch(ks)}
+        views = [self.bank.views.index(self.view_of(k)) for k in ks]
+        return {"bank_row": torch.tensor([self.bank.position[int(self.rows[k])] for k in ks]),
+                "bank_view": torch.tensor(views), **self.labels.batch(ks)}
+
+    def sample_tokens(self, k: int) -> torch.Tensor:
+        """Sample k's tokens (L, T, C) alone: from the bank (as held there), else from the store (float32)."""
         view = self.view_of(k)
-        if self.preloaded is not None:
-            x = self.preloaded.sample(int(self.rows[k]), view, self.layer_pos)
-            tokens = torch.from_numpy(np.ascontiguousarray(x)).float()  # torch's cast: far faster than numpy's
-        else:
-            tokens = torch.from_numpy(self.store.read(int(self.rows[k]), view, self.layers))
-        return {"tokens": tokens, **self.labels.item(k)}
+        if self.bank is None:
+            return torch.from_numpy(self.store.read(int(self.rows[k]), view, self.layers))
+        pos = torch.tensor([self.bank.position[int(self.rows[k])]])
+        return self.bank.gather(pos, torch.tensor([self.bank.views.index(view)]), self.layer_pos)[0].cpu()
+
+    def tokens_fn(self, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> Callable[[dict], torch.Tensor]:
+        """batch -> its tokens (B, L, T, C) on `device` in `dtype` (see `batch_tokens`)."""
+        return functools.partial(batch_tokens, bank=self.bank, device=device, dtype=dtype, layer_pos=self.layer_pos)
 
     def __getstate__(self) -> dict:
         """Workers reopen the store by path instead of pickling an open Zarr group."""
@@ -243,31 +219,49 @@ class TokenDataset(Dataset):
         self.store = open_store(state["store"])
 
 
+def batch_tokens(batch: dict, bank: TokenBank | None, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 layer_pos: list[int] | None = None) -> torch.Tensor:
+    """A batch's tokens (B, L, T, C) on `device` in `dtype`: its own ("tokens"), else gathered in `bank`."""
+    tokens = batch["tokens"] if "tokens" in batch else bank.gather(batch["bank_row"], batch["bank_view"], layer_pos)
+    return tokens.to(device, dtype, non_blocking=True)
+
+
 class ConcatTokens(ConcatDataset):
     """Several TokenDatasets as one training set (a run's images and pseudo-labelled images of another store):
-    `set_epoch` reaches every part; `preloaded` is None unless every part's tokens are in RAM."""
+    `set_epoch` reaches every part. Every sample carries its tokens (`sample_tokens`: the parts' banks differ)."""
 
     def set_epoch(self, epoch: int) -> None:
         for ds in self.datasets:
             ds.set_epoch(epoch)
 
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        part = bisect.bisect_right(self.cumulative_sizes, k)
+        ds, j = self.datasets[part], k - (self.cumulative_sizes[part - 1] if part else 0)
+        return {"tokens": ds.sample_tokens(j), **ds.labels.item(j)}
+
     @property
-    def preloaded(self) -> list[Preloaded] | None:
-        parts = [ds.preloaded for ds in self.datasets]
-        return None if any(p is None for p in parts) else parts
+    def bank(self) -> TokenBank | None:
+        """A bank of some part (None: every part streams from its store)."""
+        return next((ds.bank for ds in self.datasets if ds.bank is not None), None)
+
+
+def _collated(batch: dict) -> dict:
+    """The collate function of a dataset that fetches whole batches (`__getitems__`)."""
+    return batch
 
 
 def make_loader(ds: TokenDataset | ConcatTokens, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    """Batches in a seeded order; workers stream from disk with prefetch (none needed once preloaded).
+    """Batches in a seeded order; workers stream from disk with prefetch (none needed with a bank).
 
     Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so `set_epoch` reaches them.
     Every loader has a generator of its own, even unshuffled: a DataLoader without one draws its workers' base seed
     from the global RNG, so how often a run validates would change its dropout masks.
     """
-    workers = 0 if ds.preloaded is not None else workers
+    workers = 0 if ds.bank is not None else workers
     return DataLoader(
         ds,
         batch_size=batch_size,
+        collate_fn=_collated if hasattr(ds, "__getitems__") else None,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
         num_workers=workers,

@@ -18,6 +18,8 @@ import torch
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import components_to_targets, to_grams
 from biomass_cache.heads import enable_mc_dropout as dropout_only_train
+from biomass_cache.heads import run_head
+from biomass_cache.train.bank import TokenBank
 from biomass_cache.train.dataset import AuxSpec, TokenDataset, make_loader
 from biomass_cache.train.runs import check_compatible
 
@@ -51,8 +53,8 @@ def enable_mc_dropout(head: torch.nn.Module, where: str) -> None:
 
 @torch.no_grad()
 def predict_loader(head: torch.nn.Module, loader: Iterable[dict], tokens_fn: Callable[[dict], torch.Tensor],
-                   maps: bool = False, samples: int = 0) -> Prediction:
-    """One pass of `head` over every batch of `loader` (one view), in order.
+                   maps: bool = False, samples: int = 0, normed: bool = False) -> Prediction:
+    """One pass of `head` over every batch of `loader` (one view), in order; `normed`: see `heads.run_head`.
 
     `maps`: also the density maps (heads whose `has_maps` is True). `samples` > 0: that many forward passes per
     batch with the dropout on (call `enable_mc_dropout` first); `components` is then their mean. Otherwise the head
@@ -69,9 +71,10 @@ def predict_loader(head: torch.nn.Module, loader: Iterable[dict], tokens_fn: Cal
     for batch in loader:
         tokens = tokens_fn(batch)
         if samples:
-            drawn.append(torch.stack([head(tokens)["components"].double().cpu() for _ in range(samples)]).numpy())
+            drawn.append(torch.stack([run_head(head, tokens, normed)["components"].double().cpu()
+                                      for _ in range(samples)]).numpy())
             continue
-        out = head(tokens, return_maps=maps)
+        out = run_head(head, tokens, normed, return_maps=maps)
         comps.append(out["components"].double().cpu().numpy())
         if maps:
             shown.append(out["density_map"].cpu().numpy())
@@ -104,15 +107,17 @@ def predict_store(
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 0,
-    preloaded=None,
+    bank: TokenBank | None = None,
     ignore: Sequence[str] = (),
     maps: bool = False,
     samples: int = 0,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Prediction:
     """The head's prediction for store images `indices` (all by default), averaged over `views`.
 
-    `views`: see `view_list`; `preloaded`: the run's tokens in RAM (dataset.Preloaded), else the store is read;
+    `views`: see `view_list`; `bank`: the run's tokens (bank.py), else the store is read; `dtype`: of the tokens
+    the head reads (bf16: under autocast, as a bf16 run trained);
     `ignore`: as in runs.check_compatible (the store is refused unless it fits the head). `maps`, `samples`: see
     `predict_loader`; the samples' dropout masks come from `seed` (the global RNG is left as it was).
     """
@@ -126,9 +131,10 @@ def predict_store(
         out = []
         for v in view_list(views, store.n_views):
             ds = TokenDataset(store, table, range(len(table)), meta["layers"], train=False, seed=0, view=v, aux=aux,
-                              preloaded=preloaded)
+                              bank=bank)
             loader = make_loader(ds, batch_size, shuffle=False, seed=0, workers=workers)
-            out.append(predict_loader(head, loader, lambda b: b["tokens"].to(device), maps, samples))
+            normed = bank is not None and bank.normed
+            out.append(predict_loader(head, loader, ds.tokens_fn(device, dtype), maps, samples, normed))
         return out
 
     if not samples:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.metrics import competition_r2, log_r2, log_r2_per_target, per_target_r2
 from biomass_cache.common.signals import check_stop
 from biomass_cache.common.targets import HEIGHT_NAME, TARGETS, ZScore, to_density
-from biomass_cache.heads import HEADS, create_head
+from biomass_cache.heads import HEADS, create_head, run_head
 from biomass_cache.heads.intervals import fit_bins
 from biomass_cache.train import inference
 from biomass_cache.train.config import TrainConfig
@@ -149,7 +149,7 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
         groups.append({"params": list(uw.parameters()), "lr": cfg.uw_lr, "weight_decay": 0.0})
     groups += list(extra_groups)
     # a closed-form head (ridge) has no trainable parameter: an empty group keeps the member's shape
-    opt = torch.optim.AdamW(groups or [{"params": []}], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups or [{"params": []}], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=bool(groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac, cfg.min_lr_ratio))
     ema = copy.deepcopy(head).requires_grad_(False) if cfg.ema else None
     extra = [p for g in extra_groups for p in g["params"]]
@@ -226,12 +226,12 @@ def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor])
 
 
 def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
-               sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float | None:
+               sync: Callable[[list[torch.nn.Parameter]], None] | None = None, normed: bool = False) -> float | None:
     """(Bin labels ->) mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
 
     Returns the loss, or None for a skipped step (non-finite loss). `sync(params)` averages the gradients across
     ranks (torchrun); a rank with a non-finite loss then contributes a zero gradient so every rank still steps
-    alike.
+    alike. `normed`, and bf16 tokens: see `heads.run_head`.
     """
     cfg = m.cfg
     b = dict(batch, tokens=tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx])
@@ -241,7 +241,7 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
         b = manifold_mixup(b, alpha=cfg.mixup_alpha, prob=cfg.mixup_prob, generator=m.gen, n_states=m.n_states,
                            n_bins=cfg.interval_bins)
     m.head.train()
-    losses = task_losses(m.head(b["tokens"]), b, m.zscore, interval_weight=cfg.interval_weight)
+    losses = task_losses(run_head(m.head, b["tokens"], normed), b, m.zscore, interval_weight=cfg.interval_weight)
     loss, terms = combine_losses(losses, m.uw)
     m.opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
@@ -295,10 +295,10 @@ def scores(y_true_grams: np.ndarray, y_pred_grams: np.ndarray, baseline_grams: n
 
 
 def validate(m: SweepMember, val_loader, val_truth: np.ndarray, tokens_fn: Callable[[dict], torch.Tensor],
-             baseline_grams: np.ndarray | None) -> dict:
+             baseline_grams: np.ndarray | None, normed: bool = False) -> dict:
     """The (EMA) member's validation scores as history columns."""
     with ema_weights(m):
-        pred = inference.predict_loader(m.eval_head, val_loader, tokens_fn).grams
+        pred = inference.predict_loader(m.eval_head, val_loader, tokens_fn, normed=normed).grams
     s = scores(val_truth, pred, baseline_grams)
     return {"val_competition_r2": s["competition_r2"], "val_log_r2": s["log_r2"]}
 
@@ -314,7 +314,7 @@ def fit_closed_form(m: SweepMember, fit_loader: Iterable[dict], tokens_fn: Calla
     t0, parts = time.time(), []
     for batch in fit_loader:
         known = batch["y_mask"][:, :3].all(dim=1)  # images with all three components
-        tokens = tokens_fn(batch)[:, m.layer_idx]
+        tokens = tokens_fn(batch)[:, m.layer_idx].float()
         parts.append((m.head.pooled(tokens[known.to(tokens.device)]), batch["y"][known, :3], batch["index"][known]))
     features, y, index = (torch.cat(x) for x in zip(*parts))
     report = m.head.fit(features, y.to(features.device), groups[index.numpy()])
@@ -340,6 +340,7 @@ def train_fold(
     fit_loader: Iterable[dict] | None = None,
     groups: np.ndarray | None = None,
     eval_every: int = 1,
+    normed: bool = False,
 ) -> list[dict]:
     """Train all members on the same batches; every `eval_every` epochs and after the last, score each (EMA) member
     on the validation set (it only reads the weights: the training is the same whatever `eval_every`).
@@ -349,6 +350,7 @@ def train_fold(
     `on_epoch(rows)` sees each epoch's history rows, with validation columns in the validated epochs (a tuning
     trial reports those and may stop the fold by raising).
     Closed-form members are fitted first on `fit_loader` with `groups` (`fit_closed_form`): one history row each.
+    `normed`: `tokens_fn` gives tokens with the heads' input LayerNorm applied (heads.run_head).
     """
     vals: dict[str, float] = {}
     history = [fit_closed_form(m, fit_loader, tokens_fn, groups, desc, val_loader, val_truth, baseline_grams)
@@ -371,7 +373,7 @@ def train_fold(
             tokens = tokens_fn(batch)  # read once, shared by every member
             batch = {k: v.to(tokens.device) for k, v in batch.items() if k in LABEL_KEYS}
             for m in members:
-                loss = train_step(m, batch, tokens, sync)
+                loss = train_step(m, batch, tokens, sync, normed)
                 if loss is not None:
                     sums[m.name][0] += loss
                     sums[m.name][1] += 1
@@ -386,7 +388,7 @@ def train_fold(
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
             if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-                row.update(validate(m, val_loader, val_truth, tokens_fn, baseline_grams))
+                row.update(validate(m, val_loader, val_truth, tokens_fn, baseline_grams, normed))
                 vals[m.name] = row["val_competition_r2"]
             history.append(row)
         if on_epoch is not None:
