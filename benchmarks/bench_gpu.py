@@ -12,12 +12,13 @@ views = 1800 tokens, 4 views, 3 layers), side by side in one process:
   against one device: the largest token difference;
 - `biomass lora` at the same size (`--full`, 2 epochs): wall seconds per epoch and peak GPU memory, with and
   without gradient checkpointing;
-- stage two on the device (`stage_two`): `biomass train --head density --folds 5` on the unreduced tokens of a
-  ViT-L-shaped store (bench_scale.py's planted signal), seconds per epoch and the default run extrapolated to 357.
+- stage two on the device (`--stage2`, or the last step): bench_stage2.py with `--device cuda` on the reduced and
+  unreduced tokens of a ViT-L-shaped store (bench_scale.py's planted signal), into stage2_gpu.json.
 
 Random weights: the throughputs hold for the real weights (same shapes), the agreement figures do not exactly.
 
     python benchmarks/bench_gpu.py [--backbone NAME] [--images 64] [--work DIR] [--out FILE]
+    python benchmarks/bench_gpu.py --stage2 [--stage2-epochs 20] [--stage2-heads density] [--stage2-arms before,bf16]
 
 Writes benchmarks/results/gpu.json. Needs a CUDA GPU.
 """
@@ -33,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from biomass_cache.backbone.vit import create_backbone, forward_tokens
@@ -117,31 +117,20 @@ def lora_epochs(args: argparse.Namespace, checkpointing: bool) -> dict:
     return {"wall_s": round(wall, 1), "peak_gpu_gb": round(peak[0], 2) if peak else None}
 
 
-def stage_two(args: argparse.Namespace, images: int, epochs: int) -> dict:
-    """`biomass train --head density --folds 5` on the unreduced tokens of a ViT-L-shaped store (960 x 480 views,
-    1800 tokens x 1024 channels x 3 layers, bench_scale.py's planted signal) on this device; per-epoch seconds from
-    history.csv, and the default run (120 epochs) extrapolated to 357 images."""
-    from bench_scale import EPOCHS, REAL_IMAGES, SHAPES, build_store, write_data
-
-    work = args.work / "stage2"
-    _, channels, layers = SHAPES["vitl"]
-    table = write_data(work / "data", images)
-    build_s = build_store(work / "full.zarr", table, channels, layers)
-    run = work / "run"
-    cmd = [sys.executable, "-m", "biomass_cache", "train", "--cache", str(work / "full.zarr"), "--data",
-           str(work / "data"), "--out", str(run), "--head", "density", "--folds", "5", "--epochs", str(epochs),
-           "--device", str(args.device), "--no-plots", "--overwrite"]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        return {"error": (proc.stdout + proc.stderr)[-1500:]}
-    epoch_s = float(pd.read_csv(run / "history.csv")["seconds"].median())
-    return {"images": images, "epochs": epochs, "store_build_s": round(build_s, 1), "wall_s": round(wall, 1),
-            "epoch_s": round(epoch_s, 3), "default_run_min_at_357": round(
-                (wall - 5 * epochs * epoch_s + 5 * EPOCHS * epoch_s) * REAL_IMAGES / images / 60, 1),
-            "note": "default_run_min_at_357 = measured overheads + 5 folds x 120 epochs at the median epoch time, "
-                    "scaled by images"}
+def stage_two(args: argparse.Namespace) -> dict:
+    """bench_stage2.py on this GPU: the reduced and the unreduced ViT-L-shaped store (357 images), `--stage2-heads`,
+    `--stage2-arms` (an earlier commit's loop against this code), `--stage2-epochs` per run (a lent machine's device
+    time is short). Writes benchmarks/results/stage2_gpu.json; returns its summaries."""
+    out = OUT.with_name("stage2_gpu.json")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_stage2.py"), "--device", str(args.device), "--stores",
+           "reduced,full", "--heads", args.stage2_heads, "--arms", args.stage2_arms, "--seeds", "0", "--epochs",
+           str(args.stage2_epochs),
+           "--work", str(args.work / "stage2"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT / "benchmarks")
+    if proc.returncode or not out.is_file():
+        return {"error": f"bench_stage2.py exited {proc.returncode}"}
+    stores = json.loads(out.read_text())["stores"]
+    return {name: {head: h.get("summary") for head, h in store["heads"].items()} for name, store in stores.items()}
 
 
 def main() -> None:
@@ -153,10 +142,17 @@ def main() -> None:
     ap.add_argument("--size", default="960x480", help="backbone input WxH")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run of the script)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: extract (and split), split, lora, stage2")
+    ap.add_argument("--stage2", action="store_true", help="stage two only (bench_stage2.py on this GPU)")
+    ap.add_argument("--stage2-epochs", type=int, default=20, help="epochs per stage-two run (the default run: 120)")
+    ap.add_argument("--stage2-heads", default="density", help="heads of the stage-two runs (density,mlp,vitdet)")
+    ap.add_argument("--stage2-arms", default="before,bf16", help="stage-two arms (before,fp32,bf16)")
     args = ap.parse_args()
     args.size, args.device = tuple(int(v) for v in args.size.split("x")), torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: bench_gpu.py needs a CUDA GPU (or --device cpu for a smoke run)")
+    if args.stage2:  # stage two alone: its own results file, gpu.json untouched
+        print("stage2", json.dumps(stage_two(args)), flush=True)
+        return
     skip = set(filter(None, args.skip.split(",")))
     if not (args.work / "data" / "train.csv").is_file():
         generate(args.work / "data", n_train=args.images, n_test=4, seed=0, size=(2000, 1000))
@@ -203,7 +199,7 @@ def main() -> None:
             print("lora", ckpt, json.dumps(row), flush=True)
             write_json(args.out, result)
     if "stage2" not in skip:
-        result["stage2"] = stage_two(args, images=args.images, epochs=3)
+        result["stage2"] = stage_two(args)
         print("stage2", json.dumps(result["stage2"]), flush=True)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))

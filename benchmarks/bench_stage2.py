@@ -7,7 +7,10 @@ pooling). On it, each arm is `biomass train --head H --folds 5` with the default
 
 - `before`: the code of `--baseline` (a git commit; a worktree of it is made in --work), seed 0;
 - `fp32`: this code in fp32 (tokens held in RAM or on the GPU, the density head's LayerNorm applied once);
-- `bf16`: this code in bf16 (autocast; `precision = "auto"` where the device computes bf16 natively).
+- `bf16`: this code in bf16 (autocast; `precision = "auto"` where the device computes bf16 natively);
+- `stacked`: bf16 with the folds trained as one stacked model (`--stack-folds`; "auto" stacks on a GPU only).
+
+`--tune 1,4` adds `biomass tune` trials per hour on the same store, trials alone and 4 side by side (`--parallel`).
 
 Per arm: wall seconds of the whole command, seconds in training epochs (history.csv) and per epoch, the pooled OOF
 competition_r2 per seed (the seed spread of fp32 is the yardstick for bf16), and the limit: FLOPs of the training
@@ -15,7 +18,8 @@ steps (torch's FlopCounterMode on one step of the head, times the steps) over th
 measured here at the head's first-layer shape. Token loading (the bank) is timed on its own.
 
     python benchmarks/bench_stage2.py [--device cpu|cuda] [--stores reduced,full] [--heads density]
-        [--seeds 0,1,2] [--baseline REF] [--images 357] [--work DIR] [--out FILE]
+        [--seeds 0,1,2] [--arms before,fp32,bf16,stacked] [--baseline REF] [--images 357] [--epochs 120]
+        [--tune 1,4] [--tune-trials 8] [--tune-epochs 20] [--work DIR] [--out FILE]
 
 CPU results go to benchmarks/results/stage2_cpu.json; `--device cuda` (bench_gpu.py --stage2) to stage2_gpu.json.
 """
@@ -97,15 +101,17 @@ def token_load(store, device: torch.device, precision: str) -> dict:
     return {"held": plan.describe(), "seconds": round(seconds, 2), "gb_per_s": round(plan.nbytes / seconds / 1e9, 2)}
 
 
-def run_arm(arm: str, code: Path, cache: Path, data: Path, run: Path, head: str, seed: int, device: str) -> dict:
+def run_arm(arm: str, code: Path, cache: Path, data: Path, run: Path, head: str, seed: int, device: str,
+            epochs: int) -> dict:
     """One default 5-fold run in its own process; its wall time, epoch times and pooled OOF score."""
     shutil.rmtree(run, ignore_errors=True)
-    extra = [] if arm == "before" else ["--precision", arm]
+    extra = {"before": [], "stacked": ["--precision", "bf16", "--stack-folds"]}.get(arm, ["--precision", arm])
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "biomass_cache", "train", "--cache", str(cache), "--data", str(data),
                            "--head", head, "--folds", str(FOLDS), "--seed", str(seed), "--device", device,
-                           "--out", str(run), "--no-plots", *extra], cwd=code, env=env, capture_output=True,
+                           "--epochs", str(epochs), "--out", str(run), "--no-plots", *extra], cwd=code, env=env,
+                          capture_output=True,
                           text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
@@ -117,6 +123,26 @@ def run_arm(arm: str, code: Path, cache: Path, data: Path, run: Path, head: str,
             "epoch_s": round(float(history["seconds"].median()), 4), "epochs": int(history["epoch"].max()),
             "oof_competition_r2": metrics["competition_r2"], "precision": config.get("precision", "fp32"),
             "tokens": config.get("tokens", "preloaded in RAM" if config.get("preloaded") else "streamed")}
+
+
+def tune_rate(cache: Path, data: Path, work: Path, parallel: int, trials: int, epochs: int, device: str) -> dict:
+    """`biomass tune` on the store, `trials` trials of `epochs` epochs (lr and weight decay searched, no pruning, no
+    second stage), `parallel` trials side by side: trials per hour."""
+    out = work / f"tune_p{parallel}"
+    shutil.rmtree(out, ignore_errors=True)
+    space = work / "space.toml"
+    space.write_text(f'[space]\nlr = {{ log_uniform = [1e-3, 1e-2] }}\nweight_decay = {{ uniform = [0.0, 0.1] }}\n'
+                     f'[fixed]\nhead = "density"\nepochs = {epochs}\ndevice = "{device}"\n')
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "biomass_cache", "tune", "--cache", str(cache), "--data", str(data),
+                           "--space", str(space), "--trials", str(trials), "--out", str(out), "--pruner", "none",
+                           "--seeds", "0", "--top-k", "1", "--parallel", str(parallel)], cwd=ROOT,
+                          env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"tune --parallel {parallel} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return {"parallel": parallel, "trials": trials, "epochs": epochs, "wall_s": round(wall, 1),
+            "trials_per_hour": round(trials * 3600 / wall, 1)}
 
 
 def achieved(row: dict, lim: dict, n_train: int) -> dict:
@@ -136,9 +162,14 @@ def main() -> None:
     ap.add_argument("--stores", default="reduced", help="comma-separated: reduced, full (unreduced tokens)")
     ap.add_argument("--heads", default="density")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the fp32 and bf16 arms (before: the first)")
-    ap.add_argument("--arms", default="before,fp32,bf16")
+    ap.add_argument("--arms", default="before,fp32,bf16",
+                    help="before, fp32, bf16 and stacked (bf16 with the folds stacked, --stack-folds)")
+    ap.add_argument("--tune", default="", help="comma-separated --parallel values: `biomass tune` trials per hour")
+    ap.add_argument("--tune-trials", type=int, default=8)
+    ap.add_argument("--tune-epochs", type=int, default=20)
     ap.add_argument("--baseline", default="1ba0193", help="the commit whose loop is `before`")
     ap.add_argument("--images", type=int, default=REAL_IMAGES)
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help="per run (the default run: 120)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_stage2"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -155,7 +186,7 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                "torch_threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    result = {"settings": {"images": args.images, "folds": FOLDS, "epochs": EPOCHS, "batch_size": BATCH,
+    result = {"settings": {"images": args.images, "folds": FOLDS, "epochs": args.epochs, "batch_size": BATCH,
                            "baseline": args.baseline, "seeds": seeds, "device": str(device),
                            "signal": "planted (bench_scale.py), not DINOv3 tokens: scores say nothing about real photos",
                            "train": "biomass train defaults (eval_every 5 since this change; before: every epoch)"},
@@ -173,7 +204,7 @@ def main() -> None:
                 rows[arm] = []
                 for seed in seeds[:1] if arm == "before" else seeds:
                     row = run_arm(arm, code.get(arm) or ROOT, store.path, data, args.work / f"run_{name}_{head}_{arm}",
-                                  head, seed, args.device)
+                                  head, seed, args.device, args.epochs)
                     rows[arm].append({**row, **achieved(row, lim, n_train)})
                     print(name, head, arm, json.dumps(rows[arm][-1]), flush=True)
                     entry["heads"][head] = rows
@@ -183,8 +214,15 @@ def main() -> None:
                 "wall_s_seed0": {arm: rows[arm][0]["wall_s"] for arm in arms},
                 "speedup_vs_before": {arm: round(rows["before"][0]["wall_s"] / rows[arm][0]["wall_s"], 2)
                                       for arm in arms if "before" in rows},
+                "speedup_vs_first_arm": {arm: round(rows[arms[0]][0]["wall_s"] / rows[arm][0]["wall_s"], 2)
+                                         for arm in arms},
                 "oof_r2": {arm: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)} for arm, v in r2.items()},
             }
+            write_json(out, result)
+        if args.tune:
+            entry["tune"] = [tune_rate(store.path, data, args.work, int(k), args.tune_trials, args.tune_epochs,
+                                       args.device) for k in args.tune.split(",")]
+            print(name, "tune", json.dumps(entry["tune"]), flush=True)
             write_json(out, result)
     print(f"results -> {out}")
 

@@ -280,6 +280,45 @@ def scale_rows(d: dict) -> str:
         machine_line(d)])
 
 
+def stage2_rows(d: dict) -> str:
+    """stage2_*.json: the default 5-fold run against an earlier commit's loop, and against the matmul limit."""
+    s = d["settings"]
+    parts = [f"{s['images']} images, {s['folds']} folds x {s['epochs']} epochs, batch {s['batch_size']}, on "
+             f"{s['device']}; {s['train']}. `before` is commit {s['baseline']}. Tokens: {s['signal']}."]
+    for name, store in d["stores"].items():
+        loads = "; ".join(f"{p}: {r['held']}, loaded in {r['seconds']:.1f} s ({r['gb_per_s']:.2f} GB/s)"
+                          if r["held"] else f"{p}: does not fit ({'; '.join(r['refused'])})"
+                          for p, r in store["token_load"].items())
+        rows = []
+        for head, h in store["heads"].items():
+            lim = h["limits"]["matmul_gflops"]
+            arms = [a for a in ("before", "fp32", "bf16", "stacked") if a in h]
+            for arm in arms:
+                runs, first = h[arm], h[arm][0]
+                r2 = [r["oof_competition_r2"] for r in runs]
+                speedup = h[arms[0]][0]["wall_s"] / first["wall_s"]
+                rows.append([head, arm, len(runs), f"{first['wall_s']:.0f}", f"{first['train_epochs_s']:.0f}",
+                             f"{first['epoch_s']:.3f}", f"{first['achieved_gflops_per_s']:.0f}",
+                             f"{first['share_of_fp32_matmul_limit']:.0%}", f"{first['share_of_bf16_matmul_limit']:.0%}",
+                             f"{min(r2):.4f}-{max(r2):.4f}" if len(r2) > 1 else f"{r2[0]:.4f}",
+                             f"**{speedup:.2f}x** vs {arms[0]}"])
+            parts.append(f"Matmul limit at the {head} head's first layer, measured in the same run: "
+                         f"{lim['fp32']:.0f} GFLOP/s fp32, {lim['bf16']:.0f} GFLOP/s bf16.")
+        parts += [f"**{name}** store ({store['grid'][0]} x {store['grid'][1]} tokens x {store['channels']} channels, "
+                  f"{store['gb']:.2f} GB). Token loading, apart from the runs: {loads}.",
+                  table(["head", "arm", "seeds", "wall s (seed 0)", "training epochs s", "s / epoch",
+                         "achieved GFLOP/s", "of fp32 limit", "of bf16 limit", "OOF competition_r2 (seeds)",
+                         "speed-up (wall, seed 0)"], rows, "llrrrrrrrrr")]
+        if "tune" in store:
+            parts += ["`biomass tune` on this store (density head, lr and weight decay searched, no pruning, no second "
+                      "stage), trials alone and side by side (`--parallel`):",
+                      table(["--parallel", "trials", "epochs each", "wall s", "trials per hour"],
+                            [[t["parallel"], t["trials"], t["epochs"], f"{t['wall_s']:.0f}",
+                              f"**{t['trials_per_hour']:.0f}**"] for t in store["tune"]], "rrrrr")]
+    parts.append(machine_line(d))
+    return "\n\n".join(parts)
+
+
 def tune_rows(d: dict) -> str:
     """tune.json: the density head tuned by `biomass tune` against its defaults, same folds, fresh seeds."""
     s = d["settings"]
@@ -323,7 +362,7 @@ def gpu_rows(d: dict) -> str:
                 for k, r in lo.items() if isinstance(r, dict)]
         parts += [f"`biomass lora --full --epochs {lo['epochs']}` on {lo['images']} images, batch {lo['batch_size']}:",
                   table(["LoRA", "wall (s)", "peak GPU memory (GB)"], rows, "lrr")]
-    if "stage2" in d:
+    if "stage2" in d and "epoch_s" in d["stage2"]:  # the loop before the token bank; since: stage2_gpu.json
         st = d["stage2"]
         parts.append(f"Stage two on the GPU: `biomass train --head density --folds 5` on unreduced ViT-L-shaped tokens "
                      f"({st['images']} images, {st['epochs']} epochs): {st['epoch_s']:.3f} s per epoch, the default run "
@@ -354,6 +393,9 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "scale.json": (scale_rows, "bench_scale.py"),
     "tune.json": (tune_rows, "bench_tune.py"),
     "gpu.json": (gpu_rows, "bench_gpu.py"),
+    "stage2_cpu.json": (stage2_rows, "bench_stage2.py"),
+    "stage2_cpu_stacked.json": (stage2_rows, "bench_stage2.py --arms bf16,stacked --seeds 0 --tune 1,4 --out ..."),
+    "stage2_gpu.json": (stage2_rows, "bench_gpu.py --stage2"),
 }
 
 

@@ -162,7 +162,10 @@ def test_training_on_a_reduced_store_and_the_mismatch_refusals(toy, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision, times", [("fp32", 1), ("bf16", 2)])
+def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch, precision, times):
+    """Once into the bank; a bf16 run reads each sample once more, for its fp32 OOF predictions (each image is in one
+    fold's validation set, every view of it predicted)."""
     from biomass_cache.train.crossval import run_training
     from biomass_cache.store.handle import TokenStore
     from biomass_cache.train.config import resolve
@@ -172,9 +175,10 @@ def test_a_run_reads_the_store_once_for_every_fold(toy, tmp_path, monkeypatch):
     original = TokenStore.read
     monkeypatch.setattr(TokenStore, "read", lambda self, i, v, layers=None: reads.append((i, v)) or
                         original(self, i, v, layers))
-    cfg, members = resolve({}, [], dict(folds=3, epochs=2, device="cpu", workers=0, plots=False), ["density"])
+    cfg, members = resolve({}, [], dict(folds=3, epochs=2, device="cpu", workers=0, plots=False,
+                                        precision=precision), ["density"])
     run_training(path, data, tmp_path / "run", cfg, members)
-    assert sorted(reads) == sorted((i, v) for i in range(24) for v in range(VIEWS))  # each sample exactly once
+    assert sorted(reads) == sorted((i, v) for i in range(24) for v in range(VIEWS) for _ in range(times))
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from toys import ROOT, make_toy  # noqa: E402
 from biomass_cache.cli.train import train_command  # noqa: E402
 from biomass_cache.cli.tune import tune_command  # noqa: E402
 from biomass_cache.common.errors import DataError  # noqa: E402
-from biomass_cache.train.tune import open_storage, worker_id
+from biomass_cache.train.tune_study import open_storage, worker_id
 from biomass_cache.train.tune_space import parse_space  # noqa: E402
 
 FIXED = "batch_size = 8\nworkers = 0\nthreads = 1\nfolds = 3\nplots = false\n"
@@ -304,3 +304,68 @@ def test_ctrl_c_inside_optunas_storage_stops_cleanly_and_resumes(toy, tmp_path, 
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]  # the 2nd stopped at its start
     code, output = tune(toy, out, "--space", toy[0] / "space.toml", "--trials", 2, "--seeds", 0, "--top-k", 1)
     assert code == 0 and len(finished(load(out))) == 2 and (out / "best.toml").is_file(), output
+
+
+# ------------------------------------------------------------------------------------------ trials side by side
+DENSITY = f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nhead = \"density\"\nepochs = 4\neval_every = 1\n{FIXED}"
+
+
+@pytest.mark.slow
+def test_trials_side_by_side_train_as_they_would_alone(toy, tmp_path):
+    """--parallel 2: one sweep of two trials per group. The group's first trial is the very run `biomass train` makes
+    with its settings on the study's folds (same batches, same initial weights)."""
+    root, data, store = toy
+    out = tmp_path / "side"
+    space = write(tmp_path, DENSITY)
+    out.mkdir()
+    study = optuna.create_study(study_name="side", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    for lr in (3e-2, 1e-2, 2e-2):
+        study.enqueue_trial({"lr": lr})
+    code, output = tune(toy, out, "--space", space, "--trials", 3, "--parallel", 2, "--pruner", "none",
+                        "--seeds", 0, "--top-k", 1)
+    assert code == 0, output
+    trials = load(out).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.user_attrs["run_dir"] for t in trials] == [str(out / "trials" / n) for n in ("0000", "0000", "0002")]
+    group = json.loads((out / "trials" / "0000" / "metrics.json").read_text())
+    assert set(group["heads"]) == {"trial0000", "trial0001"}
+    assert trials[1].value == pytest.approx(group["heads"]["trial0001"]["competition_r2"])
+    alone, config = tmp_path / "alone", tmp_path / "trial0.toml"
+    config.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in trials[0].user_attrs["train"].items()))
+    code, output = invoke(train_command, "--cache", store, "--data", data, "--out", alone, "--config", config,
+                          "--folds-csv", out / "folds.csv")
+    assert code == 0, output
+    pd.testing.assert_frame_equal(pd.read_csv(alone / "oof.csv"), pd.read_csv(out / "trials" / "0000" /
+                                                                             "oof_trial0000.csv"))
+
+
+@pytest.mark.slow
+def test_a_trial_pruned_in_a_group_stops_alone(toy, tmp_path):
+    """A trial that cannot learn beside one that does, after a group of the same two (the median pruner compares with
+    finished trials; in the same places of a group they train alike): it stops within fold 0, the other finishes;
+    the group's folder keeps the finished trial's models only."""
+    out = tmp_path / "prune"
+    space = write(tmp_path, DENSITY)
+    out.mkdir()
+    study = optuna.create_study(study_name="prune", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    for lr in (1e-7, 3e-2, 1e-7, 3e-2):
+        study.enqueue_trial({"lr": lr})
+    code, output = tune(toy, out, "--space", space, "--trials", 4, "--parallel", 2, "--pruner", "median",
+                        "--prune-after", 1, "--seeds", 0, "--top-k", 1)
+    assert code == 0, output
+    states = [t.state for t in load(out).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED,
+                                                              optuna.trial.TrialState.COMPLETE]
+    bad, good = load(out).trials[2:]
+    assert len(good.intermediate_values) == 3 * 4 and len(bad.intermediate_values) < 4
+    run = out / "trials" / "0002"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["heads"]) == ["trial0003"] and metrics["stopped"]["trial0002"].startswith("fold0: pruned")
+    assert sorted(p.name for p in run.glob("fold*/*.json")) == ["trial0003.json"] * 3
+    assert not (run / "oof_trial0002.csv").exists()
+
+
+def test_side_by_side_refuses_a_space_that_changes_the_batches(toy, tmp_path):
+    space = write(tmp_path, f"[space]\nepochs = {{ int = [2, 4] }}\n[fixed]\n{FIXED}")
+    code, output = tune(toy, tmp_path / "s", "--space", space, "--trials", 2, "--parallel", 2)
+    assert code == 2 and "error: --parallel 2: the space searches ['epochs'], which define the batches" in output

@@ -36,6 +36,8 @@ def train_command(
     precision: Optional[str] = typer.Option(None, "--precision", help=with_default(
         "Compute precision of the heads: auto (bf16 where the GPU or CPU computes it natively) | bf16 | fp32",
         TrainConfig, "precision")),
+    stack_folds: Optional[bool] = typer.Option(None, "--stack-folds/--no-stack-folds", help=with_default(
+        "Train the folds as one stacked model (auto: on a GPU)", TrainConfig, "stack_folds")),
     mixup: Optional[bool] = TRAIN_OPTIONS["mixup"],
     uw: Optional[bool] = TRAIN_OPTIONS["uw"],
     pcgrad: Optional[bool] = TRAIN_OPTIONS["pcgrad"],
@@ -53,7 +55,7 @@ def train_command(
     base, sweep, extract = load_config(config)
     overrides = cli_overrides(dict(folds=folds, epochs=epochs, eval_every=eval_every, batch_size=batch_size, lr=lr,
                                    seed=seed, device=device, workers=workers, preload=preload,
-                                   precision=precision, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
+                                   precision=precision, stack_folds=stack_folds, mixup=mixup, uw=uw, pcgrad=pcgrad, ema=ema,
                                    aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)

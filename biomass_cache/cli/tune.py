@@ -31,10 +31,12 @@ def tune_command(
     folds: Optional[int] = typer.Option(None, "--folds", help="Grouped folds of a new study (default: the space "
                                         f"file's fixed folds, else {TrainConfig.folds})."),
     folds_csv: Optional[Path] = typer.Option(None, "--folds-csv", help="A new study's folds (image_id, fold)."),
+    parallel: int = typer.Option(1, "--parallel", help="Trials trained side by side, in one pass over the tokens "
+                                 "(the space may then search only keys that do not define the batches)."),
 ) -> None:
     """Search training settings with Optuna on a token cache; re-check the best with several seeds; write best.toml.
 
     Re-running continues the study; several processes (or machines, with a shared --storage) share its trials.
     """
-    settings = Settings(trials, storage, study, pruner, prune_after, top_k, seeds, keep, folds, folds_csv)
+    settings = Settings(trials, storage, study, pruner, prune_after, top_k, seeds, keep, folds, folds_csv, parallel)
     tune(cache, data, space, out, settings)

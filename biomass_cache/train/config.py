@@ -55,13 +55,14 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers when streaming from disk
     preload: bool | str = "auto"  # hold the tokens on the device or in RAM: true | false | "auto" (when they fit)
     precision: str = "auto"  # auto | bf16 | fp32: auto = bf16 where the GPU or CPU computes it natively
+    stack_folds: bool | str = "auto"  # train the folds as one stacked model: true | false | "auto" (on a GPU)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     plots: bool = True  # write RUN/plots/*.png at the end (plots.plot_run); needs the photos under the data folder
 
 
 # keys every member of a sweep shares (they define the batches); the others may differ per member
 SHARED_KEYS = ("folds", "stratify", "full", "epochs", "batch_size", "eval_batch_size", "eval_every", "tta", "seed",
-               "device", "threads", "workers", "preload", "precision", "plots")
+               "device", "threads", "workers", "preload", "precision", "stack_folds", "plots")
 
 
 def load_config(path: Path | Config | None) -> tuple[dict, list[dict], dict]:
@@ -107,7 +108,7 @@ def resolve(base: dict, sweep: list[dict], overrides: dict, heads: list[str] | N
 # key -> (is the value valid, what it must be); FLAGS: keys `biomass train` / `lora` also take as --key-with-dashes
 FLAGS = {k: f"--{k.replace('_', '-')}" for k in ("head", "folds", "seed", "stratify", "epochs", "eval_every",
                                                  "batch_size", "lr", "device", "workers", "preload", "precision",
-                                                 "interval_bins")}
+                                                 "stack_folds", "interval_bins")}
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
@@ -131,6 +132,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
     "precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
+    "stack_folds": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
     "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "interval_bins": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
     "interval_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),

@@ -14,6 +14,7 @@ import itertools
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -34,7 +35,9 @@ from biomass_cache.train import inference, runs
 from biomass_cache.train.config import TrainConfig
 from biomass_cache.train.bank import DTYPES, BankPlan, TokenBank, plan_bank, training_precision
 from biomass_cache.train.dataset import AuxSpec, TokenDataset, batch_tokens, make_loader, store_rows
-from biomass_cache.train.loop import build_member, ema_weights, fit_zscore, scores, seed_everything, train_fold
+from biomass_cache.train.loop import (OnEpoch, build_member, ema_weights, fit_zscore, scores, seed_everything,
+                                      train_fold)
+from biomass_cache.train.stacked import Fold, stack_reason, train_stacked
 
 # settings only gradient training reads: a closed-form head (ridge) ignores them, and says so when they are set
 GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
@@ -166,7 +169,7 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         holds bf16 values, which the stored tokens are not."""
         bank = None if plan is None or plan.dtype == torch.bfloat16 else shared()
         return inference.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
-                                       device=str(device), workers=cfg.workers, bank=bank).grams
+                                       device=str(device), bank=bank).grams  # no workers: their start costs more
 
     config = {"extract": extract or {},
               "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
@@ -209,11 +212,12 @@ def token_plan(store, n_rows: int, n_views: int, n_layers: int, device: torch.de
 
 def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                    members_cfg: dict[str, TrainConfig], folds_csv: Path | None = None,
-                   strict_folds: bool = False, on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
+                   strict_folds: bool = False, on_epoch: OnEpoch | None = None) -> dict:
     """Cross-validate (or train on all data) every member on `source`'s tokens; write the run folder (rank 0);
     return metrics.json's content. `strict_folds`: a reused folds file must have exactly `cfg.folds` folds.
     The caller holds `out` (runs.claim_run_dir) from before its expensive start; `on_epoch(rows)`: each epoch's
-    history rows (with their fold), see `train_fold`."""
+    history rows (with their fold), see `train_fold`; the members it stops are left out of the run's scores, files
+    and models, and listed under metrics.json's `stopped`."""
     if source.extra is not None and len(members_cfg) != 1:
         raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
     writer = source.rank == 0
@@ -244,39 +248,71 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
     per_fold: dict[str, dict] = {n: {} for n in members_cfg}
     history: list[dict] = []
-    for fold_name, k, tr, va in plan:
+    stopped: dict[str, str] = {}  # members stopped by `on_epoch` (tuning trials pruned): name -> fold and reason
+
+    def start(fold_name: str, k: int, tr: np.ndarray, va: np.ndarray | None) -> SimpleNamespace:
+        """A fold's statistics (its training images only), loaders and members, seeded as the fold's own."""
         fold_seed = cfg.seed * 1000 + k + 1
         seed_everything(fold_seed)
-        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)  # the fold's training images only
+        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)
         if source.extra is not None:
             source.extra.reset(fold_seed)
         train_loader = source.train_loader(tr, fold_seed, aux)
-        val_loader = None if va is None else source.val_loader(va, aux)
         groups = source.extra.param_groups() if source.extra is not None else ()
         members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
                                 fold_seed + 7919 * j, source.device, groups, truth[tr])
-                   for j, (n, m) in enumerate(members_cfg.items())]
-        rows = train_fold(members, train_loader, val_loader, None if va is None else truth[va], source.tokens_fn,
-                          cfg.epochs, desc=fold_name if writer else f"{fold_name} rank {source.rank}",
-                          extra=source.extra, baseline_grams=baseline, sync=source.sync,
-                          on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
-                          fit_loader=None if source.fit_loader is None else source.fit_loader(tr, aux), groups=inner,
-                          eval_every=cfg.eval_every, normed=source.normed)
-        history += [{"fold": fold_name, **r} for r in rows]
-        for m in members:
-            meta = {"name": m.name, "fold": k, "head": m.eval_head.config, "zscore": zscore.to_dict(),
-                    "aux": aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
-                    **source.signature, "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(tr),
+                   for j, (n, m) in enumerate(members_cfg.items()) if n not in stopped]
+        return SimpleNamespace(name=fold_name, k=k, tr=tr, va=va, zscore=zscore, aux=aux, train_loader=train_loader,
+                               val_loader=None if va is None else source.val_loader(va, aux), members=members)
+
+    def finish(f: SimpleNamespace, rows: list[dict]) -> None:
+        """A trained fold's history, OOF predictions, scores and checkpoints."""
+        nonlocal history
+        history += [{"fold": f.name, **r} for r in rows]
+        stopped.update({m.name: f"{f.name}: {m.stopped}" for m in f.members if m.stopped is not None})
+        for m in (m for m in f.members if m.stopped is None):
+            meta = {"name": m.name, "fold": f.k, "head": m.eval_head.config, "zscore": f.zscore.to_dict(),
+                    "aux": f.aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
+                    **source.signature, "tta": m.cfg.tta, "train": asdict(m.cfg), "n_train": len(f.tr),
                     "skipped_steps": m.skipped}
             with ema_weights(m):
-                if va is not None:
-                    oof[m.name][va] = source.predict(m.eval_head, meta, va)
-                    per_fold[m.name][fold_name] = meta["metrics"] = scores(truth[va], oof[m.name][va], baseline)
+                if f.va is not None:
+                    oof[m.name][f.va] = source.predict(m.eval_head, meta, f.va)
+                    per_fold[m.name][f.name] = meta["metrics"] = scores(truth[f.va], oof[m.name][f.va], baseline)
                 if writer:
-                    source.save(out / fold_name / f"{m.name}.json", m.eval_head.cpu(), meta)
+                    source.save(out / f.name / f"{m.name}.json", m.eval_head.cpu(), meta)
         if writer:
             runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
+
+    if stack_folds(source, cfg, members_cfg, tuning=on_epoch is not None):
+        folds = [start(*p) for p in plan]
+        trained = train_stacked([Fold(f.name, f.members[0], f.train_loader, f.val_loader, truth[f.va]) for f in folds],
+                                source.tokens_fn, cfg.epochs, cfg.eval_every, source.normed, baseline)
+        for f, rows in zip(folds, trained):
+            finish(f, rows)
+    else:
+        for fold_name, k, tr, va in plan:
+            if len(stopped) == len(members_cfg):
+                break
+            f = start(fold_name, k, tr, va)
+            finish(f, train_fold(f.members, f.train_loader, f.val_loader, None if va is None else truth[va],
+                                 source.tokens_fn, cfg.epochs,
+                                 desc=fold_name if writer else f"{fold_name} rank {source.rank}",
+                                 extra=source.extra, baseline_grams=baseline, sync=source.sync,
+                                 on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
+                                 fit_loader=None if source.fit_loader is None else source.fit_loader(tr, f.aux),
+                                 groups=inner, eval_every=cfg.eval_every, normed=source.normed))
     source.barrier()
+    if stopped:
+        if writer:
+            for path in (p for n in stopped for p in out.glob(f"fold*/{n}.*")):
+                path.unlink()  # a stopped member's models of its finished folds: not a model of every fold
+        members_cfg = {n: m for n, m in members_cfg.items() if n not in stopped}
+        if not members_cfg:
+            metrics = {"stopped": stopped, "heads": {}}
+            if writer:
+                runs.write_metrics(out, metrics)
+            return metrics
 
     if cfg.full:
         metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
@@ -289,7 +325,8 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
     collapsed = {n: collapsed_folds(truth, oof[n], plan) for n in members_cfg}
     heads_metrics = {n: {**pooled[n], "folds": per_fold[n], "collapsed": collapsed[n]} for n in members_cfg}
-    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics}
+    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics,
+               **({"stopped": stopped} if stopped else {})}
     if not writer:
         return metrics
     for n in members_cfg:
@@ -314,7 +351,17 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     return metrics
 
 
-def _with_fold(on_epoch: Callable[[list[dict]], None], fold_name: str) -> Callable[[list[dict]], None]:
+def stack_folds(source: TokenSource, cfg: TrainConfig, members_cfg: dict[str, TrainConfig], tuning: bool) -> bool:
+    """Whether the folds train as one stacked model (stacked.py): `stack_folds` true, or "auto" on a GPU, for a run
+    it covers (else fold by fold, saying why when it was asked for)."""
+    wanted = cfg.stack_folds is True or (cfg.stack_folds == "auto" and source.device.type == "cuda")
+    reason = "torchrun" if source.sync is not None else stack_reason(cfg, members_cfg, source.extra is not None, tuning)
+    if wanted and reason and cfg.stack_folds is True:
+        tqdm.write(f"note: the folds train one by one, not stacked: stacking does not cover {reason}")
+    return wanted and reason is None
+
+
+def _with_fold(on_epoch: OnEpoch, fold_name: str) -> OnEpoch:
     return lambda rows: on_epoch([{"fold": fold_name, **r} for r in rows])
 
 
@@ -376,7 +423,7 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
-                 overwrite: bool = False, on_epoch: Callable[[list[dict]], None] | None = None,
+                 overwrite: bool = False, on_epoch: OnEpoch | None = None,
                  stops: tuple[type[BaseException], ...] = ()) -> dict:
     """Stage two: cross-validate every member on the token cache `cache` into the run folder `out`, held from
     the start (runs.claim_run_dir, where `stops` are explained); see `cross_validate`."""

@@ -40,6 +40,9 @@ from biomass_cache.train.losses import (
 )
 
 
+OnEpoch = Callable[[list[dict]], "dict[str, str] | None"]  # an epoch's history rows -> members to stop, and why
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -69,6 +72,7 @@ class SweepMember:
     extra_params: list[torch.nn.Parameter] = field(default_factory=list)
     ema_extra: list[torch.Tensor] | None = None
     pcgrad_split: tuple[list, list] | None = None  # (arbitrated, plain) head parameters, found at the first step
+    stopped: str | None = None  # why the member stopped before the run's end (a tuning trial pruned), else None
     step: int = 0
     bad_in_a_row: int = 0
     skipped: int = 0
@@ -336,7 +340,7 @@ def train_fold(
     extra: torch.nn.Module | None = None,
     baseline_grams: np.ndarray | None = None,
     sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
-    on_epoch: Callable[[list[dict]], None] | None = None,
+    on_epoch: OnEpoch | None = None,
     fit_loader: Iterable[dict] | None = None,
     groups: np.ndarray | None = None,
     eval_every: int = 1,
@@ -348,7 +352,8 @@ def train_fold(
     Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
     `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`;
     `on_epoch(rows)` sees each epoch's history rows, with validation columns in the validated epochs (a tuning
-    trial reports those and may stop the fold by raising).
+    trial reports those and may stop the fold by raising); it may return {member name: reason} to stop some members
+    (tuning trials side by side, one pruned): they train no more, and their `stopped` says why.
     Closed-form members are fitted first on `fit_loader` with `groups` (`fit_closed_form`): one history row each.
     `normed`: `tokens_fn` gives tokens with the heads' input LayerNorm applied (heads.run_head).
     """
@@ -392,6 +397,11 @@ def train_fold(
                 vals[m.name] = row["val_competition_r2"]
             history.append(row)
         if on_epoch is not None:
-            on_epoch(history[-len(members):])
+            stop = on_epoch(history[-len(members):]) or {}
+            for m in members:
+                m.stopped = stop.get(m.name, m.stopped)
+            members = [m for m in members if m.stopped is None]
+            if not members:
+                break
     bar.close()
     return history

@@ -6,12 +6,14 @@ scores (finished folds: their last epoch; the running fold: this epoch) at step 
 compares trials on the same fold at the same epoch and stops bad ones early (with `epochs` searched: at equal
 epochs done). The second stage re-runs the top K
 trials with fresh seeds on the same folds (single runs on a few hundred images differ mostly by noise) and writes
-the one with the best mean as STUDY_DIR/best.toml.
+the one with the best mean as STUDY_DIR/best.toml. `--parallel K` trains K trials at a time side by side, as the
+members of one sweep (`optimize_side_by_side`); the storage, pruner, folds and workers are train/tune_study.py.
 
 STUDY_DIR/
   study.db                    the Optuna storage unless --storage names another (sqlite, database URL, journal file)
   folds.csv                   the folds of every trial (written once; recorded in the study with the cache fingerprint)
-  trials/NNNN/                each trial's run folder (history.csv of a pruned trial stops at its last epoch)
+  trials/NNNN/                each trial's run folder (history.csv of a pruned trial stops at its last epoch); with
+                              --parallel, a group's (NNNN: its first trial), one sweep member per trial
   stage2/NNNN/seedS/          the second stage's runs
   stage2.json, best.toml      the second stage's table and the winner's [train] config
   plots/*.png                 optimisation history, parameter importances, parallel coordinates
@@ -21,143 +23,32 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
-import socket
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import tomllib
 from tqdm.auto import tqdm
 
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.folds import grouped_folds, read_folds, write_folds
 from biomass_cache.common.io import atomic_path, write_json
 from biomass_cache.common.signals import HeldStop, held_stops
-from biomass_cache.store.fingerprint import diff as fingerprint_diff
 from biomass_cache.store.layout import open_store
-from biomass_cache.train.config import TrainConfig, resolve
+from biomass_cache.train.config import SHARED_KEYS, TrainConfig, resolve
 from biomass_cache.train.crossval import run_training
 from biomass_cache.train.runs import write_history
 from biomass_cache.train.tune_space import Space, parse_space
+from biomass_cache.train.tune_study import (PRUNERS, check_recorded, fail_dead_trials, load_optuna, make_pruner,
+                                           open_storage, study_folds, worker_id)
 
-PRUNERS = ("median", "halving", "none")
 KEEP = ("all", "top")
 
 
 # ----------------------------------------------------------------------------------------------------- the study
-def _optuna():
-    try:
-        import optuna
-    except ImportError as e:
-        raise DataError('biomass tune needs Optuna: pip install -e ".[tune]"') from e
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
-
-
-def open_storage(url: str):
-    """`journal:PATH` -> a journal file (shared filesystems); anything else -> an SQLAlchemy database URL."""
-    optuna = _optuna()
-    for attempt in range(3):  # processes started together race to create a new database's tables: the loser retries
-        try:
-            if url.startswith("journal:"):
-                from optuna.storages.journal import JournalFileBackend
-
-                path = Path(url.removeprefix("journal:"))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-            return optuna.storages.RDBStorage(url)
-        except Exception as e:  # any driver, path or URL error: the storage cannot be used
-            if attempt == 2 or url.startswith("journal:"):
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"  # not the SQL that failed
-                if any(words in str(e) for words in ("disk is full", "disk I/O error", "File too large")):
-                    raise DataError(f"the study's storage {url} cannot be written ({reason}): free space or raise "
-                                    "ulimit -f, or give the study another --out or --storage") from e
-                raise DataError(f"the study's storage {url} cannot be opened ({reason}); give --storage "
-                                "sqlite:///PATH, journal:PATH or a database URL") from e
-            time.sleep(1 + attempt)
-
-
-def make_pruner(kind: str, prune_after: int):
-    optuna = _optuna()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
-    if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
-
-
-def study_folds(study, study_dir: Path, table: pd.DataFrame, n_folds: int, seed: int,
-                folds_csv: Path | None) -> dict[str, int]:
-    """The study's folds: the recorded ones (a new study records them); STUDY_DIR/folds.csv holds them."""
-    target = study_dir / "folds.csv"
-    recorded = study.user_attrs.get("folds")
-    given = folds_csv or (target if target.is_file() else None)
-    folds = None if given is None else read_folds(given, table)
-    if recorded is None:
-        if folds is None:
-            folds = grouped_folds(table, n_splits=n_folds, seed=seed)
-        recorded = dict(zip(table["image_id"], folds.tolist()))
-        study.set_user_attr("folds", recorded)
-    elif folds is not None and dict(zip(table["image_id"], folds.tolist())) != recorded:
-        raise DataError(f"{given}: these folds differ from the ones recorded in study {study.study_name!r}; "
-                        "resume with the study's folds (remove the file to have them rewritten) or start a new "
-                        "--study")
-    if set(table["image_id"]) != set(recorded):
-        other = sorted(set(table["image_id"]) ^ set(recorded))
-        raise DataError(f"study {study.study_name!r} was run on other images than {len(table)} of this data "
-                        f"({len(other)} differ, e.g. {other[:5]}); resume with the study's data or start a new --study")
-    write_folds(target, table, np.array([recorded[i] for i in table["image_id"]]))
-    return recorded
-
-
-def check_recorded(study, key: str, value: Any, what: str) -> None:
-    """Record `value` in a new study; refuse to resume a study that recorded another one."""
-    value, recorded = json.loads(json.dumps(value)), study.user_attrs.get(key)  # as the storage keeps it
-    if recorded is None:
-        study.set_user_attr(key, value)
-    elif recorded != value:
-        diff = "; ".join(fingerprint_diff(recorded, value)) if key == "cache_fingerprint" else ""
-        raise DataError(f"study {study.study_name!r} was run with another {what}" + (f" ({diff})" if diff else "")
-                        + "; resume with the same one or start a new --study")
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(worker: str) -> bool:
-    """False only for a process of this host that no longer exists (other hosts cannot be checked)."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def fail_dead_trials(study) -> list[int]:
-    """Mark FAIL the trials left running by killed processes of this host, so a restart neither waits for them nor
-    counts them; their numbers are not reused."""
-    state = _optuna().trial.TrialState
-    dead = [t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))
-            if not _alive(t.user_attrs.get("worker", ""))]
-    for number in dead:
-        study.tell(number, state=state.FAIL, skip_if_finished=True)
-    return dead
-
-
 class Surplus(Exception):
     """A trial beyond the study's total (other processes hold the last slots): recorded FAIL, never trained."""
 
@@ -176,11 +67,13 @@ class Settings:
     keep: str = "all"
     folds: int | None = None  # folds of a new study (default: [fixed] folds, else 5)
     folds_csv: Path | None = None
+    parallel: int = 1  # trials trained side by side, on the same batches (`optimize_side_by_side`)
 
     def check(self) -> None:
-        if self.trials < 1 or self.top_k < 1 or self.seeds < 0 or self.prune_after < 0:
-            raise DataError(f"--trials and --top-k must be >= 1, --seeds and --prune-after >= 0; got trials "
-                            f"{self.trials}, top-k {self.top_k}, seeds {self.seeds}, prune-after {self.prune_after}")
+        if self.trials < 1 or self.top_k < 1 or self.parallel < 1 or self.seeds < 0 or self.prune_after < 0:
+            raise DataError(f"--trials, --top-k and --parallel must be >= 1, --seeds and --prune-after >= 0; got "
+                            f"trials {self.trials}, top-k {self.top_k}, parallel {self.parallel}, seeds {self.seeds}, "
+                            f"prune-after {self.prune_after}")
         if self.pruner not in PRUNERS or self.keep not in KEEP:
             raise DataError(f"--pruner must be one of {list(PRUNERS)} and --keep one of {list(KEEP)}; got "
                             f"{self.pruner!r}, {self.keep!r}")
@@ -202,35 +95,52 @@ class Study:
     stop: HeldStop = field(default_factory=HeldStop)  # Ctrl-C / SIGTERM, raised only inside a trial (see tune)
 
     def finished(self) -> list:
-        state = _optuna().trial.TrialState
+        state = load_optuna().trial.TrialState
         return self.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED))
 
     def ranked(self) -> list:
         """Completed trials, best first."""
-        state = _optuna().trial.TrialState
+        state = load_optuna().trial.TrialState
         return sorted(self.study.get_trials(deepcopy=False, states=(state.COMPLETE,)), key=lambda t: -t.value)
 
-    def run(self, train: dict, run_dir: Path, on_epoch=None) -> dict:
-        cfg, members = resolve(train, [], {"plots": False, "folds": self.n_folds}, None)
+    def run(self, train: dict, run_dir: Path, on_epoch=None, side_by_side: dict[str, dict] | None = None) -> dict:
+        """One trial's run (`train`), or several trials' as members of one sweep (`side_by_side`: member name ->
+        [train] settings, sharing `train`'s batch-defining keys)."""
+        sweep = [] if side_by_side is None else [
+            {"name": n, **{k: v for k, v in t.items() if k not in SHARED_KEYS}} for n, t in side_by_side.items()]
+        cfg, members = resolve(train, sweep, {"plots": False, "folds": self.n_folds}, None)
         return run_training(self.cache, self.data, run_dir, cfg, members, folds_csv=self.out / "folds.csv",
-                            on_epoch=on_epoch, stops=(_optuna().TrialPruned,))
+                            on_epoch=on_epoch, stops=(load_optuna().TrialPruned,))
 
 
 def trial_dir(out: Path, number: int) -> Path:
     return out / "trials" / f"{number:04d}"
 
 
-def objective(st: Study, trial) -> float:
-    """One trial: sample its [train] settings, cross-validate on the study's folds, report every (fold, epoch)."""
-    optuna = _optuna()
-    state = optuna.trial.TrialState
+def run_dir_of(st: Study, trial) -> Path:
+    """A trial's run folder: its own, or its group's (trials trained side by side share one)."""
+    return Path(trial.user_attrs["run_dir"]) if "run_dir" in trial.user_attrs else trial_dir(st.out, trial.number)
+
+
+def claim(st: Study, trial) -> None:
+    """Take a slot of the study for `trial`, or raise Surplus when the study's trials are finished or running."""
+    state = load_optuna().trial.TrialState
     trial.set_user_attr("worker", worker_id())
     fail_dead_trials(st.study)  # a process of this machine killed since the start does not hold a slot
     ahead = [t for t in st.study.get_trials(deepcopy=False, states=(state.RUNNING,)) if t.number < trial.number]
     if len(st.finished()) + len(ahead) >= st.settings.trials:
         trial.set_user_attr("surplus", True)
-        st.study.stop()
         raise Surplus(f"the study's {st.settings.trials} trials are finished or running elsewhere")
+
+
+def objective(st: Study, trial) -> float:
+    """One trial: sample its [train] settings, cross-validate on the study's folds, report every (fold, epoch)."""
+    optuna = load_optuna()
+    try:
+        claim(st, trial)
+    except Surplus:
+        st.study.stop()
+        raise
     st.stop.check()
     train = st.space.train_section(trial)
     trial.set_user_attr("train", train)
@@ -256,7 +166,7 @@ def objective(st: Study, trial) -> float:
 
 def progress(st: Study, trial) -> None:
     """After each trial of this process: one line (and, with --keep top, drop the folders no longer needed)."""
-    state = _optuna().trial.TrialState
+    state = load_optuna().trial.TrialState
     if trial.user_attrs.get("surplus"):
         return
     what = {state.COMPLETE: f"OOF competition_r2 {trial.value:.4f}" if trial.value is not None else "complete",
@@ -271,11 +181,83 @@ def progress(st: Study, trial) -> None:
 
 def drop_folders(st: Study) -> None:
     """--keep top: delete the run folders of finished trials outside the top K (running ones are never touched)."""
-    state = _optuna().trial.TrialState
-    keep = {t.number for t in st.ranked()[:st.settings.top_k]}
+    state = load_optuna().trial.TrialState
+    keep = {run_dir_of(st, t) for t in st.ranked()[:st.settings.top_k]}
+    keep |= {run_dir_of(st, t) for t in st.study.get_trials(deepcopy=False, states=(state.RUNNING,))}
     for t in st.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.FAIL)):
-        if t.number not in keep and trial_dir(st.out, t.number).exists():
-            shutil.rmtree(trial_dir(st.out, t.number), ignore_errors=True)
+        if run_dir_of(st, t) not in keep and run_dir_of(st, t).exists():
+            shutil.rmtree(run_dir_of(st, t), ignore_errors=True)
+
+
+def optimize_side_by_side(st: Study) -> None:
+    """`--parallel K`: ask K trials at a time (Optuna's ask and tell) and train them as the members of one sweep, in
+    one pass over the tokens: every member sees the same batches; its weights start from the seed of its place in the
+    group. Each reports its own validation scores and is pruned alone (it stops; the others go on). A member that
+    diverges fails its whole group. Whether trials train alone or side by side can change between resumptions."""
+    optuna = load_optuna()
+    state = optuna.trial.TrialState
+    started = 0
+    while len(st.finished()) < st.settings.trials and started < 2 * st.settings.trials:
+        fail_dead_trials(st.study)
+        running = len(st.study.get_trials(deepcopy=False, states=(state.RUNNING,)))
+        group = []
+        for _ in range(min(st.settings.parallel, st.settings.trials - len(st.finished()) - running)):
+            trial = st.study.ask()
+            started += 1
+            try:
+                claim(st, trial)
+            except Surplus:
+                st.study.tell(trial, state=state.FAIL)
+                break
+            group.append(trial)
+        if not group:
+            return
+        run_group(st, group)
+
+
+def run_group(st: Study, group: list) -> None:
+    """Train the trials of `group` side by side in STUDY_DIR/trials/NNNN (the first one's number); tell each."""
+    optuna = load_optuna()
+    state = optuna.trial.TrialState
+    run_dir = trial_dir(st.out, group[0].number)
+    trains = {f"trial{t.number:04d}": st.space.train_section(t) for t in group}
+    by_name = dict(zip(trains, group))
+    for t, train in zip(group, trains.values()):
+        t.set_user_attr("train", train)
+        t.set_user_attr("run_dir", str(run_dir))
+    fold_scores: dict[str, dict[str, float]] = {n: {} for n in trains}
+    reports = dict.fromkeys(trains, 0)
+
+    def report(rows: list[dict]) -> dict[str, str]:  # as `objective`'s, member by member
+        st.stop.check()
+        stop = {}
+        for r in (r for r in rows if "val_competition_r2" in r):  # epochs between two validations: nothing
+            trial, scores = by_name[r["head"]], fold_scores[r["head"]]
+            scores[r["fold"]] = r["val_competition_r2"]
+            trial.report(float(np.mean(list(scores.values()))), step=reports[r["head"]])
+            reports[r["head"]] += 1
+            if trial.should_prune():
+                stop[r["head"]] = f"pruned at epoch {r['epoch']}"
+        return stop
+
+    try:
+        metrics = st.run(next(iter(trains.values())), run_dir, report, side_by_side=trains)
+    except FloatingPointError as e:  # a member diverged: the group's trials fail, the study goes on
+        for t in group:
+            t.set_user_attr("fail_reason", str(e))
+            st.study.tell(t, state=state.FAIL)
+    except BaseException:
+        for t in group:
+            st.study.tell(t, state=state.FAIL)
+        raise
+    else:
+        for name, t in by_name.items():
+            if name in metrics["heads"]:
+                st.study.tell(t, metrics["heads"][name]["competition_r2"])
+            else:
+                st.study.tell(t, state=state.PRUNED)
+    for t in group:
+        progress(st, st.study.get_trials(deepcopy=False)[t.number])
 
 
 # ------------------------------------------------------------------------------------ second stage and results
@@ -380,7 +362,7 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     """Run (or continue) the study to `settings.trials` finished trials, then the second stage; returns the summary
     (also STUDY_DIR/stage2.json). With other processes still running trials, the last one to finish does stage two."""
     settings.check()
-    optuna = _optuna()
+    optuna = load_optuna()
     state = optuna.trial.TrialState
     space = parse_space(space_path)
     store = open_store(cache)
@@ -393,6 +375,10 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
                                 pruner=make_pruner(settings.pruner, settings.prune_after))
     check_recorded(study, "cache_fingerprint", store.fingerprint, f"token cache than {cache}")
     check_recorded(study, "space", space.doc, f"space than {space_path}")
+    shared = sorted({p.name for p in space.params} & set(SHARED_KEYS))
+    if settings.parallel > 1 and shared:
+        raise DataError(f"--parallel {settings.parallel}: the space searches {shared}, which define the batches that "
+                        "trials trained side by side share; fix them in [fixed], or use --parallel 1")
     folds = study_folds(study, out, table, settings.folds or int(space.fixed.get("folds", 5)),
                         int(space.fixed.get("seed", TrainConfig.seed)), settings.folds_csv)
     n_folds = max(folds.values()) + 1
@@ -409,8 +395,12 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
         # A stop raised inside optuna's storage writes leaves it broken (UnboundLocalError): stops are held and
         # raised inside the trial, at its start or an epoch's end; optuna then records the trial failed.
         with held_stops() as st.stop:
-            study.optimize(lambda trial: objective(st, trial), n_trials=2 * settings.trials,
-                           catch=(Surplus, FloatingPointError), callbacks=[enough, lambda _, trial: progress(st, trial)])
+            if settings.parallel > 1:
+                optimize_side_by_side(st)
+            else:
+                study.optimize(lambda trial: objective(st, trial), n_trials=2 * settings.trials,
+                               catch=(Surplus, FloatingPointError),
+                               callbacks=[enough, lambda _, trial: progress(st, trial)])
     plots = write_plots(st)
     fail_dead_trials(study)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))]
