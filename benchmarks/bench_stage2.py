@@ -10,7 +10,8 @@ pooling). On it, each arm is `biomass train --head H --folds 5` with the default
 - `bf16`: this code in bf16 (autocast; `precision = "auto"` where the device computes bf16 natively);
 - `stacked`: bf16 with the folds trained as one stacked model (`--stack-folds`; "auto" stacks on a GPU only).
 
-`--tune 1,4` adds `biomass tune` trials per hour on the same store, trials alone and 4 side by side (`--parallel`).
+`--tune before,1,4` adds `biomass tune` trials per hour on the same store: the code of `--baseline`, this code with
+trials alone and 4 side by side (`--parallel`).
 
 Per arm: wall seconds of the whole command, seconds in training epochs (history.csv) and per epoch, the pooled OOF
 competition_r2 per seed (the seed spread of fp32 is the yardstick for bf16), and the limit: FLOPs of the training
@@ -19,7 +20,7 @@ measured here at the head's first-layer shape. Token loading (the bank) is timed
 
     python benchmarks/bench_stage2.py [--device cpu|cuda] [--stores reduced,full] [--heads density]
         [--seeds 0,1,2] [--arms before,fp32,bf16,stacked] [--baseline REF] [--images 357] [--epochs 120]
-        [--tune 1,4] [--tune-trials 8] [--tune-epochs 20] [--work DIR] [--out FILE]
+        [--tune before,1,4] [--tune-trials 8] [--tune-epochs 20] [--work DIR] [--out FILE]
 
 CPU results go to benchmarks/results/stage2_cpu.json; `--device cuda` (bench_gpu.py --stage2) to stage2_gpu.json.
 """
@@ -116,18 +117,27 @@ def run_arm(arm: str, code: Path, cache: Path, data: Path, run: Path, head: str,
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"{arm} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return {"seed": seed, "wall_s": round(wall, 1), **run_figures(run, stacked=arm == "stacked")}
+
+
+def run_figures(run: Path, stacked: bool) -> dict:
+    """A run folder's epoch times and score. A stacked epoch trains every fold at once: each fold's history row
+    carries that epoch's time, so one fold's rows add up to the run's."""
     history = pd.read_csv(run / "history.csv")
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    return {"seed": seed, "wall_s": round(wall, 1), "train_epochs_s": round(float(history["seconds"].sum()), 1),
+    timed = history[history["fold"] == "fold0"] if stacked else history
+    return {"train_epochs_s": round(float(timed["seconds"].sum()), 1),
             "epoch_s": round(float(history["seconds"].median()), 4), "epochs": int(history["epoch"].max()),
             "oof_competition_r2": metrics["competition_r2"], "precision": config.get("precision", "fp32"),
             "tokens": config.get("tokens", "preloaded in RAM" if config.get("preloaded") else "streamed")}
 
 
-def tune_rate(cache: Path, data: Path, work: Path, parallel: int, trials: int, epochs: int, device: str) -> dict:
+def tune_rate(code: Path, cache: Path, data: Path, work: Path, parallel: str, trials: int, epochs: int,
+              device: str) -> dict:
     """`biomass tune` on the store, `trials` trials of `epochs` epochs (lr and weight decay searched, no pruning, no
-    second stage), `parallel` trials side by side: trials per hour."""
+    second stage), `parallel` trials side by side ("before": the code of `code`, one trial at a time): trials per
+    hour."""
     out = work / f"tune_p{parallel}"
     shutil.rmtree(out, ignore_errors=True)
     space = work / "space.toml"
@@ -136,8 +146,9 @@ def tune_rate(cache: Path, data: Path, work: Path, parallel: int, trials: int, e
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "biomass_cache", "tune", "--cache", str(cache), "--data", str(data),
                            "--space", str(space), "--trials", str(trials), "--out", str(out), "--pruner", "none",
-                           "--seeds", "0", "--top-k", "1", "--parallel", str(parallel)], cwd=ROOT,
-                          env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
+                           "--seeds", "0", "--top-k", "1", *([] if parallel == "before" else ["--parallel", parallel])],
+                          cwd=code, env={**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"},
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"tune --parallel {parallel} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -164,7 +175,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the fp32 and bf16 arms (before: the first)")
     ap.add_argument("--arms", default="before,fp32,bf16",
                     help="before, fp32, bf16 and stacked (bf16 with the folds stacked, --stack-folds)")
-    ap.add_argument("--tune", default="", help="comma-separated --parallel values: `biomass tune` trials per hour")
+    ap.add_argument("--tune", default="", help="`biomass tune` trials per hour: comma-separated --parallel values, "
+                    "`before` for the code of --baseline")
     ap.add_argument("--tune-trials", type=int, default=8)
     ap.add_argument("--tune-epochs", type=int, default=20)
     ap.add_argument("--baseline", default="1ba0193", help="the commit whose loop is `before`")
@@ -182,13 +194,14 @@ def main() -> None:
     build_store(full, table, channels, layers)
     if not reduced.exists():
         child([sys.executable, "-m", "biomass_cache", "reduce", "--cache", str(full), "--out", str(reduced)])
-    code = {"before": worktree(args.baseline, args.work) if "before" in arms else None}
+    code = {"before": worktree(args.baseline, args.work) if "before" in arms + args.tune.split(",") else None}
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                "torch_threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     result = {"settings": {"images": args.images, "folds": FOLDS, "epochs": args.epochs, "batch_size": BATCH,
                            "baseline": args.baseline, "seeds": seeds, "device": str(device),
-                           "signal": "planted (bench_scale.py), not DINOv3 tokens: scores say nothing about real photos",
+                           "signal": "planted (bench_scale.py), not DINOv3 tokens: scores say nothing about real "
+                                     "photos",
                            "train": "biomass train defaults (eval_every 5 since this change; before: every epoch)"},
               "machine": machine, "stores": {}}
     n_train = round(args.images * (FOLDS - 1) / FOLDS)
@@ -220,8 +233,8 @@ def main() -> None:
             }
             write_json(out, result)
         if args.tune:
-            entry["tune"] = [tune_rate(store.path, data, args.work, int(k), args.tune_trials, args.tune_epochs,
-                                       args.device) for k in args.tune.split(",")]
+            entry["tune"] = [tune_rate(code.get(k) or ROOT, store.path, data, args.work, k, args.tune_trials,
+                                       args.tune_epochs, args.device) for k in args.tune.split(",")]
             print(name, "tune", json.dumps(entry["tune"]), flush=True)
             write_json(out, result)
     print(f"results -> {out}")

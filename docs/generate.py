@@ -306,12 +306,14 @@ def stage2_rows(d: dict) -> str:
                          f"{lim['fp32']:.0f} GFLOP/s fp32, {lim['bf16']:.0f} GFLOP/s bf16.")
         parts += [f"**{name}** store ({store['grid'][0]} x {store['grid'][1]} tokens x {store['channels']} channels, "
                   f"{store['gb']:.2f} GB). Token loading, apart from the runs: {loads}.",
-                  table(["head", "arm", "seeds", "wall s (seed 0)", "training epochs s", "s / epoch",
+                  table(["head", "arm", "seeds", "wall s (seed 0)", "training epochs s",
+                         "s / epoch (stacked: of every fold)",
                          "achieved GFLOP/s", "of fp32 limit", "of bf16 limit", "OOF competition_r2 (seeds)",
                          "speed-up (wall, seed 0)"], rows, "llrrrrrrrrr")]
         if "tune" in store:
             parts += ["`biomass tune` on this store (density head, lr and weight decay searched, no pruning, no second "
-                      "stage), trials alone and side by side (`--parallel`):",
+                      "stage): `before` is the code of the baseline commit; then this code, trials alone and side by "
+                      "side (`--parallel`):",
                       table(["--parallel", "trials", "epochs each", "wall s", "trials per hour"],
                             [[t["parallel"], t["trials"], t["epochs"], f"{t['wall_s']:.0f}",
                               f"**{t['trials_per_hour']:.0f}**"] for t in store["tune"]], "rrrrr")]
@@ -394,7 +396,8 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "tune.json": (tune_rows, "bench_tune.py"),
     "gpu.json": (gpu_rows, "bench_gpu.py"),
     "stage2_cpu.json": (stage2_rows, "bench_stage2.py"),
-    "stage2_cpu_stacked.json": (stage2_rows, "bench_stage2.py --arms bf16,stacked --seeds 0 --tune 1,4 --out ..."),
+    "stage2_cpu_stacked.json": (stage2_rows,
+                                "bench_stage2.py --arms bf16,stacked --seeds 0 --tune before,1,4 --out ..."),
     "stage2_gpu.json": (stage2_rows, "bench_gpu.py --stage2"),
 }
 

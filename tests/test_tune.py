@@ -195,7 +195,8 @@ def test_pruned_trials_stop_early(toy, tmp_path):
     """A trial that cannot learn (tiny lr), after one that does: the median pruner stops it within fold 0."""
     root, _, _ = toy
     out = tmp_path / "prune"
-    space = write(tmp_path, f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nepochs = 4\neval_every = 1\n{FIXED}")
+    space = write(tmp_path, f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nepochs = 4\n"
+                            f"eval_every = 1\n{FIXED}")
     out.mkdir()
     study = optuna.create_study(study_name="prune", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
     study.enqueue_trial({"lr": 3e-2})
@@ -307,7 +308,8 @@ def test_ctrl_c_inside_optunas_storage_stops_cleanly_and_resumes(toy, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------ trials side by side
-DENSITY = f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nhead = \"density\"\nepochs = 4\neval_every = 1\n{FIXED}"
+DENSITY = (f"[space]\nlr = {{ log_uniform = [1e-7, 1e-1] }}\n[fixed]\nhead = \"density\"\nepochs = 4\n"
+           f"eval_every = 1\n{FIXED}")
 
 
 @pytest.mark.slow
@@ -331,7 +333,8 @@ def test_trials_side_by_side_train_as_they_would_alone(toy, tmp_path):
     assert set(group["heads"]) == {"trial0000", "trial0001"}
     assert trials[1].value == pytest.approx(group["heads"]["trial0001"]["competition_r2"])
     alone, config = tmp_path / "alone", tmp_path / "trial0.toml"
-    config.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in trials[0].user_attrs["train"].items()))
+    config.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                            for k, v in trials[0].user_attrs["train"].items()))
     code, output = invoke(train_command, "--cache", store, "--data", data, "--out", alone, "--config", config,
                           "--folds-csv", out / "folds.csv")
     assert code == 0, output

@@ -78,7 +78,8 @@ class BankPlan:
     nbytes: int
 
     def describe(self) -> str:
-        return (f"{self.nbytes / 1e9:.2f} GB of tokens held on {self.device} in {str(self.dtype).removeprefix('torch.')}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"{self.nbytes / 1e9:.2f} GB of tokens held on {self.device} in {dtype}"
                 + (", LayerNorm applied once" if self.normed else ""))
 
 

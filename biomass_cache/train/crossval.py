@@ -168,7 +168,8 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         """OOF grams exactly as `biomass predict` gives them (fp32 on the stored tokens): from the bank unless it
         holds bf16 values, which the stored tokens are not."""
         bank = None if plan is None or plan.dtype == torch.bfloat16 else shared()
-        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"], batch_size=cfg.eval_batch_size,
+        return inference.predict_store(head, meta, store, every[rows], views=meta["tta"],
+                                       batch_size=cfg.eval_batch_size,
                                        device=str(device), bank=bank).grams  # no workers: their start costs more
 
     config = {"extract": extract or {},
