@@ -124,7 +124,7 @@ def stage_two(args: argparse.Namespace) -> dict:
     out = OUT.with_name("stage2_gpu.json")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_stage2.py"), "--device", str(args.device), "--stores",
            "reduced,full", "--heads", args.stage2_heads, "--arms", args.stage2_arms, "--seeds", "0", "--epochs",
-           str(args.stage2_epochs),
+           str(args.stage2_epochs), "--images", str(args.stage2_images),
            "--work", str(args.work / "stage2"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT / "benchmarks")
     if proc.returncode or not out.is_file():
@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--stage2", action="store_true", help="stage two only (bench_stage2.py on this GPU)")
     ap.add_argument("--stage2-epochs", type=int, default=20, help="epochs per stage-two run (the default run: 120)")
     ap.add_argument("--stage2-heads", default="density", help="heads of the stage-two runs (density,mlp,vitdet)")
-    ap.add_argument("--stage2-arms", default="before,bf16", help="stage-two arms (before,fp32,bf16)")
+    ap.add_argument("--stage2-arms", default="before,bf16", help="stage-two arms (before,fp32,bf16,stacked)")
+    ap.add_argument("--stage2-images", type=int, default=357, help="images of the stage-two stores")
     args = ap.parse_args()
     args.size, args.device = tuple(int(v) for v in args.size.split("x")), torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
