@@ -53,12 +53,16 @@ RESULTS = Path(__file__).parent / "results"
 HIDDEN = {"density": 128, "mlp": 512, "vitdet": 512}  # the default width of each head's first layer
 
 
-def worktree(ref: str, work: Path) -> Path:
-    """A checkout of `ref` (kept in --work): the `before` arm runs its code."""
+def worktree(ref: str, work: Path) -> Path | None:
+    """A checkout of `ref` (kept in --work): the `before` arm runs its code. None where there is no git history
+    (a copy of the working tree without .git): the `before` arms are then left out, and the results say so."""
     path = work / f"baseline-{ref[:12]}"
     if not path.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True,
-                       capture_output=True)
+        proc = subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, capture_output=True,
+                              text=True)
+        if proc.returncode:
+            print(f"no checkout of {ref} ({proc.stderr.strip()[:200]}): the `before` arms are left out", flush=True)
+            return None
     return path
 
 
@@ -195,11 +199,15 @@ def main() -> None:
     if not reduced.exists():
         child([sys.executable, "-m", "biomass_cache", "reduce", "--cache", str(full), "--out", str(reduced)])
     code = {"before": worktree(args.baseline, args.work) if "before" in arms + args.tune.split(",") else None}
+    if code["before"] is None:
+        arms = [a for a in arms if a != "before"]
+        args.tune = ",".join(k for k in args.tune.split(",") if k and k != "before")
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                "torch_threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     result = {"settings": {"images": args.images, "folds": FOLDS, "epochs": args.epochs, "batch_size": BATCH,
-                           "baseline": args.baseline, "seeds": seeds, "device": str(device),
+                           "baseline": args.baseline if code["before"] else f"{args.baseline} (no checkout: not run)",
+                           "seeds": seeds, "device": str(device),
                            "signal": "planted (bench_scale.py), not DINOv3 tokens: scores say nothing about real "
                                      "photos",
                            "train": "biomass train defaults (eval_every 5 since this change; before: every epoch)"},
