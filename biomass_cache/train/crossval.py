@@ -268,8 +268,7 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
 
     def finish(f: SimpleNamespace, rows: list[dict]) -> None:
         """A trained fold's history, OOF predictions, scores and checkpoints."""
-        nonlocal history
-        history += [{"fold": f.name, **r} for r in rows]
+        history.extend({"fold": f.name, **r} for r in rows)
         stopped.update({m.name: f"{f.name}: {m.stopped}" for m in f.members if m.stopped is not None})
         for m in (m for m in f.members if m.stopped is None):
             meta = {"name": m.name, "fold": f.k, "head": m.eval_head.config, "zscore": f.zscore.to_dict(),

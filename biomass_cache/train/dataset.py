@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS, to_density
 from biomass_cache.store.layout import open_store
-from biomass_cache.train.bank import TokenBank, bank_nbytes, plan_bank
+from biomass_cache.train.bank import TokenBank, plan_bank
 
 MAX_LISTED = 5
 LABEL_KEYS = ("y", "y_mask", "height", "height_mask", "ndvi_z", "ndvi_mask", "state", "index", "weight")
@@ -166,10 +166,6 @@ class TokenDataset(Dataset):
         self.layer_pos = None if bank is None or bank.layers == self.layers else [
             bank.layers.index(l) for l in self.layers]
 
-    def nbytes(self, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes the selected tokens take in a bank of `dtype`."""
-        return bank_nbytes(self.store, len(self.rows), len(self.views), len(self.layers), dtype)
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -180,11 +176,7 @@ class TokenDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        if self.bank is None:
-            return {"tokens": self.sample_tokens(k), **self.labels.item(k)}
-        where = {"bank_row": torch.tensor(self.bank.position[int(self.rows[k])]),
-                 "bank_view": torch.tensor(self.bank.views.index(self.view_of(k)))}
-        return {**where, **self.labels.item(k)}
+        return {name: v[0] for name, v in self.__getitems__([k]).items()}
 
     def __getitems__(self, ks: list[int]) -> dict[str, torch.Tensor]:
         """A whole batch at once (the DataLoader's batched fetch, with `make_loader`'s pass-through collate): the

@@ -162,10 +162,20 @@ def build_member(name: str, cfg: TrainConfig, layers_read: list[int], signature:
                   [p.detach().clone() for p in extra] if cfg.ema else None)
 
 
+def ema_rate(decay: float, step: int) -> float:
+    """The EMA's decay after `step` steps: a warmup ((1+t)/(10+t)) so early weights do not linger in short runs."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def validated(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether epoch `epoch` (from 0) is validated: every `eval_every`-th, and the last."""
+    return (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+
+
 @torch.no_grad()
 def ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay: float, step: int) -> None:
-    """EMA with a warmup (decay grows as (1+t)/(10+t)) so early weights do not linger in short runs."""
-    d = min(decay, (1 + step) / (10 + step))
+    """The EMA of `live` in `ema`, at `ema_rate`."""
+    d = ema_rate(decay, step)
     for e, p in zip(ema, live):
         if e.dtype.is_floating_point:
             e.lerp_(p, 1 - d)
@@ -392,7 +402,7 @@ def train_fold(
             row = {"epoch": epoch + 1, "head": m.name, "lr": m.cfg.lr * m.sched.lr_lambdas[0](m.sched.last_epoch),
                    "train_loss": sums[m.name][0] / max(sums[m.name][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
-            if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            if val_loader is not None and validated(epoch, eval_every, epochs):
                 row.update(validate(m, val_loader, val_truth, tokens_fn, baseline_grams, normed))
                 vals[m.name] = row["val_competition_r2"]
             history.append(row)

@@ -28,7 +28,7 @@ from biomass_cache.common.signals import check_stop
 from biomass_cache.heads import HEADS
 from biomass_cache.train.config import TrainConfig
 from biomass_cache.train.dataset import LABEL_KEYS
-from biomass_cache.train.loop import SweepMember, head_param_groups, validate
+from biomass_cache.train.loop import SweepMember, ema_rate, head_param_groups, validate, validated
 from biomass_cache.train.losses import combine_losses, task_losses
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as the fold-by-fold loop uses them
@@ -71,6 +71,7 @@ def pad(batch: dict, size: int) -> dict:
     return out
 
 
+@torch.no_grad()
 def stacked_adamw(params: dict, grads: dict, moments: dict, lr: torch.Tensor, steps: torch.Tensor,
                   decay: dict[str, float], scale: dict[str, float], live: torch.Tensor) -> None:
     """torch.optim.AdamW's update, each fold (leading dim) with its own lr and step count; folds not `live` (a skipped
@@ -83,10 +84,9 @@ def stacked_adamw(params: dict, grads: dict, moments: dict, lr: torch.Tensor, st
         new_m, new_v = m.lerp(g, 1 - b1), v * b2 + (1 - b2) * g * g
         denom = (new_v.sqrt() / (1 - b2 ** n).sqrt()) + EPS
         new_p = p * (1 - rate * decay[name]) - (rate / (1 - b1 ** n)) * new_m / denom
-        with torch.no_grad():
-            p.copy_(torch.where(keep, new_p, p))
-            m.copy_(torch.where(keep, new_m, m))
-            v.copy_(torch.where(keep, new_v, v))
+        p.copy_(torch.where(keep, new_p, p))
+        m.copy_(torch.where(keep, new_m, m))
+        v.copy_(torch.where(keep, new_v, v))
 
 
 def train_stacked(folds: Sequence[Fold], tokens_fn: Callable[[dict], torch.Tensor], epochs: int, eval_every: int,
@@ -151,7 +151,7 @@ def train_stacked(folds: Sequence[Fold], tokens_fn: Callable[[dict], torch.Tenso
             stacked_adamw(params, grads, moments, lr.to(live.device), steps.to(live.device).float().clamp(min=1),
                           decay, scale, live)
             if ema is not None:
-                d = torch.tensor([min(cfg.ema_decay, (1 + int(s)) / (10 + int(s))) for s in steps])
+                d = torch.tensor([ema_rate(cfg.ema_decay, int(s)) for s in steps])
                 with torch.no_grad():
                     for name, e in ema.items():
                         w = (1 - d).to(e.device).view((-1,) + (1,) * (e.ndim - 1))
@@ -161,13 +161,12 @@ def train_stacked(folds: Sequence[Fold], tokens_fn: Callable[[dict], torch.Tenso
                     sums[r][0] += float(values[r])
                     sums[r][1] += 1
             bar.update()
-        validated = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
         for r, (f, m) in enumerate(zip(folds, members)):
             m.step = int(steps[r])
             row = {"epoch": epoch + 1, "head": m.name, "lr": cfg.lr * schedules[r](m.step),
                    "train_loss": sums[r][0] / max(sums[r][1], 1), "skipped_steps": m.skipped,
                    "seconds": time.time() - t0}
-            if validated:  # the last epoch always is: each member then holds its fold's final weights
+            if validated(epoch, eval_every, epochs):  # the last always is: each member then holds its final weights
                 load(m, params, ema, r)
                 row.update(validate(m, f.val_loader, f.val_truth, tokens_fn, baseline_grams, normed))
             history[r].append(row)

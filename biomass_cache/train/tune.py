@@ -133,6 +133,14 @@ def claim(st: Study, trial) -> None:
         raise Surplus(f"the study's {st.settings.trials} trials are finished or running elsewhere")
 
 
+def report_fold(trial, fold_scores: dict[str, float], row: dict, step: int) -> bool:
+    """Report a validated history row: the mean of the trial's folds' latest validation scores (finished folds:
+    their last epoch; the running fold: this one) at `step`. Returns whether the pruner stops the trial."""
+    fold_scores[row["fold"]] = row["val_competition_r2"]
+    trial.report(float(np.mean(list(fold_scores.values()))), step=step)
+    return trial.should_prune()
+
+
 def objective(st: Study, trial) -> float:
     """One trial: sample its [train] settings, cross-validate on the study's folds, report every (fold, epoch)."""
     optuna = load_optuna()
@@ -151,9 +159,7 @@ def objective(st: Study, trial) -> float:
         if "val_competition_r2" not in epoch_rows[0]:  # an epoch between two validations (eval_every)
             return
         rows.extend(epoch_rows)
-        fold_scores[epoch_rows[0]["fold"]] = epoch_rows[0]["val_competition_r2"]
-        trial.report(float(np.mean(list(fold_scores.values()))), step=len(rows) - 1)
-        if trial.should_prune():
+        if report_fold(trial, fold_scores, epoch_rows[0], step=len(rows) - 1):
             write_history(run_dir, rows)
             raise optuna.TrialPruned(f"{epoch_rows[0]['fold']} epoch {epoch_rows[0]['epoch']}")
 
@@ -194,8 +200,7 @@ def optimize_side_by_side(st: Study) -> None:
     one pass over the tokens: every member sees the same batches; its weights start from the seed of its place in the
     group. Each reports its own validation scores and is pruned alone (it stops; the others go on). A member that
     diverges fails its whole group. Whether trials train alone or side by side can change between resumptions."""
-    optuna = load_optuna()
-    state = optuna.trial.TrialState
+    state = load_optuna().trial.TrialState
     started = 0
     while len(st.finished()) < st.settings.trials and started < 2 * st.settings.trials:
         fail_dead_trials(st.study)
@@ -217,8 +222,7 @@ def optimize_side_by_side(st: Study) -> None:
 
 def run_group(st: Study, group: list) -> None:
     """Train the trials of `group` side by side in STUDY_DIR/trials/NNNN (the first one's number); tell each."""
-    optuna = load_optuna()
-    state = optuna.trial.TrialState
+    state = load_optuna().trial.TrialState
     run_dir = trial_dir(st.out, group[0].number)
     trains = {f"trial{t.number:04d}": st.space.train_section(t) for t in group}
     by_name = dict(zip(trains, group))
@@ -232,12 +236,9 @@ def run_group(st: Study, group: list) -> None:
         st.stop.check()
         stop = {}
         for r in (r for r in rows if "val_competition_r2" in r):  # epochs between two validations: nothing
-            trial, scores = by_name[r["head"]], fold_scores[r["head"]]
-            scores[r["fold"]] = r["val_competition_r2"]
-            trial.report(float(np.mean(list(scores.values()))), step=reports[r["head"]])
-            reports[r["head"]] += 1
-            if trial.should_prune():
+            if report_fold(by_name[r["head"]], fold_scores[r["head"]], r, step=reports[r["head"]]):
                 stop[r["head"]] = f"pruned at epoch {r['epoch']}"
+            reports[r["head"]] += 1
         return stop
 
     try:
