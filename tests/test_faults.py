@@ -190,6 +190,22 @@ def test_sigterm_during_reduce_removes_its_temporary_store(pipeline, tmp_path, m
     assert not list(tmp_path.glob(".*"))
 
 
+def test_a_stopped_stacked_training_leaves_nothing(pipeline, tmp_path):
+    """A real SIGTERM to a run training its folds as one stacked model (no fold model is saved until every fold has
+    trained): one line, exit 143, and the new folder is gone."""
+    root, data, _ = pipeline
+    target = tmp_path / "stacked"
+    proc = start("train", "--cache", root / "train.zarr", "--data", data, "--out", target, "--stack-folds",
+                 "--epochs", 100_000, *TRAIN[2:])
+    wait_for(target / "config.json", proc)
+    time.sleep(1)  # into the stacked steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "2 folds stacked" in err, err
+    assert proc.returncode == 143 and last_line(err) == "error: terminated (SIGTERM)" and "Traceback" not in err, err
+    assert not target.exists() and not list(tmp_path.glob(".*"))
+
+
 def test_a_killed_overwrite_gives_the_earlier_run_back(pipeline, tmp_path):
     """`kill -9` while `train --overwrite` runs leaves the earlier run set aside (.run.replaced-PID): the next claim
     of the folder puts it back byte for byte instead of deleting it as a leftover."""
