@@ -6,7 +6,7 @@ autocast on CUDA, fp32 on CPU; on one device, or split over several with `device
 a bounded queue encode and write each image's shard. The store marks a sample done only after its data is on disk,
 so an interrupted run resumes exactly where it stopped. Under torchrun the images are split across ranks (all views
 of an image on one rank, the store's race-free rule); rank 0 creates the store and finalises its attributes.
-The ranks and the writer threads are in extract/writers.py.
+The writer threads are in store/writer.py.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from biomass_cache.common.errors import DataError, StoreError
 from biomass_cache.common.io import writing
 from biomass_cache.common.signals import check_stop
 from biomass_cache.extract.config import ExtractConfig
-from biomass_cache.extract.writers import Item, Writer
 from biomass_cache.store.fingerprint import Fingerprint, of_extraction
 from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
+from biomass_cache.store.writer import Writer
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.store.verify import verify
 
@@ -52,6 +52,16 @@ def default_layers(depth: int) -> list[int]:
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One image to extract: its row in the store and the views still missing."""
+
+    index: int
+    image_id: str
+    path: Path
+    views: tuple[int, ...]
+
+
 @dataclass
 class _Loaded:
     item: Item

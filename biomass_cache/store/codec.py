@@ -30,10 +30,24 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, what: str) -> tuple[np.ndar
         return out.cpu().numpy(), None
     if dtype == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+    q, scale = _quantize(t)
+    return q.cpu().numpy(), scale.cpu().numpy()
+
+
+def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and per-token scales: symmetric absmax / 127."""
     t = t.float()
     scale = t.abs().amax(dim=-1) / 127.0
-    q = torch.round(t / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q.cpu().numpy(), scale.cpu().numpy()
+    return torch.round(t / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def stored_values(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What a store of `dtype` gives back for float tokens `t`, as float32 on their device: a reduction made in the
+    extraction pass then sees exactly the tokens a reduction of the full store reads (store/reduce.py)."""
+    if dtype == "int8":
+        q, scale = _quantize(t)
+        return q.float() * scale[..., None]
+    return t.to(torch.float16 if dtype == "float16" else torch.bfloat16).float()
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,11 +34,13 @@ from biomass_cache.common.lock import WriterLock
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
+from biomass_cache.store.writer import Writer
 
 METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
 DEFAULT_POOL = "auto"  # the coarsest pooling that keeps at least MIN_GRID patches
 MIN_GRID = (14, 28)  # rows, cols: the grid at which the quality benchmark measured (docs: benchmarks)
+WRITER_THREADS = 2  # fsyncs wait on the disk, not the CPU: they overlap with the arithmetic
 DEFAULT_FIT_TOKENS = 100_000  # tokens per layer the PCA is fitted on (a random subset of the pooled clean views)
 
 
@@ -79,20 +83,30 @@ class Reduction:
     def check_parent(self, store: TokenStore, ignore: Sequence[str] = ()) -> None:
         """Refuse a store whose tokens were made otherwise than those the projection was fitted on (but for the
         fingerprint keys `ignore` names: the compute precision, when the user chose another one)."""
-        diff = relaxed_diff(self.parent_fingerprint, store.fingerprint, ignore)
+        self.check_tokens(store.fingerprint, store.layers, store.channels, tuple(store.grid), str(store.path), ignore)
+
+    def check_tokens(self, fingerprint: dict, layers: Sequence[int], channels: int, grid: tuple[int, int],
+                     where: str, ignore: Sequence[str] = ()) -> None:
+        """`check_parent` for tokens described by their fingerprint and shape (an extraction reducing in the pass)."""
+        diff = relaxed_diff(self.parent_fingerprint, fingerprint, ignore)
         if diff:
-            raise DataError(f"{store.path}: its tokens were extracted with another configuration than the store "
+            raise DataError(f"{where}: its tokens were extracted with another configuration than the store "
                             "the projection was fitted on (fitted on -> this store): " + "; ".join(diff))
-        if store.layers != self.layers or store.channels != self.channels or tuple(store.grid) != self.parent_grid:
-            raise DataError(f"{store.path}: layers {store.layers}, {store.channels} channels, grid {store.grid}; "
-                            f"the projection needs {self.layers}, {self.channels}, {self.parent_grid}")
+        if list(layers) != self.layers or channels != self.channels or tuple(grid) != self.parent_grid:
+            raise DataError(f"{where}: layers {list(layers)}, {channels} channels, grid {list(grid)}; "
+                            f"the projection needs {self.layers}, {self.channels}, {list(self.parent_grid)}")
 
     @torch.no_grad()
     def apply(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(..., L, T, C) float32 tokens of the parent grid -> (..., L, T', K) reduced tokens."""
-        comps = torch.from_numpy(self.components)
-        projected = F.layer_norm(tokens, tokens.shape[-1:]) @ comps  # linear, so it commutes with the pooling
-        return pool_tokens(projected, self.parent_grid, self.pool) - (torch.from_numpy(self.mean)[:, None] @ comps)
+        """(..., L, T, C) float32 tokens of the parent grid -> (..., L, T', K) reduced tokens. Pooling and the
+        projection are both linear, so pooling first gives the same tokens with a pool^2-th of the matmul."""
+        return self.project(pool_tokens(F.layer_norm(tokens, tokens.shape[-1:]), self.parent_grid, self.pool))
+
+    @torch.no_grad()
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(..., L, T', C) layer-normed, pooled tokens -> (..., L, T', K), on their device."""
+        mean = torch.as_tensor(self.mean, device=pooled.device)
+        return (pooled - mean[:, None]) @ torch.as_tensor(self.components, device=pooled.device)
 
     # ---- artefacts ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -158,11 +172,12 @@ def resolve_pool(pool: int | str, grid: tuple[int, int]) -> int:
         raise DataError(f"--pool {pool!r}: must be 'auto' or a whole number") from None
 
 
-def _check_settings(store: TokenStore, dim: int, pool: int) -> None:
-    if not 1 <= dim <= store.channels:
-        raise DataError(f"--dim {dim}: must be between 1 and the {store.channels} channels of {store.path}")
-    if pool < 1 or store.grid[0] % pool or store.grid[1] % pool:
-        raise DataError(f"--pool {pool}: must be >= 1 and divide the patch grid {list(store.grid)} of {store.path} "
+def check_settings(channels: int, grid: Sequence[int], dim: int, pool: int, where: str) -> None:
+    """Refuse a --dim above the channels or a --pool that does not divide the patch grid (before any work)."""
+    if not 1 <= dim <= channels:
+        raise DataError(f"--dim {dim}: must be between 1 and the {channels} channels of {where}")
+    if pool < 1 or grid[0] % pool or grid[1] % pool:
+        raise DataError(f"--pool {pool}: must be >= 1 and divide the patch grid {list(grid)} of {where} "
                         "(--pool 1 keeps the grid)")
 
 
@@ -183,16 +198,28 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = D
                   fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True) -> Reduction:
     """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer)."""
     pool = resolve_pool(pool, tuple(store.grid))
-    _check_settings(store, dim, pool)
+    check_settings(store.channels, store.grid, dim, pool, str(store.path))
     rows = usable_images(store)
-    n_layers, c = len(store.layers), store.channels
-    per_image = max(1, -(-fit_tokens // len(rows)))
-    gram = torch.zeros(n_layers, c, c, dtype=torch.float64)
-    total = torch.zeros(n_layers, c, dtype=torch.float64)
+    c = store.channels
+    pooled = (pool_tokens(F.layer_norm(torch.from_numpy(store.read(i, 0)), (c,)), store.grid, pool)
+              for i in tqdm(rows, desc="fit PCA", disable=not progress, leave=False))
+    mean, comps = fit_pca(pooled, len(rows), dim, fit_tokens, seed)
+    return Reduction(store.layers, mean, comps, pool, store.fingerprint, tuple(store.grid))
+
+
+def fit_pca(pooled: Iterable[torch.Tensor], n_images: int, dim: int, fit_tokens: int = DEFAULT_FIT_TOKENS,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer mean (L, C) and top-`dim` components (L, C, K) of the layer-normed, pooled clean views of
+    `n_images` images, (L, T', C) each, from a seeded subset of about `fit_tokens` tokens per layer."""
+    per_image = max(1, -(-fit_tokens // n_images))
+    gram = total = None
     count = 0
     rng = np.random.default_rng(seed)
-    for i in tqdm(rows, desc="fit PCA", disable=not progress, leave=False):
-        x = pool_tokens(F.layer_norm(torch.from_numpy(store.read(i, 0)), (c,)), store.grid, pool)
+    for x in pooled:
+        x = x.float()
+        if gram is None:
+            gram = torch.zeros(x.shape[0], x.shape[2], x.shape[2], dtype=torch.float64)
+            total = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64)
         if x.shape[1] > per_image:
             x = x[:, torch.from_numpy(np.sort(rng.choice(x.shape[1], per_image, replace=False)))]
         gram += (x.transpose(1, 2) @ x).double()
@@ -204,8 +231,7 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = D
     comps = vectors.flip(-1)[..., :dim]
     signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))  # deterministic sign
     comps = comps * torch.where(signs == 0, 1.0, signs)
-    return Reduction(store.layers, mean.float().numpy(), comps.float().contiguous().numpy(), pool,
-                     store.fingerprint, tuple(store.grid))
+    return mean.float().numpy(), comps.float().contiguous().numpy()
 
 
 def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bool = False,
@@ -232,10 +258,29 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
             store.write_extra("reduction_components", reduction.components)
             store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
                             weights_path=src.weights_path)
-            for i in tqdm(rows, desc=f"reduce -> {out.name}", disable=not progress, leave=False):
-                store.write_image(i, torch.stack([reduction.apply(torch.from_numpy(src.read(i, v)))
-                                                  for v in range(src.n_views)]))
+            writer = Writer(store, WRITER_THREADS, 2 * WRITER_THREADS)
+            try:  # reading ahead and writing behind overlap with the arithmetic
+                for i, views in tqdm(read_ahead(src, rows), total=len(rows), desc=f"reduce -> {out.name}",
+                                     disable=not progress, leave=False):
+                    writer.put(store.encode(i, slice(None), torch.stack([reduction.apply(v) for v in views]), None))
+            finally:
+                writer.close()
+            writer.check()
     return open_store(out)
+
+
+def read_ahead(store: TokenStore, rows: Sequence[int], depth: int = 2) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(row, its views as float32 tensors) for every row, read by a thread `depth` images ahead of the caller."""
+    def read(i: int) -> tuple[int, list[torch.Tensor]]:
+        return i, [torch.from_numpy(store.read(i, v)) for v in range(store.n_views)]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="store-reader") as pool:
+        pending = deque(pool.submit(read, i) for i in rows[:depth])
+        for i in rows[depth:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(read, i))
+        while pending:
+            yield pending.popleft().result()
 
 
 def reduction_of(path: Path) -> Reduction:

@@ -1,31 +1,15 @@
-"""Stage one's concurrency around the forward pass: the work items and the shard-writer threads.
-
-Under torchrun every rank takes a share of the images (all views of an image on one rank, the store's race-free
-rule; ranks: biomass_cache.common.distributed). Each rank's finished tokens go to writer threads through a bounded queue
-(`Writer`), so the backbone never waits on the disk. Decoding runs in DataLoader workers (extract/pipeline.py).
-"""
+"""Writer threads behind a bounded queue: the producer (extraction's forward pass, a reduction's arithmetic) encodes
+samples and goes on while the threads write and fsync their shards. Shards of different images are independent
+files, so the threads never contend for one."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 from biomass_cache.store.handle import EncodedSample, TokenStore
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image to extract: its row in the store and the views still missing."""
-
-    index: int
-    image_id: str
-    path: Path
-    views: tuple[int, ...]
-
-
-# ---- writing -----------------------------------------------------------------------------------------------------
 class Writer:
     """Writer threads behind a bounded queue. A failure is kept and re-raised in the main thread; after one, the
     threads keep draining (without writing) so the producer never blocks on a full queue."""
