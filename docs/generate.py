@@ -280,6 +280,20 @@ def scale_rows(d: dict) -> str:
         machine_line(d)])
 
 
+def reduce_rows(d: dict) -> str:
+    """reduce.json: `biomass reduce` pooling before projecting against the previous order, side by side."""
+    s, t = d["shape"], d["per_image_s"]
+    head = (f"{d['what']}: {s['images']} images, {len(s['layers'])} layers x {s['grid'][0] * s['grid'][1]} tokens x "
+            f"{s['channels']} channels -> {d['reduced']['channels']} channels, grid {d['reduced']['grid']}; "
+            f"{d['machine']['threads']} threads, median of {d['reps']} reps. {d['tokens']}.\n\n")
+    rows = [f"| {arm} | {t[arm]['store_s'] * 1e3:.0f} | {t[arm]['transform_s'] * 1e3:.0f} |" for arm in t]
+    return (head + "| arm | whole command, ms per image | transform alone, ms per image |\n|---|---|---|\n"
+            + "\n".join(rows) + f"\n\nReading alone: {d['read_only_per_image_s'] * 1e3:.0f} ms per image. Speed-up: "
+            f"{d['speedup_store']:.2f}x the command, {d['speedup_transform']:.2f}x the transform; largest difference "
+            f"between the two stores {d['max_abs_difference']:.1e} (values up to {d['max_abs_value']:.1f}: float16 "
+            "rounding of the stored tokens).\n")
+
+
 def stage2_rows(d: dict) -> str:
     """stage2_*.json: the default 5-fold run against an earlier commit's loop, and against the matmul limit."""
     s = d["settings"]
@@ -382,6 +396,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "extract.json": (extract_rows, "bench_extract.py"),
     "extract_960x480.json": (extract_rows, "bench_extract.py --size 960 480 --images 12 --out ..."),
     "malloc.json": (malloc_rows, "bench_malloc.py"),
+    "reduce.json": (reduce_rows, "bench_reduce.py"),
     "store.json": (store_rows, "bench_store.py"),
     "heads.json": (r2_rows, "bench_heads.py"),
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),

@@ -127,7 +127,8 @@ def test_the_shipped_configs_load_as_before():
         train, sweep, extract = load_config(path)
         assert (train, sweep, extract) == ({k: v for k, v in doc["train"].items() if k != "sweep"},
                                            doc["train"].get("sweep", []), doc["extract"])
-        assert load_config_file(path) == doc["extract"] and reduce_settings(path) == {**REDUCE_DEFAULTS, **doc["reduce"]}
+        assert load_config_file(path) == {"reduce": True, **doc["reduce"], **doc["extract"]}  # reduced in the pass
+        assert reduce_settings(path) == {**REDUCE_DEFAULTS, **doc["reduce"]}
         s = load_settings(read_config(path), {})
         assert s.backbone == doc["extract"]["backbone"] and s.layers == doc["extract"]["layers"]
     assert len(load_ensemble(ROOT / "configs" / "ensemble_example.toml").members) == 2

@@ -71,7 +71,7 @@ def test_graph_sees_module_and_function_level_imports():
     graph = import_graph()
     assert "biomass_cache.lora.predict" in graph["biomass_cache.submit.ensemble"]  # imported inside a function
     assert "biomass_cache.heads.density" in graph["biomass_cache.heads"]  # `from package import submodule`
-    assert "biomass_cache.store.layout" in graph["biomass_cache.extract.pipeline"]
+    assert "biomass_cache.store.layout" in graph["biomass_cache.extract.passes"]
 
 
 def test_find_cycle_on_hand_made_graphs():

@@ -1,8 +1,8 @@
 """`biomass demo`: the whole pipeline end to end on the CPU in a few minutes, on synthetic data.
 
-synthetic Kaggle folder -> train token cache (ViT-S, RANDOM weights) -> reduced cache (PCA channels) -> 5-fold
-density + mlp heads -> test cache with TTA (reduced alike) -> ensemble -> validated submission.csv -> score against
-the hidden test labels.
+synthetic Kaggle folder -> train token cache (ViT-S, RANDOM weights), reduced in the extraction pass (PCA channels)
+-> 5-fold density + mlp heads -> test cache with TTA (reduced alike) -> ensemble -> validated submission.csv -> score
+against the hidden test labels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from biomass_cache.common.targets import TARGETS
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.extract.pipeline import extract
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.reduce import fit_reduction, reduce_store
 from biomass_cache.submit.ensemble import submit
 from biomass_cache.submit.spec import EnsembleSpec, Member
 from biomass_cache.submit.submission import long_to_wide, read_long_file, score
@@ -33,15 +32,14 @@ RANDOM_NOTE = """\
 NOTE: the backbone here is RANDOMLY INITIALISED (no weights are downloaded), so the scores only show that the
 pipeline works. With real DINOv3 weights and the real competition data the same steps are:
   biomass extract --data DATA_DIR --split train --backbone vit_small_patch16_dinov3 --weights PATH.pth \\
-                  --size 960x480 --out cache/train.zarr
-  biomass reduce  --cache cache/train.zarr --out cache/train_r.zarr       (PCA 128 channels, 30 x 60 -> 15 x 30)
-  biomass train   --cache cache/train_r.zarr --data DATA_DIR --head density --folds 5 --out runs/density
+                  --size 960x480 --reduce --out cache/train.zarr   (PCA 128 channels, 30 x 60 -> 15 x 30)
+  biomass train   --cache cache/train.zarr --data DATA_DIR --head density --folds 5 --out runs/density
   biomass submit  --data DATA_DIR --members runs/density --weights vit_small_patch16_dinov3=PATH.pth \\
                   --out submission.csv                           (the same as: python submit.py ...)
 The test cache is extracted by `submit` with the settings recorded in the run folder and that weights file
-(sha256 checked against the training cache), then reduced with the run's projection. A run that trained several
-heads (like this demo's) is submitted one head at a time or together: --members RUN:density,RUN:mlp; weights per
-member: an ensemble file (--ensemble FILE, see configs/ensemble_example.toml)."""
+(sha256 checked against the training cache), and reduced in the same pass with the run's projection. A run that
+trained several heads (like this demo's) is submitted one head at a time or together: --members
+RUN:density,RUN:mlp; weights per member: an ensemble file (--ensemble FILE, see configs/ensemble_example.toml)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ class DemoSize:
     epochs: int
     folds: int = 5
     pcgrad: bool = True  # primary-anchored PCGrad: most of a training step's time on the CPU
-    reduce: tuple[int, int | str] | None = (128, "auto")  # (dim, pool) of `biomass reduce`
+    reduce: tuple[int, int | str] | None = (128, "auto")  # (dim, pool) of the reduction in the extraction pass
 
 
 FULL = DemoSize(n_train=96, n_test=24, photo=(448, 224), size=(224, 112), layers=(8, 11), views=2, epochs=6)
@@ -85,23 +83,19 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
 
     t = time.time()
     cache = out / "cache" / "train.zarr"
+    reduce = {} if sz.reduce is None else dict(reduce=True, dim=sz.reduce[0], pool=sz.reduce[1])
     extract(ExtractConfig(data_dir=data, split="train", out=cache, backbone=BACKBONE, weights="random",
-                          size=sz.size, layers=list(sz.layers), views=sz.views, seed=0, device="cpu"),
-            progress=progress)
-    step("train cache", t)
-
-    if sz.reduce is not None:
-        t = time.time()
-        full, reduced = open_store(cache), out / "cache" / "train_reduced.zarr"
-        reduce_store(full, fit_reduction(full, *sz.reduce, progress=progress), reduced, overwrite=True,
-                     progress=progress)
-        step(f"reduced cache (PCA {sz.reduce[0]} channels, grid {list(open_store(reduced).grid)})", t)
+                          size=sz.size, layers=list(sz.layers), views=sz.views, seed=0, device="cpu",
+                          **reduce), progress=progress)
+    store = open_store(cache)
+    step("train cache" + (f", reduced in the pass (PCA {store.channels} channels, grid {list(store.grid)})"
+                          if sz.reduce else ""), t)
 
     t = time.time()
     run = out / "runs" / "heads"
     settings = dict(folds=sz.folds, epochs=sz.epochs, device="cpu", workers=0, pcgrad=sz.pcgrad)
     cfg, members = resolve({}, [], settings, list(HEADS))
-    run_training(reduced if sz.reduce else cache, data, run, cfg, members, overwrite=True,  # a re-run demo replaces its run
+    run_training(cache, data, run, cfg, members, overwrite=True,  # a re-run demo replaces its run
                  extract=dict(backbone=BACKBONE, weights="random", size=list(sz.size), layers=list(sz.layers),
                               views=sz.views, seed=0))
     step(f"{sz.folds}-fold training", t)
@@ -120,7 +114,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
         "wall_s": round(wall, 1), "timings_s": timings, "quick": quick, "scores": scores,
         "mean_predictor_competition_r2": baseline,
         "artefacts": {"data": str(data), "train_cache": str(cache),
-                      **({"reduced_cache": str(reduced)} if sz.reduce else {}), "run": str(run),
+                      "run": str(run),
                       "test_caches": [str(p) for p in dict.fromkeys(result.caches)],
                       "member_predictions": [str(p) for p in result.member_files],
                       "submission": str(submission), "labels": str(data / "test_labels.csv")},

@@ -34,6 +34,10 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pool(text: Optional[str]) -> int | str | None:
+    return int(text) if text is not None and text.isdigit() else text
+
+
 def _help(text: str, name: str) -> str:
     """An option's help ending in the ExtractConfig default it falls back to."""
     return f"{text} (default: {shown(default_of(ExtractConfig, name))}, unless the --config file sets it)."
@@ -78,8 +82,22 @@ def extract_command(
                                                                                     "store_prefix")),
     norm: Optional[bool] = typer.Option(None, "--norm/--no-norm", help=_help("Apply the final LayerNorm to the cached "
                                                                              "layers", "norm")),
+    reduce: Optional[bool] = typer.Option(None, "--reduce/--no-reduce", help="Write the reduced store in the pass "
+                                          "(PCA channels, pooled grid, as `biomass reduce`): the projection is "
+                                          "fitted on the clean views first; no full-size tokens are written (default:"
+                                          " on when the --config file has a reduce table, else off)."),
+    dim: Optional[int] = typer.Option(None, "--dim", help=_help("With --reduce: channels kept per layer", "dim")),
+    pool: Optional[str] = typer.Option(None, "--pool", help=_help("With --reduce: P x P average pooling of the patch "
+                                       "grid; 1 = none; auto = the coarsest that keeps 14 x 28 patches", "pool")),
+    fit_tokens: Optional[int] = typer.Option(None, "--fit-tokens", help=_help("With --reduce: tokens per layer the "
+                                             "PCA is fitted on", "fit_tokens")),
+    like: Optional[Path] = typer.Option(None, "--like", help="With --reduce: apply the projection of this reduced "
+                                        "store or run folder instead of fitting one (e.g. for a test store)."),
+    keep_full: Optional[Path] = typer.Option(None, "--keep-full", help="With --reduce: also write the full store "
+                                             "here."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of the same keys (a TOML "
-                                          "file's extract table); flags given here override it."),
+                                          "file's extract table, and its reduce table); flags given here override "
+                                          "it."),
 ) -> None:
     """Run the frozen backbone over every view of every image and cache its patch tokens in a Zarr store.
 
@@ -93,7 +111,8 @@ def extract_command(
              "split_at": None if split_at is None else parse_layers(split_at, "--split-at"), "dtype": dtype,
              "batch_size": batch_size, "num_workers": workers, "store_prefix": prefix, "norm": norm,
              "overwrite": overwrite or None, "skip_bad": skip_bad or None, "retry_bad": retry_bad or None,
-             "recheck": recheck or None}
+             "recheck": recheck or None, "reduce": reduce, "dim": dim, "pool": _pool(pool),
+             "fit_tokens": fit_tokens, "like": like, "keep_full": keep_full}
     values.update({k: v for k, v in flags.items() if v is not None})
     summary = extract(ExtractConfig.from_dict(values, where=str(config) if config else "command line"))
     if int(os.environ.get("RANK", "0")) == 0:

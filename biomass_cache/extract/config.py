@@ -14,8 +14,10 @@ from biomass_cache.common.config import SEED_RULE, Config, check_table, check_va
 from biomass_cache.common.distributed import parse_devices
 from biomass_cache.common.errors import DataError
 from biomass_cache.store.layout import STORAGE_DTYPES
+from biomass_cache.store.reduce import CONFIG_KEYS, DEFAULT_DIM, DEFAULT_FIT_TOKENS, DEFAULT_POOL
 
 DEVICES = ("auto", "cpu", "cuda")
+REDUCE_KEYS = tuple(CONFIG_KEYS)  # the [reduce] table, shared with `biomass reduce --config`
 
 
 def default_workers() -> int:
@@ -59,6 +61,13 @@ class ExtractConfig:
     store_prefix: bool = True
     overrides: dict = field(default_factory=dict)
     policy: ViewPolicy = field(default_factory=ViewPolicy)
+    # reduction in the pass (extract/inpass.py): the [reduce] table of a config file, or --reduce
+    reduce: bool = False
+    dim: int = DEFAULT_DIM
+    pool: int | str = DEFAULT_POOL
+    fit_tokens: int = DEFAULT_FIT_TOKENS
+    like: Optional[Path] = None  # a reduced store or run folder whose projection to apply instead of fitting one
+    keep_full: Optional[Path] = None  # also write the full store there
 
     def __post_init__(self) -> None:
         check_values(self, EXTRACT_RULES, EXTRACT_FLAGS, "extract", "invalid extraction settings: ")
@@ -83,8 +92,14 @@ class ExtractConfig:
         if self.split_at is not None and (self.devices is None or len(self.split_at) != len(self.devices) - 1):
             problems.append(f"split_at needs devices and names the first block of every device but the first, got "
                             f"split_at {self.split_at!r} for devices {self.devices!r}")
+        if not self.reduce and (self.like is not None or self.keep_full is not None):
+            problems.append("like and keep_full reduce in the pass: they need reduce (--reduce)")
+        if self.keep_full is not None and Path(self.keep_full).resolve() == Path(self.out).resolve():
+            problems.append(f"keep_full must be another store than out, got {self.keep_full}")
         if problems:
             raise DataError("invalid extraction settings: " + "; ".join(problems))
+        self.like = None if self.like is None else Path(self.like)
+        self.keep_full = None if self.keep_full is None else Path(self.keep_full)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExtractConfig:
@@ -147,6 +162,12 @@ EXTRACT_RULES = {
     **{k: (lambda v: isinstance(v, bool), "true or false")
        for k in ("overwrite", "skip_bad", "retry_bad", "recheck", "store_prefix")},
     "overrides": (lambda v: isinstance(v, dict), "a table of backbone settings, e.g. { depth = 2 }"),
+    "reduce": (lambda v: isinstance(v, bool), "true or false"),
+    "dim": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "pool": (lambda v: v == "auto" or (is_int(v) and v >= 1), "'auto' or an integer >= 1"),
+    "fit_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "like": (lambda v: v is None or isinstance(v, (str, Path)), "a reduced store or run folder"),
+    "keep_full": (lambda v: v is None or isinstance(v, (str, Path)), "a .zarr folder"),
     "policy": (_is_policy, "a table of ViewPolicy fields (views.py), probabilities in [0, 1] and ranges "
                            "[low, high], e.g. { p_hflip = 0.5 }"),
 }
@@ -154,19 +175,27 @@ EXTRACT_RULES = {
 
 EXTRACT_FLAGS = {"data_dir": "--data", "num_workers": "--workers", "store_prefix": "--prefix/--no-prefix",
                  "norm": "--norm/--no-norm", "split_at": "--split-at", "batch_size": "--batch-size",
+                 "reduce": "--reduce/--no-reduce", "fit_tokens": "--fit-tokens", "keep_full": "--keep-full",
                  **{k: f"--{k}" for k in ("out", "split", "backbone", "weights", "size", "tiles", "layers", "views",
-                                          "seed", "device", "precision", "devices", "dtype")}}
+                                          "seed", "device", "precision", "devices", "dtype", "dim", "pool",
+                                          "like")}}
 
 
 def load_config_file(path: Path | Config) -> dict[str, Any]:
     """Extraction keys from a JSON or TOML file (a TOML file's [extract] table when it has one), unknown keys
-    refused naming the file."""
+    refused naming the file. A [reduce] table (dim, pool, fit_tokens) reduces in the pass unless [extract] says
+    `reduce = false`."""
     conf = read_config(path, suffixes=(".toml", ".json"))
     if "extract" in conf.doc:
-        values, label = conf.section("extract"), "[extract]"
+        values, label = dict(conf.section("extract")), "[extract]"
     else:
         values, label = dict(conf.doc), None
     conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
+    if "reduce" in conf.doc and label is not None:
+        table = conf.section("reduce")
+        conf.check_keys(table, REDUCE_KEYS, "[reduce]")
+        check_table(conf, table, "reduce", {k: EXTRACT_RULES[k] for k in REDUCE_KEYS})
+        values = {"reduce": True, **table, **values}
     check_table(conf, values, "extract", EXTRACT_RULES)
     return values
 

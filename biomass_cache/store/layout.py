@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +75,8 @@ class StoreSpec:
     dtype: str = "float16"
     n_prefix: int = 0
     random_weights: bool | None = None
+    attrs: dict = field(default_factory=dict)  # further group attributes (a reduced store's `reduction`)
+    extras: dict = field(default_factory=dict)  # name -> small array beside the tokens (its projection)
 
 
 def _as_json(obj: Any, what: str) -> Any:
@@ -163,11 +165,16 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
         "format_version": FORMAT_VERSION,
         "encoding": {"codec": codec, "layout": layout, "bfloat16": "uint16 bits: float32 = bits << 16",
                      "int8": "float32 = int8 * scales[..., None]", "unwritten": "NaN after decoding"},
+        **_as_json(spec.attrs, "attrs"),
     }
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _build(tmp, spec, attrs, codec, layout)
+        if spec.extras:  # inside the temporary folder: the store appears with them or not at all
+            built = open_store(tmp, mode="r+")
+            for name, data in spec.extras.items():
+                built.write_extra(name, data)
         if path.exists():  # swap in the new store, then delete the old one
             trash = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, trash)

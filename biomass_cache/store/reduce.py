@@ -234,6 +234,17 @@ def fit_pca(pooled: Iterable[torch.Tensor], n_images: int, dim: int, fit_tokens:
     return mean.float().numpy(), comps.float().contiguous().numpy()
 
 
+def reduced_spec(reduction: Reduction, image_ids: list[str], n_views: int, layers: list[int], parent: dict,
+                 split: str, parent_dtype: str, random_weights: bool) -> StoreSpec:
+    """The spec of a store of `reduction`'s tokens, the projection inside (float16, or bfloat16 under a bfloat16
+    parent: int8 would undo the precision the projection keeps)."""
+    return StoreSpec(image_ids=list(image_ids), n_views=n_views, layers=list(layers), grid=reduction.grid,
+                     channels=reduction.dim, fingerprint=reduction.fingerprint(parent), split=split,
+                     dtype="bfloat16" if parent_dtype == "bfloat16" else "float16", random_weights=random_weights,
+                     attrs={"reduction": reduction.describe()},
+                     extras={"reduction_mean": reduction.mean, "reduction_components": reduction.components})
+
+
 def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bool = False,
                  progress: bool = True, ignore: Sequence[str] = ()) -> TokenStore:
     """Write the reduced store at `out`: built under a temporary name and renamed when every sample is in.
@@ -245,19 +256,14 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
         raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if out.resolve() == src.path.resolve():
         raise DataError(f"--out {out} is the input store itself; choose another path")
-    dtype = "bfloat16" if src.storage_dtype == "bfloat16" else "float16"
-    spec = StoreSpec(image_ids=src.image_ids, n_views=src.n_views, layers=src.layers, grid=reduction.grid,
-                     channels=reduction.dim, fingerprint=reduction.fingerprint(src.fingerprint), split=src.split,
-                     dtype=dtype, random_weights=src.random_weights)
+    spec = reduced_spec(reduction, src.image_ids, src.n_views, src.layers, src.fingerprint, src.split,
+                        src.storage_dtype, src.random_weights)
+    spec.attrs.update(bad_ids=src.bad_ids, content_sha256=src.content_hashes, weights_path=src.weights_path)
     with WriterLock(out):  # one writer of `out`
         for leftover in remove_leftovers(out):
             print(f"removed {leftover}, left behind by an interrupted run")
         with atomic_folder(out, "reducing") as tmp:
             store = create_store(tmp, spec)
-            store.write_extra("reduction_mean", reduction.mean)
-            store.write_extra("reduction_components", reduction.components)
-            store.set_attrs(reduction=reduction.describe(), bad_ids=src.bad_ids, content_sha256=src.content_hashes,
-                            weights_path=src.weights_path)
             writer = Writer(store, WRITER_THREADS, 2 * WRITER_THREADS)
             try:  # reading ahead and writing behind overlap with the arithmetic
                 for i, views in tqdm(read_ahead(src, rows), total=len(rows), desc=f"reduce -> {out.name}",

@@ -11,19 +11,20 @@ from biomass_cache.store.handle import EncodedSample, TokenStore
 
 
 class Writer:
-    """Writer threads behind a bounded queue. A failure is kept and re-raised in the main thread; after one, the
-    threads keep draining (without writing) so the producer never blocks on a full queue."""
+    """Writer threads, each behind its own bounded queue. The samples of one image always go to the same thread, so
+    two views written apart never rewrite their shared shard file at once. A failure is kept and re-raised in the
+    main thread; after one, the threads keep draining (without writing) so the producer never blocks."""
 
     def __init__(self, store: TokenStore, n_threads: int, max_jobs: int):
         self.store, self.error = store, None
-        self.jobs: queue.Queue = queue.Queue(max_jobs)
-        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"store-writer-{k}")
-                        for k in range(n_threads)]
+        self.queues: list[queue.Queue] = [queue.Queue(max(1, max_jobs // n_threads)) for _ in range(n_threads)]
+        self.threads = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"store-writer-{k}")
+                        for k, q in enumerate(self.queues)]
         for t in self.threads:
             t.start()
 
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+    def _run(self, jobs: queue.Queue) -> None:
+        while (job := jobs.get()) is not None:
             if self.error is None:
                 try:
                     self.store.write_encoded(job)
@@ -32,7 +33,7 @@ class Writer:
 
     def put(self, sample: EncodedSample) -> None:
         self.check()
-        self.jobs.put(sample)
+        self.queues[sample.index % len(self.queues)].put(sample)
 
     def check(self) -> None:
         if self.error is not None:
@@ -40,7 +41,7 @@ class Writer:
 
     def close(self) -> None:
         """Let the queued writes finish (they are complete images), then stop the threads."""
-        for _ in self.threads:
-            self.jobs.put(None)
+        for q in self.queues:
+            q.put(None)
         for t in self.threads:
             t.join()

@@ -26,7 +26,7 @@ from biomass_cache.extract.pipeline import extract
 from biomass_cache.heads import has_maps
 from biomass_cache.store.fingerprint import PRECISION_KEYS, inherited_settings
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.reduce import Reduction, reduce_store
+from biomass_cache.store.reduce import Reduction
 from biomass_cache.submit.spec import Member
 from biomass_cache.train import inference, runs
 from biomass_cache.train.dataset import store_rows
@@ -191,8 +191,8 @@ def weights_file(rm: ResolvedMember) -> str:
 def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes: dict[str, str | None],
                       progress: bool):
     """The member's test cache under out_dir/cache/ for the images `hashes` names: reused when complete and every
-    photo's recorded content hash equals the current one, else extracted (only what is missing or changed); then
-    reduced with the run's projection when its heads were trained on a reduced store (reduce.py)."""
+    photo's recorded content hash equals the current one, else extracted (only what is missing or changed), reduced
+    in the pass with the run's projection when its heads were trained on a reduced store (extract/inpass.py)."""
     weights = weights_file(rm)
     settings = {k: v for k, v in rm.extract.items() if k != "weights_sha256"}
     stamp = None if weights == "random" else (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns)
@@ -209,16 +209,13 @@ def ensure_test_cache(rm: ResolvedMember, data_dir: Path, out_dir: Path, hashes:
         return (set(image_ids) <= set(store.image_ids) and bool(store.done()[_positions(store, image_ids)].all())
                 and all(h is not None and recorded.get(i) == h for i, h in hashes.items()))
 
+    if rm.reduction is not None:  # reduced in the extraction pass with the run's projection
+        path = path.with_name(f"{path.stem}-reduced-{Reduction.load(rm.reduction.with_suffix('')).sha256[:16]}.zarr")
+        settings |= {"reduce": True, "like": rm.reduction.parent}
     if not complete(path):
         extract(ExtractConfig(data_dir=data_dir, split="test", out=path, views=len(TTA_VIEWS), **settings),
-                progress=progress)
-    if rm.reduction is None:
-        return open_store(path)
-    reduction = Reduction.load(rm.reduction.with_suffix(""))
-    reduced = path.with_name(f"{path.stem}-reduced-{reduction.sha256[:16]}.zarr")
-    if not complete(reduced):
-        reduce_store(open_store(path), reduction, reduced, overwrite=True, progress=progress, ignore=rm.ignore)
-    return open_store(reduced)
+                progress=progress, like_ignore=tuple(rm.ignore))
+    return open_store(path)
 
 
 def _positions(store, image_ids: Sequence[str]) -> np.ndarray:
