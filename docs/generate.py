@@ -287,7 +287,7 @@ def reduce_rows(d: dict) -> str:
             f"{s['channels']} channels -> {d['reduced']['channels']} channels, grid {d['reduced']['grid']}; "
             f"{d['machine']['threads']} threads, median of {d['reps']} reps. {d['tokens']}.\n\n")
     rows = [f"| {arm} | {t[arm]['store_s'] * 1e3:.0f} | {t[arm]['transform_s'] * 1e3:.0f} |" for arm in t]
-    return (head + "| arm | whole command, ms per image | transform alone, ms per image |\n|---|---|---|\n"
+    return (head + "| arm | whole command, ms per image | transform alone, ms per image |\n| --- | --- | --- |\n"
             + "\n".join(rows) + f"\n\nReading alone: {d['read_only_per_image_s'] * 1e3:.0f} ms per image. Speed-up: "
             f"{d['speedup_store']:.2f}x the command, {d['speedup_transform']:.2f}x the transform; largest difference "
             f"between the two stores {d['max_abs_difference']:.1e} (values up to {d['max_abs_value']:.1f}: float16 "
