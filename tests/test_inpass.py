@@ -88,7 +88,7 @@ def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypat
                 extract(cfg, progress=False)
     else:
         sink = inpass.CleanSink if phase == 1 else inpass.ReducedSink
-        original, calls = sink.encode, []
+        original, calls = sink.samples, []
 
         def dies(self, item, tokens, prefix):
             calls.append(item.image_id)
@@ -97,7 +97,7 @@ def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypat
             return original(self, item, tokens, prefix)
 
         with monkeypatch.context() as m:
-            m.setattr(sink, "encode", dies)
+            m.setattr(sink, "samples", dies)
             with pytest.raises(KeyboardInterrupt):
                 extract(cfg, progress=False)
     assert inpass.fit_store_path(out).exists() and out.exists() == (phase == 2)

@@ -54,19 +54,30 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def check_finite(tokens: torch.Tensor, prefix: torch.Tensor, image_ids: Sequence[str], views_per_image: Sequence[int],
-                 layers: Sequence[int], precision: str) -> None:
-    """Raise NonFiniteError naming the first image and cached block with inf/NaN in (B, L, ...) tokens or prefix.
+def finite_rows(tokens: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool on the tokens' device, without a sync: row b's block l holds no inf/NaN (tokens and prefix)."""
+    return torch.isfinite(tokens).flatten(2).all(-1) & torch.isfinite(prefix).flatten(2).all(-1)
 
-    Rows of the batch belong to the images in order, `views_per_image[k]` rows to image k.
-    """
-    bad = ~torch.isfinite(tokens).flatten(2).all(-1) | ~torch.isfinite(prefix).flatten(2).all(-1)  # (B, L)
+
+def non_finite_error(finite: torch.Tensor, image_ids: Sequence[str], views_per_image: Sequence[int],
+                     layers: Sequence[int], precision: str) -> NonFiniteError | None:
+    """The error naming the first image and cached block with inf/NaN in `finite` ((B, L), from `finite_rows`), or
+    None. Rows belong to the images in order, `views_per_image[k]` rows to image k."""
+    bad = ~finite.cpu()
     if not bool(bad.any()):
-        return
+        return None
     row, pos = (int(v) for v in bad.nonzero()[0])
     image = next(i for i, end in zip(image_ids, torch.tensor(list(views_per_image)).cumsum(0).tolist()) if row < end)
     hint = ("fp16 overflowed (its largest value is 65504): extract with --precision bf16 on a GPU with native "
             "bf16, or --precision fp32" if precision == "fp16" else "check the backbone weights")
-    raise NonFiniteError(f"non-finite tokens (inf or NaN) from image {image!r} at cached block {layers[pos]} "
-                         f"(the first cached block affected) in {precision} compute; {hint}; nothing of this "
-                         "batch was written")
+    return NonFiniteError(f"non-finite tokens (inf or NaN) from image {image!r} at cached block {layers[pos]} "
+                          f"(the first cached block affected) in {precision} compute; {hint}; nothing of this image "
+                          "was written")
+
+
+def check_finite(tokens: torch.Tensor, prefix: torch.Tensor, image_ids: Sequence[str], views_per_image: Sequence[int],
+                 layers: Sequence[int], precision: str) -> None:
+    """Raise NonFiniteError naming the first image and cached block with inf/NaN in (B, L, ...) tokens or prefix."""
+    error = non_finite_error(finite_rows(tokens, prefix), image_ids, views_per_image, layers, precision)
+    if error is not None:
+        raise error

@@ -70,7 +70,7 @@ def extract_command(
     dtype: Optional[str] = typer.Option(None, help=_help("Storage dtype: float16 | bfloat16 | int8", "dtype")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("Views per forward pass", "batch_size")),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers decoding images "
-                                          "(default: one per CPU core, at most 8)."),
+                                          "(default: one per CPU core this process may use)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store and go on "
                                   "(default: stop with an error naming the file)."),

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.lock import WriterLock
-from biomass_cache.extract.loop import Item, Run, Sink, view_slices
+from biomass_cache.extract.loop import Item, Run, Sample, Sink, view_slices
 from biomass_cache.extract.passes import full_spec, items_of, missing_views, run_pass
 from biomass_cache.store.codec import stored_values
-from biomass_cache.store.handle import EncodedSample, TokenStore
+from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.layout import StoreSpec, open_store
 from biomass_cache.store.reduce import (
     Reduction,
@@ -53,10 +53,10 @@ class CleanSink(Sink):
         super().__init__(store)
         self.parent_dtype, self.grid, self.pool = parent_dtype, grid, pool
 
-    def encode(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[EncodedSample]:
+    def samples(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[Sample]:
         x = stored_values(tokens[:1], self.parent_dtype)  # phase one's items hold view 0 alone
-        x = pool_tokens(F.layer_norm(x, x.shape[-1:]), self.grid, self.pool)
-        return [self.store.encode(self.rows[item.image_id], slice(None), x, None)]
+        return [(self.rows[item.image_id], slice(None), pool_tokens(F.layer_norm(x, x.shape[-1:]), self.grid,
+                                                                      self.pool), None)]
 
 
 class ReducedSink(Sink):
@@ -72,12 +72,12 @@ class ReducedSink(Sink):
         row = self.clean.image_ids.index(image_id)
         return self.reduction.project(torch.from_numpy(self.clean.read(row, 0)))
 
-    def encode(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[EncodedSample]:
+    def samples(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[Sample]:
         x, views = self.reduction.apply(stored_values(tokens, self.parent_dtype)), item.views
         if item.image_id in self.from_clean and 0 not in views:
             x, views = torch.cat([self.clean_view(item.image_id).to(x.device)[None], x]), (0, *views)
         i = self.rows[item.image_id]
-        return [self.store.encode(i, v, x[at], None) for v, at in view_slices(views, self.store.n_views)]
+        return [(i, v, x[at], None) for v, at in view_slices(views, self.store.n_views)]
 
 
 def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[dict], TokenStore, int]:
@@ -159,7 +159,8 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
             shutil.rmtree(clean_path)
     ranks.barrier()
     if per_rank:  # each rank's two phases as one; every image of phase one comes back in phase two
-        more = [b | {"views": a["views"] + b["views"], "loop_s": a["loop_s"] + b["loop_s"], "bad": a["bad"] | b["bad"]}
+        more = [b | {"views": a["views"] + b["views"], "loop_s": a["loop_s"] + b["loop_s"], "bad": a["bad"] | b["bad"],
+                     "stages": {k: a.get("stages", {}).get(k, 0) + v for k, v in b.get("stages", {}).items()}}
                 for a, b in zip(per_rank, more)]
     return more, open_store(cfg.out), already[0]
 

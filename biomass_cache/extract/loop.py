@@ -11,17 +11,19 @@ stores first and marks bad images after (extract/passes.py).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from biomass_cache.backbone.precision import autocast, check_finite
+from biomass_cache.backbone.precision import autocast, finite_rows, non_finite_error
 from biomass_cache.backbone.views import load_photo, make_view
 from biomass_cache.backbone.vit import Backbone, forward_tokens, place_backbone
 from biomass_cache.common.distributed import Ranks
@@ -29,7 +31,8 @@ from biomass_cache.common.errors import DataError
 from biomass_cache.common.signals import check_stop
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.store.fingerprint import Fingerprint
-from biomass_cache.store.handle import EncodedSample, TokenStore
+from biomass_cache.extract.transfer import Transfer
+from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.writer import Writer
 
 WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
@@ -67,6 +70,9 @@ class Item:
     views: tuple[int, ...]
 
 
+Sample = tuple[int, "int | slice", torch.Tensor, Optional[torch.Tensor]]  # store row, views, tokens, prefix
+
+
 class Sink:
     """Where a batch's tokens go: a store, the tokens as they come (prefix tokens too, when it holds them)."""
 
@@ -74,10 +80,10 @@ class Sink:
         self.store = store
         self.rows = {image_id: k for k, image_id in enumerate(store.image_ids)}
 
-    def encode(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[EncodedSample]:
-        """The item's samples, encoded on the compute device (the writer threads only do I/O)."""
+    def samples(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[Sample]:
+        """The item's samples as this store keeps them, still on the compute device."""
         i = self.rows[item.image_id]
-        return [self.store.encode(i, views, tokens[at], prefix[at] if self.store.n_prefix else None)
+        return [(i, views, tokens[at], prefix[at] if self.store.n_prefix else None)
                 for views, at in view_slices(item.views, self.store.n_views)]
 
 
@@ -145,10 +151,17 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
     counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
     start = time.perf_counter()
     writers = [Writer(sink.store, WRITER_THREADS, QUEUE_BATCHES * per_batch) for sink in sinks]
+    transfer = Transfer(device)
     bar = tqdm(total=sum(len(it.views) for it in items), unit="view", disable=not run.progress, dynamic_ncols=True,
                desc=desc + (f" (rank 0 of {run.ranks.world})" if run.ranks.world > 1 else ""))
+    stages = Stages(device)
+    batches = iter(loader)
     try:
-        for batch in loader:
+        while True:
+            with stages.host("data_wait_s"):  # the decoders are behind
+                batch = next(batches, None)
+            if batch is None:
+                break
             check_stop()
             for item, reason in batch["bad"]:
                 if not cfg.skip_bad:
@@ -158,28 +171,73 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
                 tqdm.write(f"skipping bad image {item.image_id!r}: {reason}")
             if batch["pixels"] is None:
                 continue
-            with torch.inference_mode(), autocast(run.precision, device):
+            with stages.host("forward_s"), stages.device("forward_device_s"), torch.inference_mode(), \
+                    autocast(run.precision, device):
                 tokens, prefix = forward_tokens(backbone, batch["pixels"].to(device, non_blocking=True), run.layers,
                                                 cfg.norm, cfg.tiles)
-            check_finite(tokens, prefix, [it.image_id for it in batch["items"]],
-                         [len(it.views) for it in batch["items"]], run.layers, run.precision)
             offset = 0
-            for item in batch["items"]:
-                at = slice(offset, offset + len(item.views))
-                with torch.inference_mode():
+            with torch.inference_mode():
+                finite = finite_rows(tokens, prefix)  # checked by the writer threads, once on the host
+                for item in batch["items"]:
+                    at = slice(offset, offset + len(item.views))
+                    on_bad = partial(non_finite_error, image_ids=[item.image_id], views_per_image=[len(item.views)],
+                                     layers=run.layers, precision=run.precision)
                     for sink, writer in zip(sinks, writers):
-                        for sample in sink.encode(item, tokens[at], prefix[at]):
-                            writer.put(sample)
-                offset += len(item.views)
+                        for i, views, x, p in sink.samples(item, tokens[at], prefix[at]):
+                            with stages.host("encode_send_s"):
+                                sample = transfer.send(sink.store, i, views, x, p, finite[at], on_bad)
+                            with stages.host("writer_blocked_s"):  # the writer threads are behind
+                                writer.put(sample)
+                    offset += len(item.views)
             counts["views"] += offset
             counts["images"] += len(batch["items"])
             bar.update(offset)
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(img_s=f"{counts['images'] / elapsed:.2f}", refresh=False)
     finally:
-        for writer in writers:
-            writer.close()
+        with stages.host("drain_s"):  # the writes still queued when the last batch was sent
+            for writer in writers:
+                writer.close()
         bar.close()
     for writer in writers:
         writer.check()
-    return counts | {"loop_s": time.perf_counter() - start}
+    return counts | {"loop_s": time.perf_counter() - start, "stages": stages.report(), "pinned_buffers":
+                     transfer.pool.pinned if transfer.pool else 0}
+
+
+class Stages:
+    """Where the loop's time goes: host seconds per part (blocked on decoded batches, in the forward call, encoding
+    and sending, blocked on full writer queues, draining them at the end) and, on CUDA, the device's own seconds in
+    the forward (events read once, at the end: no sync in the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
+
+    @contextmanager
+    def host(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t
+
+    @contextmanager
+    def device(self, name: str) -> Iterator[None]:
+        if not self.cuda:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events[name].append((start, end))
+
+    def report(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        for name, pairs in self.events.items():
+            if pairs:
+                pairs[-1][1].synchronize()
+                out[name] = sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        return {k: round(v, 4) for k, v in out.items()}

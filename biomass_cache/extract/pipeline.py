@@ -123,6 +123,7 @@ def _summary(store: TokenStore, per_rank: list[dict], already: int, wall: float,
         "bytes_per_image_view": nbytes / n_done if n_done else None,
         "wall_s": wall,  # the whole call: backbone creation, store preparation, the loop, finalisation
         "loop_s": max(c["loop_s"] for c in per_rank),  # decode -> forward -> write, until the last write is done
+        "stages_s": per_rank[0].get("stages", {}),  # rank 0's loop, part by part (loop.Stages)
         "views_per_s": views / wall,
         "images_per_s": images / wall,
         "ranks": world,

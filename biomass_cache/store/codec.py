@@ -18,20 +18,41 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, what: str) -> tuple[np.ndar
     """float input -> (stored array, per-token scales or None). Casts on the input's device (a GPU tensor crosses
     to the host at storage width); non-finite values are refused, never stored."""
     t = torch.as_tensor(x).detach()
+    stored, scales, ok = encode_on_device(t, dtype, what)
+    check_encoded(ok, dtype, what, t)
+    return host_array(stored.cpu(), dtype), None if scales is None else scales.cpu().numpy()
+
+
+def encode_on_device(t: torch.Tensor, dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor]:
+    """`encode` without leaving the device and without a sync: (stored values, scales or None, ok), ok a (2,) bool
+    tensor: the input is finite, the stored values are finite (float16's range). Check ok with `check_encoded`
+    once it is on the host; `host_array` gives the stored array of the values."""
     if not t.is_floating_point():
         raise CodecError(f"{what}: expected floating point tokens, got {t.dtype}")
-    if not _finite(t):
-        raise CodecError(f"{what}: contains NaN or inf")
+    finite = _finite(t)
     if dtype == "float16":
         out = t.to(torch.float16)
-        if not _finite(out):
-            raise CodecError(f"{what}: values beyond the float16 range (max |x| = {t.abs().max().item():.4g}); "
-                             "use --dtype bfloat16")
-        return out.cpu().numpy(), None
+        return out, None, torch.stack([finite, _finite(out)])
     if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+        return t.to(torch.bfloat16).view(torch.int16), None, torch.stack([finite, finite])
     q, scale = _quantize(t)
-    return q.cpu().numpy(), scale.cpu().numpy()
+    return q, scale, torch.stack([finite, finite])
+
+
+def check_encoded(ok: torch.Tensor, dtype: str, what: str, values: torch.Tensor | None = None) -> None:
+    """Raise CodecError when `encode_on_device`'s ok flags say the values cannot be stored faithfully."""
+    finite, in_range = (bool(v) for v in ok.cpu())
+    if not finite:
+        raise CodecError(f"{what}: contains NaN or inf")
+    if not in_range:
+        largest = "" if values is None else f" (max |x| = {values.abs().max().item():.4g})"
+        raise CodecError(f"{what}: values beyond the {dtype} range{largest}; use --dtype bfloat16")
+
+
+def host_array(stored: torch.Tensor, dtype: str) -> np.ndarray:
+    """The numpy array the store writes for stored values already on the host (bfloat16 as its uint16 bits)."""
+    return stored.numpy().view(np.uint16) if dtype == "bfloat16" else stored.numpy()
 
 
 def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +71,11 @@ def stored_values(t: torch.Tensor, dtype: str) -> torch.Tensor:
     return t.to(torch.float16 if dtype == "float16" else torch.bfloat16).float()
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """All finite, by one min/max reduction (NaN propagates): far cheaper than isfinite(t).all() (measured)."""
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """All finite, as a 0-d bool tensor on t's device, by one min/max reduction (NaN propagates): far cheaper than
+    isfinite(t).all() (measured)."""
     lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def decode(data: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:

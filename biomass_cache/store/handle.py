@@ -37,6 +37,13 @@ class EncodedSample:
     views: int | slice  # one view index, or slice(None): all views
     parts: list[tuple[str, np.ndarray, np.ndarray | None]]  # (array name, stored values, int8 scales or None)
 
+    def ready(self) -> EncodedSample:
+        """A writer thread's job is anything with `ready` and `done` (extract/transfer.py: one still in flight)."""
+        return self
+
+    def done(self) -> None:
+        pass
+
 
 class TokenStore:
     """Handle on an open store. Writers: `write`/`write_image` from any rank (one image per rank);
@@ -144,6 +151,17 @@ class TokenStore:
         Split from the writing so extraction encodes on the compute device, in the thread that ran the forward (a
         GPU tensor then crosses to the host at storage width), and its writer threads do nothing but I/O.
         """
+        where, parts = self.sample_parts(i, views, tokens, prefix)
+        encoded = []
+        for name, x in parts:
+            try:
+                encoded.append((name, *encode(x, self.storage_dtype, f"{name} of {where}")))
+            except CodecError as e:  # not storable faithfully: NaN/inf, beyond the float16 range, ...
+                raise StoreError(str(e)) from e
+        return EncodedSample(i, views, encoded)
+
+    def sample_parts(self, i: int, views: int | slice, tokens: Any, prefix: Any) -> tuple[str, list[tuple[str, Any]]]:
+        """Image i's views checked for writing: (where, [(array name, values)]), shapes and mode refused here."""
         self._check_index(i, 0 if isinstance(views, slice) else views)
         if self._mode != "r+":
             raise StoreError(f"{self.path} is open read-only; open_store(path, mode='r+') to write")
@@ -155,15 +173,10 @@ class TokenStore:
                              f"n_prefix={self.n_prefix}")
         if prefix is not None:
             parts.append(("prefix", prefix, (n_views, len(self.layers), self.n_prefix, self.channels)))
-        encoded = []
         for name, x, shape in parts:
             if tuple(x.shape) != shape:
                 raise StoreError(f"{where}: {name} has shape {tuple(x.shape)}, expected {shape}")
-            try:
-                encoded.append((name, *encode(x, self.storage_dtype, f"{name} of {where}")))
-            except CodecError as e:  # not storable faithfully: NaN/inf, beyond the float16 range, ...
-                raise StoreError(str(e)) from e
-        return EncodedSample(i, views, encoded)
+        return where, [(name, x) for name, x, _ in parts]
 
     def write_encoded(self, sample: EncodedSample) -> None:
         """Write an encoded sample's shards, fsync them, then mark its views done (never before)."""

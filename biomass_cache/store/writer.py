@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Any
 
 from biomass_cache.store.handle import EncodedSample, TokenStore
 
@@ -27,11 +28,13 @@ class Writer:
         while (job := jobs.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_encoded(job)
+                    self.store.write_encoded(job.ready())  # waits for a sample still on its way to the host
                 except BaseException as e:  # re-raised by the main thread
                     self.error = e
+            job.done()
 
-    def put(self, sample: EncodedSample) -> None:
+    def put(self, sample: EncodedSample | Any) -> None:
+        """Queue a sample (or a job whose `ready()` gives one, extract/transfer.py) for its image's thread."""
         self.check()
         self.queues[sample.index % len(self.queues)].put(sample)
 
