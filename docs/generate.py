@@ -294,6 +294,21 @@ def reduce_rows(d: dict) -> str:
             "rounding of the stored tokens).\n")
 
 
+def host_rows(d: dict) -> str:
+    """host.json: stage one's host pipeline with a stand-in backbone at the real shape: full store and --reduce."""
+    s, m = d["settings"], d["machine"]
+    head = (f"{s['images']} {s['photos']} photos x {s['views']} views at {size(s['size'])}, {s['layers']} layers x "
+            f"{s['channels']} channels, batch {s['batch_size']}, {s['workers']} decoders; {d['backbone']}. This "
+            f"disk: {d['disk_write_bytes_per_s'] / 1e9:.2f} GB/s (plain writes + fsync, same run).")
+    names = sorted({k for r in d["arms"].values() for k in r["stages_s"]})
+    rows = [[arm, f"{r['views_per_s']:.1f}", f"{r['views_per_s_per_core']:.1f}",
+             f"{r['bytes_per_view'] / 1e6:.3f}", f"{r['write_bytes_per_s'] / 1e9:.3f}",
+             *[f"{r['stages_s'].get(n, 0):.2f}" for n in names]] for arm, r in d["arms"].items()]
+    return "\n\n".join([head, table(["store", "views/s", f"views/s per core ({m['cores']})", "MB per view",
+                                      "write GB/s", *names], rows, "l" + "r" * (len(names) + 4)),
+                         machine_line(d)])
+
+
 def stage2_rows(d: dict) -> str:
     """stage2_*.json: the default 5-fold run against an earlier commit's loop, and against the matmul limit."""
     s = d["settings"]
@@ -362,16 +377,29 @@ def gpu_rows(d: dict) -> str:
     s = d["settings"]
     head = (f"{s['backbone']} ({s['weights']} weights), input {size(s['size'])}, {s['views']} views, batch "
             f"{s['batch_size']}, {s['images']} {s['photos']} photos. {d.get('note', '')}")
-    ext = [[p, f"{r['bare_views_per_s']:.1f}", f"{r['extract_views_per_s']:.1f}",
+    def rate(r: dict) -> str:  # results before the loop's own timing have the whole call's rate
+        return f"{r.get('views_per_s', r.get('extract_views_per_s')):.1f}"
+
+    ext = [[p, f"{r['bare_views_per_s']:.1f}", rate(r), f"{r['of_bare']:.2f}" if "of_bare" in r else "-",
             f"{r['vs_fp32']['rel_rms_per_layer'][0]:.5f}" if "vs_fp32" in r else "-",
             f"{r['vs_fp32']['cosine_per_layer'][0]:.6f}" if "vs_fp32" in r else "-",
             f"{r['vs_fp32']['max_abs_diff']:.4f}" if "vs_fp32" in r else "-"] for p, r in d["extract"].items()]
-    parts = [head, table(["precision", "bare forward (views/s)", "extraction end to end (views/s)",
-                          "rel. RMS vs fp32", "cosine vs fp32", "max abs diff"], ext, "lrrrrr")]
+    parts = [head, table(["precision", "bare forward (views/s)", "extraction (views/s)", "of bare",
+                          "rel. RMS vs fp32", "cosine vs fp32", "max abs diff"], ext, "lrrrrrr")]
+    staged = {p: r for p, r in d["extract"].items() if "stages_s" in r}
+    if staged:
+        names = sorted({k for r in staged.values() for k in r["stages_s"]})
+        parts.append(f"The loop's seconds by part (loop.Stages), and the write rate against this disk's "
+                     f"{d['disk_write_bytes_per_s'] / 1e9:.2f} GB/s (plain writes + fsync, same run):")
+        parts.append(table(["precision", "loop (s)", *names, "bytes per view", "write GB/s"],
+                           [[p, f"{r['loop_s']:.1f}", *[f"{r['stages_s'].get(n, 0):.2f}" for n in names],
+                             f"{r['bytes_per_view'] / 1e6:.2f} MB", f"{r['write_bytes_per_s'] / 1e9:.2f}"]
+                            for p, r in staged.items()], "l" + "r" * (len(names) + 3)))
     if "split" in d:
         sp = d["split"]
-        parts.append(f"Backbone split over `--devices {','.join(sp['devices'])}`: {sp['wall_s']:.1f} s, largest token "
-                     f"difference from one device {sp['vs_one_device']['max_abs_diff']}.")
+        parts.append(f"Backbone split over `--devices {','.join(sp['devices'])}`: "
+                     f"{sp.get('loop_s', sp.get('wall_s')):.1f} s, largest token difference from one device "
+                     f"{sp['vs_one_device']['max_abs_diff']}.")
     if "lora" in d:
         lo = d["lora"]
         rows = [[k.replace("_", " "), f"{r['wall_s']:.1f}", f"{r['peak_gpu_gb']:.2f}"]
@@ -397,6 +425,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "extract_960x480.json": (extract_rows, "bench_extract.py --size 960 480 --images 12 --out ..."),
     "malloc.json": (malloc_rows, "bench_malloc.py"),
     "reduce.json": (reduce_rows, "bench_reduce.py"),
+    "host.json": (host_rows, "bench_host.py"),
     "store.json": (store_rows, "bench_store.py"),
     "heads.json": (r2_rows, "bench_heads.py"),
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),

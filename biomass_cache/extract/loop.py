@@ -177,13 +177,16 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
                                                 cfg.norm, cfg.tiles)
             offset = 0
             with torch.inference_mode():
-                finite = finite_rows(tokens, prefix)  # checked by the writer threads, once on the host
+                with stages.host("transform_s"):
+                    finite = finite_rows(tokens, prefix)  # checked by the writer threads, once on the host
                 for item in batch["items"]:
                     at = slice(offset, offset + len(item.views))
                     on_bad = partial(non_finite_error, image_ids=[item.image_id], views_per_image=[len(item.views)],
                                      layers=run.layers, precision=run.precision)
                     for sink, writer in zip(sinks, writers):
-                        for i, views, x, p in sink.samples(item, tokens[at], prefix[at]):
+                        with stages.host("transform_s"):  # a reduction in the pass, on the device
+                            samples = sink.samples(item, tokens[at], prefix[at])
+                        for i, views, x, p in samples:
                             with stages.host("encode_send_s"):
                                 sample = transfer.send(sink.store, i, views, x, p, finite[at], on_bad)
                             with stages.host("writer_blocked_s"):  # the writer threads are behind
@@ -206,9 +209,10 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
 
 
 class Stages:
-    """Where the loop's time goes: host seconds per part (blocked on decoded batches, in the forward call, encoding
-    and sending, blocked on full writer queues, draining them at the end) and, on CUDA, the device's own seconds in
-    the forward (events read once, at the end: no sync in the loop)."""
+    """Where the loop's time goes: host seconds per part (blocked on decoded batches, in the forward call, in the
+    finite flags and the sinks' transforms, encoding and sending, blocked on full writer queues, draining them at
+    the end) and, on CUDA, the device's own seconds in the forward (events read once, at the end: no sync in the
+    loop). On CUDA the host parts only launch work; the device's parts overlap them."""
 
     def __init__(self, device: torch.device):
         self.seconds: dict[str, float] = defaultdict(float)

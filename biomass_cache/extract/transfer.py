@@ -101,7 +101,7 @@ class Transfer:
         where, parts = store.sample_parts(i, views, tokens, prefix)
         dtype, names, values, oks = store.storage_dtype, [], [], []
         for name, x in parts:
-            stored, scales, ok = encode_on_device(x.detach(), dtype, f"{name} of {where}")
+            stored, scales, ok = encode_on_device(x.detach(), dtype, f"{name} of {where}", checked=finite is not None)
             names.append(name)
             values += [stored] if scales is None else [stored, scales]
             oks.append(ok)
