@@ -149,3 +149,37 @@ def test_refusals(two_ways, tmp_path):
         extract(config(root, out=root / "inpass.zarr", **(base | REDUCE | {"dim": 4})), progress=False)
     with pytest.raises(DataError, match="need reduce"):
         config(root, like=root / "inpass.zarr")
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_a_full_disk_in_either_phase_is_one_line_and_resumes(two_ways, tmp_path, monkeypatch, phase):
+    import errno
+
+    from biomass_cache.store.handle import TokenStore
+
+    root, _, _ = two_ways
+    out = tmp_path / "r.zarr"
+    target = inpass.fit_store_path(out) if phase == 1 else out
+    original = TokenStore.write_encoded
+
+    def full(self, sample):
+        if self.path == target and sample.index == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, sample)
+
+    args = ("--data", root / "data", "--out", out, "--size", "128x64", "--layers", "0,1", "--views", "3", "--seed",
+            "3", "--batch-size", "6", "--workers", "0", "--reduce", "--dim", "8", "--pool", "2")
+    with monkeypatch.context() as m:
+        m.setattr(TokenStore, "write_encoded", full)
+        result = cli(*args, "--config", config_file(tmp_path))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {out}: the disk is full: free space or write elsewhere"
+    assert cli(*args, "--config", config_file(tmp_path)).exit_code == 0
+    assert np.array_equal(tokens(out), tokens(root / "inpass.zarr"))
+
+
+def config_file(folder):
+    """The tiny backbone of toys.config, which no flag sets."""
+    path = folder / "tiny.toml"
+    path.write_text("[extract]\noverrides = { depth = 2, embed_dim = 32, num_heads = 2 }\nweights = \"random\"\n")
+    return path
