@@ -2,6 +2,8 @@ import pandas as pd
 import pytest
 
 from biomass_cache.cli.demo import DemoSize, run_demo
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.reduce import Reduction
 from biomass_cache.submit.submission import expected_sample_ids, validate_submission
 
 TINY = DemoSize(n_train=36, n_test=6, photo=(128, 64), size=(64, 32), layers=(11,), views=2, epochs=2, folds=3,
@@ -17,6 +19,12 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     validate_submission(sub, expected_sample_ids(data / "test.csv"))
     assert (tmp_path / "demo" / "runs" / "heads" / "oof_density.csv").is_file()
     assert all(p.startswith(str(tmp_path)) for p in art["test_caches"] + art["member_predictions"])
+    # the training cache reduced in the extraction pass, the test cache with its projection: no full store anywhere
+    assert Reduction.of_store(open_store(art["train_cache"])) is not None
+    assert [p.rsplit("-reduced-", 1)[-1] for p in art["test_caches"]] == [
+        f"{Reduction.of_store(open_store(art['train_cache'])).sha256[:16]}.zarr"]
+    names = sorted(p.name for p in (tmp_path / "demo" / "cache").iterdir())  # no full test cache, no side store
+    assert len(names) == 2 and "-reduced-" in names[0] and names[1] == "train.zarr", names
     assert -1 < summary["scores"]["competition_r2"] <= 1
     printed = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in printed and "--weights PATH" in printed and art["submission"] in printed

@@ -73,6 +73,7 @@ def test_a_test_cache_with_like_equals_reduce_like(two_ways):
     assert open_store(root / "test_inpass.zarr").fingerprint == open_store(root / "test_two.zarr").fingerprint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", [1, 1.5, 2])
 def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypatch, phase):
     """Killed in phase one (after 2 clean views), after it (the projection fitted, the reduced store not made) or
@@ -112,6 +113,7 @@ def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypat
     assert not inpass.fit_store_path(out).exists()
 
 
+@pytest.mark.slow
 def test_keep_full_writes_both_stores(two_ways, tmp_path):
     root, base, _ = two_ways
     extract(config(root, out=tmp_path / "r.zarr", keep_full=tmp_path / "f.zarr", **base, **REDUCE), progress=False)
@@ -151,6 +153,7 @@ def test_refusals(two_ways, tmp_path):
         config(root, like=root / "inpass.zarr")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", [1, 2])
 def test_a_full_disk_in_either_phase_is_one_line_and_resumes(two_ways, tmp_path, monkeypatch, phase):
     import errno
