@@ -32,6 +32,9 @@ COMMANDS = {
     "pseudo": ("pseudo", "pseudo_command",
                "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
     "score": ("score", "score_command", "Score a submission against labels (competition_r2 and log_r2)."),
+    "report": ("report", "report_command", "Write a run's HTML report: scores with intervals beside baselines, figures."),
+    "compare": ("report", "compare_command",
+                "Paired grouped-bootstrap differences of runs' out-of-fold scores on the same folds."),
     "predict": ("predict", "predict_command", "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
     "bundle": ("bundle", "bundle_command", "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
 }

@@ -65,7 +65,7 @@ TRAIN_OPTIONS = {
                             "off", "interval_bins"),
     "stratify": _train("--stratify/--no-stratify", "Grouped folds that also spread each State over the folds",
                        "stratify"),
-    "no_plots": typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png."),
+    "no_plots": typer.Option(False, "--no-plots", help="Do not write RUN/plots/*.png (nor RUN/report.html)."),
     "overwrite": typer.Option(False, "--overwrite", help="Delete an earlier run's results in --out first "
                               "(checkpoints, OOF, metrics, plots; folds.csv is kept) instead of refusing."),
 }

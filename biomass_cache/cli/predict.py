@@ -34,9 +34,12 @@ def predict_command(
                                             "auto | bf16 | fp16 | fp32 [each training cache's]."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
                                           "cuda:0,cuda:1 [one device]."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Also write a lower and upper bound per "
+                                             "target at this level (e.g. 0.9): split-conformal on the members' "
+                                             "out-of-fold residuals."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
     device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, weights=weights)
     predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,
-                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices))
+                   skip_bad=skip_bad, precision=precision, devices=parse_devices(devices), interval=interval)

@@ -59,5 +59,9 @@ def train_command(
                                    aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
-    run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                 strict_folds=folds is not None or "folds" in base, overwrite=overwrite)
+    metrics = run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
+                           strict_folds=folds is not None or "folds" in base, overwrite=overwrite)
+    if cfg.plots and metrics.get("heads") and not metrics.get("full"):  # --no-plots: neither figures nor report
+        from biomass_cache.report.run import write_run_report
+
+        typer.echo(f"report: {write_run_report(out, data_dir=data)}")

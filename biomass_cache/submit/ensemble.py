@@ -65,6 +65,7 @@ class EnsembleResult:
     member_files: list[Path]
     resolved: list[ResolvedMember]
     stores: list  # each member's test TokenStore (None for a LoRA member)
+    oof: tuple[np.ndarray, np.ndarray] | None = None  # (labels, the ensemble's OOF grams) when every member has OOF
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"image_id": self.image_ids, **{t: self.grams[:, j] for j, t in enumerate(TARGETS)}})
@@ -94,7 +95,7 @@ def _cached(path: Path, image_ids: Sequence[str], columns: Sequence[str], comput
 
 def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, device: str = "cpu",
                  progress: bool = True, train_csv: str | Path | None = None, precision: str | None = None,
-                 devices: Sequence[str] | None = None) -> EnsembleResult:
+                 devices: Sequence[str] | None = None, require_oof: str | None = None) -> EnsembleResult:
     """Predict data_dir/test.csv's images with every member (caches built or reused) and aggregate.
 
     OOF labels come from `train_csv` (default data_dir/train.csv) when every member has OOF predictions. Test
@@ -114,8 +115,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         if spec.aggregation == "mc_dropout":
             check_mc_dropout(rm)
     fitted = spec.aggregation in FITTED  # OOF inputs and folds checked before any test image is predicted
-    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted,
-                      aggregation=spec.aggregation)
+    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted or bool(require_oof),
+                      aggregation=require_oof or f"{spec.aggregation} aggregation")
     folds, folds_csv = oof_folds(resolved, oof[2]) if fitted else (None, None)
     preds, variances, caches, files, stores = [], [], [], [], []
     for rm in resolved:
@@ -166,7 +167,8 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         if fitted:
             report["oof"]["cross_fitted_oof"] = {**cross_fitted(oof[0], oof[1], folds, fit, combine),
                                                  "folds_csv": str(folds_csv)}
-    return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores)
+    ensemble_oof = None if oof is None else (oof[1], combine(oof[0], weights))
+    return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores, ensemble_oof)
 
 
 def _fitter(spec: EnsembleSpec) -> tuple[Callable, Callable]:
@@ -195,7 +197,7 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: b
             return None
         lacking = [rm.member.name for rm, f in zip(resolved, files) if f is None]
         raise EnsembleError(
-            f"{aggregation} aggregation needs every member to be a run folder with out-of-fold predictions "
+            f"{aggregation} needs every member to be a run folder with out-of-fold predictions "
             "(oof_<head>.csv / oof.csv) and the labels' train.csv; "
             + (f"no OOF file for {lacking}" if lacking else f"{train_csv} not found")
         )

@@ -7,6 +7,7 @@ predictions (cached), aggregation in component space.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from biomass_cache.common.data import SEP
 from biomass_cache.common.photo import load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, check_output_file, write_csv, writing
+from biomass_cache.common.conformal import calibrate
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
@@ -170,25 +172,54 @@ def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.nda
     plt.close(fig)
 
 
+def recorded_train_csv(spec: EnsembleSpec) -> Path | None:
+    """The train.csv the first run-folder member recorded in its config.json (None: none recorded or gone)."""
+    for m in spec.members:
+        config = m.path / "config.json" if m.path.is_dir() else None
+        if config is not None and config.is_file():
+            data = json.loads(config.read_text()).get("data")
+            if data and (Path(data) / "train.csv").is_file():
+                return Path(data) / "train.csv"
+    return None
+
+
 def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, work_dir: str | Path,
                    maps: bool = False, device: str = "cpu", progress: bool = True,
                    train_csv: str | Path | None = None, skip_bad: bool = False, precision: str | None = None,
-                   devices: list[str] | None = None) -> pd.DataFrame:
+                   devices: list[str] | None = None, interval: float | None = None) -> pd.DataFrame:
     """Predict every photo of `photo_dir`; writes `out` (CSV) and with `maps` `<out stem>_maps/<id>.png`.
 
-    With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`)."""
+    With `skip_bad`, unreadable photos are left out and listed at the end (see `check_photos`). With `interval`
+    (a level such as 0.9), every target gets `_low` and `_high` columns: split-conformal bounds calibrated on the
+    ensemble's out-of-fold residuals (common/conformal.py)."""
     photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
     check_output_file(out, "--out")
     if maps and not any(draws_maps(resolve_member(m, spec.weights_files)) for m in spec.members):
         raise DataError("--maps needs at least one member whose head draws density maps (head 'density'); "
                         f"none of {[m.name for m in spec.members]} has one")
+    if interval is not None and not 0 < interval < 1:
+        raise DataError(f"--interval {interval}: the level must be between 0 and 1, e.g. 0.9")
+    if interval is not None and train_csv is None:  # the labels of the OOF residuals: the members' training data
+        train_csv = recorded_train_csv(spec)
     photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp, writing(out, also=tmp):
         write_photo_table(photos, Path(tmp))
         result = run_ensemble(spec, tmp, work_dir, device=device, progress=progress, train_csv=train_csv,
-                              precision=precision, devices=devices)
+                              precision=precision, devices=devices,
+                              require_oof="--interval" if interval is not None else None)
     dmaps = density_maps(result, device) if maps else None  # before any output: a failure leaves none
     table = predictions_table(result, photos)
+    if interval is not None:
+        try:
+            conformal = calibrate(*result.oof, level=interval)
+        except ValueError as e:
+            raise DataError(f"--interval {interval}: {e}") from None
+        low, high = conformal.bounds(result.grams)
+        for j, t in enumerate(TARGETS):
+            table.insert(table.columns.get_loc(t) + 1, f"{t}_low", low[:, j])
+            table.insert(table.columns.get_loc(t) + 2, f"{t}_high", high[:, j])
+        print(f"{interval:.0%} prediction intervals: split-conformal on {conformal.n} out-of-fold residuals "
+              "(columns <target>_low, <target>_high, grams)")
     write_csv(out, table)
     if dmaps is not None:
         folder = out.with_name(f"{out.stem}_maps")

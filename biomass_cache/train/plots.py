@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker
@@ -189,20 +191,29 @@ def _folds(run_dir: Path, table: pd.DataFrame) -> np.ndarray:
     return read_folds(run_dir / "folds.csv", table)
 
 
-def plot_density_maps(run_dir: Path, data_dir: Path, table: pd.DataFrame, member: str, store, path: Path) -> Path:
-    """Photos of fold 0's validation images (lowest to highest total) with the per-component density maps."""
-    head, meta = runs.load_head(run_dir / "fold0" / f"{member}.json")
+def plot_density_maps(run_dir: Path, data_dir: Path, table: pd.DataFrame, member: str, store, path: Path,
+                      picks: Sequence[int] | None = None) -> Path:
+    """Photos with the per-component density maps: `picks` (rows of `table`), each by the model of its own fold, or
+    by default fold 0's validation images from lowest to highest total."""
     folds = _folds(run_dir, table)
-    val = np.flatnonzero(folds == 0)
-    total = table["Dry_Total_g"].to_numpy(float)[val]
-    val = val[np.isfinite(total)][np.argsort(total[np.isfinite(total)])]
-    picks = val[np.unique(np.linspace(0, len(val) - 1, min(N_MAP_IMAGES, len(val))).round().astype(int))]
+    if picks is None:
+        val = np.flatnonzero(folds == 0)
+        total = table["Dry_Total_g"].to_numpy(float)[val]
+        val = val[np.isfinite(total)][np.argsort(total[np.isfinite(total)])]
+        picks = val[np.unique(np.linspace(0, len(val) - 1, min(N_MAP_IMAGES, len(val))).round().astype(int))]
     position = {iid: k for k, iid in enumerate(store.image_ids)}
-    absent = [iid for iid in table["image_id"].iloc[picks] if iid not in position]
+    absent = [iid for iid in table["image_id"].iloc[list(picks)] if iid not in position]
     if absent:
         raise DataError(f"image {absent[0]} of {data_dir / 'train.csv'} is not in the token store {store.path}")
-    pred = inference.predict_store(head, meta, store, [position[iid] for iid in table["image_id"].iloc[picks]],
-                                   views=0, maps=True)
+    maps_of, grams_of = {}, {}
+    for k in sorted({int(folds[r]) for r in picks}):  # each image by the model that never saw it
+        head, meta = runs.load_head(run_dir / f"fold{k}" / f"{member}.json")
+        mine = [r for r in picks if folds[r] == k]
+        pred = inference.predict_store(head, meta, store, [position[table["image_id"].iloc[r]] for r in mine],
+                                       views=0, maps=True)
+        maps_of.update(zip(mine, pred.maps))
+        grams_of.update(zip(mine, pred.grams))
+    pred = SimpleNamespace(maps=[maps_of[r] for r in picks], grams=[grams_of[r] for r in picks])
     fig, axes = plt.subplots(len(picks), 4, figsize=(17, 2.6 * len(picks) + 0.6), squeeze=False)
     for row, r, maps, grams in zip(axes, picks, pred.maps, pred.grams):  # maps (3, rows, cols) g/m^2
         iid = table["image_id"].iloc[r]
@@ -219,7 +230,8 @@ def plot_density_maps(run_dir: Path, data_dir: Path, table: pd.DataFrame, member
             ax.set_title(f"{_short(COMPONENTS[j])}: {grams[j]:.1f} g predicted, {truth[j]:.1f} g true", fontsize=9)
         for ax in row:
             ax.axis("off")
-    fig.suptitle(f"predicted density maps, head '{member}' (fold-0 model on its validation images, view 0)")
+    fig.suptitle(f"predicted density maps, head '{member}' (each photo by its fold's model, which never saw it; "
+                 "view 0)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,0 +1,54 @@
+"""`biomass report PATH` and `biomass compare RUN RUN ...`: the HTML report of a run, and paired comparisons
+(report/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import check_output_file
+
+DATA = typer.Option(None, "--data", help="The data folder the run trained on (default: the one its config.json "
+                    "records).")
+RESAMPLES = typer.Option(2000, "--resamples", min=100, help="Bootstrap resamples of the visits.")
+
+
+def report_command(
+    path: Path = typer.Argument(..., help="A run folder (written by `biomass train`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: PATH/report.html)."),
+    data: Optional[Path] = DATA,
+    resamples: int = RESAMPLES,
+) -> None:
+    """Write the self-contained HTML report of a run: scores with intervals beside baselines, tables, figures."""
+    from biomass_cache.report.run import write_run_report
+
+    if out is not None:
+        check_output_file(out, "--out")
+    if not (path / "metrics.json").is_file() or not (path / "config.json").is_file():
+        raise DataError(f"{path}: not a run folder (a finished `biomass train` run has config.json and "
+                        "metrics.json); `biomass report` writes the report of a run")
+    typer.echo(f"report written to {write_run_report(path, out, data, resamples)}")
+
+
+def compare_command(
+    runs: list[str] = typer.Argument(..., help="Two or more run folders, or RUN:HEAD for one head of a run (its "
+                                     "best otherwise), trained on the same images and folds."),
+    data: Optional[Path] = DATA,
+    resamples: int = RESAMPLES,
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the comparison as an HTML report."),
+) -> None:
+    """Paired grouped-bootstrap differences of runs' out-of-fold scores: which run is better, and how sure."""
+    from biomass_cache.report.compare import compare, text
+    from biomass_cache.report.html import render
+
+    if out is not None:
+        check_output_file(out, "--out")
+    result = compare(runs, data, resamples)
+    typer.echo(text(result))
+    if out is not None:
+        render("compare.html.j2", out, title="Comparison of " + ", ".join(e.label for e in result.entries),
+               comparison=result, zip=zip, resamples=resamples)
+        typer.echo(f"report written to {out}")

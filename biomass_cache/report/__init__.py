@@ -1,0 +1,1 @@
+"""Reports a person decides from: intervals, paired comparisons, prediction intervals, the HTML reports."""

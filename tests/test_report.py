@@ -1,0 +1,120 @@
+"""The reports a person decides from (report/): a run's HTML report opened in a real headless Chromium (no console
+error, every image loaded, the key numbers there), `biomass report` and `biomass compare` through the command line
+with their refusals, and `biomass predict --interval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from biomass_cache.cli import app
+from biomass_cache.common.targets import TARGETS
+from biomass_cache.report.run import write_run_report
+
+pytestmark = pytest.mark.slow
+DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def chromium() -> str:
+    """The headless browser's executable: Debian's chromium (.ci/run installs it); skipped elsewhere, never in CI."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (CI installs it)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install chromium): .ci/run does")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    return path
+
+
+def open_in_browser(html: Path, screenshot: Path) -> dict:
+    """Load the page from disk; what the browser saw: console errors, failed requests, images, text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, failed = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.goto(html.resolve().as_uri())
+        seen = {"errors": errors, "failed": failed, "text": page.inner_text("body"),
+                "images": page.evaluate("Array.from(document.images).map(i => [i.id, i.complete && "
+                                        "i.naturalWidth > 0, i.src.slice(0, 22)])"),
+                "score": page.inner_text("#score")}
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return seen
+
+
+def test_the_run_report_in_a_real_browser(pipeline, tmp_path):
+    root, data, run = pipeline
+    out = write_run_report(run, tmp_path / "report.html", resamples=500)
+    metrics = json.loads((run / "metrics.json").read_text())
+    seen = open_in_browser(out, tmp_path / "report.png")
+    assert seen["errors"] == [] and seen["failed"] == [], seen
+    assert {i for i, ok, _ in seen["images"] if ok} == {"parity", "curves", "gallery", "maps"}, seen["images"]
+    assert all(src.startswith("data:image/png;base64") for _, _, src in seen["images"])  # inline: no network
+    assert f"{metrics['competition_r2']:.3f}" in seen["score"] and metrics["best"] in seen["score"]
+    assert re.search(r"95 % interval \[-?\d\.\d{3}, -?\d\.\d{3}\] over \d+ visits", seen["score"])
+    text = seen["text"]
+    assert "RANDOM BACKBONE WEIGHTS" in text and "ridge on colour statistics" in text
+    assert "the training folds' mean" in text and all(t in text for t in TARGETS)
+    assert "biomass train --cache" in text and "Per State" in text
+    if os.environ.get("BIOMASS_DOCS_SCREENSHOTS"):  # the picture docs/reports.md shows
+        from PIL import Image
+
+        with Image.open(tmp_path / "report.png") as shot:
+            shot.convert("RGB").resize((900, round(shot.height * 900 / shot.width))).save(
+                DOCS_IMAGES / "report-run.jpg", quality=80)
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_report_and_compare_commands(pipeline, tmp_path):
+    root, data, run = pipeline
+    made = cli("report", run, "--out", tmp_path / "r.html", "--resamples", 200)
+    assert made.exit_code == 0 and (tmp_path / "r.html").stat().st_size > 10_000, made.output
+    compared = cli("compare", f"{run}:density", f"{run}:mlp", "--out", tmp_path / "c.html", "--resamples", 500)
+    assert compared.exit_code == 0, compared.output
+    assert re.search(r"run:density - run:mlp: [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\], P\(A better\) = "
+                     r"\d\.\d\d", compared.output), compared.output
+    assert "P(A better)" in (tmp_path / "c.html").read_text()
+    # refusals: one line each, nothing written
+    assert cli("report", data).output.strip().splitlines()[-1] == (
+        f"error: {data}: not a run folder (a finished `biomass train` run has config.json and metrics.json); "
+        "`biomass report` writes the report of a run")
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("report.html", "plots"))
+    folds = pd.read_csv(other / "folds.csv")
+    folds.loc[0, "fold"] = (folds.loc[0, "fold"] + 1) % 3
+    folds.to_csv(other / "folds.csv", index=False)
+    refused = cli("compare", f"{run}:mlp", f"{other}:mlp")
+    assert refused.exit_code == 2 and "split the images into different folds (1 image(s) in another fold" in \
+        refused.output and "--folds-csv" in refused.output, refused.output
+    (other / "oof_density.csv").unlink()
+    broken = cli("report", other, "--out", tmp_path / "x.html")
+    assert broken.exit_code == 2 and "oof_density.csv: missing" in broken.output and not (tmp_path / "x.html").exists()
+
+
+def test_predict_writes_intervals(pipeline, tmp_path):
+    root, data, run = pipeline
+    result = cli("predict", data / "test", "--members", f"{run}:density", "--interval", 0.8, "--out",
+                 tmp_path / "p.csv", "--work-dir", tmp_path / "work")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "p.csv")
+    for t in TARGETS:
+        assert (table[f"{t}_low"] <= table[t]).all() and (table[t] <= table[f"{t}_high"]).all()
+        assert (table[f"{t}_low"] >= 0).all()
+    assert cli("predict", data / "test", "--members", f"{run}:density", "--interval", 1.5, "--out",
+               tmp_path / "q.csv").output.strip().splitlines()[-1] == (
+        "error: --interval 1.5: the level must be between 0 and 1, e.g. 0.9")
