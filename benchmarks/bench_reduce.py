@@ -121,7 +121,7 @@ def main() -> None:
     write_json(args.out, result)
     before, now = med["before"], med["now"]
     print(f"per image: before {before['store_s'] * 1e3:.0f} ms (transform {before['transform_s'] * 1e3:.0f}"
-          f" ms), now {med['now']['store_s'] * 1e3:.0f} ms (transform {med['now']['transform_s'] * 1e3:.0f} ms), "
+          f" ms), now {now['store_s'] * 1e3:.0f} ms (transform {now['transform_s'] * 1e3:.0f} ms), "
           f"reading alone {result['read_only_per_image_s'] * 1e3:.0f} ms; {result['speedup_store']:.2f}x whole, "
           f"{result['speedup_transform']:.2f}x transform; max |diff| {diff:.2e} of values up to {scale:.1f}")
     shutil.rmtree(args.dir, ignore_errors=True)
