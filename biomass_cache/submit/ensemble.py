@@ -10,6 +10,7 @@ name is predicted afresh. Aggregation (biomass_cache.submit.aggregate) happens i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,7 @@ from biomass_cache.submit.members import (
 )
 from biomass_cache.submit.spec import FITTED, EnsembleSpec
 from biomass_cache.submit.submission import write_submission
+from biomass_cache.submit.shift import ensemble_shift, warning_text
 from biomass_cache.train.runs import read_oof
 
 
@@ -287,7 +289,15 @@ def submit(spec, data: str | Path, out: str | Path, work_dir: str | Path | None 
     result = run_ensemble(spec, data, Path(work_dir) if work_dir else out.parent, device=device, progress=progress,
                           precision=precision, devices=devices)
     sub = write_submission(out, result.frame(), data / "test.csv")
-    write_json(report_path(out), {**result.report, "submission": str(out)})
+    report = {**result.report, "submission": str(out)}
+    shift = ensemble_shift(result)
+    if shift is not None:  # photos unlike every training photo: listed beside the submission, never silent
+        write_csv(out.with_name(f"{out.stem}.shift.csv"), shift)
+        report["shift"] = {"file": str(out.with_name(f"{out.stem}.shift.csv")),
+                           "unusual": shift.loc[shift["unusual"], "image_id"].tolist()}
+    write_json(report_path(out), report)
     print(report_text(result))
+    if shift is not None and (warning := warning_text(shift)):
+        print(warning, file=sys.stderr)
     print(f"submission: {out} ({len(sub)} rows, validated); report: {report_path(out)}")
     return result, sub

@@ -25,6 +25,7 @@ from biomass_cache.common.conformal import calibrate
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
+from biomass_cache.submit.shift import ensemble_shift, warning_text
 from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import inference
 
@@ -220,7 +221,12 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
             table.insert(table.columns.get_loc(t) + 2, f"{t}_high", high[:, j])
         print(f"{interval:.0%} prediction intervals: split-conformal on {conformal.n} out-of-fold residuals "
               "(columns <target>_low, <target>_high, grams)")
+    shift = ensemble_shift(result)
+    if shift is not None:  # how far each photo is from the training photos (1 = the calibrated threshold)
+        table["shift_distance"], table["unusual"] = shift["shift_distance"].to_numpy(), shift["unusual"].to_numpy()
     write_csv(out, table)
+    if shift is not None and (warning := warning_text(shift)):
+        print(warning, file=sys.stderr)
     if dmaps is not None:
         folder = out.with_name(f"{out.stem}_maps")
         for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
