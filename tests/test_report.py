@@ -48,7 +48,7 @@ def open_in_browser(html: Path, screenshot: Path) -> dict:
         seen = {"errors": errors, "failed": failed, "text": page.inner_text("body"),
                 "images": page.evaluate("Array.from(document.images).map(i => [i.id, i.complete && "
                                         "i.naturalWidth > 0, i.src.slice(0, 22)])"),
-                "score": page.inner_text("#score")}
+                "score": page.inner_text("#score") if page.query_selector("#score") else ""}
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return seen
@@ -74,6 +74,22 @@ def test_the_run_report_in_a_real_browser(pipeline, tmp_path):
         with Image.open(tmp_path / "report.png") as shot:
             shot.convert("RGB").resize((900, round(shot.height * 900 / shot.width))).save(
                 DOCS_IMAGES / "report-run.jpg", quality=80)
+
+
+def test_the_submission_report_in_a_real_browser(pipeline, tmp_path):
+    root, data, run = pipeline
+    done = cli("submit", "--data", data, "--members", f"{run}:density,{run}:mlp", "--out", tmp_path / "s.csv",
+               "--work-dir", tmp_path / "work")
+    assert done.exit_code == 0 and f"report: {tmp_path / 's.report.html'}" in done.output, done.output
+    seen = open_in_browser(tmp_path / "s.report.html", tmp_path / "s.png")
+    assert seen["errors"] == [] and seen["failed"] == [] and [i[:2] for i in seen["images"]] == [["totals", True]]
+    report = json.loads((tmp_path / "s.report.json").read_text())
+    assert f"{report['oof']['ensemble']:.3f}" in seen["score"] and "95 % interval" in seen["score"]
+    text = seen["text"]
+    assert "RANDOM BACKBONE WEIGHTS" in text and "The ensemble minus its best member" in text
+    assert "every test photo is within the distance" in text
+    for name, w in report["weights"].items():
+        assert name in text and f"{w:.3f}" in text
 
 
 def cli(*args) -> object:

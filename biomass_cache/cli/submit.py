@@ -38,6 +38,9 @@ def submit_command(
     """Predict test.csv with an ensemble of trained heads and write a validated submission.csv."""
     device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, aggregation, mc_samples, weights, allow_collapsed)
-    submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))
+    result, _ = submit(spec, data, out, work_dir, device, precision=precision, devices=parse_devices(devices))
+    from biomass_cache.report.submission import write_submission_report
+
+    typer.echo(f"report: {write_submission_report(out, result)}")
     if labels is not None:
         print_scores(score(out, labels), f"{out} vs {labels}")

@@ -36,8 +36,8 @@ def png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def render(template: str, out: Path, **context: Any) -> Path:
-    """Render `template` with `context` into `out`, written atomically."""
+def render(template: str, path: Path, /, **context: Any) -> Path:
+    """Render `template` with `context` into `path`, written atomically."""
     html = _ENV.get_template(template).render(**context)
-    write_bytes(Path(out), html.encode())
-    return Path(out)
+    write_bytes(Path(path), html.encode())
+    return Path(path)

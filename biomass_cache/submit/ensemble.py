@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.content import content_hashes
 from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.errors import DataError, EnsembleError
-from biomass_cache.common.folds import read_folds
+from biomass_cache.common.folds import GROUP_COLUMNS, read_folds, visit_groups
 from biomass_cache.common.io import check_output_file, write_csv, write_json
 from biomass_cache.common.targets import COMPONENTS, TARGETS
 from biomass_cache.submit.aggregate import (
@@ -55,6 +55,18 @@ from biomass_cache.submit.shift import ensemble_shift, warning_text
 from biomass_cache.train.runs import read_oof
 
 
+@dataclass(frozen=True)
+class OofSet:
+    """The training images every member predicted out of fold: their labels and visits, each member's OOF grams and
+    the ensemble's (its weights applied to them)."""
+
+    image_ids: list[str]
+    groups: np.ndarray  # the (Sampling_Date, State) visit of each image
+    labels: np.ndarray
+    members: list[np.ndarray]
+    grams: np.ndarray
+
+
 @dataclass
 class EnsembleResult:
     image_ids: list[str]
@@ -67,7 +79,7 @@ class EnsembleResult:
     member_files: list[Path]
     resolved: list[ResolvedMember]
     stores: list  # each member's test TokenStore (None for a LoRA member)
-    oof: tuple[np.ndarray, np.ndarray] | None = None  # (labels, the ensemble's OOF grams) when every member has OOF
+    oof: OofSet | None = None  # when every member has OOF predictions
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"image_id": self.image_ids, **{t: self.grams[:, j] for j, t in enumerate(TARGETS)}})
@@ -169,7 +181,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         if fitted:
             report["oof"]["cross_fitted_oof"] = {**cross_fitted(oof[0], oof[1], folds, fit, combine),
                                                  "folds_csv": str(folds_csv)}
-    ensemble_oof = None if oof is None else (oof[1], combine(oof[0], weights))
+    ensemble_oof = None if oof is None else OofSet(oof[2], oof[3], oof[1], oof[0], combine(oof[0], weights))
     return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores, ensemble_oof)
 
 
@@ -188,8 +200,8 @@ def _weights_report(names: Sequence[str], weights: np.ndarray) -> dict:
 
 
 def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: bool,
-                aggregation: str) -> tuple[list[np.ndarray], np.ndarray, list[str]] | None:
-    """The members' OOF predictions, the train labels and the ids of the images all of them predicted.
+                aggregation: str) -> tuple[list[np.ndarray], np.ndarray, list[str], np.ndarray] | None:
+    """The members' OOF predictions, the train labels, the ids of the images all of them predicted and their visits.
 
     Returns None when some member has no OOF file or there is no train.csv, unless `required`.
     """
@@ -203,15 +215,19 @@ def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: b
             "(oof_<head>.csv / oof.csv) and the labels' train.csv; "
             + (f"no OOF file for {lacking}" if lacking else f"{train_csv} not found")
         )
-    labels = read_long_csv(train_csv, check_images=False).set_index("image_id")[list(TARGETS)]
+    table = read_long_csv(train_csv, check_images=False).set_index("image_id")
+    labels = table[list(TARGETS)]
     frames = [read_oof(f).set_index("image_id")[list(TARGETS)] for f in files]
     common = labels.index[labels.notna().all(axis=1)]
     for f in frames:
         common = common.intersection(f.index[f.notna().all(axis=1)])
     if len(common) < 2:
         raise EnsembleError(f"the members' OOF files {[str(f) for f in files]} share fewer than 2 labelled images")
+    rows = table.loc[common].reset_index()
+    groups = (visit_groups(rows).to_numpy() if set(GROUP_COLUMNS) <= set(rows.columns)
+              else rows["image_id"].to_numpy())  # without visits, every photo counts as its own
     return ([f.loc[common].to_numpy(np.float64) for f in frames], labels.loc[common].to_numpy(np.float64),
-            common.tolist())
+            common.tolist(), groups)
 
 
 def oof_folds(resolved: Sequence[ResolvedMember], image_ids: Sequence[str]) -> tuple[np.ndarray, Path]:

@@ -212,7 +212,7 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
     table = predictions_table(result, photos)
     if interval is not None:
         try:
-            conformal = calibrate(*result.oof, level=interval)
+            conformal = calibrate(result.oof.labels, result.oof.grams, level=interval)
         except ValueError as e:
             raise DataError(f"--interval {interval}: {e}") from None
         low, high = conformal.bounds(result.grams)
