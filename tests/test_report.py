@@ -17,41 +17,10 @@ from typer.testing import CliRunner
 from biomass_cache.cli import app
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.report.run import write_run_report
+from toys import open_in_browser
 
 pytestmark = pytest.mark.slow
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
-
-
-def chromium() -> str:
-    """The headless browser's executable: Debian's chromium (.ci/run installs it); skipped elsewhere, never in CI."""
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (CI installs it)")
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium (apt-get install chromium): .ci/run does")
-        pytest.skip("no chromium here (apt-get install chromium)")
-    return path
-
-
-def open_in_browser(html: Path, screenshot: Path) -> dict:
-    """Load the page from disk; what the browser saw: console errors, failed requests, images, text."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors, failed = [], []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda r: failed.append(r.url))
-        page.goto(html.resolve().as_uri())
-        seen = {"errors": errors, "failed": failed, "text": page.inner_text("body"),
-                "images": page.evaluate("Array.from(document.images).map(i => [i.id, i.complete && "
-                                        "i.naturalWidth > 0, i.src.slice(0, 22)])"),
-                "score": page.inner_text("#score") if page.query_selector("#score") else ""}
-        page.screenshot(path=str(screenshot), full_page=True)
-        browser.close()
-    return seen
 
 
 def test_the_run_report_in_a_real_browser(pipeline, tmp_path):
@@ -107,8 +76,9 @@ def test_report_and_compare_commands(pipeline, tmp_path):
     assert "P(A better)" in (tmp_path / "c.html").read_text()
     # refusals: one line each, nothing written
     assert cli("report", data).output.strip().splitlines()[-1] == (
-        f"error: {data}: not a run folder (a finished `biomass train` run has config.json and metrics.json); "
-        "`biomass report` writes the report of a run")
+        f"error: {data}: neither a run folder (config.json and metrics.json, written by `biomass train`) nor a "
+        "study folder (stage2.json or study.db, written by `biomass tune`); a submission's report is written by "
+        "`biomass submit` beside it")
     other = tmp_path / "other"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("report.html", "plots"))
     folds = pd.read_csv(other / "folds.csv")

@@ -18,7 +18,7 @@ from biomass_cache.cli.errors import script_app
 
 optuna = pytest.importorskip("optuna")
 
-from toys import ROOT, make_toy  # noqa: E402
+from toys import open_in_browser, ROOT, make_toy  # noqa: E402
 
 from biomass_cache.cli.train import train_command  # noqa: E402
 from biomass_cache.cli.tune import tune_command  # noqa: E402
@@ -156,6 +156,11 @@ def test_study_writes_best_toml_that_train_reproduces(study_dir, toy, tmp_path):
     best = tomllib.loads((study_dir / "best.toml").read_text())["train"]
     assert best == {**study.trials[winner["trial"]].params, **tomllib.loads(SPACE)["fixed"], "folds": 3}
     assert {p.name for p in (study_dir / "plots").iterdir()} == {"history.png", "importances.png", "parallel.png"}
+    seen = open_in_browser(study_dir / "report.html", tmp_path / "study.png")  # written by the command
+    assert seen["errors"] == [] and seen["failed"] == [], seen
+    assert {i for i, ok, _ in seen["images"] if ok} == {"spread", "plot-history", "plot-importances", "plot-parallel"}
+    assert f"trial {winner['trial']}" in seen["score"] and f"{winner['mean']:.4f}" in seen["score"]
+    assert "Second stage" in seen["text"] and "Every trial" in seen["text"]
 
     code, output = invoke(train_command, "--cache", store, "--data", data, "--out", tmp_path / "retrain", "--config",
                           study_dir / "best.toml", "--folds-csv", study_dir / "folds.csv", "--no-plots")

@@ -4,11 +4,14 @@ call with their own sizes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import zarr
 from PIL import Image
 
@@ -144,3 +147,36 @@ def huge_jpeg(path: Path, w: int, h: int) -> None:
     sof = raw.index(b"\xff\xc0")
     raw[sof + 5: sof + 9] = struct.pack(">HH", h, w)
     path.write_bytes(bytes(raw))
+
+
+# ---------------------------------------------------------------------------------------- a real headless browser
+def chromium() -> str:
+    """The headless browser's executable: Debian's chromium (.ci/run installs it); skipped elsewhere, never in CI."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (CI installs it)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install chromium): .ci/run does")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    return path
+
+
+def open_in_browser(html: Path, screenshot: Path) -> dict:
+    """Load the page from disk; what the browser saw: console errors, failed requests, images, text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, failed = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.goto(html.resolve().as_uri())
+        seen = {"errors": errors, "failed": failed, "text": page.inner_text("body"),
+                "images": page.evaluate("Array.from(document.images).map(i => [i.id, i.complete && "
+                                        "i.naturalWidth > 0, i.src.slice(0, 22)])"),
+                "score": page.inner_text("#score") if page.query_selector("#score") else ""}
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return seen

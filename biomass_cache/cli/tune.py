@@ -39,4 +39,8 @@ def tune_command(
     Re-running continues the study; several processes (or machines, with a shared --storage) share its trials.
     """
     settings = Settings(trials, storage, study, pruner, prune_after, top_k, seeds, keep, folds, folds_csv, parallel)
-    tune(cache, data, space, out, settings)
+    summary = tune(cache, data, space, out, settings)
+    if summary.get("rows") is not None:  # the second stage ran: the study is complete
+        from biomass_cache.report.study import write_study_report
+
+        typer.echo(f"report: {write_study_report(out)}")
