@@ -59,6 +59,13 @@ def test_the_submission_report_in_a_real_browser(pipeline, tmp_path):
     assert "every test photo is within the distance" in text
     for name, w in report["weights"].items():
         assert name in text and f"{w:.3f}" in text
+    d = report["decision"]
+    assert d["ensemble"]["value"] == pytest.approx(report["oof"]["ensemble"]) and len(d["test_totals"]) == 8
+    assert all(lo <= t <= hi for lo, t, hi in zip(d["interval"]["low"], d["test_totals"], d["interval"]["high"]))
+    again = cli("report", tmp_path / "s.csv", "--out", tmp_path / "again.html")  # from the files beside it
+    assert again.exit_code == 0, again.output
+    strip = lambda p: re.sub(r"data:image/png;base64,[^\"]+", "", p.read_text())  # noqa: E731
+    assert strip(tmp_path / "again.html") == strip(tmp_path / "s.report.html")
 
 
 def cli(*args) -> object:
@@ -76,9 +83,9 @@ def test_report_and_compare_commands(pipeline, tmp_path):
     assert "P(A better)" in (tmp_path / "c.html").read_text()
     # refusals: one line each, nothing written
     assert cli("report", data).output.strip().splitlines()[-1] == (
-        f"error: {data}: neither a run folder (config.json and metrics.json, written by `biomass train`) nor a "
-        "study folder (stage2.json or study.db, written by `biomass tune`); a submission's report is written by "
-        "`biomass submit` beside it")
+        f"error: {data}: neither a run folder (config.json and metrics.json, written by `biomass train`), a "
+        "submission (NAME.csv with NAME.report.json, `biomass submit`) nor a study folder (stage2.json or study.db, "
+        "`biomass tune`)")
     other = tmp_path / "other"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("report.html", "plots"))
     folds = pd.read_csv(other / "folds.csv")
@@ -104,3 +111,10 @@ def test_predict_writes_intervals(pipeline, tmp_path):
     assert cli("predict", data / "test", "--members", f"{run}:density", "--interval", 1.5, "--out",
                tmp_path / "q.csv").output.strip().splitlines()[-1] == (
         "error: --interval 1.5: the level must be between 0 and 1, e.g. 0.9")
+    bare = tmp_path / "no_oof"  # a run without out-of-fold predictions cannot calibrate intervals
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("oof*.csv"))
+    refused = cli("predict", data / "test", "--members", f"{bare}:density", "--interval", 0.8, "--out",
+                  tmp_path / "r.csv", "--work-dir", tmp_path / "work")
+    assert refused.exit_code == 2 and not (tmp_path / "r.csv").exists(), refused.output
+    assert refused.output.strip().splitlines()[-1].startswith("error: --interval needs every member to be a run "
+                                                              "folder with out-of-fold predictions"), refused.output

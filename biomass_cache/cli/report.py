@@ -17,26 +17,31 @@ RESAMPLES = typer.Option(2000, "--resamples", min=100, help="Bootstrap resamples
 
 
 def report_command(
-    path: Path = typer.Argument(..., help="A run folder (`biomass train`) or a study folder (`biomass tune`)."),
+    path: Path = typer.Argument(..., help="A run folder (`biomass train`), a submission (NAME.csv, `biomass "
+                                "submit`) or a study folder (`biomass tune`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: PATH/report.html)."),
     data: Optional[Path] = DATA,
     resamples: int = RESAMPLES,
 ) -> None:
-    """Write the self-contained HTML report of a run (scores with intervals beside baselines, tables, figures) or
-    of a tuning study (trials, importances, the second stage's spread). A submission's is written by `submit`."""
+    """Write the self-contained HTML report of a run (scores with intervals beside baselines, tables, figures), a
+    submission (members, scores, the ensemble against its best member, unusual photos) or a tuning study."""
     from biomass_cache.report.run import write_run_report
     from biomass_cache.report.study import is_study, write_study_report
+    from biomass_cache.report.html import render
+    from biomass_cache.report.submission import html_path, submission_context
 
     if out is not None:
         check_output_file(out, "--out")
-    if is_study(path):
+    if path.is_file() and path.suffix == ".csv":
+        typer.echo(f"report written to {render('submission.html.j2', out or html_path(path), **submission_context(path))}")
+    elif is_study(path):
         typer.echo(f"report written to {write_study_report(path, out)}")
     elif (path / "metrics.json").is_file() and (path / "config.json").is_file():
         typer.echo(f"report written to {write_run_report(path, out, data, resamples)}")
     else:
-        raise DataError(f"{path}: neither a run folder (config.json and metrics.json, written by `biomass train`) "
-                        "nor a study folder (stage2.json or study.db, written by `biomass tune`); a submission's "
-                        "report is written by `biomass submit` beside it")
+        raise DataError(f"{path}: neither a run folder (config.json and metrics.json, written by `biomass train`), "
+                        "a submission (NAME.csv with NAME.report.json, `biomass submit`) nor a study folder "
+                        "(stage2.json or study.db, `biomass tune`)")
 
 
 def compare_command(
