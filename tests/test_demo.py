@@ -23,6 +23,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert Reduction.of_store(open_store(art["train_cache"])) is not None
     assert [p.rsplit("-reduced-", 1)[-1] for p in art["test_caches"]] == [
         f"{Reduction.of_store(open_store(art['train_cache'])).sha256[:16]}.zarr"]
+    assert art["run_report"].endswith("report.html") and art["submission_report"].endswith("submission.report.html")
     names = sorted(p.name for p in (tmp_path / "demo" / "cache").iterdir())  # no full test cache, no side store
     assert len(names) == 2 and "-reduced-" in names[0] and names[1] == "train.zarr", names
     assert -1 < summary["scores"]["competition_r2"] <= 1

@@ -2,7 +2,7 @@
 
 synthetic Kaggle folder -> train token cache (ViT-S, RANDOM weights), reduced in the extraction pass (PCA channels)
 -> 5-fold density + mlp heads -> test cache with TTA (reduced alike) -> ensemble -> validated submission.csv -> score
-against the hidden test labels.
+against the hidden test labels -> the run's and the submission's HTML reports.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.extract.config import ExtractConfig
 from biomass_cache.extract.pipeline import extract
+from biomass_cache.report.run import write_run_report
+from biomass_cache.report.submission import write_submission_report
 from biomass_cache.store.layout import open_store
 from biomass_cache.submit.ensemble import submit
 from biomass_cache.submit.spec import EnsembleSpec, Member
@@ -106,6 +108,10 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
     result, _ = submit(spec, data, submission, work_dir=out, device="cpu", progress=progress)
     step("test cache + ensemble + submission", t)
 
+    t = time.time()
+    reports = [write_run_report(run, data_dir=data), write_submission_report(submission, result)]
+    step("reports", t)
+
     scores = score(submission, data / "test_labels.csv")
     print_scores(scores, "demo submission vs the hidden test labels")
     baseline = mean_baseline(data)
@@ -117,7 +123,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, sizes: DemoS
                       "run": str(run),
                       "test_caches": [str(p) for p in dict.fromkeys(result.caches)],
                       "member_predictions": [str(p) for p in result.member_files],
-                      "submission": str(submission), "labels": str(data / "test_labels.csv")},
+                      "submission": str(submission), "labels": str(data / "test_labels.csv"),
+                      "run_report": str(reports[0]), "submission_report": str(reports[1])},
     }
     typer.echo("\nwhere everything is:")
     for name, path in summary["artefacts"].items():

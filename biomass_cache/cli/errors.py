@@ -28,6 +28,7 @@ try:  # recent typer versions carry its own copy of click, whose exceptions its 
 except ImportError:
     from click import ClickException, UsageError
 
+from biomass_cache.common.runtime import record_command
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.signals import Terminated, sigterm_raises
 
@@ -160,6 +161,7 @@ def run_app(app: typer.Typer) -> None:
     and said so by the time its exit status comes back: the process leaves at once, without the exit-time noise of
     work it abandoned (zarr's I/O loop thread reporting the read it never finished). A command that ended on its
     own keeps its exit status: stops during the interpreter's shutdown are ignored."""
+    record_command(["biomass", *sys.argv[1:]])
     try:
         app()
     except SystemExit as e:

@@ -33,7 +33,8 @@ def report_command(
     if out is not None:
         check_output_file(out, "--out")
     if path.is_file() and path.suffix == ".csv":
-        typer.echo(f"report written to {render('submission.html.j2', out or html_path(path), **submission_context(path))}")
+        written = render("submission.html.j2", out or html_path(path), **submission_context(path))
+        typer.echo(f"report written to {written}")
     elif is_study(path):
         typer.echo(f"report written to {write_study_report(path, out)}")
     elif (path / "metrics.json").is_file() and (path / "config.json").is_file():

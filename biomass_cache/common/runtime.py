@@ -33,3 +33,18 @@ def keep_freed_memory() -> bool:
     mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     trim_set = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(mmap_set and trim_set)
+
+
+_COMMAND: list[str] = []
+
+
+def record_command(argv: list[str]) -> None:
+    """The command line of this process (set by the entry points), for the artefacts that say what made them."""
+    _COMMAND[:] = argv
+
+
+def command_line() -> str | None:
+    """The recorded command line as a shell would take it, or None (the library used from Python)."""
+    import shlex
+
+    return shlex.join(_COMMAND) if _COMMAND else None

@@ -128,9 +128,10 @@ def _what_was_run(run: Run) -> dict:
     backbone = (root(fp) if "parent" in fp else fp).get("backbone", {}) if fp else {}
     train = config.get("train", {})
     heads = ",".join(run.metrics["heads"])
-    command = (f"biomass train --cache {cache.get('path', '?')} --data {run.data_dir} --head {heads} "
-               f"--folds {train.get('folds', '?')} --epochs {train.get('epochs', '?')} --seed {train.get('seed', '?')}"
-               f" --out {run.path}")
+    command = config.get("command") or (  # a run trained from Python: its main settings as a command
+        f"biomass train --cache {cache.get('path', '?')} --data {run.data_dir} --head {heads} --folds "
+        f"{train.get('folds', '?')} --epochs {train.get('epochs', '?')} --seed {train.get('seed', '?')} "
+        f"--out {run.path}")
     return {"command": command, "backbone": backbone.get("name", "?"),
             "random_weights": backbone.get("weights_sha256") == "random", "fingerprint": json.dumps(fp, indent=1),
             "settings": json.dumps({"train": train, "members": config.get("members", {})}, indent=1),

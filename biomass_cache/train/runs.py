@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 
 from biomass_cache.common.content import sha256_file
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.runtime import command_line
 from biomass_cache.common.io import write_bytes, write_csv, write_json, writing
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.targets import TARGETS, ZScore
@@ -120,7 +121,8 @@ def read_oof(path: str | Path) -> pd.DataFrame:
 
 
 def write_config(run_dir: str | Path, config: dict) -> None:
-    write_json(Path(run_dir) / "config.json", config)
+    """config.json, with the command line that made the run when it came from one (`command`)."""
+    write_json(Path(run_dir) / "config.json", {**config, **({"command": c} if (c := command_line()) else {})})
 
 
 def write_metrics(run_dir: str | Path, metrics: dict) -> None:
