@@ -10,8 +10,10 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from biomass_cache.cli import app
@@ -57,6 +59,8 @@ def test_the_submission_report_in_a_real_browser(pipeline, tmp_path):
     text = seen["text"]
     assert "RANDOM BACKBONE WEIGHTS" in text and "The ensemble minus its best member" in text
     assert "every test photo is within the distance" in text
+    shift = pd.read_csv(tmp_path / "s.shift.csv")
+    assert list(shift.columns) == ["image_id", "shift_distance", "unusual"] and not shift["unusual"].any()
     for name, w in report["weights"].items():
         assert name in text and f"{w:.3f}" in text
     d = report["decision"]
@@ -99,15 +103,24 @@ def test_report_and_compare_commands(pipeline, tmp_path):
     assert broken.exit_code == 2 and "oof_density.csv: missing" in broken.output and not (tmp_path / "x.html").exists()
 
 
-def test_predict_writes_intervals(pipeline, tmp_path):
+def test_predict_writes_intervals_and_marks_photos_unlike_the_training_ones(pipeline, tmp_path):
     root, data, run = pipeline
-    result = cli("predict", data / "test", "--members", f"{run}:density", "--interval", 0.8, "--out",
+    photos = tmp_path / "photos"  # the test photos, and three from a (trivial) other generator
+    shutil.copytree(data / "test", photos)
+    rng = np.random.default_rng(0)
+    odd = {"blue": np.full((64, 128, 3), (40, 60, 200), np.uint8), "grey": np.full((64, 128, 3), 128, np.uint8),
+           "noise": rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)}
+    for name, pixels in odd.items():
+        Image.fromarray(pixels).save(photos / f"{name}.jpg")
+    result = cli("predict", photos, "--members", f"{run}:density", "--interval", 0.8, "--out",
                  tmp_path / "p.csv", "--work-dir", tmp_path / "work")
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "p.csv")
     for t in TARGETS:
         assert (table[f"{t}_low"] <= table[t]).all() and (table[t] <= table[f"{t}_high"]).all()
         assert (table[f"{t}_low"] >= 0).all()
+    assert set(table.loc[table["unusual"], "image_id"]) == set(odd)
+    assert f"WARNING: {len(odd)} of {len(table)} test photo(s) look unlike every training photo" in result.output
     assert cli("predict", data / "test", "--members", f"{run}:density", "--interval", 1.5, "--out",
                tmp_path / "q.csv").output.strip().splitlines()[-1] == (
         "error: --interval 1.5: the level must be between 0 and 1, e.g. 0.9")

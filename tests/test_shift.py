@@ -1,16 +1,11 @@
 """Test photos unlike the training photos (submit/shift.py): the threshold calibrated on the training visits flags
-about 1 % of new photos from the same distribution and every photo of a shifted one; `predict` marks photos from
-another (trivial) generator and leaves the real test photos alone; `submit` lists them beside the submission."""
+about 1 % of new photos from the same distribution and every photo of a shifted one. (`predict` and `submit` on
+real photos: tests/test_report.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from biomass_cache.cli import app
 from biomass_cache.submit.shift import fit_shift
 
 
@@ -35,28 +30,3 @@ def test_the_threshold_is_calibrated_on_other_visits():
     assert np.all(model.distance(shifted) > 1)
     with pytest.raises(ValueError, match="at least two visits"):
         fit_shift(train[:3], groups[:3])
-
-
-@pytest.mark.slow
-def test_predict_and_submit_mark_photos_unlike_the_training_ones(pipeline, tmp_path):
-    root, data, run = pipeline
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in (data / "test").iterdir():
-        (photos / p.name).write_bytes(p.read_bytes())
-    rng = np.random.default_rng(0)
-    odd = {"blue": np.full((64, 128, 3), (40, 60, 200), np.uint8), "grey": np.full((64, 128, 3), 128, np.uint8),
-           "noise": rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)}
-    for name, pixels in odd.items():
-        Image.fromarray(pixels).save(photos / f"{name}.jpg")
-    result = CliRunner().invoke(app, ["predict", str(photos), "--members", f"{run}:density", "--out",
-                                      str(tmp_path / "p.csv"), "--work-dir", str(tmp_path / "work")])
-    assert result.exit_code == 0, result.output
-    table = pd.read_csv(tmp_path / "p.csv")
-    assert set(table.loc[table["unusual"], "image_id"]) == set(odd)
-    assert f"WARNING: {len(odd)} of {len(table)} test photo(s) look unlike every training photo" in result.output
-    done = CliRunner().invoke(app, ["submit", "--data", str(data), "--members", f"{run}:density", "--out",
-                                    str(tmp_path / "s.csv"), "--work-dir", str(tmp_path / "work")])
-    assert done.exit_code == 0, done.output
-    shift = pd.read_csv(tmp_path / "s.shift.csv")
-    assert list(shift.columns) == ["image_id", "shift_distance", "unusual"] and not shift["unusual"].any()
