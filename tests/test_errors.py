@@ -180,7 +180,7 @@ def test_help_keeps_bracketed_defaults():
 
 
 def test_a_misspelt_command_gets_a_suggestion():
-    assert_user_error(biomass("extrct"), "No such command 'extrct'. Did you mean 'extract'?")
+    assert_user_error(biomass("extrct"), "No such command 'extrct'. Did you mean 'extract'")
     assert_user_error(biomass("predct", "--help"), "Did you mean 'predict'")
     assert "Did you mean" not in assert_user_error(biomass("zzz"), "No such command 'zzz'.")
 
@@ -336,7 +336,7 @@ def test_the_writer_lock_file_goes_with_its_holder(tmp_path):
 def test_a_photo_folder_as_phones_and_file_managers_leave_it(tmp_path, capsys):
     """Hidden files (macOS `._NAME.jpg`, .DS_Store) are left out; a HEIC photo is listed, so that it is refused
     with its reason; anything else is named once, never passed over in silence."""
-    from biomass_cache.submit.predict import list_photos
+    from biomass_cache.common.photo import list_photos
 
     Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "a.jpg")
     Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "b.TIF")

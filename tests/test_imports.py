@@ -135,7 +135,7 @@ def test_every_listed_command_resolves_to_its_function():
 
 # The stages, bottom to top: a folder imports only itself and the folders before it (and the package root, for
 # __version__); `python -m biomass_cache` (__main__) is the command line too.
-LAYERS = ("common", "synth", "backbone", "heads", "store", "extract", "train", "lora", "submit", "report", "cli")
+LAYERS = ("common", "synth", "backbone", "heads", "store", "extract", "train", "lora", "submit", "report", "export", "cli")
 
 
 def layer_of(module: str) -> int:

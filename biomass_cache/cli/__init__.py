@@ -37,6 +37,7 @@ COMMANDS = {
     "compare": ("report", "compare_command",
                 "Paired grouped-bootstrap differences of runs' out-of-fold scores on the same folds."),
     "predict": ("predict", "predict_command", "Predict biomass for a plain folder of quadrat photos (no CSV needed)."),
+    "export": ("export", "export_command", "Export runs as one ONNX graph (backbone, reduction, heads, TTA) + model.json."),
     "bundle": ("bundle", "bundle_command", "Pack an ensemble, its wheels and run_submission.py for an offline notebook."),
 }
 

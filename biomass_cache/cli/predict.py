@@ -7,9 +7,7 @@ from typing import Optional
 
 import typer
 
-from biomass_cache.common.distributed import parse_devices, resolve_device
-from biomass_cache.submit.predict import predict_photos
-from biomass_cache.submit.spec import spec_from_options
+from biomass_cache.common.errors import DataError
 
 
 def predict_command(
@@ -34,11 +32,26 @@ def predict_command(
                                             "auto | bf16 | fp16 | fp32 [each training cache's]."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Split the backbone over devices, e.g. "
                                           "cuda:0,cuda:1 [one device]."),
+    model: Optional[Path] = typer.Option(None, "--model", help="An exported model folder (biomass export): run it "
+                                         "with onnxruntime, without PyTorch (the other options but --out are for "
+                                         "members)."),
     interval: Optional[float] = typer.Option(None, "--interval", help="Also write a lower and upper bound per "
                                              "target at this level (e.g. 0.9): split-conformal on the members' "
                                              "out-of-fold residuals."),
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
+    if model is not None:  # torch is never imported on this path
+        if ensemble is not None or members is not None or maps or interval is not None:
+            raise DataError("--model runs an exported model alone: leave out --members, --ensemble, --maps and "
+                            "--interval")
+        from biomass_cache.export.runtime import predict_with_model
+
+        predict_with_model(model, photo_dir, out)
+        return
+    from biomass_cache.common.distributed import parse_devices, resolve_device
+    from biomass_cache.submit.predict import predict_photos
+    from biomass_cache.submit.spec import spec_from_options
+
     device = str(resolve_device(device))
     spec = spec_from_options(ensemble, members, weights=weights)
     predict_photos(photo_dir, spec, out, work_dir or out.parent, maps=maps, device=device, train_csv=train_csv,

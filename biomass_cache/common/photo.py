@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
+from biomass_cache.common.data import SEP
 from biomass_cache.common.errors import DataError
 
 MAX_DECODED_PIXELS = 64_000_000  # 192 MB of RGB: far above any quadrat photo, far below a decompression bomb
@@ -136,3 +137,31 @@ def to_srgb(im: Image.Image, profile: bytes, path: Path) -> Image.Image:
             print(f"warning: {where}: its embedded colour profile cannot be read ({e}); its pixels are taken as "
                   "sRGB", file=sys.stderr)
         return im
+
+
+# what cameras, phones and editors save; HEIC is listed so that it is refused with its reason, never passed over
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".mpo", ".heic", ".heif")
+
+
+def list_photos(photo_dir: Path) -> list[Path]:
+    """The photo files of a folder (not recursive, hidden files such as macOS's `._NAME.jpg` left out), sorted;
+    ids (file stems) must be unique. What else the folder holds is named, not passed over in silence."""
+    if not photo_dir.is_dir():
+        raise DataError(f"{photo_dir}: not a folder of photos")
+    entries = sorted(p for p in photo_dir.iterdir() if not p.name.startswith("."))
+    photos = [p for p in entries if p.suffix.lower() in PHOTO_SUFFIXES and not p.is_dir()]  # broken links: refused
+    if not photos:
+        raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in photos]
+    if others:
+        print(f"note: {photo_dir}: left out {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
+              f"{'is not a photo' if len(others) == 1 else 'are not photos'}: {others[:5]}"
+              f"{' ...' if len(others) > 5 else ''}", file=sys.stderr)
+    seen: dict[str, Path] = {}
+    for p in photos:
+        if p.stem in seen:
+            raise DataError(f"{photo_dir}: {seen[p.stem].name} and {p.name} would share the image id {p.stem!r}")
+        if SEP in p.stem or "," in p.stem:
+            raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
+        seen[p.stem] = p
+    return photos

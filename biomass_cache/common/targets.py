@@ -165,3 +165,13 @@ def height_stats(zscore: ZScore | None) -> tuple[float, float]:
         i = zscore.names.index(HEIGHT_NAME)
         return float(zscore.mean[i]), float(zscore.std[i])
     return HEIGHT_FALLBACK
+
+
+def prediction_frame(image_ids: Sequence[str], files: Sequence[str], grams: np.ndarray):
+    """The predictions CSV of `biomass predict`: one row per photo, the 5 targets in grams and as g/m^2."""
+    import pandas as pd
+
+    density = to_density(grams)
+    return pd.DataFrame({"image_id": list(image_ids), "file": list(files),
+                         **{t: grams[:, j] for j, t in enumerate(TARGETS)},
+                         **{f"{t}_per_m2": density[:, j] for j, t in enumerate(TARGETS)}})

@@ -18,45 +18,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from biomass_cache.common.data import SEP
-from biomass_cache.common.photo import load_image
+from biomass_cache.common.photo import list_photos, load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, check_output_file, write_csv, writing
 from biomass_cache.common.conformal import calibrate
-from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, to_density
+from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, prediction_frame
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
 from biomass_cache.submit.shift import ensemble_shift, warning_text
 from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import inference
 
-# what cameras, phones and editors save; HEIC is listed so that it is refused with its reason, never passed over
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".mpo", ".heic", ".heif")
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
 MAX_ENLARGE = 4  # a photo enlarged more than this to the model input shows the backbone blur
-
-
-def list_photos(photo_dir: Path) -> list[Path]:
-    """The photo files of a folder (not recursive, hidden files such as macOS's `._NAME.jpg` left out), sorted;
-    ids (file stems) must be unique. What else the folder holds is named, not passed over in silence."""
-    if not photo_dir.is_dir():
-        raise DataError(f"{photo_dir}: not a folder of photos")
-    entries = sorted(p for p in photo_dir.iterdir() if not p.name.startswith("."))
-    photos = [p for p in entries if p.suffix.lower() in PHOTO_SUFFIXES and not p.is_dir()]  # broken links: refused
-    if not photos:
-        raise DataError(f"{photo_dir}: no {'/'.join(PHOTO_SUFFIXES)} files in this folder")
-    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in photos]
-    if others:
-        print(f"note: {photo_dir}: left out {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
-              f"{'is not a photo' if len(others) == 1 else 'are not photos'}: {others[:5]}"
-              f"{' ...' if len(others) > 5 else ''}", file=sys.stderr)
-    seen: dict[str, Path] = {}
-    for p in photos:
-        if p.stem in seen:
-            raise DataError(f"{photo_dir}: {seen[p.stem].name} and {p.name} would share the image id {p.stem!r}")
-        if SEP in p.stem or "," in p.stem:
-            raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
-        seen[p.stem] = p
-    return photos
 
 
 def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad: bool
@@ -115,13 +89,7 @@ def write_photo_table(photos: list[Path], data_dir: Path) -> Path:
 
 def predictions_table(result: EnsembleResult, photos: list[Path]) -> pd.DataFrame:
     """One row per photo: the 5 targets in grams and as areal densities (g/m^2 of the 70 x 30 cm quadrat)."""
-    density = to_density(result.grams)
-    return pd.DataFrame({
-        "image_id": result.image_ids,
-        "file": [str(p) for p in photos],
-        **{t: result.grams[:, j] for j, t in enumerate(TARGETS)},
-        **{f"{t}_per_m2": density[:, j] for j, t in enumerate(TARGETS)},
-    })
+    return prediction_frame(result.image_ids, [str(p) for p in photos], result.grams)
 
 
 def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | None:

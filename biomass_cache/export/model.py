@@ -1,0 +1,208 @@
+"""`biomass export`: an ensemble as one ONNX graph, from a normalised photo tensor to the five targets in grams.
+
+The graph holds what `biomass predict` runs for a member trained on a token cache: the backbone (its blocks whose
+tokens were cached), the run's reduction when it has one, every fold model of every member, the TTA flips of a
+test cache (the four views in one batch) and the weighted mean in component space, then the five targets with
+the identities exact (GDM = clover + green, Total = clover + dead + green). Batch size is dynamic. `model.json`
+beside it says what the input must be (size, resize filter, normalisation) and what made the graph.
+
+An export checks itself: the graph in onnxruntime against the same module in PyTorch on real photos; a graph whose
+relative error exceeds the tolerance (TOLERANCE, or INT8_TOLERANCE against the fp32 graph when quantised) is not
+written. LoRA members and fitted, stacked or MC-dropout aggregations are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from biomass_cache import __version__
+from biomass_cache.backbone.views import IMAGENET_MEAN, IMAGENET_STD, TTA_VIEWS, ViewPolicy
+from biomass_cache.backbone.vit import create_backbone, forward_tokens
+from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import atomic_folder, write_json
+from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS
+from biomass_cache.heads import run_head
+from biomass_cache.store.reduce import Reduction
+from biomass_cache.submit.members import ResolvedMember, resolve_member, weights_file
+from biomass_cache.submit.spec import EnsembleSpec
+from biomass_cache.train import runs
+
+TOLERANCE = 1e-4  # relative RMS of the grams, onnxruntime fp32 against PyTorch
+INT8_TOLERANCE = 0.02  # relative RMS of the grams, the int8 graph against the fp32 one
+OPSET = 18
+
+
+class Reduce(nn.Module):
+    """The run's reduction as graph operations: layer norm, P x P average pooling, projection."""
+
+    def __init__(self, red: Reduction):
+        super().__init__()
+        self.grid, self.pool = red.parent_grid, red.pool
+        self.register_buffer("mean", torch.from_numpy(red.mean))
+        self.register_buffer("components", torch.from_numpy(red.components))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L, T, C) -> (B, L, T', K)
+        b, n_layers, _, c = tokens.shape
+        x = F.layer_norm(tokens, (c,))
+        if self.pool > 1:
+            x = x.reshape(b * n_layers, self.grid[0], self.grid[1], c).permute(0, 3, 1, 2)
+            x = F.avg_pool2d(x, self.pool).permute(0, 2, 3, 1).reshape(b, n_layers, -1, c)
+        return (x - self.mean[:, None]) @ self.components
+
+
+class Ensemble(nn.Module):
+    """Photo tensor (B, 3, H, W), ImageNet-normalised -> (B, 5) grams: TTA views, backbone, heads, weighted mean."""
+
+    def __init__(self, backbone, layers: list[int], norm: bool, tiles: int, reduction: Reduction | None,
+                 members: list[list[tuple[nn.Module, list[int]]]], weights: np.ndarray):
+        super().__init__()
+        self.backbone, self.layers, self.norm, self.tiles = backbone, layers, norm, tiles
+        self.reduce = None if reduction is None else Reduce(reduction)
+        self.heads = nn.ModuleList(h for folds in members for h, _ in folds)
+        self.plan = [[(sum(len(f) for f in members[:m]) + k, pos) for k, (_, pos) in enumerate(folds)]
+                     for m, folds in enumerate(members)]
+        self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))  # (M,)
+        to_targets = torch.tensor([[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 1, 1, 1]], dtype=torch.float32)
+        self.register_buffer("to_grams", to_targets * PLOT_AREA_M2)  # components (g/m^2) -> the five grams
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])  # TTA_VIEWS' order
+        tokens, _ = forward_tokens(self.backbone, views, self.layers, self.norm, self.tiles)
+        if self.reduce is not None:
+            tokens = self.reduce(tokens)
+        total = 0
+        for m, folds in enumerate(self.plan):
+            comps = torch.stack([run_head(self.heads[k], tokens[:, pos], False)["components"] for k, pos in folds])
+            comps = comps.mean(0).reshape(len(TTA_VIEWS), x.shape[0], 3).mean(0)  # folds, then views
+            total = total + self.weights[m] * comps
+        return total @ self.to_grams
+
+
+def _member_heads(rm: ResolvedMember, layers: list[int]) -> list[tuple[nn.Module, list[int]]]:
+    out = []
+    for path in rm.checkpoints:
+        head, meta = runs.load_head(path)
+        missing = [b for b in meta["layers"] if b not in layers]
+        if missing:
+            raise DataError(f"member {rm.member.name}: {path} reads blocks {missing} its cache did not hold")
+        out.append((head.eval(), [layers.index(b) for b in meta["layers"]]))
+    return out
+
+
+def build(spec: EnsembleSpec) -> tuple[Ensemble, dict]:
+    """The PyTorch module of `spec` and the description `model.json` starts from."""
+    if spec.aggregation != "mean":
+        raise DataError(f"export supports the aggregation 'mean' (given weights), not {spec.aggregation!r}: its "
+                        "weights come from the OOF predictions at submission time")
+    resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
+    for rm in resolved:
+        if rm.kind != "cache":
+            raise DataError(f"member {rm.member.name}: a LoRA member cannot be exported yet (its adapted backbone is "
+                            "not traced); export members trained on a token cache")
+    first = resolved[0].extract
+    same = ("backbone", "weights_sha256", "size", "layers", "norm", "tiles", "overrides", "precision")
+    for rm in resolved[1:]:
+        differ = [k for k in same if rm.extract.get(k) != first.get(k)]
+        if differ:
+            raise DataError(f"members {resolved[0].member.name} and {rm.member.name} read different backbones or "
+                            f"views ({differ}): export them one at a time")
+        if (rm.reduction is None) != (resolved[0].reduction is None) or (
+                rm.reduction is not None and Reduction.load(rm.reduction.with_suffix("")).sha256
+                != Reduction.load(resolved[0].reduction.with_suffix("")).sha256):
+            raise DataError(f"members {resolved[0].member.name} and {rm.member.name} were trained on different "
+                            "reductions of the tokens: export them one at a time")
+    weights = weights_file(resolved[0])
+    backbone = create_backbone(first["backbone"], weights, seed=first.get("seed", 0),
+                               overrides=first.get("overrides") or {})
+    backbone.model.eval()
+    layers = list(first["layers"])
+    reduction = None if resolved[0].reduction is None else Reduction.load(resolved[0].reduction.with_suffix(""))
+    given = np.array([m.weight for m in spec.members], np.float64)
+    model = Ensemble(backbone, layers, first["norm"], first.get("tiles", 1), reduction,
+                     [_member_heads(rm, layers) for rm in resolved], given / given.sum()).eval()
+    info = {"format": "biomass-cache onnx model", "version": __version__,
+            "input": {"name": "photos", "layout": "NCHW", **build_info_size(spec)["input"]},
+            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS),
+            "members": [{"name": rm.member.name, "weight": float(w), "checkpoints": [str(p) for p in rm.checkpoints]}
+                        for rm, w in zip(resolved, given / given.sum())],
+            "backbone": {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
+            "reduction": None if reduction is None else reduction.sha256,
+            "random_weights": first["weights_sha256"] == "random"}
+    return model, info
+
+
+def build_info_size(spec: EnsembleSpec) -> dict:
+    """The input description of `spec`'s model (what the check photos must be made into), without building it."""
+    rm = resolve_member(spec.members[0], spec.weights_files)
+    policy = ViewPolicy.from_dict(rm.extract["policy"]) if rm.extract.get("policy") else ViewPolicy()
+    return {"input": {"size": list(rm.extract["size"]), "resize": policy.resample,
+                      "decode_oversample": policy.decode_oversample, "mean": list(IMAGENET_MEAN),
+                      "std": list(IMAGENET_STD)}}
+
+
+def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2) / max(np.mean(b ** 2), 1e-12)))
+
+
+def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: str | None = None) -> dict:
+    """Write OUT/model.onnx (and OUT/model.json) after checking it on `check_inputs` (N, 3, H, W), normalised."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise DataError(f"export needs onnx, onnxruntime and onnxscript: pip install -e \".[export]\" ({e})") from None
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # its optimiser's notes on ops it leaves alone
+    out = Path(out)
+    model, info = build(spec)
+    w, h = info["input"]["size"]
+    if check_inputs.shape[1:] != (3, h, w):
+        raise DataError(f"the check photos are {check_inputs.shape[1:]}, the model takes (3, {h}, {w})")
+    with torch.no_grad():
+        expected = model(torch.from_numpy(check_inputs)).numpy()
+    with atomic_folder(out, "exporting") as tmp:
+        tmp.mkdir(parents=True)
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.onnx.export(model, (torch.from_numpy(check_inputs[:2]),), dynamo=True, opset_version=OPSET,
+                                    input_names=["photos"], output_names=["grams"],
+                                    dynamic_shapes={"x": {0: batch}}, verbose=False)
+        program.save(str(tmp / "model.onnx"))
+        got = _ort(tmp / "model.onnx", check_inputs)
+        error = rel_rms(got, expected)
+        info["check"] = {"photos": len(check_inputs), "rel_rms_vs_pytorch": error, "tolerance": TOLERANCE}
+        if not error <= TOLERANCE:
+            raise DataError(f"the exported graph differs from PyTorch by a relative RMS of {error:.2e} on "
+                            f"{len(check_inputs)} photos (tolerance {TOLERANCE:g}); nothing written")
+        if quantize == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            logging.disable(logging.WARNING)  # its advice to pre-process a model for static quantisation
+            try:
+                quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+            q = _ort(tmp / "int8.onnx", check_inputs)
+            error = rel_rms(q, got)
+            info["check"].update(int8_rel_rms_vs_fp32=error, int8_tolerance=INT8_TOLERANCE)
+            if not error <= INT8_TOLERANCE:
+                raise DataError(f"the int8 graph differs from the fp32 one by a relative RMS of {error:.2e} "
+                                f"(tolerance {INT8_TOLERANCE:g}); nothing written (export without --quantize)")
+            (tmp / "int8.onnx").replace(tmp / "model.onnx")
+        for extra in tmp.glob("model.onnx.data"):  # weights beyond 2 GB go to external data, kept beside
+            info["external_data"] = extra.name
+        info["quantization"] = quantize
+        info["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        write_json(tmp / "model.json", info)
+    return info

@@ -1,0 +1,83 @@
+"""`biomass predict --model MODEL_DIR PHOTOS`: an exported model run with onnxruntime, numpy and Pillow only.
+
+Nothing here imports torch (a test checks it in a process where importing torch fails), so the predictor runs
+where PyTorch is not installed: a phone-sized deployment, a small container. The photo is decoded and resized as
+the extraction does (a JPEG at a reduced DCT scale as the model's `decode_oversample` allows, then an antialiased
+resize with the model's filter, which Pillow and torchvision give to one grey level), normalised, and run through
+the graph; the CSV is `biomass predict`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import check_output_file, write_csv
+from biomass_cache.common.photo import list_photos, load_image
+from biomass_cache.common.targets import prediction_frame
+
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+           "nearest": Image.Resampling.NEAREST}
+BATCH = 8
+
+
+def read_model(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    try:
+        info = json.loads((model_dir / "model.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{model_dir / 'model.json'}: not readable ({e}); an exported model folder holds "
+                        "model.onnx and model.json (biomass export)") from None
+    if info.get("format") != "biomass-cache onnx model" or not (model_dir / "model.onnx").is_file():
+        raise DataError(f"{model_dir}: not a model folder written by `biomass export` (model.onnx + model.json)")
+    return info
+
+
+def preprocess(path: Path, info: dict) -> np.ndarray:
+    """(3, H, W) float32, normalised as the model's input."""
+    spec = info["input"]
+    w, h = spec["size"]
+    o = spec["decode_oversample"]
+    image = load_image(path, at_least=(math.ceil(w * o), math.ceil(h * o)) if o else None)
+    x = np.asarray(image.resize((w, h), FILTERS[spec["resize"]]), np.float32) / 255.0
+    return ((x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)).transpose(2, 0, 1)
+
+
+def open_session(model_dir: Path, info: dict, threads: int = 0):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DataError("predict --model needs onnxruntime: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    w, h = info["input"]["size"]
+    if list(shape[1:]) != [3, h, w]:
+        raise DataError(f"{model_dir}: model.json says the input is 3 x {h} x {w}, the graph takes {shape[1:]}; "
+                        "the folder's files do not belong together (export again)")
+    return session
+
+
+def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0) -> None:
+    out = Path(out)
+    check_output_file(out, "--out")
+    info = read_model(model_dir)
+    session = open_session(model_dir, info, threads)
+    photos = list_photos(Path(photo_dir))
+    name = session.get_inputs()[0].name
+    grams = []
+    for k in range(0, len(photos), BATCH):
+        batch = np.stack([preprocess(p, info) for p in photos[k:k + BATCH]])
+        grams.append(session.run(None, {name: batch})[0])
+    write_csv(out, prediction_frame([p.stem for p in photos], [str(p) for p in photos], np.concatenate(grams)))
+    if info.get("random_weights"):
+        print("NOTE: this model's backbone had RANDOMLY INITIALISED weights: a demo, not real predictions")
+    print(f"predictions for {len(photos)} photos: {out} (grams and g/m^2), model {model_dir} "
+          f"({info.get('quantization') or 'fp32'})")

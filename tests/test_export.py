@@ -1,0 +1,94 @@
+"""`biomass export` and `biomass predict --model` (export/): the graph checks itself against PyTorch, runs in a
+process where importing torch fails, gives `biomass predict`'s numbers, quantises within its tolerance, and refuses
+what it cannot do in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from biomass_cache.cli import app
+from biomass_cache.common.targets import TARGETS
+from toys import ROOT
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("onnxruntime", reason='pip install -e ".[export]"')
+
+NO_TORCH = """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError(name + " is blocked: predict --model must not need it")
+sys.meta_path.insert(0, Block())
+sys.argv = ["biomass", *sys.argv[1:]]
+from biomass_cache.cli import main
+main()
+"""
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+def test_export_then_predict_without_torch(pipeline, tmp_path):
+    root, data, run = pipeline
+    spec = f"{run}:density,{run}:mlp"
+    made = cli("export", "--members", spec, "--out", tmp_path / "model")
+    assert made.exit_code == 0, made.output
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["check"]["rel_rms_vs_pytorch"] <= 1e-4 and info["quantization"] is None
+    assert info["input"]["size"] == [64, 32] and info["random_weights"] and len(info["members"]) == 2
+    script = tmp_path / "no_torch.py"
+    script.write_text(NO_TORCH)
+    done = subprocess.run([sys.executable, str(script), "predict", str(data / "test"), "--model",
+                           str(tmp_path / "model"), "--out", str(tmp_path / "onnx.csv")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = cli("predict", data / "test", "--members", spec, "--out", tmp_path / "torch.csv", "--work-dir",
+                    tmp_path / "work")
+    assert reference.exit_code == 0, reference.output
+    a, b = pd.read_csv(tmp_path / "onnx.csv"), pd.read_csv(tmp_path / "torch.csv")
+    shift = ["shift_distance", "unusual"]  # the training tokens it needs are not in a model folder
+    assert list(a.columns) == [c for c in b.columns if c not in shift] and list(a["image_id"]) == list(b["image_id"])
+    cols = list(TARGETS)
+    assert rel_rms(a[cols].to_numpy(), b[cols].to_numpy()) < 1e-4
+    totals = a[["Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g"]].sum(axis=1)
+    assert np.allclose(a["Dry_Total_g"], totals, rtol=1e-5)  # the identities hold in the graph
+
+
+def test_refusals(pipeline, tmp_path, monkeypatch):
+    root, data, run = pipeline
+    last = lambda r: r.output.strip().splitlines()[-1]  # noqa: E731
+    assert last(cli("export", "--members", f"{run}:density", "--out", tmp_path / "m", "--quantize", "fp8")) == \
+        "error: --quantize 'fp8': the one quantisation is int8"
+    import biomass_cache.export.model as model
+
+    monkeypatch.setattr(model, "TOLERANCE", 0.0)
+    refused = cli("export", "--members", f"{run}:density", "--out", tmp_path / "m")
+    assert refused.exit_code == 2 and "tolerance 0); nothing written" in last(refused), refused.output
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+    monkeypatch.undo()
+    assert cli("export", "--members", f"{run}:density", "--out", tmp_path / "m", "--quantize", "int8").exit_code == 0
+    check = json.loads((tmp_path / "m" / "model.json").read_text())["check"]
+    assert check["int8_rel_rms_vs_fp32"] <= check["int8_tolerance"] == 0.02
+    assert cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv").exit_code == 0
+    assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run))) == (
+        "error: --model runs an exported model alone: leave out --members, --ensemble, --maps and --interval")
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    info["input"]["size"] = [128, 64]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(info))
+    mismatch = cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "p.csv")
+    assert mismatch.exit_code == 2 and "the folder's files do not belong together" in last(mismatch)
+    assert not (tmp_path / "p.csv").exists()
+    assert "an exported model folder holds model.onnx and model.json" in last(cli("predict", data / "test", "--model",
+                                                                               data))
