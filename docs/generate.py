@@ -309,6 +309,21 @@ def host_rows(d: dict) -> str:
                          machine_line(d)])
 
 
+def edge_rows(d: dict) -> str:
+    """edge.json: exported models on a small CPU: size, latency per photo (onnxruntime and eager), agreement."""
+    rows = [[r["backbone"], f"{r['params_m']:.1f}", f"{r['fp32_mb']:.1f}", f"{r['int8_mb']:.1f}",
+             *[f"{r[k]:.0f}" for k in ("eager_ms_1t", "ort_fp32_ms_1t", "ort_int8_ms_1t", "eager_ms_2t",
+                                       "ort_fp32_ms_2t", "ort_int8_ms_2t")],
+             f"{r['fp32_vs_eager_rel_rms']:.1e}", f"{r['int8_vs_fp32_rel_rms']:.1e}"] for r in d["rows"]]
+    header = ["backbone", "params (M)", "fp32 MB", "int8 MB", "eager 1 thread (ms)", "ort fp32 1t", "ort int8 1t",
+              "eager 2 threads", "ort fp32 2t", "ort int8 2t", "fp32 vs eager (rel. RMS)", "int8 vs fp32"]
+    g = d["goals"]
+    return "\n\n".join([f"{d['what']}; weights: {d['weights']}.", table(header, rows, "l" + "r" * 11),
+                         f"Goals: an int8 ViT-S model of at most {g['int8_vit_s_mb']} MB, at most "
+                         f"{g['ms_per_photo_one_core']} ms per photo on one core, int8 within "
+                         f"{g['int8_vs_fp32']:.0%} of the fp32 graph.", machine_line(d)])
+
+
 def stage2_rows(d: dict) -> str:
     """stage2_*.json: the default 5-fold run against an earlier commit's loop, and against the matmul limit."""
     s = d["settings"]
@@ -426,6 +441,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "malloc.json": (malloc_rows, "bench_malloc.py"),
     "reduce.json": (reduce_rows, "bench_reduce.py"),
     "host.json": (host_rows, "bench_host.py"),
+    "edge.json": (edge_rows, "bench_edge.py"),
     "store.json": (store_rows, "bench_store.py"),
     "heads.json": (r2_rows, "bench_heads.py"),
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),

@@ -23,6 +23,8 @@ def export_command(
     photos: Optional[Path] = typer.Option(None, "--photos", help="A folder of photos the export is checked on "
                                           "(default: the first members' training photos)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone, BACKBONE=PATH."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="The four TTA views in the graph, as `biomass predict` "
+                             "(--no-tta: the clean view alone, a quarter of the compute)."),
 ) -> None:
     """Export runs (their backbone, reduction, every fold model and the TTA views) as one ONNX graph."""
     import json
@@ -47,7 +49,7 @@ def export_command(
         photos = Path(data) / "train"
     files = list_photos(photos)[:CHECK_PHOTOS]
     inputs = np.stack([preprocess(p, info) for p in files])
-    result = export(spec, out, inputs, quantize)
+    result = export(spec, out, inputs, quantize, tta)
     check = result["check"]
     typer.echo(f"exported {len(spec.members)} member(s) to {out} ({result['bytes'] / 1e6:.1f} MB, "
                f"{quantize or 'fp32'}); checked on {len(files)} photos from {photos}: relative RMS "

@@ -60,9 +60,11 @@ class Ensemble(nn.Module):
     """Photo tensor (B, 3, H, W), ImageNet-normalised -> (B, 5) grams: TTA views, backbone, heads, weighted mean."""
 
     def __init__(self, backbone, layers: list[int], norm: bool, tiles: int, reduction: Reduction | None,
-                 members: list[list[tuple[nn.Module, list[int]]]], weights: np.ndarray):
+                 members: list[list[tuple[nn.Module, list[int]]]], weights: np.ndarray, tta: bool = True):
         super().__init__()
+        self.tta = tta
         self.backbone, self.layers, self.norm, self.tiles = backbone, layers, norm, tiles
+        self.vit = backbone.model  # registered: its weights are this module's (eval(), parameters(), export)
         self.reduce = None if reduction is None else Reduce(reduction)
         self.heads = nn.ModuleList(h for folds in members for h, _ in folds)
         self.plan = [[(sum(len(f) for f in members[:m]) + k, pos) for k, (_, pos) in enumerate(folds)]
@@ -72,14 +74,14 @@ class Ensemble(nn.Module):
         self.register_buffer("to_grams", to_targets * PLOT_AREA_M2)  # components (g/m^2) -> the five grams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])  # TTA_VIEWS' order
+        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]) if self.tta else x  # TTA_VIEWS' order
         tokens, _ = forward_tokens(self.backbone, views, self.layers, self.norm, self.tiles)
         if self.reduce is not None:
             tokens = self.reduce(tokens)
         total = 0
         for m, folds in enumerate(self.plan):
             comps = torch.stack([run_head(self.heads[k], tokens[:, pos], False)["components"] for k, pos in folds])
-            comps = comps.mean(0).reshape(len(TTA_VIEWS), x.shape[0], 3).mean(0)  # folds, then views
+            comps = comps.mean(0).reshape(-1, x.shape[0], 3).mean(0)  # folds, then views
             total = total + self.weights[m] * comps
         return total @ self.to_grams
 
@@ -95,7 +97,7 @@ def _member_heads(rm: ResolvedMember, layers: list[int]) -> list[tuple[nn.Module
     return out
 
 
-def build(spec: EnsembleSpec) -> tuple[Ensemble, dict]:
+def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     """The PyTorch module of `spec` and the description `model.json` starts from."""
     if spec.aggregation != "mean":
         raise DataError(f"export supports the aggregation 'mean' (given weights), not {spec.aggregation!r}: its "
@@ -125,10 +127,10 @@ def build(spec: EnsembleSpec) -> tuple[Ensemble, dict]:
     reduction = None if resolved[0].reduction is None else Reduction.load(resolved[0].reduction.with_suffix(""))
     given = np.array([m.weight for m in spec.members], np.float64)
     model = Ensemble(backbone, layers, first["norm"], first.get("tiles", 1), reduction,
-                     [_member_heads(rm, layers) for rm in resolved], given / given.sum()).eval()
+                     [_member_heads(rm, layers) for rm in resolved], given / given.sum(), tta).eval()
     info = {"format": "biomass-cache onnx model", "version": __version__,
             "input": {"name": "photos", "layout": "NCHW", **build_info_size(spec)["input"]},
-            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS),
+            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]],
             "members": [{"name": rm.member.name, "weight": float(w), "checkpoints": [str(p) for p in rm.checkpoints]}
                         for rm, w in zip(resolved, given / given.sum())],
             "backbone": {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
@@ -157,8 +159,16 @@ def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / max(np.mean(b ** 2), 1e-12)))
 
 
-def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: str | None = None) -> dict:
+def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: str | None = None,
+           tta: bool = True) -> dict:
     """Write OUT/model.onnx (and OUT/model.json) after checking it on `check_inputs` (N, 3, H, W), normalised."""
+    model, info = build(spec, tta)
+    return write_model(model, info, out, check_inputs, quantize)
+
+
+def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarray, quantize: str | None = None
+                ) -> dict:
+    """Export `model` (photos -> grams) to OUT/model.onnx with `info` as OUT/model.json, checked first."""
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
@@ -166,7 +176,6 @@ def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: st
         raise DataError(f"export needs onnx, onnxruntime and onnxscript: pip install -e \".[export]\" ({e})") from None
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # its optimiser's notes on ops it leaves alone
     out = Path(out)
-    model, info = build(spec)
     w, h = info["input"]["size"]
     if check_inputs.shape[1:] != (3, h, w):
         raise DataError(f"the check photos are {check_inputs.shape[1:]}, the model takes (3, {h}, {w})")
