@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.cli import app
 from biomass_cache.common.targets import TARGETS
 from toys import ROOT
@@ -78,8 +79,11 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
     assert refused.exit_code == 2 and "tolerance 0); nothing written" in last(refused), refused.output
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
     monkeypatch.undo()
-    assert cli("export", "--members", f"{run}:density", "--out", tmp_path / "m", "--quantize", "int8").exit_code == 0
-    check = json.loads((tmp_path / "m" / "model.json").read_text())["check"]
+    assert cli("export", "--members", f"{run}:density", "--out", tmp_path / "m", "--quantize", "int8",
+               "--no-tta").exit_code == 0
+    written = json.loads((tmp_path / "m" / "model.json").read_text())
+    check = written["check"]
+    assert written["tta"] == [TTA_VIEWS[0]] and written["quantization"] == "int8"
     assert check["int8_rel_rms_vs_fp32"] <= check["int8_tolerance"] == 0.02
     assert cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv").exit_code == 0
     assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run))) == (
