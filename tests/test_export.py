@@ -11,10 +11,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.cli import app
+from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
 from toys import ROOT
 
@@ -74,9 +76,14 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
         "error: --quantize 'fp8': the one quantisation is int8"
     import biomass_cache.export.model as model
 
+    class Tiny(torch.nn.Module):  # photos -> grams, cheap to export: the refusal does not depend on the backbone
+        def forward(self, x):
+            return x.mean(dim=(2, 3)).repeat(1, 2)[:, :5]
+
     monkeypatch.setattr(model, "TOLERANCE", 0.0)
-    refused = cli("export", "--members", f"{run}:density", "--out", tmp_path / "m")
-    assert refused.exit_code == 2 and "tolerance 0); nothing written" in last(refused), refused.output
+    photos = np.random.default_rng(0).standard_normal((3, 3, 16, 32)).astype(np.float32) + 0.1
+    with pytest.raises(DataError, match=r"tolerance 0\); nothing written"):
+        model.write_model(Tiny(), {"input": {"size": [32, 16]}}, tmp_path / "m", photos)
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
     monkeypatch.undo()
     assert cli("export", "--members", f"{run}:density", "--out", tmp_path / "m", "--quantize", "int8",

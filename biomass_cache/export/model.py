@@ -175,7 +175,7 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
     except ImportError as e:
         raise DataError(f"export needs onnx, onnxruntime and onnxscript: pip install -e \".[export]\" ({e})") from None
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # its optimiser's notes on ops it leaves alone
-    out = Path(out)
+    out, model = Path(out), model.eval()
     w, h = info["input"]["size"]
     if check_inputs.shape[1:] != (3, h, w):
         raise DataError(f"the check photos are {check_inputs.shape[1:]}, the model takes (3, {h}, {w})")
