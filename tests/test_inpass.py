@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from biomass_cache.cli.errors import script_app
@@ -186,3 +187,37 @@ def config_file(folder):
     path = folder / "tiny.toml"
     path.write_text("[extract]\noverrides = { depth = 2, embed_dim = 32, num_heads = 2 }\nweights = \"random\"\n")
     return path
+
+
+@pytest.mark.slow
+def test_a_photo_changed_between_the_phases_is_not_taken_from_the_side_store(two_ways, tmp_path, monkeypatch):
+    """Killed in phase two; a photo not written yet changes; the resumed run extracts its clean view anew (the
+    side store's is of the old photo) and gives what a fresh run on the changed photos gives."""
+    import shutil
+
+    from PIL import Image
+
+    root, base, _ = two_ways
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    cfg = config(tmp_path, out=tmp_path / "r.zarr", **base, **REDUCE)
+    original, calls = inpass.ReducedSink.samples, []
+
+    def dies(self, item, tokens, prefix):
+        calls.append(item.image_id)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return original(self, item, tokens, prefix)
+
+    with monkeypatch.context() as m:
+        m.setattr(inpass.ReducedSink, "samples", dies)
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg, progress=False)
+    last = sorted((data / "train").iterdir())[-1]
+    Image.fromarray(np.full((48, 96, 3), (200, 30, 30), np.uint8)).save(last)  # another photo, same id
+    extract(cfg, progress=False)
+    extract(config(tmp_path, out=tmp_path / "full.zarr", **base), progress=False)  # the changed photos' tokens
+    k = open_store(tmp_path / "r.zarr").image_ids.index(last.stem)
+    red = Reduction.of_store(open_store(tmp_path / "r.zarr"))
+    expected = red.apply(torch.from_numpy(open_store(tmp_path / "full.zarr").read(k, 0))).numpy()
+    np.testing.assert_allclose(tokens(tmp_path / "r.zarr")[k, 0], expected, rtol=0, atol=0.02)

@@ -24,7 +24,7 @@ def checked(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class Conformal:
     """Split-conformal intervals per target: |y - yhat| <= q * (yhat + scale), calibrated on out-of-fold residuals.
 
-    The score is the residual relative to the prediction (plus `scale`, each target's median mass, so that
+    The score is the residual relative to the prediction (plus `scale`, each target's mean mass, so that
     near-empty quadrats keep a sensible width): biomass errors grow with the mass. `q` is the
     ceil((n + 1) * level) / n quantile of the n calibration scores, the split-conformal guarantee for exchangeable
     images; the OOF predictions come from models that never saw the image's visit, as test images are unseen.
@@ -55,7 +55,7 @@ def calibrate(truth: np.ndarray, oof: np.ndarray, level: float = 0.9) -> Conform
     if rank > n:
         raise ValueError(f"{n} out-of-fold predictions cannot calibrate {level:.0%} intervals (needs at least "
                          f"{int(np.ceil(level / (1 - level)))}); lower the level")
-    scale = np.maximum(np.median(truth, axis=0), 1e-6)
+    scale = np.maximum(truth.mean(axis=0), 1e-6)  # the mean: a median is 0 where most quadrats lack clover
     scores = np.abs(truth - oof) / (np.clip(oof, 0, None) + scale)
     return Conformal(level, np.sort(scores, axis=0)[rank - 1], scale, n)
 

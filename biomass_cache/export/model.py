@@ -184,7 +184,8 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
     with atomic_folder(out, "exporting") as tmp:
         tmp.mkdir(parents=True)
         batch = torch.export.Dim("batch", min=1)
-        program = torch.onnx.export(model, (torch.from_numpy(check_inputs[:2]),), dynamo=True, opset_version=OPSET,
+        example = np.concatenate([check_inputs, check_inputs])[:2]  # a batch of 1 would pin the batch size
+        program = torch.onnx.export(model, (torch.from_numpy(example),), dynamo=True, opset_version=OPSET,
                                     input_names=["photos"], output_names=["grams"],
                                     dynamic_shapes={"x": {0: batch}}, verbose=False)
         program.save(str(tmp / "model.onnx"))
@@ -209,6 +210,7 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
                 raise DataError(f"the int8 graph differs from the fp32 one by a relative RMS of {error:.2e} "
                                 f"(tolerance {INT8_TOLERANCE:g}); nothing written (export without --quantize)")
             (tmp / "int8.onnx").replace(tmp / "model.onnx")
+            (tmp / "model.onnx.data").unlink(missing_ok=True)  # the fp32 weights of a large graph
         for extra in tmp.glob("model.onnx.data"):  # weights beyond 2 GB go to external data, kept beside
             info["external_data"] = extra.name
         info["quantization"] = quantize

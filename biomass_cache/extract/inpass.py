@@ -40,6 +40,11 @@ from biomass_cache.store.reduce import (
 )
 
 
+def clean_fingerprint(parent: dict, pool: int) -> dict:
+    """The side store's: the extraction's, then layer norm and pooling of the clean view."""
+    return {"parent": parent, "clean_view": {"layer_norm": True, "pool": pool}}
+
+
 def fit_store_path(out: Path) -> Path:
     """Phase one's side store: cache/train.zarr -> cache/train.fit.zarr."""
     return out.with_name(out.name.removesuffix(".zarr") + ".fit.zarr")
@@ -68,14 +73,18 @@ class ReducedSink(Sink):
         super().__init__(store)
         self.reduction, self.parent_dtype, self.clean, self.from_clean = reduction, parent_dtype, clean, from_clean
 
-    def clean_view(self, image_id: str) -> torch.Tensor:
-        row = self.clean.image_ids.index(image_id)
-        return self.reduction.project(torch.from_numpy(self.clean.read(row, 0)))
+    def clean_view(self, image_id: str, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """The image's clean view from the side store, projected on `device` (copied from pinned memory without
+        waiting for the device's queued work)."""
+        x = torch.from_numpy(self.clean.read(self.clean.image_ids.index(image_id), 0))
+        if device.type == "cuda":
+            x = x.pin_memory().to(device, non_blocking=True)
+        return self.reduction.project(x)
 
     def samples(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[Sample]:
         x, views = self.reduction.apply(stored_values(tokens, self.parent_dtype)), item.views
         if item.image_id in self.from_clean and 0 not in views:
-            x, views = torch.cat([self.clean_view(item.image_id).to(x.device)[None], x]), (0, *views)
+            x, views = torch.cat([self.clean_view(item.image_id, x.device)[None], x]), (0, *views)
         i = self.rows[item.image_id]
         return [(i, v, x[at], None) for v, at in view_slices(views, self.store.n_views)]
 
@@ -91,12 +100,16 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
     per_rank: list[dict] = []
     if reduction is None:
         pool = resolve_pool(cfg.pool, run.grid)
+        if ranks.rank == 0 and clean_path.exists() and not cfg.overwrite and \
+                open_store(clean_path).fingerprint != clean_fingerprint(parent, pool):
+            run.say(f"removed {clean_path}: the clean views of another extraction or pooling")
+            shutil.rmtree(clean_path)
         check_settings(run.backbone.embed_dim, run.grid, cfg.dim, pool,
                        f"{cfg.backbone} at {cfg.size[0]}x{cfg.size[1]} (the tokens to reduce)")
         grid = (run.grid[0] // pool, run.grid[1] // pool)
         spec = StoreSpec(image_ids=run.table["image_id"].tolist(), n_views=1, layers=run.layers, grid=grid,
                          channels=run.backbone.embed_dim, split=cfg.split,
-                         fingerprint={"parent": parent, "clean_view": {"layer_norm": True, "pool": pool}},
+                         fingerprint=clean_fingerprint(parent, pool),
                          dtype="bfloat16" if dtype == "bfloat16" else "float16",
                          random_weights=run.backbone.weights_sha256 == "random")
 
@@ -107,18 +120,26 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
         per_rank, stores = run_pass(run, [*full, (clean_path, spec)], lambda stores: [
             *map(Sink, stores[:-1]), CleanSink(stores[-1], dtype, run.grid, pool)], pending_clean,
             f"extract {cfg.split}, phase 1 of 2 (clean views)")
+        error = None
         if ranks.rank == 0:
-            rows = usable_images(stores[-1])
-            mean, comps = fit_pca((torch.from_numpy(stores[-1].read(i, 0)) for i in rows), len(rows), cfg.dim,
-                                  cfg.fit_tokens)
-            reduction = Reduction(run.layers, mean, comps, pool, parent, run.grid)
-            run.say(f"fitted the projection on the clean views of {len(rows)} images: {run.backbone.embed_dim} -> "
-                    f"{cfg.dim} channels, grid {list(run.grid)} -> {list(reduction.grid)}")
-        reduction = ranks.broadcast(reduction)
+            try:
+                rows = usable_images(stores[-1])
+                mean, comps = fit_pca((torch.from_numpy(stores[-1].read(i, 0)) for i in rows), len(rows), cfg.dim,
+                                      cfg.fit_tokens)
+                reduction = Reduction(run.layers, mean, comps, pool, parent, run.grid)
+                run.say(f"fitted the projection on the clean views of {len(rows)} images: {run.backbone.embed_dim} "
+                        f"-> {cfg.dim} channels, grid {list(run.grid)} -> {list(reduction.grid)}")
+            except Exception as e:  # the other ranks are waiting for the projection: they stop too
+                error = e
+        reduction, message = ranks.broadcast((reduction, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise DataError(f"rank 0 could not fit the projection: {message}")
 
     clean = open_store(clean_path) if clean_path.exists() else None
-    if clean is not None and clean.fingerprint.get("parent") != parent:
-        clean = None  # another extraction's: its clean views are not these
+    if clean is not None and clean.fingerprint != clean_fingerprint(parent, reduction.pool):
+        clean = None  # another extraction's or pooling's: its clean views are not these
     spec = reduced_spec(reduction, run.table["image_id"].tolist(), cfg.views, run.layers, parent, cfg.split, dtype,
                         run.backbone.weights_sha256 == "random")
     if clean is not None:
@@ -132,8 +153,10 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
         already.append(int(reduced.done().sum()))
         missing = missing_views(run, reduced, say_skipped=True)
         missing_full = missing_views(run, stores[0]) if full else {}
+        current = reduced.content_hashes  # recorded when the reduced store was prepared: the photos as they are
         have = set() if clean is None else {i for i, done in zip(clean.image_ids, clean.done()[:, 0])
-                                             if done and i not in clean.bad_ids}
+                                             if done and i not in clean.bad_ids
+                                             and clean.content_hashes.get(i) == current.get(i)}
         need = {}
         for image_id in set(missing) | set(missing_full):
             r, f = set(missing.get(image_id, ())), set(missing_full.get(image_id, ()))
@@ -160,7 +183,9 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
     ranks.barrier()
     if per_rank:  # each rank's two phases as one; every image of phase one comes back in phase two
         more = [b | {"views": a["views"] + b["views"], "loop_s": a["loop_s"] + b["loop_s"], "bad": a["bad"] | b["bad"],
-                     "stages": {k: a.get("stages", {}).get(k, 0) + v for k, v in b.get("stages", {}).items()}}
+                     "images": max(a["images"], b["images"]),
+                     "stages": {k: a.get("stages", {}).get(k, 0) + b.get("stages", {}).get(k, 0)
+                                for k in {*a.get("stages", {}), *b.get("stages", {})}}}
                 for a, b in zip(per_rank, more)]
     return more, open_store(cfg.out), already[0]
 

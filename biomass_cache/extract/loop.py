@@ -145,7 +145,7 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
             tqdm.write("backbone split: " + ", ".join(f"blocks {a}..{b - 1} on {d}" for a, b, d in
                                                        zip(starts, [*starts[1:], backbone.depth], devices)))
     device = devices[0]
-    per_batch = max(1, cfg.batch_size // cfg.views)
+    per_batch = max(1, cfg.batch_size // max(len(it.views) for it in items))  # views per forward: batch_size
     loader = DataLoader(_ViewsDataset(items, cfg), batch_size=per_batch, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
@@ -216,7 +216,7 @@ class Stages:
 
     def __init__(self, device: torch.device):
         self.seconds: dict[str, float] = defaultdict(float)
-        self.cuda = device.type == "cuda"
+        self.cuda, self.on = device.type == "cuda", device
         self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
 
     @contextmanager
@@ -233,9 +233,9 @@ class Stages:
             yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(torch.cuda.current_stream(self.on))
         yield
-        end.record()
+        end.record(torch.cuda.current_stream(self.on))
         self.events[name].append((start, end))
 
     def report(self) -> dict[str, float]:

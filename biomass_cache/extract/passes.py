@@ -29,7 +29,7 @@ def run_pass(run: Run, stores: list[tuple[Path, StoreSpec]], sinks: Callable[[li
         try:
             for path, spec in stores:
                 prepare_store(run, path, spec)
-        except (StoreError, FileExistsError, ValueError) as e:
+        except Exception as e:  # the other ranks wait in the broadcast below: they stop with rank 0's message
             error = e
     message = ranks.broadcast(None if error is None else str(error))
     if error is not None:
@@ -49,6 +49,7 @@ def run_pass(run: Run, stores: list[tuple[Path, StoreSpec]], sinks: Callable[[li
         for image_id, reason in {k: v for c in per_rank for k, v in c["bad"].items()}.items():
             for store in opened:
                 store.mark_bad(image_id, reason)
+    ranks.barrier()  # the attributes rank 0 rewrote are read again below
     return per_rank, [open_store(path, mode="r+") for path, _ in stores]
 
 

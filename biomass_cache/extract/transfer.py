@@ -114,7 +114,7 @@ class Transfer:
             host = [self.pool.take(t).copy_(t, non_blocking=True) for t in device_tensors]
             for t in device_tensors:
                 t.record_stream(self.stream)  # not reused by the allocator before the copy has read it
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # a writer thread waiting on it sleeps, leaving the CPU to others
             event.record(self.stream)
         n = len(values)
         return InFlight(i, views, names, host[:n], host[n], host[n + 1] if finite is not None else None, dtype,

@@ -93,6 +93,8 @@ def paired_difference(truth: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
     """Both predictions scored on the same visit resamples: the resampling noise they share cancels."""
     sums_a, _ = _visit_sums(truth, pred_a, groups)
     sums_b, _ = _visit_sums(truth, pred_b, groups)
+    if len(sums_a) < 2:
+        raise ValueError("a grouped bootstrap needs at least two visits")
     counts = _counts(len(sums_a), resamples, seed)
     diff = _r2_of(counts, sums_a) - _r2_of(counts, sums_b)
     a, b = competition_r2(truth, pred_a), competition_r2(truth, pred_b)

@@ -105,7 +105,8 @@ def cross_fitted(preds: Sequence[np.ndarray], y_true: np.ndarray, folds: np.ndar
                  fit: Callable[[list, np.ndarray], np.ndarray],
                  combine: Callable[[list, np.ndarray], np.ndarray]) -> dict:
     """The honest OOF score of a fitted combination: for each fold k, `fit` on the other folds' rows and
-    `combine` fold k's; competition_r2 of the pooled held-out predictions over all rows, and of each fold's."""
+    `combine` fold k's; competition_r2 of the pooled held-out predictions over all rows, and of each fold's, and
+    those predictions (`predictions`, (N, 5))."""
     y = np.asarray(y_true, dtype=np.float64)
     folds = np.asarray(folds)
     pooled = np.full_like(y, np.nan)
@@ -115,7 +116,7 @@ def cross_fitted(preds: Sequence[np.ndarray], y_true: np.ndarray, folds: np.ndar
         params = fit([np.asarray(p)[~held] for p in preds], y[~held])
         pooled[held] = combine([np.asarray(p)[held] for p in preds], params)
         per_fold[f"fold{k}"] = competition_r2(y[held], pooled[held])
-    return {"ensemble": competition_r2(y, pooled), "n_folds": len(per_fold), "folds": per_fold}
+    return {"ensemble": competition_r2(y, pooled), "n_folds": len(per_fold), "folds": per_fold, "predictions": pooled}
 
 
 def oof_scores(preds: Sequence[np.ndarray], y_true: np.ndarray, weights: np.ndarray,

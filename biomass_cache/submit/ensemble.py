@@ -58,7 +58,8 @@ from biomass_cache.train.runs import read_oof
 @dataclass(frozen=True)
 class OofSet:
     """The training images every member predicted out of fold: their labels and visits, each member's OOF grams and
-    the ensemble's (its weights applied to them)."""
+    the ensemble's (given weights applied to them; fitted weights: cross-fitted, each fold by weights fitted without
+    it)."""
 
     image_ids: list[str]
     groups: np.ndarray  # the (Sampling_Date, State) visit of each image
@@ -79,7 +80,7 @@ class EnsembleResult:
     member_files: list[Path]
     resolved: list[ResolvedMember]
     stores: list  # each member's test TokenStore (None for a LoRA member)
-    oof: OofSet | None = None  # when every member has OOF predictions
+    oof: OofSet | None = None  # when every member has OOF predictions (fitted weights: cross-fitted)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"image_id": self.image_ids, **{t: self.grams[:, j] for j, t in enumerate(TARGETS)}})
@@ -179,9 +180,12 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
                          **oof_scores(oof[0], oof[1], weights, combine)}
         report["oof"]["members"] = dict(zip(names, report["oof"]["members"]))
         if fitted:
-            report["oof"]["cross_fitted_oof"] = {**cross_fitted(oof[0], oof[1], folds, fit, combine),
-                                                 "folds_csv": str(folds_csv)}
-    ensemble_oof = None if oof is None else OofSet(oof[2], oof[3], oof[1], oof[0], combine(oof[0], weights))
+            held_out = cross_fitted(oof[0], oof[1], folds, fit, combine)
+            oof_grams = held_out.pop("predictions")  # the honest OOF of fitted weights: intervals calibrate on it
+            report["oof"]["cross_fitted_oof"] = {**held_out, "folds_csv": str(folds_csv)}
+        else:
+            oof_grams = combine(oof[0], weights)
+    ensemble_oof = None if oof is None else OofSet(oof[2], oof[3], oof[1], oof[0], oof_grams)
     return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores, ensemble_oof)
 
 

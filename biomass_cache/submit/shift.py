@@ -35,8 +35,11 @@ def pooled_tokens(store: TokenStore, rows: Sequence[int]) -> np.ndarray:
 
 
 def _knn_mean(d: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, d.shape[1])
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+    """Mean of each row's k smallest finite distances (inf: a pair that does not count); NaN for a row with none."""
+    nearest = np.sort(d, axis=1)[:, :min(k, d.shape[1])]
+    finite = np.isfinite(nearest)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, nearest, 0).sum(axis=1) / finite.sum(axis=1)
 
 
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,6 +71,7 @@ def fit_shift(features: np.ndarray, groups: Sequence[str], quantile: float = QUA
     d = _distances(z, z)
     d[groups[:, None] == groups[None, :]] = np.inf  # a visit's own photos do not count
     calibration = _knn_mean(d, NEIGHBOURS)
+    calibration = calibration[np.isfinite(calibration)]
     return ShiftModel(mean, std, z, float(np.quantile(calibration, quantile)), calibration)
 
 
