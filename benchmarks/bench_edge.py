@@ -46,7 +46,8 @@ def model_of(name: str) -> tuple[Ensemble, dict]:
     rng = np.random.default_rng(0)
     zscore = ZScore.fit(rng.lognormal(3, 0.5, (64, len(TARGETS))))
     head = create_head("density", n_layers=len(layers), channels=backbone.embed_dim, grid=grid, zscore=zscore).eval()
-    model = Ensemble(backbone, layers, True, 1, None, [[(head, list(range(len(layers))))]], np.ones(1), tta=False)
+    model = Ensemble(backbone, layers, True, 1, None, [[(head, list(range(len(layers))))]], np.ones((3, 1)),
+                     tta=False)
     policy = ViewPolicy()
     info = {"format": "biomass-cache onnx model", "input": {"name": "photos", "size": list(SIZE),
             "resize": policy.resample, "decode_oversample": policy.decode_oversample, "mean": list(IMAGENET_MEAN),

@@ -18,6 +18,7 @@ from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.cli import app
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.targets import TARGETS
+from biomass_cache.submit.bundle_run import toml_ensemble
 from toys import ROOT
 
 pytestmark = pytest.mark.slow
@@ -44,20 +45,25 @@ def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_export_then_predict_without_torch(pipeline, tmp_path):
+    """An `oof` ensemble (weights fitted on the OOF predictions, as `submit` fits them) of two heads."""
     root, data, run = pipeline
-    spec = f"{run}:density,{run}:mlp"
-    made = cli("export", "--members", spec, "--out", tmp_path / "model")
+    ensemble = tmp_path / "ensemble.toml"
+    ensemble.write_text(toml_ensemble({"aggregation": "oof", "member": [{"path": str(run), "head": "density"},
+                                                                         {"path": str(run), "head": "mlp"}]}))
+    made = cli("export", "--ensemble", ensemble, "--out", tmp_path / "model")
     assert made.exit_code == 0, made.output
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["check"]["rel_rms_vs_pytorch"] <= 1e-4 and info["quantization"] is None
-    assert info["input"]["size"] == [64, 32] and info["random_weights"] and len(info["members"]) == 2
+    assert info["input"]["size"] == [64, 32] and info["random_weights"] and info["aggregation"] == "oof"
+    weights = [m["weights"]["Dry_Clover_g"] for m in info["members"]]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1, abs=1e-6)
     script = tmp_path / "no_torch.py"
     script.write_text(NO_TORCH)
     done = subprocess.run([sys.executable, str(script), "predict", str(data / "test"), "--model",
                            str(tmp_path / "model"), "--out", str(tmp_path / "onnx.csv")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    reference = cli("predict", data / "test", "--members", spec, "--out", tmp_path / "torch.csv", "--work-dir",
+    reference = cli("predict", data / "test", "--ensemble", ensemble, "--out", tmp_path / "torch.csv", "--work-dir",
                     tmp_path / "work")
     assert reference.exit_code == 0, reference.output
     a, b = pd.read_csv(tmp_path / "onnx.csv"), pd.read_csv(tmp_path / "torch.csv")

@@ -17,7 +17,7 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="The model folder to write (model.onnx, model.json)."),
     members: Optional[str] = typer.Option(None, "--members", help="Run folder(s), comma-separated, equal weights; "
                                           "RUN:HEAD picks one head of a run that trained several."),
-    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (aggregation 'mean')."),
+    ensemble: Optional[Path] = typer.Option(None, "--ensemble", help="Ensemble TOML file (aggregation mean, oof or stack: fitted weights are baked in)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation of the "
                                            "weights (refused when its error exceeds the tolerance)."),
     photos: Optional[Path] = typer.Option(None, "--photos", help="A folder of photos the export is checked on "

@@ -21,7 +21,8 @@ def predict_command(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where test caches and member predictions "
                                             "are kept and reused [the folder of --out]."),
     train_csv: Optional[Path] = typer.Option(None, "--train-csv", help="train.csv with the labels of the "
-                                             "members' OOF predictions (for aggregation 'oof' and OOF scores)."),
+                                             "members' OOF predictions (for aggregation oof/stack, --interval and OOF scores; default: "
+                                             "the first member's recorded training data)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights file per backbone for the test "
                                           "caches, BACKBONE=PATH[,...] (needed for real weights unless the run's "
                                           "config or the ensemble file names them)."),

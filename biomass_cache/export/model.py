@@ -8,7 +8,8 @@ beside it says what the input must be (size, resize filter, normalisation) and w
 
 An export checks itself: the graph in onnxruntime against the same module in PyTorch on real photos; a graph whose
 relative error exceeds the tolerance (TOLERANCE, or INT8_TOLERANCE against the fp32 graph when quantised) is not
-written. LoRA members and fitted, stacked or MC-dropout aggregations are refused.
+written. The weights are the given ones, or for `oof` and `stack` the ones `submit` fits on the out-of-fold
+predictions; LoRA members and MC-dropout aggregation (per-photo weights) are refused.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from biomass_cache.backbone.views import IMAGENET_MEAN, IMAGENET_STD, TTA_VIEWS,
 from biomass_cache.backbone.vit import create_backbone, forward_tokens
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_folder, write_json
-from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS
+from biomass_cache.common.targets import COMPONENTS, PLOT_AREA_M2, TARGETS
 from biomass_cache.heads import run_head
 from biomass_cache.store.reduce import Reduction
 from biomass_cache.submit.members import ResolvedMember, resolve_member, weights_file
-from biomass_cache.submit.spec import EnsembleSpec
+from biomass_cache.submit.ensemble import fitter, oof_inputs
+from biomass_cache.submit.predict import recorded_train_csv
+from biomass_cache.submit.spec import FITTED, EnsembleSpec
 from biomass_cache.train import runs
 
 TOLERANCE = 1e-4  # relative RMS of the grams, onnxruntime fp32 against PyTorch
@@ -69,7 +72,7 @@ class Ensemble(nn.Module):
         self.heads = nn.ModuleList(h for folds in members for h, _ in folds)
         self.plan = [[(sum(len(f) for f in members[:m]) + k, pos) for k, (_, pos) in enumerate(folds)]
                      for m, folds in enumerate(members)]
-        self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))  # (M,)
+        self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))  # (3 components, M)
         to_targets = torch.tensor([[1, 0, 0, 1, 1], [0, 1, 0, 0, 1], [0, 0, 1, 1, 1]], dtype=torch.float32)
         self.register_buffer("to_grams", to_targets * PLOT_AREA_M2)  # components (g/m^2) -> the five grams
 
@@ -82,7 +85,7 @@ class Ensemble(nn.Module):
         for m, folds in enumerate(self.plan):
             comps = torch.stack([run_head(self.heads[k], tokens[:, pos], False)["components"] for k, pos in folds])
             comps = comps.mean(0).reshape(-1, x.shape[0], 3).mean(0)  # folds, then views
-            total = total + self.weights[m] * comps
+            total = total + self.weights[:, m] * comps
         return total @ self.to_grams
 
 
@@ -97,11 +100,27 @@ def _member_heads(rm: ResolvedMember, layers: list[int]) -> list[tuple[nn.Module
     return out
 
 
+def ensemble_weights(spec: EnsembleSpec, resolved: list[ResolvedMember]) -> np.ndarray:
+    """(3, M) weights per component and member: the given ones, or for `oof` and `stack` the ones `submit` fits on
+    the members' out-of-fold predictions (labels from the members' recorded training data)."""
+    m = len(resolved)
+    if spec.aggregation == "mean":
+        given = np.array([x.weight for x in spec.members], np.float64)
+        return np.broadcast_to(given / given.sum(), (3, m)).copy()
+    if spec.aggregation not in FITTED:
+        raise DataError(f"export bakes fixed weights into the graph: aggregation {spec.aggregation!r} weighs each "
+                        "photo by its own MC-dropout variance (use mean, oof or stack)")
+    train_csv = recorded_train_csv(spec)
+    if train_csv is None:
+        raise DataError(f"the {spec.aggregation} weights are fitted on the members' OOF predictions, and no member "
+                        "records where its train.csv is")
+    oof = oof_inputs(resolved, train_csv, required=True, aggregation=f"exporting a {spec.aggregation} ensemble")
+    weights = np.asarray(fitter(spec)[0](oof[0], oof[1]), np.float64)
+    return weights if weights.ndim == 2 else np.broadcast_to(weights, (3, m)).copy()
+
+
 def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     """The PyTorch module of `spec` and the description `model.json` starts from."""
-    if spec.aggregation != "mean":
-        raise DataError(f"export supports the aggregation 'mean' (given weights), not {spec.aggregation!r}: its "
-                        "weights come from the OOF predictions at submission time")
     resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
     for rm in resolved:
         if rm.kind != "cache":
@@ -125,14 +144,15 @@ def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     backbone.model.eval()
     layers = list(first["layers"])
     reduction = None if resolved[0].reduction is None else Reduction.load(resolved[0].reduction.with_suffix(""))
-    given = np.array([m.weight for m in spec.members], np.float64)
+    weights = ensemble_weights(spec, resolved)
     model = Ensemble(backbone, layers, first["norm"], first.get("tiles", 1), reduction,
-                     [_member_heads(rm, layers) for rm in resolved], given / given.sum(), tta).eval()
+                     [_member_heads(rm, layers) for rm in resolved], weights, tta).eval()
     info = {"format": "biomass-cache onnx model", "version": __version__,
             "input": {"name": "photos", "layout": "NCHW", **build_info_size(spec)["input"]},
             "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]],
-            "members": [{"name": rm.member.name, "weight": float(w), "checkpoints": [str(p) for p in rm.checkpoints]}
-                        for rm, w in zip(resolved, given / given.sum())],
+            "aggregation": spec.aggregation,
+            "members": [{"name": rm.member.name, "weights": dict(zip(COMPONENTS, weights[:, k].round(8).tolist())),
+                         "checkpoints": [str(p) for p in rm.checkpoints]} for k, rm in enumerate(resolved)],
             "backbone": {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
             "reduction": None if reduction is None else reduction.sha256,
             "random_weights": first["weights_sha256"] == "random"}

@@ -130,7 +130,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
         if spec.aggregation == "mc_dropout":
             check_mc_dropout(rm)
     fitted = spec.aggregation in FITTED  # OOF inputs and folds checked before any test image is predicted
-    oof = _oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted or bool(require_oof),
+    oof = oof_inputs(resolved, Path(train_csv or data_dir / "train.csv"), required=fitted or bool(require_oof),
                       aggregation=require_oof or f"{spec.aggregation} aggregation")
     folds, folds_csv = oof_folds(resolved, oof[2]) if fitted else (None, None)
     preds, variances, caches, files, stores = [], [], [], [], []
@@ -162,7 +162,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     names = [rm.member.name for rm in resolved]
     given = np.array([m.weight for m in spec.members], dtype=np.float64)
     report: dict = {"aggregation": spec.aggregation, "members": names, "n_images": len(ids)}
-    fit, combine = _fitter(spec)
+    fit, combine = fitter(spec)
     if fitted:
         weights = fit(oof[0], oof[1])
         grams = combine(preds, weights)
@@ -189,7 +189,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     return EnsembleResult(ids, grams, names, preds, weights, report, caches, files, resolved, stores, ensemble_oof)
 
 
-def _fitter(spec: EnsembleSpec) -> tuple[Callable, Callable]:
+def fitter(spec: EnsembleSpec) -> tuple[Callable, Callable]:
     """(fit, combine) of the aggregation: fit(preds, labels) -> weights, combine(preds, weights) -> grams."""
     if spec.aggregation == "stack":
         return (lambda p, y: fit_stack(p, y, spec.stack_alpha)), stack_predict
@@ -203,7 +203,7 @@ def _weights_report(names: Sequence[str], weights: np.ndarray) -> dict:
     return {name: dict(zip(COMPONENTS, col.tolist())) for name, col in zip(names, weights.T)}
 
 
-def _oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: bool,
+def oof_inputs(resolved: Sequence[ResolvedMember], train_csv: Path, required: bool,
                 aggregation: str) -> tuple[list[np.ndarray], np.ndarray, list[str], np.ndarray] | None:
     """The members' OOF predictions, the train labels, the ids of the images all of them predicted and their visits.
 

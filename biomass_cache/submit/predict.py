@@ -26,7 +26,7 @@ from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, prediction_frame
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
 from biomass_cache.submit.members import draws_maps, load_checked_heads, resolve_member, store_positions
 from biomass_cache.submit.shift import ensemble_shift, warning_text
-from biomass_cache.submit.spec import EnsembleSpec
+from biomass_cache.submit.spec import FITTED, EnsembleSpec
 from biomass_cache.train import inference
 
 ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
@@ -168,8 +168,8 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
                         f"none of {[m.name for m in spec.members]} has one")
     if interval is not None and not 0 < interval < 1:
         raise DataError(f"--interval {interval}: the level must be between 0 and 1, e.g. 0.9")
-    if interval is not None and train_csv is None:  # the labels of the OOF residuals: the members' training data
-        train_csv = recorded_train_csv(spec)
+    if train_csv is None and (interval is not None or spec.aggregation in FITTED):
+        train_csv = recorded_train_csv(spec)  # the labels of the OOF predictions: the members' training data
     photos, bad = check_photos(list_photos(photo_dir), input_sizes(spec), skip_bad)
     with tempfile.TemporaryDirectory(prefix="biomass-photos-") as tmp, writing(out, also=tmp):
         write_photo_table(photos, Path(tmp))
