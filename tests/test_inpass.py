@@ -74,6 +74,22 @@ def test_a_test_cache_with_like_equals_reduce_like(two_ways):
     assert open_store(root / "test_inpass.zarr").fingerprint == open_store(root / "test_two.zarr").fingerprint
 
 
+def killed_after_two_images(monkeypatch, sink: type, cfg) -> None:
+    """Run the extraction of `cfg` until `sink` has taken two images, then stop it as Ctrl-C would."""
+    original, calls = sink.samples, []
+
+    def dies(self, item, tokens, prefix):
+        calls.append(item.image_id)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return original(self, item, tokens, prefix)
+
+    with monkeypatch.context() as m:
+        m.setattr(sink, "samples", dies)
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg, progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [1, 1.5, 2])
 def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypatch, phase):
@@ -89,19 +105,7 @@ def test_a_kill_in_either_phase_or_between_resumes(two_ways, tmp_path, monkeypat
             with pytest.raises(KeyboardInterrupt):
                 extract(cfg, progress=False)
     else:
-        sink = inpass.CleanSink if phase == 1 else inpass.ReducedSink
-        original, calls = sink.samples, []
-
-        def dies(self, item, tokens, prefix):
-            calls.append(item.image_id)
-            if len(calls) > 2:
-                raise KeyboardInterrupt
-            return original(self, item, tokens, prefix)
-
-        with monkeypatch.context() as m:
-            m.setattr(sink, "samples", dies)
-            with pytest.raises(KeyboardInterrupt):
-                extract(cfg, progress=False)
+        killed_after_two_images(monkeypatch, inpass.CleanSink if phase == 1 else inpass.ReducedSink, cfg)
     assert inpass.fit_store_path(out).exists() and out.exists() == (phase == 2)
     if phase == 2:
         sha = Reduction.of_store(open_store(out)).sha256
@@ -201,18 +205,7 @@ def test_a_photo_changed_between_the_phases_is_not_taken_from_the_side_store(two
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
     cfg = config(tmp_path, out=tmp_path / "r.zarr", **base, **REDUCE)
-    original, calls = inpass.ReducedSink.samples, []
-
-    def dies(self, item, tokens, prefix):
-        calls.append(item.image_id)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return original(self, item, tokens, prefix)
-
-    with monkeypatch.context() as m:
-        m.setattr(inpass.ReducedSink, "samples", dies)
-        with pytest.raises(KeyboardInterrupt):
-            extract(cfg, progress=False)
+    killed_after_two_images(monkeypatch, inpass.ReducedSink, cfg)
     last = sorted((data / "train").iterdir())[-1]
     Image.fromarray(np.full((48, 96, 3), (200, 30, 30), np.uint8)).save(last)  # another photo, same id
     extract(cfg, progress=False)

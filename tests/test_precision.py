@@ -17,7 +17,8 @@ from biomass_cache.backbone.vit import create_backbone, forward_tokens, place_ba
 from biomass_cache.submit.members import _extract_settings
 from biomass_cache.extract.pipeline import extract
 from biomass_cache.cli.extract import extract_command
-from biomass_cache.backbone.precision import COMPUTE, check_finite, precision_of_compute, resolve_precision
+from biomass_cache.backbone.precision import (COMPUTE, finite_rows, non_finite_error, precision_of_compute,
+                                                resolve_precision)
 from biomass_cache.common.errors import NonFiniteError
 from biomass_cache.store.layout import open_store
 from toys import assert_same_arrays, config, write_data
@@ -89,6 +90,12 @@ def test_forced_fp16_overflow_is_a_clear_error_with_nothing_done(tmp_path, monke
     done = extract(config(tmp_path, out=tmp_path / "fp32.zarr", precision="fp32", norm=False, dtype="bfloat16"),
                    progress=False)
     assert done["samples_done"] == 9  # the same weights are finite in fp32
+
+
+def check_finite(tokens, prefix, image_ids, views_per_image, layers, precision) -> None:
+    error = non_finite_error(finite_rows(tokens, prefix), image_ids, views_per_image, layers, precision)
+    if error is not None:
+        raise error
 
 
 def test_check_finite_names_the_image_of_the_bad_row():

@@ -38,7 +38,7 @@ def test_the_checks_are_raised_by_the_writer_thread(tmp_path):
     bad = tokens.clone()
     bad[1, 2, 0, 0] = float("nan")  # view 1, third cached block (layer 7)
     on_bad = lambda f: non_finite_error(f, ["ID2"], [2], [2, 5, 7], "bf16")  # noqa: E731
-    writer = Writer(store, 2, 4)
+    writer = Writer(store, 4)
     writer.put(transfer.send(store, 0, slice(None), tokens, None, finite_rows(tokens, tokens[..., :0]), on_bad))
     writer.put(transfer.send(store, 2, slice(None), bad, None, finite_rows(bad, bad[..., :0]), on_bad))
     writer.close()

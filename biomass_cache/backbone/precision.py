@@ -77,11 +77,3 @@ def non_finite_error(finite: torch.Tensor, image_ids: Sequence[str], views_per_i
     return NonFiniteError(f"non-finite tokens (inf or NaN) from image {image!r} at cached block {layers[pos]} "
                           f"(the first cached block affected) in {precision} compute; {hint}; nothing of this image "
                           "was written")
-
-
-def check_finite(tokens: torch.Tensor, prefix: torch.Tensor, image_ids: Sequence[str], views_per_image: Sequence[int],
-                 layers: Sequence[int], precision: str) -> None:
-    """Raise NonFiniteError naming the first image and cached block with inf/NaN in (B, L, ...) tokens or prefix."""
-    error = non_finite_error(finite_rows(tokens, prefix), image_ids, views_per_image, layers, precision)
-    if error is not None:
-        raise error

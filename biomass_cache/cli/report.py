@@ -27,14 +27,12 @@ def report_command(
     submission (members, scores, the ensemble against its best member, unusual photos) or a tuning study."""
     from biomass_cache.report.run import write_run_report
     from biomass_cache.report.study import is_study, write_study_report
-    from biomass_cache.report.html import render
-    from biomass_cache.report.submission import html_path, submission_context
+    from biomass_cache.report.submission import write_submission_report
 
     if out is not None:
         check_output_file(out, "--out")
     if path.is_file() and path.suffix == ".csv":
-        written = render("submission.html.j2", out or html_path(path), **submission_context(path))
-        typer.echo(f"report written to {written}")
+        typer.echo(f"report written to {write_submission_report(path, html=out)}")
     elif is_study(path):
         typer.echo(f"report written to {write_study_report(path, out)}")
     elif (path / "metrics.json").is_file() and (path / "config.json").is_file():

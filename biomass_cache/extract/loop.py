@@ -35,7 +35,6 @@ from biomass_cache.extract.transfer import Transfer
 from biomass_cache.store.handle import TokenStore
 from biomass_cache.store.writer import Writer
 
-WRITER_THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
 QUEUE_BATCHES = 4  # batches computed ahead of the writers (bounds the memory held by finished tokens)
 
 
@@ -150,7 +149,7 @@ def run_views(run: Run, sinks: list[Sink], items: list[Item], desc: str) -> dict
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     counts: dict[str, Any] = {"views": 0, "images": 0, "bad": {}}
     start = time.perf_counter()
-    writers = [Writer(sink.store, WRITER_THREADS, QUEUE_BATCHES * per_batch) for sink in sinks]
+    writers = [Writer(sink.store, QUEUE_BATCHES * per_batch) for sink in sinks]
     transfer = Transfer(device)
     bar = tqdm(total=sum(len(it.views) for it in items), unit="view", disable=not run.progress, dynamic_ncols=True,
                desc=desc + (f" (rank 0 of {run.ranks.world})" if run.ranks.world > 1 else ""))

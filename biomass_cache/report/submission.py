@@ -103,9 +103,11 @@ def submission_context(out: Path) -> dict[str, Any]:
             "random_weights": any(m["random"] for m in numbers["members"]), "resamples": numbers["resamples"]}
 
 
-def write_submission_report(out: Path, result: EnsembleResult | None = None, resamples: int = 2000) -> Path:
-    """With `result` (just after `submit`): add its numbers to NAME.report.json first; then render the page."""
+def write_submission_report(out: Path, result: EnsembleResult | None = None, resamples: int = 2000,
+                            html: Path | None = None) -> Path:
+    """With `result` (just after `submit`): add its numbers to NAME.report.json first; then render the page (into
+    `html`, by default NAME.report.html)."""
     if result is not None:
         report = json.loads(report_path(out).read_text())
         write_json(report_path(out), {**report, "decision": decision_numbers(result, resamples)})
-    return render("submission.html.j2", html_path(out), **submission_context(out))
+    return render("submission.html.j2", html or html_path(out), **submission_context(out))

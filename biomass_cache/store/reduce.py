@@ -40,7 +40,6 @@ METHOD = "pca-layernorm"
 DEFAULT_DIM = 128
 DEFAULT_POOL = "auto"  # the coarsest pooling that keeps at least MIN_GRID patches
 MIN_GRID = (14, 28)  # rows, cols: the grid at which the quality benchmark measured (docs: benchmarks)
-WRITER_THREADS = 2  # fsyncs wait on the disk, not the CPU: they overlap with the arithmetic
 DEFAULT_FIT_TOKENS = 100_000  # tokens per layer the PCA is fitted on (a random subset of the pooled clean views)
 
 
@@ -264,7 +263,7 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
             print(f"removed {leftover}, left behind by an interrupted run")
         with atomic_folder(out, "reducing") as tmp:
             store = create_store(tmp, spec)
-            writer = Writer(store, WRITER_THREADS, 2 * WRITER_THREADS)
+            writer = Writer(store, 4)  # fsyncs wait on the disk, not the CPU: they overlap
             try:  # reading ahead and writing behind overlap with the arithmetic
                 for i, views in tqdm(read_ahead(src, rows), total=len(rows), desc=f"reduce -> {out.name}",
                                      disable=not progress, leave=False):

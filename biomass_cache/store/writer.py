@@ -11,12 +11,15 @@ from typing import Any
 from biomass_cache.store.handle import EncodedSample, TokenStore
 
 
+THREADS = 2  # shards of different images are independent files: two writers keep up with a fast GPU
+
+
 class Writer:
     """Writer threads, each behind its own bounded queue. The samples of one image always go to the same thread, so
     two views written apart never rewrite their shared shard file at once. A failure is kept and re-raised in the
     main thread; after one, the threads keep draining (without writing) so the producer never blocks."""
 
-    def __init__(self, store: TokenStore, n_threads: int, max_jobs: int):
+    def __init__(self, store: TokenStore, max_jobs: int, n_threads: int = THREADS):
         self.store, self.error = store, None
         self.queues: list[queue.Queue] = [queue.Queue(max(1, max_jobs // n_threads)) for _ in range(n_threads)]
         self.threads = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"store-writer-{k}")
