@@ -1,57 +1,89 @@
-"""`biomass reduce` at the ViT-L shape: pooling before projecting against projecting before pooling, side by side.
+"""`biomass reduce` at the ViT-L shape: this tree against the command when issue #29 was filed, side by side.
 
 A float16 store of ViT-L-shaped tokens (3 layers x 1800 tokens (30 x 60 grid) x 1024 channels, 4 views) is reduced
-with the defaults (PCA 128 channels, 2 x 2 pooling) twice in one process, in alternating order per rep:
+with the defaults (PCA 128 channels, 2 x 2 pooling) by two arms, each in its own process, in alternating order per
+rep:
 
-- before: the previous command: the projection applied to every token, then pooled, each image read, reduced and
-  written in turn on one thread;
-- now: `reduce_store`: pooled first, then projected (`Reduction.apply`), with a thread reading ahead and writer
-  threads writing behind.
+- before: the code of `--baseline` (commit 1ba0193, a git worktree in --dir): every token projected, then pooled;
+  each image read as float32, reduced and written in turn on the main thread, torch's threads within each op;
+- now: this tree: the stored float16 values normed and pooled in float16, then projected (`Reduction.apply`), whole
+  images on one thread per core (`in_threads`), writer threads behind.
 
-Per arm: the whole `reduce_store` (read, layer norm, pooling, projection, write) and the transform alone, per image;
-beside them the store's read rate alone (the limit of a reduction that does no arithmetic) and the largest
-difference between the two arms' stores (they compute the same linear map in another order).
+Per arm, per image: the whole command (`fit_reduction` + `reduce_store`: read, layer norm, pooling, projection,
+write) and its two parts, and the transform alone on one view as the arm reads it (float32 before, stored values
+now); beside them the store's read rate alone (the limit of a reduction that does no arithmetic), and the largest
+difference between the now arm's store and the before arm's order (every token projected, in float32) under the
+now arm's projection (each arm fits its own PCA, and random tokens have no stable minor components). `--cores 1` runs
+both arms on one core (taskset).
 
-    python benchmarks/bench_reduce.py [--images 24] [--reps 3]
+    python benchmarks/bench_reduce.py [--images 64] [--reps 3] [--cores 2]
 
-Writes benchmarks/results/reduce.json. The tokens are random (shaped like ViT features), not DINOv3 features.
+Writes benchmarks/results/reduce.json (reduce_1core.json for --cores 1). The tokens are random (shaped like ViT
+features), not DINOv3 features.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import shutil
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biomass_cache.common.io import write_json
-from biomass_cache.common.runtime import keep_freed_memory
-from biomass_cache.store.layout import StoreSpec, create_store, open_store
-from biomass_cache.store.reduce import Reduction, fit_reduction, pool_tokens, reduce_store
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_stage2 import worktree  # noqa: E402
 
+from biomass_cache.common.io import write_json  # noqa: E402
+from biomass_cache.store.layout import StoreSpec, create_store, open_store  # noqa: E402
+from biomass_cache.store.reduce import Reduction, pool_tokens  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 LAYERS, GRID, C, VIEWS = [11, 17, 23], (30, 60), 1024, 4
+
+# Run by each arm's process, with that arm's code on sys.path: per-image seconds of its fit, reduce and read.
+ARM = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+import biomass_cache
+from biomass_cache.common.runtime import keep_freed_memory
+from biomass_cache.store.layout import open_store
+from biomass_cache.store.reduce import fit_reduction, reduce_store
+keep_freed_memory()
+src, out = open_store(sys.argv[1]), Path(sys.argv[2])
+n = len(src.image_ids)
+t = time.perf_counter(); red = fit_reduction(src, progress=False); fit = time.perf_counter() - t
+t = time.perf_counter(); reduce_store(src, red, out, overwrite=True, progress=False); reduce = time.perf_counter() - t
+reader = getattr(src, "read_values", None) or (lambda i, v: torch.from_numpy(src.read(i, v)))
+t = time.perf_counter()
+for i in range(n):
+    for v in range(src.n_views):
+        reader(i, v)
+read = time.perf_counter() - t
+sample = reader(0, 0)
+red.apply(sample)
+t = time.perf_counter()
+for _ in range(16):
+    red.apply(sample)
+transform = (time.perf_counter() - t) / 16
+print(json.dumps({"fit_s": fit / n, "reduce_s": reduce / n, "whole_s": (fit + reduce) / n, "read_s": read / n,
+                  "transform_per_view_s": transform, "torch_threads": torch.get_num_threads(),
+                  "code": str(Path(biomass_cache.__file__).parents[1])}))
+"""
 
 
 def project_then_pool(red: Reduction, tokens: torch.Tensor) -> torch.Tensor:
-    """The previous order: every token projected, then pooled."""
+    """The before arm's order, in float32: every token layer-normed and projected, then pooled."""
     comps = torch.from_numpy(red.components)
     projected = F.layer_norm(tokens, tokens.shape[-1:]) @ comps
     return pool_tokens(projected, red.parent_grid, red.pool) - (torch.from_numpy(red.mean)[:, None] @ comps)
-
-
-def previous_loop(src, red: Reduction, out: Path) -> None:
-    """The previous command's loop: read, transform and write one image after another on the main thread."""
-    store = create_store(out, StoreSpec(image_ids=src.image_ids, n_views=VIEWS, layers=LAYERS, grid=red.grid,
-                                        channels=red.dim, fingerprint={"bench": "before"}, split="train",
-                                        dtype="float16", random_weights=True), overwrite=True)
-    for i in range(len(src.image_ids)):
-        store.write_image(i, torch.stack([project_then_pool(red, torch.from_numpy(src.read(i, v)))
-                                          for v in range(VIEWS)]))
 
 
 def make_store(path: Path, n: int, seed: int = 0) -> None:
@@ -66,65 +98,72 @@ def make_store(path: Path, n: int, seed: int = 0) -> None:
         store.write_image(i, coeff @ basis / 4 + 0.5 * noise)
 
 
+def run_arm(code: Path, src: Path, out: Path, cores: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    cmd = [sys.executable, "-c", ARM, str(src), str(out)]
+    if cores < (os.cpu_count() or 1):
+        cmd = ["taskset", "-c", ",".join(str(c) for c in range(cores)), *cmd]
+    proc = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--baseline", default="1ba0193")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench_reduce"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reduce.json")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    keep_freed_memory()
+    out = args.out or Path(__file__).parent / "results" / ("reduce.json" if args.cores > 1 else "reduce_1core.json")
     args.dir.mkdir(parents=True, exist_ok=True)
-    src_path = args.dir / "full.zarr"
-    make_store(src_path, args.images)
-    src = open_store(src_path)
-    red = fit_reduction(src, progress=False)
-    arms = {"before": project_then_pool, "now": Reduction.apply}
-    times: dict[str, dict[str, list[float]]] = {a: {"store_s": [], "transform_s": []} for a in arms}
-    read_s = []
-    sample = torch.from_numpy(src.read(0, 0))
+    code = {"before": worktree(args.baseline, args.dir), "now": ROOT}
+    if code["before"] is None:
+        raise SystemExit("the before arm needs the git history (a clone, not a copy of the tree)")
+    src = args.dir / "full.zarr"
+    make_store(src, args.images)
+    runs: dict[str, list[dict]] = {arm: [] for arm in code}
     for rep in range(args.reps):
-        t = time.perf_counter()
-        for i in range(args.images):
-            for v in range(VIEWS):
-                src.read(i, v)
-        read_s.append((time.perf_counter() - t) / args.images)
-        for arm in (list(arms) if rep % 2 == 0 else list(arms)[::-1]):
-            fn = arms[arm]
-            t = time.perf_counter()
-            for _ in range(VIEWS * 4):
-                fn(red, sample)
-            times[arm]["transform_s"].append((time.perf_counter() - t) / 4)
-            t = time.perf_counter()
-            if arm == "now":
-                reduce_store(src, red, args.dir / "now.zarr", overwrite=True, progress=False)
-            else:
-                previous_loop(src, red, args.dir / "before.zarr")
-            times[arm]["store_s"].append((time.perf_counter() - t) / args.images)
-    a, b = open_store(args.dir / "before.zarr"), open_store(args.dir / "now.zarr")
-    diff = max(float(np.abs(a.read(i, v) - b.read(i, v)).max()) for i in range(args.images) for v in range(VIEWS))
-    scale = max(float(np.abs(b.read(i, 0)).max()) for i in range(args.images))
-    med = {arm: {k: float(np.median(v)) for k, v in t.items()} for arm, t in times.items()}
+        for arm in (list(code) if rep % 2 == 0 else list(code)[::-1]):
+            runs[arm].append(run_arm(code[arm], src, args.dir / f"{arm}.zarr", args.cores))
+            if Path(runs[arm][-1].pop("code")).resolve() != code[arm].resolve():
+                raise SystemExit(f"the {arm} arm imported another biomass_cache than {code[arm]}")
+            print(arm, {k: round(v * 1e3, 1) if k.endswith("_s") else v for k, v in runs[arm][-1].items()},
+                  flush=True)
+    full, now = open_store(src), open_store(args.dir / "now.zarr")
+    red = Reduction.of_store(now)  # each arm fits its own PCA: compare the orders under one projection
+    diff = scale = 0.0
+    for i in range(args.images):
+        for v in range(VIEWS):
+            expected = project_then_pool(red, torch.from_numpy(full.read(i, v)))
+            diff = max(diff, float((torch.from_numpy(now.read(i, v)) - expected).abs().max()))
+            scale = max(scale, float(expected.abs().max()))
+    med = {arm: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for arm, rs in runs.items()}
     result = {
-        "what": "biomass reduce defaults (PCA 128, pool 2) on a float16 ViT-L-shaped store, per image of 4 views",
+        "what": "biomass reduce defaults (PCA 128, pool 2) on a float16 ViT-L-shaped store: seconds per image of "
+                "4 views (transform: per view)",
         "shape": {"layers": LAYERS, "grid": list(GRID), "channels": C, "views": VIEWS, "images": args.images},
-        "reduced": {"grid": list(red.grid), "channels": red.dim},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "reps": args.reps,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": args.cores},
+        "baseline": args.baseline, "reps": args.reps,
         "per_image_s": med,
-        "read_only_per_image_s": float(np.median(read_s)),
-        "speedup_store": med["before"]["store_s"] / med["now"]["store_s"],
-        "speedup_transform": med["before"]["transform_s"] / med["now"]["transform_s"],
+        "speedup_whole": med["before"]["whole_s"] / med["now"]["whole_s"],
+        "speedup_reduce": med["before"]["reduce_s"] / med["now"]["reduce_s"],
+        "speedup_fit": med["before"]["fit_s"] / med["now"]["fit_s"],
+        "speedup_transform": med["before"]["transform_per_view_s"] / med["now"]["transform_per_view_s"],
         "max_abs_difference": diff, "max_abs_value": scale,
         "tokens": "random, shaped like ViT features (not DINOv3 features)",
     }
-    write_json(args.out, result)
+    write_json(out, result)
     before, now = med["before"], med["now"]
-    print(f"per image: before {before['store_s'] * 1e3:.0f} ms (transform {before['transform_s'] * 1e3:.0f}"
-          f" ms), now {now['store_s'] * 1e3:.0f} ms (transform {now['transform_s'] * 1e3:.0f} ms), "
-          f"reading alone {result['read_only_per_image_s'] * 1e3:.0f} ms; {result['speedup_store']:.2f}x whole, "
+    print(f"per image on {args.cores} core(s): before {before['whole_s'] * 1e3:.0f} ms (fit {before['fit_s'] * 1e3:.0f}"
+          f", reduce {before['reduce_s'] * 1e3:.0f}), now {now['whole_s'] * 1e3:.0f} ms (fit {now['fit_s'] * 1e3:.0f}"
+          f", reduce {now['reduce_s'] * 1e3:.0f}); reading alone {before['read_s'] * 1e3:.0f} ms as float32, "
+          f"{now['read_s'] * 1e3:.0f} ms as stored; {result['speedup_whole']:.2f}x whole, "
           f"{result['speedup_transform']:.2f}x transform; max |diff| {diff:.2e} of values up to {scale:.1f}")
-    shutil.rmtree(args.dir, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    for arm in code:
+        shutil.rmtree(args.dir / f"{arm}.zarr", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def disk_bytes(path: Path) -> int:
 
 
 def f16(x: np.ndarray) -> np.ndarray:
-    return decode(x, None, "float16")
+    return decode(x, None, "float16").float().numpy()
 
 
 def make_store(path: Path, n: int, views: int, pool: list[np.ndarray], dtype="float16", codec="none",

@@ -281,17 +281,19 @@ def scale_rows(d: dict) -> str:
 
 
 def reduce_rows(d: dict) -> str:
-    """reduce.json: `biomass reduce` pooling before projecting against the previous order, side by side."""
+    """reduce.json / reduce_1core.json: `biomass reduce` now against the command of an earlier commit, side by side."""
     s, t = d["shape"], d["per_image_s"]
     head = (f"{d['what']}: {s['images']} images, {len(s['layers'])} layers x {s['grid'][0] * s['grid'][1]} tokens x "
-            f"{s['channels']} channels -> {d['reduced']['channels']} channels, grid {d['reduced']['grid']}; "
-            f"{d['machine']['threads']} threads, median of {d['reps']} reps. {d['tokens']}.\n\n")
-    rows = [f"| {arm} | {t[arm]['store_s'] * 1e3:.0f} | {t[arm]['transform_s'] * 1e3:.0f} |" for arm in t]
-    return (head + "| arm | whole command, ms per image | transform alone, ms per image |\n| --- | --- | --- |\n"
-            + "\n".join(rows) + f"\n\nReading alone: {d['read_only_per_image_s'] * 1e3:.0f} ms per image. Speed-up: "
-            f"{d['speedup_store']:.2f}x the command, {d['speedup_transform']:.2f}x the transform; largest difference "
-            f"between the two stores {d['max_abs_difference']:.1e} (values up to {d['max_abs_value']:.1f}: float16 "
-            "rounding of the stored tokens).\n")
+            f"{s['channels']} channels; {d['machine']['cores']} core(s), before = commit {d['baseline']}, median of "
+            f"{d['reps']} reps. {d['tokens']}.\n\n")
+    rows = [f"| {arm} | {t[arm]['whole_s'] * 1e3:.0f} | {t[arm]['fit_s'] * 1e3:.0f} | {t[arm]['reduce_s'] * 1e3:.0f} | "
+            f"{t[arm]['transform_per_view_s'] * 1e3:.1f} | {t[arm]['read_s'] * 1e3:.0f} |" for arm in t]
+    return (head + "| arm | whole command | fit | reduce | transform, ms per view | reading alone |\n"
+            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows)
+            + f"\n\nms per image unless said. Speed-up: {d['speedup_whole']:.2f}x the command, "
+            f"{d['speedup_reduce']:.2f}x its reduction, {d['speedup_fit']:.2f}x its fit, {d['speedup_transform']:.2f}x the transform; largest "
+            f"difference from the earlier order under one projection {d['max_abs_difference']:.1e} (values up to "
+            f"{d['max_abs_value']:.1f}: float16 rounding).\n")
 
 
 def host_rows(d: dict) -> str:
@@ -440,6 +442,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "extract_960x480.json": (extract_rows, "bench_extract.py --size 960 480 --images 12 --out ..."),
     "malloc.json": (malloc_rows, "bench_malloc.py"),
     "reduce.json": (reduce_rows, "bench_reduce.py"),
+    "reduce_1core.json": (reduce_rows, "bench_reduce.py --cores 1 --images 32"),
     "host.json": (host_rows, "bench_host.py"),
     "edge.json": (edge_rows, "bench_edge.py"),
     "store.json": (store_rows, "bench_store.py"),

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from biomass_cache.train import runs
 from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
-from biomass_cache.store.reduce import Reduction, fit_reduction, pool_tokens, reduce_store, reduction_of
+from biomass_cache.store.reduce import Reduction, fit_reduction, norm_pool, pool_tokens, reduce_store, reduction_of
 from biomass_cache.cli.reduce import reduce_command
 from biomass_cache.store.layout import StoreSpec, create_store, open_store
 from toys import CHANNELS, GRID, LAYERS, VIEWS, make_toy
@@ -57,14 +57,31 @@ def test_pca_matches_sklearn_and_apply_matches_the_definition(toy):
         x = np.concatenate([pool_tokens(F.layer_norm(torch.from_numpy(store.read(i, 0)), (CHANNELS,)), GRID, 2)[l]
                             .numpy() for i in range(24)])
         ref = PCA(n_components=5).fit(x)
-        np.testing.assert_allclose(red.mean[l], ref.mean_, atol=1e-5)
+        # the store's float16 tokens are normed and pooled in float16 (norm_pool): one float16 rounding apart
+        np.testing.assert_allclose(red.mean[l], ref.mean_, atol=2e-4)
         dots = np.abs(np.sum(red.components[l].T * ref.components_, axis=1))
-        np.testing.assert_allclose(dots, 1.0, atol=1e-4)  # the same directions, up to sign
+        np.testing.assert_allclose(dots, 1.0, atol=1e-3)  # the same directions, up to sign
         np.testing.assert_allclose(red.components[l].T @ red.components[l], np.eye(5), atol=1e-5)
     tokens = torch.from_numpy(store.read(3, 1))
     expected = (pool_tokens(F.layer_norm(tokens, (CHANNELS,)), GRID, 2) - torch.from_numpy(red.mean)[:, None]) \
         @ torch.from_numpy(red.components)
     np.testing.assert_allclose(red.apply(tokens).numpy(), expected.numpy(), atol=1e-5)
+    from_stored = red.apply(store.read_values(3, 1))  # float16: within the float16 rounding of the normed tokens
+    assert from_stored.dtype == torch.float32
+    assert float((from_stored - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_norm_pool_in_float16_is_float32_rounded_once():
+    x = (torch.randn(3, 8 * 12, 64) * 3 + 1).half()
+    exact = pool_tokens(F.layer_norm(x.float(), (64,)), (8, 12), 2)
+    fast = norm_pool(x, (8, 12), 2)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    # each normed value is rounded to float16 once (relative 2^-11), then averaged and rounded once more
+    assert float((fast - exact).abs().max()) <= 2 * 2 ** -11 * float(exact.abs().max())
+    for dtype in (torch.bfloat16, torch.float32):  # every other dtype is normed in float32, exactly
+        y = x.to(dtype)
+        torch.testing.assert_close(norm_pool(y, (8, 12), 2), pool_tokens(F.layer_norm(y.float(), (64,)), (8, 12), 2),
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -237,3 +254,23 @@ def test_auto_pooling_keeps_the_benchmarked_grid():
     assert auto_pool((30, 60)) == 2  # ViT at 960 x 480 -> 15 x 30
     assert auto_pool((14, 28)) == 1 and auto_pool((7, 14)) == 1 and auto_pool((8, 4)) == 1
     assert auto_pool((60, 120)) == 4 and auto_pool((28, 56)) == 2
+
+
+@pytest.mark.slow
+def test_in_threads_keeps_the_order_and_the_callers_torch_threads():
+    """Workers run single-threaded torch ops; the caller keeps its own count, even in a fresh process where the
+    workers are the first to set one (the first setting used to become the process's)."""
+    code = ("import torch; from biomass_cache.store.reduce import in_threads; "
+            "torch.set_num_threads(2); "
+            "seen = [(i, x, torch.get_num_threads()) for i, x in in_threads(lambda i: (i * i, torch.get_num_threads()),"
+            " list(range(9)))]; print(seen == [(i, (i * i, 1), 2) for i in range(9)], torch.get_num_threads())")
+    fresh = ("import torch; from biomass_cache.store.reduce import in_threads; "
+             "list(in_threads(lambda i: torch.ones(2).sum(), list(range(5)))); print(torch.get_num_threads())")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "2"]
+    expected = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                              capture_output=True, text=True, check=True).stdout
+    assert subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True,
+                          check=True).stdout == expected

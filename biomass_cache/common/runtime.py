@@ -35,6 +35,11 @@ def keep_freed_memory() -> bool:
     return bool(mmap_set and trim_set)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
 _COMMAND: list[str] = []
 
 

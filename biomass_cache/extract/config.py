@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +12,7 @@ from biomass_cache.backbone.views import SPLITS, TTA_VIEWS, ViewPolicy, parse_vi
 from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, read_config
 from biomass_cache.common.distributed import parse_devices
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.runtime import usable_cores
 from biomass_cache.store.layout import STORAGE_DTYPES
 from biomass_cache.store.reduce import CONFIG_KEYS, DEFAULT_DIM, DEFAULT_FIT_TOKENS, DEFAULT_POOL
 
@@ -24,7 +24,7 @@ def default_workers() -> int:
     """One DataLoader worker per CPU core this process may use: at the bare forward rate of a large GPU (166 ViT-L
     views/s) decoding 2000 x 1000 JPEGs and building their views takes many cores (on a CPU they share the cores with
     the forward)."""
-    return len(os.sched_getaffinity(0))
+    return usable_cores()
 
 
 @dataclass

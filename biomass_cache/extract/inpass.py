@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.lock import WriterLock
@@ -32,7 +31,7 @@ from biomass_cache.store.reduce import (
     Reduction,
     check_settings,
     fit_pca,
-    pool_tokens,
+    norm_pool,
     reduced_spec,
     reduction_of,
     resolve_pool,
@@ -60,8 +59,7 @@ class CleanSink(Sink):
 
     def samples(self, item: Item, tokens: torch.Tensor, prefix: torch.Tensor) -> list[Sample]:
         x = stored_values(tokens[:1], self.parent_dtype)  # phase one's items hold view 0 alone
-        return [(self.rows[item.image_id], slice(None), pool_tokens(F.layer_norm(x, x.shape[-1:]), self.grid,
-                                                                      self.pool), None)]
+        return [(self.rows[item.image_id], slice(None), norm_pool(x, self.grid, self.pool), None)]
 
 
 class ReducedSink(Sink):

@@ -1,7 +1,7 @@
 """How token values are stored: float16, bfloat16 as its raw uint16 bits, or int8 with a per-token scale.
 
 `encode` refuses what it cannot store faithfully (NaN, inf, values beyond the float16 range); `decode` gives
-the stored values back as float32, exactly. The token store (store/handle.py) writes and reads through these two.
+the stored values back exactly, at their own precision. The token store (store/handle.py) writes and reads through these two.
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stored_values(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """What a store of `dtype` gives back for float tokens `t`, as float32 on their device: a reduction made in the
-    extraction pass then sees exactly the tokens a reduction of the full store reads (store/reduce.py)."""
+    """What a store of `dtype` gives back for float tokens `t` (`TokenStore.read_values`), on their device: a
+    reduction made in the extraction pass then sees exactly the tokens a reduction of the full store reads
+    (store/reduce.py)."""
     if dtype == "int8":
         q, scale = _quantize(t)
         return q.float() * scale[..., None]
-    return t.to(torch.float16 if dtype == "float16" else torch.bfloat16).float()
+    return t.to(torch.float16 if dtype == "float16" else torch.bfloat16)
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -78,12 +79,12 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t.sum(dtype=torch.float32))
 
 
-def decode(data: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
-    """Stored values -> float32, exactly. torch casts float16 much faster than numpy here (F16C)."""
+def decode(data: np.ndarray, scales: np.ndarray | None, dtype: str) -> torch.Tensor:
+    """Stored values -> a tensor holding them exactly, at their own precision (float16, bfloat16; int8 times its
+    scales in float32), sharing `data`'s memory where it can."""
     t = torch.from_numpy(data.view(np.int16) if dtype == "bfloat16" else data)
     if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    out = t.float()
+        return t.view(torch.bfloat16)
     if dtype == "int8":
-        out *= torch.from_numpy(scales)[..., None]
-    return out.numpy()
+        return t.float() * torch.from_numpy(scales)[..., None]
+    return t

@@ -218,15 +218,20 @@ class TokenStore:
     # ---- reading ----------------------------------------------------------------------------------------------
     def read(self, i: int, view: int, layers: Sequence[int] | None = None) -> np.ndarray:
         """Tokens (L_sel, T, C) float32 of a done sample; `layers` are block indices from `self.layers`."""
+        return self._read("tokens", i, view, layers).float().numpy()
+
+    def read_values(self, i: int, view: int, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """`read` without the float32 copy: the stored values at their own precision (float16, bfloat16; int8
+        stores as float32), for arithmetic that runs on them directly (store/reduce.py `norm_pool`)."""
         return self._read("tokens", i, view, layers)
 
     def read_prefix(self, i: int, view: int, layers: Sequence[int] | None = None) -> np.ndarray:
         """Prefix tokens (L_sel, n_prefix, C) float32 (CLS + registers)."""
         if not self.n_prefix:
             raise StoreError(f"{self.path} has no prefix tokens (extracted without --prefix)")
-        return self._read("prefix", i, view, layers)
+        return self._read("prefix", i, view, layers).float().numpy()
 
-    def _read(self, name: str, i: int, view: int, layers: Sequence[int] | None) -> np.ndarray:
+    def _read(self, name: str, i: int, view: int, layers: Sequence[int] | None) -> torch.Tensor:
         self._check_index(i, view)
         self._check_done(i, view)
         pos = self._layer_positions(layers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
+import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
@@ -100,12 +100,12 @@ def write_shard(path: Path, chunks: list[np.ndarray], index_at_start: bool) -> N
     """Write a whole shard whose inner chunks, every one of them, are `chunks` in C order of the shard's chunk grid
     (contiguous little-endian arrays). Written to a temporary file and renamed, so a reader sees the old shard or
     the new one, never a mix; the caller fsyncs (store/handle.py marks a sample done only after that)."""
-    crcs = [google_crc32c.value(c).to_bytes(4, "little") for c in chunks]
+    crcs = [crc32c.crc32c(c).to_bytes(4, "little") for c in chunks]
     n_index = len(chunks) * 16
     index = np.empty((len(chunks), 2), "<u8")
     index[:, 1] = [c.nbytes + 4 for c in chunks]
     index[:, 0] = np.cumsum(index[:, 1]) - index[:, 1] + (n_index + 4 if index_at_start else 0)
-    index_bytes = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+    index_bytes = index.tobytes() + crc32c.crc32c(index.tobytes()).to_bytes(4, "little")
     body = [b for c, crc in zip(chunks, crcs) for b in (memoryview(c).cast("B"), crc)]
     buffers = [index_bytes, *body] if index_at_start else [*body, index_bytes]
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
@@ -131,5 +131,5 @@ def _advance(buffers: list, n: int) -> list:
 
 
 def _check_crc(data: bytes | np.ndarray, crc: bytes | bytearray, path: Path, what: str) -> None:
-    if len(crc) != 4 or google_crc32c.value(data) != int.from_bytes(crc, "little"):
+    if len(crc) != 4 or crc32c.crc32c(data) != int.from_bytes(crc, "little"):
         raise ShardError(f"{path}: {what} is corrupt (CRC32C mismatch)")
