@@ -9,11 +9,13 @@ beside it says what the input must be (size, resize filter, normalisation) and w
 An export checks itself: the graph in onnxruntime against the same module in PyTorch on real photos; a graph whose
 relative error exceeds the tolerance (TOLERANCE, or INT8_TOLERANCE against the fp32 graph when quantised) is not
 written. The weights are the given ones, or for `oof` and `stack` the ones `submit` fits on the out-of-fold
-predictions; LoRA members and MC-dropout aggregation (per-photo weights) are refused.
+predictions. A LoRA run exports one checkpoint (a --full run: `biomass lora`, `biomass distill`), its adapters
+merged into the backbone's weights; MC-dropout aggregation (per-photo weights) is refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -122,10 +124,8 @@ def ensemble_weights(spec: EnsembleSpec, resolved: list[ResolvedMember]) -> np.n
 def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     """The PyTorch module of `spec` and the description `model.json` starts from."""
     resolved = [resolve_member(m, spec.weights_files) for m in spec.members]
-    for rm in resolved:
-        if rm.kind != "cache":
-            raise DataError(f"member {rm.member.name}: a LoRA member cannot be exported yet (its adapted backbone is "
-                            "not traced); export members trained on a token cache")
+    if any(rm.kind == "lora" for rm in resolved):
+        return build_lora(resolved, tta)
     first = resolved[0].extract
     same = ("backbone", "weights_sha256", "size", "layers", "norm", "tiles", "overrides", "precision")
     for rm in resolved[1:]:
@@ -159,9 +159,46 @@ def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     return model, info
 
 
+def build_lora(resolved: list[ResolvedMember], tta: bool) -> tuple[Ensemble, dict]:
+    """One LoRA checkpoint (a `--full` run of `biomass lora` or `biomass distill`, or one fold's checkpoint) as a
+    graph: its adapters merged into the backbone's weights, so the graph is the plain backbone's size."""
+    rm = resolved[0]
+    if len(resolved) > 1 or len(rm.checkpoints) > 1:
+        raise DataError(f"member {rm.member.name}: a LoRA run exports one checkpoint (each fold adapts its own "
+                        "backbone): train it with --full, or export one fold's RUN/foldK/HEAD.json")
+    from biomass_cache.lora.adapters import is_lora_layer
+    from biomass_cache.lora.checkpoint import load_checkpoint
+
+    head, live, meta = load_checkpoint(rm.checkpoints[0], weights_file(rm), "cpu", "fp32")
+    for module in live.model.modules():
+        if is_lora_layer(module):
+            module.merge()
+    s = live.s
+    model = Ensemble(live.bb, live.layers, s.norm, s.tiles, None, [[(head, list(range(len(live.layers))))]],
+                     np.ones((3, 1)), tta).eval()
+    info = {"format": "biomass-cache onnx model", "version": __version__,
+            "input": {"name": "photos", "layout": "NCHW", **lora_input(s.size)},
+            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]],
+            "aggregation": "mean", "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
+                                                 "checkpoints": [str(rm.checkpoints[0])]}],
+            "backbone": {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
+                         "lora": {"blocks": s.blocks, "rank": s.rank, "merged": True}},
+            "reduction": None, "random_weights": meta["base"]["weights_sha256"] == "random"}
+    return model, info
+
+
+def lora_input(size) -> dict:
+    """What the check photos of a LoRA member must be made into: its size, the live views' policy (the default)."""
+    policy = ViewPolicy()
+    return {"size": list(size), "resize": policy.resample, "decode_oversample": policy.decode_oversample,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
 def build_info_size(spec: EnsembleSpec) -> dict:
     """The input description of `spec`'s model (what the check photos must be made into), without building it."""
     rm = resolve_member(spec.members[0], spec.weights_files)
+    if rm.kind == "lora":
+        return {"input": lora_input(json.loads((rm.run_dir / "config.json").read_text())["lora"]["size"])}
     policy = ViewPolicy.from_dict(rm.extract["policy"]) if rm.extract.get("policy") else ViewPolicy()
     return {"input": {"size": list(rm.extract["size"]), "resize": policy.resample,
                       "decode_oversample": policy.decode_oversample, "mean": list(IMAGENET_MEAN),

@@ -30,11 +30,12 @@ class LiveDataset(Dataset):
     """Rows `indices` of `table` with stage two's labels, plus what the backbone needs:
     `pixels` - training: a fresh augmented view every epoch (view epoch + 1 of views.make_view; view 0 is the
     clean view), else view `view` - or, with a `prefix` store, `hidden` (n_prefix + T, C): one of its stored views
-    per epoch (stage two's view sampling), else view `view`.
+    per epoch (stage two's view sampling), else view `view`. `weight`: each sample's weight in the losses.
     """
 
     def __init__(self, table: pd.DataFrame, indices: Sequence[int], data_dir: Path, s: LoraSettings,
-                 train: bool, seed: int, aux: AuxSpec, prefix=None, view: int = 0, split: str = "train"):
+                 train: bool, seed: int, aux: AuxSpec, prefix=None, view: int = 0, split: str = "train",
+                 weight: float | np.ndarray = 1.0):
         self.train, self.seed, self.epoch = train, seed, 0
         self.indices = np.asarray(indices, dtype=np.int64)
         self.data_dir, self.size, self.view_seed, self.split, self.store = (
@@ -43,7 +44,7 @@ class LiveDataset(Dataset):
         self.image_ids, self.paths = list(sub["image_id"]), list(sub["image_path"])
         self.views = list(range(prefix.n_views)) if prefix is not None and train else [view]
         self.rows = store_rows(prefix, self.image_ids, self.views) if prefix is not None else None
-        self.labels = encode_labels(table, self.indices, aux)
+        self.labels = encode_labels(table, self.indices, aux, weight)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

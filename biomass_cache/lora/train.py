@@ -3,11 +3,13 @@ under torchrun (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,14 +28,31 @@ from biomass_cache.train.crossval import TokenSource, cross_validate
 from biomass_cache.train.dataset import AuxSpec
 
 
+@dataclass
+class Part:
+    """What one fold's model trains on: `rows` of `table` (image paths relative to `data`), each of loss weight
+    `weight` (one for all, or one per row)."""
+
+    table: pd.DataFrame
+    rows: np.ndarray
+    data: Path
+    weight: float | np.ndarray
+
+
+TrainingPart = Callable[[np.ndarray], Part]  # a fold's training rows of the table -> what its model trains on
+
+
 # ------------------------------------------------------------------------------------ cross-validation
 def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
-             strict_folds: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+             strict_folds: bool = False, progress: bool = True, overwrite: bool = False,
+             training_part: TrainingPart | None = None, record: dict | None = None) -> dict:
     """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0).
 
     The head reads the live layers `s.layers` (so `cfg.layers`, block indices of a cache, is set to []). Live views
     are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
-    "all"). `cfg.batch_size` is the global batch, split evenly over the ranks.
+    "all"). `cfg.batch_size` is the global batch, split evenly over the ranks. `training_part` gives what a fold's
+    model trains on instead of the table's own rows and labels (distillation: submit/distill.py); `record` goes
+    into config.json.
     """
     ranks, device = init_ranks(cfg.device)
     rank, world = ranks.rank, ranks.world
@@ -60,7 +79,9 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         per_rank = cfg.batch_size // world
 
         def train_loader(rows: np.ndarray, seed: int, aux: AuxSpec):
-            ds = LiveDataset(table, rows, data, s, train=True, seed=seed, aux=aux, prefix=prefix)
+            part = Part(table, rows, data, 1.0) if training_part is None else training_part(rows)
+            ds = LiveDataset(part.table, part.rows, part.data, s, train=True, seed=seed, aux=aux, prefix=prefix,
+                             weight=part.weight)
             return live_loader(ds, per_rank, cfg.workers, EpochSampler(ds, per_rank, seed, rank, world))
 
         def val_loader(rows: np.ndarray, aux: AuxSpec):
@@ -74,7 +95,8 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         fingerprint = lora_fingerprint(bb, s)
         source = TokenSource(
             layers=live.layers, signature={"channels": bb.embed_dim, "grid": list(live.grid)}, fingerprint=fingerprint,
-            config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world},
+            config={"lora": asdict(s), "fingerprint": fingerprint, "device": str(device), "world_size": world,
+                    **(record or {})},
             device=device, train_loader=train_loader, val_loader=val_loader, tokens_fn=live, predict=predict,
             save=partial(save_checkpoint, live=live), extra=live, rank=rank, barrier=ranks.barrier,
             sync=ranks.average_gradients if world > 1 else None)

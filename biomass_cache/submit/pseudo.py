@@ -35,7 +35,7 @@ from biomass_cache.common.folds import read_folds
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.store.fingerprint import diff as fingerprint_diff
 from biomass_cache.store.layout import open_store
-from biomass_cache.submit.ensemble import run_ensemble
+from biomass_cache.submit.ensemble import OofSet, run_ensemble
 from biomass_cache.submit.members import ResolvedMember, resolve_member
 from biomass_cache.submit.spec import EnsembleSpec, Member
 from biomass_cache.train import runs
@@ -66,6 +66,7 @@ class PseudoLabels:
     by_fold: list[np.ndarray]  # fold k -> (N, 5) grams
     mode: str  # "per-fold" (fold k from the members' fold-k models) or "ensemble" (the same labels for every fold)
     store: object  # the first member's test TokenStore (reduced like its training cache)
+    oof: OofSet | None = None  # the ensemble's out-of-fold predictions, when every member has them
 
     def frame(self, fold: int) -> pd.DataFrame:
         return pd.DataFrame({"image_id": self.image_ids, **dict(zip(TARGETS, self.by_fold[fold].T))})
@@ -104,7 +105,7 @@ def predict_labels(spec: EnsembleSpec, table: pd.DataFrame, folds: np.ndarray, d
               "validation images (the OOF score is optimistic; recorded in metrics.json `pseudo`)", file=sys.stderr)
         results = [run(spec)]
         by_fold, mode = [results[0].grams] * n_folds, "ensemble"
-    return PseudoLabels(results[0].image_ids, by_fold, mode, results[0].stores[0])
+    return PseudoLabels(results[0].image_ids, by_fold, mode, results[0].stores[0], results[0].oof)
 
 
 def pseudo_source(base: TokenSource, labels: PseudoLabels, folds: np.ndarray, weight: float,

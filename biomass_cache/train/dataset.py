@@ -73,9 +73,10 @@ class Labels:
         return {name: torch.from_numpy(getattr(self, name)[list(ks)]) for name in LABEL_KEYS}
 
 
-def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec, weight: float = 1.0) -> Labels:
+def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec,
+                  weight: float | np.ndarray = 1.0) -> Labels:
     """Targets as areal densities, height, NDVI z-scored and State coded with `aux` (fitted on training rows);
-    every sample's loss weight is `weight`."""
+    every sample's loss weight is `weight` (one for all, or one per index)."""
     indices = np.asarray(indices, dtype=np.int64)
     sub, n = table.iloc[indices], len(indices)
     y = to_density(sub[list(TARGETS)].to_numpy(float)) if set(TARGETS) <= set(sub) else np.full((n, 5), np.nan)
@@ -88,7 +89,7 @@ def encode_labels(table: pd.DataFrame, indices: Sequence[int], aux: AuxSpec, wei
         height=np.nan_to_num(height).astype(np.float32), height_mask=np.isfinite(height),
         ndvi_z=np.nan_to_num((ndvi - aux.ndvi_mean) / aux.ndvi_std).astype(np.float32), ndvi_mask=np.isfinite(ndvi),
         state=np.array([code.get(s, -1) for s in states], dtype=np.int64), index=indices,
-        weight=np.full(n, weight, dtype=np.float32),
+        weight=np.broadcast_to(np.asarray(weight, dtype=np.float32), (n,)).copy(),
     )
 
 
