@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +211,9 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = D
     pool = resolve_pool(pool, tuple(store.grid))
     check_settings(store.channels, store.grid, dim, pool, str(store.path))
     rows = usable_images(store)
-    pooled = (x for _, x in tqdm(in_threads(lambda i: norm_pool(store.read_values(i, 0), store.grid, pool), rows),
-                                 total=len(rows), desc="fit PCA", disable=not progress, leave=False))
-    mean, comps = fit_pca(pooled, len(rows), dim, fit_tokens, seed)
+    with closing(in_threads(lambda i: norm_pool(store.read_values(i, 0), store.grid, pool), rows)) as clean:
+        pooled = (x for _, x in tqdm(clean, total=len(rows), desc="fit PCA", disable=not progress, leave=False))
+        mean, comps = fit_pca(pooled, len(rows), dim, fit_tokens, seed)
     return Reduction(store.layers, mean, comps, pool, store.fingerprint, tuple(store.grid))
 
 
@@ -279,9 +280,10 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
                 return store.encode(i, slice(None), torch.stack(views), None)
 
             try:
-                for _, encoded in tqdm(in_threads(reduce_image, rows), total=len(rows), desc=f"reduce -> {out.name}",
-                                       disable=not progress, leave=False):
-                    writer.put(encoded)
+                with closing(in_threads(reduce_image, rows)) as reduced:  # a failure stops the threads at once
+                    for _, encoded in tqdm(reduced, total=len(rows), desc=f"reduce -> {out.name}",
+                                           disable=not progress, leave=False):
+                        writer.put(encoded)
             finally:
                 writer.close()
             writer.check()
