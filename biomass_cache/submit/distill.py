@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.folds import read_folds
+from biomass_cache.common.io import write_bytes
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.photo import list_photos
 from biomass_cache.common.targets import TARGETS
@@ -72,9 +73,7 @@ def labelling_folder(data: Path, table: pd.DataFrame, photo_dirs: list[Path], wo
     rows = pd.concat([table, pd.DataFrame({"image_id": ids, "image_path": paths})], ignore_index=True)
     long = pd.DataFrame([(f"{i}__{t}", p, t) for i, p in zip(rows["image_id"], rows["image_path"]) for t in TARGETS],
                         columns=["sample_id", "image_path", "target_name"])
-    tmp = work / f".test.csv.{os.getpid()}"
-    long.to_csv(tmp, index=False)
-    tmp.replace(work / "test.csv")
+    write_bytes(work / "test.csv", long.to_csv(index=False).encode())
     return rows
 
 
