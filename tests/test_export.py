@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.cli import app
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.targets import TARGETS
+from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS
 from biomass_cache.submit.bundle_run import toml_ensemble
 from toys import ROOT
 
@@ -44,7 +44,7 @@ def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
 
 
-def test_export_then_predict_without_torch(pipeline, tmp_path):
+def test_export_then_predict_without_torch(pipeline, tmp_path, monkeypatch):
     """An `oof` ensemble (weights fitted on the OOF predictions, as `submit` fits them) of two heads."""
     root, data, run = pipeline
     ensemble = tmp_path / "ensemble.toml"
@@ -60,12 +60,25 @@ def test_export_then_predict_without_torch(pipeline, tmp_path):
     script = tmp_path / "no_torch.py"
     script.write_text(NO_TORCH)
     done = subprocess.run([sys.executable, str(script), "predict", str(data / "test"), "--model",
-                           str(tmp_path / "model"), "--out", str(tmp_path / "onnx.csv")], cwd=ROOT,
+                           str(tmp_path / "model"), "--out", str(tmp_path / "onnx.csv"), "--maps"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert info["maps"]["shape"] == [3, 2, 4]  # the density member's maps (64 x 32 pixels: 4 x 2 patches)
+    pngs = sorted(p.stem for p in (tmp_path / "onnx_maps").glob("*.png"))
+    assert pngs == sorted(p.stem for p in (data / "test").iterdir())  # drawn without torch
+    import biomass_cache.submit.predict as torch_predict
+
+    torch_maps = {}  # the maps `biomass predict --maps` draws, as arrays
+    monkeypatch.setattr(torch_predict, "save_map_png", lambda path, photo, m, g: torch_maps.__setitem__(photo.stem, m))
     reference = cli("predict", data / "test", "--ensemble", ensemble, "--out", tmp_path / "torch.csv", "--work-dir",
-                    tmp_path / "work")
+                    tmp_path / "work", "--maps")
     assert reference.exit_code == 0, reference.output
+    from biomass_cache.export.runtime import open_session, preprocess
+
+    photos = sorted((data / "test").iterdir())
+    _, onnx_maps = open_session(tmp_path / "model", info).run(None, {"photos": np.stack([preprocess(p, info)
+                                                                                      for p in photos])})
+    assert rel_rms(onnx_maps, np.stack([torch_maps[p.stem] for p in photos])) < 1e-3
     a, b = pd.read_csv(tmp_path / "onnx.csv"), pd.read_csv(tmp_path / "torch.csv")
     shift = ["shift_distance", "unusual"]  # the training tokens it needs are not in a model folder
     assert list(a.columns) == [c for c in b.columns if c not in shift] and list(a["image_id"]) == list(b["image_id"])
@@ -100,7 +113,20 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
     assert check["int8_rel_rms_vs_fp32"] <= check["int8_tolerance"] == 0.02
     assert cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv").exit_code == 0
     assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run))) == (
-        "error: --model runs an exported model alone: leave out --members, --ensemble, --maps and --interval")
+        "error: --model runs an exported model alone: leave out --members, --ensemble and --interval")
+    from biomass_cache.export.runtime import open_session, preprocess
+
+    session = open_session(tmp_path / "m", written)
+    photos = np.stack([preprocess(p, written) for p in sorted((data / "test").iterdir())])
+    grams, maps = session.run(None, {"photos": photos})
+    assert maps.shape == (len(photos), 3, 2, 4)  # the density head's maps, g/m^2: their mean is its components
+    # (to int8's error: the two einsums over the layers are quantised apart)
+    np.testing.assert_allclose(maps.mean(axis=(2, 3)) * PLOT_AREA_M2, grams[:, :3], rtol=0.02)
+    mlp_only = tmp_path / "mlp"
+    assert cli("export", "--members", f"{run}:mlp", "--out", mlp_only, "--no-tta").exit_code == 0
+    assert json.loads((mlp_only / "model.json").read_text())["maps"] is None
+    no_maps = cli("predict", data / "test", "--model", mlp_only, "--maps", "--out", tmp_path / "n.csv")
+    assert "this model has no density-map output" in last(no_maps) and not (tmp_path / "n.csv").exists()
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     info["input"]["size"] = [128, 64]
     (tmp_path / "m" / "model.json").write_text(json.dumps(info))

@@ -42,12 +42,11 @@ def predict_command(
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
     if model is not None:  # torch is never imported on this path
-        if ensemble is not None or members is not None or maps or interval is not None:
-            raise DataError("--model runs an exported model alone: leave out --members, --ensemble, --maps and "
-                            "--interval")
+        if ensemble is not None or members is not None or interval is not None:
+            raise DataError("--model runs an exported model alone: leave out --members, --ensemble and --interval")
         from biomass_cache.export.runtime import predict_with_model
 
-        predict_with_model(model, photo_dir, out)
+        predict_with_model(model, photo_dir, out, maps=maps)
         return
     from biomass_cache.common.distributed import parse_devices, resolve_device
     from biomass_cache.submit.predict import predict_photos

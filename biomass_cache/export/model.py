@@ -3,8 +3,10 @@
 The graph holds what `biomass predict` runs for a member trained on a token cache: the backbone (its blocks whose
 tokens were cached), the run's reduction when it has one, every fold model of every member, the TTA flips of a
 test cache (the four views in one batch) and the weighted mean in component space, then the five targets with
-the identities exact (GDM = clover + green, Total = clover + dead + green). Batch size is dynamic. `model.json`
-beside it says what the input must be (size, resize filter, normalisation) and what made the graph.
+the identities exact (GDM = clover + green, Total = clover + dead + green), and where a head draws density maps a
+second output: the maps of the clean view, g/m^2 per patch, averaged over those heads (as `biomass predict --maps`).
+Batch size is dynamic. `model.json` beside it says what the input must be (size, resize filter, normalisation),
+what comes out and what made the graph.
 
 An export checks itself: the graph in onnxruntime against the same module in PyTorch on real photos; a graph whose
 relative error exceeds the tolerance (TOLERANCE, or INT8_TOLERANCE against the fp32 graph when quantised) is not
@@ -62,12 +64,14 @@ class Reduce(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Photo tensor (B, 3, H, W), ImageNet-normalised -> (B, 5) grams: TTA views, backbone, heads, weighted mean."""
+    """Photo tensor (B, 3, H, W), ImageNet-normalised -> (B, 5) grams: TTA views, backbone, heads, weighted mean;
+    with heads that draw maps, (grams, (B, 3, rows, cols) density maps of the clean view, g/m^2)."""
 
     def __init__(self, backbone, layers: list[int], norm: bool, tiles: int, reduction: Reduction | None,
                  members: list[list[tuple[nn.Module, list[int]]]], weights: np.ndarray, tta: bool = True):
         super().__init__()
         self.tta = tta
+        self.draws_maps = any(getattr(h, "has_maps", False) for folds in members for h, _ in folds)
         self.backbone, self.layers, self.norm, self.tiles = backbone, layers, norm, tiles
         self.vit = backbone.model  # registered: its weights are this module's (eval(), parameters(), export)
         self.reduce = None if reduction is None else Reduce(reduction)
@@ -83,12 +87,24 @@ class Ensemble(nn.Module):
         tokens, _ = forward_tokens(self.backbone, views, self.layers, self.norm, self.tiles)
         if self.reduce is not None:
             tokens = self.reduce(tokens)
-        total = 0
+        total, maps = 0, []
         for m, folds in enumerate(self.plan):
-            comps = torch.stack([run_head(self.heads[k], tokens[:, pos], False)["components"] for k, pos in folds])
+            outs = [run_head(self.heads[k], tokens[:, pos], False, return_maps=self.heads[k].has_maps)
+                    for k, pos in folds]
+            comps = torch.stack([o["components"] for o in outs])
             comps = comps.mean(0).reshape(-1, x.shape[0], 3).mean(0)  # folds, then views
             total = total + self.weights[:, m] * comps
-        return total @ self.to_grams
+            maps += [o["density_map"][: x.shape[0]] for o in outs if "density_map" in o]  # the clean view comes first
+        grams = total @ self.to_grams
+        return (grams, torch.stack(maps).mean(0)) if self.draws_maps else grams
+
+    def maps_info(self) -> dict | None:
+        """model.json's description of the maps output (None: no head draws maps)."""
+        if not self.draws_maps:
+            return None
+        grid = next(h.grid for h in self.heads if h.has_maps)
+        return {"name": "density_map", "shape": [3, *map(int, grid)], "components": list(COMPONENTS),
+                "units": "g/m^2", "view": TTA_VIEWS[0]}
 
 
 def _member_heads(rm: ResolvedMember, layers: list[int]) -> list[tuple[nn.Module, list[int]]]:
@@ -149,8 +165,8 @@ def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
                      [_member_heads(rm, layers) for rm in resolved], weights, tta).eval()
     info = {"format": "biomass-cache onnx model", "version": __version__,
             "input": {"name": "photos", "layout": "NCHW", **build_info_size(spec)["input"]},
-            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]],
-            "aggregation": spec.aggregation,
+            "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
+            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": spec.aggregation,
             "members": [{"name": rm.member.name, "weights": dict(zip(COMPONENTS, weights[:, k].round(8).tolist())),
                          "checkpoints": [str(p) for p in rm.checkpoints]} for k, rm in enumerate(resolved)],
             "backbone": {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
@@ -178,8 +194,8 @@ def build_lora(resolved: list[ResolvedMember], tta: bool) -> tuple[Ensemble, dic
                      np.ones((3, 1)), tta).eval()
     info = {"format": "biomass-cache onnx model", "version": __version__,
             "input": {"name": "photos", "layout": "NCHW", **lora_input(s.size)},
-            "output": {"name": "grams", "targets": list(TARGETS)}, "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]],
-            "aggregation": "mean", "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
+            "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
+            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": "mean", "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
                                                  "checkpoints": [str(rm.checkpoints[0])]}],
             "backbone": {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
                          "lora": {"blocks": s.blocks, "rank": s.rank, "merged": True}},
@@ -205,15 +221,20 @@ def build_info_size(spec: EnsembleSpec) -> dict:
                       "std": list(IMAGENET_STD)}}
 
 
-def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+def _ort(path: Path, x: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / max(np.mean(b ** 2), 1e-12)))
+
+
+def worst_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """The largest relative RMS over the outputs (grams, and the maps where there are)."""
+    return max(rel_rms(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: str | None = None,
@@ -237,17 +258,19 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
     if check_inputs.shape[1:] != (3, h, w):
         raise DataError(f"the check photos are {check_inputs.shape[1:]}, the model takes (3, {h}, {w})")
     with torch.no_grad():
-        expected = model(torch.from_numpy(check_inputs)).numpy()
+        outputs = model(torch.from_numpy(check_inputs))
+    expected = [t.numpy() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
+    names = ["grams", "density_map"][: len(expected)]
     with atomic_folder(out, "exporting") as tmp:
         tmp.mkdir(parents=True)
         batch = torch.export.Dim("batch", min=1)
         example = np.concatenate([check_inputs, check_inputs])[:2]  # a batch of 1 would pin the batch size
         program = torch.onnx.export(model, (torch.from_numpy(example),), dynamo=True, opset_version=OPSET,
-                                    input_names=["photos"], output_names=["grams"],
+                                    input_names=["photos"], output_names=names,
                                     dynamic_shapes={"x": {0: batch}}, verbose=False)
         program.save(str(tmp / "model.onnx"))
         got = _ort(tmp / "model.onnx", check_inputs)
-        error = rel_rms(got, expected)
+        error = worst_error(got, expected)
         info["check"] = {"photos": len(check_inputs), "rel_rms_vs_pytorch": error, "tolerance": TOLERANCE}
         if not error <= TOLERANCE:
             raise DataError(f"the exported graph differs from PyTorch by a relative RMS of {error:.2e} on "
@@ -260,8 +283,7 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
                 quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
             finally:
                 logging.disable(logging.NOTSET)
-            q = _ort(tmp / "int8.onnx", check_inputs)
-            error = rel_rms(q, got)
+            error = worst_error(_ort(tmp / "int8.onnx", check_inputs), got)
             info["check"].update(int8_rel_rms_vs_fp32=error, int8_tolerance=INT8_TOLERANCE)
             if not error <= INT8_TOLERANCE:
                 raise DataError(f"the int8 graph differs from the fp32 one by a relative RMS of {error:.2e} "

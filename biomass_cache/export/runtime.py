@@ -4,7 +4,8 @@ Nothing here imports torch (a test checks it in a process where importing torch 
 where PyTorch is not installed: a phone-sized deployment, a small container. The photo is decoded and resized as
 the extraction does (a JPEG at a reduced DCT scale as the model's `decode_oversample` allows, then an antialiased
 resize with the model's filter, which Pillow and torchvision give to one grey level), normalised, and run through
-the graph; the CSV is `biomass predict`'s.
+the graph; the CSV is `biomass predict`'s, and with `maps` (a model whose heads draw them) the same density-map
+PNGs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import check_output_file, write_csv
+from biomass_cache.common.maps import save_map_png
 from biomass_cache.common.photo import list_photos, load_image
 from biomass_cache.common.targets import prediction_frame
 
@@ -65,18 +67,29 @@ def open_session(model_dir: Path, info: dict, threads: int = 0):
     return session
 
 
-def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0) -> None:
+def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0, maps: bool = False) -> None:
     out = Path(out)
     check_output_file(out, "--out")
     info = read_model(model_dir)
+    if maps and not info.get("maps"):
+        raise DataError(f"{model_dir}: this model has no density-map output (its heads draw none; export a member "
+                        "with a density head), so --maps cannot be written")
     session = open_session(model_dir, info, threads)
     photos = list_photos(Path(photo_dir))
     name = session.get_inputs()[0].name
-    grams = []
+    grams, dmaps = [], []
     for k in range(0, len(photos), BATCH):
         batch = np.stack([preprocess(p, info) for p in photos[k:k + BATCH]])
-        grams.append(session.run(None, {name: batch})[0])
-    write_csv(out, prediction_frame([p.stem for p in photos], [str(p) for p in photos], np.concatenate(grams)))
+        outputs = session.run(None, {name: batch})
+        grams.append(outputs[0])
+        dmaps.append(outputs[1] if maps else None)
+    grams = np.concatenate(grams)
+    write_csv(out, prediction_frame([p.stem for p in photos], [str(p) for p in photos], grams))
+    if maps:
+        folder = out.with_name(f"{out.stem}_maps")
+        for k, (photo, m) in enumerate(zip(photos, np.concatenate(dmaps))):
+            save_map_png(folder / f"{photo.stem}.png", photo, m, grams[k])
+        print(f"density maps: {folder}/ ({len(photos)} PNG)")
     if info.get("random_weights"):
         print("NOTE: this model's backbone had RANDOMLY INITIALISED weights: a demo, not real predictions")
     print(f"predictions for {len(photos)} photos: {out} (grams and g/m^2), model {model_dir} "

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import SEP
 from biomass_cache.common.photo import list_photos, load_image
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_path, check_output_file, write_csv, writing
+from biomass_cache.common.io import check_output_file, write_csv, writing
+from biomass_cache.common.maps import save_map_png
 from biomass_cache.common.conformal import calibrate
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, prediction_frame
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
@@ -115,30 +116,6 @@ def density_maps(result: EnsembleResult, device: str = "cpu") -> np.ndarray | No
         raise DataError(f"density maps of the members have different shapes {sorted(shapes)}; use --maps with "
                         f"members on one patch grid")
     return np.mean(maps, axis=0)
-
-
-def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.ndarray) -> None:
-    """The photo with the predicted total density (clover + dead + green, g/m^2) overlaid, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    image = load_image(photo)
-    total = density_map.sum(axis=0)
-    fig, ax = plt.subplots(figsize=(8, 8 * image.height / image.width + 0.8), dpi=100)
-    ax.imshow(image)
-    overlay = ax.imshow(total, cmap="magma", alpha=0.55, extent=(0, image.width, image.height, 0),
-                        interpolation="bilinear")
-    fig.colorbar(overlay, ax=ax, fraction=0.03, pad=0.01, label="predicted dry biomass, g/m$^2$")
-    clover, dead, green, _, total_g = grams
-    ax.set_title(f"{photo.stem}: total {total_g:.1f} g (clover {clover:.1f}, dead {dead:.1f}, green {green:.1f})",
-                 fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def recorded_train_csv(spec: EnsembleSpec) -> Path | None:
