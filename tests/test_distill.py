@@ -112,21 +112,24 @@ def test_distill_refuses_bad_settings_in_one_line(tmp_path, args, says):
 
 
 @pytest.mark.slow
-def test_a_full_student_exports_and_predicts_as_its_checkpoint(teacher, tmp_path):
-    """--full: one model on every image (the teacher's folds' mean as its targets); exported with its adapters merged,
-    onnxruntime gives what `biomass predict` gives from the LoRA checkpoint."""
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_a_full_student_exports_and_predicts_as_its_checkpoint(teacher, tmp_path, finetune):
+    """--full: one model on every image (the teacher's folds' mean as its targets); exported with its adapters merged
+    (or its fine-tuned blocks), onnxruntime gives what `biomass predict` gives from the checkpoint."""
     pytest.importorskip("onnxruntime")
     root, data, run, field = teacher
     out, config = tmp_path / "student", tmp_path / "student.toml"
     config.write_text("[lora]\noverrides = {depth = 2, embed_dim = 32, num_heads = 2}\n")
     r = CliRunner().invoke(app, ["distill", "--data", str(data), "--teacher", str(run), "--out", str(out), "--full",
-                                 "--work-dir", str(root / "work3"), "--no-plots", "--config", str(config), *STUDENT])
+                                 "--work-dir", str(root / "work3"), "--no-plots", "--config", str(config), *STUDENT,
+                                 "--finetune", finetune])
     assert r.exit_code == 0, r.output
     assert (out / "full").is_dir()
     made = CliRunner().invoke(app, ["export", "--members", str(out), "--out", str(tmp_path / "model")])
     assert made.exit_code == 0, made.output
     info = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert info["backbone"]["lora"]["merged"] and info["check"]["rel_rms_vs_pytorch"] <= 1e-4
+    assert info["backbone"]["lora"]["merged"] == (finetune == "lora") and info["check"]["rel_rms_vs_pytorch"] <= 1e-4
+    assert info["backbone"]["lora"]["finetune"] == finetune
     for args, csv in ((["--model", str(tmp_path / "model")], "onnx.csv"),
                       (["--members", str(out), "--work-dir", str(tmp_path / "work")], "torch.csv")):
         done = CliRunner().invoke(app, ["predict", str(field), *args, "--out", str(tmp_path / csv)])

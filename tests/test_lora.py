@@ -24,7 +24,7 @@ from biomass_cache.common.errors import DataError
 from biomass_cache.train.dataset import AuxSpec
 from biomass_cache.lora.data import LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora import (LiveTokens, LoraSettings, adapter_state, base_identity, base_state, inject_lora,
-                                load_checkpoint, predict_images, run_lora)
+                                load_checkpoint, make_trainable, predict_images, run_lora)
 from biomass_cache.cli.lora import lora_command
 from biomass_cache.train.runs import load_head
 from biomass_cache.common.targets import TARGETS
@@ -105,6 +105,36 @@ def test_training_moves_adapters_and_never_the_base(data):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_state(bb.model).values())
     assert any(not torch.equal(start[k], v) for k, v in adapter_state(bb.model).items())
     assert all(torch.equal(frozen[k], v) for k, v in base_state(bb.model).items())
+
+
+def test_full_finetuning_trains_the_last_blocks_and_each_fold_starts_from_the_backbone(data, tmp_path):
+    """--finetune full: every weight of the last --lora-blocks blocks trains, nothing else; reset(seed) for the next
+    fold restores them; a checkpoint holds those blocks and reloads to the same tokens."""
+    table = read_long_csv(data / "train.csv")
+    bb = create_backbone(NAME, "random", overrides=TINY)
+    s = settings(finetune="full", blocks=1, lr=1e-2)
+    names = make_trainable(bb, s)
+    assert names and all(n.startswith("blocks.3.") for n in names)
+    assert {n for n, p in bb.model.named_parameters() if p.requires_grad} == set(names)
+    assert len(names) == len([n for n, _ in bb.model.named_parameters() if n.startswith("blocks.3.")])
+    frozen = {k: v.clone() for k, v in bb.model.state_dict().items() if not k.startswith("blocks.3.")}
+    start = {k: v.detach().clone() for k, v in adapter_state(bb.model).items()}
+    live, batch, member = first_step_setup(bb, table, data, None, s)
+    assert train_step(member, batch, live(batch)) is not None
+    moved = [k for k, v in adapter_state(bb.model).items() if not torch.equal(start[k], v)]
+    assert "blocks.3.mlp.fc2.weight" in moved and "blocks.3.attn.qkv.weight" in moved
+    assert all(torch.equal(frozen[k], v) for k, v in bb.model.state_dict().items() if k in frozen)
+    live.reset(5)
+    assert all(torch.equal(start[k], v) for k, v in adapter_state(bb.model).items())
+    train_step(member, batch, live(batch))
+    from biomass_cache.lora.checkpoint import save_checkpoint
+
+    meta = {"head": member.head.config, "zscore": member.zscore.to_dict(), "layers": live.layers}
+    save_checkpoint(tmp_path / "h.json", member.head, meta, live)
+    head, again, _ = load_checkpoint(tmp_path / "h.json", "random", "cpu", "fp32")
+    x = batch["pixels"][:2]
+    with torch.no_grad():
+        assert torch.equal(again({"pixels": x}), live.eval()({"pixels": x}))
 
 
 def first_step_setup(bb, table, data, prefix, s=None):

@@ -41,6 +41,8 @@ def distill_command(
     head: Optional[str] = typer.Option(None, "--head", help=with_default("Head name", TrainConfig, "head")),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora] (the student)."),
     lora_blocks: Optional[int] = _lora("--lora-blocks", "Adapt the student's last K blocks", "blocks"),
+    finetune: Optional[str] = _lora("--finetune", "lora: adapters on those blocks; full: their own weights train",
+                                    "finetune"),
     lora_rank: Optional[int] = _lora("--lora-rank", "LoRA rank", "rank"),
     lora_lr: Optional[float] = _lora("--lora-lr", "Adapter learning rate", "lr"),
     full: bool = TRAIN_OPTIONS["full"],
@@ -56,7 +58,8 @@ def distill_command(
     no_plots: bool = TRAIN_OPTIONS["no_plots"],
     overwrite: bool = TRAIN_OPTIONS["overwrite"],
 ) -> None:
-    """Distil a teacher (run folders or an ensemble) into a small student backbone with LoRA adapters and a head.
+    """Distil a teacher (run folders or an ensemble) into a small student backbone (LoRA adapters or its last blocks
+    fully fine-tuned) and a head.
 
     The teacher predicts the training photos (and --photos) as `biomass submit` does; the student trains on the
     teacher's folds, its OOF score beside the teacher's. Train again with --full for the model to export.
@@ -68,7 +71,8 @@ def distill_command(
     overrides = cli_overrides(dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    workers=workers, head=head), full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
-    lora = dict(backbone=student, weights=student_weights, size=size, blocks=lora_blocks, rank=lora_rank,
+    lora = dict(backbone=student, weights=student_weights, size=size, blocks=lora_blocks, finetune=finetune,
+                rank=lora_rank,
                 lr=lora_lr, layers=parse_layers(layers) if layers else None)
     s = load_settings(conf, {k: v for k, v in lora.items() if v is not None})
     distill(spec, data, out, s, cfg, photos or [], alpha, weight, work_dir, device, precision, overwrite)

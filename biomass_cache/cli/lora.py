@@ -41,6 +41,8 @@ def lora_command(
     eval_every: Optional[int] = TRAIN_OPTIONS["eval_every"],
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
     lora_blocks: Optional[int] = _lora("--lora-blocks", "Adapt the last K blocks", "blocks"),
+    finetune: Optional[str] = _lora("--finetune", "lora: adapters on those blocks; full: their own weights train",
+                                    "finetune"),
     lora_rank: Optional[int] = _lora("--lora-rank", "LoRA rank", "rank"),
     lora_alpha: Optional[float] = _lora("--lora-alpha", "LoRA alpha (scale alpha/rank)", "alpha"),
     lora_dropout: Optional[float] = _lora("--lora-dropout", "Dropout on the adapter input", "dropout"),
@@ -88,6 +90,7 @@ def lora_command(
                               full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=backbone, weights=weights, size=size, tiles=tiles, norm=norm, blocks=lora_blocks,
+                finetune=finetune,
                 rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, lr=lora_lr, layer_decay=layer_decay,
                 prefix_cache=prefix_cache, prefix_views=prefix_views, micro_batch=micro_batch,
                 grad_checkpointing=grad_checkpointing, amp=amp, precision=precision,

@@ -198,7 +198,8 @@ def build_lora(resolved: list[ResolvedMember], tta: bool) -> tuple[Ensemble, dic
             "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": "mean", "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
                                                  "checkpoints": [str(rm.checkpoints[0])]}],
             "backbone": {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
-                         "lora": {"blocks": s.blocks, "rank": s.rank, "merged": True}},
+                         "lora": {"blocks": s.blocks, "finetune": s.finetune, "rank": s.rank,
+                                  "merged": s.finetune == "lora"}},
             "reduction": None, "random_weights": meta["base"]["weights_sha256"] == "random"}
     return model, info
 

@@ -12,7 +12,7 @@ checked on load. Scale-out: `torchrun --nproc-per-node N train_heads.py --lora .
 | module | job |
 |---|---|
 | `settings.py` | `LoraSettings`, the [lora] config section and its checks |
-| `adapters.py` | peft adapters: injection, seeded re-initialisation, adapter tensors |
+| `adapters.py` | what trains: peft adapters (injection, seeded re-initialisation) or whole blocks |
 | `model.py` | the split forward on timm's Eva, `LiveTokens` (stage two's token source) |
 | `data.py` | images or stored hidden states with labels, the DDP sampler, the prefix cache |
 | `checkpoint.py` | save and load adapter + head checkpoints |
@@ -20,7 +20,7 @@ checked on load. Scale-out: `torchrun --nproc-per-node N train_heads.py --lora .
 | `train.py` | `run_lora`: cross-validation on one process or under torchrun |
 """
 
-from biomass_cache.lora.adapters import adapter_state, base_state, inject_lora, reset_adapters
+from biomass_cache.lora.adapters import adapter_state, base_state, inject_lora, make_trainable, reset_adapters
 from biomass_cache.lora.checkpoint import base_identity, load_checkpoint, lora_fingerprint, save_checkpoint
 from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache
 from biomass_cache.lora.model import LiveTokens
@@ -30,6 +30,6 @@ from biomass_cache.lora.train import run_lora
 
 __all__ = [
     "LiveDataset", "LiveTokens", "EpochSampler", "LoraSettings", "adapter_state", "base_identity", "base_state",
-    "build_prefix_cache", "inject_lora", "load_checkpoint", "load_settings", "lora_fingerprint",
+    "build_prefix_cache", "inject_lora", "load_checkpoint", "make_trainable", "load_settings", "lora_fingerprint",
     "predict_images", "predict_member", "reset_adapters", "run_lora", "save_checkpoint",
 ]

@@ -1,4 +1,5 @@
-"""peft LoRA adapters on the last blocks of a timm DINOv3: injection, seeded re-initialisation, their tensors."""
+"""What trains on the live path: peft LoRA adapters on the last blocks of a timm DINOv3 (injection, seeded
+re-initialisation, their tensors), or with `finetune = "full"` those blocks' own weights."""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ def inject_lora(bb: Backbone, s: LoraSettings, seed: int = 0) -> list[str]:
     return adapted
 
 
+def make_trainable(bb: Backbone, s: LoraSettings) -> list[str]:
+    """The trainable part of the live backbone: LoRA adapters (`inject_lora`), or with `s.finetune == "full"` every
+    weight of the last `s.blocks` blocks (the rest stays frozen). Returns the trainable modules' or tensors' names."""
+    if s.finetune == "lora":
+        return inject_lora(bb, s)
+    prefixes = tuple(f"blocks.{b}." for b in adapted_blocks(bb.depth, s.blocks))
+    for n, p in bb.model.named_parameters():
+        p.requires_grad_(n.startswith(prefixes))
+    return sorted(adapter_state(bb.model))
+
+
 def reset_adapters(model: nn.Module, seed: int) -> None:
     """Fresh adapters (A random, B = 0: the model's output is unchanged), a pure function of `seed`: identical on
     every rank, in every rerun, and for every fold (the adapters are re-initialised, never re-injected)."""
@@ -71,7 +83,8 @@ def reset_adapters(model: nn.Module, seed: int) -> None:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors by their model names (each contains `lora_`)."""
+    """The trainable tensors by their model names: the adapters (each contains `lora_`), or the fine-tuned blocks'
+    weights."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -17,7 +17,7 @@ from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import write_bytes, write_json
 from biomass_cache.common.targets import ZScore
 from biomass_cache.heads import rebuild_head
-from biomass_cache.lora.adapters import adapter_state, inject_lora
+from biomass_cache.lora.adapters import adapter_state, make_trainable
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 from biomass_cache.store.fingerprint import of_lora
@@ -65,7 +65,7 @@ def load_checkpoint(json_path: Path, weights: str | None = None, device: str = "
     if base_identity(bb) != meta["base"]:
         raise DataError(f"{json_path}: the adapters were trained on base {meta['base']}, but {s.weights} gives "
                         f"{base_identity(bb)}; pass the original backbone weights")
-    inject_lora(bb, s)
+    make_trainable(bb, s)
     live = LiveTokens(bb, s, torch.device(device))
     tensors = load_file(file)
     adapters = {k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}

@@ -58,8 +58,8 @@ class LiveTokens(nn.Module):
     """`tokens_fn` for stage two's loop: batch -> (B, L, T, C) float32 from the adapted backbone.
 
     A batch carries `pixels` (full forward) or `hidden` (the prefix cache: blocks start.. only). Its parameters
-    are the adapters only (the loop's `extra`: `reset(seed)` per fold, `param_groups()` for the optimizer, EMA
-    and clipping with the head's). `train()` toggles only the adapters' dropout: the frozen backbone stays in eval
+    are the adapters, or the fully fine-tuned blocks' weights (the loop's `extra`: `reset(seed)` per fold, back to
+    fresh adapters or the initial weights; `param_groups()` for the optimizer, EMA and clipping with the head's). `train()` toggles only the adapters' dropout: the frozen backbone stays in eval
     mode.
     """
 
@@ -78,9 +78,16 @@ class LiveTokens(nn.Module):
                              f"up to block {last}; read the last block or adapt fewer blocks")
         self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)  # stitched, whatever the tiles
         self.tiles = validate_tiles(s.size, s.tiles)
+        self.initial = None if s.finetune == "lora" else {  # fully fine-tuned blocks: each fold starts from these
+            n: p.detach().clone() for n, p in adapter_state(self.model).items()}
 
     def reset(self, seed: int) -> None:
-        reset_adapters(self.model, seed)
+        if self.initial is None:
+            reset_adapters(self.model, seed)
+            return
+        with torch.no_grad():
+            for n, p in adapter_state(self.model).items():
+                p.copy_(self.initial[n])
 
     def param_groups(self) -> list[dict]:
         """One optimizer group per adapted block: lr * layer_decay ** (blocks above it), no weight decay."""

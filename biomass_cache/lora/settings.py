@@ -27,6 +27,7 @@ class LoraSettings:
     layers: list[int] = field(default_factory=lambda: [5, 8, 11])  # blocks the head reads (negative allowed)
     norm: bool = True  # final norm on every read layer (as in extraction)
     blocks: int = 4  # adapt the last K blocks
+    finetune: str = "lora"  # lora: adapters on those blocks; full: the blocks' own weights train (a student)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -71,6 +72,7 @@ def load_settings(config: Path | Config | None, overrides: dict) -> LoraSettings
     return s
 
 
+FINETUNE = ("lora", "full")
 # the [extract] keys a [lora] section takes over (the same backbone and views)
 EXTRACT_KEYS = ("backbone", "weights", "size", "tiles", "layers", "norm", "precision")
 # [lora] key -> (is the value valid, what it must be), as train.config.RULES; the flags that set them
@@ -78,6 +80,7 @@ LORA_RULES = {
     "backbone_seed": SEED_RULE,
     "view_seed": SEED_RULE,
     "blocks": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "finetune": (lambda v: v in FINETUNE, f"one of {', '.join(FINETUNE)}"),
     "rank": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -88,6 +91,6 @@ LORA_RULES = {
     "layers": (lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(x) for x in v), "a list of block indices"),
     "targets": (lambda v: isinstance(v, list) and len(v) > 0, "a list of module names, e.g. attn.qkv"),
 }
-LORA_FLAGS = {"blocks": "--lora-blocks", "rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+LORA_FLAGS = {"blocks": "--lora-blocks", "finetune": "--finetune", "rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
               "lr": "--lora-lr", "layer_decay": "--lora-layer-decay", "prefix_views": "--prefix-views",
               "micro_batch": "--micro-batch", "layers": "--layers", "targets": "--lora-targets"}

@@ -17,7 +17,7 @@ from biomass_cache.backbone.vit import create_backbone
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import init_ranks
 from biomass_cache.common.errors import DataError
-from biomass_cache.lora.adapters import inject_lora
+from biomass_cache.lora.adapters import make_trainable
 from biomass_cache.lora.checkpoint import lora_fingerprint, save_checkpoint
 from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, live_loader
 from biomass_cache.lora.model import LiveTokens
@@ -67,7 +67,7 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
     with runs.claim_run_dir(out, overwrite, rank == 0):  # before the backbone loads
         table = read_training_table(data / "train.csv")
         bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
-        inject_lora(bb, s)
+        make_trainable(bb, s)
         live = LiveTokens(bb, s, device)
         prefix = None
         if s.prefix_cache:

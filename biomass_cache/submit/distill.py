@@ -106,11 +106,11 @@ def check_student(s: LoraSettings) -> None:
     import torch
 
     from biomass_cache.backbone.vit import create_backbone
-    from biomass_cache.lora.adapters import inject_lora
+    from biomass_cache.lora.adapters import make_trainable
     from biomass_cache.lora.model import LiveTokens
 
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
-    inject_lora(bb, s)
+    make_trainable(bb, s)
     LiveTokens(bb, s, torch.device("cpu"))
 
 
