@@ -197,7 +197,7 @@ def test_help_states_the_dataclass_defaults():
                 continue  # not a setting (--out, --folds-csv), a switch (--full), no default (--lora-prefix-cache)
             assert f"({shown(default_of(cls, field))}" in p.help, (command, name, p.help)
             checked += 1
-    assert checked == 19 + 34  # train: 19; lora: 16 of those (no --preload, --precision, --stack-folds), 18 [lora]
+    assert checked == 19 + 35  # train: 19; lora: 16 of those (no --preload, --precision, --stack-folds), 19 [lora]
 
 
 def test_the_lora_backbone_defaults_come_from_the_extract_section(tmp_path):

@@ -36,6 +36,11 @@ def distill_command(
                                 "alpha x the teacher's prediction."),
     weight: float = typer.Option(DEFAULT_WEIGHT, "--weight", help="Loss weight of an unlabelled photo relative to a "
                                  "labelled one."),
+    features: float = typer.Option(0.0, "--features", help="Weight of the feature loss: the student's tokens, "
+                                   "through a learned projection, match the teacher's cached tokens of the same "
+                                   "views (0 = off)."),
+    teacher_tokens: Optional[Path] = typer.Option(None, "--teacher-tokens", help="The teacher's training token "
+                                                  "store for --features [the first member's]."),
     size: Optional[str] = _lora("--size", "The student's image size WxH, multiples of 16", "size"),
     layers: Optional[str] = _lora("--layers", "Student blocks the head reads, comma-separated", "layers"),
     head: Optional[str] = typer.Option(None, "--head", help=with_default("Head name", TrainConfig, "head")),
@@ -75,4 +80,5 @@ def distill_command(
                 rank=lora_rank,
                 lr=lora_lr, layers=parse_layers(layers) if layers else None)
     s = load_settings(conf, {k: v for k, v in lora.items() if v is not None})
-    distill(spec, data, out, s, cfg, photos or [], alpha, weight, work_dir, device, precision, overwrite)
+    distill(spec, data, out, s, cfg, photos or [], alpha, weight, work_dir, device, precision, overwrite,
+            features=features, teacher_tokens=teacher_tokens)

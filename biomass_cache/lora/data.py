@@ -2,7 +2,9 @@
 
 With a live backbone a sample is pixels - a fresh augmented view every epoch - or, with a prefix cache, the hidden
 state entering the first adapted block: the frozen blocks before it never change for a given view, so they run
-once (`build_prefix_cache`) and training runs only the adapted blocks. The model side is model.py.
+once (`build_prefix_cache`) and training runs only the adapted blocks. With a teacher's token store (feature
+distillation, features.py) a training sample is one of the store's views and carries the teacher's tokens of it.
+The model side is model.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from biomass_cache.backbone.views import ViewPolicy, load_photo, make_view
 from biomass_cache.common.errors import DataError
+from biomass_cache.lora.features import TeacherTokens
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.store.fingerprint import diff as fingerprint_diff
@@ -30,13 +33,16 @@ class LiveDataset(Dataset):
     """Rows `indices` of `table` with stage two's labels, plus what the backbone needs:
     `pixels` - training: a fresh augmented view every epoch (view epoch + 1 of views.make_view; view 0 is the
     clean view), else view `view` - or, with a `prefix` store, `hidden` (n_prefix + T, C): one of its stored views
-    per epoch (stage two's view sampling), else view `view`. `weight`: each sample's weight in the losses.
+    per epoch (stage two's view sampling), else view `view`. `weight`: each sample's weight in the losses. With a
+    `teacher` (training only) the pixels are one of the teacher store's views per epoch, made with its seed and
+    policy, and `teacher`, `teacher_has` its standardised tokens of that view (features.TeacherTokens).
     """
 
     def __init__(self, table: pd.DataFrame, indices: Sequence[int], data_dir: Path, s: LoraSettings,
                  train: bool, seed: int, aux: AuxSpec, prefix=None, view: int = 0, split: str = "train",
-                 weight: float | np.ndarray = 1.0):
+                 weight: float | np.ndarray = 1.0, teacher: TeacherTokens | None = None):
         self.train, self.seed, self.epoch = train, seed, 0
+        self.teacher = teacher if train else None
         self.indices = np.asarray(indices, dtype=np.int64)
         self.data_dir, self.size, self.view_seed, self.split, self.store = (
             Path(data_dir), tuple(s.size), s.view_seed, split, prefix)
@@ -52,6 +58,8 @@ class LiveDataset(Dataset):
     def view_of(self, k: int) -> int:
         if not self.train:
             return self.views[0]
+        if self.teacher is not None:
+            return view_for(self.seed, self.epoch, int(self.indices[k]), self.teacher.n_views)
         if self.store is None:
             return self.epoch + 1
         return view_for(self.seed, self.epoch, int(self.indices[k]), len(self.views))
@@ -61,7 +69,13 @@ class LiveDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         view, item = self.view_of(k), self.labels.item(k)
-        if self.store is None:
+        if self.teacher is not None:
+            t = self.teacher
+            image = load_photo(self.data_dir / self.paths[k], self.size, t.policy)
+            item["pixels"] = make_view(image, self.image_ids[k], view, t.view_seed, self.size, t.policy, split=t.split)
+            tokens, has = t.item(self.image_ids[k], view)
+            item["teacher"], item["teacher_has"] = torch.from_numpy(tokens), torch.tensor(has)
+        elif self.store is None:
             image = load_photo(self.data_dir / self.paths[k], self.size, ViewPolicy())
             item["pixels"] = make_view(image, self.image_ids[k], view, self.view_seed, self.size, ViewPolicy(),
                                        split=self.split)

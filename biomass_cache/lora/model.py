@@ -17,6 +17,7 @@ from biomass_cache.backbone.views import validate_tiles
 from biomass_cache.backbone.vit import Backbone, resolve_layers, split_tiles, stitch_tiles
 from biomass_cache.common.errors import DataError
 from biomass_cache.lora.adapters import adapter_state, is_lora_layer, reset_adapters
+from biomass_cache.lora.features import FeatureMatch
 from biomass_cache.lora.settings import LoraSettings, adapted_blocks
 
 
@@ -58,13 +59,15 @@ class LiveTokens(nn.Module):
     """`tokens_fn` for stage two's loop: batch -> (B, L, T, C) float32 from the adapted backbone.
 
     A batch carries `pixels` (full forward) or `hidden` (the prefix cache: blocks start.. only). Its parameters
-    are the adapters, or the fully fine-tuned blocks' weights (the loop's `extra`: `reset(seed)` per fold, back to
-    fresh adapters or the initial weights; `param_groups()` for the optimizer, EMA and clipping with the head's). `train()` toggles only the adapters' dropout: the frozen backbone stays in eval
-    mode.
+    are the adapters, or the fully fine-tuned blocks' weights, and feature distillation's projection `match`. It
+    is the loop's `extra`: `reset(seed)` per fold (fresh adapters, or the initial weights), `param_groups()` for the
+    optimizer, EMA and clipping with the head's, `side_loss` the feature loss. `train()` toggles only the adapters'
+    dropout: the frozen backbone stays in eval mode.
     """
 
-    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device):
+    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device, match: FeatureMatch | None = None):
         super().__init__()
+        self.match = None if match is None else match.to(device)  # feature distillation's projection (features.py)
         check_supported(bb.model, bb.name)
         self.bb, self.s, self.device = bb, s, device
         self.model = bb.model.to(device)
@@ -82,6 +85,8 @@ class LiveTokens(nn.Module):
             n: p.detach().clone() for n, p in adapter_state(self.model).items()}
 
     def reset(self, seed: int) -> None:
+        if self.match is not None:
+            self.match.reset(seed)
         if self.initial is None:
             reset_adapters(self.model, seed)
             return
@@ -95,8 +100,15 @@ class LiveTokens(nn.Module):
         for n, p in adapter_state(self.model).items():
             groups.setdefault(int(n.split(".")[1]), []).append(p)
         top = self.bb.depth - 1
+        match = [] if self.match is None else [{"params": list(self.match.parameters()), "weight_decay": 0.0}]
         return [{"params": ps, "lr": self.s.lr * self.s.layer_decay ** (top - b), "weight_decay": 0.0}
-                for b, ps in sorted(groups.items())]
+                for b, ps in sorted(groups.items())] + match  # the projection at the head's lr
+
+    def side_loss(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The token source's own loss term for a training batch: feature distillation's, where it has one."""
+        if self.match is None or "teacher" not in batch:
+            return None
+        return self.match(tokens, batch["teacher"].to(tokens.device), batch["teacher_has"].to(tokens.device))
 
     def train(self, mode: bool = True) -> "LiveTokens":
         self.training = mode

@@ -13,12 +13,15 @@ A labelled image's target is (1 - alpha) x its label + alpha x the teacher's pre
 the totals and the five targets exactly the sum of the two losses weighted 1 - alpha and alpha (plus a constant);
 the composition's loss is recomputed from the blended masses. An unlabelled photo's target is the teacher's
 prediction, at loss weight `weight`. Validation and OOF predictions are over the labelled images only, against
-their labels, so the student's OOF score stands beside the teacher's. What is not built: matching the teacher's
-tokens through a learned projection (feature distillation), and full fine-tuning (the student adapts LoRA blocks).
+their labels, so the student's OOF score stands beside the teacher's.
+
+With `features` > 0 the student also matches the teacher's cached tokens of the same views through a learned
+projection (lora/features.py), that loss weighted `features`: the first member's training store, or `teacher_tokens`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,10 +37,11 @@ from biomass_cache.common.io import write_bytes
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.photo import list_photos
 from biomass_cache.common.targets import TARGETS
+from biomass_cache.lora.features import teacher_tokens as match_teacher
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.lora.train import Part, run_lora
 from biomass_cache.submit.ensemble import run_ensemble
-from biomass_cache.submit.members import resolve_member
+from biomass_cache.submit.members import ResolvedMember, resolve_member
 from biomass_cache.submit.pseudo import NOTES, PseudoLabels, predict_labels
 from biomass_cache.submit.spec import EnsembleSpec
 from biomass_cache.train import runs
@@ -101,8 +105,8 @@ def training_part(rows_table: pd.DataFrame, labels: PseudoLabels, folds: np.ndar
     return part
 
 
-def check_student(s: LoraSettings) -> None:
-    """The student as `biomass lora` builds it, on the CPU: its settings' errors, early."""
+def check_student(s: LoraSettings):
+    """The student as `biomass lora` builds it, on the CPU: its settings' errors, early. Returns its token source."""
     import torch
 
     from biomass_cache.backbone.vit import create_backbone
@@ -111,22 +115,39 @@ def check_student(s: LoraSettings) -> None:
 
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     make_trainable(bb, s)
-    LiveTokens(bb, s, torch.device("cpu"))
+    return LiveTokens(bb, s, torch.device("cpu"))
+
+
+def teacher_store(first: ResolvedMember, given: Path | None) -> Path:
+    """The token store feature distillation matches: `given`, else the first member's training store."""
+    if given is not None:
+        return Path(given)
+    config = first.run_dir / "config.json"
+    path = json.loads(config.read_text()).get("cache", {}).get("path") if config.is_file() else None
+    if first.kind != "cache" or not path or not Path(path).exists():
+        raise DataError(f"--features: the teacher's first member {first.member.name} has no training token store "
+                        f"on record here ({path or 'none'}); give one with --teacher-tokens STORE")
+    return Path(path)
 
 
 def distill(spec: EnsembleSpec, data: Path, out: Path, s: LoraSettings, cfg: TrainConfig,
             photo_dirs: list[Path] = (), alpha: float = DEFAULT_ALPHA, weight: float = DEFAULT_WEIGHT,
             work_dir: Path | None = None, device: str = "cpu", precision: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, progress: bool = True, features: float = 0.0,
+            teacher_tokens: Path | None = None) -> dict:
     """Label the training (and unlabelled) photos with `spec`, then train the student with the first member's folds
     when it has them; returns the run's metrics, with the teacher's OOF score beside the student's."""
-    if not 0 <= alpha <= 1 or not weight > 0:
-        raise DataError(f"--alpha must be in [0, 1] and --weight > 0, got {alpha} and {weight}")
-    check_student(s)  # a mistake in the student's settings is refused before the teacher labels anything
+    if not 0 <= alpha <= 1 or not weight > 0 or not features >= 0:
+        raise DataError(f"--alpha must be in [0, 1], --weight > 0 and --features >= 0, got {alpha}, {weight} and "
+                        f"{features}")
+    student = check_student(s)  # a mistake in the student's settings is refused before the teacher labels anything
     data, out = Path(data), Path(out)
     work = Path(work_dir) if work_dir else out.parent
     table = read_training_table(data / "train.csv")
     first = resolve_member(spec.members[0], spec.weights_files)
+    store = teacher_store(first, teacher_tokens) if features > 0 else None
+    if store is not None:  # so is a teacher store that does not fit the student
+        match_teacher(store, list(table["image_id"]), s.size, student.grid, len(student.layers))
     folds_csv = first.run_dir / "folds.csv" if (first.run_dir / "folds.csv").is_file() else None
     if folds_csv is None and not cfg.full:
         raise DataError(f"{first.run_dir} has no folds.csv: the student cross-validates on the teacher's folds "
@@ -146,8 +167,8 @@ def distill(spec: EnsembleSpec, data: Path, out: Path, s: LoraSettings, cfg: Tra
         print("WARNING: the student's OOF score is optimistic: its targets come from a teacher whose models saw "
               "every fold's validation images (recorded in config.json `distill`)", file=sys.stderr)
     part = training_part(rows_table, labels, folds, len(table), alpha, weight, folder)
-    metrics = run_lora(data, out, cfg, s, folds_csv=folds_csv, progress=progress,
-                       overwrite=overwrite, training_part=part, record={"distill": info})
+    metrics = run_lora(data, out, cfg, s, folds_csv=folds_csv, progress=progress, overwrite=overwrite,
+                       training_part=part, record={"distill": info}, teacher_store=store, feature_weight=features)
     metrics["distill"] = info
     if not cfg.full:
         runs.write_metrics(out, metrics)

@@ -98,7 +98,8 @@ class TokenSource:
     contract's labels plus whatever `tokens_fn(batch) -> (B, L, T, C)` reads; `predict(head, meta, rows)` gives a
     trained head's OOF grams (its `meta["tta"]` views); `save(json_path, head, meta)` writes its checkpoint.
     `extra` is a module whose trainable parameters train with the head (LoRA adapters): `extra.reset(seed)`
-    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups. `fit_loader(rows, aux)`
+    re-initialises them for a fold, `extra.param_groups()` gives their optimizer groups, `extra.side_loss(batch,
+    tokens)` a loss term of its own on a training batch (or None). `fit_loader(rows, aux)`
     yields every stored view of the rows once, for closed-form heads (None: the source cannot fit them). Under
     torchrun, `rank`, `barrier` and `sync` (gradient averaging, see `train_step`) come from the caller; only rank 0
     writes files.

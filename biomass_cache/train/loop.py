@@ -222,9 +222,11 @@ def pcgrad_split(primary: list[torch.Tensor], auxiliary: list[torch.Tensor],
             [p for i, p in enumerate(params) if i not in by_primary])
 
 
-def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+             side: torch.Tensor | None = None) -> None:
     """Gradients of the step: primary-anchored PCGrad on the head (with auxiliary tasks), else plain backward.
-    The UW log-variances and the extra parameters (adapters) always get the plain gradient."""
+    The UW log-variances and the extra parameters (adapters) always get the plain gradient; so does the token
+    source's `side` loss (included in `loss`), which reaches the extra parameters alone."""
     primary, auxiliary = split_terms(terms)
     if not (m.cfg.pcgrad and auxiliary):
         loss.backward()
@@ -237,15 +239,19 @@ def backward(m: SweepMember, loss: torch.Tensor, terms: dict[str, torch.Tensor])
         return
     uw = list(m.uw.parameters()) if m.uw is not None else []
     pcgrad_step(primary, auxiliary, arbitrated, plain_params=plain + uw + m.extra_params)
+    if side is not None:
+        side.backward()
 
 
 def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
-               sync: Callable[[list[torch.nn.Parameter]], None] | None = None, normed: bool = False) -> float | None:
+               sync: Callable[[list[torch.nn.Parameter]], None] | None = None, normed: bool = False,
+               side: torch.Tensor | None = None) -> float | None:
     """(Bin labels ->) mixup -> forward -> task losses -> UW -> (PCGrad) backward -> sync -> clip -> AdamW -> EMA.
 
     Returns the loss, or None for a skipped step (non-finite loss). `sync(params)` averages the gradients across
     ranks (torchrun); a rank with a non-finite loss then contributes a zero gradient so every rank still steps
-    alike. `normed`, and bf16 tokens: see `heads.run_head`.
+    alike. `normed`, and bf16 tokens: see `heads.run_head`. `side`: the token source's own loss on this batch
+    (feature distillation, lora/features.py), added to the member's.
     """
     cfg = m.cfg
     b = dict(batch, tokens=tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx])
@@ -257,11 +263,13 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
     m.head.train()
     losses = task_losses(run_head(m.head, b["tokens"], normed), b, m.zscore, interval_weight=cfg.interval_weight)
     loss, terms = combine_losses(losses, m.uw)
+    if side is not None:
+        loss = loss + side
     m.opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
     if finite:
         m.bad_in_a_row = 0
-        backward(m, loss, terms)
+        backward(m, loss, terms, side)
     else:
         m.skipped += 1
         m.bad_in_a_row += 1
@@ -360,7 +368,8 @@ def train_fold(
     on the validation set (it only reads the weights: the training is the same whatever `eval_every`).
 
     Returns the history rows. `val_loader` may be None (training on all data); `baseline_grams`: see `scores`;
-    `extra`: the token source's trainable module (train mode while training); `sync`: see `train_step`;
+    `extra`: the token source's trainable module (train mode while training; `extra.side_loss(batch, tokens)` its
+    own loss term on a batch, or None); `sync`: see `train_step`;
     `on_epoch(rows)` sees each epoch's history rows, with validation columns in the validated epochs (a tuning
     trial reports those and may stop the fold by raising); it may return {member name: reason} to stop some members
     (tuning trials side by side, one pruned): they train no more, and their `stopped` says why.
@@ -386,9 +395,10 @@ def train_fold(
         for batch in train_loader:
             check_stop()
             tokens = tokens_fn(batch)  # read once, shared by every member
+            side = None if extra is None else extra.side_loss(batch, tokens)  # one member when there is an extra
             batch = {k: v.to(tokens.device) for k, v in batch.items() if k in LABEL_KEYS}
             for m in members:
-                loss = train_step(m, batch, tokens, sync, normed)
+                loss = train_step(m, batch, tokens, sync, normed, side)
                 if loss is not None:
                     sums[m.name][0] += loss
                     sums[m.name][1] += 1
