@@ -326,6 +326,17 @@ def edge_rows(d: dict) -> str:
                          f"{g['int8_vs_fp32']:.0%} of the fp32 graph.", machine_line(d)])
 
 
+def edge_student_rows(d: dict) -> str:
+    """edge_students.json: distilled students' pooled OOF score beside their teacher's, same folds and images."""
+    rows = [[r["student"], r["finetune"], f"{r['features']:g}", r["epochs"], f"{r['oof_competition_r2']:.3f}",
+             f"{r['teacher_oof_competition_r2']:.3f}", f"{r['seconds'] / 60:.1f}"] for r in d["rows"]]
+    header = ["student", "fine-tuning", "feature loss weight", "epochs", "student OOF competition_r2",
+              "teacher OOF competition_r2", "minutes"]
+    t = d["teacher"]
+    return "\n\n".join([f"{d['what']}; weights: {d['weights']}.", table(header, rows, "lllrrrr"),
+                         f"Teacher: {t['backbone']} token cache, density head, {t['epochs']} epochs.", machine_line(d)])
+
+
 def stage2_rows(d: dict) -> str:
     """stage2_*.json: the default 5-fold run against an earlier commit's loop, and against the matmul limit."""
     s = d["settings"]
@@ -445,6 +456,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "reduce_1core.json": (reduce_rows, "bench_reduce.py --cores 1 --images 32"),
     "host.json": (host_rows, "bench_host.py"),
     "edge.json": (edge_rows, "bench_edge.py"),
+    "edge_students.json": (edge_student_rows, "bench_edge.py --students"),
     "store.json": (store_rows, "bench_store.py"),
     "heads.json": (r2_rows, "bench_heads.py"),
     "heads_reduce.json": (r2_rows, "bench_heads.py --preset reduce"),
