@@ -157,3 +157,12 @@ def test_a_student_run_records_the_teachers_tokens(teacher, tmp_path):  # noqa: 
                                         "--config", str(config), *STUDENT])
         assert lone.exit_code == 2 and says in lone.output.strip().splitlines()[-1], lone.output
         assert not (tmp_path / "t").exists()
+
+
+def test_features_with_a_prefix_cache_is_refused_before_the_teacher_labels(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[lora]\nprefix_cache = "prefix.zarr"\n')
+    r = CliRunner().invoke(app, ["distill", "--data", str(tmp_path), "--teacher", str(tmp_path), "--out",
+                                 str(tmp_path / "s"), "--features", "1", "--config", str(config)])
+    assert r.exit_code == 2 and "remove [lora] prefix_cache" in r.output.strip().splitlines()[-1], r.output
+    assert not (tmp_path / "distill-photos").exists()

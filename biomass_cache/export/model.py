@@ -195,11 +195,12 @@ def build_lora(resolved: list[ResolvedMember], tta: bool) -> tuple[Ensemble, dic
     info = {"format": "biomass-cache onnx model", "version": __version__,
             "input": {"name": "photos", "layout": "NCHW", **lora_input(s.size)},
             "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
-            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": "mean", "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
-                                                 "checkpoints": [str(rm.checkpoints[0])]}],
+            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": "mean",
+            "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
+                         "checkpoints": [str(rm.checkpoints[0])]}],
             "backbone": {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
-                         "lora": {"blocks": s.blocks, "finetune": s.finetune, "rank": s.rank,
-                                  "merged": s.finetune == "lora"}},
+                         "lora": {"blocks": s.blocks, "finetune": s.finetune,
+                                  "rank": s.rank if s.finetune == "lora" else None, "merged": s.finetune == "lora"}},
             "reduction": None, "random_weights": meta["base"]["weights_sha256"] == "random"}
     return model, info
 

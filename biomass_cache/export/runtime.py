@@ -64,6 +64,9 @@ def open_session(model_dir: Path, info: dict, threads: int = 0):
     if list(shape[1:]) != [3, h, w]:
         raise DataError(f"{model_dir}: model.json says the input is 3 x {h} x {w}, the graph takes {shape[1:]}; "
                         "the folder's files do not belong together (export again)")
+    if len(session.get_outputs()) != 1 + bool(info.get("maps")):
+        raise DataError(f"{model_dir}: model.json says the graph has {1 + bool(info.get('maps'))} output(s), it has "
+                        f"{len(session.get_outputs())}; the folder's files do not belong together (export again)")
     return session
 
 

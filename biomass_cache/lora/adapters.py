@@ -63,6 +63,8 @@ def make_trainable(bb: Backbone, s: LoraSettings) -> list[str]:
     weight of the last `s.blocks` blocks (the rest stays frozen). Returns the trainable modules' or tensors' names."""
     if s.finetune == "lora":
         return inject_lora(bb, s)
+    if s.finetune != "full":
+        raise DataError(f"finetune must be lora or full, got {s.finetune!r}")
     prefixes = tuple(f"blocks.{b}." for b in adapted_blocks(bb.depth, s.blocks))
     for n, p in bb.model.named_parameters():
         p.requires_grad_(n.startswith(prefixes))

@@ -3,9 +3,10 @@ teacher's cached tokens of the same view.
 
 The teacher's token store fixes the views: the student trains on the store's views (its augmentation seed and
 policy, at the student's own size: every random parameter of a view is drawn independently of the size, so the
-same view index is the same crop, flip and affine at any size of the same aspect ratio). Both token grids are
-average-pooled to the smaller one; the teacher's tokens are standardised per layer and channel (mean and standard
-deviation over view 0 of up to STAT_IMAGES images), so every channel counts alike whether the store holds full
+same view index is the same crop, flip and affine at any size of the same aspect ratio). The photo is decoded and
+resized as the student's validation and export do it (the default policy's filter and decode scale). Both token
+grids are average-pooled to the smaller one; the teacher's tokens are standardised per layer and channel (mean and
+standard deviation over view 0 of up to STAT_IMAGES images), so every channel counts alike whether the store holds full
 tokens or a PCA reduction. The loss is the mean squared error over layers, tokens and channels, on the samples the
 store holds (unlabelled photos have no teacher tokens), times `weight`. The projection trains with the head and
 is dropped afterwards: checkpoints and exports hold the student alone.
@@ -14,7 +15,7 @@ is dropped afterwards: checkpoints and exports hold the student alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ class TeacherTokens:
     def describe(self) -> dict:
         """config.json's record of the teacher's tokens."""
         return {"store": self.store_path, "grid": list(self.grid), "views": self.n_views, "images": len(self.rows),
-                "channels": self.channels}
+                "channels": self.channels, "view_seed": self.view_seed, "policy": self.policy.to_dict()}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}
@@ -107,8 +108,13 @@ def teacher_tokens(path: Path, image_ids: list[str], student_size: tuple[int, in
               for r in list(rows.values())[:STAT_IMAGES]]
     x = torch.cat(sample, dim=1).double()  # (L, images x T, C)
     mean, std = x.mean(dim=1), x.std(dim=1).clamp_min(1e-6)
+    try:  # the views' geometry and colours are the teacher's; decoding and resizing stay the student's own, as
+        policy = replace(ViewPolicy.from_dict(fp["policy"]), resample=ViewPolicy().resample,  # at validation
+                         decode_oversample=ViewPolicy().decode_oversample)
+    except ValueError as e:
+        raise DataError(f"--teacher-tokens {path}: its view policy is not one this version reads ({e})") from None
     return TeacherTokens(str(path), rows, grid, mean.float().numpy(), std.float().numpy(), store.n_views,
-                         int(fp.get("seed") or 0), ViewPolicy.from_dict(fp["policy"]), "train")
+                         int(fp.get("seed") or 0), policy, "train")
 
 
 class FeatureMatch(nn.Module):

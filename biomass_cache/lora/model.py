@@ -81,7 +81,7 @@ class LiveTokens(nn.Module):
                              f"up to block {last}; read the last block or adapt fewer blocks")
         self.grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)  # stitched, whatever the tiles
         self.tiles = validate_tiles(s.size, s.tiles)
-        self.initial = None if s.finetune == "lora" else {  # fully fine-tuned blocks: each fold starts from these
+        self.initial = None if s.finetune != "full" else {  # fully fine-tuned blocks: each fold starts from these
             n: p.detach().clone() for n, p in adapter_state(self.model).items()}
 
     def reset(self, seed: int) -> None:

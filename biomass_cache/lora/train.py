@@ -81,6 +81,9 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
             teacher = teacher_tokens(Path(teacher_store), list(table["image_id"]), s.size, grid, n_layers)
             match = FeatureMatch(n_layers, bb.embed_dim, teacher.channels, grid, teacher.grid, feature_weight)
             record = {**(record or {}), "features": {**teacher.describe(), "weight": feature_weight}}
+            if teacher.n_views < 3 and rank == 0:
+                tqdm.write(f"NOTE: the student trains on the teacher store's {teacher.n_views} view(s) per photo "
+                           "(--features), fewer augmentations than its own fresh view per epoch")
         live = LiveTokens(bb, s, device, match)
         prefix = None
         if s.prefix_cache:

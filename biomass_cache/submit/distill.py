@@ -105,8 +105,9 @@ def training_part(rows_table: pd.DataFrame, labels: PseudoLabels, folds: np.ndar
     return part
 
 
-def check_student(s: LoraSettings):
-    """The student as `biomass lora` builds it, on the CPU: its settings' errors, early. Returns its token source."""
+def check_student(s: LoraSettings) -> tuple[tuple[int, int], int]:
+    """The student as `biomass lora` builds it, on the CPU: its settings' errors, early. Returns its token grid and
+    the number of layers its head reads."""
     import torch
 
     from biomass_cache.backbone.vit import create_backbone
@@ -115,7 +116,8 @@ def check_student(s: LoraSettings):
 
     bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
     make_trainable(bb, s)
-    return LiveTokens(bb, s, torch.device("cpu"))
+    live = LiveTokens(bb, s, torch.device("cpu"))
+    return live.grid, len(live.layers)
 
 
 def teacher_store(first: ResolvedMember, given: Path | None) -> Path:
@@ -140,14 +142,17 @@ def distill(spec: EnsembleSpec, data: Path, out: Path, s: LoraSettings, cfg: Tra
     if not 0 <= alpha <= 1 or not weight > 0 or not features >= 0:
         raise DataError(f"--alpha must be in [0, 1], --weight > 0 and --features >= 0, got {alpha}, {weight} and "
                         f"{features}")
-    student = check_student(s)  # a mistake in the student's settings is refused before the teacher labels anything
+    if features > 0 and s.prefix_cache:
+        raise DataError("--features trains on the teacher store's views, and a prefix cache holds the student's own "
+                        "views: remove [lora] prefix_cache from the config")
+    grid, n_layers = check_student(s)  # a mistake in the student's settings is refused before the teacher labels
     data, out = Path(data), Path(out)
     work = Path(work_dir) if work_dir else out.parent
     table = read_training_table(data / "train.csv")
     first = resolve_member(spec.members[0], spec.weights_files)
     store = teacher_store(first, teacher_tokens) if features > 0 else None
     if store is not None:  # so is a teacher store that does not fit the student
-        match_teacher(store, list(table["image_id"]), s.size, student.grid, len(student.layers))
+        match_teacher(store, list(table["image_id"]), s.size, grid, n_layers)
     folds_csv = first.run_dir / "folds.csv" if (first.run_dir / "folds.csv").is_file() else None
     if folds_csv is None and not cfg.full:
         raise DataError(f"{first.run_dir} has no folds.csv: the student cross-validates on the teacher's folds "

@@ -276,7 +276,8 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
         if m.bad_in_a_row >= cfg.max_nonfinite:
             raise FloatingPointError(
                 f"head {m.name}: {m.bad_in_a_row} non-finite losses in a row (step {m.step}; "
-                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in
+                            {**losses, **({} if side is None else {"features": side})}.items())
                 + "); check the cache for NaN/inf tokens, or lower the learning rate"
             )
         if sync is None:
