@@ -22,6 +22,7 @@ from biomass_cache.common.errors import DataError
 from biomass_cache.common.metrics import competition_r2
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.store.layout import open_store
+from biomass_cache.backbone import precision as precision_module
 from biomass_cache.train import bank as bank_module
 from biomass_cache.train.bank import TokenBank, plan_bank, training_precision
 from biomass_cache.train.config import TrainConfig
@@ -71,9 +72,9 @@ def test_the_plan_prefers_the_device_then_the_host_then_streaming():
 
 
 def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
-    monkeypatch.setattr(bank_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     assert training_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(bank_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     assert training_precision("auto", torch.device("cpu")) == "bf16"
     assert training_precision("fp32", torch.device("cpu")) == "fp32"
 

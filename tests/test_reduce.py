@@ -71,6 +71,36 @@ def test_pca_matches_sklearn_and_apply_matches_the_definition(toy):
     assert float((from_stored - expected).norm() / expected.norm()) < 1e-3
 
 
+def test_the_fit_in_bf16_keeps_the_subspace_and_its_clean_views_reduce_alike(toy, tmp_path, monkeypatch):
+    """bf16 Gram matrices (where the CPU has them) move the PCA subspace far less than the data does; the fit's
+    kept clean views give the store reading them again gives, bit for bit."""
+    import biomass_cache.store.reduce as reduce_module
+
+    torch.manual_seed(0)
+    mix = (torch.arange(1, 65.0) ** -0.8)[:, None] * torch.linalg.qr(torch.randn(64, 64))[0]
+    images = [(torch.randn(1, 200, 64) @ mix + 0.02 * torch.randn(1, 200, 64)) for _ in range(16)]
+    fits = {}
+    for bf16 in (False, True):
+        monkeypatch.setattr(reduce_module, "native_bf16", lambda device, bf16=bf16: bf16)
+        fits[bf16] = torch.from_numpy(reduce_module.fit_pca(iter(images), 16, 8, fit_tokens=10**6)[1][0])
+    x = torch.cat(images)[:, 0]
+    moved = (x @ fits[True] @ fits[True].T - x @ fits[False] @ fits[False].T).norm() / (x @ fits[False]).norm()
+    assert 0 < float(moved) < 0.02
+    monkeypatch.undo()
+    _, _, path = toy
+    store = open_store(path)
+    kept: dict = {}
+    red = fit_reduction(store, dim=5, pool=2, progress=False, keep=kept)
+    assert sorted(kept) == list(range(24)) and all(v.dtype == torch.float16 for v in kept.values())
+    a = reduce_store(store, red, tmp_path / "a.zarr", progress=False, clean=kept)
+    b = reduce_store(store, red, tmp_path / "b.zarr", progress=False)
+    assert not kept  # each taken as it is used
+    for i in (0, 7, 23):
+        for v in range(VIEWS):
+            np.testing.assert_array_equal(a.read(i, v), b.read(i, v))
+    assert reduce_module.keep_clean_views(store, 2) and not reduce_module.keep_clean_views(store, 2, share=0.0)
+
+
 def test_norm_pool_in_float16_is_float32_rounded_once():
     x = (torch.randn(3, 8 * 12, 64) * 3 + 1).half()
     exact = pool_tokens(F.layer_norm(x.float(), (64,)), (8, 12), 2)

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from biomass_cache.common.errors import DataError, NonFiniteError
+from biomass_cache.common.runtime import cpu_has_native_bf16
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -26,8 +27,11 @@ def check_precision(name: str) -> str:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 at speed (Ampere and later); older GPUs emulate it slowly or not at all."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    """Whether `device` computes bf16 at speed: a GPU of compute capability 8.0 and up (Ampere), a CPU with
+    AVX512-BF16 or AMX; elsewhere bf16 is emulated, slowly, or not there at all."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

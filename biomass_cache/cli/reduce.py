@@ -15,6 +15,7 @@ from biomass_cache.store.reduce import (
     DEFAULT_POOL,
     MIN_GRID,
     fit_reduction,
+    keep_clean_views,
     load_settings,
     reduce_store,
     reduction_of,
@@ -42,9 +43,10 @@ def reduce_command(
     if settings["fit_tokens"] < 1:
         raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
     src = open_store(cache)
+    clean = {} if like is None and keep_clean_views(src, settings["pool"]) else None  # view 0 read and normed once
     reduction = reduction_of(like) if like is not None else fit_reduction(src, settings["dim"], settings["pool"],
-                                                                          settings["fit_tokens"])
-    store = reduce_store(src, reduction, out, overwrite=overwrite)
+                                                                          settings["fit_tokens"], keep=clean)
+    store = reduce_store(src, reduction, out, overwrite=overwrite, clean=clean)
     size = store.nbytes_on_disk()
     typer.echo(f"reduced {cache} ({src.channels} channels, grid {list(src.grid)}) -> {out} ({reduction.dim} "
                f"channels, grid {list(store.grid)}, {size / 1e9:.2f} GB, {src.nbytes_on_disk() / max(size, 1):.1f}x "

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save
 from tqdm.auto import tqdm
 
+from biomass_cache.backbone.precision import native_bf16
 from biomass_cache.common.config import read_config
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_folder, write_bytes, write_json
 from biomass_cache.common.lock import WriterLock
-from biomass_cache.common.runtime import usable_cores
+from biomass_cache.common.runtime import available_ram, usable_cores
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import EncodedSample, TokenStore
 from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
@@ -206,21 +207,43 @@ def usable_images(store: TokenStore) -> list[int]:
 
 
 def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = DEFAULT_POOL,
-                  fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True) -> Reduction:
-    """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer)."""
+                  fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True,
+                  keep: dict[int, torch.Tensor] | None = None) -> Reduction:
+    """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer).
+    `keep`: filled with every image's normed, pooled view 0 (float16, as computed), for `reduce_store` to project
+    instead of reading and norming it again (`keep_clean_views` says whether they fit in memory)."""
     pool = resolve_pool(pool, tuple(store.grid))
     check_settings(store.channels, store.grid, dim, pool, str(store.path))
     rows = usable_images(store)
-    with closing(in_threads(lambda i: norm_pool(store.read_values(i, 0), store.grid, pool), rows)) as clean:
+
+    def clean_view(i: int) -> torch.Tensor:
+        x = norm_pool(store.read_values(i, 0), store.grid, pool)
+        if keep is not None:
+            keep[i] = x.half()
+        return x
+
+    with closing(in_threads(clean_view, rows)) as clean:
         pooled = (x for _, x in tqdm(clean, total=len(rows), desc="fit PCA", disable=not progress, leave=False))
         mean, comps = fit_pca(pooled, len(rows), dim, fit_tokens, seed)
     return Reduction(store.layers, mean, comps, pool, store.fingerprint, tuple(store.grid))
 
 
+def keep_clean_views(store: TokenStore, pool: int | str = DEFAULT_POOL, share: float = 0.25) -> bool:
+    """Whether the fit's normed, pooled clean views of a float16 store (their own precision: kept exactly) fit in
+    `share` of the available RAM, so that `reduce_store` reads and norms three views of four instead of four."""
+    pool = resolve_pool(pool, tuple(store.grid))
+    size = len(store.image_ids) * len(store.layers) * store.grid[0] * store.grid[1] // pool ** 2 * store.channels * 2
+    return store.storage_dtype == "float16" and size <= share * available_ram()
+
+
 def fit_pca(pooled: Iterable[torch.Tensor], n_images: int, dim: int, fit_tokens: int = DEFAULT_FIT_TOKENS,
             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer mean (L, C) and top-`dim` components (L, C, K) of the layer-normed, pooled clean views of
-    `n_images` images, (L, T', C) each, from a seeded subset of about `fit_tokens` tokens per layer."""
+    `n_images` images, (L, T', C) each, from a seeded subset of about `fit_tokens` tokens per layer.
+
+    Each image's Gram matrix is computed in bf16 where the hardware multiplies it (`native_bf16`) and summed in
+    float64: on a synthetic power-law spectrum it moves the fitted 128-dimensional subspace by 0.4 % (relative
+    error of the projected tokens), against 12 % between fits on two halves of the same images."""
     per_image = max(1, -(-fit_tokens // n_images))
     gram = total = None
     count = 0
@@ -230,10 +253,12 @@ def fit_pca(pooled: Iterable[torch.Tensor], n_images: int, dim: int, fit_tokens:
         if gram is None:
             gram = torch.zeros(x.shape[0], x.shape[2], x.shape[2], dtype=torch.float64)
             total = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64)
+            fast = torch.bfloat16 if native_bf16(x.device) else torch.float32
         if x.shape[1] > per_image:
             x = x[:, torch.from_numpy(np.sort(rng.choice(x.shape[1], per_image, replace=False)))]
-        gram += (x.transpose(1, 2) @ x).double()
-        total += x.sum(dim=1).double()
+        xb = x.to(fast)
+        gram += (xb.transpose(1, 2) @ xb).double().cpu()
+        total += x.sum(dim=1).double().cpu()
         count += x.shape[1]
     mean = total / count
     cov = gram / count - mean[:, :, None] * mean[:, None, :]
@@ -256,9 +281,11 @@ def reduced_spec(reduction: Reduction, image_ids: list[str], n_views: int, layer
 
 
 def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bool = False,
-                 progress: bool = True, ignore: Sequence[str] = ()) -> TokenStore:
+                 progress: bool = True, ignore: Sequence[str] = (), clean: dict[int, torch.Tensor] | None = None
+                 ) -> TokenStore:
     """Write the reduced store at `out`: built under a temporary name and renamed when every sample is in.
-    `ignore`: fingerprint keys in which `src` may differ from the store the projection was fitted on."""
+    `ignore`: fingerprint keys in which `src` may differ from the store the projection was fitted on. `clean`: the
+    fit's normed, pooled views 0 by row (`fit_reduction(keep=)`), projected instead of read again; emptied."""
     out = Path(out)
     reduction.check_parent(src, ignore)
     rows = usable_images(src)
@@ -276,7 +303,9 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
             store = create_store(tmp, spec)
             writer = Writer(store, 4)  # fsyncs wait on the disk, not the CPU: they overlap
             def reduce_image(i: int) -> EncodedSample:
-                views = [reduction.apply(src.read_values(i, v)) for v in range(src.n_views)]
+                first = None if clean is None else clean.pop(i, None)  # the fit's view 0, normed and pooled
+                views = [reduction.apply(src.read_values(i, v)) if v or first is None else
+                         reduction.project(first.float()) for v in range(src.n_views)]
                 return store.encode(i, slice(None), torch.stack(views), None)
 
             try:

@@ -16,12 +16,14 @@ budget, else the host (batches copied to the device), else none (the DataLoader 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from biomass_cache.backbone.precision import native_bf16
+from biomass_cache.common.runtime import available_ram
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -29,36 +31,12 @@ HOST_RAM_FRACTION = 0.5  # a bank in host RAM may take this share of the availab
 DEVICE_FRACTION = 0.8  # ... and this share of a GPU's free memory (the rest: heads, activations, allocator slack)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def training_precision(name: str, device: torch.device) -> str:
     """The compute precision of the heads' training: "auto" is bf16 where the device computes it natively (a GPU
     of compute capability 8.0 and up, a CPU with AVX512-BF16 or AMX), else fp32."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-
-
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations (Linux MemAvailable, else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def budget(device: torch.device) -> int:
