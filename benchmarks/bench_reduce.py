@@ -6,8 +6,10 @@ rep:
 
 - before: the code of `--baseline` (commit 1ba0193, a git worktree in --dir): every token projected, then pooled;
   each image read as float32, reduced and written in turn on the main thread, torch's threads within each op;
-- now: this tree: the stored float16 values normed and pooled in float16, then projected (`Reduction.apply`), whole
-  images on one thread per core (`in_threads`), writer threads behind.
+- now: this tree, as `biomass reduce` runs it: the stored float16 values normed and pooled in float16, then
+  projected (`Reduction.apply`), whole images on one thread per core (`in_threads`), writer threads behind; the
+  fit's Gram matrices in bf16 where the CPU has it, computed in those threads, and its normed, pooled clean views
+  kept and projected in the reduction instead of read again.
 
 Per arm, per image: the whole command (`fit_reduction` + `reduce_store`: read, layer norm, pooling, projection,
 write) and its two parts, and the transform alone on one view as the arm reads it (float32 before, stored values
@@ -55,12 +57,17 @@ import torch
 import biomass_cache
 from biomass_cache.common.runtime import keep_freed_memory
 from biomass_cache.store.layout import open_store
-from biomass_cache.store.reduce import fit_reduction, reduce_store
+import biomass_cache.store.reduce as R
 keep_freed_memory()
 src, out = open_store(sys.argv[1]), Path(sys.argv[2])
 n = len(src.image_ids)
-t = time.perf_counter(); red = fit_reduction(src, progress=False); fit = time.perf_counter() - t
-t = time.perf_counter(); reduce_store(src, red, out, overwrite=True, progress=False); reduce = time.perf_counter() - t
+# as `biomass reduce` runs them: the fit's clean views kept for the reduction where the arm's code does that
+clean = {} if hasattr(R, "keep_clean_views") and R.keep_clean_views(src) else None
+kept = {} if clean is None else {"keep": clean}
+t = time.perf_counter(); red = R.fit_reduction(src, progress=False, **kept); fit = time.perf_counter() - t
+t = time.perf_counter()
+R.reduce_store(src, red, out, overwrite=True, progress=False, **({} if clean is None else {"clean": clean}))
+reduce = time.perf_counter() - t
 reader = getattr(src, "read_values", None) or (lambda i, v: torch.from_numpy(src.read(i, v)))
 t = time.perf_counter()
 for i in range(n):

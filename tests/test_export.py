@@ -99,8 +99,27 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
         def forward(self, x):
             return x.mean(dim=(2, 3)).repeat(1, 2)[:, :5]
 
-    monkeypatch.setattr(model, "TOLERANCE", 0.0)
     photos = np.random.default_rng(0).standard_normal((3, 3, 16, 32)).astype(np.float32) + 0.1
+
+    class Untraceable(torch.nn.Module):  # a head torch.export cannot trace: it branches on a value
+        config = {"name": "odd", "n_layers": 1, "grid": [2, 2], "channels": 3}
+
+        def forward(self, tokens):
+            m = tokens.mean(dim=(1, 2))
+            return m * 2 if m.sum() > 0 else m
+
+    class WithHeads(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleList([Untraceable()])
+
+        def forward(self, x):
+            return self.heads[0](x[:, :1, :4].reshape(len(x), 1, 4, -1)[..., :3]).repeat(1, 2)[:, :5]
+
+    with pytest.raises(DataError, match=r"could not be exported to ONNX .*heads that fail: #0 odd; nothing written"):
+        model.write_model(WithHeads(), {"input": {"size": [32, 16]}}, tmp_path / "m", photos)
+    assert not (tmp_path / "m").exists()
+    monkeypatch.setattr(model, "TOLERANCE", 0.0)
     with pytest.raises(DataError, match=r"tolerance 0\); nothing written"):
         model.write_model(Tiny(), {"input": {"size": [32, 16]}}, tmp_path / "m", photos)
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))

@@ -82,7 +82,7 @@ def test_the_fit_in_bf16_keeps_the_subspace_and_its_clean_views_reduce_alike(toy
     fits = {}
     for bf16 in (False, True):
         monkeypatch.setattr(reduce_module, "native_bf16", lambda device, bf16=bf16: bf16)
-        fits[bf16] = torch.from_numpy(reduce_module.fit_pca(iter(images), 16, 8, fit_tokens=10**6)[1][0])
+        fits[bf16] = torch.from_numpy(reduce_module.fit_pca(enumerate(images), 16, 8, fit_tokens=10**6)[1][0])
     x = torch.cat(images)[:, 0]
     moved = (x @ fits[True] @ fits[True].T - x @ fits[False] @ fits[False].T).norm() / (x @ fits[False]).norm()
     assert 0 < float(moved) < 0.02

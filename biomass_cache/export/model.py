@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,20 @@ def export(spec: EnsembleSpec, out: Path, check_inputs: np.ndarray, quantize: st
     return write_model(model, info, out, check_inputs, quantize)
 
 
+def untraceable(model: nn.Module) -> str:
+    """", the heads that fail: ..." for the heads of `model` that torch.export cannot trace alone (on tokens of
+    their own shape), or "" when each traces alone (or the model has no heads)."""
+    failing = []
+    for k, head in enumerate(getattr(model, "heads", [])):
+        cfg = head.config
+        tokens = torch.randn(2, cfg["n_layers"], cfg["grid"][0] * cfg["grid"][1], cfg["channels"])
+        try:
+            torch.export.export(head, (tokens,))
+        except Exception:
+            failing.append(f"#{k} {cfg.get('name', type(head).__name__)}")
+    return f", the heads that fail: {', '.join(failing)}" if failing else ""
+
+
 def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarray, quantize: str | None = None
                 ) -> dict:
     """Export `model` (photos -> grams) to OUT/model.onnx with `info` as OUT/model.json, checked first."""
@@ -267,9 +282,17 @@ def write_model(model: nn.Module, info: dict, out: Path, check_inputs: np.ndarra
         tmp.mkdir(parents=True)
         batch = torch.export.Dim("batch", min=1)
         example = np.concatenate([check_inputs, check_inputs])[:2]  # a batch of 1 would pin the batch size
-        program = torch.onnx.export(model, (torch.from_numpy(example),), dynamo=True, opset_version=OPSET,
-                                    input_names=["photos"], output_names=names,
-                                    dynamic_shapes={"x": {0: batch}}, verbose=False)
+        logging.disable(logging.WARNING)  # torch.export's logged graphs and guesses, pages of them on a failure
+        try:
+            program = torch.onnx.export(model, (torch.from_numpy(example),), dynamo=True, opset_version=OPSET,
+                                        input_names=["photos"], output_names=names,
+                                        dynamic_shapes={"x": {0: batch}}, verbose=False)
+        except Exception as e:  # its reason is pages long too: the first line, and which head fails
+            first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])[:300]
+            raise DataError(f"the model could not be exported to ONNX ({type(e).__name__}: {first})"
+                            f"{untraceable(model)}; nothing written") from None
+        finally:
+            logging.disable(logging.NOTSET)
         program.save(str(tmp / "model.onnx"))
         got = _ort(tmp / "model.onnx", check_inputs)
         error = worst_error(got, expected)

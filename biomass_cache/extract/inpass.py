@@ -122,8 +122,8 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
         if ranks.rank == 0:
             try:
                 rows = usable_images(stores[-1])
-                mean, comps = fit_pca((torch.from_numpy(stores[-1].read(i, 0)) for i in rows), len(rows), cfg.dim,
-                                      cfg.fit_tokens)
+                mean, comps = fit_pca(((i, torch.from_numpy(stores[-1].read(i, 0))) for i in rows), len(rows),
+                                      cfg.dim, cfg.fit_tokens)
                 reduction = Reduction(run.layers, mean, comps, pool, parent, run.grid)
                 run.say(f"fitted the projection on the clean views of {len(rows)} images: {run.backbone.embed_dim} "
                         f"-> {cfg.dim} channels, grid {list(run.grid)} -> {list(reduction.grid)}")
