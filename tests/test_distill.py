@@ -125,7 +125,8 @@ def test_a_full_student_exports_and_predicts_as_its_checkpoint(teacher, tmp_path
                                  "--finetune", finetune])
     assert r.exit_code == 0, r.output
     assert (out / "full").is_dir()
-    made = CliRunner().invoke(app, ["export", "--members", str(out), "--out", str(tmp_path / "model")])
+    member = out if finetune == "lora" else out / "full" / "density.json"  # a run folder, or its checkpoint
+    made = CliRunner().invoke(app, ["export", "--members", str(member), "--out", str(tmp_path / "model")])
     assert made.exit_code == 0, made.output
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["backbone"]["lora"]["merged"] == (finetune == "lora") and info["check"]["rel_rms_vs_pytorch"] <= 1e-4

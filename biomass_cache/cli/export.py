@@ -33,6 +33,7 @@ def export_command(
 
     from biomass_cache.export.model import build_info_size, export
     from biomass_cache.export.runtime import preprocess
+    from biomass_cache.submit.members import resolve_member
     from biomass_cache.submit.spec import spec_from_options
 
     if quantize not in (None, "int8"):
@@ -41,8 +42,8 @@ def export_command(
         raise DataError(f"--out {out}: exists and is not a model folder; choose another --out")
     spec = spec_from_options(ensemble, members, weights=weights)
     info = build_info_size(spec)
-    if photos is None:
-        config = spec.members[0].path / "config.json"
+    if photos is None:  # the first member's run folder (a checkpoint's: RUN/foldK/HEAD.json) says where they are
+        config = resolve_member(spec.members[0], spec.weights_files).run_dir / "config.json"
         data = json.loads(config.read_text()).get("data") if config.is_file() else None
         if not data:
             raise DataError("say which photos to check the export on: --photos FOLDER")
