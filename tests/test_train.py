@@ -285,9 +285,7 @@ def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
     """Each head in heads.HEADS, with nothing but its defaults, beats the training-mean predictor pooled and in
     every fold, and no fold predicts a constant."""
     import biomass_cache.heads as heads
-    from biomass_cache.common.runtime import usable_cores
 
-    torch.set_num_threads(usable_cores())  # vitdet at its defaults (dim 512, hidden 4096) is no tiny head: 1.8x
     _, data, store = toy
     out = tmp_path / "all"
     train("--cache", store, "--data", data, "--out", out, "--head", ",".join(heads.HEADS), "--folds", 3,
