@@ -32,7 +32,7 @@ COMMANDS = {
     "pseudo": ("pseudo", "pseudo_command",
                "Pseudo-label the test images with an ensemble; train heads on train + test tokens."),
     "distill": ("distill", "distill_command",
-                "Distil a teacher (runs or an ensemble) into a small student backbone (LoRA) and a head."),
+                "Distil a teacher (runs or an ensemble) into a small student backbone and a head."),
     "score": ("score", "score_command", "Score a submission against labels (competition_r2 and log_r2)."),
     "report": ("report", "report_command",
                "Write the HTML report of a run, a submission or a study: scores with intervals, figures."),

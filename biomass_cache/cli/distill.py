@@ -1,5 +1,5 @@
-"""`biomass distill`: a small student backbone (LoRA) and a head trained to match a teacher's predictions
-(submit/distill.py)."""
+"""`biomass distill`: a small student backbone (LoRA, or its last blocks fine-tuned) and a head trained to match a
+teacher's predictions and, optionally, its cached tokens (submit/distill.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from biomass_cache.cli.lora import _lora
+from biomass_cache.cli.lora import FINETUNE_OPTION, _lora
 from biomass_cache.cli.options import TEST_OPTIONS, TRAIN_OPTIONS, cli_overrides, with_default
 from biomass_cache.common.config import read_config
 from biomass_cache.common.distributed import resolve_device
@@ -46,8 +46,7 @@ def distill_command(
     head: Optional[str] = typer.Option(None, "--head", help=with_default("Head name", TrainConfig, "head")),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora] (the student)."),
     lora_blocks: Optional[int] = _lora("--lora-blocks", "Adapt the student's last K blocks", "blocks"),
-    finetune: Optional[str] = _lora("--finetune", "lora: adapters on those blocks; full: their own weights train",
-                                    "finetune"),
+    finetune: Optional[str] = FINETUNE_OPTION,
     lora_rank: Optional[int] = _lora("--lora-rank", "LoRA rank", "rank"),
     lora_lr: Optional[float] = _lora("--lora-lr", "Adapter learning rate", "lr"),
     full: bool = TRAIN_OPTIONS["full"],
@@ -77,8 +76,7 @@ def distill_command(
                                    workers=workers, head=head), full, no_plots)
     cfg, _ = resolve(base, [], overrides, None)
     lora = dict(backbone=student, weights=student_weights, size=size, blocks=lora_blocks, finetune=finetune,
-                rank=lora_rank,
-                lr=lora_lr, layers=parse_layers(layers) if layers else None)
+                rank=lora_rank, lr=lora_lr, layers=parse_layers(layers) if layers else None)
     s = load_settings(conf, {k: v for k, v in lora.items() if v is not None})
     distill(spec, data, out, s, cfg, photos or [], alpha, weight, work_dir, device, precision, overwrite,
             features=features, teacher_tokens=teacher_tokens)

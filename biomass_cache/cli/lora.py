@@ -21,6 +21,9 @@ def _lora(flags: str, text: str, name: str, note: str = "") -> typer.models.Opti
     return typer.Option(None, flags, help=with_default(text, LoraSettings, name, note))
 
 
+FINETUNE_OPTION = _lora("--finetune", "lora: adapters on those blocks; full: their own weights train", "finetune")
+
+
 def lora_command(
     data: Path = typer.Option(..., "--data", help="Kaggle-format data folder holding train.csv and the images."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (same layout as `biomass train`)."),
@@ -41,8 +44,7 @@ def lora_command(
     eval_every: Optional[int] = TRAIN_OPTIONS["eval_every"],
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config: [train], [lora], [extract]."),
     lora_blocks: Optional[int] = _lora("--lora-blocks", "Adapt the last K blocks", "blocks"),
-    finetune: Optional[str] = _lora("--finetune", "lora: adapters on those blocks; full: their own weights train",
-                                    "finetune"),
+    finetune: Optional[str] = FINETUNE_OPTION,
     lora_rank: Optional[int] = _lora("--lora-rank", "LoRA rank", "rank"),
     lora_alpha: Optional[float] = _lora("--lora-alpha", "LoRA alpha (scale alpha/rank)", "alpha"),
     lora_dropout: Optional[float] = _lora("--lora-dropout", "Dropout on the adapter input", "dropout"),

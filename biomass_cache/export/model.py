@@ -164,15 +164,9 @@ def build(spec: EnsembleSpec, tta: bool = True) -> tuple[Ensemble, dict]:
     weights = ensemble_weights(spec, resolved)
     model = Ensemble(backbone, layers, first["norm"], first.get("tiles", 1), reduction,
                      [_member_heads(rm, layers) for rm in resolved], weights, tta).eval()
-    info = {"format": "biomass-cache onnx model", "version": __version__,
-            "input": {"name": "photos", "layout": "NCHW", **build_info_size(spec)["input"]},
-            "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
-            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": spec.aggregation,
-            "members": [{"name": rm.member.name, "weights": dict(zip(COMPONENTS, weights[:, k].round(8).tolist())),
-                         "checkpoints": [str(p) for p in rm.checkpoints]} for k, rm in enumerate(resolved)],
-            "backbone": {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
-            "reduction": None if reduction is None else reduction.sha256,
-            "random_weights": first["weights_sha256"] == "random"}
+    info = model_info(model, build_info_size(spec)["input"], tta, spec.aggregation, resolved, weights,
+                      {"name": first["backbone"], "weights_sha256": first["weights_sha256"], "layers": layers},
+                      None if reduction is None else reduction.sha256)
     return model, info
 
 
@@ -193,17 +187,24 @@ def build_lora(resolved: list[ResolvedMember], tta: bool) -> tuple[Ensemble, dic
     s = live.s
     model = Ensemble(live.bb, live.layers, s.norm, s.tiles, None, [[(head, list(range(len(live.layers))))]],
                      np.ones((3, 1)), tta).eval()
-    info = {"format": "biomass-cache onnx model", "version": __version__,
-            "input": {"name": "photos", "layout": "NCHW", **lora_input(s.size)},
-            "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
-            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": "mean",
-            "members": [{"name": rm.member.name, "weights": dict.fromkeys(COMPONENTS, 1.0),
-                         "checkpoints": [str(rm.checkpoints[0])]}],
-            "backbone": {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
-                         "lora": {"blocks": s.blocks, "finetune": s.finetune,
-                                  "rank": s.rank if s.finetune == "lora" else None, "merged": s.finetune == "lora"}},
-            "reduction": None, "random_weights": meta["base"]["weights_sha256"] == "random"}
+    info = model_info(model, lora_input(s.size), tta, "mean", resolved, np.ones((3, 1)),
+                      {"name": s.backbone, "weights_sha256": meta["base"]["weights_sha256"], "layers": live.layers,
+                       "lora": {"blocks": s.blocks, "finetune": s.finetune,
+                                "rank": s.rank if s.finetune == "lora" else None, "merged": s.finetune == "lora"}},
+                      None)
     return model, info
+
+
+def model_info(model: Ensemble, size_input: dict, tta: bool, aggregation: str, resolved: list[ResolvedMember],
+               weights: np.ndarray, backbone: dict, reduction: str | None) -> dict:
+    """What `model.json` says of a model: its input and outputs, members and (3, M) weights, backbone, reduction."""
+    return {"format": "biomass-cache onnx model", "version": __version__,
+            "input": {"name": "photos", "layout": "NCHW", **size_input},
+            "output": {"name": "grams", "targets": list(TARGETS)}, "maps": model.maps_info(),
+            "tta": list(TTA_VIEWS) if tta else [TTA_VIEWS[0]], "aggregation": aggregation,
+            "members": [{"name": rm.member.name, "weights": dict(zip(COMPONENTS, weights[:, k].round(8).tolist())),
+                         "checkpoints": [str(p) for p in rm.checkpoints]} for k, rm in enumerate(resolved)],
+            "backbone": backbone, "reduction": reduction, "random_weights": backbone["weights_sha256"] == "random"}
 
 
 def lora_input(size) -> dict:

@@ -65,9 +65,9 @@ class LiveTokens(nn.Module):
     dropout: the frozen backbone stays in eval mode.
     """
 
-    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device, match: FeatureMatch | None = None):
+    def __init__(self, bb: Backbone, s: LoraSettings, device: torch.device):
         super().__init__()
-        self.match = None if match is None else match.to(device)  # feature distillation's projection (features.py)
+        self.match: FeatureMatch | None = None  # feature distillation's projection (features.py), set by run_lora
         check_supported(bb.model, bb.name)
         self.bb, self.s, self.device = bb, s, device
         self.model = bb.model.to(device)

@@ -13,14 +13,14 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from biomass_cache.backbone.vit import create_backbone, resolve_layers
+from biomass_cache.backbone.vit import create_backbone
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import init_ranks
 from biomass_cache.common.errors import DataError
 from biomass_cache.lora.adapters import make_trainable
 from biomass_cache.lora.checkpoint import lora_fingerprint, save_checkpoint
 from biomass_cache.lora.data import EpochSampler, LiveDataset, build_prefix_cache, live_loader
-from biomass_cache.lora.features import FeatureMatch, teacher_tokens
+from biomass_cache.lora.features import FeatureMatch, TeacherTokens
 from biomass_cache.lora.model import LiveTokens
 from biomass_cache.lora.settings import LoraSettings
 from biomass_cache.store.layout import open_store
@@ -47,15 +47,15 @@ TrainingPart = Callable[[np.ndarray], Part]  # a fold's training rows of the tab
 def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None = None,
              strict_folds: bool = False, progress: bool = True, overwrite: bool = False,
              training_part: TrainingPart | None = None, record: dict | None = None,
-             teacher_store: Path | None = None, feature_weight: float = 1.0) -> dict:
+             teacher: TeacherTokens | None = None, feature_weight: float = 1.0) -> dict:
     """Stage two's cross-validation with a live, adapted backbone; writes the same run folder (rank 0).
 
     The head reads the live layers `s.layers` (so `cfg.layers`, block indices of a cache, is set to []). Live views
     are drawn fresh every epoch, so validation and OOF read the clean view 0 (`cfg.tta` must be 0 or the default
     "all"). `cfg.batch_size` is the global batch, split evenly over the ranks. `training_part` gives what a fold's
     model trains on instead of the table's own rows and labels (distillation: submit/distill.py); `record` goes
-    into config.json. `teacher_store`: a teacher's training token store whose tokens of the same views the student's
-    match through a learned projection, that loss times `feature_weight` (feature distillation, features.py).
+    into config.json. `teacher`: a teacher's training tokens (`features.teacher_tokens`) that the student's tokens of
+    the same views match through a learned projection, that loss times `feature_weight` (feature distillation).
     """
     ranks, device = init_ranks(cfg.device)
     rank, world = ranks.rank, ranks.world
@@ -71,20 +71,17 @@ def run_lora(data: Path, out: Path, cfg, s: LoraSettings, folds_csv: Path | None
         table = read_training_table(data / "train.csv")
         bb = create_backbone(s.backbone, s.weights, seed=s.backbone_seed, overrides=s.overrides)
         make_trainable(bb, s)
-        teacher, match = None, None
-        if teacher_store is not None:
+        live = LiveTokens(bb, s, device)
+        if teacher is not None:
             if s.prefix_cache:
                 raise DataError("feature distillation trains on the teacher store's views, a prefix cache holds the "
-                                "student's own: leave out --lora-prefix-cache")
-            grid = (s.size[1] // bb.patch_size, s.size[0] // bb.patch_size)
-            n_layers = len(resolve_layers(s.layers, bb.depth))
-            teacher = teacher_tokens(Path(teacher_store), list(table["image_id"]), s.size, grid, n_layers)
-            match = FeatureMatch(n_layers, bb.embed_dim, teacher.channels, grid, teacher.grid, feature_weight)
+                                "student's own: leave out the prefix cache")
+            live.match = FeatureMatch(len(live.layers), bb.embed_dim, teacher.channels, live.grid, teacher.grid,
+                                      feature_weight).to(device)
             record = {**(record or {}), "features": {**teacher.describe(), "weight": feature_weight}}
             if teacher.n_views < 3 and rank == 0:
                 tqdm.write(f"NOTE: the student trains on the teacher store's {teacher.n_views} view(s) per photo "
                            "(--features), fewer augmentations than its own fresh view per epoch")
-        live = LiveTokens(bb, s, device, match)
         prefix = None
         if s.prefix_cache:
             live.check_prefix_layers()

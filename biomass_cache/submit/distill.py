@@ -150,9 +150,8 @@ def distill(spec: EnsembleSpec, data: Path, out: Path, s: LoraSettings, cfg: Tra
     work = Path(work_dir) if work_dir else out.parent
     table = read_training_table(data / "train.csv")
     first = resolve_member(spec.members[0], spec.weights_files)
-    store = teacher_store(first, teacher_tokens) if features > 0 else None
-    if store is not None:  # so is a teacher store that does not fit the student
-        match_teacher(store, list(table["image_id"]), s.size, grid, n_layers)
+    teacher = None if features == 0 else match_teacher(  # so is a teacher store that does not fit the student
+        teacher_store(first, teacher_tokens), list(table["image_id"]), s.size, grid, n_layers)
     folds_csv = first.run_dir / "folds.csv" if (first.run_dir / "folds.csv").is_file() else None
     if folds_csv is None and not cfg.full:
         raise DataError(f"{first.run_dir} has no folds.csv: the student cross-validates on the teacher's folds "
@@ -173,7 +172,7 @@ def distill(spec: EnsembleSpec, data: Path, out: Path, s: LoraSettings, cfg: Tra
               "every fold's validation images (recorded in config.json `distill`)", file=sys.stderr)
     part = training_part(rows_table, labels, folds, len(table), alpha, weight, folder)
     metrics = run_lora(data, out, cfg, s, folds_csv=folds_csv, progress=progress, overwrite=overwrite,
-                       training_part=part, record={"distill": info}, teacher_store=store, feature_weight=features)
+                       training_part=part, record={"distill": info}, teacher=teacher, feature_weight=features)
     metrics["distill"] = info
     if not cfg.full:
         runs.write_metrics(out, metrics)
