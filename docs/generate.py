@@ -454,6 +454,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], str], str]] = {  # results file -> (
     "malloc.json": (malloc_rows, "bench_malloc.py"),
     "reduce.json": (reduce_rows, "bench_reduce.py"),
     "reduce_1core.json": (reduce_rows, "bench_reduce.py --cores 1 --images 32"),
+    "reduce_357.json": (reduce_rows, "bench_reduce.py --images 357 --out ..."),
     "host.json": (host_rows, "bench_host.py"),
     "edge.json": (edge_rows, "bench_edge.py"),
     "edge_students.json": (edge_student_rows, "bench_edge.py --students"),
