@@ -95,3 +95,41 @@ def test_stacking_asked_for_what_it_does_not_cover_says_so(tmp_path):
     output = train("--cache", store, "--data", data, "--head", "density,mlp", "--folds", 2, "--epochs", 1,
                    "--batch-size", 8, "--workers", 0, "--out", tmp_path / "run", "--stack-folds")
     assert "note: the folds train one by one, not stacked: stacking does not cover several heads side by side" in output
+
+
+@pytest.mark.slow
+def test_a_seed_ensemble_is_a_run_per_seed_stacked_or_not(tmp_path):
+    """--seeds 0,1: two ordinary run folders on the first seed's folds; fold by fold each equals `--seed S` on those
+    folds, bit for bit; stacked (every fold of both seeds as one model) the same within float tolerance."""
+    data, store = make_toy(tmp_path, n=36)
+    config = tmp_path / "c.toml"
+    config.write_text('[train]\nhead = "density"\nhead_kwargs = { dropout = 0.0 }\n')
+    common = ["--cache", store, "--data", data, "--config", config, "--folds", 3, "--epochs", 6, "--batch-size", 8,
+              "--workers", 0, "--precision", "fp32", "--eval-every", 3]
+    train(*common, "--out", tmp_path / "loop", "--seeds", "0,1", "--no-stack-folds")
+    output = train(*common, "--out", tmp_path / "stacked", "--seeds", "0,1", "--stack-folds")
+    assert "6 folds stacked" in output
+    alone = tmp_path / "alone"
+    train(*common, "--out", alone, "--seed", 1, "--folds-csv", tmp_path / "loop" / "seed0" / "folds.csv",
+          "--no-stack-folds")
+    folds = pd.read_csv(tmp_path / "loop" / "seed0" / "folds.csv")
+    for run in ("loop/seed1", "stacked/seed0", "stacked/seed1"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / run / "folds.csv"), folds)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "loop" / "seed1" / "oof.csv"), pd.read_csv(alone / "oof.csv"))
+    assert json.loads((tmp_path / "loop" / "seed1" / "config.json").read_text())["train"]["seed"] == 1
+    seeds = [pd.read_csv(tmp_path / "loop" / s / "oof.csv")[list(TARGETS)].to_numpy() for s in ("seed0", "seed1")]
+    assert np.abs(seeds[0] - seeds[1]).max() > 1e-3  # the seeds train differently
+    for s in ("seed0", "seed1"):
+        a, b = (pd.read_csv(tmp_path / k / s / "oof.csv") for k in ("stacked", "loop"))
+        np.testing.assert_allclose(a[list(TARGETS)], b[list(TARGETS)], rtol=1e-4, atol=1e-5)
+        assert (tmp_path / "stacked" / s / "fold2" / "density.safetensors").is_file()
+
+
+@pytest.mark.parametrize("seeds, seed, says", [("0,x", None, "distinct whole numbers"), ("1,1", None, "distinct"),
+                                               ("0,1", 3, "--seed and --seeds")])
+def test_bad_seeds_are_one_line(tmp_path, seeds, seed, says):
+    from biomass_cache.cli.train import parse_seeds
+    from biomass_cache.common.errors import DataError
+
+    with pytest.raises(DataError, match=says):
+        parse_seeds(seeds, seed)

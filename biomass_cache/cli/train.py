@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
+from biomass_cache.common.errors import DataError
 from biomass_cache.train.config import TrainConfig, load_config, resolve
 from biomass_cache.train.crossval import run_training
 
@@ -29,6 +30,9 @@ def train_command(
     batch_size: Optional[int] = TRAIN_OPTIONS["batch_size"],
     lr: Optional[float] = TRAIN_OPTIONS["lr"],
     seed: Optional[int] = TRAIN_OPTIONS["seed"],
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A seed ensemble, e.g. 0,1,2: one run folder per seed, "
+                                        "OUT/seedS, on the first seed's folds (stacked with the folds where they "
+                                        "stack, --stack-folds)."),
     device: Optional[str] = TRAIN_OPTIONS["device"],
     workers: Optional[int] = TRAIN_OPTIONS["workers"],
     preload: Optional[bool] = typer.Option(None, "--preload/--no-preload",
@@ -59,9 +63,27 @@ def train_command(
                                    aux=aux, interval_bins=interval_bins, stratify=stratify), full, no_plots)
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
     cfg, members = resolve(base, sweep, overrides, heads)
+    seed_list = parse_seeds(seeds, seed)
     metrics = run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
-                           strict_folds=folds is not None or "folds" in base, overwrite=overwrite)
-    if cfg.plots and metrics.get("heads") and not metrics.get("full"):  # --no-plots: neither figures nor report
-        from biomass_cache.report.run import write_run_report
+                           strict_folds=folds is not None or "folds" in base, overwrite=overwrite, seeds=seed_list)
+    by_run = {out / f"seed{s}": metrics[s] for s in seed_list} if seed_list else {out: metrics}
+    for run, m in by_run.items():
+        if cfg.plots and m.get("heads") and not m.get("full"):  # --no-plots: neither figures nor report
+            from biomass_cache.report.run import write_run_report
 
-        typer.echo(f"report: {write_run_report(out, data_dir=data)}")
+            typer.echo(f"report: {write_run_report(run, data_dir=data)}")
+
+
+def parse_seeds(text: str | None, seed: int | None) -> list[int] | None:
+    """--seeds 0,1,2 -> [0, 1, 2] (distinct whole numbers >= 0); None without --seeds."""
+    if text is None:
+        return None
+    if seed is not None:
+        raise DataError("--seed and --seeds: give one of them (--seeds 0,1,2 trains a run per seed)")
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DataError(f"--seeds {text!r}: give distinct whole numbers >= 0 separated by commas, e.g. --seeds 0,1,2")
+    return seeds

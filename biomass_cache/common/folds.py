@@ -76,3 +76,30 @@ def read_folds(path: str | Path, table: pd.DataFrame) -> np.ndarray:
     if missing:
         raise DataError(f"{path}: {len(missing)} image(s) of the data table have no fold: {missing[:5]}")
     return fold_of.loc[table["image_id"]].to_numpy(dtype=np.int64)
+
+
+def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, folds_csv: Path | None,
+                    strict: bool, stratify: bool = False, csv: Path | None = None) -> np.ndarray:
+    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds (`stratify`: each State
+    spread over the folds) of the table read from `csv`; saved in the run (created here, once the split is valid).
+
+    A reused file sets the number of folds; with `strict` (--folds given) it must have exactly `n_folds`.
+    """
+    source = folds_csv or (out / "folds.csv" if (out / "folds.csv").is_file() else None)
+    if source is not None:
+        folds = read_folds(source, table)
+        found = sorted(set(folds.tolist()))
+        if found != list(range(len(found))) or len(found) < 2 or (strict and len(found) != n_folds):
+            raise DataError(f"{source}: has folds {found}; expected 0..K-1 with K >= 2"
+                            + (f" and K = --folds {n_folds}" if strict else "")
+                            + ("; a run folder keeps its folds: remove the file, or write to another --out, for new "
+                               "ones" if source == out / "folds.csv" else ""))
+        print(f"using the {len(found)} folds of {source}")
+    else:
+        try:
+            folds = grouped_folds(table, n_splits=n_folds, seed=seed, stratify=stratify)
+        except DataError as e:
+            raise DataError(f"{csv}: {e}" if csv else str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_folds(out / "folds.csv", table, folds)
+    return folds

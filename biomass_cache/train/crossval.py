@@ -9,6 +9,7 @@ train with the head, and reuses everything else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import sys
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.folds import grouped_folds, read_folds, visit_groups, write_folds
+from biomass_cache.common.folds import fold_assignment, read_folds, visit_groups
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.heads import HEADS
@@ -46,33 +47,6 @@ GRADIENT_KEYS = ("epochs", "batch_size", "lr", "uw_lr", "weight_decay", "warmup_
 
 
 # ------------------------------------------------------------------------------- cross-validation and run folder
-def fold_assignment(table: pd.DataFrame, out: Path, n_folds: int, seed: int, folds_csv: Path | None,
-                    strict: bool, stratify: bool = False, csv: Path | None = None) -> np.ndarray:
-    """Folds from --folds-csv, else from the run folder's folds.csv, else new grouped folds (`stratify`: each State
-    spread over the folds) of the table read from `csv`; saved in the run (created here, once the split is valid).
-
-    A reused file sets the number of folds; with `strict` (--folds given) it must have exactly `n_folds`.
-    """
-    source = folds_csv or (out / "folds.csv" if (out / "folds.csv").is_file() else None)
-    if source is not None:
-        folds = read_folds(source, table)
-        found = sorted(set(folds.tolist()))
-        if found != list(range(len(found))) or len(found) < 2 or (strict and len(found) != n_folds):
-            raise DataError(f"{source}: has folds {found}; expected 0..K-1 with K >= 2"
-                            + (f" and K = --folds {n_folds}" if strict else "")
-                            + ("; a run folder keeps its folds: remove the file, or write to another --out, for new "
-                               "ones" if source == out / "folds.csv" else ""))
-        tqdm.write(f"using the {len(found)} folds of {source}")
-    else:
-        try:
-            folds = grouped_folds(table, n_splits=n_folds, seed=seed, stratify=stratify)
-        except DataError as e:
-            raise DataError(f"{csv}: {e}" if csv else str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    write_folds(out / "folds.csv", table, folds)
-    return folds
-
-
 DIVERGED_R2 = -10.0  # a pooled OOF score this far below the mean predictor's (0) is a diverged model, not a weak one
 
 
@@ -220,57 +194,113 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
     The caller holds `out` (runs.claim_run_dir) from before its expensive start; `on_epoch(rows)`: each epoch's
     history rows (with their fold), see `train_fold`; the members it stops are left out of the run's scores, files
     and models, and listed under metrics.json's `stopped`."""
-    if source.extra is not None and len(members_cfg) != 1:
-        raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got {list(members_cfg)}")
-    writer = source.rank == 0
-    check_heads(source, table, members_cfg)
-    truth = table[list(TARGETS)].to_numpy(float)
-    baseline = np.nanmean(truth, axis=0)  # log R^2 baseline of the fold scores
-    inner = inner_groups(table)  # closed-form heads: groups of their inner CV
-    out = Path(out)
-    if cfg.full:
-        plan = [("full", -1, np.arange(len(table)), None)]
+    run = CrossValidation(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds)
+    if stack_folds(source, cfg, members_cfg, tuning=on_epoch is not None):
+        train_stacked_runs([run])
     else:
-        if writer:
-            folds = fold_assignment(table, out, cfg.folds, cfg.seed, folds_csv, strict_folds, cfg.stratify,
-                                    Path(data) / "train.csv")
-        source.barrier()
-        if not writer:
-            folds = read_folds(out / "folds.csv", table)
-        cfg = replace(cfg, folds=int(folds.max()) + 1)
-        members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
-        plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(cfg.folds)]
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.write_config(out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in members_cfg.items()},
-                                **source.config, "data": str(data), "torch": torch.__version__})
-        if source.write_artefacts is not None:
-            source.write_artefacts(out)
+        run.train_fold_by_fold(on_epoch)
+    return run.summarize()
 
-    oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
-    per_fold: dict[str, dict] = {n: {} for n in members_cfg}
-    history: list[dict] = []
-    stopped: dict[str, str] = {}  # members stopped by `on_epoch` (tuning trials pruned): name -> fold and reason
 
-    def start(fold_name: str, k: int, tr: np.ndarray, va: np.ndarray | None) -> SimpleNamespace:
+def cross_validate_seeds(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
+                         members_cfg: dict[str, TrainConfig], seeds: list[int], folds_csv: Path | None = None,
+                         strict_folds: bool = False) -> dict[int, dict]:
+    """`cross_validate` once per seed into `out`/seed{S} (`biomass train --seeds`), on the folds of the first seed's
+    run: the runs differ by their training randomness alone (initial weights, batch order, views), and each is an
+    ordinary run folder (an ensemble member). Where the folds stack (`stack_folds`: a GPU by default), every fold of
+    every seed trains as one stacked model, one pass of seeds x folds work; elsewhere the seeds train one after
+    another. Returns each seed's metrics.json content."""
+    runs_ = []
+    for s in seeds:
+        first = runs_[0].out / "folds.csv" if runs_ and not cfg.full else folds_csv
+        runs_.append(CrossValidation(source, table, data, seed_dir(out, s), replace(cfg, seed=s),
+                                     {n: replace(m, seed=s) for n, m in members_cfg.items()}, first, strict_folds))
+    if stack_folds(source, cfg, members_cfg, tuning=False):
+        train_stacked_runs(runs_)
+    else:
+        for run in runs_:
+            run.train_fold_by_fold(None)
+    return {s: run.summarize() for s, run in zip(seeds, runs_)}
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed{seed}"
+
+
+def train_stacked_runs(runs_: list["CrossValidation"]) -> None:
+    """Every fold of every run (same settings but the seed) trained as one stacked model (stacked.py)."""
+    folds = [(run, run.start(*p)) for run in runs_ for p in run.plan]
+    first = runs_[0]
+    trained = train_stacked([Fold(f.name if len(runs_) == 1 else f"seed{run.cfg.seed} {f.name}", f.members[0],
+                                  f.train_loader, f.val_loader, run.truth[f.va]) for run, f in folds],
+                            first.source.tokens_fn, first.cfg.epochs, first.cfg.eval_every, first.source.normed,
+                            first.baseline)
+    for (run, f), rows in zip(folds, trained):
+        run.finish(f, rows)
+
+
+class CrossValidation:
+    """One run folder's cross-validation: its folds (`plan`), then each fold started (statistics, loaders,
+    members), trained by a loop and finished (OOF, scores, checkpoints), then the run's scores and files."""
+
+    def __init__(self, source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
+                 members_cfg: dict[str, TrainConfig], folds_csv: Path | None, strict_folds: bool):
+        if source.extra is not None and len(members_cfg) != 1:
+            raise DataError(f"a token source with trainable parameters (LoRA) trains one head, got "
+                            f"{list(members_cfg)}")
+        self.source, self.table, self.data, self.out = source, table, Path(data), Path(out)
+        self.writer = source.rank == 0
+        check_heads(source, table, members_cfg)
+        self.truth = table[list(TARGETS)].to_numpy(float)
+        self.baseline = np.nanmean(self.truth, axis=0)  # log R^2 baseline of the fold scores
+        self.inner = inner_groups(table)  # closed-form heads: groups of their inner CV
+        if cfg.full:
+            self.plan = [("full", -1, np.arange(len(table)), None)]
+        else:
+            if self.writer:
+                folds = fold_assignment(table, self.out, cfg.folds, cfg.seed, folds_csv, strict_folds, cfg.stratify,
+                                        self.data / "train.csv")
+            source.barrier()
+            if not self.writer:
+                folds = read_folds(self.out / "folds.csv", table)
+            cfg = replace(cfg, folds=int(folds.max()) + 1)
+            members_cfg = {n: replace(m, folds=cfg.folds) for n, m in members_cfg.items()}
+            self.plan = [(f"fold{k}", k, np.flatnonzero(folds != k), np.flatnonzero(folds == k))
+                         for k in range(cfg.folds)]
+        self.cfg, self.members_cfg = cfg, members_cfg
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            runs.write_config(self.out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in
+                                                                          members_cfg.items()},
+                                         **source.config, "data": str(data), "torch": torch.__version__})
+            if source.write_artefacts is not None:
+                source.write_artefacts(self.out)
+        self.oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
+        self.per_fold: dict[str, dict] = {n: {} for n in members_cfg}
+        self.history: list[dict] = []
+        self.stopped: dict[str, str] = {}  # members stopped by `on_epoch` (pruned trials): name -> fold and reason
+
+    def start(self, fold_name: str, k: int, tr: np.ndarray, va: np.ndarray | None) -> SimpleNamespace:
         """A fold's statistics (its training images only), loaders and members, seeded as the fold's own."""
+        source, cfg = self.source, self.cfg
         fold_seed = cfg.seed * 1000 + k + 1
         seed_everything(fold_seed)
-        zscore, aux = fit_zscore(table, tr), AuxSpec.fit(table, tr)
+        zscore, aux = fit_zscore(self.table, tr), AuxSpec.fit(self.table, tr)
         if source.extra is not None:
             source.extra.reset(fold_seed)
         train_loader = source.train_loader(tr, fold_seed, aux)
         groups = source.extra.param_groups() if source.extra is not None else ()
         members = [build_member(n, m, source.layers, source.signature, zscore, aux, cfg.epochs * len(train_loader),
-                                fold_seed + 7919 * j, source.device, groups, truth[tr])
-                   for j, (n, m) in enumerate(members_cfg.items()) if n not in stopped]
+                                fold_seed + 7919 * j, source.device, groups, self.truth[tr])
+                   for j, (n, m) in enumerate(self.members_cfg.items()) if n not in self.stopped]
         return SimpleNamespace(name=fold_name, k=k, tr=tr, va=va, zscore=zscore, aux=aux, train_loader=train_loader,
                                val_loader=None if va is None else source.val_loader(va, aux), members=members)
 
-    def finish(f: SimpleNamespace, rows: list[dict]) -> None:
+    def finish(self, f: SimpleNamespace, rows: list[dict]) -> None:
         """A trained fold's history, OOF predictions, scores and checkpoints."""
-        history.extend({"fold": f.name, **r} for r in rows)
-        stopped.update({m.name: f"{f.name}: {m.stopped}" for m in f.members if m.stopped is not None})
+        source = self.source
+        self.history.extend({"fold": f.name, **r} for r in rows)
+        self.stopped.update({m.name: f"{f.name}: {m.stopped}" for m in f.members if m.stopped is not None})
         for m in (m for m in f.members if m.stopped is None):
             meta = {"name": m.name, "fold": f.k, "head": m.eval_head.config, "zscore": f.zscore.to_dict(),
                     "aux": f.aux.to_dict(), "fingerprint": source.fingerprint, "layers": m.cfg.layers or source.layers,
@@ -278,78 +308,80 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
                     "skipped_steps": m.skipped}
             with ema_weights(m):
                 if f.va is not None:
-                    oof[m.name][f.va] = source.predict(m.eval_head, meta, f.va)
-                    per_fold[m.name][f.name] = meta["metrics"] = scores(truth[f.va], oof[m.name][f.va], baseline)
-                if writer:
-                    source.save(out / f.name / f"{m.name}.json", m.eval_head.cpu(), meta)
-        if writer:
-            runs.write_history(out, history)  # after every fold, so a long run can be plotted while it goes
+                    self.oof[m.name][f.va] = source.predict(m.eval_head, meta, f.va)
+                    self.per_fold[m.name][f.name] = meta["metrics"] = scores(self.truth[f.va], self.oof[m.name][f.va],
+                                                                             self.baseline)
+                if self.writer:
+                    source.save(self.out / f.name / f"{m.name}.json", m.eval_head.cpu(), meta)
+        if self.writer:
+            runs.write_history(self.out, self.history)  # after every fold: a long run can be plotted while it goes
 
-    if stack_folds(source, cfg, members_cfg, tuning=on_epoch is not None):
-        folds = [start(*p) for p in plan]
-        trained = train_stacked([Fold(f.name, f.members[0], f.train_loader, f.val_loader, truth[f.va]) for f in folds],
-                                source.tokens_fn, cfg.epochs, cfg.eval_every, source.normed, baseline)
-        for f, rows in zip(folds, trained):
-            finish(f, rows)
-    else:
-        for fold_name, k, tr, va in plan:
-            if len(stopped) == len(members_cfg):
+    def train_fold_by_fold(self, on_epoch: OnEpoch | None) -> None:
+        source, cfg = self.source, self.cfg
+        for fold_name, k, tr, va in self.plan:
+            if len(self.stopped) == len(self.members_cfg):
                 break
-            f = start(fold_name, k, tr, va)
-            finish(f, train_fold(f.members, f.train_loader, f.val_loader, None if va is None else truth[va],
-                                 source.tokens_fn, cfg.epochs,
-                                 desc=fold_name if writer else f"{fold_name} rank {source.rank}",
-                                 extra=source.extra, baseline_grams=baseline, sync=source.sync,
-                                 on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
-                                 fit_loader=None if source.fit_loader is None else source.fit_loader(tr, f.aux),
-                                 groups=inner, eval_every=cfg.eval_every, normed=source.normed))
-    source.barrier()
-    if stopped:
-        if writer:
-            for path in (p for n in stopped for p in out.glob(f"fold*/{n}.*")):
-                path.unlink()  # a stopped member's models of its finished folds: not a model of every fold
-        members_cfg = {n: m for n, m in members_cfg.items() if n not in stopped}
-        if not members_cfg:
-            metrics = {"stopped": stopped, "heads": {}}
+            f = self.start(fold_name, k, tr, va)
+            self.finish(f, train_fold(f.members, f.train_loader, f.val_loader, None if va is None else self.truth[va],
+                                      source.tokens_fn, cfg.epochs,
+                                      desc=fold_name if self.writer else f"{fold_name} rank {source.rank}",
+                                      extra=source.extra, baseline_grams=self.baseline, sync=source.sync,
+                                      on_epoch=None if on_epoch is None else _with_fold(on_epoch, fold_name),
+                                      fit_loader=None if source.fit_loader is None else source.fit_loader(tr, f.aux),
+                                      groups=self.inner, eval_every=cfg.eval_every, normed=source.normed))
+
+    def summarize(self) -> dict:
+        """The run's scores and files, once every fold has finished; metrics.json's content."""
+        source, cfg, out, data, truth, writer = self.source, self.cfg, self.out, self.data, self.truth, self.writer
+        members_cfg, stopped, oof, per_fold, plan, table = (self.members_cfg, self.stopped, self.oof, self.per_fold,
+                                                           self.plan, self.table)
+        source.barrier()
+        if stopped:
+            if writer:
+                for path in (p for n in stopped for p in out.glob(f"fold*/{n}.*")):
+                    path.unlink()  # a stopped member's models of its finished folds: not a model of every fold
+            members_cfg = {n: m for n, m in members_cfg.items() if n not in stopped}
+            if not members_cfg:
+                metrics = {"stopped": stopped, "heads": {}}
+                if writer:
+                    runs.write_metrics(out, metrics)
+                return metrics
+
+        if cfg.full:
+            metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
             if writer:
                 runs.write_metrics(out, metrics)
+                tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
+                write_plots(out, data, cfg)
             return metrics
-
-    if cfg.full:
-        metrics = {"full": True, "heads": {n: {"n_train": len(table)} for n in members_cfg}}
-        if writer:
-            runs.write_metrics(out, metrics)
-            tqdm.write(f"trained {list(members_cfg)} on all {len(table)} images -> {out}/full/")
-            write_plots(out, data, cfg)
+        pooled = {n: scores(truth, oof[n]) for n in members_cfg}
+        ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
+        collapsed = {n: collapsed_folds(truth, oof[n], plan) for n in members_cfg}
+        heads_metrics = {n: {**pooled[n], "folds": per_fold[n], "collapsed": collapsed[n]} for n in members_cfg}
+        metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics,
+                   **({"stopped": stopped} if stopped else {})}
+        if not writer:
+            return metrics
+        for n in members_cfg:
+            runs.write_oof(out / f"oof_{n}.csv", table["image_id"], oof[n])
+        runs.write_oof(out / "oof.csv", table["image_id"], oof[ranking[0]])
+        runs.write_metrics(out, metrics)
+        for n in ranking:
+            tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
+        if len(ranking) > 1:
+            tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
+        sizes = sorted({len(va) for _, _, _, va in plan})
+        tqdm.write(f"(each fold scores {sizes[0]}{f'-{sizes[-1]}' if len(sizes) > 1 else ''} images: per-fold R^2 is "
+                   "noisy. Below 0: worse than that fold's mean; a target that barely varies within a fold divides by "
+                   "a tiny variance and can read -10 or -100; '-': constant in the fold. Compare runs by the pooled "
+                   "OOF row.)")
+        warn_collapsed(collapsed)
+        for n in (n for n in ranking if pooled[n]["competition_r2"] < DIVERGED_R2):
+            print(f"\nWARNING: head {n} DIVERGED (pooled OOF competition_r2 {pooled[n]['competition_r2']:.3g}): its "
+                  "predictions are far off any plant mass; retrain it with a lower --lr", file=sys.stderr)
+        write_plots(out, data, cfg)
+        tqdm.write(f"\nrun folder: {out}")
         return metrics
-    pooled = {n: scores(truth, oof[n]) for n in members_cfg}
-    ranking = sorted(members_cfg, key=lambda n: -pooled[n]["competition_r2"])
-    collapsed = {n: collapsed_folds(truth, oof[n], plan) for n in members_cfg}
-    heads_metrics = {n: {**pooled[n], "folds": per_fold[n], "collapsed": collapsed[n]} for n in members_cfg}
-    metrics = {**heads_metrics[ranking[0]], "best": ranking[0], "ranking": ranking, "heads": heads_metrics,
-               **({"stopped": stopped} if stopped else {})}
-    if not writer:
-        return metrics
-    for n in members_cfg:
-        runs.write_oof(out / f"oof_{n}.csv", table["image_id"], oof[n])
-    runs.write_oof(out / "oof.csv", table["image_id"], oof[ranking[0]])
-    runs.write_metrics(out, metrics)
-    for n in ranking:
-        tqdm.write(f"\n{n}:\n" + _table_text([*per_fold[n].items(), ("pooled OOF", pooled[n])]))
-    if len(ranking) > 1:
-        tqdm.write("\nranking by pooled OOF competition_r2:\n" + _table_text([(n, pooled[n]) for n in ranking]))
-    sizes = sorted({len(va) for _, _, _, va in plan})
-    tqdm.write(f"(each fold scores {sizes[0]}{f'-{sizes[-1]}' if len(sizes) > 1 else ''} images: per-fold R^2 is "
-               "noisy. Below 0: worse than that fold's mean; a target that barely varies within a fold divides by "
-               "a tiny variance and can read -10 or -100; '-': constant in the fold. Compare runs by the pooled "
-               "OOF row.)")
-    warn_collapsed(collapsed)
-    for n in (n for n in ranking if pooled[n]["competition_r2"] < DIVERGED_R2):
-        print(f"\nWARNING: head {n} DIVERGED (pooled OOF competition_r2 {pooled[n]['competition_r2']:.3g}): its "
-              "predictions are far off any plant mass; retrain it with a lower --lr", file=sys.stderr)
-    write_plots(out, data, cfg)
-    tqdm.write(f"\nrun folder: {out}")
-    return metrics
 
 
 def stack_folds(source: TokenSource, cfg: TrainConfig, members_cfg: dict[str, TrainConfig], tuning: bool) -> bool:
@@ -412,7 +444,8 @@ def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
         for c in folds:
             print(f"\nWARNING: head {head} {c['fold']} predicts a CONSTANT for {', '.join(c['targets'])} "
                   "(the model collapsed; recorded as `collapsed` in metrics.json). `biomass submit` refuses "
-                  "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).", file=sys.stderr)
+                  "this member unless given --allow-collapsed; retrain it (another seed or a lower --lr).",
+                  file=sys.stderr)
 
 
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
@@ -425,15 +458,20 @@ def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
                  folds_csv: Path | None = None, extract: dict | None = None, strict_folds: bool = False,
                  overwrite: bool = False, on_epoch: OnEpoch | None = None,
-                 stops: tuple[type[BaseException], ...] = ()) -> dict:
+                 stops: tuple[type[BaseException], ...] = (), seeds: list[int] | None = None) -> dict:
     """Stage two: cross-validate every member on the token cache `cache` into the run folder `out`, held from
-    the start (runs.claim_run_dir, where `stops` are explained); see `cross_validate`."""
+    the start (runs.claim_run_dir, where `stops` are explained); see `cross_validate`. `seeds`: one run per seed,
+    `out`/seed{S} (`cross_validate_seeds`); returns {seed: metrics} then."""
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)
-    with runs.claim_run_dir(out, overwrite, stops=stops):
+    with contextlib.ExitStack() as held:
+        for run_dir in [seed_dir(out, s) for s in seeds] if seeds else [out]:
+            held.enter_context(runs.claim_run_dir(run_dir, overwrite, stops=stops))
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         source = cache_source(store, table, cfg, members_cfg, extract)
         if store.random_weights:
             tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
+        if seeds:
+            return cross_validate_seeds(source, table, data, out, cfg, members_cfg, seeds, folds_csv, strict_folds)
         return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, on_epoch)
