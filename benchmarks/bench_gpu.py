@@ -21,7 +21,8 @@ views = 1800 tokens, 4 views, 3 layers), side by side in one process:
 Random weights: the throughputs hold for the real weights (same shapes), the agreement figures do not exactly.
 
     python benchmarks/bench_gpu.py [--backbone NAME] [--images 357] [--work DIR] [--out FILE]
-    python benchmarks/bench_gpu.py --stage2 [--stage2-epochs 20] [--stage2-heads density] [--stage2-arms before,bf16]
+    python benchmarks/bench_gpu.py --stage2 [--stage2-epochs 20] [--stage2-heads density]
+        [--stage2-arms before,bf16,seeds5]
 
 Writes benchmarks/results/gpu.json. Needs a CUDA GPU.
 """
@@ -153,7 +154,8 @@ def main() -> None:
     ap.add_argument("--stage2", action="store_true", help="stage two only (bench_stage2.py on this GPU)")
     ap.add_argument("--stage2-epochs", type=int, default=20, help="epochs per stage-two run (the default run: 120)")
     ap.add_argument("--stage2-heads", default="density", help="heads of the stage-two runs (density,mlp,vitdet)")
-    ap.add_argument("--stage2-arms", default="before,bf16", help="stage-two arms (before,fp32,bf16,stacked)")
+    ap.add_argument("--stage2-arms", default="before,bf16,seeds5",
+                    help="stage-two arms (before,fp32,bf16,stacked,seeds5)")
     ap.add_argument("--stage2-images", type=int, default=357, help="images of the stage-two stores")
     args = ap.parse_args()
     args.size, args.device = tuple(int(v) for v in args.size.split("x")), torch.device(args.device)

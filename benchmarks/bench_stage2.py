@@ -8,7 +8,9 @@ pooling). On it, each arm is `biomass train --head H --folds 5` with the default
 - `before`: the code of `--baseline` (a git commit; a worktree of it is made in --work), seed 0;
 - `fp32`: this code in fp32 (tokens held in RAM or on the GPU, the density head's LayerNorm applied once);
 - `bf16`: this code in bf16 (autocast; `precision = "auto"` where the device computes bf16 natively);
-- `stacked`: bf16 with the folds trained as one stacked model (`--stack-folds`; "auto" stacks on a GPU only).
+- `stacked`: bf16 with the folds trained as one stacked model (`--stack-folds`; "auto" stacks on a GPU only);
+- `seeds5`: bf16, a seed ensemble of 5 seeds in one command (`--seeds 0,1,2,3,4`: every fold of every seed stacked
+  where the folds stack, a GPU; one seed after another elsewhere), against one seed's run (the goal: <= 2x).
 
 `--tune before,1,4` adds `biomass tune` trials per hour on the same store: the code of `--baseline`, this code with
 trials alone and 4 side by side (`--parallel`).
@@ -110,17 +112,28 @@ def run_arm(arm: str, code: Path, cache: Path, data: Path, run: Path, head: str,
             epochs: int) -> dict:
     """One default 5-fold run in its own process; its wall time, epoch times and pooled OOF score."""
     shutil.rmtree(run, ignore_errors=True)
-    extra = {"before": [], "stacked": ["--precision", "bf16", "--stack-folds"]}.get(arm, ["--precision", arm])
+    extra = {"before": [], "stacked": ["--precision", "bf16", "--stack-folds"],
+             "seeds5": ["--precision", "bf16", "--seeds", ",".join(str(seed + k) for k in range(5))]
+             }.get(arm, ["--precision", arm])
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "biomass_cache", "train", "--cache", str(cache), "--data", str(data),
-                           "--head", head, "--folds", str(FOLDS), "--seed", str(seed), "--device", device,
+                           "--head", head, "--folds", str(FOLDS), *([] if arm == "seeds5" else ["--seed", str(seed)]),
+                           "--device", device,
                            "--epochs", str(epochs), "--out", str(run), "--no-plots", *extra], cwd=code, env=env,
                           capture_output=True,
                           text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"{arm} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    if arm == "seeds5":  # "auto" stacks the folds of every seed on a GPU: one fold's rows carry the epoch then
+        stacked = device.startswith("cuda")
+        figures = [run_figures(r, stacked) for r in sorted(run.glob("seed*"))]
+        times = [f["train_epochs_s"] for f in figures]
+        return {"seed": seed, "wall_s": round(wall, 1), "seeds": len(figures), "stacked": stacked,
+                "train_epochs_s": round(times[0] if stacked else sum(times), 1), "epochs": figures[0]["epochs"],
+                "oof_competition_r2": float(np.mean([f["oof_competition_r2"] for f in figures])),
+                "precision": figures[0]["precision"], "tokens": figures[0]["tokens"]}
     return {"seed": seed, "wall_s": round(wall, 1), **run_figures(run, stacked=arm == "stacked")}
 
 
@@ -162,7 +175,7 @@ def tune_rate(code: Path, cache: Path, data: Path, work: Path, parallel: str, tr
 
 def achieved(row: dict, lim: dict, n_train: int) -> dict:
     """The run's training FLOP rate and its share of the matmul limits."""
-    steps = FOLDS * row["epochs"] * -(-n_train // BATCH)
+    steps = FOLDS * row["epochs"] * -(-n_train // BATCH) * row.get("seeds", 1)
     flops = steps * lim["step_flops"]
     rate = flops / row["train_epochs_s"] / 1e9
     return {"train_gflops": round(flops / 1e9), "achieved_gflops_per_s": round(rate, 1),
@@ -238,6 +251,8 @@ def main() -> None:
                 "speedup_vs_first_arm": {arm: round(rows[arms[0]][0]["wall_s"] / rows[arm][0]["wall_s"], 2)
                                          for arm in arms},
                 "oof_r2": {arm: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)} for arm, v in r2.items()},
+                **({"seeds5_over_one_seed": round(rows["seeds5"][0]["wall_s"] / rows["bf16"][0]["wall_s"], 2)}
+                   if "seeds5" in rows and "bf16" in rows else {}),
             }
             write_json(out, result)
         if args.tune:
