@@ -39,7 +39,7 @@ from biomass_cache.common.io import atomic_path, write_json
 from biomass_cache.common.signals import HeldStop, held_stops
 from biomass_cache.store.layout import open_store
 from biomass_cache.train.config import SHARED_KEYS, TrainConfig, resolve
-from biomass_cache.train.crossval import run_training
+from biomass_cache.train.crossval import run_training, seed_dir
 from biomass_cache.train.runs import write_history
 from biomass_cache.train.tune_space import Space, parse_space
 from biomass_cache.train.tune_study import (PRUNERS, check_recorded, fail_dead_trials, load_optuna, make_pruner,
@@ -103,14 +103,16 @@ class Study:
         state = load_optuna().trial.TrialState
         return sorted(self.study.get_trials(deepcopy=False, states=(state.COMPLETE,)), key=lambda t: -t.value)
 
-    def run(self, train: dict, run_dir: Path, on_epoch=None, side_by_side: dict[str, dict] | None = None) -> dict:
+    def run(self, train: dict, run_dir: Path, on_epoch=None, side_by_side: dict[str, dict] | None = None,
+            seeds: list[int] | None = None) -> dict:
         """One trial's run (`train`), or several trials' as members of one sweep (`side_by_side`: member name ->
-        [train] settings, sharing `train`'s batch-defining keys)."""
+        [train] settings, sharing `train`'s batch-defining keys), or one trial's run per seed (`seeds`: in
+        `run_dir`/seedS, stacked where the folds stack; returns {seed: metrics})."""
         sweep = [] if side_by_side is None else [
             {"name": n, **{k: v for k, v in t.items() if k not in SHARED_KEYS}} for n, t in side_by_side.items()]
         cfg, members = resolve(train, sweep, {"plots": False, "folds": self.n_folds}, None)
         return run_training(self.cache, self.data, run_dir, cfg, members, folds_csv=self.out / "folds.csv",
-                            on_epoch=on_epoch, stops=(load_optuna().TrialPruned,))
+                            on_epoch=on_epoch, stops=(load_optuna().TrialPruned,), seeds=seeds)
 
 
 def trial_dir(out: Path, number: int) -> Path:
@@ -272,13 +274,11 @@ def second_stage(st: Study) -> dict:
     seeds = [base + s for s in range(1, st.settings.seeds + 1)]
     rows = []
     for t in top:
-        scores = []
-        for seed in seeds:
-            run_dir = st.out / "stage2" / f"{t.number:04d}" / f"seed{seed}"
-            done = run_dir / "metrics.json"
-            metrics = (json.loads(done.read_text()) if done.is_file()
-                       else st.run({**t.user_attrs["train"], "seed": seed}, run_dir))
-            scores.append(metrics["competition_r2"])
+        parent = st.out / "stage2" / f"{t.number:04d}"
+        missing = [s for s in seeds if not (seed_dir(parent, s) / "metrics.json").is_file()]
+        if missing:  # the seeds of a trial train together: stacked as one model where the folds stack (a GPU)
+            st.run(t.user_attrs["train"], parent, seeds=missing)
+        scores = [json.loads((seed_dir(parent, s) / "metrics.json").read_text())["competition_r2"] for s in seeds]
         rows.append({"trial": t.number, "search_r2": t.value, "seeds": seeds, "r2": scores,
                      "mean": float(np.mean(scores)) if scores else t.value,
                      "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None, "train": t.user_attrs["train"]})
