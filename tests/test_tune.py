@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import tomllib
@@ -23,6 +24,7 @@ from toys import open_in_browser, ROOT, make_toy  # noqa: E402
 from biomass_cache.cli.train import train_command  # noqa: E402
 from biomass_cache.cli.tune import tune_command  # noqa: E402
 from biomass_cache.common.errors import DataError  # noqa: E402
+from biomass_cache.common.targets import TARGETS  # noqa: E402
 from biomass_cache.train.tune_study import open_storage, worker_id
 from biomass_cache.train.tune_space import parse_space  # noqa: E402
 
@@ -377,3 +379,23 @@ def test_side_by_side_refuses_a_space_that_changes_the_batches(toy, tmp_path):
     space = write(tmp_path, f"[space]\nepochs = {{ int = [2, 4] }}\n[fixed]\n{FIXED}")
     code, output = tune(toy, tmp_path / "s", "--space", space, "--trials", 2, "--parallel", 2)
     assert code == 2 and "error: --parallel 2: the space searches ['epochs'], which define the batches" in output
+
+
+@pytest.mark.slow
+def test_the_second_stage_stacks_a_trials_seeds_as_train_seeds_does(toy, tmp_path):
+    """Where the folds stack (here forced on the CPU), the second stage trains a trial's seeds x folds as one model:
+    its seed runs are `biomass train --seeds` fold by fold on the study's folds, within float tolerance."""
+    root, data, store = toy
+    space = write(tmp_path, f"""[space]\nlr = {{ log_uniform = [1e-3, 3e-2] }}\n[fixed]\nhead = "density"
+epochs = 3\nprecision = "fp32"\nstack_folds = true\n{FIXED}""")
+    out = tmp_path / "study"
+    code, output = tune(toy, out, "--space", space, "--trials", 1, "--pruner", "none", "--top-k", 1, "--seeds", 2)
+    assert code == 0, output
+    assert "6 folds stacked" in output  # 2 seeds x 3 folds; the search's trial trained fold by fold
+    code, output = invoke(train_command, "--cache", store, "--data", data, "--out", tmp_path / "loop", "--config",
+                          out / "best.toml", "--folds-csv", out / "folds.csv", "--seeds", "1,2", "--no-stack-folds",
+                          "--no-plots")
+    assert code == 0, output
+    for seed in (1, 2):
+        a, b = (pd.read_csv(d / f"seed{seed}" / "oof.csv") for d in (out / "stage2" / "0000", tmp_path / "loop"))
+        np.testing.assert_allclose(a[list(TARGETS)], b[list(TARGETS)], rtol=1e-4, atol=1e-5)
