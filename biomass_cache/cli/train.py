@@ -12,7 +12,7 @@ import typer
 from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
 from biomass_cache.common.errors import DataError
 from biomass_cache.train.config import TrainConfig, load_config, resolve
-from biomass_cache.train.crossval import run_training
+from biomass_cache.train.crossval import run_training, seed_dir
 
 
 def train_command(
@@ -66,7 +66,7 @@ def train_command(
     seed_list = parse_seeds(seeds, seed)
     metrics = run_training(cache, data, out, cfg, members, folds_csv=folds_csv, extract=extract,
                            strict_folds=folds is not None or "folds" in base, overwrite=overwrite, seeds=seed_list)
-    by_run = {out / f"seed{s}": metrics[s] for s in seed_list} if seed_list else {out: metrics}
+    by_run = {seed_dir(out, s): metrics[s] for s in seed_list} if seed_list else {out: metrics}
     for run, m in by_run.items():
         if cfg.plots and m.get("heads") and not m.get("full"):  # --no-plots: neither figures nor report
             from biomass_cache.report.run import write_run_report

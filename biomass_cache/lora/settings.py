@@ -92,5 +92,6 @@ LORA_RULES = {
     "targets": (lambda v: isinstance(v, list) and len(v) > 0, "a list of module names, e.g. attn.qkv"),
 }
 LORA_FLAGS = {"blocks": "--lora-blocks", "finetune": "--finetune", "rank": "--lora-rank", "alpha": "--lora-alpha",
-              "dropout": "--lora-dropout", "lr": "--lora-lr", "layer_decay": "--lora-layer-decay", "prefix_views": "--prefix-views",
-              "micro_batch": "--micro-batch", "layers": "--layers", "targets": "--lora-targets"}
+              "dropout": "--lora-dropout", "lr": "--lora-lr", "layer_decay": "--lora-layer-decay",
+              "prefix_views": "--prefix-views", "micro_batch": "--micro-batch", "layers": "--layers",
+              "targets": "--lora-targets"}

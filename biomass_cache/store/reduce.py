@@ -211,14 +211,14 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = D
                   fit_tokens: int = DEFAULT_FIT_TOKENS, seed: int = 0, progress: bool = True,
                   keep: dict[int, torch.Tensor] | None = None) -> Reduction:
     """Per-layer PCA of the layer-normed, pooled clean-view tokens (a seeded subset of `fit_tokens` per layer).
-    Each chunk of images' part (read, norm, pool, their Gram matrix) is computed by `in_threads`. `keep`: filled with every
-    image's normed, pooled view 0 (float16, as computed), for `reduce_store` to project instead of reading and
-    norming it again (`keep_clean_views` says whether they fit in memory)."""
+    Each chunk of images' part (read, norm, pool, their Gram matrix) is computed by `in_threads`. `keep`: filled
+    with every image's normed, pooled view 0 (float16, as computed), for `reduce_store` to project instead of
+    reading and norming it again (`keep_clean_views` says whether they fit in memory)."""
     pool = resolve_pool(pool, tuple(store.grid))
     check_settings(store.channels, store.grid, dim, pool, str(store.path))
     rows = usable_images(store)
     per_image = tokens_per_image(fit_tokens, len(rows))
-    chunks = fit_chunks(rows)
+    chunks = list(fit_chunks(rows))
 
     def moments(k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         subsets = []
@@ -252,9 +252,17 @@ def tokens_per_image(fit_tokens: int, n_images: int) -> int:
     return max(1, -(-fit_tokens // n_images))
 
 
-def fit_chunks(rows: Sequence[int]) -> list[Sequence[int]]:
-    """The fit's units of work: FIT_CHUNK consecutive rows, whose token subsets make one Gram matrix."""
-    return [rows[k:k + FIT_CHUNK] for k in range(0, len(rows), FIT_CHUNK)]
+def fit_chunks(items: Iterable) -> Iterator[list]:
+    """The fit's units of work: FIT_CHUNK consecutive images (rows, or (row, pooled view) pairs), whose token subsets
+    make one Gram matrix; the same rows in the same order give the same chunks, hence the same fit."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == FIT_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def fit_subset(x: torch.Tensor, row: int, per_image: int, seed: int = 0) -> torch.Tensor:
@@ -307,18 +315,8 @@ def fit_pca(pooled: Iterable[tuple[int, torch.Tensor]], n_images: int, dim: int,
     of `n_images` images in row order, about `fit_tokens` tokens per layer in all; the same subsets and chunks for
     the same rows, so the same fit."""
     per_image = tokens_per_image(fit_tokens, n_images)
-
-    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        subsets: list[torch.Tensor] = []
-        for i, x in pooled:
-            subsets.append(fit_subset(x, i, per_image, seed))
-            if len(subsets) == FIT_CHUNK:
-                yield chunk_moments(subsets)
-                subsets = []
-        if subsets:
-            yield chunk_moments(subsets)
-
-    return pca_of(chunks(), dim)
+    chunks = fit_chunks(pooled)
+    return pca_of((chunk_moments([fit_subset(x, i, per_image, seed) for i, x in chunk]) for chunk in chunks), dim)
 
 
 def reduced_spec(reduction: Reduction, image_ids: list[str], n_views: int, layers: list[int], parent: dict,
