@@ -72,6 +72,7 @@ def test_bundle_layout_checksums_and_estimate(pipeline, tmp_path, monkeypatch, c
         bundle.make_bundle(None, str(run / "fold0" / "mlp.json"), out)
 
 
+@pytest.mark.slow  # the `pipeline` fixture: extraction and training, 5 s
 def test_a_bundle_error_is_one_line_through_the_command_and_a_traceback_under_debug(pipeline, tmp_path, monkeypatch):
     _, _, run = pipeline
     out = tmp_path / "taken"

@@ -307,6 +307,7 @@ def test_every_registered_head_learns_at_its_defaults(toy, tmp_path):
             assert fold_r2 > competition_r2(truth[rows], mean_pred[rows]) + 0.05, (name, k, fold_r2)
 
 
+@pytest.mark.slow  # two 3-fold runs of 16 epochs
 def test_eval_every_changes_what_is_validated_not_what_is_trained(sweep_run, toy, tmp_path):
     """Validation only reads the (EMA) weights: validating every 5th epoch (the default; and the last) gives the same
     OOF predictions and checkpoints as every epoch, with validation columns on epochs 5, 10, 15, 16 only."""
