@@ -125,11 +125,45 @@ def test_a_seed_ensemble_is_a_run_per_seed_stacked_or_not(tmp_path):
         assert (tmp_path / "stacked" / s / "fold2" / "density.safetensors").is_file()
 
 
-@pytest.mark.parametrize("seeds, seed, says", [("0,x", None, "distinct whole numbers"), ("1,1", None, "distinct"),
-                                               ("0,1", 3, "--seed and --seeds")])
+@pytest.mark.parametrize("seeds, seed, says", [
+    ("0,x", None, "distinct integers from 0 to 4294967295"), ("1,1", None, "distinct"), ("1,,2", None, "distinct"),
+    ("+1", None, "distinct"), ("1_0", None, "distinct"), ("4294967296", None, "from 0 to 4294967295"),
+    ("99999999999999999999", None, "from 0 to"), ("0,1", 3, "--seed and --seeds")])
 def test_bad_seeds_are_one_line(tmp_path, seeds, seed, says):
     from biomass_cache.cli.train import parse_seeds
     from biomass_cache.common.errors import DataError
 
     with pytest.raises(DataError, match=says):
         parse_seeds(seeds, seed)
+
+
+def test_a_stopped_seed_ensemble_keeps_its_finished_seeds_and_grows_on_their_folds(tmp_path, monkeypatch):
+    """Fold by fold, each seed's run is written as soon as it ends: a stop in the second seed leaves the first
+    complete. A later --seeds into the same folder trains on the folds already there."""
+    from biomass_cache.train.crossval import CrossValidation
+
+    data, store = make_toy(tmp_path, n=24)
+    common = ["--cache", store, "--data", data, "--folds", 3, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+              "--no-stack-folds", "--no-plots"]
+    trained = CrossValidation.train_fold_by_fold
+
+    def stop_at_seed_1(self, on_epoch):
+        if self.cfg.seed == 1:
+            raise KeyboardInterrupt
+        return trained(self, on_epoch)
+
+    monkeypatch.setattr(CrossValidation, "train_fold_by_fold", stop_at_seed_1)
+    out = tmp_path / "ens"
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(train_command)
+    stopped = CliRunner().invoke(app, [str(a) for a in [*common, "--out", out, "--seeds", "0,1"]])
+    assert stopped.exit_code != 0, stopped.output
+    assert json.loads((out / "seed0" / "metrics.json").read_text())["competition_r2"] is not None
+    assert not (out / "seed1" / "metrics.json").exists()
+    monkeypatch.setattr(CrossValidation, "train_fold_by_fold", trained)
+    assert "using the 3 folds of" in train(*common[:-1], "--out", out, "--seeds", "1,2", "--overwrite")
+    for s in ("seed1", "seed2"):
+        assert (out / s / "folds.csv").read_bytes() == (out / "seed0" / "folds.csv").read_bytes()
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(app, [str(a) for a in [*common, "--out", tmp_path / "afile", "--seeds", "0"]])
+    assert result.exit_code != 0 and "is a file, not a folder" in str(result.exception) + result.output

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from biomass_cache.cli.options import TRAIN_OPTIONS, cli_overrides, with_default
+from biomass_cache.common.config import MAX_SEED
 from biomass_cache.common.errors import DataError
 from biomass_cache.train.config import TrainConfig, load_config, resolve
 from biomass_cache.train.crossval import run_training, seed_dir
@@ -75,15 +76,14 @@ def train_command(
 
 
 def parse_seeds(text: str | None, seed: int | None) -> list[int] | None:
-    """--seeds 0,1,2 -> [0, 1, 2] (distinct whole numbers >= 0); None without --seeds."""
+    """--seeds 0,1,2 -> [0, 1, 2] (distinct seeds as --seed takes them); None without --seeds."""
     if text is None:
         return None
     if seed is not None:
         raise DataError("--seed and --seeds: give one of them (--seeds 0,1,2 trains a run per seed)")
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise DataError(f"--seeds {text!r}: give distinct whole numbers >= 0 separated by commas, e.g. --seeds 0,1,2")
+    parts = [s.strip() for s in text.split(",")]
+    seeds = [int(s) for s in parts] if all(s.isdigit() and s.isascii() for s in parts) else []
+    if not seeds or max(seeds) > MAX_SEED or len(set(seeds)) != len(seeds):
+        raise DataError(f"--seeds {text!r}: give distinct integers from 0 to {MAX_SEED} separated by commas, e.g. "
+                        "--seeds 0,1,2")
     return seeds

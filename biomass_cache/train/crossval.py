@@ -204,23 +204,37 @@ def cross_validate(source: TokenSource, table: pd.DataFrame, data: Path, out: Pa
 
 def cross_validate_seeds(source: TokenSource, table: pd.DataFrame, data: Path, out: Path, cfg: TrainConfig,
                          members_cfg: dict[str, TrainConfig], seeds: list[int], folds_csv: Path | None = None,
-                         strict_folds: bool = False) -> dict[int, dict]:
-    """`cross_validate` once per seed into `out`/seed{S} (`biomass train --seeds`), on the folds of the first seed's
-    run: the runs differ by their training randomness alone (initial weights, batch order, views), and each is an
-    ordinary run folder (an ensemble member). Where the folds stack (`stack_folds`: a GPU by default), every fold of
-    every seed trains as one stacked model, one pass of seeds x folds work; elsewhere the seeds train one after
-    another. Returns each seed's metrics.json content."""
+                         strict_folds: bool = False, finished: Callable[[int], None] = lambda seed: None
+                         ) -> dict[int, dict]:
+    """`cross_validate` once per seed into `out`/seed{S} (`biomass train --seeds`), all on the same folds
+    (`ensemble_folds`): the runs differ by their training randomness alone (initial weights, batch order, views),
+    and each is an ordinary run folder (an ensemble member). Where the folds stack (`stack_folds`: a GPU by
+    default), every fold of every seed trains as one stacked model, one pass of seeds x folds work; elsewhere the
+    seeds train one after another, each run's files written (and `finished(seed)` called) as soon as it ends, so a
+    stop keeps the seeds already trained. Returns each seed's metrics.json content."""
+    shared = folds_csv or (None if cfg.full else ensemble_folds(out, seeds))
     runs_ = []
     for s in seeds:
-        first = runs_[0].out / "folds.csv" if runs_ and not cfg.full else folds_csv
+        first = runs_[0].out / "folds.csv" if runs_ and not cfg.full and shared is None else shared
         runs_.append(CrossValidation(source, table, data, seed_dir(out, s), replace(cfg, seed=s),
                                      {n: replace(m, seed=s) for n, m in members_cfg.items()}, first, strict_folds))
     if stack_folds(source, cfg, members_cfg, tuning=False):
         train_stacked_runs(runs_)
-    else:
-        for run in runs_:
-            run.train_fold_by_fold(None)
-    return {s: run.summarize() for s, run in zip(seeds, runs_)}
+        return {s: run.summarize() for s, run in zip(seeds, runs_)}
+    metrics = {}
+    for s, run in zip(seeds, runs_):
+        run.train_fold_by_fold(None)
+        metrics[s] = run.summarize()
+        finished(s)
+    return metrics
+
+
+def ensemble_folds(out: Path, seeds: list[int]) -> Path | None:
+    """The folds a seed ensemble in `out` reuses without --folds-csv: those of a run trained in `out` itself, else
+    of one of its seed folders (an ensemble grown by more seeds stays on its folds); None: the first seed makes
+    them."""
+    found = [out / "folds.csv", *(seed_dir(out, s) / "folds.csv" for s in seeds), *sorted(out.glob("seed*/folds.csv"))]
+    return next((p for p in found if p.is_file()), None)
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -464,14 +478,27 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     `out`/seed{S} (`cross_validate_seeds`); returns {seed: metrics} then."""
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)
-    with contextlib.ExitStack() as held:
-        for run_dir in [seed_dir(out, s) for s in seeds] if seeds else [out]:
-            held.enter_context(runs.claim_run_dir(run_dir, overwrite, stops=stops))
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        source = cache_source(store, table, cfg, members_cfg, extract)
-        if store.random_weights:
-            tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo only")
-        if seeds:
-            return cross_validate_seeds(source, table, data, out, cfg, members_cfg, seeds, folds_csv, strict_folds)
-        return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, on_epoch)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder: choose another --out")
+    made = not out.exists()
+    try:
+        with contextlib.ExitStack() as held:
+            claims = {}
+            for s in seeds or [None]:  # each run held on its own: a seed that ends is let go at once
+                claims[s] = held.enter_context(contextlib.ExitStack())
+                claims[s].enter_context(runs.claim_run_dir(out if s is None else seed_dir(out, s), overwrite,
+                                                           stops=stops))
+            if cfg.threads > 0:
+                torch.set_num_threads(cfg.threads)
+            source = cache_source(store, table, cfg, members_cfg, extract)
+            if store.random_weights:
+                tqdm.write("NOTE: this cache was extracted with a RANDOMLY INITIALISED backbone: scores are a demo "
+                           "only")
+            if seeds:
+                return cross_validate_seeds(source, table, data, out, cfg, members_cfg, seeds, folds_csv,
+                                            strict_folds, finished=lambda s: claims[s].close())
+            return cross_validate(source, table, data, out, cfg, members_cfg, folds_csv, strict_folds, on_epoch)
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the parent a refused seed ensemble made
