@@ -399,3 +399,36 @@ epochs = 3\nprecision = "fp32"\nstack_folds = true\n{FIXED}""")
     for seed in (1, 2):
         a, b = (pd.read_csv(d / f"seed{seed}" / "oof.csv") for d in (out / "stage2" / "0000", tmp_path / "loop"))
         np.testing.assert_allclose(a[list(TARGETS)], b[list(TARGETS)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_second_stage_resumes_and_more_seeds_extend_it(toy, tmp_path, monkeypatch):
+    """Ctrl-C in the second stage's last seed: the same command trains that seed again (its unfinished folder is the
+    study's own) and keeps the seeds already run; asking for more seeds later trains only those."""
+    from biomass_cache.train.crossval import CrossValidation
+
+    space = write(tmp_path, f"""[space]\nlr = {{ log_uniform = [1e-3, 3e-2] }}\n[fixed]\nhead = "density"
+epochs = 2\n{FIXED}""")
+    out, args = tmp_path / "study", ["--space", space, "--trials", 1, "--pruner", "none", "--top-k", 1]
+    trained, seeds_run, stops = CrossValidation.train_fold_by_fold, [], [KeyboardInterrupt]
+
+    def stop_in_the_last_seed(self, on_epoch):
+        seeds_run.append(self.cfg.seed)
+        if self.out.name == "seed2" and stops:
+            raise stops.pop()
+        return trained(self, on_epoch)
+
+    monkeypatch.setattr(CrossValidation, "train_fold_by_fold", stop_in_the_last_seed)
+    root, data, store = toy
+    stopped = CliRunner().invoke(script_app(tune_command), [str(a) for a in (
+        "--cache", store, "--data", data, "--out", out, *args, "--seeds", 2)])
+    assert stopped.exit_code == 130, stopped.output
+    first = (out / "stage2" / "0000" / "seed1" / "metrics.json").read_bytes()
+    seeds_run.clear()
+    code, output = tune(toy, out, *args, "--seeds", 2)
+    assert code == 0 and seeds_run == [2], (seeds_run, output)
+    assert (out / "stage2" / "0000" / "seed1" / "metrics.json").read_bytes() == first
+    seeds_run.clear()
+    code, output = tune(toy, out, *args, "--seeds", 3)
+    assert code == 0 and seeds_run == [3], (seeds_run, output)
+    assert json.loads((out / "stage2.json").read_text())["rows"][0]["seeds"] == [1, 2, 3]

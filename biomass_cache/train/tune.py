@@ -107,12 +107,14 @@ class Study:
             seeds: list[int] | None = None) -> dict:
         """One trial's run (`train`), or several trials' as members of one sweep (`side_by_side`: member name ->
         [train] settings, sharing `train`'s batch-defining keys), or one trial's run per seed (`seeds`: in
-        `run_dir`/seedS, stacked where the folds stack; returns {seed: metrics})."""
+        `run_dir`/seedS, stacked where the folds stack; returns {seed: metrics}). The seeds' folders are the
+        study's own, only ever asked for when unfinished: what a stopped second stage left in them is replaced."""
         sweep = [] if side_by_side is None else [
             {"name": n, **{k: v for k, v in t.items() if k not in SHARED_KEYS}} for n, t in side_by_side.items()]
         cfg, members = resolve(train, sweep, {"plots": False, "folds": self.n_folds}, None)
         return run_training(self.cache, self.data, run_dir, cfg, members, folds_csv=self.out / "folds.csv",
-                            on_epoch=on_epoch, stops=(load_optuna().TrialPruned,), seeds=seeds)
+                            on_epoch=on_epoch, stops=(load_optuna().TrialPruned,), seeds=seeds,
+                            overwrite=seeds is not None)
 
 
 def trial_dir(out: Path, number: int) -> Path:
@@ -418,9 +420,12 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
         return summary
     with lock:
         done = out / "stage2.json"
-        if done.is_file() and json.loads(done.read_text()).get("finished") == summary["finished"]:
-            tqdm.write(f"the second stage of these {summary['finished']} trials was run by another process: {done}")
-            return {**summary, **json.loads(done.read_text())}
+        summary.update(top_k=settings.top_k, seeds=settings.seeds)
+        earlier = json.loads(done.read_text()) if done.is_file() else {}
+        if all(earlier.get(k) == summary[k] for k in ("finished", "top_k", "seeds")):
+            tqdm.write(f"the second stage of these {summary['finished']} trials (top {settings.top_k}, "
+                       f"{settings.seeds} seeds) is done: {done}")
+            return {**summary, **earlier}
         summary.update(second_stage(st))
         if settings.keep == "top":
             drop_folders(st)
