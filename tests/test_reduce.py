@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,43 @@ def test_bad_requests_are_refused_and_write_nothing(toy, tmp_path):
     with pytest.raises(DataError, match="already exists; pass --overwrite"):
         reduce_store(open_store(path), red, tmp_path / "taken.zarr", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.zarr"]
+
+
+@pytest.mark.slow
+def test_what_reduce_may_not_write_or_fit_is_refused_before_the_fit(toy, tmp_path, monkeypatch):
+    """--pool 0; an --out that is not a store (even with --overwrite), holds the input, lies under a file or exists;
+    a reduced store reduced again; --like with other settings, or a run trained on full tokens: one line each,
+    before any PCA is fitted, and nothing written or deleted."""
+    root, data, path = toy
+    nest = tmp_path / "nest"
+    shutil.copytree(path, nest / "in.zarr")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "taken.zarr").mkdir()
+    reduced = tmp_path / "reduced.zarr"
+    assert cli("--cache", path, "--out", reduced, "--dim", 4, "--pool", 2).exit_code == 0
+    run = tmp_path / "run_full"
+    (run / "fold0").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    import biomass_cache.store.reduce as reduce_module
+    monkeypatch.setattr(reduce_module, "pca_of", lambda *a, **k: pytest.fail("fitted before refusing"))
+    cases = [
+        ([path, "--out", tmp_path / "p.zarr", "--pool", 0], r"--pool 0: must be >= 1"),
+        ([path, "--out", tmp_path / "notes", "--overwrite"], "refusing to overwrite it, it is not a token store"),
+        ([nest / "in.zarr", "--out", nest, "--overwrite"], "is or holds the input store"),
+        ([path, "--out", tmp_path / "afile" / "r.zarr"], "afile is a file, not a folder"),
+        ([path, "--out", tmp_path / "taken.zarr"], "already exists; pass --overwrite"),
+        ([reduced, "--out", tmp_path / "rr.zarr"], "is a reduced store already"),
+        ([path, "--out", tmp_path / "l.zarr", "--like", reduced, "--dim", 8], r"leave out --dim"),
+        ([path, "--out", tmp_path / "l.zarr", "--like", run], "a run trained on full tokens has none"),
+    ]
+    for (cache, *rest), message in cases:
+        result = cli("--cache", cache, *rest)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert re.search("error: .*" + message, result.output), (message, result.output)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (nest / "in.zarr" / "zarr.json").is_file()
+    assert not any((tmp_path / n).exists() for n in ("p.zarr", "rr.zarr", "l.zarr"))
 
 
 @pytest.mark.slow

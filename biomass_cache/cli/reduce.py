@@ -14,11 +14,13 @@ from biomass_cache.store.reduce import (
     DEFAULT_FIT_TOKENS,
     DEFAULT_POOL,
     MIN_GRID,
+    check_out,
     fit_reduction,
     keep_clean_views,
     load_settings,
     reduce_store,
     reduction_of,
+    resolve_pool,
 )
 
 
@@ -43,9 +45,18 @@ def reduce_command(
     if settings["fit_tokens"] < 1:
         raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
     src = open_store(cache)
-    clean = {} if like is None and keep_clean_views(src, settings["pool"]) else None  # view 0 read and normed once
-    reduction = reduction_of(like) if like is not None else fit_reduction(src, settings["dim"], settings["pool"],
-                                                                          settings["fit_tokens"], keep=clean)
+    check_out(src, out, overwrite)  # before the fit: it takes minutes at full scale
+    clean = None
+    if like is not None:
+        reduction = reduction_of(like)
+        differs = {k: v for k, v in given.items() if k == "fit_tokens" or v != getattr(reduction, k) and not (
+            k == "pool" and resolve_pool(v, reduction.parent_grid) == reduction.pool)}
+        if differs:
+            raise DataError(f"--like {like} brings its projection ({reduction.dim} channels, pool {reduction.pool}): "
+                            f"leave out {', '.join('--' + k.replace('_', '-') for k in differs)}")
+    else:
+        clean = {} if keep_clean_views(src, settings["pool"]) else None  # view 0 read and normed once
+        reduction = fit_reduction(src, settings["dim"], settings["pool"], settings["fit_tokens"], keep=clean)
     store = reduce_store(src, reduction, out, overwrite=overwrite, clean=clean)
     size = store.nbytes_on_disk()
     typer.echo(f"reduced {cache} ({src.channels} channels, grid {list(src.grid)}) -> {out} ({reduction.dim} "

@@ -44,9 +44,11 @@ def atomic_folder(path: str | Path, kind: str) -> Iterator[Path]:
     try:
         with writing(path, also=tmp):
             yield tmp
-            if path.exists():
-                shutil.rmtree(path)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if path.exists():  # renamed aside, not deleted in place: a kill meanwhile leaves no half-deleted `path`
+                os.replace(path, old)
             os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

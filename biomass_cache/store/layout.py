@@ -131,7 +131,7 @@ def _validate_spec(spec: StoreSpec) -> None:
         raise StoreError("invalid StoreSpec: " + "; ".join(problems))
 
 
-def _is_zarr_store(path: Path) -> bool:
+def is_zarr_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
@@ -146,7 +146,7 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
     if path.exists():
         if not overwrite:
             raise StoreError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-        if not _is_zarr_store(path):
+        if not is_zarr_store(path):
             raise StoreError(f"refusing to overwrite {path}: it is not a zarr store (no zarr.json)")
     random_weights = _infer_random_weights(spec.fingerprint) if spec.random_weights is None else spec.random_weights
     remove_leftovers(path)

@@ -36,7 +36,7 @@ from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.runtime import available_ram, usable_cores
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
 from biomass_cache.store.handle import EncodedSample, TokenStore
-from biomass_cache.store.layout import StoreSpec, create_store, open_store, remove_leftovers
+from biomass_cache.store.layout import StoreSpec, create_store, is_zarr_store, open_store, remove_leftovers
 from biomass_cache.store.writer import Writer
 
 METHOD = "pca-layernorm"
@@ -180,9 +180,12 @@ def resolve_pool(pool: int | str, grid: tuple[int, int]) -> int:
     if pool == "auto":
         return auto_pool(grid)
     try:
-        return int(pool)
+        p = int(pool)
     except (TypeError, ValueError):
         raise DataError(f"--pool {pool!r}: must be 'auto' or a whole number") from None
+    if p < 1:
+        raise DataError(f"--pool {p}: must be >= 1 and divide the patch grid {list(grid)} (--pool 1 keeps the grid)")
+    return p
 
 
 def check_settings(channels: int, grid: Sequence[int], dim: int, pool: int, where: str) -> None:
@@ -214,6 +217,9 @@ def fit_reduction(store: TokenStore, dim: int = DEFAULT_DIM, pool: int | str = D
     Each chunk of images' part (read, norm, pool, their Gram matrix) is computed by `in_threads`. `keep`: filled
     with every image's normed, pooled view 0 (float16, as computed), for `reduce_store` to project instead of
     reading and norming it again (`keep_clean_views` says whether they fit in memory)."""
+    if store.attrs.get("reduction") is not None:
+        raise DataError(f"{store.path} is a reduced store already ({store.channels} channels): reduce the full store "
+                        "it was made from (its runs could not reduce their test stores alike)")
     pool = resolve_pool(pool, tuple(store.grid))
     check_settings(store.channels, store.grid, dim, pool, str(store.path))
     rows = usable_images(store)
@@ -339,10 +345,7 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
     out = Path(out)
     reduction.check_parent(src, ignore)
     rows = usable_images(src)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    if out.resolve() == src.path.resolve():
-        raise DataError(f"--out {out} is the input store itself; choose another path")
+    check_out(src, out, overwrite)
     spec = reduced_spec(reduction, src.image_ids, src.n_views, src.layers, src.fingerprint, src.split,
                         src.storage_dtype, src.random_weights)
     spec.attrs.update(bad_ids=src.bad_ids, content_sha256=src.content_hashes, weights_path=src.weights_path)
@@ -367,6 +370,23 @@ def reduce_store(src: TokenStore, reduction: Reduction, out: Path, overwrite: bo
                 writer.close()
             writer.check()
     return open_store(out)
+
+
+def check_out(src: TokenStore, out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that `reduce_store` may not write: one that exists (without --overwrite),
+    that is not a token store (--overwrite replaces stores only), that is or holds the input, or that lies under a
+    file."""
+    out = Path(out)
+    if out.resolve() == src.path.resolve() or out.resolve() in src.path.resolve().parents:
+        raise DataError(f"--out {out} is or holds the input store {src.path}; choose another path")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not is_zarr_store(out):
+        raise DataError(f"--out {out}: refusing to overwrite it, it is not a token store (no zarr.json); choose "
+                        "another --out")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"--out {out}: {parent} is a file, not a folder")
 
 
 def in_threads(fn: Callable[[int], Any], rows: Sequence[int]) -> Iterator[tuple[int, Any]]:
@@ -398,6 +418,9 @@ def reduction_of(path: Path) -> Reduction:
     path = Path(path)
     if (path / "reduction.json").is_file():
         return Reduction.load(path / "reduction")
+    if not is_zarr_store(path):
+        raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json (a run trained "
+                        "on full tokens has none: its test stores are extracted, not reduced)")
     red = Reduction.of_store(open_store(path))
     if red is None:
         raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json")
