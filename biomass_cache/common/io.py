@@ -77,6 +77,16 @@ def check_output_file(path: str | Path, option: str) -> None:
         raise DataError(f"{option} {path}: {parent} is a file, not a folder")
 
 
+def check_output_folder(path: str | Path, option: str) -> None:
+    """Refuse, before any work, an output folder that could never be made: a file's name, or one under a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars (an integer or float from code) as the Python numbers JSON holds."""
     if isinstance(value, np.generic):

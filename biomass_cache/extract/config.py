@@ -12,6 +12,7 @@ from biomass_cache.backbone.views import SPLITS, TTA_VIEWS, ViewPolicy, parse_vi
 from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, read_config
 from biomass_cache.common.distributed import parse_devices
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import check_output_folder
 from biomass_cache.common.runtime import usable_cores
 from biomass_cache.store.layout import STORAGE_DTYPES
 from biomass_cache.store.reduce import CONFIG_KEYS, DEFAULT_DIM, DEFAULT_FIT_TOKENS, DEFAULT_POOL
@@ -102,6 +103,9 @@ class ExtractConfig:
             raise DataError("invalid extraction settings: " + "; ".join(problems))
         self.like = None if self.like is None else Path(self.like)
         self.keep_full = None if self.keep_full is None else Path(self.keep_full)
+        for option, path in (("--out", self.out), ("--keep-full", self.keep_full)):
+            if path is not None:
+                check_output_folder(path, option)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ExtractConfig:

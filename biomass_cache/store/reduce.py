@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from biomass_cache.backbone.precision import native_bf16
 from biomass_cache.common.config import read_config
 from biomass_cache.common.errors import DataError
-from biomass_cache.common.io import atomic_folder, write_bytes, write_json
+from biomass_cache.common.io import atomic_folder, check_output_folder, write_bytes, write_json
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.runtime import available_ram, usable_cores
 from biomass_cache.store.fingerprint import reduced, relaxed_diff
@@ -384,9 +384,7 @@ def check_out(src: TokenStore, out: Path, overwrite: bool) -> None:
     if out.exists() and not is_zarr_store(out):
         raise DataError(f"--out {out}: refusing to overwrite it, it is not a token store (no zarr.json); choose "
                         "another --out")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise DataError(f"--out {out}: {parent} is a file, not a folder")
+    check_output_folder(out, "--out")
 
 
 def in_threads(fn: Callable[[int], Any], rows: Sequence[int]) -> Iterator[tuple[int, Any]]:

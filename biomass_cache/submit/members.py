@@ -65,8 +65,11 @@ def resolve_member(member: Member, weights_files: dict[str, str]) -> ResolvedMem
                                 f"`head = \"...\"` in an ensemble file")
         wanted = member.head or (names[0] if names else None)
         if wanted not in names:
+            seeds = sorted(p.parent for p in run_dir.glob("seed*/metrics.json"))
             raise EnsembleError(f"member {member.name}: no head checkpoint {wanted or '*'}.json under "
-                                f"{run_dir}/fold*/ or {run_dir}/full/ (heads found: {names})")
+                                f"{run_dir}/fold*/ or {run_dir}/full/ (heads found: {names})" + (
+                                    "; it holds the runs of a seed ensemble (train --seeds): name them, e.g. "
+                                    f"--members {','.join(map(str, seeds))}" if seeds else ""))
         try:
             checkpoints = tuple(runs.complete_checkpoints(run_dir, wanted))
         except DataError as e:

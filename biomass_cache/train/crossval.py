@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import check_output_folder
 from biomass_cache.common.folds import fold_assignment, read_folds, visit_groups
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
@@ -212,6 +213,9 @@ def cross_validate_seeds(source: TokenSource, table: pd.DataFrame, data: Path, o
     default), every fold of every seed trains as one stacked model, one pass of seeds x folds work; elsewhere the
     seeds train one after another, each run's files written (and `finished(seed)` called) as soon as it ends, so a
     stop keeps the seeds already trained. Returns each seed's metrics.json content."""
+    if all(getattr(HEADS[m.head], "closed_form", False) for m in members_cfg.values()):
+        tqdm.write(f"note: {', '.join(members_cfg)} fitted in closed form, without randomness: every seed gives the "
+                   "same run")
     shared = folds_csv or (None if cfg.full else ensemble_folds(out, seeds))
     runs_ = []
     for s in seeds:
@@ -479,8 +483,7 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     store = open_store(cache)
     table = read_training_table(Path(data) / "train.csv", check_images=False)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder: choose another --out")
+    check_output_folder(out, "--out")
     made = not out.exists()
     try:
         with contextlib.ExitStack() as held:
