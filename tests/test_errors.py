@@ -419,3 +419,13 @@ def test_a_sigterm_swallowed_by_a_hook_is_raised_again():
             pass  # and no batch follows: the end of the command raises it
     with sigterm_raises():  # a new command starts without the old stop
         check_stop()
+
+
+def test_an_output_folder_that_could_never_be_made_is_one_line(toy, tmp_path):
+    root, data, store = toy
+    (tmp_path / "afile").write_text("")
+    for args in (["extract", "--data", data, "--out", tmp_path / "afile" / "x.zarr"],
+                 ["extract", "--data", data, "--out", tmp_path / "afile"],
+                 ["train", "--cache", store, "--data", data, "--out", tmp_path / "afile" / "run", *FAST]):
+        assert_user_error(biomass(*args), "afile", "is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == ""
