@@ -429,3 +429,12 @@ def test_an_output_folder_that_could_never_be_made_is_one_line(toy, tmp_path):
                  ["train", "--cache", store, "--data", data, "--out", tmp_path / "afile" / "run", *FAST]):
         assert_user_error(biomass(*args), "afile", "is a file, not a folder")
     assert (tmp_path / "afile").read_text() == ""
+
+
+def test_keep_full_on_the_side_store_is_refused(toy, tmp_path):
+    root, data, store = toy
+    out = tmp_path / "r.zarr"
+    for keep in (out, tmp_path / "r.fit.zarr"):
+        assert_user_error(biomass("extract", "--data", data, "--out", out, "--reduce", "--keep-full", keep),
+                          "keep_full must be another store than out and its side store")
+    assert not any(tmp_path.iterdir())

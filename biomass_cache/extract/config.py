@@ -97,8 +97,10 @@ class ExtractConfig:
                             f"split_at {self.split_at!r} for devices {self.devices!r}")
         if not self.reduce and (self.like is not None or self.keep_full is not None):
             problems.append("like and keep_full reduce in the pass: they need reduce (--reduce)")
-        if self.keep_full is not None and Path(self.keep_full).resolve() == Path(self.out).resolve():
-            problems.append(f"keep_full must be another store than out, got {self.keep_full}")
+        if self.keep_full is not None and Path(self.keep_full).resolve() in (
+                Path(self.out).resolve(), fit_store_path(Path(self.out)).resolve()):
+            problems.append(f"keep_full must be another store than out and its side store "
+                            f"{fit_store_path(Path(self.out))}, got {self.keep_full}")
         if problems:
             raise DataError("invalid extraction settings: " + "; ".join(problems))
         self.like = None if self.like is None else Path(self.like)
@@ -211,3 +213,8 @@ def parse_layers(text: str, option: str = "--layers") -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise DataError(f"{option} must be comma-separated block indices such as 5,8,11 or -1, got {text!r}") from None
+
+
+def fit_store_path(out: Path) -> Path:
+    """Phase one's side store (extract/inpass.py): cache/train.zarr -> cache/train.fit.zarr."""
+    return out.with_name(out.name.removesuffix(".zarr") + ".fit.zarr")

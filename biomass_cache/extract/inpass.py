@@ -16,12 +16,12 @@ same fingerprint: the extraction's chained with the reduction's settings. `keep_
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.lock import WriterLock
+from biomass_cache.extract.config import fit_store_path
 from biomass_cache.extract.loop import Item, Run, Sample, Sink, view_slices
 from biomass_cache.extract.passes import full_spec, items_of, missing_views, run_pass
 from biomass_cache.store.codec import stored_values
@@ -42,11 +42,6 @@ from biomass_cache.store.reduce import (
 def clean_fingerprint(parent: dict, pool: int) -> dict:
     """The side store's: the extraction's, then layer norm and pooling of the clean view."""
     return {"parent": parent, "clean_view": {"layer_norm": True, "pool": pool}}
-
-
-def fit_store_path(out: Path) -> Path:
-    """Phase one's side store: cache/train.zarr -> cache/train.fit.zarr."""
-    return out.with_name(out.name.removesuffix(".zarr") + ".fit.zarr")
 
 
 class CleanSink(Sink):
