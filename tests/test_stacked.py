@@ -164,6 +164,11 @@ def test_a_stopped_seed_ensemble_keeps_its_finished_seeds_and_grows_on_their_fol
     assert "using the 3 folds of" in train(*common[:-1], "--out", out, "--seeds", "1,2", "--overwrite")
     for s in ("seed1", "seed2"):
         assert (out / s / "folds.csv").read_bytes() == (out / "seed0" / "folds.csv").read_bytes()
+    from biomass_cache.cli.errors import script_app
+    from biomass_cache.cli.report import report_command
+
+    report = CliRunner().invoke(script_app(report_command), [str(out)])
+    assert report.exit_code == 2 and f"seed ensemble (train --seeds): report one, e.g. {out / 'seed0'}" in report.output
     (tmp_path / "afile").write_text("")
     result = CliRunner().invoke(app, [str(a) for a in [*common, "--out", tmp_path / "afile", "--seeds", "0"]])
     assert result.exit_code != 0 and "is a file, not a folder" in str(result.exception) + result.output

@@ -38,9 +38,12 @@ def report_command(
     elif (path / "metrics.json").is_file() and (path / "config.json").is_file():
         typer.echo(f"report written to {write_run_report(path, out, data, resamples)}")
     else:
+        seeds = sorted(p.parent for p in path.glob("seed*/metrics.json"))
         raise DataError(f"{path}: neither a run folder (config.json and metrics.json, written by `biomass train`), "
                         "a submission (NAME.csv with NAME.report.json, `biomass submit`) nor a study folder "
-                        "(stage2.json or study.db, `biomass tune`)")
+                        "(stage2.json or study.db, `biomass tune`)" + (
+                            f"; it holds the runs of a seed ensemble (train --seeds): report one, e.g. {seeds[0]}, "
+                            f"or compare them: biomass compare {' '.join(map(str, seeds))}" if seeds else ""))
 
 
 def compare_command(
