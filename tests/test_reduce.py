@@ -178,7 +178,8 @@ def test_what_reduce_may_not_write_or_fit_is_refused_before_the_fit(toy, tmp_pat
     cases = [
         ([path, "--out", tmp_path / "p.zarr", "--pool", 0], r"--pool 0: must be >= 1"),
         ([path, "--out", tmp_path / "notes", "--overwrite"], "refusing to overwrite it, it is not a token store"),
-        ([nest / "in.zarr", "--out", nest, "--overwrite"], "is or holds the input store"),
+        ([nest / "in.zarr", "--out", nest, "--overwrite"], "is, holds or lies in the input store"),
+        ([nest / "in.zarr", "--out", nest / "in.zarr" / "sub.zarr"], "is, holds or lies in the input store"),
         ([path, "--out", tmp_path / "afile" / "r.zarr"], "afile is a file, not a folder"),
         ([path, "--out", tmp_path / "taken.zarr"], "already exists; pass --overwrite"),
         ([reduced, "--out", tmp_path / "rr.zarr"], "is a reduced store already"),
@@ -190,6 +191,7 @@ def test_what_reduce_may_not_write_or_fit_is_refused_before_the_fit(toy, tmp_pat
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert re.search("error: .*" + message, result.output), (message, result.output)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (nest / "in.zarr" / "zarr.json").is_file()
+    assert not (nest / "in.zarr" / "sub.zarr").exists()
     assert not any((tmp_path / n).exists() for n in ("p.zarr", "rr.zarr", "l.zarr"))
 
 

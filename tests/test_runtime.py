@@ -50,3 +50,35 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 def test_settings_from_the_environment_are_kept(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     assert not keep_freed_memory()
+
+
+def test_atomic_folder_replaces_whole_writes_through_links_and_clears_what_killed_runs_left(tmp_path):
+    """The old folder goes aside before the new one takes its name, then is deleted; a link's target is replaced
+    in place on its own disk; a file is refused; leftovers of dead processes go, a live process's stay."""
+    from biomass_cache.common.errors import DataError
+    from biomass_cache.common.io import atomic_folder
+
+    def build(path, text):
+        with atomic_folder(path, "partial") as tmp:
+            tmp.mkdir()
+            (tmp / "f.txt").write_text(text)
+
+    out = tmp_path / "out"
+    build(out, "one")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".out.old-{dead.stdout.strip()}").mkdir()  # left by a killed replacement
+    (tmp_path / f".out.partial-{dead.stdout.strip()}").mkdir()
+    (tmp_path / ".out.old-1").mkdir()  # pid 1 is alive: not ours to delete
+    build(out, "two")
+    assert (out / "f.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-1", "out"]
+    target, link = tmp_path / "disk" / "real", tmp_path / "link"
+    target.parent.mkdir()
+    build(target, "old")
+    link.symlink_to(target)
+    build(link, "new")
+    assert link.is_symlink() and (target / "f.txt").read_text() == "new"
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        build(tmp_path / "afile", "x")
+    assert (tmp_path / "afile").read_text() == "mine"

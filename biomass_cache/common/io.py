@@ -37,20 +37,53 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextmanager
 def atomic_folder(path: str | Path, kind: str) -> Iterator[Path]:
     """Yield a temporary sibling `.NAME.KIND-PID` (not yet created) to build a folder in; it replaces `path` only if
-    the block succeeds, and never outlives the block. Failures name `path`."""
+    the block succeeds, and never outlives the block. Failures name `path`. A symbolic link is written through (the
+    folder replaces its target, on the target's disk); what killed runs left beside `path` is removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: is a file, not a folder; choose another output")
+    tmp, old = (path.with_name(f".{path.name}.{k}-{os.getpid()}") for k in (kind, "old"))
+    for leftover in (p for k in (kind, "old") for p in path.parent.glob(f".{path.name}.{k}-*")):
+        if left_by_killed(leftover):
+            remove_path(leftover)
     try:
         with writing(path, also=tmp):
             yield tmp
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             if path.exists():  # renamed aside, not deleted in place: a kill meanwhile leaves no half-deleted `path`
                 os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a folder, file or link, whatever is there (nothing if nothing is)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def left_by_killed(path: Path) -> bool:
+    """Whether `path` (`.NAME.KIND-PID`) was left by a process of this machine that is gone (or by this process,
+    which is not doing it now)."""
+    pid = path.name.rpartition("-")[2]
+    return pid.isdigit() and not _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

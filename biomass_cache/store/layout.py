@@ -36,6 +36,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from biomass_cache.common.errors import StoreError
+from biomass_cache.common.io import left_by_killed, remove_path
 from biomass_cache.store.handle import FLAT_KEYS, TokenStore
 
 FORMAT_VERSION = 1
@@ -195,27 +196,9 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
         kind = leftover.name[len(path.name) + 2:].rpartition("-")[0]
         if kind in ("creating", "old", "reducing") and left_by_killed(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_path(leftover)
             removed.append(leftover)
     return removed
-
-
-def left_by_killed(path: Path) -> bool:
-    """Whether `path` (`.NAME.KIND-PID`) was left by a process of this machine that is gone."""
-    pid = path.name.rpartition("-")[2]
-    return pid.isdigit() and not _alive(int(pid))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _build(root: Path, spec: StoreSpec, attrs: dict, codec: str, layout: str) -> None:

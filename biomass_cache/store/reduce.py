@@ -377,8 +377,9 @@ def check_out(src: TokenStore, out: Path, overwrite: bool) -> None:
     that is not a token store (--overwrite replaces stores only), that is or holds the input, or that lies under a
     file."""
     out = Path(out)
-    if out.resolve() == src.path.resolve() or out.resolve() in src.path.resolve().parents:
-        raise DataError(f"--out {out} is or holds the input store {src.path}; choose another path")
+    inside = {out.resolve(), *out.resolve().parents} & {src.path.resolve(), *src.path.resolve().parents}
+    if src.path.resolve() in inside or out.resolve() in inside:
+        raise DataError(f"--out {out} is, holds or lies in the input store {src.path}; choose another path")
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not is_zarr_store(out):
@@ -417,8 +418,10 @@ def reduction_of(path: Path) -> Reduction:
     if (path / "reduction.json").is_file():
         return Reduction.load(path / "reduction")
     if not is_zarr_store(path):
-        raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json (a run trained "
-                        "on full tokens has none: its test stores are extracted, not reduced)")
+        seeds = sorted(p.parent for p in path.glob("seed*/reduction.json"))
+        raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json" + (
+            f"; it holds the runs of a seed ensemble (train --seeds): give one of them, e.g. {seeds[0]}" if seeds else
+            " (a run trained on full tokens has none: its test stores are extracted, not reduced)"))
     red = Reduction.of_store(open_store(path))
     if red is None:
         raise DataError(f"{path}: neither a reduced token store nor a run folder with a reduction.json")

@@ -216,12 +216,19 @@ def cross_validate_seeds(source: TokenSource, table: pd.DataFrame, data: Path, o
     if all(getattr(HEADS[m.head], "closed_form", False) for m in members_cfg.values()):
         tqdm.write(f"note: {', '.join(members_cfg)} fitted in closed form, without randomness: every seed gives the "
                    "same run")
-    shared = folds_csv or (None if cfg.full else ensemble_folds(out, seeds))
+    reused = None if folds_csv or cfg.full else ensemble_folds(out, seeds)
+    shared = folds_csv or reused
     runs_ = []
     for s in seeds:
         first = runs_[0].out / "folds.csv" if runs_ and not cfg.full and shared is None else shared
-        runs_.append(CrossValidation(source, table, data, seed_dir(out, s), replace(cfg, seed=s),
-                                     {n: replace(m, seed=s) for n, m in members_cfg.items()}, first, strict_folds))
+        try:
+            runs_.append(CrossValidation(source, table, data, seed_dir(out, s), replace(cfg, seed=s),
+                                         {n: replace(m, seed=s) for n, m in members_cfg.items()}, first, strict_folds))
+        except DataError as e:
+            if reused is None:
+                raise
+            raise DataError(f"{e}; a seed ensemble keeps the folds already in {out} (its folds.csv and "
+                            f"seed*/folds.csv): remove them all, or write to another --out, for new ones") from None
     if stack_folds(source, cfg, members_cfg, tuning=False):
         train_stacked_runs(runs_)
         return {s: run.summarize() for s, run in zip(seeds, runs_)}

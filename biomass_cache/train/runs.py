@@ -30,13 +30,12 @@ from safetensors.torch import load_file, save
 from biomass_cache.common.content import sha256_file
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.runtime import command_line
-from biomass_cache.common.io import write_bytes, write_csv, write_json, writing
+from biomass_cache.common.io import left_by_killed, write_bytes, write_csv, write_json, writing
 from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.targets import TARGETS, ZScore
 from biomass_cache.heads import check_compatible as check_signature
 from biomass_cache.heads import rebuild_head
 from biomass_cache.store.fingerprint import relaxed_diff
-from biomass_cache.store.layout import left_by_killed
 
 FORMAT_VERSION = 1
 
