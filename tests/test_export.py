@@ -5,6 +5,7 @@ what it cannot do in one line with nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -131,8 +132,25 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
     assert written["tta"] == [TTA_VIEWS[0]] and written["quantization"] == "int8"
     assert check["int8_rel_rms_vs_fp32"] <= check["int8_tolerance"] == 0.02
     assert cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv").exit_code == 0
-    assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run))) == (
-        "error: --model runs an exported model alone: leave out --members, --ensemble and --interval")
+    assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run), "--skip-bad")) == (
+        "error: --model runs an exported model alone (on the CPU, with what its folder holds): leave out --members, "
+        "--skip-bad")
+    (tmp_path / "q_maps").write_text("")
+    assert "error: --maps" in last(cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv",
+                                       "--maps")) and (tmp_path / "q_maps").is_file()
+    for name, damage, says in (("list", lambda m: (m / "model.json").write_text("[1, 2]"), "not a model folder"),
+                               ("lanczos", lambda m: (m / "model.json").write_text(json.dumps(
+                                   {**written, "input": {**written["input"], "resize": "lanczos"}})),
+                                "is not one `biomass export` writes"),
+                               ("cut", lambda m: (m / "model.onnx").write_bytes((m / "model.onnx").read_bytes()[:999]),
+                                "onnxruntime cannot load it")):
+        shutil.copytree(tmp_path / "m", tmp_path / name)
+        damage(tmp_path / name)
+        assert says in last(cli("predict", data / "test", "--model", tmp_path / name, "--out", tmp_path / "d.csv"))
+    (tmp_path / "m" / "README.txt").write_text("mine")
+    assert "holds README.txt besides the model" in last(cli("export", "--members", f"{run}:density", "--out",
+                                                            tmp_path / "m"))
+    assert (tmp_path / "m" / "README.txt").read_text() == "mine"
     from biomass_cache.export.runtime import open_session, preprocess
 
     session = open_session(tmp_path / "m", written)

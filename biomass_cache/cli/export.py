@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.io import check_output_folder
 from biomass_cache.common.photo import list_photos
 
 CHECK_PHOTOS = 8
@@ -31,15 +32,20 @@ def export_command(
 
     import numpy as np
 
-    from biomass_cache.export.model import build_info_size, export
+    from biomass_cache.export.model import MODEL_FILES, build_info_size, export
     from biomass_cache.export.runtime import preprocess
     from biomass_cache.submit.members import resolve_member
     from biomass_cache.submit.spec import spec_from_options
 
     if quantize not in (None, "int8"):
         raise DataError(f"--quantize {quantize!r}: the one quantisation is int8")
-    if out.exists() and not (out / "model.json").is_file():
+    check_output_folder(out, "--out")
+    if out.exists() and any(out.iterdir()) and not (out / "model.json").is_file():
         raise DataError(f"--out {out}: exists and is not a model folder; choose another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FILES) if out.is_dir() else []
+    if others:  # an export replaces the whole folder: never what the user put beside the model
+        raise DataError(f"--out {out}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} besides the "
+                        "model, which re-exporting would delete; move them, or choose another --out")
     spec = spec_from_options(ensemble, members, weights=weights)
     info = build_info_size(spec)
     if photos is None:  # the first member's run folder (a checkpoint's: RUN/foldK/HEAD.json) says where they are

@@ -42,8 +42,12 @@ def predict_command(
 ) -> None:
     """Predict biomass for a plain folder of photos: grams and g/m^2 per photo, optional density maps."""
     if model is not None:  # torch is never imported on this path
-        if ensemble is not None or members is not None or interval is not None:
-            raise DataError("--model runs an exported model alone: leave out --members, --ensemble and --interval")
+        given = {"--members": members, "--ensemble": ensemble, "--interval": interval, "--work-dir": work_dir,
+                 "--train-csv": train_csv, "--weights": weights, "--device": None if device == "cpu" else device,
+                 "--skip-bad": skip_bad or None, "--precision": precision, "--devices": devices}
+        if any(v is not None for v in given.values()):
+            raise DataError(f"--model runs an exported model alone (on the CPU, with what its folder holds): leave "
+                            f"out {', '.join(k for k, v in given.items() if v is not None)}")
         from biomass_cache.export.runtime import predict_with_model
 
         predict_with_model(model, photo_dir, out, maps=maps)

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from biomass_cache.common.io import atomic_path
+from biomass_cache.common.io import atomic_path, check_output_folder
 from biomass_cache.common.photo import load_image
+
+
+def maps_folder(out: Path) -> Path:
+    """Where `predict --maps` writes its PNGs beside the CSV `out` (OUT_maps/), refused before any work when a file
+    holds that name."""
+    folder = Path(out).with_name(f"{Path(out).stem}_maps")
+    check_output_folder(folder, "--maps")
+    return folder
 
 
 def save_map_png(path: Path, photo: Path, density_map: np.ndarray, grams: np.ndarray) -> None:

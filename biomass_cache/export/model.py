@@ -44,6 +44,8 @@ from biomass_cache.train import runs
 TOLERANCE = 1e-4  # relative RMS of the grams, onnxruntime fp32 against PyTorch
 INT8_TOLERANCE = 0.02  # relative RMS of the grams, the int8 graph against the fp32 one
 OPSET = 18
+# what an export writes (model.onnx.data: the weights beside the graph, should they pass protobuf's 2 GB)
+MODEL_FILES = ("model.onnx", "model.onnx.data", "model.json")
 
 
 class Reduce(nn.Module):

@@ -1,4 +1,4 @@
-"""`biomass predict --model MODEL_DIR PHOTOS`: an exported model run with onnxruntime, numpy and Pillow only.
+"""`biomass predict --model MODEL_DIR PHOTOS`: an exported model run without torch (onnxruntime, numpy, Pillow).
 
 Nothing here imports torch (a test checks it in a process where importing torch fails), so the predictor runs
 where PyTorch is not installed: a phone-sized deployment, a small container. The photo is decoded and resized as
@@ -19,7 +19,7 @@ from PIL import Image
 
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import check_output_file, write_csv
-from biomass_cache.common.maps import save_map_png
+from biomass_cache.common.maps import maps_folder, save_map_png
 from biomass_cache.common.photo import list_photos, load_image
 from biomass_cache.common.targets import prediction_frame
 
@@ -35,8 +35,19 @@ def read_model(model_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{model_dir / 'model.json'}: not readable ({e}); an exported model folder holds "
                         "model.onnx and model.json (biomass export)") from None
-    if info.get("format") != "biomass-cache onnx model" or not (model_dir / "model.onnx").is_file():
+    if not isinstance(info, dict) or info.get("format") != "biomass-cache onnx model" \
+            or not (model_dir / "model.onnx").is_file():
         raise DataError(f"{model_dir}: not a model folder written by `biomass export` (model.onnx + model.json)")
+    spec = info.get("input")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (isinstance(spec, dict) and isinstance(spec.get("size"), list) and len(spec["size"]) == 2
+            and all(isinstance(v, int) and v > 0 for v in spec["size"]) and spec.get("resize") in FILTERS
+            and (spec.get("decode_oversample") is None or number(spec["decode_oversample"]))
+            and all(isinstance(spec.get(k), list) and len(spec[k]) == 3 and all(map(number, spec[k]))
+                    for k in ("mean", "std")) and all(v > 0 for v in spec["std"])):
+        raise DataError(f"{model_dir / 'model.json'}: its input {spec!r} is not one `biomass export` writes (size "
+                        f"[W, H], resize one of {sorted(FILTERS)}, decode_oversample a number, mean and std three "
+                        "numbers each); export the model again")
     return info
 
 
@@ -58,7 +69,12 @@ def open_session(model_dir: Path, info: dict, threads: int = 0):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...): a damaged file
+        raise DataError(f"{Path(model_dir) / 'model.onnx'}: onnxruntime cannot load it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); export the model again") from None
     shape = session.get_inputs()[0].shape
     w, h = info["input"]["size"]
     if list(shape[1:]) != [3, h, w]:
@@ -73,6 +89,7 @@ def open_session(model_dir: Path, info: dict, threads: int = 0):
 def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0, maps: bool = False) -> None:
     out = Path(out)
     check_output_file(out, "--out")
+    folder = maps_folder(out) if maps else None
     info = read_model(model_dir)
     if maps and not info.get("maps"):
         raise DataError(f"{model_dir}: this model has no density-map output (its heads draw none; export a member "
@@ -89,7 +106,6 @@ def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int
     grams = np.concatenate(grams)
     write_csv(out, prediction_frame([p.stem for p in photos], [str(p) for p in photos], grams))
     if maps:
-        folder = out.with_name(f"{out.stem}_maps")
         for k, (photo, m) in enumerate(zip(photos, np.concatenate(dmaps))):
             save_map_png(folder / f"{photo.stem}.png", photo, m, grams[k])
         print(f"density maps: {folder}/ ({len(photos)} PNG)")

@@ -21,7 +21,7 @@ from biomass_cache.common.data import SEP
 from biomass_cache.common.photo import list_photos, load_image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import check_output_file, write_csv, writing
-from biomass_cache.common.maps import save_map_png
+from biomass_cache.common.maps import maps_folder, save_map_png
 from biomass_cache.common.conformal import calibrate
 from biomass_cache.common.targets import PLOT_AREA_M2, TARGETS, prediction_frame
 from biomass_cache.submit.ensemble import EnsembleResult, run_ensemble
@@ -140,6 +140,7 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
     ensemble's out-of-fold residuals (common/conformal.py)."""
     photo_dir, out, work_dir = Path(photo_dir), Path(out), Path(work_dir)
     check_output_file(out, "--out")
+    folder = maps_folder(out) if maps else None
     if maps and not any(draws_maps(resolve_member(m, spec.weights_files)) for m in spec.members):
         raise DataError("--maps needs at least one member whose head draws density maps (head 'density'); "
                         f"none of {[m.name for m in spec.members]} has one")
@@ -173,7 +174,6 @@ def predict_photos(photo_dir: str | Path, spec: EnsembleSpec, out: str | Path, w
     if shift is not None and (warning := warning_text(shift)):
         print(warning, file=sys.stderr)
     if dmaps is not None:
-        folder = out.with_name(f"{out.stem}_maps")
         for k, photo in enumerate(tqdm(photos, desc="density maps", disable=not progress)):
             save_map_png(folder / f"{photo.stem}.png", photo, dmaps[k], result.grams[k])
         print(f"density maps: {folder}/ ({len(photos)} PNG)")
