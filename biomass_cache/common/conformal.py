@@ -53,7 +53,7 @@ def calibrate(truth: np.ndarray, oof: np.ndarray, level: float = 0.9) -> Conform
     n = len(truth)
     rank = int(np.ceil((n + 1) * level))
     if rank > n:
-        raise ValueError(f"{n} out-of-fold predictions cannot calibrate {level:.0%} intervals (needs at least "
+        raise ValueError(f"{n} out-of-fold predictions cannot calibrate {level * 100:.4g}% intervals (needs at least "
                          f"{int(np.ceil(level / (1 - level)))}); lower the level")
     scale = np.maximum(truth.mean(axis=0), 1e-6)  # the mean: a median is 0 where most quadrats lack clover
     scores = np.abs(truth - oof) / (np.clip(oof, 0, None) + scale)
