@@ -149,9 +149,11 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
                                        device=str(device), bank=bank).grams  # no workers: their start costs more
 
     config = {"extract": extract or {},
-              "cache": {"path": str(store.path), "fingerprint": store.fingerprint, "layers": store.layers,
-                        **signature, "n_views": store.n_views, "storage_dtype": store.storage_dtype,
-                        "random_weights": store.random_weights, "weights_path": store.weights_path},
+              # paths absolute: a run is used from other folders (export, predict, submit)
+              "cache": {"path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint,
+                        "layers": store.layers, **signature, "n_views": store.n_views,
+                        "storage_dtype": store.storage_dtype, "random_weights": store.random_weights,
+                        "weights_path": store.weights_path},
               "device": str(device), "precision": precision,
               "tokens": "streamed from the store" if plan is None else plan.describe()}
     reduction = Reduction.of_store(store)  # the run carries its projection, so test stores are reduced alike
@@ -297,7 +299,8 @@ class CrossValidation:
             self.out.mkdir(parents=True, exist_ok=True)
             runs.write_config(self.out, {"train": asdict(cfg), "members": {n: asdict(m) for n, m in
                                                                           members_cfg.items()},
-                                         **source.config, "data": str(data), "torch": torch.__version__})
+                                         **source.config, "data": str(Path(data).resolve()),
+                                         "torch": torch.__version__})
             if source.write_artefacts is not None:
                 source.write_artefacts(self.out)
         self.oof = {n: np.full((len(table), len(TARGETS)), np.nan) for n in members_cfg}
