@@ -19,7 +19,7 @@ from biomass_cache.common.data import read_long_csv
 from biomass_cache.common.errors import DataError
 from biomass_cache.cli.errors import script_app
 from biomass_cache.common.folds import grouped_folds
-from biomass_cache.submit.predict import check_photos
+from biomass_cache.common.photo import check_photos
 from toys import huge_jpeg, make_toy
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-plots", "--device", "cpu"]

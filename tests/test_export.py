@@ -132,9 +132,10 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
     assert written["tta"] == [TTA_VIEWS[0]] and written["quantization"] == "int8"
     assert check["int8_rel_rms_vs_fp32"] <= check["int8_tolerance"] == 0.02
     assert cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv").exit_code == 0
-    assert last(cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run), "--skip-bad")) == (
+    refused = cli("predict", data / "test", "--model", tmp_path / "m", "--members", str(run), "--device", "cuda")
+    assert last(refused) == (
         "error: --model runs an exported model alone (on the CPU, with what its folder holds): leave out --members, "
-        "--skip-bad")
+        "--device")
     (tmp_path / "q_maps").write_text("")
     assert "error: --maps" in last(cli("predict", data / "test", "--model", tmp_path / "m", "--out", tmp_path / "q.csv",
                                        "--maps")) and (tmp_path / "q_maps").is_file()
@@ -147,6 +148,14 @@ def test_refusals(pipeline, tmp_path, monkeypatch):
         shutil.copytree(tmp_path / "m", tmp_path / name)
         damage(tmp_path / name)
         assert says in last(cli("predict", data / "test", "--model", tmp_path / name, "--out", tmp_path / "d.csv"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(sorted((data / "test").iterdir())[0], mixed / "good.jpg")
+    (mixed / "bad.jpg").write_bytes(b"not a jpeg")
+    assert "--skip-bad skips" in last(cli("predict", mixed, "--model", tmp_path / "m", "--out", tmp_path / "s.csv"))
+    skipped = cli("predict", mixed, "--model", tmp_path / "m", "--out", tmp_path / "s.csv", "--skip-bad")
+    assert skipped.exit_code == 0 and "skipped 1 unreadable photo(s)" in skipped.output
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 1
     (tmp_path / "m" / "README.txt").write_text("mine")
     assert "holds README.txt besides the model" in last(cli("export", "--members", f"{run}:density", "--out",
                                                             tmp_path / "m"))

@@ -44,13 +44,13 @@ def predict_command(
     if model is not None:  # torch is never imported on this path
         given = {"--members": members, "--ensemble": ensemble, "--interval": interval, "--work-dir": work_dir,
                  "--train-csv": train_csv, "--weights": weights, "--device": None if device == "cpu" else device,
-                 "--skip-bad": skip_bad or None, "--precision": precision, "--devices": devices}
+                 "--precision": precision, "--devices": devices}
         if any(v is not None for v in given.values()):
             raise DataError(f"--model runs an exported model alone (on the CPU, with what its folder holds): leave "
                             f"out {', '.join(k for k, v in given.items() if v is not None)}")
         from biomass_cache.export.runtime import predict_with_model
 
-        predict_with_model(model, photo_dir, out, maps=maps)
+        predict_with_model(model, photo_dir, out, maps=maps, skip_bad=skip_bad)
         return
     from biomass_cache.common.distributed import parse_devices, resolve_device
     from biomass_cache.submit.predict import predict_photos

@@ -165,3 +165,48 @@ def list_photos(photo_dir: Path) -> list[Path]:
             raise DataError(f"{p}: file names must not contain {SEP!r} or ',' (the stem becomes the image id)")
         seen[p.stem] = p
     return photos
+
+
+ASPECT_TOLERANCE = 0.10  # relative difference of width/height ratios beyond which a photo is visibly distorted
+MAX_ENLARGE = 4  # a photo enlarged more than this to the model input shows the backbone blur
+
+
+def check_photos(photos: list[Path], input_sizes: set[tuple[int, int]], skip_bad: bool
+                 ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Decode every photo once (as extraction will) before anything is written: returns (readable photos,
+    [(unreadable photo, reason)]); without `skip_bad` the first unreadable photo is a DataError. Warns, once per
+    photo, when its aspect ratio differs from a model input's (W, H) by more than ASPECT_TOLERANCE (the photo is
+    resized to the input, so its content is stretched) and when it is enlarged more than MAX_ENLARGE times."""
+    good, bad = [], []
+    smallest = min(input_sizes, default=None)
+    for p in photos:
+        try:
+            image = load_image(p, at_least=smallest)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e}; --skip-bad skips unreadable photos and lists them at the end") from None
+            bad.append((p, str(e)))
+            continue
+        good.append(p)
+        ratio = image.width / image.height
+        if smallest and min(image.width / smallest[0], image.height / smallest[1]) < 1 / MAX_ENLARGE:
+            print(f"warning: {p}: {image.width}x{image.height} px is enlarged more than {MAX_ENLARGE}x to the model "
+                  f"input {smallest[0]}x{smallest[1]}: the backbone sees blur, not pasture; use the original photo",
+                  file=sys.stderr)
+        for w, h in sorted(input_sizes):
+            if abs(ratio / (w / h) - 1) > ASPECT_TOLERANCE:
+                print(f"warning: {p}: aspect ratio (width/height) {ratio:.2f} differs from the model input's "
+                      f"{w / h:.2f} ({w}x{h}): the photo is stretched to fit; crop it to {w}:{h} for "
+                      "undistorted predictions and density maps", file=sys.stderr)
+                break
+    if not good:
+        raise DataError(f"none of the {len(photos)} photos could be read (first: {bad[0][1]})")
+    return good, bad
+
+
+def report_skipped(bad: list[tuple[Path, str]]) -> None:
+    """The end of a prediction that left unreadable photos out (`check_photos(skip_bad=True)`): which, and why."""
+    if bad:
+        print(f"skipped {len(bad)} unreadable photo(s):", file=sys.stderr)
+        for _, reason in bad:
+            print(f"  {reason}", file=sys.stderr)

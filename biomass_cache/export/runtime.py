@@ -20,7 +20,7 @@ from PIL import Image
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import check_output_file, write_csv
 from biomass_cache.common.maps import maps_folder, save_map_png
-from biomass_cache.common.photo import list_photos, load_image
+from biomass_cache.common.photo import check_photos, list_photos, load_image, report_skipped
 from biomass_cache.common.targets import prediction_frame
 
 FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -86,7 +86,10 @@ def open_session(model_dir: Path, info: dict, threads: int = 0):
     return session
 
 
-def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0, maps: bool = False) -> None:
+def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int = 0, maps: bool = False,
+                       skip_bad: bool = False) -> None:
+    """As `biomass predict` with members: every photo decoded once before anything is written (`check_photos`:
+    unreadable ones stop it or, with `skip_bad`, are left out and listed; stretched or enlarged ones warned of)."""
     out = Path(out)
     check_output_file(out, "--out")
     folder = maps_folder(out) if maps else None
@@ -95,7 +98,7 @@ def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int
         raise DataError(f"{model_dir}: this model has no density-map output (its heads draw none; export a member "
                         "with a density head), so --maps cannot be written")
     session = open_session(model_dir, info, threads)
-    photos = list_photos(Path(photo_dir))
+    photos, bad = check_photos(list_photos(Path(photo_dir)), {tuple(info["input"]["size"])}, skip_bad)
     name = session.get_inputs()[0].name
     grams, dmaps = [], []
     for k in range(0, len(photos), BATCH):
@@ -113,3 +116,4 @@ def predict_with_model(model_dir: Path, photo_dir: Path, out: Path, threads: int
         print("NOTE: this model's backbone had RANDOMLY INITIALISED weights: a demo, not real predictions")
     print(f"predictions for {len(photos)} photos: {out} (grams and g/m^2), model {model_dir} "
           f"({info.get('quantization') or 'fp32'})")
+    report_skipped(bad)
