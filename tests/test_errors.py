@@ -438,3 +438,18 @@ def test_keep_full_on_the_side_store_is_refused(toy, tmp_path):
         assert_user_error(biomass("extract", "--data", data, "--out", out, "--reduce", "--keep-full", keep),
                           "keep_full must be another store than out and its side store")
     assert not any(tmp_path.iterdir())
+
+
+def test_reduction_settings_given_with_like_are_refused(toy, tmp_path):
+    """--like brings its projection: --dim, --pool or --fit-tokens beside it (which it would ignore) are refused,
+    by extract --reduce as by reduce; the like's own settings are accepted."""
+    root, data, store = toy
+    reduced = tmp_path / "reduced.zarr"
+    assert biomass("reduce", "--cache", store, "--out", reduced, "--dim", 4, "--pool", 2).exit_code == 0
+    for args, says in ((["--dim", 8], "leave out --dim"), (["--pool", 1, "--fit-tokens", 9], "--pool, --fit-tokens")):
+        assert_user_error(biomass("extract", "--data", data, "--out", tmp_path / "x.zarr", "--reduce", "--like",
+                                  reduced, *args), "brings its projection (4 channels, pool 2)", says)
+        assert_user_error(biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced,
+                                  *args), "brings its projection (4 channels, pool 2)", says)
+    assert biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced, "--dim", 4,
+                   "--pool", 2).exit_code == 0

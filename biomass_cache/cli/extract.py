@@ -114,6 +114,10 @@ def extract_command(
              "recheck": recheck or None, "reduce": reduce, "dim": dim, "pool": _pool(pool),
              "fit_tokens": fit_tokens, "like": like, "keep_full": keep_full}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if like is not None and any(v is not None for v in (dim, pool, fit_tokens)):
+        from biomass_cache.store.reduce import check_like, reduction_of
+
+        check_like(like, reduction_of(like), {"dim": dim, "pool": _pool(pool), "fit_tokens": fit_tokens})
     summary = extract(ExtractConfig.from_dict(values, where=str(config) if config else "command line"))
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(format_summary(summary))

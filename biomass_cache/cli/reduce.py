@@ -14,13 +14,13 @@ from biomass_cache.store.reduce import (
     DEFAULT_FIT_TOKENS,
     DEFAULT_POOL,
     MIN_GRID,
+    check_like,
     check_out,
     fit_reduction,
     keep_clean_views,
     load_settings,
     reduce_store,
     reduction_of,
-    resolve_pool,
 )
 
 
@@ -49,11 +49,7 @@ def reduce_command(
     clean = None
     if like is not None:
         reduction = reduction_of(like)
-        differs = {k: v for k, v in given.items() if k == "fit_tokens" or v != getattr(reduction, k) and not (
-            k == "pool" and resolve_pool(v, reduction.parent_grid) == reduction.pool)}
-        if differs:
-            raise DataError(f"--like {like} brings its projection ({reduction.dim} channels, pool {reduction.pool}): "
-                            f"leave out {', '.join('--' + k.replace('_', '-') for k in differs)}")
+        check_like(like, reduction, given)
     else:
         clean = {} if keep_clean_views(src, settings["pool"]) else None  # view 0 read and normed once
         reduction = fit_reduction(src, settings["dim"], settings["pool"], settings["fit_tokens"], keep=clean)

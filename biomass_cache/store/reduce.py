@@ -412,6 +412,17 @@ def in_threads(fn: Callable[[int], Any], rows: Sequence[int]) -> Iterator[tuple[
             torch.set_num_threads(threads)
 
 
+def check_like(like: Path, reduction: Reduction, given: dict) -> None:
+    """Refuse reduction settings given with --like (`given`: the options on the command line): the projection
+    `like` brings has its own, and they would be silently ignored."""
+    same = {"dim": lambda v: v == reduction.dim, "fit_tokens": lambda v: False,
+            "pool": lambda v: resolve_pool(v, reduction.parent_grid) == reduction.pool}
+    differs = [k for k, v in given.items() if v is not None and not same[k](v)]
+    if differs:
+        raise DataError(f"--like {like} brings its projection ({reduction.dim} channels, pool {reduction.pool}): "
+                        f"leave out {', '.join('--' + k.replace('_', '-') for k in differs)}")
+
+
 def reduction_of(path: Path) -> Reduction:
     """The reduction held by a reduced store or saved in a run folder (`RUN/reduction.json`)."""
     path = Path(path)
