@@ -105,9 +105,7 @@ def check_output_file(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{option} {path}: is a folder; give a file name (e.g. {path / 'submission.csv'})")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise DataError(f"{option} {path}: {parent} is a file, not a folder")
+    _check_not_under_a_file(path, option)
 
 
 def check_output_folder(path: str | Path, option: str) -> None:
@@ -115,6 +113,10 @@ def check_output_folder(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{option} {path}: is a file, not a folder; choose another {option}")
+    _check_not_under_a_file(path, option)
+
+
+def _check_not_under_a_file(path: Path, option: str) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise DataError(f"{option} {path}: {parent} is a file, not a folder")

@@ -222,15 +222,16 @@ def cross_validate_seeds(source: TokenSource, table: pd.DataFrame, data: Path, o
     shared = folds_csv or reused
     runs_ = []
     for s in seeds:
-        first = runs_[0].out / "folds.csv" if runs_ and not cfg.full and shared is None else shared
         try:
             runs_.append(CrossValidation(source, table, data, seed_dir(out, s), replace(cfg, seed=s),
-                                         {n: replace(m, seed=s) for n, m in members_cfg.items()}, first, strict_folds))
+                                         {n: replace(m, seed=s) for n, m in members_cfg.items()}, shared, strict_folds))
         except DataError as e:
             if reused is None:
                 raise
             raise DataError(f"{e}; a seed ensemble keeps the folds already in {out} (its folds.csv and "
                             f"seed*/folds.csv): remove them all, or write to another --out, for new ones") from None
+        if shared is None and not cfg.full:
+            shared = runs_[0].out / "folds.csv"  # the first seed made them: the others take them
     if stack_folds(source, cfg, members_cfg, tuning=False):
         train_stacked_runs(runs_)
         return {s: run.summarize() for s, run in zip(seeds, runs_)}
