@@ -18,7 +18,8 @@ trials alone and 4 side by side (`--parallel`).
 Per arm: wall seconds of the whole command, seconds in training epochs (history.csv) and per epoch, the pooled OOF
 competition_r2 per seed (the seed spread of fp32 is the yardstick for bf16), and the limit: FLOPs of the training
 steps (torch's FlopCounterMode on one step of the head, times the steps) over the fp32 and bf16 matmul rates
-measured here at the head's first-layer shape. Token loading (the bank) is timed on its own.
+measured here at the head's first-layer shape, just before and just after that arm (the mean of the two medians:
+the VM's rate moves within minutes). Token loading (the bank) is timed on its own.
 
     python benchmarks/bench_stage2.py [--device cpu|cuda] [--stores reduced,full] [--heads density]
         [--seeds 0,1,2] [--arms before,fp32,bf16,stacked] [--baseline REF] [--images 357] [--epochs 120]
@@ -71,13 +72,19 @@ def worktree(ref: str, work: Path) -> Path | None:
 def limits(head: str, store, device: torch.device) -> dict:
     """The head's FLOPs per training step and per validated image, and the matmul rates at its first layer's shape."""
     step, forward = head_flops(head, store.channels, tuple(store.grid), BATCH)
+    return {"step_flops": step, "forward_flops_per_image": forward, "matmul_gflops": matmul_rates(head, store, device)}
+
+
+def matmul_rates(head: str, store, device: torch.device, samples: int = 5) -> dict:
+    """fp32 and bf16 matmul GFLOP/s at the head's first-layer shape: the median of `samples` measurements (a shared
+    VM's rate moves 1.5x within minutes; each arm is compared with the rates measured just before and after it)."""
     rows = BATCH * store.grid[0] * store.grid[1] * 3 if head == "density" else BATCH * 3
     rates = {}
     for name in ("fp32", "bf16"):
         a = torch.randn(rows, store.channels, device=device, dtype=DTYPES[name])
         b = torch.randn(store.channels, HIDDEN[head], device=device, dtype=DTYPES[name])
-        rates[name] = matmul_rate(a, b)
-    return {"step_flops": step, "forward_flops_per_image": forward, "matmul_gflops": rates}
+        rates[name] = float(np.median([matmul_rate(a, b) for _ in range(samples)]))
+    return rates
 
 
 def matmul_rate(a: torch.Tensor, b: torch.Tensor, reps: int = 20) -> float:
@@ -237,9 +244,13 @@ def main() -> None:
             for arm in arms:
                 rows[arm] = []
                 for seed in seeds[:1] if arm == "before" else seeds:
+                    around = [matmul_rates(head, store, device)]
                     row = run_arm(arm, code.get(arm) or ROOT, store.path, data, args.work / f"run_{name}_{head}_{arm}",
                                   head, seed, args.device, args.epochs)
-                    rows[arm].append({**row, **achieved(row, lim, n_train)})
+                    around.append(matmul_rates(head, store, device))
+                    rates = {k: float(np.mean([r[k] for r in around])) for k in ("fp32", "bf16")}
+                    row["matmul_gflops_around"] = {k: [round(r[k]) for r in around] for k in ("fp32", "bf16")}
+                    rows[arm].append({**row, **achieved(row, {**lim, "matmul_gflops": rates}, n_train)})
                     print(name, head, arm, json.dumps(rows[arm][-1]), flush=True)
                     entry["heads"][head] = rows
                     write_json(out, result)  # after every run: a benchmark cut short keeps what it measured

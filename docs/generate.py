@@ -67,8 +67,6 @@ def cli_reference() -> str:
 
 def params_table(command, ctx) -> str:
     """One row per argument and option: its names and metavar, its default (or `required`), its help."""
-    import click
-
     rows = []
     for p in command.get_params(ctx):
         record = p.get_help_record(ctx)
@@ -354,19 +352,22 @@ def stage2_rows(d: dict) -> str:
                 runs, first = h[arm], h[arm][0]
                 r2 = [r["oof_competition_r2"] for r in runs]
                 speedup = h[arms[0]][0]["wall_s"] / first["wall_s"]
+                around = first.get("matmul_gflops_around", {}).get("fp32")
                 rows.append([head, arm, len(runs), f"{first['wall_s']:.0f}", f"{first['train_epochs_s']:.0f}",
                              f"{first['epoch_s']:.3f}", f"{first['achieved_gflops_per_s']:.0f}",
+                             "-" if around is None else " / ".join(str(r) for r in around),
                              f"{first['share_of_fp32_matmul_limit']:.0%}", f"{first['share_of_bf16_matmul_limit']:.0%}",
                              f"{min(r2):.4f}-{max(r2):.4f}" if len(r2) > 1 else f"{r2[0]:.4f}",
                              f"**{speedup:.2f}x** vs {arms[0]}"])
             parts.append(f"Matmul limit at the {head} head's first layer, measured in the same run: "
-                         f"{lim['fp32']:.0f} GFLOP/s fp32, {lim['bf16']:.0f} GFLOP/s bf16.")
+                         f"{lim['fp32']:.0f} GFLOP/s fp32, {lim['bf16']:.0f} GFLOP/s bf16 before the runs; where "
+                         "the table gives the fp32 rate just before / after a run, its shares are of their mean.")
         parts += [f"**{name}** store ({store['grid'][0]} x {store['grid'][1]} tokens x {store['channels']} channels, "
                   f"{store['gb']:.2f} GB). Token loading, apart from the runs: {loads}.",
                   table(["head", "arm", "seeds", "wall s (seed 0)", "training epochs s",
                          "s / epoch (stacked: of every fold)",
-                         "achieved GFLOP/s", "of fp32 limit", "of bf16 limit", "OOF competition_r2 (seeds)",
-                         "speed-up (wall, seed 0)"], rows, "llrrrrrrrrr")]
+                         "achieved GFLOP/s", "fp32 limit before / after", "of fp32 limit", "of bf16 limit",
+                         "OOF competition_r2 (seeds)", "speed-up (wall, seed 0)"], rows, "llrrrrrrrrrr")]
         if "tune" in store:
             parts += ["`biomass tune` on this store (density head, lr and weight decay searched, no pruning, no second "
                       "stage): `before` is the code of the baseline commit; then this code, trials alone and side by "

@@ -262,3 +262,29 @@ def test_interval_logits_round_trip_and_blend(name, zscore):
         assert torch.equal(rebuilt.eval()(x)["components"], out["components"])
     with pytest.raises(ValueError, match="bins must be 0"):
         make(name, zscore, interval={"bins": 1})
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_density_mlp_gradients_are_autograds(dropout):
+    """The density head's hand-written backward (heads/density.py PatchMLPFunction) against numerical gradients:
+    weights, biases and the tokens' own gradient (a LoRA run), through both outputs (the readout and the hidden
+    features the auxiliary heads read), with and without a dropout mask."""
+    from biomass_cache.heads.density import PatchMLPFunction
+
+    g = torch.Generator().manual_seed(0)
+    n_layers, n, c, h = 2, 7, 5, 6
+    args = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+            for shape in ((n_layers, n, c), (n_layers, h, c), (n_layers, h), (n_layers, 3, h), (n_layers, 3))]
+    keep = (torch.rand(n_layers, n, h, generator=g, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+
+    def both(*a):
+        raw, hidden, _ = PatchMLPFunction.apply(*a, keep)
+        return raw, hidden
+
+    assert torch.autograd.gradcheck(both, args)
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[0], args)  # the features unused: no gradient through them
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[1], args)  # the features alone (an auxiliary loss term)
+    x, w1, b1, w2, b2 = args
+    hidden = torch.nn.functional.gelu(x @ w1.transpose(1, 2) + b1[:, None])
+    expected = (hidden if keep is None else hidden * keep) @ w2.transpose(1, 2) + b2[:, None]
+    assert torch.allclose(both(*args)[0], expected) and torch.allclose(both(*args)[1], hidden)

@@ -39,6 +39,7 @@ class DensityHead(FusedHead):
     def __init__(self, *, hidden: int = 128, dropout: float = 0.0, **common):
         super().__init__(features=hidden, dropout=dropout, **common)
         self._set_config(hidden=int(hidden))
+        self.hidden = int(hidden)
         self.per_layer = nn.ModuleList(PatchMLP(self.channels, hidden, self.dropout) for _ in range(self.n_layers))
         start = inverse_softplus(self.components_mean() / self.scale())  # the mean prediction at initialisation
         with torch.no_grad():
@@ -53,13 +54,16 @@ class DensityHead(FusedHead):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         b, n_layers, t, _ = tokens.shape
         x = tokens.transpose(0, 1).reshape(n_layers, b * t, -1)  # (L, B*T, C): no copy when from a bank
-        # every layer's MLP in one batched matmul per step of it, not one per layer: a third of the ops (and of
-        # their dispatch and autograd overhead) at the same arithmetic; the weights stay per layer (checkpoints)
-        act = self.per_layer[0].body[1]
-        first_bias, first_weight = stacked([m.body[0] for m in self.per_layer])
-        hidden = act(torch.baddbmm(first_bias, x, first_weight))  # (L, B*T, hidden)
-        last_bias, last_weight = stacked([m.out[-1] for m in self.per_layer])
-        raw = torch.baddbmm(last_bias, self.per_layer[0].out[0](hidden), last_weight)  # dropout, then (L, B*T, 3)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dropout = self.per_layer[0].out[0]
+        keep = None
+        if dropout.training and dropout.p > 0:
+            keep = torch.empty((n_layers, b * t, self.hidden), dtype=dtype, device=x.device).bernoulli_(1 - dropout.p)
+            keep.div_(1 - dropout.p)
+        weights = [torch.stack([getattr(m.body[0] if k < 2 else m.out[-1], "weight" if k % 2 == 0 else "bias")
+                                for m in self.per_layer]).to(dtype) for k in range(4)]
+        with torch.autocast(x.device.type, enabled=False):
+            raw, hidden, _ = PatchMLPFunction.apply(x.to(dtype), *weights, keep)  # (L, B*T, 3), (L, B*T, H)
         dens = (F.softplus(raw.float()) * self.scale()).view(n_layers, b, t, 3).transpose(0, 1)  # (B, L, T, 3) g/m^2
         maps = None
         if return_maps:
@@ -69,7 +73,49 @@ class DensityHead(FusedHead):
         return dens.mean(dim=2), maps, features
 
 
-def stacked(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bias (L, 1, out), weight (L, in, out)) of one Linear per layer, for `torch.baddbmm`."""
-    return (torch.stack([m.bias for m in linears])[:, None],
-            torch.stack([m.weight for m in linears]).transpose(1, 2))
+class PatchMLPFunction(torch.autograd.Function):
+    """Every layer's per-patch MLP, (L, N, C) tokens -> raw densities (L, N, 3) and hidden activations (L, N, H), as
+    batched matmuls over the layers, with weights in nn.Linear's layout ((L, out, in), biases (L, out)).
+
+    Written out, not left to autograd, for the CPU's sake (benchmarks/bench_stage2.py): the weight gradients come
+    out as g^T @ input, already in the weights' layout (autograd's baddbmm backward computes input^T @ g, a
+    transposed operand and a transposed result, 1.5-2.5x slower at these shapes); the 128 -> 3 readout's input
+    gradient multiplies by the weight as stored; the first layer's input gradient is computed only when the tokens
+    need one (a LoRA run). `keep`: the dropout mask on the hidden activations, already scaled by 1 / (1 - p)."""
+
+    generate_vmap_rule = True  # stacked folds (train/stacked.py) run it under torch.func.vmap
+
+    @staticmethod
+    def forward(x, w1, b1, w2, b2, keep):
+        pre = torch.baddbmm(b1[:, None], x, w1.transpose(1, 2))
+        hidden = F.gelu(pre)
+        dropped = hidden if keep is None else hidden * keep
+        return torch.baddbmm(b2[:, None], dropped, w2.transpose(1, 2)), hidden, pre
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w1, _, w2, _, keep = inputs
+        _, hidden, pre = output
+        ctx.save_for_backward(x, w1, w2, pre, hidden, keep)
+        ctx.mark_non_differentiable(pre)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g_raw, g_hidden, *_):
+        x, w1, w2, pre, hidden, keep = ctx.saved_tensors
+        grads = [None] * 6
+        if g_raw is None and g_hidden is None:
+            return tuple(grads)
+        g = torch.zeros_like(pre) if g_raw is None else torch.bmm(g_raw, w2)
+        if keep is not None:
+            g = g * keep
+        if g_hidden is not None:
+            g = g + g_hidden
+        g = torch.ops.aten.gelu_backward(g, pre)
+        if g_raw is not None:
+            dropped = hidden if keep is None else hidden * keep
+            grads[3], grads[4] = torch.bmm(g_raw.transpose(1, 2), dropped), g_raw.sum(1)
+        grads[1], grads[2] = torch.bmm(g.transpose(1, 2), x), g.sum(1)
+        if ctx.needs_input_grad[0]:
+            grads[0] = torch.bmm(g, w1)
+        return tuple(grads)

@@ -95,8 +95,12 @@ class TokenStore:
         return (f"TokenStore({str(self.path)!r}, images={len(self._attrs['image_ids'])}, views={self.n_views}, "
                 f"layers={self.layers}, grid={self.grid}, channels={self.channels}, dtype={self.storage_dtype})")
 
-    def done(self) -> np.ndarray:
-        """(N, V) completion mask, read fresh from disk; a corrupt `done` chunk is an error naming its file."""
+    def done(self, fresh: bool = True) -> np.ndarray:
+        """(N, V) completion mask, read fresh from disk; a corrupt `done` chunk is an error naming its file.
+        `fresh=False`: the mask this handle read last, if any (one file per image: a training run that builds
+        a dataset per fold and split would read them all 30 times, 4 s of a ViT-L run)."""
+        if not fresh and self._done_cache is not None:
+            return self._done_cache.copy()
         n = len(self._attrs["image_ids"])
         try:
             self._done_cache = np.asarray(self._arrays["done"][:n], dtype=bool)

@@ -103,7 +103,7 @@ def store_rows(store, image_ids: Sequence[str], views: Sequence[int]) -> np.ndar
             f"{absent[:MAX_LISTED]} (extract them first, or point --cache at the store built from this data)"
         )
     idx = np.array([position[i] for i in image_ids], dtype=np.int64)
-    done = store.done()[idx][:, list(views)].all(axis=1)
+    done = store.done(fresh=False)[idx][:, list(views)].all(axis=1)
     if not done.all():
         missing = [image_ids[k] for k in np.flatnonzero(~done)]
         bad = {i: store.bad_ids[i] for i in missing if i in store.bad_ids}

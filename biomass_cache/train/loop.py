@@ -9,6 +9,7 @@ command line in cli/train.py.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
@@ -80,6 +81,13 @@ class SweepMember:
     @property
     def eval_head(self) -> torch.nn.Module:
         return self.ema if self.ema is not None else self.head
+
+    @functools.cached_property
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, live tensors) of the head's state and the extra parameters, listed once: both are updated
+        in place, and a state_dict per step costs a tenth of a density head's step on a CPU."""
+        return ([*self.ema.state_dict().values(), *(self.ema_extra or [])],
+                [*self.head.state_dict().values(), *self.extra_params])
 
     @property
     def closed_form(self) -> bool:
@@ -174,12 +182,12 @@ def validated(epoch: int, eval_every: int, epochs: int) -> bool:
 
 @torch.no_grad()
 def ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay: float, step: int) -> None:
-    """The EMA of `live` in `ema`, at `ema_rate`."""
-    d = ema_rate(decay, step)
+    """The EMA of `live` in `ema`, at `ema_rate`: one op for all floating tensors (a step's worth on a CPU)."""
+    floats = [k for k, e in enumerate(ema) if e.dtype.is_floating_point]
+    if floats:
+        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - ema_rate(decay, step))
     for e, p in zip(ema, live):
-        if e.dtype.is_floating_point:
-            e.lerp_(p, 1 - d)
-        else:
+        if not e.dtype.is_floating_point:
             e.copy_(p)
 
 
@@ -290,8 +298,7 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
     m.sched.step()
     m.step += 1
     if m.ema is not None:
-        ema_update([*m.ema.state_dict().values(), *m.ema_extra], [*m.head.state_dict().values(), *m.extra_params],
-                   cfg.ema_decay, m.step)
+        ema_update(*m.ema_pairs, cfg.ema_decay, m.step)
     return loss.item() if finite else None
 
 
