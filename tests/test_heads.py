@@ -201,8 +201,8 @@ def test_wide_layers_train_at_a_fan_in_scaled_learning_rate(zscore):
     density = make("density", zscore)
     groups = head_param_groups(density, 4e-3, 0.05)
     assert [("lr" in g, g["weight_decay"]) for g in groups] == [(False, 0.05), (False, 0.0)]
-    assert [p for g in groups for p in g["params"]] == [p for p in density.parameters() if p.ndim >= 2] + [
-        p for p in density.parameters() if p.ndim < 2]
+    decayed = [id(p) for p in groups[0]["params"]]
+    assert decayed == [id(p) for n, p in density.named_parameters() if p.ndim >= 2 and n not in ("bias1", "bias2")]
 
 
 def test_interval_bins_hand_computed():
@@ -288,3 +288,29 @@ def test_density_mlp_gradients_are_autograds(dropout):
     hidden = torch.nn.functional.gelu(x @ w1.transpose(1, 2) + b1[:, None])
     expected = (hidden if keep is None else hidden * keep) @ w2.transpose(1, 2) + b2[:, None]
     assert torch.allclose(both(*args)[0], expected) and torch.allclose(both(*args)[1], hidden)
+
+
+def test_density_loads_a_checkpoint_with_one_module_per_layer(zscore):
+    """Runs trained before the density head held its weights stacked over the layers keep loading (the keys of
+    one nn.Linear pair per layer), to the same predictions."""
+    head = make("density", zscore)
+    keys = {"weight1": "body.0.weight", "bias1": "body.0.bias", "weight2": "out.1.weight", "bias2": "out.1.bias"}
+    old = {k: v for k, v in head.state_dict().items() if k not in keys}
+    for name, key in keys.items():
+        for l, part in enumerate(getattr(head, name).detach().unbind(0)):
+            old[f"per_layer.{l}.{key}"] = part.clone()
+    fresh = make("density", zscore)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(old, strict=True)
+    x = tokens(3)
+    assert torch.equal(fresh.eval()(x)["five_z"], head.eval()(x)["five_z"])
+
+
+def test_stacked_biases_are_not_weight_decayed(zscore):
+    from biomass_cache.train.loop import head_param_groups
+
+    head = make("density", zscore, aux={})
+    decayed = {id(p) for g in head_param_groups(head, 1e-3, 0.05) if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(head.weight1), id(head.weight2)}

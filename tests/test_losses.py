@@ -299,7 +299,7 @@ def test_interval_task_trains_with_uw_and_pcgrad(zscore):
     train_step(m, {k: v for k, v in batch.items() if k != "tokens"}, batch["tokens"])
     arbitrated, plain = m.pcgrad_split
     classifier = m.head.interval_head.out.weight
-    assert any(p is m.head.per_layer[0].body[0].weight for p in arbitrated)  # shared: PCGrad arbitrates it
+    assert any(p is m.head.weight1 for p in arbitrated)  # shared: PCGrad arbitrates it
     assert any(p is classifier for p in plain) and classifier.grad is not None and classifier.grad.abs().sum() > 0
     assert m.uw.log_vars.grad[3] != 0
     for _ in range(79):

@@ -21,18 +21,13 @@ from biomass_cache.heads.common import FusedHead, inverse_softplus, tokens_to_gr
 from biomass_cache.heads.registry import register_head
 
 
-class PatchMLP(nn.Module):
-    """One layer's per-patch MLP on layer-normed tokens: `body` gives the hidden features, `out` the three raw
-    densities."""
-
-    def __init__(self, channels: int, hidden: int, dropout: float):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(channels, hidden), nn.GELU())
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 3))
-
-
 @register_head("density")
 class DensityHead(FusedHead):
+    """Every layer's weights are held stacked over the layers (`weight1` (L, hidden, C), `bias1` (L, hidden),
+    `weight2` (L, 3, hidden), `bias2` (L, 3): nn.Linear's layout and initialisation), so a step runs one batched
+    matmul per stage of the MLP for all layers, without stacking per-layer weights first. Checkpoints with one
+    `per_layer.{l}` module per layer load into them."""
+
     has_maps = True
     input_norm = True
 
@@ -40,11 +35,14 @@ class DensityHead(FusedHead):
         super().__init__(features=hidden, dropout=dropout, **common)
         self._set_config(hidden=int(hidden))
         self.hidden = int(hidden)
-        self.per_layer = nn.ModuleList(PatchMLP(self.channels, hidden, self.dropout) for _ in range(self.n_layers))
-        start = inverse_softplus(self.components_mean() / self.scale())  # the mean prediction at initialisation
+        layers = [(nn.Linear(self.channels, hidden), nn.Linear(hidden, 3)) for _ in range(self.n_layers)]
+        self.weight1, self.bias1, self.weight2, self.bias2 = (nn.Parameter(torch.stack([getattr(pair[k // 2], name).detach()
+                                                                        for pair in layers]))
+                                              for k, name in enumerate(("weight", "bias") * 2))
+        self.drop = nn.Dropout(self.dropout)
         with torch.no_grad():
-            for m in self.per_layer:
-                m.out[-1].bias.copy_(start)
+            self.bias2.copy_(inverse_softplus(self.components_mean() / self.scale()))  # the mean at initialisation
+        self.register_load_state_dict_pre_hook(_stack_per_layer_keys)
 
     def scale(self) -> torch.Tensor:
         return self.target_std[:3]
@@ -55,13 +53,11 @@ class DensityHead(FusedHead):
         b, n_layers, t, _ = tokens.shape
         x = tokens.transpose(0, 1).reshape(n_layers, b * t, -1)  # (L, B*T, C): no copy when from a bank
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        dropout = self.per_layer[0].out[0]
         keep = None
-        if dropout.training and dropout.p > 0:
-            keep = torch.empty((n_layers, b * t, self.hidden), dtype=dtype, device=x.device).bernoulli_(1 - dropout.p)
-            keep.div_(1 - dropout.p)
-        weights = [torch.stack([getattr(m.body[0] if k < 2 else m.out[-1], "weight" if k % 2 == 0 else "bias")
-                                for m in self.per_layer]).to(dtype) for k in range(4)]
+        if self.drop.training and self.drop.p > 0:
+            keep = torch.empty((n_layers, b * t, self.hidden), dtype=dtype, device=x.device).bernoulli_(1 - self.drop.p)
+            keep.div_(1 - self.drop.p)
+        weights = [w.to(dtype) for w in (self.weight1, self.bias1, self.weight2, self.bias2)]
         with torch.autocast(x.device.type, enabled=False):
             raw, hidden, _ = PatchMLPFunction.apply(x.to(dtype), *weights, keep)  # (L, B*T, 3), (L, B*T, H)
         dens = (F.softplus(raw.float()) * self.scale()).view(n_layers, b, t, 3).transpose(0, 1)  # (B, L, T, 3) g/m^2
@@ -71,6 +67,17 @@ class DensityHead(FusedHead):
         features = hidden.view(n_layers, b, t, -1).mean(dim=2, dtype=torch.float32).transpose(0, 1) \
             if self.uses_features else None  # a pass over every hidden activation, worth skipping when nothing reads it
         return dens.mean(dim=2), maps, features
+
+
+def _stack_per_layer_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """A checkpoint with one module per layer (`per_layer.{l}.body.0` / `.out.1` weight and bias) -> the stacked
+    parameters, in place."""
+    old = {"weight1": "body.0.weight", "bias1": "body.0.bias", "weight2": "out.1.weight", "bias2": "out.1.bias"}
+    if f"{prefix}per_layer.0.body.0.weight" not in state_dict:
+        return
+    for name, key in old.items():
+        parts = [state_dict.pop(f"{prefix}per_layer.{l}.{key}") for l in range(module.n_layers)]
+        state_dict[prefix + name] = torch.stack(parts)
 
 
 class PatchMLPFunction(torch.autograd.Function):

@@ -122,13 +122,15 @@ def fit_zscore(table: pd.DataFrame, rows: np.ndarray) -> ZScore:
 
 
 def head_param_groups(head: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """Decayed weight matrices, then undecayed biases/norms/fusion logits (as in nanoGPT), each split further by
-    the head's per-parameter learning-rate multipliers (`FusedHead.lr_scales`); scale 1 takes the optimizer's lr."""
+    """Decayed weight matrices, then undecayed biases/norms/fusion logits (as in nanoGPT: by dimension, and by
+    name for biases stacked over layers, e.g. the density head's `bias1`), each split further by the head's
+    per-parameter learning-rate multipliers (`FusedHead.lr_scales`); scale 1 takes the optimizer's lr."""
     scales = head.lr_scales() if hasattr(head, "lr_scales") else {}
     groups: dict[tuple[bool, float], list] = {}
-    for p in head.parameters():
+    for name, p in head.named_parameters():
         if p.requires_grad:
-            groups.setdefault((p.ndim >= 2, scales.get(id(p), 1.0)), []).append(p)
+            decay = p.ndim >= 2 and not name.rsplit(".", 1)[-1].startswith("bias")
+            groups.setdefault((decay, scales.get(id(p), 1.0)), []).append(p)
     return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({} if s == 1.0 else {"lr": lr * s})}
             for (decay, s), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
