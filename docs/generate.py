@@ -356,7 +356,10 @@ def stage2_rows(d: dict) -> str:
                 rows.append([head, arm, len(runs), f"{first['wall_s']:.0f}", f"{first['train_epochs_s']:.0f}",
                              f"{first['epoch_s']:.3f}", f"{first['achieved_gflops_per_s']:.0f}",
                              "-" if around is None else " / ".join(str(r) for r in around),
-                             f"{first['share_of_fp32_matmul_limit']:.0%}", f"{first['share_of_bf16_matmul_limit']:.0%}",
+                             f"{first['share_of_fp32_matmul_limit']:.0%}" + (
+                                 f" ({first['typical_share_of_fp32_matmul_limit']:.0%} median epoch)"
+                                 if "typical_share_of_fp32_matmul_limit" in first else ""),
+                             f"{first['share_of_bf16_matmul_limit']:.0%}",
                              f"{min(r2):.4f}-{max(r2):.4f}" if len(r2) > 1 else f"{r2[0]:.4f}",
                              f"**{speedup:.2f}x** vs {arms[0]}"])
             parts.append(f"Matmul limit at the {head} head's first layer, measured in the same run: "

@@ -35,10 +35,10 @@ class DensityHead(FusedHead):
         super().__init__(features=hidden, dropout=dropout, **common)
         self._set_config(hidden=int(hidden))
         self.hidden = int(hidden)
-        layers = [(nn.Linear(self.channels, hidden), nn.Linear(hidden, 3)) for _ in range(self.n_layers)]
-        self.weight1, self.bias1, self.weight2, self.bias2 = (nn.Parameter(torch.stack([getattr(pair[k // 2], name).detach()
-                                                                        for pair in layers]))
-                                              for k, name in enumerate(("weight", "bias") * 2))
+        layers = [(nn.Linear(self.channels, hidden), nn.Linear(hidden, 3)) for _ in range(self.n_layers)]  # init
+        self.weight1, self.bias1, self.weight2, self.bias2 = (
+            nn.Parameter(torch.stack([getattr(pair[k], name).detach() for pair in layers]))
+            for k in (0, 1) for name in ("weight", "bias"))
         self.drop = nn.Dropout(self.dropout)
         with torch.no_grad():
             self.bias2.copy_(inverse_softplus(self.components_mean() / self.scale()))  # the mean at initialisation
