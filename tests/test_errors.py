@@ -453,3 +453,23 @@ def test_reduction_settings_given_with_like_are_refused(toy, tmp_path):
                                   *args), "brings its projection (4 channels, pool 2)", says)
     assert biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced, "--dim", 4,
                    "--pool", 2).exit_code == 0
+
+
+def test_a_config_setting_other_dim_or_pool_than_like_is_refused(toy, tmp_path):
+    """With --like, a config's [reduce] dim or pool that differ from the projection it brings are refused, naming
+    the file (they were silently ignored); the same config with matching values (and any fit_tokens: it serves the
+    training store's fit) is accepted."""
+    root, data, store = toy
+    reduced = tmp_path / "reduced.zarr"
+    assert biomass("reduce", "--cache", store, "--out", reduced, "--dim", 4, "--pool", 2).exit_code == 0
+    config = tmp_path / "c.toml"
+    config.write_text("[extract]\n[reduce]\ndim = 8\npool = 2\n")
+    says = (f"{config} sets dim = 8", "reduce without --like")
+    assert_user_error(biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced,
+                              "--config", config), *says)
+    assert_user_error(biomass("extract", "--data", data, "--out", tmp_path / "x.zarr", "--like", reduced,
+                              "--config", config), *says)
+    assert not (tmp_path / "y.zarr").exists() and not (tmp_path / "x.zarr").exists()
+    config.write_text("[extract]\n[reduce]\ndim = 4\npool = 2\nfit_tokens = 50\n")
+    assert biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced,
+                   "--config", config).exit_code == 0

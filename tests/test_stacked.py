@@ -90,6 +90,17 @@ def test_stacked_folds_give_the_models_of_the_fold_by_fold_loop(tmp_path, head):
     assert set(metrics["folds"]) == {"fold0", "fold1", "fold2"}
 
 
+def test_stacked_folds_draw_the_density_heads_dropout_per_fold(tmp_path):
+    """Dropout inside the density head's hand-written MLP under vmap: each fold's own mask (an in-place draw on
+    one tensor for all folds was refused by vmap)."""
+    data, store = make_toy(tmp_path, n=24)
+    config = tmp_path / "c.toml"
+    config.write_text('[train]\nhead = "density"\nhead_kwargs = { dropout = 0.3 }\n')
+    output = train("--cache", store, "--data", data, "--config", config, "--folds", 2, "--epochs", 1,
+                   "--batch-size", 8, "--workers", 0, "--out", tmp_path / "run", "--stack-folds")
+    assert "2 folds stacked" in output
+
+
 def test_stacking_asked_for_what_it_does_not_cover_says_so(tmp_path):
     data, store = make_toy(tmp_path, n=24)
     output = train("--cache", store, "--data", data, "--head", "density,mlp", "--folds", 2, "--epochs", 1,

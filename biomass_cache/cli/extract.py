@@ -104,7 +104,8 @@ def extract_command(
     Re-running resumes (finished samples are skipped) and appends images new in the CSV. Under
     `torchrun --nproc-per-node N` the images are split across ranks.
     """
-    values = load_config_file(config) if config is not None else {}
+    file_values = load_config_file(config) if config is not None else {}
+    values = dict(file_values)
     flags = {"data_dir": data, "split": split, "out": out, "backbone": backbone, "weights": weights,
              "size": size, "tiles": tiles, "layers": None if layers is None else parse_layers(layers), "views": views,
              "seed": seed, "device": device, "precision": precision, "devices": devices,
@@ -114,10 +115,13 @@ def extract_command(
              "recheck": recheck or None, "reduce": reduce, "dim": dim, "pool": _pool(pool),
              "fit_tokens": fit_tokens, "like": like, "keep_full": keep_full}
     values.update({k: v for k, v in flags.items() if v is not None})
-    if like is not None and any(v is not None for v in (dim, pool, fit_tokens)):
+    if values.get("like") is not None:
         from biomass_cache.store.reduce import check_like, reduction_of
 
-        check_like(like, reduction_of(like), {"dim": dim, "pool": _pool(pool), "fit_tokens": fit_tokens})
+        reduction = reduction_of(values["like"])
+        check_like(values["like"], reduction, {"dim": dim, "pool": _pool(pool), "fit_tokens": fit_tokens})
+        check_like(values["like"], reduction, {k: file_values[k] for k in ("dim", "pool") if k in file_values},
+                   config)
     summary = extract(ExtractConfig.from_dict(values, where=str(config) if config else "command line"))
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(format_summary(summary))

@@ -10,6 +10,7 @@ import typer
 from biomass_cache.common.errors import DataError
 from biomass_cache.store.layout import open_store
 from biomass_cache.store.reduce import (
+    CONFIG_KEYS,
     DEFAULT_DIM,
     DEFAULT_FIT_TOKENS,
     DEFAULT_POOL,
@@ -41,7 +42,8 @@ def reduce_command(
 ) -> None:
     """Derive a smaller token store: per-layer PCA of the layer-normed tokens and P x P pooling of the grid."""
     given = {k: v for k, v in dict(dim=dim, pool=pool, fit_tokens=fit_tokens).items() if v is not None}
-    settings = {**load_settings(config), **given}
+    table = load_settings(config)
+    settings = {**CONFIG_KEYS, **table, **given}
     if settings["fit_tokens"] < 1:
         raise DataError(f"--fit-tokens {settings['fit_tokens']}: must be at least 1")
     src = open_store(cache)
@@ -50,6 +52,7 @@ def reduce_command(
     if like is not None:
         reduction = reduction_of(like)
         check_like(like, reduction, given)
+        check_like(like, reduction, table, config)
     else:
         clean = {} if keep_clean_views(src, settings["pool"]) else None  # view 0 read and normed once
         reduction = fit_reduction(src, settings["dim"], settings["pool"], settings["fit_tokens"], keep=clean)

@@ -53,10 +53,9 @@ class DensityHead(FusedHead):
         b, n_layers, t, _ = tokens.shape
         x = tokens.transpose(0, 1).reshape(n_layers, b * t, -1)  # (L, B*T, C): no copy when from a bank
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        keep = None
+        keep = None  # the dropout mask, scaled: drawn by dropout itself, which vmap (stacked folds) draws per fold
         if self.drop.training and self.drop.p > 0:
-            keep = torch.empty((n_layers, b * t, self.hidden), dtype=dtype, device=x.device).bernoulli_(1 - self.drop.p)
-            keep.div_(1 - self.drop.p)
+            keep = self.drop(torch.ones((n_layers, b * t, self.hidden), dtype=dtype, device=x.device))
         weights = [w.to(dtype) for w in (self.weight1, self.bias1, self.weight2, self.bias2)]
         with torch.autocast(x.device.type, enabled=False):
             raw, hidden, _ = PatchMLPFunction.apply(x.to(dtype), *weights, keep)  # (L, B*T, 3), (L, B*T, H)

@@ -412,12 +412,18 @@ def in_threads(fn: Callable[[int], Any], rows: Sequence[int]) -> Iterator[tuple[
             torch.set_num_threads(threads)
 
 
-def check_like(like: Path, reduction: Reduction, given: dict) -> None:
-    """Refuse reduction settings given with --like (`given`: the options on the command line): the projection
-    `like` brings has its own, and they would be silently ignored."""
-    same = {"dim": lambda v: v == reduction.dim, "fit_tokens": lambda v: False,
+def check_like(like: Path, reduction: Reduction, given: dict, config: Path | None = None) -> None:
+    """Refuse reduction settings given with --like (`given`: the options on the command line, or, with `config`,
+    the dim and pool a config file sets): the projection `like` brings has its own, and they would be silently
+    ignored. A config's fit_tokens is let be: the same config reduces the training store and, --like its runs, the
+    test stores."""
+    same = {"dim": lambda v: v == reduction.dim, "fit_tokens": lambda v: config is not None,
             "pool": lambda v: resolve_pool(v, reduction.parent_grid) == reduction.pool}
     differs = [k for k, v in given.items() if v is not None and not same[k](v)]
+    if differs and config is not None:
+        raise DataError(f"--like {like} brings its projection ({reduction.dim} channels, pool {reduction.pool}), "
+                        f"but {config} sets {', '.join(f'{k} = {given[k]!r}' for k in differs)}: remove "
+                        f"{'it' if len(differs) == 1 else 'them'} there, or reduce without --like")
     if differs:
         raise DataError(f"--like {like} brings its projection ({reduction.dim} channels, pool {reduction.pool}): "
                         f"leave out {', '.join('--' + k.replace('_', '-') for k in differs)}")
@@ -443,7 +449,8 @@ CONFIG_KEYS = {"dim": DEFAULT_DIM, "pool": DEFAULT_POOL, "fit_tokens": DEFAULT_F
 
 
 def load_settings(path: Path | None) -> dict:
-    """The [reduce] table of a TOML config (configs/cpu_demo.toml), over the defaults; unknown keys are refused."""
+    """The [reduce] table of a TOML config (configs/cpu_demo.toml), without the defaults (`CONFIG_KEYS`) it
+    overrides; unknown keys are refused."""
     conf = read_config(path, suffixes=None)
     table = conf.section("reduce")
     conf.check_keys(table, CONFIG_KEYS, "[reduce]")
@@ -451,4 +458,4 @@ def load_settings(path: Path | None) -> dict:
            and not (k == "pool" and v == "auto")]
     if bad:
         raise conf.error(f"{bad} must be whole numbers (pool: or \"auto\")", "[reduce]")
-    return {**CONFIG_KEYS, **table}
+    return dict(table)
