@@ -229,3 +229,23 @@ def test_a_killed_overwrite_gives_the_earlier_run_back(pipeline, tmp_path):
     assert f"put back the earlier run that a killed run (pid {proc.pid}) had set aside" in again.output
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_killed_seed_ensemble_gives_every_earlier_seed_run_back(pipeline, tmp_path):
+    """`kill -9` during `train --seeds 0,1 --overwrite` leaves each seed's earlier run set aside; the next seed
+    ensemble on the folder puts back all of them, also of the seeds it does not train itself."""
+    root, data, _ = pipeline
+    out = tmp_path / "ens"
+    common = ["train", "--cache", str(root / "train.zarr"), "--data", str(data), "--out", str(out), *map(str, TRAIN)]
+    assert CliRunner().invoke(app, [*common, "--seeds", "0,1"]).exit_code == 0
+    earlier = {p: p.read_bytes() for p in (out / "seed1").rglob("*") if p.is_file()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # what kill -9 leaves: the aside of a gone process
+    os.replace(out / "seed1", out / f".seed1.replaced-{dead}")
+    (out / "seed1").mkdir()
+    (out / "seed1" / "config.json").write_text("{}")  # what the killed run had begun to write
+    again = CliRunner().invoke(app, [*common, "--seeds", "0", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert f"put back the earlier run that a killed run (pid {dead}) had set aside" in again.output
+    assert {p: p.read_bytes() for p in (out / "seed1").rglob("*") if p.is_file()} == earlier
+    assert not list(out.glob(".*"))

@@ -496,6 +496,9 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     out = Path(out)
     check_output_folder(out, "--out")
     made = not out.exists()
+    if seeds and out.is_dir():  # a killed seed ensemble set aside the earlier run of every seed it held: all go
+        for seed_run in sorted({out / p.name[1:].rpartition(".replaced-")[0] for p in out.glob(".seed*.replaced-*")}):
+            runs.put_back_killed(seed_run)  # back, not only those of the seeds this run claims
     try:
         with contextlib.ExitStack() as held:
             claims = {}
