@@ -470,6 +470,9 @@ def test_a_config_setting_other_dim_or_pool_than_like_is_refused(toy, tmp_path):
     assert_user_error(biomass("extract", "--data", data, "--out", tmp_path / "x.zarr", "--like", reduced,
                               "--config", config), *says)
     assert not (tmp_path / "y.zarr").exists() and not (tmp_path / "x.zarr").exists()
+    config.write_text("[extract]\n[reduce]\npool = 0\n")
+    assert_user_error(biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced,
+                              "--config", config), str(config), "['pool'] must be at least 1")
     config.write_text("[extract]\n[reduce]\ndim = 4\npool = 2\nfit_tokens = 50\n")
     assert biomass("reduce", "--cache", store, "--out", tmp_path / "y.zarr", "--like", reduced,
                    "--config", config).exit_code == 0

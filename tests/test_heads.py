@@ -306,6 +306,9 @@ def test_density_loads_a_checkpoint_with_one_module_per_layer(zscore):
     fresh.load_state_dict(old, strict=True)
     x = tokens(3)
     assert torch.equal(fresh.eval()(x)["five_z"], head.eval()(x)["five_z"])
+    short = {k: v for k, v in old.items() if not k.startswith("per_layer.2.")}  # fewer layers than the head's
+    with pytest.raises(RuntimeError, match="Missing key"):  # what runs.load_head turns into its one-line error
+        fresh.load_state_dict(short, strict=True)
 
 
 def test_stacked_biases_are_not_weight_decayed(zscore):

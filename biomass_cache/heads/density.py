@@ -72,11 +72,11 @@ def _stack_per_layer_keys(module: nn.Module, state_dict: dict, prefix: str, *_) 
     """A checkpoint with one module per layer (`per_layer.{l}.body.0` / `.out.1` weight and bias) -> the stacked
     parameters, in place."""
     old = {"weight1": "body.0.weight", "bias1": "body.0.bias", "weight2": "out.1.weight", "bias2": "out.1.bias"}
-    if f"{prefix}per_layer.0.body.0.weight" not in state_dict:
-        return
-    for name, key in old.items():
-        parts = [state_dict.pop(f"{prefix}per_layer.{l}.{key}") for l in range(module.n_layers)]
-        state_dict[prefix + name] = torch.stack(parts)
+    keys = {name: [f"{prefix}per_layer.{l}.{key}" for l in range(module.n_layers)] for name, key in old.items()}
+    if not all(k in state_dict for ks in keys.values() for k in ks):
+        return  # not that layout, or another layer count: left to the strict load to name what does not fit
+    for name, ks in keys.items():
+        state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in ks])
 
 
 class PatchMLPFunction(torch.autograd.Function):

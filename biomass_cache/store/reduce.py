@@ -458,4 +458,7 @@ def load_settings(path: Path | None) -> dict:
            and not (k == "pool" and v == "auto")]
     if bad:
         raise conf.error(f"{bad} must be whole numbers (pool: or \"auto\")", "[reduce]")
+    small = [k for k, v in table.items() if v != "auto" and v < 1]
+    if small:
+        raise conf.error(f"{small} must be at least 1", "[reduce]")
     return dict(table)

@@ -27,6 +27,7 @@ from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import check_output_folder
+from biomass_cache.common.lock import WriterLock
 from biomass_cache.common.folds import fold_assignment, read_folds, visit_groups
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
@@ -498,7 +499,8 @@ def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_c
     made = not out.exists()
     if seeds and out.is_dir():  # a killed seed ensemble set aside the earlier run of every seed it held: all go
         for seed_run in sorted({out / p.name[1:].rpartition(".replaced-")[0] for p in out.glob(".seed*.replaced-*")}):
-            runs.put_back_killed(seed_run)  # back, not only those of the seeds this run claims
+            with WriterLock(seed_run, "two runs would mix their models in one folder"):  # back, not only those of
+                runs.put_back_killed(seed_run)  # the seeds this run claims; one held by a live run is refused
     try:
         with contextlib.ExitStack() as held:
             claims = {}
