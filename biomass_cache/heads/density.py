@@ -112,11 +112,10 @@ class PatchMLPFunction(torch.autograd.Function):
         grads = [None] * 6
         if g_raw is None and g_hidden is None:
             return tuple(grads)
-        g = torch.zeros_like(pre) if g_raw is None else torch.bmm(g_raw, w2)
-        if keep is not None:
-            g = g * keep
-        if g_hidden is not None:
-            g = g + g_hidden
+        g = g_hidden  # the hidden activations' gradient: from the features (aux heads), then through the readout
+        if g_raw is not None:
+            through = torch.bmm(g_raw, w2) if keep is None else torch.bmm(g_raw, w2) * keep
+            g = through if g is None else through + g
         g = torch.ops.aten.gelu_backward(g, pre)
         if g_raw is not None:
             dropped = hidden if keep is None else hidden * keep

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.distributed import resolve_device
 from biomass_cache.common.errors import DataError
+from biomass_cache.common.folds import fold_assignment, read_folds, visit_groups
 from biomass_cache.common.io import check_output_folder
 from biomass_cache.common.lock import WriterLock
-from biomass_cache.common.folds import fold_assignment, read_folds, visit_groups
 from biomass_cache.common.metrics import collapsed_targets
 from biomass_cache.common.targets import TARGETS
 from biomass_cache.heads import HEADS
