@@ -207,3 +207,10 @@ def test_the_lora_backbone_defaults_come_from_the_extract_section(tmp_path):
     assert (s.backbone, s.size, s.rank) == ("vit_base_patch16_dinov3", (224, 224), 2)
     assert load_settings(None, {}) == LoraSettings()
     assert Path(read_config(path).path) == path and read_config(read_config(path)).doc["lora"] == {"rank": 4}
+
+
+def test_a_file_of_tables_without_an_extract_table(tmp_path):
+    """[reduce] (and [train]) alone: the reduction's settings, nothing read as flat extraction keys."""
+    path = tmp_path / "c.toml"
+    path.write_text("[reduce]\ndim = 8\npool = 2\n[train]\nepochs = 3\n")
+    assert load_config_file(path) == {"reduce": True, "dim": 8, "pool": 2}

@@ -14,7 +14,8 @@ import typer
 
 from biomass_cache.backbone.views import TTA_VIEWS
 from biomass_cache.cli.options import default_of, shown
-from biomass_cache.extract.config import ExtractConfig, load_config_file, parse_layers
+from biomass_cache.common.errors import DataError
+from biomass_cache.extract.config import EXTRACT_FLAGS, ExtractConfig, load_config_file, parse_layers
 from biomass_cache.extract.pipeline import extract
 
 
@@ -115,6 +116,10 @@ def extract_command(
              "recheck": recheck or None, "reduce": reduce, "dim": dim, "pool": _pool(pool),
              "fit_tokens": fit_tokens, "like": like, "keep_full": keep_full}
     values.update({k: v for k, v in flags.items() if v is not None})
+    unused = [EXTRACT_FLAGS[k] for k in ("dim", "pool", "fit_tokens") if flags[k] is not None]
+    if unused and not values.get("reduce"):
+        raise DataError(f"{', '.join(unused)}: settings of the reduction in the pass, which needs --reduce (or a "
+                        "[reduce] table in the --config file); without it the full tokens are written")
     if values.get("like") is not None:
         from biomass_cache.store.reduce import check_like, reduction_of
 

@@ -101,6 +101,10 @@ class ExtractConfig:
                 Path(self.out).resolve(), fit_store_path(Path(self.out)).resolve()):
             problems.append(f"keep_full must be another store than out and its side store "
                             f"{fit_store_path(Path(self.out))}, got {self.keep_full}")
+        if self.like is not None and Path(self.like).resolve() in (
+                Path(p).resolve() for p in (self.out, self.keep_full) if p is not None):
+            problems.append(f"like is the store or run whose projection is applied: out and keep_full must be other "
+                            f"stores, got like {self.like}")
         if problems:
             raise DataError("invalid extraction settings: " + "; ".join(problems))
         self.like = None if self.like is None else Path(self.like)
@@ -194,8 +198,8 @@ def load_config_file(path: Path | Config) -> dict[str, Any]:
     refused naming the file. A [reduce] table (dim, pool, fit_tokens) reduces in the pass unless [extract] says
     `reduce = false`."""
     conf = read_config(path, suffixes=(".toml", ".json"))
-    if "extract" in conf.doc:
-        values, label = dict(conf.section("extract")), "[extract]"
+    if "extract" in conf.doc or isinstance(conf.doc.get("reduce"), dict):  # a file of tables, as configs/*.toml
+        values, label = dict(conf.section("extract")) if "extract" in conf.doc else {}, "[extract]"
     else:
         values, label = dict(conf.doc), None
     conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)

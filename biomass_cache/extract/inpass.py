@@ -9,13 +9,14 @@ is deleted once the reduced store is complete. With `like` (a test cache: the tr
 no phase one.
 
 The tokens are rounded to the storage dtype before they are reduced (codec.stored_values), so the reduced store holds
-what `biomass extract` + `biomass reduce` would give from the same settings, to float rounding (tested), under the
-same fingerprint: the extraction's chained with the reduction's settings. `keep_full` also writes the full store.
+what `biomass extract` + `biomass reduce` would give from the same settings, bit for bit whatever the dtype (tested:
+the side store keeps the clean views in float16, as store/reduce.py `norm_pool` rounds them), under the same
+fingerprint: the extraction's chained with the reduction's settings. `keep_full` also writes the full store.
 """
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,9 @@ from biomass_cache.extract.loop import Item, Run, Sample, Sink, view_slices
 from biomass_cache.extract.passes import full_spec, items_of, missing_views, run_pass
 from biomass_cache.store.codec import stored_values
 from biomass_cache.store.handle import TokenStore
-from biomass_cache.store.layout import StoreSpec, open_store
+from biomass_cache.store.fingerprint import diff
+from biomass_cache.store.layout import (StoreSpec, delete_store, is_zarr_store, open_store,
+                                        remove_leftovers)
 from biomass_cache.store.reduce import (
     Reduction,
     check_settings,
@@ -91,20 +94,20 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
     full = [(cfg.keep_full, full_spec(run))] if cfg.keep_full is not None else []
     clean_path = fit_store_path(cfg.out)
     per_rank: list[dict] = []
+    if ranks.rank == 0:
+        for leftover in remove_leftovers(clean_path):
+            run.say(f"removed {leftover}, left behind by an interrupted run")
     if reduction is None:
         pool = resolve_pool(cfg.pool, run.grid)
-        if ranks.rank == 0 and clean_path.exists() and not cfg.overwrite and \
-                open_store(clean_path).fingerprint != clean_fingerprint(parent, pool):
-            run.say(f"removed {clean_path}: the clean views of another extraction or pooling")
-            shutil.rmtree(clean_path)
         check_settings(run.backbone.embed_dim, run.grid, cfg.dim, pool,
                        f"{cfg.backbone} at {cfg.size[0]}x{cfg.size[1]} (the tokens to reduce)")
+        if clean_path.exists() and not cfg.overwrite:
+            check_side_store(clean_path, clean_fingerprint(parent, pool))
         grid = (run.grid[0] // pool, run.grid[1] // pool)
         spec = StoreSpec(image_ids=run.table["image_id"].tolist(), n_views=1, layers=run.layers, grid=grid,
                          channels=run.backbone.embed_dim, split=cfg.split,
                          fingerprint=clean_fingerprint(parent, pool),
-                         dtype="bfloat16" if dtype == "bfloat16" else "float16",
-                         random_weights=run.backbone.weights_sha256 == "random")
+                         dtype="float16", random_weights=run.backbone.weights_sha256 == "random")
 
         def pending_clean(stores: list[TokenStore]) -> list[Item]:
             need = {i: (0,) for store in stores for i, views in missing_views(run, store).items() if 0 in views}
@@ -169,10 +172,12 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
         sink = sinks(stores)[-1]
         for image_id in only_clean:  # nothing left to run for these: their clean view alone was missing
             reduced.write(sink.rows[image_id], 0, sink.clean_view(image_id))
+        if only_clean:
+            run.say(f"projected the clean view of {len(only_clean)} image(s) from {clean_path}")
         if clean is not None and _complete(reduced):
             if clean_path not in run.locks:
                 run.locks[clean_path] = run.held.enter_context(WriterLock(clean_path))
-            shutil.rmtree(clean_path)
+            delete_store(clean_path)
     ranks.barrier()
     if per_rank:  # each rank's two phases as one; every image of phase one comes back in phase two
         more = [b | {"views": a["views"] + b["views"], "loop_s": a["loop_s"] + b["loop_s"], "bad": a["bad"] | b["bad"],
@@ -181,6 +186,19 @@ def extract_reduced(run: Run, like_ignore: tuple[str, ...] = ()) -> tuple[list[d
                                 for k in {*a.get("stages", {}), *b.get("stages", {})}}}
                 for a, b in zip(per_rank, more)]
     return more, open_store(cfg.out), already[0]
+
+
+def check_side_store(path: Path, fingerprint: dict) -> None:
+    """Refuse phase one's clean views of an interrupted extraction with other settings (kept: resuming that
+    extraction reuses them; --overwrite replaces them)."""
+    if not is_zarr_store(path):
+        raise DataError(f"{path}: not a token store (no zarr.json), where --reduce keeps its clean views; remove it, "
+                        "or choose another --out")
+    differences = diff(open_store(path).fingerprint, fingerprint)
+    if differences:
+        raise DataError(f"{path} holds the clean views of an interrupted --reduce extraction with other settings "
+                        f"({'; '.join(differences)}); resume it with those settings, or pass --overwrite to replace "
+                        "them")
 
 
 def _complete(store: TokenStore) -> bool:

@@ -176,16 +176,30 @@ def create_store(path: str | Path, spec: StoreSpec, overwrite: bool = False, *, 
             built = open_store(tmp, mode="r+")
             for name, data in spec.extras.items():
                 built.write_extra(name, data)
-        if path.exists():  # swap in the new store, then delete the old one
-            trash = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, trash)
-            os.replace(tmp, path)
+        trash = set_aside(path)  # swap in the new store, then delete the old one
+        os.replace(tmp, path)
+        if trash is not None:
             shutil.rmtree(trash)
-        else:
-            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path, mode="r+")
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a store to `.NAME.old-PID` (None when there is none): it is gone from its name at once, and what a
+    kill leaves of its deletion is a leftover `remove_leftovers` deletes, never a half-deleted store."""
+    if not path.exists():
+        return None
+    trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, trash)
+    return trash
+
+
+def delete_store(path: Path) -> None:
+    """Delete a store whole: set aside, then removed."""
+    trash = set_aside(Path(path))
+    if trash is not None:
+        shutil.rmtree(trash)
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:

@@ -154,9 +154,12 @@ def norm_pool(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.T
     """Layer-normed, P x P pooled tokens (..., T / P^2, C) as float32: what a reduction projects. float16 tokens
     (a store's own values) are normed and pooled in float16, with float32 arithmetic inside and one rounding of each
     result: a third of the time of a float32 copy first on a CPU (one ViT-L view, projection included: 3.5 against
-    12 ms on 2 cores), and within the store's own float16 rounding of the tokens. Other dtypes go through float32."""
+    12 ms on 2 cores), and within the store's own float16 rounding of the tokens. Other dtypes go through float32,
+    the result rounded to float16 as well: the clean views a reduction in the extraction pass keeps in float16
+    (extract/inpass.py) are then the very values this gives, whatever the store's dtype."""
     if tokens.dtype != torch.float16:
-        tokens = tokens.float()
+        tokens = pool_tokens(F.layer_norm(tokens.float(), tokens.shape[-1:]), grid, pool).half()
+        return tokens.float()
     return pool_tokens(F.layer_norm(tokens, tokens.shape[-1:]), grid, pool).float()
 
 
@@ -432,6 +435,9 @@ def check_like(like: Path, reduction: Reduction, given: dict, config: Path | Non
 def reduction_of(path: Path) -> Reduction:
     """The reduction held by a reduced store or saved in a run folder (`RUN/reduction.json`)."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such reduced store or run folder (give the store or the run whose projection "
+                        "to apply)")
     if (path / "reduction.json").is_file():
         return Reduction.load(path / "reduction")
     if not is_zarr_store(path):
