@@ -44,6 +44,10 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
     ("train", '[train]\n[[train.sweep]]\nname = "x"\nepochs = 3\n', ["c.toml [[train.sweep]] #1: unknown key(s) "
                                                                     "['epochs']"]),
     ("train", "[train]\nlr = -1\n", ["c.toml: lr must be a number > 0, got -1 ([train] lr)"]),
+    ("train", '[train]\nfull = "false"\n', ["c.toml: full must be true or false, got 'false' ([train] full)"]),
+    ("train", "[train]\npreload = 0\n", ["c.toml: preload must be true, false or 'auto', got 0 ([train] preload)"]),
+    ("train", "[train]\nstack_folds = 1\n", ["c.toml: stack_folds must be true, false or 'auto', got 1"]),
+    ("train", "[train]\nlayers = [3, 3]\n", ["c.toml: layers must be a list of distinct block indices"]),
     ("train", '[train]\n[[train.sweep]]\nname = "x"\nlr = "fast"\n',
      ["c.toml: member 'x': lr must be a number > 0, got 'fast' ([train.sweep] lr)"]),
     ("train", "train = 3\n", ["c.toml train: must be a table", "got 3"]),
@@ -77,6 +81,10 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
     ("ensemble", MEMBER + "wieght = 2\n", ["c.toml: member #1 has unknown key(s) ['wieght']"]),
     ("ensemble", "stack_alpha = -1\n" + MEMBER, ["c.toml: stack_alpha must be a finite number >= 0, got -1"]),
     ("space", "[spaces]\n", ["c.toml: unknown section(s) ['spaces']"]),
+    ("space", '[space]\nprecision = { choice = ["fp32", "fp16"] }\n',
+     ["c.toml: [space] precision can take 'fp16': precision must be"]),
+    ("space", "[space]\nema_decay = { uniform = [0.9, 1.5] }\n", ["c.toml: [space] ema_decay can take 1.5"]),
+    ("space", "[space]\neval_every = { int = [1, 10] }\n", ["c.toml [space]: eval_every cannot be searched"]),
     ("space", "[space]\nlearning_rate = { uniform = [0.1, 0.2] }\n", ["c.toml: unknown key(s) ['learning_rate']"]),
 ])
 def test_every_loader_names_the_file_and_key(tmp_path, loader, body, fragments):

@@ -71,10 +71,13 @@ def test_what_stacking_does_not_cover():
 @pytest.mark.slow
 @pytest.mark.parametrize("head", ["density", "mlp"])
 def test_stacked_folds_give_the_models_of_the_fold_by_fold_loop(tmp_path, head):
-    """fp32, a head without dropout: the same OOF predictions and history, within float tolerance."""
+    """fp32, a head without dropout, its layers in another order than the store's: the same OOF predictions and
+    history, within float tolerance, and each fold's last validation is its OOF score (the same layers, in the same
+    order, in training, validation and the saved model)."""
     data, store = make_toy(tmp_path, n=36)
     config = tmp_path / "c.toml"
-    config.write_text(f'[train]\nhead = "{head}"\nhead_kwargs = {{ dropout = 0.0 }}\n')
+    config.write_text(f'[train]\nhead = "{head}"\nhead_kwargs = {{ dropout = 0.0 }}\nlayers = [7, 3]\ntta = 0\n'
+                      'ema = false\n')
     common = ["--cache", store, "--data", data, "--config", config, "--folds", 3, "--epochs", 8, "--batch-size", 8,
               "--workers", 0, "--precision", "fp32", "--eval-every", 4]
     output = train(*common, "--out", tmp_path / "stacked", "--stack-folds")
@@ -86,8 +89,12 @@ def test_stacked_folds_give_the_models_of_the_fold_by_fold_loop(tmp_path, head):
     assert list(ha["fold"]) == list(hb["fold"]) and list(ha["epoch"]) == list(hb["epoch"])
     np.testing.assert_allclose(ha["train_loss"], hb["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(ha["lr"], hb["lr"], rtol=1e-9)
-    metrics = json.loads((tmp_path / "stacked" / "metrics.json").read_text())
-    assert set(metrics["folds"]) == {"fold0", "fold1", "fold2"}
+    for run in ("stacked", "loop"):
+        metrics = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert set(metrics["folds"]) == {"fold0", "fold1", "fold2"}
+        last = pd.read_csv(tmp_path / run / "history.csv").groupby("fold").last()
+        for fold, row in last.iterrows():
+            assert row["val_competition_r2"] == pytest.approx(metrics["folds"][fold]["competition_r2"], abs=1e-5)
 
 
 def test_stacked_folds_draw_the_density_heads_dropout_per_fold(tmp_path):

@@ -163,6 +163,24 @@ def test_folds_csv_reused_and_ablations_run(sweep_run, toy, tmp_path):
 
 
 @pytest.mark.slow
+def test_members_with_their_own_layers_and_two_closed_form_members(toy, tmp_path):
+    """A member reading one of the layers trains and validates on it; two ridge members each fit on every view
+    (the views' loader is iterated once per member); repeated layers are refused."""
+    _, data, store = toy
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('[train]\nepochs = 1\n[[train.sweep]]\nname = "only7"\nhead = "density"\nlayers = [7]\n'
+                   '[[train.sweep]]\nname = "both"\nhead = "density"\n'
+                   '[[train.sweep]]\nname = "r1"\nhead = "ridge"\n[[train.sweep]]\nname = "r2"\nhead = "ridge"\n')
+    train("--cache", store, "--data", data, "--out", tmp_path / "run", "--config", cfg, "--folds", 2, *FAST)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["heads"]) == {"only7", "both", "r1", "r2"}
+    assert metrics["heads"]["r1"]["competition_r2"] == pytest.approx(metrics["heads"]["r2"]["competition_r2"])
+    cfg.write_text("[train]\nlayers = [3, 3]\n")
+    with pytest.raises(DataError, match="distinct block indices"):
+        load_config(cfg)
+
+
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     data, store = make_toy(tmp_path / "a", n=12)
     calls, poisoned = [], {2, 5}

@@ -432,3 +432,32 @@ epochs = 2\n{FIXED}""")
     code, output = tune(toy, out, *args, "--seeds", 3)
     assert code == 0 and seeds_run == [3], (seeds_run, output)
     assert json.loads((out / "stage2.json").read_text())["rows"][0]["seeds"] == [1, 2, 3]
+
+
+def test_a_group_folder_is_found_in_the_study_folder_from_any_directory(tmp_path):
+    """A side-by-side group's folder recorded as a relative path from another directory: still the study's own
+    (`--keep top` once deleted a folder of that name under the current directory)."""
+    from types import SimpleNamespace
+
+    from biomass_cache.train.tune import run_dir_of
+
+    st = SimpleNamespace(out=tmp_path / "study")
+    assert run_dir_of(st, SimpleNamespace(number=3, user_attrs={"run_dir": "P/trials/0002"})) == \
+        tmp_path / "study" / "trials" / "0002"
+    assert run_dir_of(st, SimpleNamespace(number=3, user_attrs={})) == tmp_path / "study" / "trials" / "0003"
+
+
+def test_a_study_folder_holds_one_study(tmp_path):
+    """A second --study in the same --out is refused (it reused the first study's second stage, and its trial
+    folders collided with the first's); the same study resumes."""
+    from biomass_cache.train.tune import claim_folder
+
+    claim_folder(tmp_path, "A")
+    claim_folder(tmp_path, "A")
+    with pytest.raises(DataError, match=f"{tmp_path} holds the trials of study 'A': give study 'B' another --out"):
+        claim_folder(tmp_path, "B")
+    older = tmp_path / "older"  # a folder from before study.json: its second stage names the study
+    older.mkdir()
+    (older / "stage2.json").write_text(json.dumps({"study": "A"}))
+    with pytest.raises(DataError, match="holds the trials of study 'A'"):
+        claim_folder(older, "B")

@@ -113,7 +113,8 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "head": (lambda v: v in HEADS, f"one of {sorted(HEADS)}"),
     "folds": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "seed": SEED_RULE,
-    "stratify": (lambda v: isinstance(v, bool), "true or false"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("stratify", "full", "ema", "mixup", "uw", "pcgrad", "aux", "plots")},
     "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "eval_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
@@ -130,15 +131,16 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "tta": (lambda v: v == "all" or (is_int(v) and v >= 0), "'all' or a view index >= 0"),
     "threads": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = torch's default)"),
     "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "preload": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
+    "preload": (lambda v: isinstance(v, bool) or v == "auto", "true, false or 'auto'"),
     "precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
-    "stack_folds": (lambda v: v in (True, False, "auto"), "true, false or 'auto'"),
+    "stack_folds": (lambda v: isinstance(v, bool) or v == "auto", "true, false or 'auto'"),
     "max_nonfinite": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "interval_bins": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
     "interval_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "interval_blend": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "head_kwargs": (lambda v: isinstance(v, dict), "a table, e.g. { hidden = 256 }"),
-    "layers": (lambda v: isinstance(v, list) and all(is_int(x) for x in v), "a list of block indices"),
+    "layers": (lambda v: isinstance(v, list) and all(is_int(x) for x in v) and len(set(v)) == len(v),
+               "a list of distinct block indices"),
 }
 
 

@@ -138,8 +138,9 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
         ds = TokenDataset(store, table, rows, layers, train=False, seed=0, view=view, aux=aux, bank=shared())
         return make_loader(ds, cfg.eval_batch_size, shuffle=False, seed=0, workers=cfg.workers)
 
-    def fit_loader(rows: np.ndarray, aux: AuxSpec):
-        return itertools.chain.from_iterable(val_loader(rows, aux, v) for v in views)
+    def fit_loader(rows: np.ndarray, aux: AuxSpec) -> Iterable[dict]:
+        """Every view of the rows, batch by batch; iterable again for each closed-form member of a sweep."""
+        return Chain([val_loader(rows, aux, v) for v in views])
 
     def predict(head: torch.nn.Module, meta: dict, rows: np.ndarray) -> np.ndarray:
         """OOF grams exactly as `biomass predict` gives them (fp32 on the stored tokens): from the bank unless it
@@ -162,6 +163,16 @@ def cache_source(store, table: pd.DataFrame, cfg: TrainConfig, members_cfg: dict
                        lambda b: batch_tokens(b, shared(), device, dtype), predict,
                        write_artefacts=None if reduction is None else lambda out: reduction.save(out / "reduction"),
                        fit_loader=fit_loader, bank_plan=plan)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Loaders one after the other, each time it is iterated."""
+
+    loaders: list
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.loaders)
 
 
 def token_plan(store, n_rows: int, n_views: int, n_layers: int, device: torch.device, cfg: TrainConfig,

@@ -264,7 +264,7 @@ def train_step(m: SweepMember, batch: dict, tokens: torch.Tensor,
     (feature distillation, lora/features.py), added to the member's.
     """
     cfg = m.cfg
-    b = dict(batch, tokens=tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx])
+    b = dict(batch, tokens=own_layers(m, tokens))
     if cfg.interval_bins:
         b["interval"] = m.head.interval_head.labels(b["y"], b["y_mask"])
     if cfg.mixup:
@@ -326,11 +326,17 @@ def scores(y_true_grams: np.ndarray, y_pred_grams: np.ndarray, baseline_grams: n
     return out
 
 
+def own_layers(m: SweepMember, tokens: torch.Tensor) -> torch.Tensor:
+    """The member's layers, in its order, of the tokens (B, L, T, C) read for every member."""
+    return tokens if m.layer_idx == list(range(tokens.shape[1])) else tokens[:, m.layer_idx]
+
+
 def validate(m: SweepMember, val_loader, val_truth: np.ndarray, tokens_fn: Callable[[dict], torch.Tensor],
              baseline_grams: np.ndarray | None, normed: bool = False) -> dict:
     """The (EMA) member's validation scores as history columns."""
     with ema_weights(m):
-        pred = inference.predict_loader(m.eval_head, val_loader, tokens_fn, normed=normed).grams
+        pred = inference.predict_loader(m.eval_head, val_loader, lambda b: own_layers(m, tokens_fn(b)),
+                                        normed=normed).grams
     s = scores(val_truth, pred, baseline_grams)
     return {"val_competition_r2": s["competition_r2"], "val_log_r2": s["log_r2"]}
 
@@ -346,7 +352,7 @@ def fit_closed_form(m: SweepMember, fit_loader: Iterable[dict], tokens_fn: Calla
     t0, parts = time.time(), []
     for batch in fit_loader:
         known = batch["y_mask"][:, :3].all(dim=1)  # images with all three components
-        tokens = tokens_fn(batch)[:, m.layer_idx].float()
+        tokens = own_layers(m, tokens_fn(batch)).float()
         parts.append((m.head.pooled(tokens[known.to(tokens.device)]), batch["y"][known, :3], batch["index"][known]))
     features, y, index = (torch.cat(x) for x in zip(*parts))
     report = m.head.fit(features, y.to(features.device), groups[index.numpy()])

@@ -28,7 +28,7 @@ from biomass_cache.common.signals import check_stop
 from biomass_cache.heads import HEADS
 from biomass_cache.train.config import TrainConfig
 from biomass_cache.train.dataset import LABEL_KEYS
-from biomass_cache.train.loop import SweepMember, ema_rate, head_param_groups, validate, validated
+from biomass_cache.train.loop import SweepMember, ema_rate, head_param_groups, own_layers, validate, validated
 from biomass_cache.train.losses import combine_losses, task_losses
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as the fold-by-fold loop uses them
@@ -125,7 +125,7 @@ def train_stacked(folds: Sequence[Fold], tokens_fn: Callable[[dict], torch.Tenso
             active = torch.tensor([b is not None for b in batches])
             size = max(len(b["y"]) for b in batches if b is not None)
             filled = [pad(b if b is not None else next(x for x in batches if x is not None), size) for b in batches]
-            tokens = torch.stack([tokens_fn(b) for b in filled])  # (K, B, L, T, C)
+            tokens = torch.stack([own_layers(members[0], tokens_fn(b)) for b in filled])  # (K, B, L, T, C)
             labels = [{k: v.to(tokens.device) for k, v in b.items() if k in LABEL_KEYS} for b in filled]
             with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.dtype == torch.bfloat16):
                 out = heads(params, buffers, tokens)

@@ -11,6 +11,7 @@ members of one sweep (`optimize_side_by_side`); the storage, pruner, folds and w
 
 STUDY_DIR/
   study.db                    the Optuna storage unless --storage names another (sqlite, database URL, journal file)
+  study.json                  the study this folder holds (another study is refused: its trial numbers would collide)
   folds.csv                   the folds of every trial (written once; recorded in the study with the cache fingerprint)
   trials/NNNN/                each trial's run folder (history.csv of a pruned trial stops at its last epoch); with
                               --parallel, a group's (NNNN: its first trial), one sweep member per trial
@@ -122,8 +123,10 @@ def trial_dir(out: Path, number: int) -> Path:
 
 
 def run_dir_of(st: Study, trial) -> Path:
-    """A trial's run folder: its own, or its group's (trials trained side by side share one)."""
-    return Path(trial.user_attrs["run_dir"]) if "run_dir" in trial.user_attrs else trial_dir(st.out, trial.number)
+    """A trial's run folder: its own, or its group's (trials trained side by side share one), in this study folder
+    whatever path the group's was recorded by (another current directory, another mount of a shared folder)."""
+    group = trial.user_attrs.get("run_dir")
+    return trial_dir(st.out, trial.number) if group is None else st.out / "trials" / Path(group).name
 
 
 def claim(st: Study, trial) -> None:
@@ -340,6 +343,17 @@ def write_plots(st: Study) -> list[Path]:
     return written
 
 
+def claim_folder(out: Path, name: str) -> None:
+    """A study folder holds one study's trials and second stage (their folders are named by trial number):
+    recorded in STUDY_DIR/study.json, another study is refused."""
+    path = out / "study.json"
+    earlier = [json.loads(p.read_text()).get("study") for p in (path, out / "stage2.json") if p.is_file()]
+    if earlier and earlier[0] != name:
+        raise DataError(f"{out} holds the trials of study {earlier[0]!r}: give study {name!r} another --out")
+    if not path.is_file():
+        write_json(path, {"study": name})
+
+
 def _stage_lock(out: Path):
     """An exclusive lock on STUDY_DIR/stage2.lock (freed when the process ends), or None when another holds it."""
     f = open(out / "stage2.lock", "a")
@@ -374,6 +388,7 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     out.mkdir(parents=True, exist_ok=True)
     url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = settings.study or out.resolve().name
+    claim_folder(out, name)
     study = optuna.create_study(storage=open_storage(url), study_name=name, direction="maximize", load_if_exists=True,
                                 pruner=make_pruner(settings.pruner, settings.prune_after))
     check_recorded(study, "cache_fingerprint", store.fingerprint, f"token cache than {cache}")

@@ -24,7 +24,9 @@ from biomass_cache.train.config import TrainConfig, resolve
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int")
 # set once per study (the folds, the second stage's seeds) or not about quality: [fixed] only, never searched
-NOT_SEARCHED = ("folds", "full", "seed", "device", "threads", "workers", "preload", "plots", "max_nonfinite")
+# the same for every trial; eval_every too: trials report (and are pruned) at their validations, compared by count
+NOT_SEARCHED = ("folds", "full", "seed", "device", "threads", "workers", "preload", "plots", "max_nonfinite",
+                "eval_every")
 # head constructor arguments supplied by the training loop, not by a config
 SUPPLIED = ("n_layers", "channels", "grid", "zscore", "aux", "layers", "features", "self")
 
@@ -157,5 +159,15 @@ def parse_space(path: Path) -> Space:
             raise ConfigError(f"{path}: head {head!r} takes no option(s) {unknown}; its options: "
                             f"{sorted(head_options(str(head)))}")
     space_ = Space(tuple(params), fixed, doc)
-    resolve({**fixed, **{p.name: p.values[0] for p in params if "." not in p.name}}, [], {}, None)  # value checks
+    first = {p.name: p.values[0] for p in params if "." not in p.name}
+    try:
+        resolve({**fixed, **first}, [], {}, None)
+    except DataError as e:
+        raise ConfigError(f"{path}: [fixed]: {e}") from None
+    for p in params:  # every choice and both ends of a range, so that no trial fails on a value midway through
+        for value in p.values if "." not in p.name else ():
+            try:
+                resolve({**fixed, **first, p.name: value}, [], {}, None)
+            except DataError as e:
+                raise ConfigError(f"{path}: [space] {p.name} can take {value!r}: {e}") from None
     return space_

@@ -95,7 +95,7 @@ def check_recorded(study, key: str, value: Any, what: str) -> None:
     elif recorded != value:
         diff = "; ".join(fingerprint_diff(recorded, value)) if key == "cache_fingerprint" else ""
         raise DataError(f"study {study.study_name!r} was run with another {what}" + (f" ({diff})" if diff else "")
-                        + "; resume with the same one or start a new --study")
+                        + "; resume with the same one, or start a new --study in another --out")
 
 
 def worker_id() -> str:
