@@ -367,3 +367,16 @@ def test_a_replacing_run_that_stops_puts_the_earlier_run_back(tmp_path, stop):
         raise stop()
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.slow
+def test_plots_that_cannot_be_drawn_leave_the_finished_run(toy, tmp_path):
+    """The toy data has no photos for the density maps: a warning, and the run is kept (it was discarded)."""
+    _, data, store = toy
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(train_command)
+    result = CliRunner().invoke(app, [str(a) for a in ("--cache", store, "--data", data, "--out", tmp_path / "run",
+                                                       "--epochs", 1, "--folds", 2, *FAST)])
+    assert result.exit_code == 0, result.output
+    assert "warning: the plots were not drawn" in result.output and "image file not found" in result.output
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "oof.csv").is_file()

@@ -72,7 +72,10 @@ def train_command(
         if cfg.plots and m.get("heads") and not m.get("full"):  # --no-plots: neither figures nor report
             from biomass_cache.report.run import write_run_report
 
-            typer.echo(f"report: {write_run_report(run, data_dir=data)}")
+            try:
+                typer.echo(f"report: {write_run_report(run, data_dir=data)}")
+            except (DataError, OSError) as e:  # the run is finished and kept: `biomass report` can write it later
+                typer.echo(f"warning: the report was not written ({e}); the run is complete", err=True)
 
 
 def parse_seeds(text: str | None, seed: int | None) -> list[int] | None:

@@ -490,10 +490,16 @@ def warn_collapsed(collapsed: dict[str, list[dict]]) -> None:
 
 
 def write_plots(out: Path, data: Path, cfg: TrainConfig) -> None:
+    """The run's figures; one that cannot be drawn (e.g. a photo missing for the density maps) is a warning, not a
+    failure: the run they describe is finished and kept."""
     if cfg.plots:
         from biomass_cache.train.plots import plot_run  # matplotlib (and its Agg backend) only when plots are drawn
 
-        tqdm.write("plots: " + ", ".join(str(p) for p in plot_run(out, data)))
+        try:
+            tqdm.write("plots: " + ", ".join(str(p) for p in plot_run(out, data)))
+        except (DataError, OSError) as e:
+            print(f"warning: the plots were not drawn ({e}); the run is complete (`biomass report` reads it; "
+                  "--no-plots skips them)", file=sys.stderr)
 
 
 def run_training(cache: Path, data: Path, out: Path, cfg: TrainConfig, members_cfg: dict[str, TrainConfig],
