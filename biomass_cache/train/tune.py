@@ -34,6 +34,7 @@ import numpy as np
 import tomllib
 from tqdm.auto import tqdm
 
+from biomass_cache.common.config import MAX_SEED
 from biomass_cache.common.data import read_training_table
 from biomass_cache.common.errors import DataError
 from biomass_cache.common.io import atomic_path, write_json
@@ -276,7 +277,7 @@ def second_stage(st: Study) -> dict:
         raise DataError(f"study {st.study.study_name!r} has no completed trial (all pruned or failed): nothing to "
                         "re-check; widen the space or use --pruner none")
     base = int(st.space.fixed.get("seed", TrainConfig.seed))
-    seeds = [base + s for s in range(1, st.settings.seeds + 1)]
+    seeds = [(base + s) % (MAX_SEED + 1) for s in range(1, st.settings.seeds + 1)]  # past the largest: from 0
     rows = []
     for t in top:
         parent = st.out / "stage2" / f"{t.number:04d}"
