@@ -66,6 +66,9 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
     ("extract", '[extract]\ndtype = "float32"\n', ["c.toml: dtype must be one of", "got 'float32' ([extract] dtype)"]),
     ("extract", "[extract]\ndata_dir = 5\n", ["c.toml: data_dir must be a folder, got 5 ([extract] data_dir)"]),
     ("extract", "[extract]\nout = [1]\n", ["c.toml: out must be a .zarr folder, got [1] ([extract] out)"]),
+    ("extract", "[extract]\ndim = 8\npool = 2\n",
+     ["c.toml: ['dim', 'pool'] set the reduction in the pass, which needs"]),
+    ("extract", "dim = 8\n", ["c.toml: ['dim'] set the reduction in the pass"]),
     ("extract", '[extract]\npolicy = "strong"\n', ["c.toml: policy must be a table of ViewPolicy", "got 'strong'"]),
     ("extract", "[extract]\npolicy = { p_hflip = 2 }\n", ["c.toml: policy must be a table of ViewPolicy",
                                                           "{'p_hflip': 2} ([extract] policy)"]),
@@ -85,6 +88,9 @@ MEMBER = '[[member]]\npath = "runs/a"\n'
      ["c.toml: [space] precision can take 'fp16': precision must be"]),
     ("space", "[space]\nema_decay = { uniform = [0.9, 1.5] }\n", ["c.toml: [space] ema_decay can take 1.5"]),
     ("space", "[space]\neval_every = { int = [1, 10] }\n", ["c.toml [space]: eval_every cannot be searched"]),
+    ("space", "[space]\ninterval_bins = { int = [0, 2] }\n", ["c.toml: [space] interval_bins can take 1"]),
+    ("space", "[space]\nepochs = { int = [0, 8], log = true }\n", ["int with log = true needs low >= 1, got 0"]),
+    ("space", '[space]\nmixup = { choice = [1, true] }\n', ["c.toml: [space] mixup can take 1: mixup must be"]),
     ("space", "[space]\nlearning_rate = { uniform = [0.1, 0.2] }\n", ["c.toml: unknown key(s) ['learning_rate']"]),
 ])
 def test_every_loader_names_the_file_and_key(tmp_path, loader, body, fragments):

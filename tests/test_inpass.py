@@ -180,8 +180,8 @@ def test_a_side_store_of_other_settings_is_kept_and_its_deletion_is_whole(two_wa
     side = inpass.fit_store_path(out)
     killed_after_two_images(monkeypatch, inpass.CleanSink, config(root, out=out, **base, **REDUCE))
     before = open_store(side).done().copy()
-    for other, message in (({"pool": 1}, "holds the clean views of an interrupted --reduce extraction with other "
-                            "settings"), ({"pool": 3}, "--pool 3: must be >= 1 and divide")):
+    for other, message in (({"pool": 1}, "holds the clean views of another --reduce extraction .interrupted, or "
+                            "running. with other settings"), ({"pool": 3}, "--pool 3: must be >= 1 and divide")):
         with pytest.raises(DataError, match=message):
             extract(config(root, out=out, **base, **(REDUCE | other)), progress=False)
         assert np.array_equal(open_store(side).done(), before)
@@ -273,3 +273,17 @@ def test_in_pass_equals_extract_then_reduce_for_other_dtypes(tmp_path, dtype):
     extract(config(tmp_path, out=tmp_path / "inpass.zarr", **base, **REDUCE), progress=False)
     a, b = open_store(tmp_path / "inpass.zarr"), open_store(tmp_path / "two.zarr")
     assert np.array_equal(tokens(a.path), tokens(b.path)) and a.fingerprint == b.fingerprint
+
+
+def test_an_earlier_versions_bfloat16_side_store_is_refused(two_ways, tmp_path):
+    """Clean views kept in bfloat16 (as before) would make a store that is not extract + reduce bit for bit."""
+    from biomass_cache.store.layout import StoreSpec, create_store
+
+    root, base, _ = two_ways
+    out = tmp_path / "r.zarr"
+    create_store(inpass.fit_store_path(out), StoreSpec(image_ids=["a"], n_views=1, layers=[0, 1], grid=(2, 4),
+                                                       channels=32, fingerprint={"x": 1}, dtype="bfloat16",
+                                                       random_weights=True))
+    with pytest.raises(DataError, match="kept in bfloat16 by an earlier version, not float16"):
+        extract(config(root, out=out, **base, **REDUCE), progress=False)
+    assert not out.exists()

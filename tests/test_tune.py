@@ -449,15 +449,24 @@ def test_a_group_folder_is_found_in_the_study_folder_from_any_directory(tmp_path
 
 def test_a_study_folder_holds_one_study(tmp_path):
     """A second --study in the same --out is refused (it reused the first study's second stage, and its trial
-    folders collided with the first's); the same study resumes."""
+    folders collided with the first's); the same study resumes; a folder from before study.json is its storage's
+    study's."""
     from biomass_cache.train.tune import claim_folder
 
-    claim_folder(tmp_path, "A")
-    claim_folder(tmp_path, "A")
-    with pytest.raises(DataError, match=f"{tmp_path} holds the trials of study 'A': give study 'B' another --out"):
-        claim_folder(tmp_path, "B")
-    older = tmp_path / "older"  # a folder from before study.json: its second stage names the study
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    claim_folder(tmp_path, "A", storage)
+    claim_folder(tmp_path, "A", storage)
+    with pytest.raises(DataError, match=f"{tmp_path} holds the trials of study 'A': resume it with --study A, or "
+                                        "give study 'B' another --out"):
+        claim_folder(tmp_path, "B", storage)
+    older = tmp_path / "older"  # from before study.json: a second stage names the study
     older.mkdir()
     (older / "stage2.json").write_text(json.dumps({"study": "A"}))
     with pytest.raises(DataError, match="holds the trials of study 'A'"):
-        claim_folder(older, "B")
+        claim_folder(older, "B", storage)
+    midway = tmp_path / "midway"  # from before study.json, no second stage yet: its trials are its storage's study
+    (midway / "trials" / "0000").mkdir(parents=True)
+    optuna.create_study(storage=storage, study_name="midway")
+    with pytest.raises(DataError, match="holds the trials of study 'midway'"):
+        claim_folder(midway, "other", storage)
+    claim_folder(midway, "midway", storage)

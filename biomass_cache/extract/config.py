@@ -11,7 +11,7 @@ from biomass_cache.backbone.precision import PRECISIONS
 from biomass_cache.backbone.views import SPLITS, TTA_VIEWS, ViewPolicy, parse_view_size, validate_size, validate_tiles
 from biomass_cache.common.config import SEED_RULE, Config, check_table, check_values, is_int, read_config
 from biomass_cache.common.distributed import parse_devices
-from biomass_cache.common.errors import DataError
+from biomass_cache.common.errors import ConfigError, DataError
 from biomass_cache.common.io import check_output_folder
 from biomass_cache.common.runtime import usable_cores
 from biomass_cache.store.layout import STORAGE_DTYPES
@@ -203,6 +203,10 @@ def load_config_file(path: Path | Config) -> dict[str, Any]:
     else:
         values, label = dict(conf.doc), None
     conf.check_keys(values, [f.name for f in fields(ExtractConfig)], label)
+    unused = [k for k in REDUCE_KEYS if k in values]
+    if unused and not values.get("reduce", isinstance(conf.doc.get("reduce"), dict)):
+        raise ConfigError(f"{conf.path}: {unused} set the reduction in the pass, which needs reduce = true (or the "
+                          "settings in a [reduce] table); without it the full tokens are written")
     if "reduce" in conf.doc and label is not None:
         table = conf.section("reduce")
         conf.check_keys(table, REDUCE_KEYS, "[reduce]")

@@ -194,11 +194,16 @@ def check_side_store(path: Path, fingerprint: dict) -> None:
     if not is_zarr_store(path):
         raise DataError(f"{path}: not a token store (no zarr.json), where --reduce keeps its clean views; remove it, "
                         "or choose another --out")
-    differences = diff(open_store(path).fingerprint, fingerprint)
+    side = open_store(path)
+    if side.storage_dtype != "float16":  # an earlier version's (bfloat16 under a bfloat16 store)
+        raise DataError(f"{path}: clean views kept in {side.storage_dtype} by an earlier version, not float16: the "
+                        "reduced store would not equal extract + reduce; remove it (phase one runs again), or pass "
+                        "--overwrite")
+    differences = diff(side.fingerprint, fingerprint)
     if differences:
-        raise DataError(f"{path} holds the clean views of an interrupted --reduce extraction with other settings "
-                        f"({'; '.join(differences)}); resume it with those settings, or pass --overwrite to replace "
-                        "them")
+        raise DataError(f"{path} holds the clean views of another --reduce extraction (interrupted, or running) "
+                        f"with other settings ({'; '.join(differences)}); resume it with those settings, or remove "
+                        "it (its phase one is lost)")
 
 
 def _complete(store: TokenStore) -> bool:

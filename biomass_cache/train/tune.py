@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -344,15 +345,29 @@ def write_plots(st: Study) -> list[Path]:
     return written
 
 
-def claim_folder(out: Path, name: str) -> None:
+def claim_folder(out: Path, name: str, storage) -> None:
     """A study folder holds one study's trials and second stage (their folders are named by trial number):
-    recorded in STUDY_DIR/study.json, another study is refused."""
+    recorded in STUDY_DIR/study.json (created once, atomically), another study is refused. A folder from before
+    study.json: its owner is the study its second stage names, else, when it holds trials, one of its storage's."""
     path = out / "study.json"
-    earlier = [json.loads(p.read_text()).get("study") for p in (path, out / "stage2.json") if p.is_file()]
-    if earlier and earlier[0] != name:
-        raise DataError(f"{out} holds the trials of study {earlier[0]!r}: give study {name!r} another --out")
     if not path.is_file():
-        write_json(path, {"study": name})
+        owner = json.loads((out / "stage2.json").read_text()).get("study") if (out / "stage2.json").is_file() else None
+        trials = out / "trials"
+        if owner is None and trials.is_dir() and any(trials.iterdir()):
+            names = load_optuna().get_all_study_names(storage)
+            owner = name if name in names else (names[0] if len(names) == 1 else f"one of {names}")
+        tmp = out / f".study.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"study": owner or name}))
+        try:
+            os.link(tmp, path)  # fails when another process recorded its study first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    owner = json.loads(path.read_text())["study"]
+    if owner != name:
+        raise DataError(f"{out} holds the trials of study {owner!r}: resume it with --study {owner}, or give "
+                        f"study {name!r} another --out")
 
 
 def _stage_lock(out: Path):
@@ -389,8 +404,9 @@ def tune(cache: Path, data: Path, space_path: Path, out: Path, settings: Setting
     out.mkdir(parents=True, exist_ok=True)
     url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = settings.study or out.resolve().name
-    claim_folder(out, name)
-    study = optuna.create_study(storage=open_storage(url), study_name=name, direction="maximize", load_if_exists=True,
+    storage = open_storage(url)
+    claim_folder(out, name, storage)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                 pruner=make_pruner(settings.pruner, settings.prune_after))
     check_recorded(study, "cache_fingerprint", store.fingerprint, f"token cache than {cache}")
     check_recorded(study, "space", space.doc, f"space than {space_path}")

@@ -112,7 +112,17 @@ def _param(where: str, name: str, spec: Any) -> Param:
     step, log = spec.get("step", 1), spec.get("log", False)
     if not (isinstance(step, int) and step >= 1 and isinstance(log, bool)) or (log and step != 1):
         raise ConfigError(f"{where}: {name}: int needs step >= 1 (an integer) and log = true|false, not both")
+    if log and low < 1:
+        raise ConfigError(f"{where}: {name}: int with log = true needs low >= 1, got {low}")
     return Param(name, kind, (low, high), step, log)
+
+
+def values_to_check(p: Param) -> list:
+    """The values of a searched setting that must all be valid: every choice, every integer of an int range (up
+    to 1000 of them: a rule may leave a hole, e.g. interval_bins 1), both ends of a float range."""
+    if p.kind == "int" and (p.values[1] - p.values[0]) // p.step < 1000:
+        return list(range(p.values[0], p.values[1] + 1, p.step))
+    return list(p.values)
 
 
 def parse_space(path: Path) -> Space:
@@ -159,15 +169,14 @@ def parse_space(path: Path) -> Space:
             raise ConfigError(f"{path}: head {head!r} takes no option(s) {unknown}; its options: "
                             f"{sorted(head_options(str(head)))}")
     space_ = Space(tuple(params), fixed, doc)
-    first = {p.name: p.values[0] for p in params if "." not in p.name}
     try:
-        resolve({**fixed, **first}, [], {}, None)
+        resolve(fixed, [], {}, None)
     except DataError as e:
         raise ConfigError(f"{path}: [fixed]: {e}") from None
-    for p in params:  # every choice and both ends of a range, so that no trial fails on a value midway through
-        for value in p.values if "." not in p.name else ():
+    for p in params:  # every value a trial may draw, so that none fails on one midway through the study
+        for value in values_to_check(p) if "." not in p.name else ():
             try:
-                resolve({**fixed, **first, p.name: value}, [], {}, None)
+                resolve({**fixed, p.name: value}, [], {}, None)
             except DataError as e:
                 raise ConfigError(f"{path}: [space] {p.name} can take {value!r}: {e}") from None
     return space_
