@@ -102,3 +102,17 @@ def test_score_names_the_line_of_a_value_it_cannot_score(tmp_path, value, match)
     (tmp_path / "submission.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(SubmissionError, match=match):
         score(tmp_path / "submission.csv", tmp_path / "labels.csv")
+
+
+def test_a_test_csv_asking_for_some_targets_of_an_image_is_refused(test_csv, tmp_path):
+    from biomass_cache.common.errors import DataError
+    from biomass_cache.submit.submission import check_every_target
+
+    check_every_target(test_csv)
+    lines = test_csv.read_text().splitlines()
+    partial = tmp_path / "partial" / "test.csv"
+    partial.parent.mkdir()
+    partial.write_text("\n".join(line for line in lines if not line.startswith("ID1001__GDM_g")) + "\n")
+    with pytest.raises(DataError, match=r"1 image\(s\) lack a row for some of the five targets, e.g. ID1001 has no "
+                                        r"\['GDM_g'\]"):
+        check_every_target(partial)

@@ -50,7 +50,7 @@ from biomass_cache.submit.members import (
     with_backbone_options,
 )
 from biomass_cache.submit.spec import FITTED, EnsembleSpec
-from biomass_cache.submit.submission import write_submission
+from biomass_cache.submit.submission import check_every_target, write_submission
 from biomass_cache.submit.shift import ensemble_shift, warning_text
 from biomass_cache.train.runs import read_oof
 
@@ -120,6 +120,7 @@ def run_ensemble(spec: EnsembleSpec, data_dir: str | Path, out_dir: str | Path, 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
 
     table = read_long_csv(data_dir / "test.csv")
+    check_every_target(data_dir / "test.csv")
     ids = table["image_id"].tolist()
     hashes = content_hashes({i: data_dir / p for i, p in zip(ids, table["image_path"])})  # the caches' keys
     resolved = [with_backbone_options(resolve_member(m, spec.weights_files), precision, devices)

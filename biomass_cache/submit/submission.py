@@ -35,6 +35,19 @@ def expected_sample_ids(test_csv: str | Path) -> list[str]:
     return pd.read_csv(test_csv, dtype=str, keep_default_na=False)["sample_id"].tolist()
 
 
+def check_every_target(test_csv: str | Path) -> None:
+    """Refuse, before any prediction, a test.csv that asks for some targets of an image but not all five: the
+    submission's identities (GDM = clover + green, total = the three) are checked on whole images."""
+    parts = split_sample_ids(pd.Series(expected_sample_ids(test_csv)), str(test_csv))
+    listed = parts.groupby("image_id", sort=False)["target_name"].agg(set)
+    partial = listed[listed.map(len) < len(TARGETS)]
+    if len(partial):
+        first = partial.index[0]
+        raise DataError(f"{test_csv}: {len(partial)} image(s) lack a row for some of the five targets, e.g. {first} "
+                        f"has no {sorted(set(TARGETS) - partial.iloc[0])}; list all five targets of every image (the "
+                        "competition's test.csv does)")
+
+
 def split_sample_ids(sample_ids: pd.Series, where: str) -> pd.DataFrame:
     """`<image_id>__<target_name>` -> columns image_id, target_name; unknown targets are an error."""
     parts = sample_ids.str.rsplit(SEP, n=1, expand=True)
