@@ -359,3 +359,6 @@ def test_check_fingerprint(tmp_path):
     s.check_fingerprint(FP)
     with pytest.raises(StoreError, match=r"different configuration: layers: \[2, 5, 7\] -> \[2, 5\]"):
         s.check_fingerprint({**FP, "layers": [2, 5]})
+    many = {f"k{j}": j for j in range(12)}  # e.g. a reduced store's fingerprint against a full one: the first few
+    with pytest.raises(StoreError, match=r"; and 4 more \(use --overwrite to replace it, or another --keep-full\)"):
+        s.check_fingerprint({**FP, **many}, "--keep-full")

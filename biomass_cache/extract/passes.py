@@ -97,7 +97,7 @@ def prepare_store(run: Run, path: Path, spec: StoreSpec) -> None:
     lock = run.locks[path]
     if path.exists() and not (cfg.overwrite and first):
         store = open_store(path, mode="r+")
-        store.check_fingerprint(spec.fingerprint)
+        store.check_fingerprint(spec.fingerprint, "--keep-full" if path == cfg.keep_full else "--out")
         listed = set(image_ids)
         gone = [i for i in store.image_ids if i not in listed]
         if gone:

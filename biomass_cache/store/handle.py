@@ -27,6 +27,7 @@ FLAT_KEYS = {"name": "default", "separator": "."}
 SCALES_OF = {"tokens": "scales", "prefix": "prefix_scales"}  # int8 only
 EXPECTED_NAMES = ("tokens", "prefix", "scales", "prefix_scales", "done")
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every written chunk exists on disk, so verify can see holes
+MAX_DIFFERENCES = 8  # differences a refused fingerprint lists
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,15 @@ class TokenStore:
         """The file holding row i of `done`."""
         return self.path / "done" / self._arrays["done"].metadata.encode_chunk_key((i, 0))
 
-    def check_fingerprint(self, fingerprint: fingerprints.Fingerprint | dict) -> None:
-        """Refuse a store extracted with another configuration, naming every difference."""
+    def check_fingerprint(self, fingerprint: fingerprints.Fingerprint | dict, option: str = "--out") -> None:
+        """Refuse a store extracted with another configuration, naming its differences (the first few: a reduced
+        store against a full one differs in every key); `option` is the flag that named the store."""
         diff = fingerprints.diff(self.fingerprint, fingerprint)
         if diff:
+            more = f"; and {len(diff) - MAX_DIFFERENCES} more" if len(diff) > MAX_DIFFERENCES else ""
             raise StoreError(f"{self.path}: this store was extracted with a different configuration: "
-                             + "; ".join(diff) + " (use --overwrite to replace it, or another --out)")
+                             + "; ".join(diff[:MAX_DIFFERENCES]) + more
+                             + f" (use --overwrite to replace it, or another {option})")
 
     @property
     def arrays(self) -> dict[str, zarr.Array]:
