@@ -158,8 +158,7 @@ def norm_pool(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.T
     the result rounded to float16 as well: the clean views a reduction in the extraction pass keeps in float16
     (extract/inpass.py) are then the very values this gives, whatever the store's dtype."""
     if tokens.dtype != torch.float16:
-        tokens = pool_tokens(F.layer_norm(tokens.float(), tokens.shape[-1:]), grid, pool).half()
-        return tokens.float()
+        return pool_tokens(F.layer_norm(tokens.float(), tokens.shape[-1:]), grid, pool).half().float()
     return pool_tokens(F.layer_norm(tokens, tokens.shape[-1:]), grid, pool).float()
 
 
